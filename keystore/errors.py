@@ -1,0 +1,26 @@
+"""The one exception hierarchy for every user-facing keybroker error.
+
+Messages are one line and name the bad value and the reason, e.g.
+``invalid CIDR '10.0.0.0/33': prefix length must be 0-32``.
+The CLI maps any KeybrokerError to a one-line message and a non-zero exit.
+"""
+
+
+class KeybrokerError(Exception):
+    """Base of every error a user can cause."""
+
+
+class ValidationError(KeybrokerError):
+    """Input rejected before anything was written."""
+
+
+class NotFoundError(KeybrokerError):
+    """A device or key that does not exist (or an ambiguous key prefix)."""
+
+
+class ConflictError(KeybrokerError):
+    """Uniqueness or immutability violated (duplicate id/name, device restriction change)."""
+
+
+class LimitError(KeybrokerError):
+    """A configured limit (e.g. max_keys) would be exceeded."""

@@ -1,0 +1,124 @@
+"""Frozen value types returned by the keystore.
+
+These are the contract between the keystore, the CLI and the broker. The Losant REST
+field names (spec §1) are produced by ``to_losant()``; the same names are accepted by
+the advanced query.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import Enum
+from typing import Any
+
+
+class KeyStatus(str, Enum):
+    ACTIVE = "active"
+    INACTIVE = "inactive"
+
+
+class AddressMode(str, Enum):
+    """Connection restriction. Losant names: all / whitelist / blacklist."""
+
+    ALL = "all"
+    ONLY = "only"
+    EXCEPT = "except"
+
+    @property
+    def losant(self) -> str:
+        return {"all": "all", "only": "whitelist", "except": "blacklist"}[self.value]
+
+
+class TopicMode(str, Enum):
+    """Additional (custom) topics. Losant names: none / all / whitelist / blacklist."""
+
+    NONE = "none"
+    ALL = "all"
+    ONLY = "only"
+    EXCEPT = "except"
+
+    @property
+    def losant(self) -> str:
+        return {"none": "none", "all": "all", "only": "whitelist", "except": "blacklist"}[
+            self.value
+        ]
+
+
+Tag = tuple[str, str]
+
+
+def iso(ts: datetime | None) -> str | None:
+    """UTC ISO-8601 with millisecond precision and a trailing Z, as Losant prints dates."""
+    if ts is None:
+        return None
+    return ts.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts.microsecond // 1000:03d}Z"
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    id: str
+    name: str | None
+    tags: tuple[Tag, ...]  # sorted (key, value) pairs; a key may repeat with other values
+    created_at: datetime
+    updated_at: datetime
+    connected: bool = False
+    last_seen: datetime | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "deviceId": self.id,
+            "name": self.name,
+            "tags": [{"key": k, "value": v} for k, v in self.tags],
+            "creationDate": iso(self.created_at),
+            "lastUpdated": iso(self.updated_at),
+            "connected": self.connected,
+            "lastSeen": iso(self.last_seen),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class AccessKey:
+    """An access key as stored: never carries the secret (only its salted hash is kept)."""
+
+    key: str
+    name: str | None
+    description: str | None
+    status: KeyStatus
+    expires_at: datetime | None
+    # Device restriction (immutable after creation). all_devices=True means unrestricted;
+    # otherwise a device matches when its id is in device_ids OR it has any pair in device_tags.
+    all_devices: bool
+    device_ids: tuple[str, ...]
+    device_tags: tuple[Tag, ...]
+    address_mode: AddressMode
+    addresses: tuple[str, ...]  # normalised IPs/CIDRs (str(netaddr.IPNetwork))
+    topic_mode: TopicMode
+    pub_topics: tuple[str, ...]
+    sub_topics: tuple[str, ...]
+    created_at: datetime
+    updated_at: datetime
+    last_used: datetime | None = None
+
+    def is_expired(self, now: datetime) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
+
+    def to_losant(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "name": self.name,
+            "description": self.description,
+            "status": self.status.value,
+            "deviceIds": list(self.device_ids),
+            "deviceTags": [{"key": k, "value": v} for k, v in self.device_tags],
+            "allDevices": self.all_devices,
+            "filterType": self.topic_mode.losant,
+            "pubTopics": list(self.pub_topics),
+            "subTopics": list(self.sub_topics),
+            "addressFilterType": self.address_mode.losant,
+            "addresses": list(self.addresses),
+            "creationDate": iso(self.created_at),
+            "lastUpdated": iso(self.updated_at),
+            "expirationDate": iso(self.expires_at),
+            "lastUsed": iso(self.last_used),
+        }
