@@ -1,0 +1,373 @@
+"""Access decisions (spec §2 steps 3–7, §3): pure functions over frozen values.
+
+No I/O, no awaits, no amqtt: the broker plugins translate a packet into these inputs,
+call one function and act on the returned ``Decision``. A ``SessionPolicy`` is built
+once at CONNECT (scope fixed, custom-topic filters compiled) and every per-message check
+is then an in-memory lookup.
+
+Topic classes with device prefix ``P`` and scope ``S``:
+
+* device topics ``P/<id>`` and ``P/<id>/...`` with ``<id>`` in S (S None = any id):
+  allowed both ways;
+* every other topic under ``P`` (``P`` itself, ``P/``, ``P//x``, ids out of scope):
+  denied whatever the topic mode;
+* topics starting with ``$``: never publishable, never delivered, not subscribable;
+* custom topics (the rest): by topic mode — publish uses the publish list, subscribe
+  and delivery use the subscribe list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import lru_cache
+
+from netaddr import AddrFormatError, IPAddress, IPNetwork, IPSet
+
+from keystore.errors import ValidationError
+from keystore.models import AccessKey, AddressMode, KeyStatus, TopicMode
+
+from .topics import HASH, PLUS, FilterSet, parse_filter, validate_topic_name
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    reason: str
+
+    def __bool__(self) -> bool:
+        return self.allowed
+
+
+# Shared instances: the hot path returns one of these and allocates nothing.
+ALLOW_DEVICE = Decision(True, "device_topic")
+ALLOW_CUSTOM_ALL = Decision(True, "custom_all")
+ALLOW_IN_LIST = Decision(True, "in_list")
+ALLOW_NOT_IN_EXCEPT = Decision(True, "not_in_except_list")
+DENY_NOT_IN_SCOPE = Decision(False, "not_in_scope")
+DENY_DEVICE_PREFIX = Decision(False, "device_prefix")
+DENY_DOLLAR = Decision(False, "dollar_topic")
+DENY_MODE_NONE = Decision(False, "topic_mode_none")
+DENY_NOT_IN_LIST = Decision(False, "not_in_list")
+DENY_IN_EXCEPT = Decision(False, "in_except_list")
+DENY_INVALID_TOPIC = Decision(False, "invalid_topic")
+DENY_INVALID_FILTER = Decision(False, "invalid_filter")
+
+ALLOW = Decision(True, "ok")
+DENY_INACTIVE = Decision(False, "inactive")
+DENY_EXPIRED = Decision(False, "expired")
+DENY_UNKNOWN_DEVICE = Decision(False, "unknown_device")
+DENY_DEVICE_NOT_IN_SCOPE = Decision(False, "device_not_in_scope")
+DENY_IP = Decision(False, "ip_denied")
+DENY_WILL = Decision(False, "will_denied")
+
+ALLOW_IP_ANY = Decision(True, "ip_any")
+ALLOW_IP_LISTED = Decision(True, "ip_in_list")
+ALLOW_IP_NOT_EXCEPTED = Decision(True, "ip_not_in_except_list")
+DENY_IP_NOT_LISTED = Decision(False, "ip_not_in_list")
+DENY_IP_EXCEPTED = Decision(False, "ip_in_except_list")
+DENY_IP_INVALID = Decision(False, "ip_invalid")
+
+# CONNACK return codes (MQTT 3.1.1 §3.2.2.3) by refusal reason: 4 = bad user name or
+# password, 5 = not authorized. Steps 1–2 of spec §2 are decided by the caller.
+CONNACK_BAD_CREDENTIALS = 4
+CONNACK_NOT_AUTHORIZED = 5
+CONNACK_CODE: dict[str, int] = {
+    "no_credentials": CONNACK_BAD_CREDENTIALS,
+    "unknown_key": CONNACK_BAD_CREDENTIALS,
+    "bad_secret": CONNACK_BAD_CREDENTIALS,
+    "banned": CONNACK_NOT_AUTHORIZED,
+    "inactive": CONNACK_NOT_AUTHORIZED,
+    "expired": CONNACK_NOT_AUTHORIZED,
+    "unknown_device": CONNACK_NOT_AUTHORIZED,
+    "device_not_in_scope": CONNACK_NOT_AUTHORIZED,
+    "ip_denied": CONNACK_NOT_AUTHORIZED,
+    "will_denied": CONNACK_NOT_AUTHORIZED,
+}
+
+
+# ------------------------------------------------------------------------- policy
+
+
+@dataclass(frozen=True, slots=True)
+class SessionPolicy:
+    """What one session may publish, receive and subscribe; fixed at CONNECT."""
+
+    device_prefix: str
+    scope: frozenset[str] | None  # device ids; None = every device
+    topic_mode: TopicMode
+    pub: FilterSet
+    sub: FilterSet
+    # Derived once so the hot path does not rebuild strings.
+    _prefix_slash: str = field(init=False, repr=False, compare=False)
+    _prefix_levels: tuple[str, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        prefix = self.device_prefix
+        try:
+            validate_topic_name(prefix)
+        except ValidationError as exc:
+            raise ValidationError(f"invalid device prefix {prefix!r}: {exc}") from None
+        if prefix.startswith("$") or prefix.startswith("/") or prefix.endswith("/"):
+            raise ValidationError(
+                f"invalid device prefix {prefix!r}: must not start with '$' or '/' "
+                "nor end with '/'"
+            )
+        # Coerce so the hot path can compare modes by identity.
+        object.__setattr__(self, "topic_mode", TopicMode(self.topic_mode))
+        object.__setattr__(self, "_prefix_slash", prefix + "/")
+        object.__setattr__(self, "_prefix_levels", tuple(prefix.split("/")))
+
+    @classmethod
+    def build(
+        cls, key: AccessKey, scope: frozenset[str] | None, device_prefix: str
+    ) -> SessionPolicy:
+        """Compile a key's custom-topic lists for a session with the given scope."""
+        return cls(
+            device_prefix=device_prefix,
+            scope=None if scope is None else frozenset(scope),
+            topic_mode=key.topic_mode,
+            pub=FilterSet(key.pub_topics),
+            sub=FilterSet(key.sub_topics),
+        )
+
+
+def _classify_topic(policy: SessionPolicy, topic: str) -> Decision | None:
+    """Decision for device-prefix, ``$`` and malformed topics; None for custom topics."""
+    if not topic or "+" in topic or "#" in topic or "\x00" in topic:
+        return DENY_INVALID_TOPIC
+    if topic[0] == "$":
+        return DENY_DOLLAR
+    prefix_slash = policy._prefix_slash
+    if topic.startswith(prefix_slash):
+        device_id = topic[len(prefix_slash) :].partition("/")[0]
+        if not device_id:
+            return DENY_DEVICE_PREFIX  # "P/" or "P//...": no device has the empty id
+        scope = policy.scope
+        if scope is None or device_id in scope:
+            return ALLOW_DEVICE
+        return DENY_NOT_IN_SCOPE
+    if topic == policy.device_prefix:
+        return DENY_DEVICE_PREFIX
+    return None
+
+
+def _custom_topic(policy: SessionPolicy, filters: FilterSet, topic: str) -> Decision:
+    mode = policy.topic_mode
+    if mode is TopicMode.NONE:
+        return DENY_MODE_NONE
+    if mode is TopicMode.ALL:
+        return ALLOW_CUSTOM_ALL
+    listed = filters.matches(topic.split("/"))
+    if mode is TopicMode.ONLY:
+        return ALLOW_IN_LIST if listed else DENY_NOT_IN_LIST
+    return DENY_IN_EXCEPT if listed else ALLOW_NOT_IN_EXCEPT
+
+
+def check_publish(policy: SessionPolicy, topic: str) -> Decision:
+    """May this session PUBLISH to ``topic``? (Also used for the Will topic.)"""
+    decision = _classify_topic(policy, topic)
+    if decision is not None:
+        return decision
+    return _custom_topic(policy, policy.pub, topic)
+
+
+def check_receive(policy: SessionPolicy, topic: str) -> Decision:
+    """May a message on ``topic`` (retained included) be delivered to this session?"""
+    decision = _classify_topic(policy, topic)
+    if decision is not None:
+        return decision
+    return _custom_topic(policy, policy.sub, topic)
+
+
+# ---------------------------------------------------------------------- subscribe
+
+
+def _device_part(policy: SessionPolicy, levels: tuple[str, ...]) -> Decision | None:
+    """Can the filter match a readable device topic ``P/<id>[/...]``, id in scope?
+
+    Returns ALLOW_DEVICE, a denial saying why the device part fails (when the filter
+    reaches into the prefix at all), or None when it cannot reach the prefix.
+    Exact: wildcards in the id position need one id in scope; a literal id must be in
+    scope; anything after the id is readable.
+    """
+    prefix = policy._prefix_levels
+    depth = len(prefix)
+    scope = policy.scope
+    for index, prefix_level in enumerate(prefix):
+        if index >= len(levels):
+            return None  # the filter's topics are shorter than the prefix
+        level = levels[index]
+        if level == HASH:
+            # Reaches P/<id>/... for any id (and custom topics, decided elsewhere).
+            return ALLOW_DEVICE if scope is None or scope else DENY_NOT_IN_SCOPE
+        if level != PLUS and level != prefix_level:
+            return None
+    if len(levels) == depth:
+        return DENY_DEVICE_PREFIX  # matches only P itself
+    id_level = levels[depth]
+    if id_level == PLUS or id_level == HASH:
+        return ALLOW_DEVICE if scope is None or scope else DENY_NOT_IN_SCOPE
+    if not id_level:
+        return DENY_DEVICE_PREFIX  # P//...: no device has the empty id
+    if scope is None or id_level in scope:
+        return ALLOW_DEVICE
+    return DENY_NOT_IN_SCOPE
+
+
+def _reaches_custom(policy: SessionPolicy, levels: tuple[str, ...]) -> bool:
+    """Can the filter (not starting with '$') match a topic outside ``P``/``P/...``?
+
+    Exact: only a filter whose first len(P) levels spell P literally is confined to
+    the prefix; any wildcard or other literal there can be instantiated to leave it,
+    and a filter shorter than P matches topics that are proper prefixes of P.
+    """
+    prefix = policy._prefix_levels
+    if len(levels) < len(prefix):
+        return True
+    return tuple(levels[: len(prefix)]) != prefix
+
+
+def _custom_subscribe(
+    policy: SessionPolicy, topic_filter: str, levels: tuple[str, ...]
+) -> Decision:
+    """Can the filter match a readable custom topic? (not '$', not under P, by mode)"""
+    mode = policy.topic_mode
+    if mode is TopicMode.NONE:
+        return DENY_MODE_NONE
+    if not _reaches_custom(policy, levels):
+        return DENY_DEVICE_PREFIX
+    if mode is TopicMode.ALL:
+        return ALLOW_CUSTOM_ALL
+    if mode is TopicMode.ONLY:
+        # Exact: some topic outside P matched by the filter and by a listed filter.
+        if policy.sub.overlaps_outside(topic_filter, policy.device_prefix):
+            return ALLOW_IN_LIST
+        return DENY_NOT_IN_LIST
+    # EXCEPT. Conservative toward granting: refused only when the filter lies within a
+    # single excepted filter. A filter inside the union of several excepted filters (and
+    # nowhere else readable) is granted but then delivers nothing: check_receive runs on
+    # every message. Granting is never a leak; refusing a useful filter would be a bug.
+    if policy.sub.covers(topic_filter):
+        return DENY_IN_EXCEPT
+    return ALLOW_NOT_IN_EXCEPT
+
+
+def check_subscribe(policy: SessionPolicy, topic_filter: str) -> Decision:
+    """Grant ``topic_filter`` iff it can match at least one topic this session may read.
+
+    Granting is about usefulness, not protection: every delivery is checked by
+    ``check_receive``, so ``#`` granted for device topics still never carries another
+    scope's data.
+    """
+    if topic_filter[:1] == "$":
+        return DENY_DOLLAR
+    try:
+        levels = parse_filter(topic_filter)
+    except ValidationError:
+        return DENY_INVALID_FILTER
+    device = _device_part(policy, levels)
+    if device is ALLOW_DEVICE:
+        return device
+    custom = _custom_subscribe(policy, topic_filter, levels)
+    if custom.allowed:
+        return custom
+    if device is not None and custom is DENY_DEVICE_PREFIX:
+        return device  # confined to the prefix: say why the device part failed
+    return custom
+
+
+# ------------------------------------------------------------------- connection
+
+
+@lru_cache(maxsize=4096)
+def compile_addresses(addresses: tuple[str, ...]) -> IPSet:
+    """An IPSet of a key's addresses, built once per distinct address list.
+
+    IPv4-mapped IPv6 networks (``::ffff:a.b.c.d/n``, n >= 96) are added in their IPv4
+    form too, because client addresses are normalised to IPv4 before the lookup.
+    The returned set is shared: never mutate it.
+    """
+    networks: list[IPNetwork] = []
+    for text in addresses:
+        try:
+            network = IPNetwork(text)
+        except (AddrFormatError, ValueError, TypeError):
+            raise ValidationError(f"invalid address {text!r}: not an IP or CIDR") from None
+        networks.append(network)
+        if network.version == 6 and network.prefixlen >= 96 and network.ip.is_ipv4_mapped():
+            networks.append(network.ipv4())
+    return IPSet(networks)
+
+
+def parse_client_ip(ip: str) -> IPAddress | None:
+    """The address as netaddr sees it, IPv4-mapped IPv6 folded to IPv4; None if invalid."""
+    if not isinstance(ip, str):
+        return None
+    text = ip.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    try:
+        address = IPAddress(text)
+    except (AddrFormatError, ValueError, TypeError):
+        return None
+    if address.version == 6 and address.is_ipv4_mapped():
+        return address.ipv4()
+    return address
+
+
+def check_address(mode: AddressMode, networks: IPSet, ip: str) -> Decision:
+    """Connection restriction. Never raises.
+
+    With mode ``all`` the address is not consulted (even an unparsable one is allowed:
+    the key restricts nothing). With ``only``/``except`` an unparsable address is denied.
+    """
+    if mode == AddressMode.ALL:
+        return ALLOW_IP_ANY
+    address = parse_client_ip(ip)
+    if address is None:
+        return DENY_IP_INVALID
+    listed = address in networks
+    if mode == AddressMode.ONLY:
+        return ALLOW_IP_LISTED if listed else DENY_IP_NOT_LISTED
+    return DENY_IP_EXCEPTED if listed else ALLOW_IP_NOT_EXCEPTED
+
+
+@dataclass(frozen=True)
+class ConnectFacts:
+    """What the caller looked up for one CONNECT (after the credentials were accepted)."""
+
+    key: AccessKey
+    now: datetime
+    device_registered: bool
+    device_in_scope: bool
+    client_ip: str
+    will_topic: str | None
+
+
+def check_connect(facts: ConnectFacts, policy: SessionPolicy | None) -> Decision:
+    """Steps 3–7 of spec §2 in order; the first failure is the reason.
+
+    ``policy`` is the session policy the connection would get; it is needed only for a
+    Will topic. With a Will but no policy the connection is refused (fail closed).
+    """
+    key = facts.key
+    if key.status != KeyStatus.ACTIVE:
+        return DENY_INACTIVE
+    if key.is_expired(facts.now):
+        return DENY_EXPIRED
+    if not facts.device_registered:
+        return DENY_UNKNOWN_DEVICE
+    if not facts.device_in_scope:
+        return DENY_DEVICE_NOT_IN_SCOPE
+    if key.address_mode != AddressMode.ALL:
+        try:
+            networks = compile_addresses(tuple(key.addresses))
+        except ValidationError:
+            return DENY_IP  # a stored address we cannot read: fail closed
+        if not check_address(key.address_mode, networks, facts.client_ip).allowed:
+            return DENY_IP
+    if facts.will_topic is not None:
+        if policy is None or not check_publish(policy, facts.will_topic).allowed:
+            return DENY_WILL
+    return ALLOW
