@@ -1,0 +1,42 @@
+"""The `keybroker` command line: a thin click shell over the keystore library.
+
+Commands parse options, call one ``KeyStore`` method through ``run_store`` and print text
+or ``--json``. ``KeybrokerGroup`` turns every user-facing error into a one-line message
+and a non-zero exit. Other commands plug in with ``main.add_command(...)`` at the bottom.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from broker.cli_common import CliState, KeybrokerGroup
+from broker.cli_devices import devices
+from broker.cli_keys import keys
+from broker.cli_seed import seed
+from broker.settings import ENV_DB
+
+
+@click.group(cls=KeybrokerGroup)
+@click.option(
+    "--db",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar=ENV_DB,
+    default=None,
+    help=f"SQLite keystore file (env {ENV_DB}; default: [keystore] path in config/keybroker.toml).",
+)
+@click.version_option(package_name="keybroker", prog_name="keybroker")
+@click.pass_context
+def main(ctx: click.Context, db: Path | None) -> None:
+    """keybroker: an MQTT broker whose only way in is an access key."""
+    ctx.obj = CliState(db)
+
+
+main.add_command(devices)
+main.add_command(keys)
+main.add_command(seed)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""Plumbing shared by the CLI commands: opening the store, error translation, option parsing.
+
+The CLI is a thin shell over the keystore library: commands parse their options with the
+helpers here, run one coroutine against the store with ``run_store`` and print. Every
+user-facing error (``KeybrokerError``) becomes a one-line ``click.ClickException`` in
+``translate_errors``, which the top-level group wraps around every command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import sqlite3
+import sys
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, date, datetime, time
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from broker.settings import Settings, load_settings
+from keystore import KeyStore
+from keystore.errors import KeybrokerError, ValidationError
+from keystore.models import AddressMode, Tag, TopicMode
+from keystore.validation import parse_tag
+
+T = TypeVar("T")
+
+
+class CliState:
+    """What the top-level group knows: an optional --db override; settings load lazily."""
+
+    def __init__(self, db_override: Path | None = None) -> None:
+        self.db_override = db_override
+
+    @functools.cached_property
+    def settings(self) -> Settings:
+        # Loaded on first use so that --help and --version work even with a broken config.
+        return load_settings().with_overrides(db_path=self.db_override)
+
+
+def current_state() -> CliState:
+    state = click.get_current_context().find_object(CliState)
+    return state if state is not None else CliState()
+
+
+def one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).splitlines()).strip()
+    return text or type(exc).__name__
+
+
+@contextmanager
+def translate_errors() -> Iterator[None]:
+    """Turn every error a user can cause into a one-line message and a non-zero exit."""
+    try:
+        yield
+    except KeybrokerError as exc:
+        raise click.ClickException(one_line(exc)) from None
+    except sqlite3.Error as exc:
+        raise click.ClickException(f"database error: {one_line(exc)}") from None
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        raise click.ClickException(f"{where}{exc.strerror or one_line(exc)}") from None
+
+
+class KeybrokerGroup(click.Group):
+    """A click group whose commands (sub-groups included) get ``translate_errors``."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with translate_errors():
+            return super().invoke(ctx)
+
+
+def run_store(action: Callable[[KeyStore], Awaitable[T]]) -> T:
+    """Open the configured keystore, run ``action`` on it in a fresh event loop, close it."""
+    settings = current_state().settings
+    settings.db_path.parent.mkdir(parents=True, exist_ok=True)
+
+    async def go() -> T:
+        async with KeyStore.open(
+            settings.db_path, device_prefix=settings.device_prefix, max_keys=settings.max_keys
+        ) as ks:
+            return await action(ks)
+
+    return asyncio.run(go())
+
+
+def stdin_is_interactive() -> bool:
+    return sys.stdin is not None and sys.stdin.isatty()
+
+
+def confirm_or_abort(prompt: str, yes: bool) -> None:
+    """Ask before destroying something; never wait on (or guess from) a non-terminal stdin."""
+    if yes:
+        return
+    if not stdin_is_interactive():
+        raise click.ClickException("confirmation needed and stdin is not a terminal: use --yes to confirm")
+    try:
+        confirmed = click.confirm(prompt, default=False)
+    except click.Abort:
+        confirmed = False
+    if not confirmed:
+        raise click.ClickException("not confirmed, nothing changed (use --yes to confirm)")
+
+
+def parse_tags(specs: Iterable[str]) -> tuple[Tag, ...]:
+    return tuple(parse_tag(spec) for spec in specs)
+
+
+def as_utc(value: datetime | date) -> datetime:
+    """Naive datetimes and plain dates are UTC; aware ones are converted to UTC."""
+    if not isinstance(value, datetime):
+        value = datetime.combine(value, time())
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+def parse_when(text: str, what: str = "--expires") -> datetime:
+    """ISO-8601 date or datetime ("Z" or an offset; naive means UTC) as an aware UTC datetime."""
+    try:
+        return as_utc(datetime.fromisoformat(text.strip()))
+    except ValueError:
+        raise ValidationError(
+            f"invalid {what} {text!r}: expected an ISO-8601 date or datetime, "
+            "e.g. 2027-01-31 or 2027-01-31T12:00:00Z"
+        ) from None
+
+
+def address_restriction(
+    allow: Iterable[str], deny: Iterable[str], any_ip: bool = False
+) -> tuple[AddressMode, tuple[str, ...]] | None:
+    """(mode, addresses) from --allow-ip / --deny-ip / --any-ip, or None when none was given."""
+    allow, deny = tuple(allow), tuple(deny)
+    if sum((bool(allow), bool(deny), any_ip)) > 1:
+        raise ValidationError(
+            "--allow-ip, --deny-ip and --any-ip are mutually exclusive: "
+            "a key allows only some addresses, or all but some, or any"
+        )
+    if allow:
+        return AddressMode.ONLY, allow
+    if deny:
+        return AddressMode.EXCEPT, deny
+    if any_ip:
+        return AddressMode.ALL, ()
+    return None
+
+
+def topic_mode_for_create(mode: str | None, pub: tuple[str, ...], sub: tuple[str, ...]) -> TopicMode:
+    """--topics, defaulting to "only" when filters are given and to "none" otherwise."""
+    if mode is not None:
+        return TopicMode(mode)
+    return TopicMode.ONLY if (pub or sub) else TopicMode.NONE
+
+
+def short_key(key: str) -> str:
+    return key[:8]

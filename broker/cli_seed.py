@@ -1,0 +1,273 @@
+"""`keybroker seed FILE`: devices and keys in bulk from a TOML or JSON file.
+
+The format is documented in config/seed.example.toml. Everything in the file is parsed
+and checked for shape before the first write; the library then validates values.
+Devices are upserted (idempotent); a key whose ``name`` already exists is skipped, so a
+re-run creates no duplicates; unnamed keys are created on every run. New secrets are
+written (JSON lines) as each batch is committed, so a later failure loses none of them.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import click
+
+from broker.cli_common import address_restriction, as_utc, parse_when, run_store
+from broker.cli_output import SECRET_NOTICE, SecretSink, secret_file
+from keystore import KeyStore
+from keystore.errors import ValidationError
+from keystore.models import Tag
+from keystore.validation import parse_tag
+
+BATCH = 5000
+PROGRESS_THRESHOLD = 1000
+DEVICE_FIELDS = frozenset({"id", "name", "tags"})
+KEY_FIELDS = frozenset(
+    {"name", "description", "devices", "tags", "allow_ips", "deny_ips", "topics", "pub", "sub",
+     "expires"}
+)
+DeviceRow = tuple[str, str | None, tuple[Tag, ...]]
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class SeedPlan:
+    devices: list[DeviceRow]
+    keys: list[dict[str, Any]]  # create_key keyword arguments
+
+
+@dataclass(slots=True)
+class SeedResult:
+    devices: int = 0
+    created: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+
+# --- reading and checking the file --------------------------------------------------
+
+
+def read_seed(path: Path) -> dict[str, Any]:
+    """TOML or JSON, by extension (.toml / .json) or else by content."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ValidationError(f"cannot read seed file {str(path)!r}: {reason}") from None
+    suffix = path.suffix.lower()
+    as_json = suffix == ".json" or (suffix != ".toml" and text.lstrip().startswith("{"))
+    try:
+        doc = json.loads(text) if as_json else tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+        kind = "JSON" if as_json else "TOML"
+        raise ValidationError(f"seed file {str(path)!r}: invalid {kind}: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ValidationError(f"seed file {str(path)!r}: expected a table/object at the top")
+    unknown = sorted(set(doc) - {"devices", "keys"})
+    if unknown:
+        raise ValidationError(
+            f"seed file {str(path)!r}: unknown section {unknown[0]!r} (expected devices, keys)"
+        )
+    return doc
+
+
+def items(doc: dict[str, Any], section: str, allowed: frozenset[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    raw = doc.get(section, [])
+    if not isinstance(raw, list):
+        raise ValidationError(f"seed {section}: expected a list of tables")
+    for i, item in enumerate(raw):
+        where = f"seed {section}[{i}]"
+        if not isinstance(item, dict):
+            raise ValidationError(f"{where}: expected a table/object")
+        unknown = sorted(set(item) - allowed)
+        if unknown:
+            raise ValidationError(f"{where}: unknown field {unknown[0]!r}")
+        yield where, item
+
+
+def typed(where: str, item: dict[str, Any], name: str, kind: type[T], default: T) -> T:
+    value = item.get(name, default)
+    if value is not None and not isinstance(value, kind):
+        raise ValidationError(f"{where}: {name} must be a {kind.__name__}, not {value!r}")
+    return value
+
+
+def str_list(where: str, item: dict[str, Any], name: str) -> tuple[str, ...]:
+    value = item.get(name, [])
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValidationError(f"{where}: {name} must be a list of strings, not {value!r}")
+    return tuple(value)
+
+
+def tag_pairs(where: str, value: Any) -> tuple[Tag, ...]:
+    """{k = "v"} or {k = ["v1", "v2"]} (a multi-map), or ["k=v", ...]."""
+    if isinstance(value, list):
+        if not all(isinstance(v, str) for v in value):
+            raise ValidationError(f"{where}: tags must be strings 'k=v', not {value!r}")
+        return tuple(parse_tag(v) for v in value)
+    if not isinstance(value, dict):
+        raise ValidationError(f"{where}: tags must be a table {{k = \"v\"}}, not {value!r}")
+    pairs: list[Tag] = []
+    for k, v in value.items():
+        values = v if isinstance(v, list) else [v]
+        if not all(isinstance(x, str) for x in values):
+            raise ValidationError(f"{where}: tag {k!r} values must be strings, not {v!r}")
+        pairs.extend((k, x) for x in values)
+    return tuple(pairs)
+
+
+def expiry(where: str, value: Any) -> datetime | None:
+    if value is None:
+        return None
+    if isinstance(value, date):  # TOML dates and datetimes arrive parsed
+        return as_utc(value)
+    if isinstance(value, str):
+        return parse_when(value, what=f"{where} expires")
+    raise ValidationError(f"{where}: expires must be an ISO-8601 date or datetime, not {value!r}")
+
+
+def device_row(where: str, item: dict[str, Any]) -> DeviceRow:
+    device_id = item.get("id")
+    if not isinstance(device_id, str):
+        raise ValidationError(f"{where}: id is required and must be a string")
+    name = typed(where, item, "name", str, None)
+    return device_id, name, tag_pairs(where, item.get("tags", {}))
+
+
+def key_spec(where: str, item: dict[str, Any]) -> dict[str, Any]:
+    pub, sub = str_list(where, item, "pub"), str_list(where, item, "sub")
+    topics = typed(where, item, "topics", str, None)
+    if topics is None:
+        topics = "only" if (pub or sub) else "none"
+    spec: dict[str, Any] = {
+        "name": typed(where, item, "name", str, None),
+        "description": typed(where, item, "description", str, None),
+        "device_ids": str_list(where, item, "devices"),
+        "device_tags": tag_pairs(where, item.get("tags", [])),
+        "topic_mode": topics,
+        "pub_topics": pub,
+        "sub_topics": sub,
+        "expires_at": expiry(where, item.get("expires")),
+    }
+    address = address_restriction(str_list(where, item, "allow_ips"), str_list(where, item, "deny_ips"))
+    if address is not None:
+        spec["address_mode"], spec["addresses"] = address
+    return spec
+
+
+def parse_seed(doc: dict[str, Any]) -> SeedPlan:
+    devices = [device_row(where, item) for where, item in items(doc, "devices", DEVICE_FIELDS)]
+    keys = [key_spec(where, item) for where, item in items(doc, "keys", KEY_FIELDS)]
+    seen: set[str] = set()
+    for spec in keys:
+        name = spec["name"]
+        if name is not None and name in seen:
+            raise ValidationError(f"seed keys: duplicate key name {name!r}")
+        seen.add(name)
+    return SeedPlan(devices, keys)
+
+
+# --- applying it --------------------------------------------------------------------
+
+
+class Progress(Protocol):
+    def update(self, n_steps: int) -> None: ...
+
+
+class NoProgress:
+    def update(self, n_steps: int) -> None:
+        pass
+
+
+class BatchProgress:
+    """click's bar on a terminal; elsewhere (logs, pipes) a "done/total" line per batch."""
+
+    def __init__(self, bar: Progress, total: int, interactive: bool) -> None:
+        self.bar, self.total, self.interactive, self.done = bar, total, interactive, 0
+
+    def update(self, n_steps: int) -> None:
+        self.bar.update(n_steps)
+        self.done += n_steps
+        if not self.interactive and n_steps:
+            click.echo(f"  {self.done}/{self.total}", file=click.get_text_stream("stderr"))
+
+
+def batches(rows: Sequence[T], size: int = BATCH) -> Iterator[Sequence[T]]:
+    for start in range(0, len(rows), size):
+        yield rows[start : start + size]
+
+
+async def apply_seed(
+    ks: KeyStore, plan: SeedPlan, sink: SecretSink | None, progress: Progress
+) -> SeedResult:
+    result = SeedResult()
+    for rows in batches(plan.devices):
+        result.devices += await ks.upsert_devices(rows)
+        progress.update(len(rows))
+    existing = {k.name for k in await ks.list_keys(None) if k.name is not None}
+    todo = []
+    for spec in plan.keys:
+        if spec["name"] in existing:
+            result.skipped.append(spec["name"])
+        else:
+            todo.append(spec)
+    progress.update(len(result.skipped))
+    for specs in batches(todo):
+        for key, secret in await ks.create_keys(list(specs)):
+            doc = {"key": key.key, "name": key.name, "secret": secret}
+            if sink is not None:
+                sink.write(doc)
+            else:
+                click.echo(json.dumps(doc, ensure_ascii=False))
+        result.created += len(specs)
+        progress.update(len(specs))
+    return result
+
+
+def report(result: SeedResult, sink: SecretSink | None) -> None:
+    err = click.get_text_stream("stderr")
+    click.echo(f"devices upserted: {result.devices}", file=err)
+    click.echo(f"keys created: {result.created}", file=err)
+    if result.skipped:
+        shown = ", ".join(repr(n) for n in result.skipped[:10])
+        more = f" and {len(result.skipped) - 10} more" if len(result.skipped) > 10 else ""
+        click.echo(
+            f"keys skipped (a key with that name already exists): {len(result.skipped)}: "
+            f"{shown}{more}",
+            file=err,
+        )
+    if result.created:
+        where = f"written to {sink.path} (mode 0600)" if sink else "printed above (JSON lines)"
+        click.echo(f"new secrets {where}. {SECRET_NOTICE}", file=err)
+
+
+@click.command("seed")
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--output", type=click.Path(dir_okay=False),
+              help="Write new secrets to this new file (mode 0600, JSON lines) instead of stdout.")
+def seed(file: Path, output: str | None) -> None:
+    """Create devices and keys in bulk from a TOML or JSON FILE (see config/seed.example.toml).
+
+    Idempotent for devices and named keys; new secrets go to stdout as JSON lines
+    {"key","name","secret"}, or to --output.
+    """
+    plan = parse_seed(read_seed(file))
+    total = len(plan.devices) + len(plan.keys)
+    with secret_file(output) as sink:
+        if total > PROGRESS_THRESHOLD:
+            label = f"seeding {len(plan.devices)} devices, {len(plan.keys)} keys"
+            err = click.get_text_stream("stderr")
+            with click.progressbar(length=total, label=label, file=err) as bar:
+                progress = BatchProgress(bar, total, interactive=err.isatty())
+                result = run_store(lambda ks: apply_seed(ks, plan, sink, progress))
+        else:
+            result = run_store(lambda ks: apply_seed(ks, plan, sink, NoProgress()))
+        report(result, sink)
