@@ -1,0 +1,48 @@
+"""keybroker's keystore: devices and access keys in one SQLite file (no MQTT here).
+
+    async with KeyStore.open(path) as ks:
+        key, secret = await ks.create_key(device_tags=["floor=1"])
+"""
+
+from keystore.errors import (
+    ConflictError,
+    KeybrokerError,
+    LimitError,
+    NotFoundError,
+    ValidationError,
+)
+from keystore.models import AccessKey, AddressMode, Device, KeyStatus, Tag, TopicMode, iso
+from keystore.query import compile_query
+from keystore.store import UNSET, KeyStore
+from keystore.validation import (
+    parse_tag,
+    validate_address,
+    validate_custom_filter,
+    validate_device_id,
+    validate_filter_syntax,
+    validate_tag,
+)
+
+__all__ = [
+    "UNSET",
+    "AccessKey",
+    "AddressMode",
+    "ConflictError",
+    "Device",
+    "KeyStatus",
+    "KeyStore",
+    "KeybrokerError",
+    "LimitError",
+    "NotFoundError",
+    "Tag",
+    "TopicMode",
+    "ValidationError",
+    "compile_query",
+    "iso",
+    "parse_tag",
+    "validate_address",
+    "validate_custom_filter",
+    "validate_device_id",
+    "validate_filter_syntax",
+    "validate_tag",
+]

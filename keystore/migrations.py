@@ -1,0 +1,123 @@
+"""Numbered schema migrations, tracked in ``PRAGMA user_version``.
+
+MIGRATIONS[n] upgrades a database from version n to n + 1. Each migration runs in one
+``BEGIN IMMEDIATE`` transaction together with the version bump, and the version is
+re-read inside that transaction, so a CLI and the daemon opening a fresh file at the same
+moment cannot both apply it. Never edit a released step: append a new one.
+
+Timestamps are INTEGER microseconds since the Unix epoch, UTC: they sort and compare
+numerically in queries and round-trip to aware datetimes exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import aiosqlite
+
+from keystore.errors import KeybrokerError
+
+log = logging.getLogger(__name__)
+
+_V1 = [
+    # Devices are looked up by id on every CONNECT: the id is the clustered key.
+    """
+    CREATE TABLE devices (
+        id          TEXT PRIMARY KEY,
+        name        TEXT,
+        created_at  INTEGER NOT NULL,
+        updated_at  INTEGER NOT NULL,
+        connected   INTEGER NOT NULL DEFAULT 0,
+        last_seen   INTEGER
+    ) WITHOUT ROWID
+    """,
+    # Tags are a multi-map: one row per (device, key, value).
+    """
+    CREATE TABLE device_tags (
+        device_id TEXT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+        key       TEXT NOT NULL,
+        value     TEXT NOT NULL,
+        PRIMARY KEY (device_id, key, value)
+    ) WITHOUT ROWID
+    """,
+    # Scope resolution finds devices by tag pair: a covering index, never a table scan.
+    "CREATE INDEX device_tags_by_pair ON device_tags (key, value, device_id)",
+    # Only a salt and HMAC of the secret are kept; list-valued fields that are never
+    # searched by index (addresses, topic filters) are JSON arrays.
+    """
+    CREATE TABLE access_keys (
+        key           TEXT PRIMARY KEY,
+        salt          BLOB NOT NULL,
+        secret_hash   BLOB NOT NULL,
+        name          TEXT UNIQUE,
+        description   TEXT,
+        status        TEXT NOT NULL CHECK (status IN ('active', 'inactive')),
+        expires_at    INTEGER,
+        all_devices   INTEGER NOT NULL CHECK (all_devices IN (0, 1)),
+        address_mode  TEXT NOT NULL CHECK (address_mode IN ('all', 'only', 'except')),
+        addresses     TEXT NOT NULL DEFAULT '[]',
+        topic_mode    TEXT NOT NULL CHECK (topic_mode IN ('none', 'all', 'only', 'except')),
+        pub_topics    TEXT NOT NULL DEFAULT '[]',
+        sub_topics    TEXT NOT NULL DEFAULT '[]',
+        created_at    INTEGER NOT NULL,
+        updated_at    INTEGER NOT NULL,
+        last_used     INTEGER
+    ) WITHOUT ROWID
+    """,
+    # The device restriction. Listed ids deliberately do not reference devices(id): the
+    # restriction is immutable, so deleting a device must not rewrite keys; scope
+    # resolution joins with devices to return only ids that exist now.
+    """
+    CREATE TABLE key_devices (
+        key       TEXT NOT NULL REFERENCES access_keys(key) ON DELETE CASCADE,
+        device_id TEXT NOT NULL,
+        PRIMARY KEY (key, device_id)
+    ) WITHOUT ROWID
+    """,
+    """
+    CREATE TABLE key_tags (
+        key    TEXT NOT NULL REFERENCES access_keys(key) ON DELETE CASCADE,
+        tkey   TEXT NOT NULL,
+        tvalue TEXT NOT NULL,
+        PRIMARY KEY (key, tkey, tvalue)
+    ) WITHOUT ROWID
+    """,
+]
+
+MIGRATIONS: list[list[str]] = [_V1]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+async def user_version(conn: aiosqlite.Connection) -> int:
+    async with conn.execute("PRAGMA user_version") as cursor:
+        row = await cursor.fetchone()
+    return int(row[0]) if row else 0
+
+
+async def migrate(conn: aiosqlite.Connection, path: str) -> int:
+    """Bring the schema to SCHEMA_VERSION; returns the final version.
+
+    Expects an autocommit connection (isolation_level=None).
+    """
+    while True:
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = await user_version(conn)
+            if version > SCHEMA_VERSION:
+                raise KeybrokerError(
+                    f"keystore {path!r} has schema version {version}, newer than this "
+                    f"keybroker supports ({SCHEMA_VERSION}); upgrade keybroker"
+                )
+            if version == SCHEMA_VERSION:
+                await conn.execute("COMMIT")
+                return version
+            for statement in MIGRATIONS[version]:
+                await conn.execute(statement)
+            # PRAGMA cannot take parameters; the value is our own integer.
+            await conn.execute(f"PRAGMA user_version = {version + 1}")
+            await conn.execute("COMMIT")
+            log.info("keystore %s migrated to schema version %d", path, version + 1)
+        except BaseException:
+            if conn.in_transaction:
+                await conn.execute("ROLLBACK")
+            raise

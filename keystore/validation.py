@@ -1,0 +1,309 @@
+"""Pure validation of everything a user can put into the keystore.
+
+No I/O and no database: the broker reuses these helpers (topic filters, addresses) and
+the keystore calls them before it opens a transaction, so a refused value never leaves
+anything half-written. Every error is one line naming the bad value and the reason.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from enum import Enum
+from typing import TypeVar
+
+import netaddr
+
+from keystore.errors import ValidationError
+from keystore.models import AddressMode, KeyStatus, Tag, TopicMode
+
+__all__ = [
+    "MAX_DESCRIPTION_LEN",
+    "MAX_DEVICE_ID_LEN",
+    "MAX_FILTER_BYTES",
+    "MAX_NAME_LEN",
+    "MAX_TAG_LEN",
+    "coerce_address_mode",
+    "coerce_status",
+    "coerce_topic_mode",
+    "coerce_utc",
+    "dedupe",
+    "parse_tag",
+    "validate_address",
+    "validate_custom_filter",
+    "validate_description",
+    "validate_device_id",
+    "validate_filter_syntax",
+    "validate_key_name",
+    "validate_tag",
+    "validate_tags",
+]
+
+MAX_DEVICE_ID_LEN = 128
+MAX_TAG_LEN = 255
+MAX_NAME_LEN = 255
+MAX_DESCRIPTION_LEN = 4096
+MAX_FILTER_BYTES = 65535  # MQTT strings carry a 16-bit length
+
+_DEVICE_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
+
+T = TypeVar("T")
+
+
+def dedupe(items: Iterable[T]) -> tuple[T, ...]:
+    """Drop repeated items, keeping the first occurrence's order."""
+    return tuple(dict.fromkeys(items))
+
+
+# --- devices and tags -------------------------------------------------------------------
+
+
+def validate_device_id(device_id: object) -> str:
+    """A device id is 1-128 chars of [A-Za-z0-9_.:-] (never '/', '+', '#' or '$', so it is
+    always a single literal MQTT topic level)."""
+    if not isinstance(device_id, str):
+        raise ValidationError(f"invalid device id {device_id!r}: must be a string")
+    if not device_id:
+        raise ValidationError("invalid device id '': must not be empty")
+    if len(device_id) > MAX_DEVICE_ID_LEN:
+        raise ValidationError(
+            f"invalid device id {device_id[:40]!r}...: longer than {MAX_DEVICE_ID_LEN} characters"
+        )
+    if not _DEVICE_ID.fullmatch(device_id):
+        raise ValidationError(
+            f"invalid device id {device_id!r}: only letters, digits and _ . : - are allowed"
+        )
+    return device_id
+
+
+def _validate_tag_part(what: str, text: object) -> str:
+    if not isinstance(text, str):
+        raise ValidationError(f"invalid tag {what} {text!r}: must be a string")
+    if not text:
+        raise ValidationError(f"invalid tag {what} '': must not be empty")
+    if len(text) > MAX_TAG_LEN:
+        raise ValidationError(
+            f"invalid tag {what} {text[:40]!r}...: longer than {MAX_TAG_LEN} characters"
+        )
+    if not text.isprintable():
+        raise ValidationError(f"invalid tag {what} {text!r}: contains non-printable characters")
+    # 'floor =1' silently never matching 'floor=1' is worse than a clear refusal.
+    if text != text.strip():
+        raise ValidationError(f"invalid tag {what} {text!r}: leading or trailing whitespace")
+    return text
+
+
+def validate_tag(key: object, value: object) -> Tag:
+    """Tag keys and values: non-empty printable strings of at most 255 chars, no '=' in
+    the key (so 'k=v' always splits unambiguously at the first '=')."""
+    _validate_tag_part("key", key)
+    _validate_tag_part("value", value)
+    assert isinstance(key, str) and isinstance(value, str)
+    if "=" in key:
+        raise ValidationError(f"invalid tag key {key!r}: must not contain '='")
+    return (key, value)
+
+
+def parse_tag(spec: object) -> Tag:
+    """'key=value' -> (key, value); the value may itself contain '='."""
+    if not isinstance(spec, str):
+        raise ValidationError(f"invalid tag {spec!r}: must be a 'key=value' string")
+    key, sep, value = spec.partition("=")
+    if not sep:
+        raise ValidationError(f"invalid tag {spec!r}: must be key=value")
+    return validate_tag(key, value)
+
+
+def validate_tags(tags: Iterable[Tag | str]) -> tuple[Tag, ...]:
+    """Accept (key, value) pairs or 'key=value' strings; sorted, without repeats."""
+    if isinstance(tags, str):
+        raise ValidationError(f"invalid tags {tags!r}: expected a list of key=value tags")
+    out: set[Tag] = set()
+    for tag in tags:
+        if isinstance(tag, str):
+            out.add(parse_tag(tag))
+        elif isinstance(tag, (tuple, list)) and len(tag) == 2:
+            out.add(validate_tag(tag[0], tag[1]))
+        else:
+            raise ValidationError(f"invalid tag {tag!r}: expected 'key=value' or (key, value)")
+    return tuple(sorted(out))
+
+
+# --- key fields ---------------------------------------------------------------------
+
+
+def validate_key_name(name: object, what: str = "key name") -> str | None:
+    """Optional display name (keys and devices): printable, 1-255 chars, no surrounding
+    whitespace. None means no name."""
+    if name is None:
+        return None
+    if not isinstance(name, str):
+        raise ValidationError(f"invalid {what} {name!r}: must be a string")
+    if not name or name != name.strip():
+        raise ValidationError(
+            f"invalid {what} {name!r}: must be non-empty without surrounding whitespace"
+        )
+    if len(name) > MAX_NAME_LEN:
+        raise ValidationError(
+            f"invalid {what} {name[:40]!r}...: longer than {MAX_NAME_LEN} characters"
+        )
+    if not name.isprintable():
+        raise ValidationError(f"invalid {what} {name!r}: contains non-printable characters")
+    return name
+
+
+def validate_description(description: object) -> str | None:
+    if description is None:
+        return None
+    if not isinstance(description, str):
+        raise ValidationError(f"invalid description {description!r}: must be a string")
+    if len(description) > MAX_DESCRIPTION_LEN:
+        raise ValidationError(
+            f"invalid description {description[:40]!r}...: "
+            f"longer than {MAX_DESCRIPTION_LEN} characters"
+        )
+    if "\x00" in description:
+        raise ValidationError(f"invalid description {description[:40]!r}: contains NUL")
+    return description
+
+
+def coerce_utc(when: object, what: str = "date") -> datetime | None:
+    """A tz-aware datetime or an ISO-8601 string with an offset/Z -> aware UTC datetime."""
+    if when is None:
+        return None
+    if isinstance(when, str):
+        try:
+            parsed = datetime.fromisoformat(when)
+        except ValueError:
+            raise ValidationError(f"invalid {what} {when!r}: not an ISO-8601 date") from None
+        when = parsed
+    if not isinstance(when, datetime):
+        raise ValidationError(f"invalid {what} {when!r}: expected a datetime or ISO-8601 string")
+    if when.tzinfo is None or when.utcoffset() is None:
+        raise ValidationError(
+            f"invalid {what} '{when.isoformat()}': needs a timezone (e.g. a trailing Z)"
+        )
+    return when.astimezone(UTC)
+
+
+E = TypeVar("E", bound=Enum)
+
+# Losant's names for the restriction modes, accepted alongside ours.
+_LOSANT_MODE_ALIASES = {"whitelist": "only", "blacklist": "except"}
+
+
+def _coerce_enum(enum: type[E], value: object, what: str) -> E:
+    if isinstance(value, enum):
+        return value
+    if isinstance(value, str):
+        try:
+            return enum(_LOSANT_MODE_ALIASES.get(value, value))
+        except ValueError:
+            pass
+    allowed = ", ".join(str(m.value) for m in enum)
+    raise ValidationError(f"invalid {what} {value!r}: must be one of {allowed}")
+
+
+def coerce_address_mode(value: object) -> AddressMode:
+    return _coerce_enum(AddressMode, value, "address mode")
+
+
+def coerce_topic_mode(value: object) -> TopicMode:
+    return _coerce_enum(TopicMode, value, "topic mode")
+
+
+def coerce_status(value: object) -> KeyStatus:
+    return _coerce_enum(KeyStatus, value, "status")
+
+
+# --- addresses ------------------------------------------------------------------------
+
+
+def validate_address(address: object) -> str:
+    """An IPv4/IPv6 address or CIDR -> normalised ``str(netaddr.IPNetwork)``.
+
+    A single address becomes a /32 (or /128). A CIDR with host bits set
+    ('10.0.0.1/8') is refused rather than silently widened or narrowed: the operator
+    meant either the host or the network, and we cannot tell which.
+    """
+    if not isinstance(address, str):
+        raise ValidationError(f"invalid address {address!r}: must be a string")
+    text = address.strip()
+    if not text:
+        raise ValidationError(f"invalid address {address!r}: empty")
+    ip_part, slash, prefix = text.partition("/")
+    try:
+        ip = netaddr.IPAddress(ip_part)
+    except (netaddr.AddrFormatError, ValueError, TypeError):
+        raise ValidationError(f"invalid address {address!r}: not an IPv4 or IPv6 address") from None
+    width = 32 if ip.version == 4 else 128
+    if slash and not (prefix.isdigit() and 0 <= int(prefix) <= width):
+        raise ValidationError(
+            f"invalid CIDR {address!r}: prefix length must be 0-{width} for IPv{ip.version}"
+        )
+    try:
+        network = netaddr.IPNetwork(text)
+    except (netaddr.AddrFormatError, ValueError, TypeError):
+        raise ValidationError(f"invalid CIDR {address!r}: not a valid network") from None
+    if network.ip != network.network:
+        raise ValidationError(
+            f"invalid CIDR {address!r}: host bits set (did you mean {network.cidr}?)"
+        )
+    return str(network)
+
+
+# --- MQTT topic filters -------------------------------------------------------------
+
+
+def validate_filter_syntax(topic_filter: object) -> str:
+    """MQTT 3.1.1 topic-filter syntax: UTF-8 encodable (no lone surrogates), 1-65535 bytes,
+    no NUL, '+' and '#' only as whole levels, '#' only as the last level."""
+    if not isinstance(topic_filter, str):
+        raise ValidationError(f"invalid topic filter {topic_filter!r}: must be a string")
+    shown = topic_filter if len(topic_filter) <= 60 else topic_filter[:60] + "..."
+    try:
+        encoded = topic_filter.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValidationError(
+            f"invalid topic filter {shown!r}: not valid UTF-8 (lone surrogate)"
+        ) from None
+    if not encoded:
+        raise ValidationError("invalid topic filter '': must not be empty")
+    if len(encoded) > MAX_FILTER_BYTES:
+        raise ValidationError(
+            f"invalid topic filter {shown!r}: {len(encoded)} bytes, "
+            f"longer than {MAX_FILTER_BYTES} bytes"
+        )
+    if "\x00" in topic_filter:
+        raise ValidationError(f"invalid topic filter {shown!r}: contains NUL")
+    levels = topic_filter.split("/")
+    for index, level in enumerate(levels):
+        if ("+" in level or "#" in level) and level not in ("+", "#"):
+            raise ValidationError(
+                f"invalid topic filter {shown!r}: wildcard inside level {level!r} "
+                "('+' and '#' must occupy a whole level)"
+            )
+        if level == "#" and index != len(levels) - 1:
+            raise ValidationError(f"invalid topic filter {shown!r}: '#' must be the last level")
+    return topic_filter
+
+
+def validate_custom_filter(topic_filter: object, device_prefix: str) -> str:
+    """A filter for a key's additional-topic lists: valid syntax, not a '$' system topic,
+    and not under the device prefix (device topics come only from the device restriction).
+
+    Wildcards at the first level ('#', '+/x') are allowed here; the broker never lets
+    them reach '$' or device topics it would not grant anyway.
+    """
+    checked = validate_filter_syntax(topic_filter)
+    if checked.startswith("$"):
+        raise ValidationError(
+            f"invalid topic filter {checked!r}: topics starting with '$' are reserved"
+        )
+    if checked.split("/", 1)[0] == device_prefix:
+        raise ValidationError(
+            f"invalid topic filter {checked!r}: lies under the device prefix "
+            f"'{device_prefix}/' (device topics come from the key's device restriction)"
+        )
+    return checked
