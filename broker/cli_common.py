@@ -106,7 +106,17 @@ def confirm_or_abort(prompt: str, yes: bool) -> None:
 
 
 def parse_tags(specs: Iterable[str]) -> tuple[Tag, ...]:
-    return tuple(parse_tag(spec) for spec in specs)
+    return tuple(parse_one_tag(spec) for spec in specs)
+
+
+def parse_one_tag(spec: str) -> Tag:
+    try:
+        return parse_tag(spec)
+    except ValidationError as exc:
+        if repr(spec) in str(exc):
+            raise
+        # e.g. "invalid tag key '': ..." does not say which argument it came from
+        raise ValidationError(f"invalid tag {spec!r}: {exc}") from None
 
 
 def as_utc(value: datetime | date) -> datetime:
