@@ -62,6 +62,28 @@ MIN_PREFIX_LEN = 8
 _HEX = frozenset("0123456789abcdef")
 
 
+# Scope of a restricted key: listed ids that exist, plus devices carrying a listed tag
+# pair. Both halves walk primary keys / the (key, value, device_id) covering index.
+SCOPE_SQL = """
+    SELECT d.id FROM key_devices kd JOIN devices d ON d.id = kd.device_id
+     WHERE kd.key = ?
+    UNION
+    SELECT dt.device_id FROM key_tags kt
+      JOIN device_tags dt ON dt.key = kt.tkey AND dt.value = kt.tvalue
+     WHERE kt.key = ?
+"""
+# One device against a restriction: its (few) tags are probed in key_tags by primary key.
+DEVICE_MATCH_SQL = """
+    SELECT EXISTS (
+        SELECT 1 FROM key_devices kd JOIN devices d ON d.id = kd.device_id
+         WHERE kd.key = ? AND kd.device_id = ?)
+     OR EXISTS (
+        SELECT 1 FROM device_tags dt
+          JOIN key_tags kt ON kt.key = ? AND kt.tkey = dt.key AND kt.tvalue = dt.value
+         WHERE dt.device_id = ?)
+"""
+
+
 class _Unset(Enum):
     UNSET = "UNSET"
 
@@ -520,35 +542,14 @@ class KeyStore:
         carrying any listed tag pair, as of now. Both halves are index lookups."""
         if key.all_devices:
             return None
-        rows = await self._fetchall(
-            """
-            SELECT d.id FROM key_devices kd JOIN devices d ON d.id = kd.device_id
-             WHERE kd.key = ?
-            UNION
-            SELECT dt.device_id FROM key_tags kt
-              JOIN device_tags dt ON dt.key = kt.tkey AND dt.value = kt.tvalue
-             WHERE kt.key = ?
-            """,
-            (key.key, key.key),
-        )
+        rows = await self._fetchall(SCOPE_SQL, (key.key, key.key))
         return frozenset(r[0] for r in rows)
 
     async def device_matches(self, key: AccessKey, device_id: str) -> bool:
         """Does this one existing device fall within the key's device restriction now?"""
         if key.all_devices:
             return await self.device_exists(device_id)
-        rows = await self._fetchall(
-            """
-            SELECT EXISTS (
-                SELECT 1 FROM key_devices kd JOIN devices d ON d.id = kd.device_id
-                 WHERE kd.key = ? AND kd.device_id = ?)
-             OR EXISTS (
-                SELECT 1 FROM device_tags dt
-                  JOIN key_tags kt ON kt.key = ? AND kt.tkey = dt.key AND kt.tvalue = dt.value
-                 WHERE dt.device_id = ?)
-            """,
-            (key.key, device_id, key.key, device_id),
-        )
+        rows = await self._fetchall(DEVICE_MATCH_SQL, (key.key, device_id, key.key, device_id))
         return bool(rows[0][0])
 
     async def mark_keys_used(self, keys: Iterable[str], when: datetime) -> None:
