@@ -131,12 +131,22 @@ def filter_within(inner: str, outer: str) -> bool:
     return levels_within(parse_filter(inner), parse_filter(outer))
 
 
+def _without_empty_parent(levels: Sequence[str]) -> Sequence[str]:
+    """An equivalent filter whose '#' never stands for the empty topic name.
+
+    ``#`` and ``/#`` would "match their parent", but that parent (no level / the single
+    empty level) is ``""``, which is not a valid topic name. So over valid topics ``#``
+    is ``+/#`` and ``/#`` is ``/+/#``; writing them so keeps the walks below exact.
+    """
+    if levels[-1] == HASH and (len(levels) == 1 or (len(levels) == 2 and levels[0] == "")):
+        return (*levels[:-1], PLUS, HASH)
+    return levels
+
+
 def levels_within(inner: Sequence[str], outer: Sequence[str]) -> bool:
     if inner[0][:1] == "$" and _is_wild(outer[0]):
         return False  # outer's wildcard first level does not reach $ topics
-    if len(inner) == 1 and inner[0] == HASH and tuple(outer) == (PLUS, HASH):
-        # '#' matches every topic of >= 1 level; so does '+/#' (no topic has 0 levels).
-        return True
+    inner = _without_empty_parent(inner)
     for index, outer_level in enumerate(outer):
         if outer_level == HASH:
             return True  # takes whatever inner has left, including nothing
@@ -170,8 +180,10 @@ def levels_overlap(a: Sequence[str], b: Sequence[str]) -> bool:
     if len(a) == len(b):
         return True
     longer = a if len(a) > len(b) else b
-    # The shorter one ends; the longer must accept that very topic: only '#' (parent).
-    return longer[min(len(a), len(b))] == HASH
+    shorter_depth = min(len(a), len(b))
+    # The shorter one ends; the longer must accept that very topic: only '#' (parent),
+    # and not when that topic would be the single empty level "" (not a topic name).
+    return longer[shorter_depth] == HASH and not (shorter_depth == 1 and longer[0] == "")
 
 
 def filter_intersection(a: str, b: str) -> str | None:
@@ -218,7 +230,9 @@ class _Node:
 
 
 _ABSORB = _Node()  # search state: a member's '#' has taken over (accepts any rest)
-_FRESH = "\x00fresh"  # search candidate: a level equal to no literal in sight (never valid)
+_FRESH = "\x00fresh"
+# (member node, filter index, topic depth, T still spelling the prefix, T == "" so far)
+_SearchState = tuple[_Node, int, int, bool, bool]  # search candidate: a level equal to no literal in sight (never valid)
 
 
 class FilterSet:
@@ -321,11 +335,9 @@ class FilterSet:
         A filter within the *union* of several members but within none of them alone is
         not covered; callers needing "entirely excluded" are thereby conservative.
         """
-        levels = parse_filter(topic_filter)
+        levels = _without_empty_parent(parse_filter(topic_filter))
         root = self._root
         dollar = levels[0][:1] == "$"
-        if levels == (HASH,) and root.plus is not None and root.plus.hash:
-            return True  # '#' within '+/#' (see levels_within)
         stack: list[tuple[_Node, int]] = [(root, 0)]
         while stack:
             node, index = stack.pop()
@@ -371,23 +383,25 @@ class FilterSet:
         """
         prefix_depth = len(prefix) if prefix is not None else 0
         filter_depth = len(levels)
-        # State: (member node, filter index, topic depth, still on prefix)
-        stack: list[tuple[_Node, int, int, bool]] = [(self._root, 0, 0, prefix is not None)]
-        seen: set[tuple[int, int, int, bool]] = set()
+        stack: list[_SearchState] = [(self._root, 0, 0, prefix is not None, False)]
+        seen: set[tuple[int, int, int, bool, bool]] = set()
         while stack:
-            node, f_index, depth, on_prefix = stack.pop()
+            node, f_index, depth, on_prefix, empty = stack.pop()
             if on_prefix and depth >= prefix_depth:
                 continue  # T is the prefix or lies under it
-            key = (id(node), f_index, depth, on_prefix)
+            key = (id(node), f_index, depth, on_prefix, empty)
             if key in seen:
                 continue
             seen.add(key)
             if node is not _ABSORB and node.hash:
-                stack.append((_ABSORB, f_index, depth, on_prefix))
+                stack.append((_ABSORB, f_index, depth, on_prefix, empty))
             filter_absorbs = f_index < filter_depth and levels[f_index] == HASH
             member_absorbs = node is _ABSORB
-            if depth >= 1 and (f_index == filter_depth or filter_absorbs) and (
-                member_absorbs or node.end or node.hash
+            if (
+                depth >= 1
+                and not empty  # "" is not a topic name
+                and (f_index == filter_depth or filter_absorbs)
+                and (member_absorbs or node.end or node.hash)
             ):
                 return True  # T can end here
             if filter_absorbs and member_absorbs:
@@ -410,13 +424,15 @@ class FilterSet:
                 next_on_prefix = (
                     on_prefix and value != _FRESH and value == prefix[depth]  # type: ignore[index]
                 )
+                next_empty = depth == 0 and value == ""
+                step = (next_f_index, depth + 1, next_on_prefix, next_empty)
                 if member_absorbs:
                     if not dollar:
-                        stack.append((_ABSORB, next_f_index, depth + 1, next_on_prefix))
+                        stack.append((_ABSORB, *step))
                     continue
                 child = node.children.get(value) if value != _FRESH else None
                 if child is not None:
-                    stack.append((child, next_f_index, depth + 1, next_on_prefix))
+                    stack.append((child, *step))
                 if node.plus is not None and not dollar:
-                    stack.append((node.plus, next_f_index, depth + 1, next_on_prefix))
+                    stack.append((node.plus, *step))
         return False

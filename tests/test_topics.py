@@ -223,6 +223,8 @@ def test_no_redos_on_deep_topics() -> None:
         ("#", "#", True),
         ("a/b/c", "a/b", False),
         ("a/b", "a/b/c", False),
+        ("/#", "/+/#", True),  # the parent of '/#' would be "", not a topic name
+        ("a/#", "a/+/#", False),
     ],
 )
 def test_filter_within_examples(inner: str, outer: str, expected: bool) -> None:
@@ -241,6 +243,8 @@ def test_filter_within_examples(inner: str, outer: str, expected: bool) -> None:
         ("a/b", "a/c", False),
         ("a/+/c", "a/b/#", True),
         ("/#", "+/a", True),
+        ("/#", "+", False),  # would share only "", which is not a topic name
+        ("/#", "#", True),
     ],
 )
 def test_filters_overlap_examples(a: str, b: str, expected: bool) -> None:
