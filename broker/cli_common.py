@@ -80,7 +80,7 @@ def run_store(action: Callable[[KeyStore], Awaitable[T]]) -> T:
 
     async def go() -> T:
         async with KeyStore.open(
-            settings.db_path, device_prefix=settings.device_prefix, max_keys=settings.max_keys
+            str(settings.db_path), device_prefix=settings.device_prefix, max_keys=settings.max_keys
         ) as ks:
             return await action(ks)
 
@@ -96,7 +96,9 @@ def confirm_or_abort(prompt: str, yes: bool) -> None:
     if yes:
         return
     if not stdin_is_interactive():
-        raise click.ClickException("confirmation needed and stdin is not a terminal: use --yes to confirm")
+        raise click.ClickException(
+            "confirmation needed and stdin is not a terminal: use --yes to confirm"
+        )
     try:
         confirmed = click.confirm(prompt, default=False)
     except click.Abort:
@@ -158,7 +160,9 @@ def address_restriction(
     return None
 
 
-def topic_mode_for_create(mode: str | None, pub: tuple[str, ...], sub: tuple[str, ...]) -> TopicMode:
+def topic_mode_for_create(
+    mode: str | None, pub: tuple[str, ...], sub: tuple[str, ...]
+) -> TopicMode:
     """--topics, defaulting to "only" when filters are given and to "none" otherwise."""
     if mode is not None:
         return TopicMode(mode)

@@ -102,7 +102,9 @@ def remove(device_ids: tuple[str, ...], yes: bool) -> None:
 @click.argument("device_id", metavar="ID")
 @click.option("--name", help="Key name (unique among keys).")
 @click.option("--json", "as_json", is_flag=True, help="Print the key and secret as JSON.")
-@click.option("--output", type=click.Path(dir_okay=False), help="Write key/secret to this new file (0600).")
+@click.option(
+    "--output", type=click.Path(dir_okay=False), help="Write key/secret to this new file (0600)."
+)
 def key(device_id: str, name: str | None, as_json: bool, output: str | None) -> None:
     """Create an access key scoped to device ID alone (no extra topics)."""
     with secret_file(output) as sink:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 
@@ -21,6 +22,7 @@ from keystore import UNSET, KeyStore
 from keystore.errors import ValidationError
 from keystore.models import AccessKey, KeyStatus, TopicMode
 
+F = TypeVar("F", bound=Callable[..., Any])
 TOPIC_MODES = click.Choice([m.value for m in TopicMode])
 
 
@@ -29,51 +31,83 @@ def keys() -> None:
     """Manage access keys (MQTT username = key, password = secret)."""
 
 
-def ip_options(update: bool) -> Any:
+def ip_options(update: bool) -> Callable[[F], F]:
     """--allow-ip / --deny-ip (and --any-ip on update): one decorator for both commands."""
 
-    def decorate(f: Any) -> Any:
+    def decorate(f: F) -> F:
         if update:
             f = click.option("--any-ip", is_flag=True, help="Lift the connection restriction.")(f)
         f = click.option(
-            "--deny-ip", "deny_ips", multiple=True, metavar="ADDR|CIDR",
+            "--deny-ip",
+            "deny_ips",
+            multiple=True,
+            metavar="ADDR|CIDR",
             help="Refuse connections from these addresses (repeatable).",
         )(f)
         return click.option(
-            "--allow-ip", "allow_ips", multiple=True, metavar="ADDR|CIDR",
+            "--allow-ip",
+            "allow_ips",
+            multiple=True,
+            metavar="ADDR|CIDR",
             help="Accept connections only from these addresses (repeatable).",
         )(f)
 
     return decorate
 
 
-def topic_options(f: Any) -> Any:
-    f = click.option("--sub", "sub", multiple=True, metavar="FILTER",
-                     help="Subscribe topic filter (repeatable).")(f)
-    f = click.option("--pub", "pub", multiple=True, metavar="FILTER",
-                     help="Publish topic filter (repeatable).")(f)
-    return click.option("--topics", type=TOPIC_MODES, default=None,
-                        help="Additional (non-device) topics: none, all, only or except the "
-                        "--pub/--sub filters.")(f)
+def topic_options(f: F) -> F:
+    f = click.option(
+        "--sub", "sub", multiple=True, metavar="FILTER", help="Subscribe topic filter (repeatable)."
+    )(f)
+    f = click.option(
+        "--pub", "pub", multiple=True, metavar="FILTER", help="Publish topic filter (repeatable)."
+    )(f)
+    return click.option(
+        "--topics",
+        type=TOPIC_MODES,
+        default=None,
+        help="Additional (non-device) topics: none, all, only or except the --pub/--sub filters.",
+    )(f)
 
 
 @keys.command("create")
 @click.option("--name", help="Key name (unique among keys).")
 @click.option("--description", help="Free text.")
-@click.option("--device", "device_ids", multiple=True, metavar="ID",
-              help="Restrict to this device (repeatable). Immutable after creation.")
-@click.option("--tag", "tags", multiple=True, metavar="K=V",
-              help="Restrict to devices with this tag (repeatable). Immutable after creation.")
+@click.option(
+    "--device",
+    "device_ids",
+    multiple=True,
+    metavar="ID",
+    help="Restrict to this device (repeatable). Immutable after creation.",
+)
+@click.option(
+    "--tag",
+    "tags",
+    multiple=True,
+    metavar="K=V",
+    help="Restrict to devices with this tag (repeatable). Immutable after creation.",
+)
 @ip_options(update=False)
 @topic_options
 @click.option("--expires", metavar="ISO-8601", help="Expiry date/time (naive = UTC).")
 @click.option("--json", "as_json", is_flag=True, help="Print the key document plus secret as JSON.")
-@click.option("--output", type=click.Path(dir_okay=False),
-              help="Write key/secret to this new file (mode 0600) instead of stdout.")
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False),
+    help="Write key/secret to this new file (mode 0600) instead of stdout.",
+)
 def create(
-    name: str | None, description: str | None, device_ids: tuple[str, ...], tags: tuple[str, ...],
-    allow_ips: tuple[str, ...], deny_ips: tuple[str, ...], topics: str | None,
-    pub: tuple[str, ...], sub: tuple[str, ...], expires: str | None, as_json: bool,
+    name: str | None,
+    description: str | None,
+    device_ids: tuple[str, ...],
+    tags: tuple[str, ...],
+    allow_ips: tuple[str, ...],
+    deny_ips: tuple[str, ...],
+    topics: str | None,
+    pub: tuple[str, ...],
+    sub: tuple[str, ...],
+    expires: str | None,
+    as_json: bool,
     output: str | None,
 ) -> None:
     """Create an access key; its secret is shown once.
@@ -109,8 +143,11 @@ def parse_query(text: str | None) -> Any:
 
 
 @keys.command("list")
-@click.option("--query", metavar="JSON",
-              help='Advanced query, e.g. \'{"status": "active", "name": {"$like": "gw-*"}}\'.')
+@click.option(
+    "--query",
+    metavar="JSON",
+    help='Advanced query, e.g. \'{"status": "active", "name": {"$like": "gw-*"}}\'.',
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array of key documents.")
 @click.option("--full", is_flag=True, help="Print whole keys, not their first 8 characters.")
 def list_(query: str | None, as_json: bool, full: bool) -> None:
@@ -148,8 +185,14 @@ def blank_is_none(value: str | None) -> Any:
 
 
 def update_changes(
-    name: str | None, description: str | None, address: Any, topics: str | None,
-    pub: tuple[str, ...], sub: tuple[str, ...], expires: str | None, no_expiry: bool,
+    name: str | None,
+    description: str | None,
+    address: Any,
+    topics: str | None,
+    pub: tuple[str, ...],
+    sub: tuple[str, ...],
+    expires: str | None,
+    no_expiry: bool,
 ) -> dict[str, Any]:
     if expires is not None and no_expiry:
         raise ValidationError("--expires and --no-expiry are mutually exclusive")
@@ -181,10 +224,20 @@ def update_changes(
 @click.option("--tag", "tags", multiple=True, hidden=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the updated key as JSON.")
 def update(
-    key: str, name: str | None, description: str | None, allow_ips: tuple[str, ...],
-    deny_ips: tuple[str, ...], any_ip: bool, topics: str | None, pub: tuple[str, ...],
-    sub: tuple[str, ...], expires: str | None, no_expiry: bool, device_ids: tuple[str, ...],
-    tags: tuple[str, ...], as_json: bool,
+    key: str,
+    name: str | None,
+    description: str | None,
+    allow_ips: tuple[str, ...],
+    deny_ips: tuple[str, ...],
+    any_ip: bool,
+    topics: str | None,
+    pub: tuple[str, ...],
+    sub: tuple[str, ...],
+    expires: str | None,
+    no_expiry: bool,
+    device_ids: tuple[str, ...],
+    tags: tuple[str, ...],
+    as_json: bool,
 ) -> None:
     """Change a key. Its device restriction cannot be changed: create a new key instead."""
     address = address_restriction(allow_ips, deny_ips, any_ip)
@@ -227,7 +280,9 @@ def delete(keys_: tuple[str, ...], yes: bool) -> None:
         return [await ks.get_key(k) for k in keys_]
 
     found = run_store(resolve)
-    names = ", ".join(f"{short_key(k.key)} ({k.name})" if k.name else short_key(k.key) for k in found)
+    names = ", ".join(
+        f"{short_key(k.key)} ({k.name})" if k.name else short_key(k.key) for k in found
+    )
     confirm_or_abort(f"Delete {len(found)} key(s): {names}?", yes)
     deleted = run_store(lambda ks: ks.delete_keys([k.key for k in found]))
     for k in deleted:

@@ -19,7 +19,7 @@ import click
 from broker.cli_common import short_key
 from keystore.models import AccessKey, Device, Tag, iso
 
-SECRET_NOTICE = "The secret is shown only this once and cannot be recovered: store it now."
+SECRET_NOTICE = "The secret is shown only this once and cannot be recovered: store it now."  # noqa: S105 - a notice, not a secret
 
 
 def echo_json(doc: Any) -> None:
@@ -27,7 +27,9 @@ def echo_json(doc: Any) -> None:
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
     lines = [headers, *rows]
     return "\n".join(
         "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
@@ -122,8 +124,13 @@ def key_details(key: AccessKey) -> str:
 def device_table(devices: Sequence[Device]) -> str:
     headers = ("ID", "NAME", "TAGS", "CONNECTED", "LAST SEEN")
     rows = [
-        (d.id, d.name or "-", ellipsize(tags_text(d.tags)) or "-", "yes" if d.connected else "no",
-         when(d.last_seen))
+        (
+            d.id,
+            d.name or "-",
+            ellipsize(tags_text(d.tags)) or "-",
+            "yes" if d.connected else "no",
+            when(d.last_seen),
+        )
         for d in devices
     ]
     return table(headers, rows)

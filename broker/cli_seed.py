@@ -1,7 +1,7 @@
 """`keybroker seed FILE`: devices and keys in bulk from a TOML or JSON file.
 
-The format is documented in config/seed.example.toml. Everything in the file is parsed
-and checked for shape before the first write; the library then validates values.
+The format is documented in config/seed.example.toml. The file's shape is checked before
+the first write; the library validates values, one batch (one transaction) at a time.
 Devices are upserted (idempotent); a key whose ``name`` already exists is skipped, so a
 re-run creates no duplicates; unnamed keys are created on every run. New secrets are
 written (JSON lines) as each batch is committed, so a later failure loses none of them.
@@ -10,6 +10,7 @@ written (JSON lines) as each batch is committed, so a later failure loses none o
 from __future__ import annotations
 
 import json
+import sys
 import tomllib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,8 +31,18 @@ BATCH = 5000
 PROGRESS_THRESHOLD = 1000
 DEVICE_FIELDS = frozenset({"id", "name", "tags"})
 KEY_FIELDS = frozenset(
-    {"name", "description", "devices", "tags", "allow_ips", "deny_ips", "topics", "pub", "sub",
-     "expires"}
+    {
+        "name",
+        "description",
+        "devices",
+        "tags",
+        "allow_ips",
+        "deny_ips",
+        "topics",
+        "pub",
+        "sub",
+        "expires",
+    }
 )
 DeviceRow = tuple[str, str | None, tuple[Tag, ...]]
 T = TypeVar("T")
@@ -45,7 +56,8 @@ class SeedPlan:
 
 @dataclass(slots=True)
 class SeedResult:
-    devices: int = 0
+    devices: int = 0  # in the file
+    changed: int = 0  # of those, created or changed
     created: int = 0
     skipped: list[str] = field(default_factory=list)
 
@@ -77,7 +89,9 @@ def read_seed(path: Path) -> dict[str, Any]:
     return doc
 
 
-def items(doc: dict[str, Any], section: str, allowed: frozenset[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+def items(
+    doc: dict[str, Any], section: str, allowed: frozenset[str]
+) -> Iterator[tuple[str, dict[str, Any]]]:
     raw = doc.get(section, [])
     if not isinstance(raw, list):
         raise ValidationError(f"seed {section}: expected a list of tables")
@@ -91,10 +105,10 @@ def items(doc: dict[str, Any], section: str, allowed: frozenset[str]) -> Iterato
         yield where, item
 
 
-def typed(where: str, item: dict[str, Any], name: str, kind: type[T], default: T) -> T:
-    value = item.get(name, default)
-    if value is not None and not isinstance(value, kind):
-        raise ValidationError(f"{where}: {name} must be a {kind.__name__}, not {value!r}")
+def optional_str(where: str, item: dict[str, Any], name: str) -> str | None:
+    value = item.get(name)
+    if value is not None and not isinstance(value, str):
+        raise ValidationError(f"{where}: {name} must be a string, not {value!r}")
     return value
 
 
@@ -114,7 +128,7 @@ def tag_pairs(where: str, value: Any) -> tuple[Tag, ...]:
             raise ValidationError(f"{where}: tags must be strings 'k=v', not {value!r}")
         return tuple(parse_tag(v) for v in value)
     if not isinstance(value, dict):
-        raise ValidationError(f"{where}: tags must be a table {{k = \"v\"}}, not {value!r}")
+        raise ValidationError(f'{where}: tags must be a table {{k = "v"}}, not {value!r}')
     pairs: list[Tag] = []
     for k, v in value.items():
         values = v if isinstance(v, list) else [v]
@@ -138,18 +152,18 @@ def device_row(where: str, item: dict[str, Any]) -> DeviceRow:
     device_id = item.get("id")
     if not isinstance(device_id, str):
         raise ValidationError(f"{where}: id is required and must be a string")
-    name = typed(where, item, "name", str, None)
+    name = optional_str(where, item, "name")
     return device_id, name, tag_pairs(where, item.get("tags", {}))
 
 
 def key_spec(where: str, item: dict[str, Any]) -> dict[str, Any]:
     pub, sub = str_list(where, item, "pub"), str_list(where, item, "sub")
-    topics = typed(where, item, "topics", str, None)
+    topics = optional_str(where, item, "topics")
     if topics is None:
         topics = "only" if (pub or sub) else "none"
     spec: dict[str, Any] = {
-        "name": typed(where, item, "name", str, None),
-        "description": typed(where, item, "description", str, None),
+        "name": optional_str(where, item, "name"),
+        "description": optional_str(where, item, "description"),
         "device_ids": str_list(where, item, "devices"),
         "device_tags": tag_pairs(where, item.get("tags", [])),
         "topic_mode": topics,
@@ -157,7 +171,9 @@ def key_spec(where: str, item: dict[str, Any]) -> dict[str, Any]:
         "sub_topics": sub,
         "expires_at": expiry(where, item.get("expires")),
     }
-    address = address_restriction(str_list(where, item, "allow_ips"), str_list(where, item, "deny_ips"))
+    address = address_restriction(
+        str_list(where, item, "allow_ips"), str_list(where, item, "deny_ips")
+    )
     if address is not None:
         spec["address_mode"], spec["addresses"] = address
     return spec
@@ -197,7 +213,7 @@ class BatchProgress:
         self.bar.update(n_steps)
         self.done += n_steps
         if not self.interactive and n_steps:
-            click.echo(f"  {self.done}/{self.total}", file=click.get_text_stream("stderr"))
+            click.echo(f"  {self.done}/{self.total}", err=True)
 
 
 def batches(rows: Sequence[T], size: int = BATCH) -> Iterator[Sequence[T]]:
@@ -210,7 +226,8 @@ async def apply_seed(
 ) -> SeedResult:
     result = SeedResult()
     for rows in batches(plan.devices):
-        result.devices += await ks.upsert_devices(rows)
+        result.devices += len(rows)
+        result.changed += await ks.upsert_devices(rows)
         progress.update(len(rows))
     existing = {k.name for k in await ks.list_keys(None) if k.name is not None}
     todo = []
@@ -233,26 +250,30 @@ async def apply_seed(
 
 
 def report(result: SeedResult, sink: SecretSink | None) -> None:
-    err = click.get_text_stream("stderr")
-    click.echo(f"devices upserted: {result.devices}", file=err)
-    click.echo(f"keys created: {result.created}", file=err)
+    click.echo(
+        f"devices: {result.devices}, of which created or changed: {result.changed}", err=True
+    )
+    click.echo(f"keys created: {result.created}", err=True)
     if result.skipped:
         shown = ", ".join(repr(n) for n in result.skipped[:10])
         more = f" and {len(result.skipped) - 10} more" if len(result.skipped) > 10 else ""
         click.echo(
             f"keys skipped (a key with that name already exists): {len(result.skipped)}: "
             f"{shown}{more}",
-            file=err,
+            err=True,
         )
     if result.created:
         where = f"written to {sink.path} (mode 0600)" if sink else "printed above (JSON lines)"
-        click.echo(f"new secrets {where}. {SECRET_NOTICE}", file=err)
+        click.echo(f"new secrets {where}. {SECRET_NOTICE}", err=True)
 
 
 @click.command("seed")
 @click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--output", type=click.Path(dir_okay=False),
-              help="Write new secrets to this new file (mode 0600, JSON lines) instead of stdout.")
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False),
+    help="Write new secrets to this new file (mode 0600, JSON lines) instead of stdout.",
+)
 def seed(file: Path, output: str | None) -> None:
     """Create devices and keys in bulk from a TOML or JSON FILE (see config/seed.example.toml).
 
@@ -264,9 +285,8 @@ def seed(file: Path, output: str | None) -> None:
     with secret_file(output) as sink:
         if total > PROGRESS_THRESHOLD:
             label = f"seeding {len(plan.devices)} devices, {len(plan.keys)} keys"
-            err = click.get_text_stream("stderr")
-            with click.progressbar(length=total, label=label, file=err) as bar:
-                progress = BatchProgress(bar, total, interactive=err.isatty())
+            with click.progressbar(length=total, label=label, file=sys.stderr) as bar:
+                progress = BatchProgress(bar, total, interactive=sys.stderr.isatty())
                 result = run_store(lambda ks: apply_seed(ks, plan, sink, progress))
         else:
             result = run_store(lambda ks: apply_seed(ks, plan, sink, NoProgress()))

@@ -96,12 +96,19 @@ def test_db_parent_is_created_and_env_var_is_honoured(
 def test_subprocess_console_entry_point(db: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "KEYBROKER_DB"}
     cmd = [sys.executable, "-m", "broker.cli", "--db", str(db)]
-    run = subprocess.run([*cmd, "keys", "create", "--json", "--name", "sub"],
-                         capture_output=True, text=True, env=env, timeout=60, check=True)
+    run = subprocess.run(  # noqa: S603 - our own interpreter and arguments
+        [*cmd, "keys", "create", "--json", "--name", "sub"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=True,
+    )
     doc = json.loads(run.stdout)
     assert doc["name"] == "sub" and len(doc["secret"]) >= 43
-    bad = subprocess.run([*cmd, "keys", "show", "0000000000"], capture_output=True, text=True,
-                         env=env, timeout=60)
+    bad = subprocess.run(  # noqa: S603 - our own interpreter and arguments
+        [*cmd, "keys", "show", "0000000000"], capture_output=True, text=True, env=env, timeout=60
+    )
     assert bad.returncode != 0
     assert "Traceback" not in bad.stderr
     assert bad.stderr.startswith("Error: ") and len(bad.stderr.strip().splitlines()) == 1
@@ -119,7 +126,9 @@ def test_devices_lifecycle(cli: Invoke, fleet: None) -> None:
 
     doc = as_json(cli("devices", "tag", "s-1", "line=a", "line=b", "--json"))
     assert {(t["key"], t["value"]) for t in doc["tags"]} == {
-        ("site", "lyon"), ("line", "a"), ("line", "b")
+        ("site", "lyon"),
+        ("line", "a"),
+        ("line", "b"),
     }
     doc = as_json(cli("devices", "untag", "s-1", "line", "--json"))
     assert doc["tags"] == [{"key": "site", "value": "lyon"}]
@@ -150,10 +159,27 @@ def test_device_key_is_scoped_to_that_device(cli: Invoke, fleet: None) -> None:
 
 def test_create_with_every_option(cli: Invoke, fleet: None) -> None:
     doc = create(
-        cli, "--name", "fleet", "--description", "Lyon fleet", "--device", "s-2",
-        "--tag", "site=lyon", "--allow-ip", "10.0.0.0/8", "--allow-ip", "2001:db8::1",
-        "--topics", "only", "--pub", "plant/+/telemetry", "--sub", "plant/#",
-        "--expires", "2031-05-01T12:00:00+02:00",
+        cli,
+        "--name",
+        "fleet",
+        "--description",
+        "Lyon fleet",
+        "--device",
+        "s-2",
+        "--tag",
+        "site=lyon",
+        "--allow-ip",
+        "10.0.0.0/8",
+        "--allow-ip",
+        "2001:db8::1",
+        "--topics",
+        "only",
+        "--pub",
+        "plant/+/telemetry",
+        "--sub",
+        "plant/#",
+        "--expires",
+        "2031-05-01T12:00:00+02:00",
     )
     assert len(doc["key"]) >= 32 and len(doc["secret"]) >= 43
     assert doc["name"] == "fleet" and doc["description"] == "Lyon fleet"
@@ -180,9 +206,13 @@ def test_secret_is_shown_once_and_stored_nowhere(cli: Invoke, db: Path, fleet: N
     key = text.split("key:")[1].split()[0]
     assert "shown only this once" in text and "cannot be recovered" in text
     for args in (
-        ("keys", "list"), ("keys", "list", "--full"), ("keys", "list", "--json"),
-        ("keys", "show", key), ("keys", "show", key, "--json"),
-        ("keys", "update", key, "--description", "x"), ("keys", "deactivate", key),
+        ("keys", "list"),
+        ("keys", "list", "--full"),
+        ("keys", "list", "--json"),
+        ("keys", "show", key),
+        ("keys", "show", key, "--json"),
+        ("keys", "update", key, "--description", "x"),
+        ("keys", "deactivate", key),
     ):
         out = ok(cli(*args)).output
         assert secret not in out
@@ -201,7 +231,7 @@ def test_list_table_shows_short_keys_unless_full(cli: Invoke, fleet: None) -> No
     assert "site=lyon" in table and "except" in table and "never" in table
     assert key in ok(cli("keys", "list", "--full")).output
     shown = ok(cli("keys", "show", key[:8])).output
-    assert f"key:" in shown and key in shown and "10.0.0.1" in shown
+    assert "key:" in shown and key in shown and "10.0.0.1" in shown
 
 
 def test_output_file_is_private_and_never_overwritten(
@@ -260,7 +290,9 @@ def test_bad_input_is_one_clear_line(cli: Invoke, args: tuple[str, ...], needle:
     assert as_json(cli("keys", "list", "--json")) == []  # nothing written
 
 
-def test_unreadable_config_is_a_clean_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unreadable_config_is_a_clean_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("KEYBROKER_DB", raising=False)
     monkeypatch.setenv("KEYBROKER_CONFIG", str(tmp_path / "missing.toml"))
     fails(CliRunner().invoke(main, ["keys", "list"]), "missing.toml")
@@ -286,12 +318,22 @@ def test_update_each_field(cli: Invoke, fleet: None) -> None:
     doc = update("--any-ip")
     assert (doc["addressFilterType"], doc["addresses"]) == ("all", [])
     doc = update("--topics", "except", "--pub", "a/#", "--sub", "b/+")
-    assert (doc["filterType"], doc["pubTopics"], doc["subTopics"]) == ("blacklist", ["a/#"], ["b/+"])
+    assert (doc["filterType"], doc["pubTopics"], doc["subTopics"]) == (
+        "blacklist",
+        ["a/#"],
+        ["b/+"],
+    )
     doc = update("--sub", "c/d")
-    assert (doc["filterType"], doc["pubTopics"], doc["subTopics"]) == ("blacklist", ["a/#"], ["c/d"])
+    assert (doc["filterType"], doc["pubTopics"], doc["subTopics"]) == (
+        "blacklist",
+        ["a/#"],
+        ["c/d"],
+    )
     doc = update("--topics", "all")
     assert (doc["filterType"], doc["pubTopics"], doc["subTopics"]) == ("all", [], [])
-    assert update("--expires", "2032-02-03T04:05:06Z")["expirationDate"] == "2032-02-03T04:05:06.000Z"
+    assert (
+        update("--expires", "2032-02-03T04:05:06Z")["expirationDate"] == "2032-02-03T04:05:06.000Z"
+    )
     assert update("--no-expiry")["expirationDate"] is None
     doc = update("--name", "", "--description", "")
     assert doc["name"] is None and doc["description"] is None
@@ -363,8 +405,13 @@ def test_list_query_operators(cli: Invoke, fleet: None) -> None:
     create(cli, "--name", "gw-a", "--device", "gw-1")
     create(cli, "--name", "gw-b", "--tag", "site=lyon", "--topics", "all")
     create(cli, "--name", "ops", "--deny-ip", "10.0.0.0/8")
-    ok(cli("keys", "deactivate", as_json(cli("keys", "list", "--json",
-                                              "--query", '{"name": "ops"}'))[0]["key"]))
+    ok(
+        cli(
+            "keys",
+            "deactivate",
+            as_json(cli("keys", "list", "--json", "--query", '{"name": "ops"}'))[0]["key"],
+        )
+    )
 
     def names(query: dict[str, Any]) -> list[str]:
         docs = as_json(cli("keys", "list", "--json", "--query", json.dumps(query)))
@@ -375,7 +422,8 @@ def test_list_query_operators(cli: Invoke, fleet: None) -> None:
     assert names({"status": {"$ne": "active"}}) == ["ops"]
     assert names({"name": {"$in": ["ops", "gw-a"]}}) == ["gw-a", "ops"]
     assert names({"$or": [{"deviceIds": "gw-1"}, {"addressFilterType": "blacklist"}]}) == [
-        "gw-a", "ops"
+        "gw-a",
+        "ops",
     ]
     assert names({"$nor": [{"name": "ops"}]}) == ["gw-a", "gw-b"]
     assert "gw-b" in ok(cli("keys", "list", "--query", '{"name": "gw-b"}')).output
