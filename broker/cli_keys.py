@@ -17,7 +17,14 @@ from broker.cli_common import (
     short_key,
     topic_mode_for_create,
 )
-from broker.cli_output import echo_json, key_details, key_table, report_created, secret_file
+from broker.cli_output import (
+    echo_json,
+    key_details,
+    key_table,
+    report_created,
+    secret_file,
+    warn_if_expired,
+)
 from keystore import UNSET, KeyStore
 from keystore.errors import ValidationError
 from keystore.models import AccessKey, KeyStatus, TopicMode
@@ -247,7 +254,9 @@ def update(
         changes["device_ids"], changes["device_tags"] = device_ids, parse_tags(tags)
     if not changes:
         raise click.UsageError("nothing to update: give at least one option")
-    print_key(run_store(lambda ks: ks.update_key(key, **changes)), as_json)
+    updated = run_store(lambda ks: ks.update_key(key, **changes))
+    warn_if_expired(updated)
+    print_key(updated, as_json)
 
 
 def set_status(keys_: tuple[str, ...], status: KeyStatus) -> None:

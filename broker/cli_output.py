@@ -195,8 +195,18 @@ def secret_file(path: str | None) -> Iterator[SecretSink | None]:
             os.unlink(path)
 
 
+def warn_if_expired(key: AccessKey) -> None:
+    if key.is_expired(datetime.now(UTC)):
+        click.echo(
+            f"warning: key {short_key(key.key)} expired at {iso(key.expires_at)}: "
+            "it authenticates nothing until its expiry is moved (keys update --expires)",
+            err=True,
+        )
+
+
 def report_created(key: AccessKey, secret: str, as_json: bool, sink: SecretSink | None) -> None:
     """Print a new key; its secret goes to ``sink`` when given, else to stdout (once)."""
+    warn_if_expired(key)
     if sink is not None:
         sink.write({"key": key.key, "secret": secret})
         if as_json:

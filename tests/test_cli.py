@@ -200,6 +200,14 @@ def test_create_with_every_option(cli: Invoke, fleet: None) -> None:
     assert plain["expirationDate"] == "2031-01-02T00:00:00.000Z"  # a date, naive = UTC
 
 
+def test_expired_expiry_is_accepted_with_a_warning(cli: Invoke) -> None:
+    result = ok(cli("keys", "create", "--json", "--expires", "2001-01-01T00:00"))
+    assert "warning" in result.stderr and "expired" in result.stderr
+    key = json.loads(result.stdout)["key"]
+    assert "expired" in ok(cli("keys", "show", key)).output
+    assert "warning" not in ok(cli("keys", "update", key, "--expires", "2999-01-01")).stderr
+
+
 def test_secret_is_shown_once_and_stored_nowhere(cli: Invoke, db: Path, fleet: None) -> None:
     text = ok(cli("keys", "create", "--name", "once", "--device", "s-1")).output
     secret = text.split("secret:")[1].split()[0]
