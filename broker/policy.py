@@ -232,11 +232,11 @@ def _custom_subscribe(
     policy: SessionPolicy, topic_filter: str, levels: tuple[str, ...]
 ) -> Decision:
     """Can the filter match a readable custom topic? (not '$', not under P, by mode)"""
+    if not _reaches_custom(policy, levels):
+        return DENY_DEVICE_PREFIX
     mode = policy.topic_mode
     if mode is TopicMode.NONE:
         return DENY_MODE_NONE
-    if not _reaches_custom(policy, levels):
-        return DENY_DEVICE_PREFIX
     if mode is TopicMode.ALL:
         return ALLOW_CUSTOM_ALL
     if mode is TopicMode.ONLY:
