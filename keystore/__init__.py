@@ -1,7 +1,7 @@
 """keybroker's keystore: devices and access keys in one SQLite file (no MQTT here).
 
-    async with KeyStore.open(path) as ks:
-        key, secret = await ks.create_key(device_tags=["floor=1"])
+async with KeyStore.open(path) as ks:
+    key, secret = await ks.create_key(device_tags=["floor=1"])
 """
 
 from keystore.errors import (

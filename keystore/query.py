@@ -38,6 +38,10 @@ unlike LIKE, is case-sensitive like $eq), with the user's text escaped so that `
 ``?`` and ``[`` in a $startsWith/$endsWith/$contains value are literal characters.
 """
 
+# SQL text in this module is assembled only from constants, whitelisted names and
+# '?' placeholder counts; every value is a bound parameter.
+# ruff: noqa: S608
+
 from __future__ import annotations
 
 import json
@@ -70,10 +74,21 @@ class _Field:
 _TEXT_OPS = ALL_OPERATORS
 _EQ_SET = ("$eq", "$ne", "$in", "$nin")
 _DATE_OPS = (*_COMPARE, *_SET)
-_TOPIC_MODES = {"all": "all", "none": "none", "whitelist": "only", "blacklist": "except",
-                "only": "only", "except": "except"}
-_ADDRESS_MODES = {"all": "all", "whitelist": "only", "blacklist": "except",
-                  "only": "only", "except": "except"}
+_TOPIC_MODES = {
+    "all": "all",
+    "none": "none",
+    "whitelist": "only",
+    "blacklist": "except",
+    "only": "only",
+    "except": "except",
+}
+_ADDRESS_MODES = {
+    "all": "all",
+    "whitelist": "only",
+    "blacklist": "except",
+    "only": "only",
+    "except": "except",
+}
 
 FIELDS: dict[str, _Field] = {
     "key": _Field("text", "k.key", _TEXT_OPS),
@@ -173,12 +188,18 @@ def _condition(name: str, field: _Field, op: str, operand: Any, params: list[Any
 
 
 def _scalar_condition(
-    column: str, op: str, operand: Any, encode: Callable[[Any, str], Any], name: str,
+    column: str,
+    op: str,
+    operand: Any,
+    encode: Callable[[Any, str], Any],
+    name: str,
     params: list[Any],
 ) -> str:
     if op in _SET:
         if not isinstance(operand, list):
-            raise ValidationError(f"invalid {op} value {_show(operand)} for {name!r}: expected a list")
+            raise ValidationError(
+                f"invalid {op} value {_show(operand)} for {name!r}: expected a list"
+            )
         values = [encode(v, op) for v in operand if v is not None]
         tests = []
         if values:
@@ -213,7 +234,9 @@ def _list_condition(name: str, field: _Field, op: str, operand: Any, params: lis
 
     if positive in _SET:
         if not isinstance(operand, list):
-            raise ValidationError(f"invalid {op} value {_show(operand)} for {name!r}: expected a list")
+            raise ValidationError(
+                f"invalid {op} value {_show(operand)} for {name!r}: expected a list"
+            )
     elif operand is None:
         raise ValidationError(f"invalid {op} value null for list field {name!r}")
     inner = _scalar_condition("v", positive, operand, element, name, params)
@@ -230,7 +253,9 @@ def _encoder(name: str, field: _Field) -> Callable[[Any, str], Any]:
 
         def boolean(v: Any, op: str) -> int:
             if not isinstance(v, bool):
-                raise ValidationError(f"invalid {op} value {_show(v)} for {name!r}: expected true or false")
+                raise ValidationError(
+                    f"invalid {op} value {_show(v)} for {name!r}: expected true or false"
+                )
             return int(v)
 
         return boolean
@@ -273,7 +298,9 @@ def _glob(op: str, text: str) -> str:
     if op == "$like":
         return text.replace("[", "[[]")  # only * and ? are wildcards in our $like
     literal = "".join(f"[{c}]" if c in "*?[" else c for c in text)
-    return {"$startsWith": f"{literal}*", "$endsWith": f"*{literal}", "$contains": f"*{literal}*"}[op]
+    return {"$startsWith": f"{literal}*", "$endsWith": f"*{literal}", "$contains": f"*{literal}*"}[
+        op
+    ]
 
 
 def _show(value: Any) -> str:

@@ -6,11 +6,16 @@ connection: without it, one coroutine's statements could run inside another's op
 transaction.
 """
 
+# SQL text in this module is assembled only from constants, whitelisted names and
+# '?' placeholder counts; every value is a bound parameter.
+# ruff: noqa: S608
+
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import os
+import re
 from collections.abc import AsyncIterator, Generator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -20,7 +25,7 @@ from typing import Any, Literal, Self
 
 import aiosqlite
 
-from keystore import credentials
+from keystore import credentials, statements
 from keystore.db import (
     DEVICE_COLUMNS,
     KEY_COLUMNS,
@@ -43,6 +48,7 @@ from keystore.keyspec import (
 from keystore.migrations import migrate
 from keystore.models import AccessKey, AddressMode, Device, KeyStatus, Tag, TopicMode
 from keystore.query import compile_query
+from keystore.statements import DEVICE_MATCH_SQL, MIN_PREFIX_LEN, SCOPE_SQL
 from keystore.validation import (
     coerce_address_mode,
     coerce_status,
@@ -58,30 +64,8 @@ from keystore.validation import (
 
 log = logging.getLogger(__name__)
 
-MIN_PREFIX_LEN = 8
-_HEX = frozenset("0123456789abcdef")
-
-
-# Scope of a restricted key: listed ids that exist, plus devices carrying a listed tag
-# pair. Both halves walk primary keys / the (key, value, device_id) covering index.
-SCOPE_SQL = """
-    SELECT d.id FROM key_devices kd JOIN devices d ON d.id = kd.device_id
-     WHERE kd.key = ?
-    UNION
-    SELECT dt.device_id FROM key_tags kt
-      JOIN device_tags dt ON dt.key = kt.tkey AND dt.value = kt.tvalue
-     WHERE kt.key = ?
-"""
-# One device against a restriction: its (few) tags are probed in key_tags by primary key.
-DEVICE_MATCH_SQL = """
-    SELECT EXISTS (
-        SELECT 1 FROM key_devices kd JOIN devices d ON d.id = kd.device_id
-         WHERE kd.key = ? AND kd.device_id = ?)
-     OR EXISTS (
-        SELECT 1 FROM device_tags dt
-          JOIN key_tags kt ON kt.key = ? AND kt.tkey = dt.key AND kt.tvalue = dt.value
-         WHERE dt.device_id = ?)
-"""
+# The device prefix is the first level of every device topic: one literal level.
+_PREFIX_LEVEL = re.compile(r"[^$/+#\x00][^/+#\x00]*")
 
 
 class _Unset(Enum):
@@ -113,6 +97,11 @@ class _Opener:
         path, device_prefix, max_keys = self._args
         if not isinstance(max_keys, int) or max_keys < 0:
             raise ValidationError(f"invalid max_keys {max_keys!r}: must be 0 (no limit) or more")
+        if not device_prefix or not _PREFIX_LEVEL.fullmatch(device_prefix):
+            raise ValidationError(
+                f"invalid device prefix {device_prefix!r}: must be one topic level "
+                "(no '/', '+', '#', NUL) not starting with '$'"
+            )
         conn = await connect(path)
         try:
             await migrate(conn, path)
@@ -129,7 +118,9 @@ class _Opener:
         return self._store
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         if self._store is not None:
@@ -142,14 +133,20 @@ class KeyStore:
         self.device_prefix = device_prefix
         self.max_keys = max_keys
         self._lock = asyncio.Lock()
+        self._closed = False
 
     @classmethod
-    def open(cls, path: str, *, device_prefix: str = "losant", max_keys: int = 0) -> _Opener:
-        return _Opener(str(path), device_prefix, max_keys)
+    def open(
+        cls, path: str | os.PathLike[str], *, device_prefix: str = "losant", max_keys: int = 0
+    ) -> _Opener:
+        """Open (creating and migrating if needed) the keystore file at `path`."""
+        return _Opener(os.fspath(path), device_prefix, max_keys)
 
     async def close(self) -> None:
         async with self._lock:
-            await self._conn.close()
+            if not self._closed:
+                self._closed = True
+                await self._conn.close()
 
     async def __aenter__(self) -> Self:
         return self
@@ -204,7 +201,7 @@ class KeyStore:
         pairs = validate_tags(tags)
         now = now_micros()
         async with self._write() as conn:
-            if await _device_exists(conn, device_id):
+            if await statements.device_exists(conn, device_id):
                 raise ConflictError(f"device {device_id!r} already exists")
             await conn.execute(
                 "INSERT INTO devices (id, name, created_at, updated_at) VALUES (?, ?, ?, ?)",
@@ -214,9 +211,11 @@ class KeyStore:
                 "INSERT INTO device_tags (device_id, key, value) VALUES (?, ?, ?)",
                 [(device_id, k, v) for k, v in pairs],
             )
-            return await _load_device(conn, device_id)
+            return await statements.load_device(conn, device_id)
 
-    async def upsert_devices(self, items: Iterable[tuple[str, str | None, Iterable[Tag | str]]]) -> int:
+    async def upsert_devices(
+        self, items: Iterable[tuple[str, str | None, Iterable[Tag | str]]]
+    ) -> int:
         """Insert new devices and bring existing ones to the given name and tag set.
         Idempotent: re-running the same seed changes nothing. Returns how many devices
         were created or changed."""
@@ -239,13 +238,13 @@ class KeyStore:
         touched = 0
         async with self._write() as conn:
             for batch in chunks(list(wanted), 20_000):
-                touched += await _upsert_batch(conn, batch, wanted, now)
+                touched += await statements.upsert_batch(conn, batch, wanted, now)
         log.info("upserted %d devices (%d created or changed)", len(wanted), touched)
         return touched
 
     async def get_device(self, device_id: str) -> Device:
         async with self._lock:
-            return await _load_device(self._conn, device_id)
+            return await statements.load_device(self._conn, device_id)
 
     async def list_devices(self) -> list[Device]:
         rows = await self._fetchall(f"SELECT {DEVICE_COLUMNS} FROM devices d ORDER BY d.id")
@@ -254,15 +253,15 @@ class KeyStore:
     async def tag_device(self, device_id: str, tags: Iterable[Tag | str]) -> Device:
         pairs = validate_tags(tags)
         async with self._write() as conn:
-            before = await _load_device(conn, device_id)
+            before = await statements.load_device(conn, device_id)
             added = [p for p in pairs if p not in before.tags]
             if added:
                 await conn.executemany(
                     "INSERT INTO device_tags (device_id, key, value) VALUES (?, ?, ?)",
                     [(before.id, k, v) for k, v in added],
                 )
-                await _touch_device(conn, before.id)
-            return await _load_device(conn, before.id)
+                await statements.touch_device(conn, before.id)
+            return await statements.load_device(conn, before.id)
 
     async def untag_device(self, device_id: str, specs: Iterable[str]) -> Device:
         """'k=v' removes that pair, 'k' every value of k. A spec matching none of the
@@ -276,10 +275,14 @@ class KeyStore:
                 k, _ = parse_tag(f"{spec}=x")  # validate the key alone
                 parsed.append((k, None, spec))
         async with self._write() as conn:
-            before = await _load_device(conn, device_id)
+            before = await statements.load_device(conn, device_id)
             doomed: set[Tag] = set()
-            for k, v, spec in parsed:
-                hits = {t for t in before.tags if t[0] == k and (v is None or t[1] == v)}
+            for tag_key, tag_value, spec in parsed:
+                hits = {
+                    t
+                    for t in before.tags
+                    if t[0] == tag_key and (tag_value is None or t[1] == tag_value)
+                }
                 if not hits:
                     raise NotFoundError(f"device {before.id!r} has no tag matching {spec!r}")
                 doomed |= hits
@@ -288,13 +291,13 @@ class KeyStore:
                     "DELETE FROM device_tags WHERE device_id = ? AND key = ? AND value = ?",
                     [(before.id, k, v) for k, v in doomed],
                 )
-                await _touch_device(conn, before.id)
-            return await _load_device(conn, before.id)
+                await statements.touch_device(conn, before.id)
+            return await statements.load_device(conn, before.id)
 
     async def remove_devices(self, ids: Iterable[str]) -> list[str]:
         wanted = dedupe(_as_str_list(ids, "device ids"))
         async with self._write() as conn:
-            missing = await _missing_devices(conn, wanted)
+            missing = await statements.missing_devices(conn, wanted)
             if missing:
                 raise NotFoundError(f"no device {missing[0]!r} (nothing removed)")
             for batch in chunks(wanted):
@@ -306,13 +309,13 @@ class KeyStore:
 
     async def device_exists(self, device_id: str) -> bool:
         async with self._lock:
-            return await _device_exists(self._conn, device_id)
+            return await statements.device_exists(self._conn, device_id)
 
     async def existing_device_ids(self, ids: Iterable[str]) -> frozenset[str]:
         """Which of these ids are registered devices (batched; for the broker's polling)."""
         wanted = dedupe(ids)
         async with self._read() as conn:
-            missing = set(await _missing_devices(conn, wanted))
+            missing = set(await statements.missing_devices(conn, wanted))
         return frozenset(d for d in wanted if d not in missing)
 
     async def count_devices(self) -> int:
@@ -373,7 +376,9 @@ class KeyStore:
         minted = [(credentials.new_key(), credentials.new_secret()) for _ in validated]
         async with self._write() as conn:
             await self._check_key_limit(conn, len(validated))
-            missing = await _missing_devices(conn, dedupe(d for s in validated for d in s.device_ids))
+            missing = await statements.missing_devices(
+                conn, dedupe(d for s in validated for d in s.device_ids)
+            )
             if missing:
                 raise ValidationError(f"unknown device id {missing[0]!r} in key device restriction")
             for batch in chunks(names):
@@ -383,15 +388,15 @@ class KeyStore:
                 )
                 for (taken,) in rows:
                     raise ConflictError(f"key name {taken!r} is already used by another key")
-            await _insert_keys(conn, validated, minted, now)
-            loaded = await _load_keys(conn, [k for k, _ in minted])
+            await statements.insert_keys(conn, validated, minted, now)
+            loaded = await statements.load_keys(conn, [k for k, _ in minted])
         log.info("created %d access keys", len(minted))
         return [(loaded[key], secret) for key, secret in minted]
 
     async def _check_key_limit(self, conn: aiosqlite.Connection, adding: int) -> None:
         if not self.max_keys:
             return
-        existing = await _count(conn, "SELECT count(*) FROM access_keys")
+        existing = await statements.count(conn, "SELECT count(*) FROM access_keys")
         if existing + adding > self.max_keys:
             raise LimitError(
                 f"key limit of {self.max_keys} reached: {existing} keys exist, "
@@ -404,8 +409,8 @@ class KeyStore:
         """The key with this id, or the only key whose id starts with this prefix
         (at least 8 characters)."""
         async with self._read() as conn:
-            key = await _resolve_key(conn, key_or_prefix)
-            return (await _load_keys(conn, [key]))[key]
+            key = await statements.resolve_key(conn, key_or_prefix)
+            return (await statements.load_keys(conn, [key]))[key]
 
     async def get_key_by_name(self, name: str) -> AccessKey | None:
         rows = await self._fetchall(
@@ -416,7 +421,7 @@ class KeyStore:
     async def keys_by_id(self, keys: Iterable[str]) -> dict[str, AccessKey]:
         """Batch lookup by full key id; missing keys are simply absent (broker polling)."""
         async with self._read() as conn:
-            return await _load_keys(conn, dedupe(keys))
+            return await statements.load_keys(conn, dedupe(keys))
 
     async def list_keys(self, query: Mapping[str, Any] | str | None = None) -> list[AccessKey]:
         """Keys matching a Losant-style advanced query (see keystore.query)."""
@@ -465,18 +470,22 @@ class KeyStore:
         if topic_mode is not UNSET:
             changes["topic_mode"] = coerce_topic_mode(topic_mode)
         if pub_topics is not UNSET:
-            changes["pub_topics"] = validate_topic_list(pub_topics, "pub topics", self.device_prefix)
+            changes["pub_topics"] = validate_topic_list(
+                pub_topics, "pub topics", self.device_prefix
+            )
         if sub_topics is not UNSET:
-            changes["sub_topics"] = validate_topic_list(sub_topics, "sub topics", self.device_prefix)
+            changes["sub_topics"] = validate_topic_list(
+                sub_topics, "sub topics", self.device_prefix
+            )
         restriction = (device_ids, device_tags, all_devices)
         async with self._write() as conn:
-            key = await _resolve_key(conn, key_or_prefix)
+            key = await statements.resolve_key(conn, key_or_prefix)
             if any(v is not UNSET for v in restriction):
                 raise ConflictError(
                     f"device restriction of key {short(key)} cannot be changed after "
                     "creation; create a new key"
                 )
-            current = (await _load_keys(conn, [key]))[key]
+            current = (await statements.load_keys(conn, [key]))[key]
             check_modes(
                 changes.get("address_mode", current.address_mode),
                 changes.get("addresses", current.addresses),
@@ -490,29 +499,31 @@ class KeyStore:
                     (changes["name"], key),
                 )
                 if rows:
-                    raise ConflictError(f"key name {changes['name']!r} is already used by another key")
+                    raise ConflictError(
+                        f"key name {changes['name']!r} is already used by another key"
+                    )
             if changes:
-                await _apply_key_changes(conn, key, changes)
-            return (await _load_keys(conn, [key]))[key]
+                await statements.apply_key_changes(conn, key, changes)
+            return (await statements.load_keys(conn, [key]))[key]
 
     async def set_status(self, keys: Iterable[str], status: KeyStatus | str) -> list[AccessKey]:
         new_status = coerce_status(status)
         refs = dedupe(_as_str_list(keys, "keys"))
         async with self._write() as conn:
-            full = dedupe([await _resolve_key(conn, ref) for ref in refs])
+            full = dedupe([await statements.resolve_key(conn, ref) for ref in refs])
             now = now_micros()
             await conn.executemany(
                 "UPDATE access_keys SET status = ?, updated_at = ? WHERE key = ? AND status != ?",
                 [(new_status.value, now, k, new_status.value) for k in full],
             )
-            loaded = await _load_keys(conn, full)
+            loaded = await statements.load_keys(conn, full)
         log.info("set %d keys %s", len(full), new_status.value)
         return [loaded[k] for k in full]
 
     async def delete_keys(self, keys: Iterable[str]) -> list[str]:
         refs = dedupe(_as_str_list(keys, "keys"))
         async with self._write() as conn:
-            full = dedupe([await _resolve_key(conn, ref) for ref in refs])
+            full = dedupe([await statements.resolve_key(conn, ref) for ref in refs])
             for batch in chunks(full):
                 await conn.execute(
                     f"DELETE FROM access_keys WHERE key IN ({placeholders(len(batch))})", batch
@@ -559,7 +570,9 @@ class KeyStore:
             async with self._write() as conn:
                 await conn.executemany("UPDATE access_keys SET last_used = ? WHERE key = ?", rows)
 
-    async def set_devices_connected(self, ids: Iterable[str], connected: bool, when: datetime) -> None:
+    async def set_devices_connected(
+        self, ids: Iterable[str], connected: bool, when: datetime
+    ) -> None:
         stamp = to_micros(when)
         rows = [(int(connected), stamp, d) for d in dedupe(ids)]
         if rows:
@@ -589,180 +602,3 @@ def _first_duplicate(names: list[str]) -> str | None:
             return n
         seen.add(n)
     return None
-
-
-async def _count(conn: aiosqlite.Connection, sql: str, params: tuple[Any, ...] = ()) -> int:
-    rows = list(await conn.execute_fetchall(sql, params))
-    return int(rows[0][0])
-
-
-async def _device_exists(conn: aiosqlite.Connection, device_id: str) -> bool:
-    rows = list(await conn.execute_fetchall("SELECT 1 FROM devices WHERE id = ?", (device_id,)))
-    return bool(rows)
-
-
-async def _missing_devices(conn: aiosqlite.Connection, ids: tuple[str, ...]) -> list[str]:
-    found: set[str] = set()
-    for batch in chunks(ids):
-        rows = await conn.execute_fetchall(
-            f"SELECT id FROM devices WHERE id IN ({placeholders(len(batch))})", batch
-        )
-        found.update(r[0] for r in rows)
-    return [d for d in ids if d not in found]
-
-
-async def _load_device(conn: aiosqlite.Connection, device_id: str) -> Device:
-    rows = list(
-        await conn.execute_fetchall(
-            f"SELECT {DEVICE_COLUMNS} FROM devices d WHERE d.id = ?", (device_id,)
-        )
-    )
-    if not rows:
-        raise NotFoundError(f"no device {device_id!r}")
-    return row_to_device(rows[0])
-
-
-async def _touch_device(conn: aiosqlite.Connection, device_id: str) -> None:
-    await conn.execute("UPDATE devices SET updated_at = ? WHERE id = ?", (now_micros(), device_id))
-
-
-async def _upsert_batch(
-    conn: aiosqlite.Connection,
-    batch: list[str],
-    wanted: dict[str, tuple[str | None, frozenset[Tag]]],
-    now: int,
-) -> int:
-    """Diff one batch against what is stored and write only the differences."""
-    names: dict[str, str | None] = {}
-    tags: dict[str, set[Tag]] = {}
-    for part in chunks(batch):
-        marks = placeholders(len(part))
-        for dev_id, name in await conn.execute_fetchall(
-            f"SELECT id, name FROM devices WHERE id IN ({marks})", part
-        ):
-            names[dev_id] = name
-            tags[dev_id] = set()
-        for dev_id, k, v in await conn.execute_fetchall(
-            f"SELECT device_id, key, value FROM device_tags WHERE device_id IN ({marks})", part
-        ):
-            tags[dev_id].add((k, v))
-    new_devices, changed, add_tags, drop_tags = [], [], [], []
-    for dev_id in batch:
-        name, want_tags = wanted[dev_id]
-        if dev_id not in names:
-            new_devices.append((dev_id, name, now, now))
-            add_tags.extend((dev_id, k, v) for k, v in want_tags)
-            continue
-        have = tags[dev_id]
-        if names[dev_id] == name and have == want_tags:
-            continue
-        changed.append((name, now, dev_id))
-        add_tags.extend((dev_id, k, v) for k, v in want_tags - have)
-        drop_tags.extend((dev_id, k, v) for k, v in have - want_tags)
-    await conn.executemany(
-        "INSERT INTO devices (id, name, created_at, updated_at) VALUES (?, ?, ?, ?)", new_devices
-    )
-    await conn.executemany("UPDATE devices SET name = ?, updated_at = ? WHERE id = ?", changed)
-    await conn.executemany(
-        "DELETE FROM device_tags WHERE device_id = ? AND key = ? AND value = ?", drop_tags
-    )
-    await conn.executemany(
-        "INSERT INTO device_tags (device_id, key, value) VALUES (?, ?, ?)", add_tags
-    )
-    return len(new_devices) + len(changed)
-
-
-async def _resolve_key(conn: aiosqlite.Connection, key_or_prefix: str) -> str:
-    if not isinstance(key_or_prefix, str):
-        raise ValidationError(f"invalid key {key_or_prefix!r}: must be a string")
-    ref = key_or_prefix.strip().lower()
-    if len(ref) < MIN_PREFIX_LEN:
-        raise ValidationError(
-            f"key prefix {key_or_prefix!r} is too short: give at least {MIN_PREFIX_LEN} characters"
-        )
-    if len(ref) >= credentials.KEY_HEX_LEN or not set(ref) <= _HEX:
-        rows = list(await conn.execute_fetchall("SELECT key FROM access_keys WHERE key = ?", (ref,)))
-    else:
-        # Keys are lowercase hex, so [prefix, prefix + 'g') is exactly "starts with prefix"
-        # and is a range scan on the primary key.
-        rows = list(
-            await conn.execute_fetchall(
-                "SELECT key FROM access_keys WHERE key >= ? AND key < ? LIMIT 2",
-                (ref, ref + "g"),
-            )
-        )
-    if not rows:
-        raise NotFoundError(f"no access key {key_or_prefix!r}")
-    if len(rows) > 1:
-        raise NotFoundError(
-            f"key prefix {key_or_prefix!r} is ambiguous: several keys start with it; give more characters"
-        )
-    return str(rows[0][0])
-
-
-async def _load_keys(conn: aiosqlite.Connection, keys: Iterable[str]) -> dict[str, AccessKey]:
-    out: dict[str, AccessKey] = {}
-    for batch in chunks(list(keys)):
-        rows = await conn.execute_fetchall(
-            f"SELECT {KEY_COLUMNS} FROM access_keys k WHERE k.key IN ({placeholders(len(batch))})",
-            batch,
-        )
-        for row in rows:
-            loaded = row_to_key(row)
-            out[loaded.key] = loaded
-    return out
-
-
-async def _insert_keys(
-    conn: aiosqlite.Connection, specs: list[KeySpec], minted: list[tuple[str, str]], now: int
-) -> None:
-    key_rows, id_rows, tag_rows = [], [], []
-    for spec, (key, secret) in zip(specs, minted, strict=True):
-        salt, digest = credentials.hash_secret(secret)
-        key_rows.append(
-            (
-                key, salt, digest, spec.name, spec.description, KeyStatus.ACTIVE.value,
-                to_micros(spec.expires_at) if spec.expires_at else None,
-                int(spec.all_devices), spec.address_mode.value, json.dumps(spec.addresses),
-                spec.topic_mode.value, json.dumps(spec.pub_topics), json.dumps(spec.sub_topics),
-                now, now,
-            )
-        )
-        id_rows.extend((key, d) for d in spec.device_ids)
-        tag_rows.extend((key, k, v) for k, v in spec.device_tags)
-    await conn.executemany(
-        """INSERT INTO access_keys (key, salt, secret_hash, name, description, status,
-               expires_at, all_devices, address_mode, addresses, topic_mode, pub_topics,
-               sub_topics, created_at, updated_at)
-           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-        key_rows,
-    )
-    await conn.executemany("INSERT INTO key_devices (key, device_id) VALUES (?, ?)", id_rows)
-    await conn.executemany("INSERT INTO key_tags (key, tkey, tvalue) VALUES (?, ?, ?)", tag_rows)
-
-
-# Column each update_key field writes to, and how its value is stored.
-_KEY_UPDATE_COLUMNS: dict[str, tuple[str, Any]] = {
-    "name": ("name", lambda v: v),
-    "description": ("description", lambda v: v),
-    "expires_at": ("expires_at", lambda v: to_micros(v) if v is not None else None),
-    "address_mode": ("address_mode", lambda v: v.value),
-    "addresses": ("addresses", json.dumps),
-    "topic_mode": ("topic_mode", lambda v: v.value),
-    "pub_topics": ("pub_topics", json.dumps),
-    "sub_topics": ("sub_topics", json.dumps),
-}
-
-
-async def _apply_key_changes(conn: aiosqlite.Connection, key: str, changes: dict[str, Any]) -> None:
-    assigns, params = [], []
-    for field, value in changes.items():
-        column, encode = _KEY_UPDATE_COLUMNS[field]
-        assigns.append(f"{column} = ?")
-        params.append(encode(value))
-    assigns.append("updated_at = ?")
-    params.append(now_micros())
-    await conn.execute(
-        f"UPDATE access_keys SET {', '.join(assigns)} WHERE key = ?", (*params, key)
-    )
-

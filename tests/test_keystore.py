@@ -1,5 +1,8 @@
 """KeyStore on a real SQLite file: file safety, migrations, devices, scope resolution."""
 
+# Table names below come from sqlite_master, not from input.
+# ruff: noqa: S608
+
 from __future__ import annotations
 
 import asyncio
@@ -16,7 +19,7 @@ import pytest
 
 from keystore import ConflictError, KeybrokerError, KeyStore, NotFoundError, ValidationError
 from keystore.migrations import SCHEMA_VERSION
-from keystore.store import DEVICE_MATCH_SQL, SCOPE_SQL
+from keystore.statements import DEVICE_MATCH_SQL, SCOPE_SQL
 
 
 @pytest.fixture
@@ -290,3 +293,11 @@ async def test_scope_lookups_use_indexes(fleet: KeyStore, db_path: Path) -> None
     scans = [d for d in details if d.startswith("SCAN") and d != "SCAN CONSTANT ROW"]
     assert not scans, details
     assert any("device_tags_by_pair" in d for d in details), details
+
+
+@pytest.mark.parametrize("prefix", ["", "a/b", "+", "#", "$dev"])
+async def test_bad_device_prefix_is_refused(db_path: Path, prefix: str) -> None:
+    with pytest.raises(ValidationError, match="invalid device prefix"):
+        async with KeyStore.open(db_path, device_prefix=prefix):
+            pass
+    assert not db_path.exists()  # refused before the file is created

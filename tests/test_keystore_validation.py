@@ -122,7 +122,9 @@ def test_address_refused(bad: str, reason: str) -> None:
     assert repr(bad) in str(err)
 
 
-@pytest.mark.parametrize("good", ["a", "a/b/c", "+", "#", "a/+/b", "a/#", "+/+", "/", "a//b", "é/ü"])
+@pytest.mark.parametrize(
+    "good", ["a", "a/b/c", "+", "#", "a/+/b", "a/#", "+/+", "/", "a//b", "é/ü"]
+)
 def test_filter_syntax_accepted(good: str) -> None:
     assert validate_filter_syntax(good) == good
 

@@ -21,17 +21,28 @@ async def ks(tmp_path: Path) -> AsyncIterator[KeyStore]:
             [("d1", None, ["floor=1"]), ("d2", None, []), ("gw-9", None, [])]
         )
         await store.create_key(
-            name="alpha", description="Front door", device_ids=["d1", "d2"],
-            topic_mode="only", pub_topics=["alerts/fire"], sub_topics=["cmd/#"],
+            name="alpha",
+            description="Front door",
+            device_ids=["d1", "d2"],
+            topic_mode="only",
+            pub_topics=["alerts/fire"],
+            sub_topics=["cmd/#"],
             expires_at="2030-01-01T00:00:00Z",
         )
         await store.create_key(
-            name="bravo", device_tags=["floor=1", "kind=gw"], address_mode="only",
-            addresses=["10.0.0.0/8"], expires_at="2031-06-01T00:00:00Z",
+            name="bravo",
+            device_tags=["floor=1", "kind=gw"],
+            address_mode="only",
+            addresses=["10.0.0.0/8"],
+            expires_at="2031-06-01T00:00:00Z",
         )
         await store.create_key(
-            name="charlie", description="back door", device_ids=["gw-9"],
-            topic_mode="except", pub_topics=["a*b/c"], address_mode="except",
+            name="charlie",
+            description="back door",
+            device_ids=["gw-9"],
+            topic_mode="except",
+            pub_topics=["a*b/c"],
+            address_mode="except",
             addresses=["2001:db8::/32"],
         )
         delta, _ = await store.create_key(name="delta", topic_mode="all")
@@ -60,7 +71,10 @@ ALL = ["alpha", "bravo", "charlie", "delta", None]
         # $eq/$ne with null: a missing value
         ({"name": None}, [None]),
         ({"description": {"$ne": None}}, ["alpha", "charlie", None]),
-        ({"name": {"$ne": "alpha"}}, ["bravo", "charlie", "delta", None]),  # null counts as "not equal"
+        (
+            {"name": {"$ne": "alpha"}},
+            ["bravo", "charlie", "delta", None],
+        ),  # null counts as "not equal"
         ({"name": {"$eq": "alpha"}}, ["alpha"]),
         # ordering operators compare text by code point
         ({"name": {"$gt": "bravo"}}, ["charlie", "delta"]),
@@ -117,8 +131,12 @@ ALL = ["alpha", "bravo", "charlie", "delta", None]
         ({"$and": [{"name": {"$gte": "b"}}, {"name": {"$lt": "d"}}]}, ["bravo", "charlie"]),
         ({"$nor": [{"name": "alpha"}, {"name": None}]}, ["bravo", "charlie", "delta"]),
         (
-            {"$or": [{"$and": [{"status": "active"}, {"deviceTags": "kind=gw"}]},
-                     {"$nor": [{"allDevices": False}, {"name": None}]}]},
+            {
+                "$or": [
+                    {"$and": [{"status": "active"}, {"deviceTags": "kind=gw"}]},
+                    {"$nor": [{"allDevices": False}, {"name": None}]},
+                ]
+            },
             ["bravo", "delta"],
         ),
         ({"status": "active", "$or": [{"name": "delta"}, {"name": "alpha"}]}, ["alpha"]),
@@ -149,8 +167,13 @@ async def test_query_on_key_and_dates_relative_to_now(ks: KeyStore) -> None:
     ],
 )
 async def test_injection_is_a_plain_value(ks: KeyStore, attack: str) -> None:
-    for query in ({"name": attack}, {"deviceIds": attack}, {"name": {"$like": attack}},
-                  {"description": {"$contains": attack}}, {"name": {"$in": [attack]}}):
+    for query in (
+        {"name": attack},
+        {"deviceIds": attack},
+        {"name": {"$like": attack}},
+        {"description": {"$contains": attack}},
+        {"name": {"$in": [attack]}},
+    ):
         assert await names(ks, query) == []
     assert await ks.count_keys() == 5
     sql, params = compile_query({"name": attack})
@@ -170,9 +193,12 @@ async def test_injection_is_a_plain_value(ks: KeyStore, attack: str) -> None:
         ({"name": {}}, "empty operator object"),
         ({"name": 5}, "invalid \\$eq value 5 for 'name': expected a string"),
         ({"name": {"$gt": None}}, "expected a string"),
-        ({"name": {"$in": "alpha"}}, "invalid \\$in value \"alpha\" .* expected a list"),
+        ({"name": {"$in": "alpha"}}, 'invalid \\$in value "alpha" .* expected a list'),
         ({"status": "paused"}, "invalid \\$eq value \"paused\" for 'status': expected one of"),
-        ({"status": {"$startsWith": "act"}}, "operator '\\$startsWith' does not apply to field 'status'"),
+        (
+            {"status": {"$startsWith": "act"}},
+            "operator '\\$startsWith' does not apply to field 'status'",
+        ),
         ({"allDevices": "yes"}, "expected true or false"),
         ({"addressFilterType": "none"}, "expected one of"),
         ({"expirationDate": {"$gt": "next week"}}, "not an ISO-8601 date"),

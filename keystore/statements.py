@@ -1,0 +1,248 @@
+"""SQL steps the KeyStore runs inside its transactions.
+
+Each function takes the open connection and assumes the caller holds the store's lock
+and, for writes, an open ``BEGIN IMMEDIATE`` transaction.
+"""
+
+# SQL text in this module is assembled only from constants, whitelisted names and
+# '?' placeholder counts; every value is a bound parameter.
+# ruff: noqa: S608
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import aiosqlite
+
+from keystore import credentials
+from keystore.db import (
+    DEVICE_COLUMNS,
+    KEY_COLUMNS,
+    chunks,
+    now_micros,
+    placeholders,
+    row_to_device,
+    row_to_key,
+    to_micros,
+)
+from keystore.errors import NotFoundError, ValidationError
+from keystore.keyspec import KeySpec
+from keystore.models import AccessKey, Device, KeyStatus, Tag
+
+MIN_PREFIX_LEN = 8  # shortest key prefix accepted where a key is named
+_HEX = frozenset("0123456789abcdef")
+
+# Scope of a restricted key: listed ids that exist, plus devices carrying a listed tag
+# pair. Both halves walk primary keys / the (key, value, device_id) covering index.
+SCOPE_SQL = """
+    SELECT d.id FROM key_devices kd JOIN devices d ON d.id = kd.device_id
+     WHERE kd.key = ?
+    UNION
+    SELECT dt.device_id FROM key_tags kt
+      JOIN device_tags dt ON dt.key = kt.tkey AND dt.value = kt.tvalue
+     WHERE kt.key = ?
+"""
+# One device against a restriction: its (few) tags are probed in key_tags by primary key.
+DEVICE_MATCH_SQL = """
+    SELECT EXISTS (
+        SELECT 1 FROM key_devices kd JOIN devices d ON d.id = kd.device_id
+         WHERE kd.key = ? AND kd.device_id = ?)
+     OR EXISTS (
+        SELECT 1 FROM device_tags dt
+          JOIN key_tags kt ON kt.key = ? AND kt.tkey = dt.key AND kt.tvalue = dt.value
+         WHERE dt.device_id = ?)
+"""
+
+
+async def count(conn: aiosqlite.Connection, sql: str, params: tuple[Any, ...] = ()) -> int:
+    rows = list(await conn.execute_fetchall(sql, params))
+    return int(rows[0][0])
+
+
+async def device_exists(conn: aiosqlite.Connection, device_id: str) -> bool:
+    rows = list(await conn.execute_fetchall("SELECT 1 FROM devices WHERE id = ?", (device_id,)))
+    return bool(rows)
+
+
+async def missing_devices(conn: aiosqlite.Connection, ids: tuple[str, ...]) -> list[str]:
+    found: set[str] = set()
+    for batch in chunks(ids):
+        rows = await conn.execute_fetchall(
+            f"SELECT id FROM devices WHERE id IN ({placeholders(len(batch))})", batch
+        )
+        found.update(r[0] for r in rows)
+    return [d for d in ids if d not in found]
+
+
+async def load_device(conn: aiosqlite.Connection, device_id: str) -> Device:
+    rows = list(
+        await conn.execute_fetchall(
+            f"SELECT {DEVICE_COLUMNS} FROM devices d WHERE d.id = ?", (device_id,)
+        )
+    )
+    if not rows:
+        raise NotFoundError(f"no device {device_id!r}")
+    return row_to_device(rows[0])
+
+
+async def touch_device(conn: aiosqlite.Connection, device_id: str) -> None:
+    await conn.execute("UPDATE devices SET updated_at = ? WHERE id = ?", (now_micros(), device_id))
+
+
+async def upsert_batch(
+    conn: aiosqlite.Connection,
+    batch: Sequence[str],
+    wanted: dict[str, tuple[str | None, frozenset[Tag]]],
+    now: int,
+) -> int:
+    """Diff one batch against what is stored and write only the differences."""
+    names: dict[str, str | None] = {}
+    tags: dict[str, set[Tag]] = {}
+    for part in chunks(batch):
+        marks = placeholders(len(part))
+        for dev_id, name in await conn.execute_fetchall(
+            f"SELECT id, name FROM devices WHERE id IN ({marks})", part
+        ):
+            names[dev_id] = name
+            tags[dev_id] = set()
+        for dev_id, k, v in await conn.execute_fetchall(
+            f"SELECT device_id, key, value FROM device_tags WHERE device_id IN ({marks})", part
+        ):
+            tags[dev_id].add((k, v))
+    new_devices: list[tuple[str, str | None, int, int]] = []
+    changed: list[tuple[str | None, int, str]] = []
+    add_tags: list[tuple[str, str, str]] = []
+    drop_tags: list[tuple[str, str, str]] = []
+    for dev_id in batch:
+        name, want_tags = wanted[dev_id]
+        if dev_id not in names:
+            new_devices.append((dev_id, name, now, now))
+            add_tags.extend((dev_id, k, v) for k, v in want_tags)
+            continue
+        have = tags[dev_id]
+        if names[dev_id] == name and have == want_tags:
+            continue
+        changed.append((name, now, dev_id))
+        add_tags.extend((dev_id, k, v) for k, v in want_tags - have)
+        drop_tags.extend((dev_id, k, v) for k, v in have - want_tags)
+    await conn.executemany(
+        "INSERT INTO devices (id, name, created_at, updated_at) VALUES (?, ?, ?, ?)", new_devices
+    )
+    await conn.executemany("UPDATE devices SET name = ?, updated_at = ? WHERE id = ?", changed)
+    await conn.executemany(
+        "DELETE FROM device_tags WHERE device_id = ? AND key = ? AND value = ?", drop_tags
+    )
+    await conn.executemany(
+        "INSERT INTO device_tags (device_id, key, value) VALUES (?, ?, ?)", add_tags
+    )
+    return len(new_devices) + len(changed)
+
+
+async def resolve_key(conn: aiosqlite.Connection, key_or_prefix: str) -> str:
+    if not isinstance(key_or_prefix, str):
+        raise ValidationError(f"invalid key {key_or_prefix!r}: must be a string")
+    ref = key_or_prefix.strip().lower()
+    if len(ref) < MIN_PREFIX_LEN:
+        raise ValidationError(
+            f"key prefix {key_or_prefix!r} is too short: give at least {MIN_PREFIX_LEN} characters"
+        )
+    if len(ref) >= credentials.KEY_HEX_LEN or not set(ref) <= _HEX:
+        rows = list(
+            await conn.execute_fetchall("SELECT key FROM access_keys WHERE key = ?", (ref,))
+        )
+    else:
+        # Keys are lowercase hex, so [prefix, prefix + 'g') is exactly "starts with prefix"
+        # and is a range scan on the primary key.
+        rows = list(
+            await conn.execute_fetchall(
+                "SELECT key FROM access_keys WHERE key >= ? AND key < ? LIMIT 2",
+                (ref, ref + "g"),
+            )
+        )
+    if not rows:
+        raise NotFoundError(f"no access key {key_or_prefix!r}")
+    if len(rows) > 1:
+        raise NotFoundError(
+            f"key prefix {key_or_prefix!r} is ambiguous: several keys start with it; "
+            "give more characters"
+        )
+    return str(rows[0][0])
+
+
+async def load_keys(conn: aiosqlite.Connection, keys: Iterable[str]) -> dict[str, AccessKey]:
+    out: dict[str, AccessKey] = {}
+    for batch in chunks(list(keys)):
+        rows = await conn.execute_fetchall(
+            f"SELECT {KEY_COLUMNS} FROM access_keys k WHERE k.key IN ({placeholders(len(batch))})",
+            batch,
+        )
+        for row in rows:
+            loaded = row_to_key(row)
+            out[loaded.key] = loaded
+    return out
+
+
+async def insert_keys(
+    conn: aiosqlite.Connection, specs: list[KeySpec], minted: list[tuple[str, str]], now: int
+) -> None:
+    key_rows: list[tuple[Any, ...]] = []
+    id_rows: list[tuple[str, str]] = []
+    tag_rows: list[tuple[str, str, str]] = []
+    for spec, (key, secret) in zip(specs, minted, strict=True):
+        salt, digest = credentials.hash_secret(secret)
+        key_rows.append(
+            (
+                key,
+                salt,
+                digest,
+                spec.name,
+                spec.description,
+                KeyStatus.ACTIVE.value,
+                to_micros(spec.expires_at) if spec.expires_at else None,
+                int(spec.all_devices),
+                spec.address_mode.value,
+                json.dumps(spec.addresses),
+                spec.topic_mode.value,
+                json.dumps(spec.pub_topics),
+                json.dumps(spec.sub_topics),
+                now,
+                now,
+            )
+        )
+        id_rows.extend((key, d) for d in spec.device_ids)
+        tag_rows.extend((key, k, v) for k, v in spec.device_tags)
+    await conn.executemany(
+        """INSERT INTO access_keys (key, salt, secret_hash, name, description, status,
+               expires_at, all_devices, address_mode, addresses, topic_mode, pub_topics,
+               sub_topics, created_at, updated_at)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+        key_rows,
+    )
+    await conn.executemany("INSERT INTO key_devices (key, device_id) VALUES (?, ?)", id_rows)
+    await conn.executemany("INSERT INTO key_tags (key, tkey, tvalue) VALUES (?, ?, ?)", tag_rows)
+
+
+# Column each update_key field writes to, and how its value is stored.
+KEY_UPDATE_COLUMNS: dict[str, tuple[str, Any]] = {
+    "name": ("name", lambda v: v),
+    "description": ("description", lambda v: v),
+    "expires_at": ("expires_at", lambda v: to_micros(v) if v is not None else None),
+    "address_mode": ("address_mode", lambda v: v.value),
+    "addresses": ("addresses", json.dumps),
+    "topic_mode": ("topic_mode", lambda v: v.value),
+    "pub_topics": ("pub_topics", json.dumps),
+    "sub_topics": ("sub_topics", json.dumps),
+}
+
+
+async def apply_key_changes(conn: aiosqlite.Connection, key: str, changes: dict[str, Any]) -> None:
+    assigns, params = [], []
+    for field, value in changes.items():
+        column, encode = KEY_UPDATE_COLUMNS[field]
+        assigns.append(f"{column} = ?")
+        params.append(encode(value))
+    assigns.append("updated_at = ?")
+    params.append(now_micros())
+    await conn.execute(f"UPDATE access_keys SET {', '.join(assigns)} WHERE key = ?", (*params, key))
