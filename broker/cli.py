@@ -15,6 +15,7 @@ from broker.cli_common import CliState, KeybrokerGroup
 from broker.cli_devices import devices
 from broker.cli_keys import keys
 from broker.cli_seed import seed
+from broker.serve_cmd import serve
 from broker.settings import ENV_DB
 
 
@@ -36,6 +37,7 @@ def main(ctx: click.Context, db: Path | None) -> None:
 main.add_command(devices)
 main.add_command(keys)
 main.add_command(seed)
+main.add_command(serve)
 
 
 if __name__ == "__main__":

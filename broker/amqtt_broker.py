@@ -1,0 +1,574 @@
+"""KeyBroker: keybroker's subclass of amqtt 0.12.1's Broker.
+
+amqtt is pinned (pyproject) because this class overrides its private hooks; each
+override below is exercised by tests/test_broker_hooks.py and tests/test_broker_*.py.
+What we change and why:
+
+* Listeners are started here (``_start_listeners``): amqtt's ListenerConfig.apply()
+  silently rewrites listener fields equal to the defaults, it needs a "default"
+  listener, and it passes neither the WebSocket request headers nor the listener's
+  trust settings to plugins. We record the client IP on the session before auth.
+* CONNECT (``_client_connected``, ``_initialize_client_session``,
+  ``_handle_client_session``): amqtt deletes or takes over an existing session *before*
+  authenticating, so a wrong password with a victim's client id wiped the victim's
+  subscriptions; it registers refused sessions (a leak) and always answers CONNACK 5.
+  Here: authenticate first, answer refusals with the plugin's CONNACK code without
+  touching any session, then take over / clean up.
+* Keep-alive (``KeyProtocolHandler``): amqtt's broker handler ignores read time-outs;
+  we close a connection silent for keepalive_factor (1.5) x its keep-alive.
+* Routing (``add_subscription``, ``_del_subscription``, ``_del_all_subscriptions``,
+  ``_run_broadcast``): a subscription trie instead of scanning every filter per
+  message, and the delivery check is an in-memory policy lookup, not an awaited plugin
+  call per subscriber.
+* Retained messages (``retain_message``, ``_publish_retained_messages_for_subscription``,
+  ``_publish_session_retained_messages``): indexed by topic levels and checked against
+  the receiving session's policy (amqtt skipped the check there).
+* Will (``_handle_disconnect``): checked against the publisher's policy and suppressed
+  for kicked (revoked) sessions.
+* Denied PUBLISH (``_handle_message_delivery``): dropped or disconnects (config) and
+  audited; QoS delivered is min(published, granted) as MQTT-3.3.5 requires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import ssl
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import websockets
+from amqtt.adapters import (
+    ReaderAdapter,
+    StreamReaderAdapter,
+    StreamWriterAdapter,
+    WebSocketsReader,
+    WebSocketsWriter,
+    WriterAdapter,
+)
+from amqtt.broker import Broker, RetainedApplicationMessage, Server
+from amqtt.contexts import Action, ListenerConfig
+from amqtt.events import BrokerEvents
+from amqtt.mqtt.connack import CONNECTION_ACCEPTED, NOT_AUTHORIZED, ConnackPacket
+from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
+from amqtt.mqtt.disconnect import DisconnectPacket
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.session import Session
+from websockets.asyncio.server import ServerConnection
+
+from broker.audit import AuditLog
+from broker.clientip import TrustedProxies, client_ip_from_forwarded, normalize_ip
+from broker.plugins import Connection, Grant, TopicAclPlugin, connection_of, grant_of
+from broker.settings import Listener, Settings
+from broker.subtree import RetainedStore, SubscriptionTree
+from broker.topics import validate_topic_name
+from keystore.errors import ValidationError
+
+logger = logging.getLogger(__name__)
+
+SUBACK_FAILURE = 0x80
+
+
+class KeyProtocolHandler(BrokerProtocolHandler):
+    """amqtt's broker handler, but a read time-out (keep-alive expired) closes the link."""
+
+    _kb_timed_out = False
+
+    def handle_read_timeout(self) -> None:
+        if self._kb_timed_out:
+            return
+        self._kb_timed_out = True
+        client_id = self.session.client_id if self.session else None
+        logger.info("client %s silent past its keep-alive: closing", client_id)
+        # The reader loop calls this synchronously; closing must run as its own task.
+        task = asyncio.get_running_loop().create_task(self.handle_connection_closed())
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+
+_background: set[asyncio.Task[Any]] = set()
+
+
+class KeyBroker(Broker):
+    """amqtt Broker with access-key authentication, trie routing and policy checks."""
+
+    def __init__(self, config: dict[str, Any], settings: Settings, audit: AuditLog) -> None:
+        super().__init__(config)
+        self.settings = settings
+        self.audit = audit
+        self._trusted = TrustedProxies(settings.trusted_proxies)
+        # Subscribers are client ids (amqtt's Session is unhashable); delivery resolves the
+        # live session of that id, so a take-over needs no re-indexing.
+        self._subtree: SubscriptionTree[str] = SubscriptionTree()
+        self._retained = RetainedStore[RetainedApplicationMessage]()
+        self._listeners = {listener.name: listener for listener in settings.listeners}
+        self._tasks: dict[str, asyncio.Task[Any]] = {}
+        self._decide: Callable[[Session, str, Action], Any] = TopicAclPlugin.decide
+
+    # ------------------------------------------------------------------ listeners
+    async def _start_listeners(self) -> None:
+        for listener in self.settings.listeners:
+            ssl_context = _ssl_context(listener) if listener.tls else None
+            if listener.type == "tcp":
+                instance: Any = await asyncio.start_server(
+                    partial(self.stream_connected, listener_name=listener.name),
+                    listener.host,
+                    listener.port,
+                    reuse_address=True,
+                    ssl=ssl_context,
+                )
+            else:
+                instance = await websockets.serve(
+                    partial(self.ws_connected, listener_name=listener.name),
+                    listener.host,
+                    listener.port,
+                    ssl=ssl_context,
+                    subprotocols=[websockets.Subprotocol("mqtt")],
+                    max_size=self.settings.max_packet_size + 16,
+                )
+            self._servers[listener.name] = Server(listener.name, instance, -1)
+
+    def bound_addresses(self) -> dict[str, list[tuple[str, int]]]:
+        """Listener name -> the (host, port) pairs it is bound to (port 0 resolved)."""
+        out: dict[str, list[tuple[str, int]]] = {}
+        for name, server in self._servers.items():
+            sockets = getattr(server.instance, "sockets", None) or ()
+            out[name] = [sock.getsockname()[:2] for sock in sockets]
+        return out
+
+    async def ws_connected(self, websocket: ServerConnection, listener_name: str) -> None:
+        writer = WebSocketsWriter(websocket)
+        request = websocket.request
+        forwarded = request.headers.get_all("X-Forwarded-For") if request is not None else []
+        writer.kb_forwarded = forwarded  # type: ignore[attr-defined]
+        await self._client_connected(listener_name, WebSocketsReader(websocket), writer)
+
+    async def stream_connected(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
+    ) -> None:
+        await self._client_connected(
+            listener_name, StreamReaderAdapter(reader), StreamWriterAdapter(writer)
+        )
+
+    def _connection_info(self, listener_name: str, writer: WriterAdapter) -> Connection | None:
+        peer = writer.get_peer_info()
+        if peer is None:
+            return None
+        peer_ip = normalize_ip(str(peer[0])) or str(peer[0])
+        forwarded: list[str] = getattr(writer, "kb_forwarded", None) or []
+        client_ip = (
+            client_ip_from_forwarded(peer_ip, forwarded, self._trusted) if forwarded else peer_ip
+        )
+        return Connection(listener=listener_name, peer_ip=peer_ip, client_ip=client_ip)
+
+    # ------------------------------------------------------------------ CONNECT
+    async def _client_connected(
+        self, listener_name: str, reader: ReaderAdapter, writer: WriterAdapter
+    ) -> None:
+        server = self._servers.get(listener_name)
+        if server is None:
+            await writer.close()
+            return
+        await server.acquire_connection()
+        try:
+            conn = self._connection_info(listener_name, writer)
+            if conn is None:
+                await writer.close()
+                return
+            try:
+                handler, session = await asyncio.wait_for(
+                    KeyProtocolHandler.init_from_connect(reader, writer, self.plugins_manager),
+                    timeout=self.settings.connect_timeout,
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - one client's bytes never kill the daemon
+                logger.info("no valid CONNECT from %s on %s: %r", conn.peer_ip, listener_name, exc)
+                self.audit.event(
+                    "connect_invalid",
+                    client_ip=conn.client_ip,
+                    peer_ip=conn.peer_ip,
+                    listener=listener_name,
+                    reason=type(exc).__name__,
+                )
+                await _close_quietly(writer)
+                return
+            session.kb_conn = conn  # type: ignore[attr-defined]
+            await self._handle_client_session(reader, writer, session, handler, server, listener_name)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("connection on %s ended with an internal error", listener_name)
+            await _close_quietly(writer)
+        finally:
+            server.release_connection()
+
+    async def _handle_client_session(  # type: ignore[override]
+        self,
+        reader: ReaderAdapter,
+        writer: WriterAdapter,
+        client_session: Session,
+        handler: BrokerProtocolHandler,
+        server: Server,
+        listener_name: str,
+    ) -> None:
+        # 1. Authenticate before touching any existing session (amqtt did it after).
+        if not await self._authenticate(client_session, ListenerConfig(bind=None)):
+            refusal = getattr(client_session, "kb_refusal", None)
+            code = refusal.connack if refusal is not None else NOT_AUTHORIZED
+            await _send_connack(writer, code)
+            await _close_quietly(writer)
+            return
+        client_id = client_session.client_id
+        if not client_id:  # the auth plugin refuses an empty client id; keep the invariant
+            await _send_connack(writer, NOT_AUTHORIZED)
+            await _close_quietly(writer)
+            return
+
+        # 2. Take over: the authenticated client replaces any live connection of that id.
+        session = await self._take_over(client_session)
+        session.keep_alive = _effective_keepalive(client_session.keep_alive, self.settings)
+        self._tasks[client_id] = asyncio.current_task()  # type: ignore[assignment]
+        if not session.transitions.is_connected():
+            session.transitions.connect()
+        handler.attach(session, reader, writer)
+        self._sessions[client_id] = (session, handler)
+        await _send_connack(writer, CONNECTION_ACCEPTED, session_present=session.parent)
+        await self.plugins_manager.fire_event(
+            BrokerEvents.CLIENT_CONNECTED, client_id=client_id, client_session=session
+        )
+        await handler.start()
+        await self._publish_session_retained_messages(session)
+        try:
+            await self._client_message_loop(session, handler)
+        finally:
+            if self._tasks.get(client_id) is asyncio.current_task():
+                del self._tasks[client_id]
+
+    async def _take_over(self, incoming: Session) -> Session:
+        """Close a live connection with the same client id, then pick the session to use."""
+        client_id = incoming.client_id
+        assert client_id is not None
+        existing = self._sessions.get(client_id)
+        if existing is not None and existing[0].transitions.is_connected():
+            logger.info("client %s connected again: taking over the old connection", client_id)
+            await existing[1].handle_connection_closed()
+            old_task = self._tasks.get(client_id)
+            if old_task is not None and old_task is not asyncio.current_task():
+                await asyncio.wait({old_task}, timeout=5)
+        existing = self._sessions.get(client_id)
+        if incoming.clean_session or existing is None or existing[0].clean_session:
+            if existing is not None:
+                await self._drop_session(client_id, existing[0])
+            incoming.parent = 0
+            return incoming
+        # Resume a persistent session with the new connection's credentials and grant.
+        session = existing[0]
+        for attr in ("will_flag", "will_message", "will_topic", "will_qos", "will_retain",
+                     "username", "password", "kb_conn", "kb_grant"):
+            setattr(session, attr, getattr(incoming, attr, None))
+        session.kb_kicked = None  # type: ignore[attr-defined]
+        session.parent = 1
+        return session
+
+    async def _drop_session(self, client_id: str, session: Session) -> None:
+        """Forget a session and its subscriptions, unless a newer one already owns the id."""
+        current = self._sessions.get(client_id)
+        if current is not None and current[0] is not session:
+            return
+        self._sessions.pop(client_id, None)
+        self._subtree.remove_subscriber(client_id)
+        session.clear_queues()
+
+    async def _authenticate(self, session: Session, _: ListenerConfig) -> bool:
+        try:
+            return await super()._authenticate(session, _)
+        except Exception:
+            logger.exception("auth plugin failed")
+            return False
+
+    async def _session_monitor(self) -> None:
+        """Expire disconnected persistent sessions (clean ones are dropped at disconnect)."""
+        interval = self.config.session_expiry_interval
+        while True:
+            await asyncio.sleep(1)
+            if interval is None:
+                continue
+            retain_after = math.floor(time.time() - interval)
+            for client_id, (session, _) in list(self._sessions.items()):
+                if (
+                    session.transitions.state == "disconnected"
+                    and session.last_disconnect_time
+                    and session.last_disconnect_time < retain_after
+                ):
+                    await self._drop_session(client_id, session)
+
+    # ------------------------------------------------------------------ kick
+    async def kick(self, client_id: str, reason: str) -> bool:
+        """Disconnect a live session now; its Will is not published."""
+        entry = self._sessions.get(client_id)
+        if entry is None or not entry[0].transitions.is_connected():
+            return False
+        session, handler = entry
+        session.kb_kicked = reason  # type: ignore[attr-defined]
+        grant = grant_of(session)
+        conn = connection_of(session)
+        self.audit.event(
+            "kick",
+            key=grant.key.key if grant else None,
+            client_id=client_id,
+            client_ip=conn.client_ip if conn else None,
+            peer_ip=conn.peer_ip if conn else None,
+            listener=conn.listener if conn else None,
+            reason=reason,
+        )
+        await handler.handle_connection_closed()
+        return True
+
+    def sessions_where(self, predicate: Callable[[Grant], bool]) -> list[str]:
+        """Client ids of connected sessions whose grant matches (used by live revocation)."""
+        out = []
+        for client_id, (session, _) in self._sessions.items():
+            grant = grant_of(session)
+            if grant is not None and session.transitions.is_connected() and predicate(grant):
+                out.append(client_id)
+        return out
+
+    # ------------------------------------------------------------------ disconnect
+    async def _handle_disconnect(
+        self,
+        client_session: Session,
+        handler: BrokerProtocolHandler,
+        disconnect_waiter: asyncio.Future[Any],
+    ) -> None:
+        result = disconnect_waiter.result()
+        abnormal = result is None or not isinstance(result, DisconnectPacket)
+        kicked = getattr(client_session, "kb_kicked", None)
+        if abnormal and client_session.will_flag and not kicked:
+            await self._publish_will(client_session)
+        await self._stop_handler(handler)
+        client_session.transitions.disconnect()
+        await self.plugins_manager.fire_event(
+            BrokerEvents.CLIENT_DISCONNECTED,
+            client_id=client_session.client_id,
+            client_session=client_session,
+        )
+        if client_session.clean_session and client_session.client_id:
+            await self._drop_session(client_session.client_id, client_session)
+
+    async def _publish_will(self, session: Session) -> None:
+        topic, data = session.will_topic, session.will_message
+        if topic is None or data is None:
+            return
+        decision = self._decide(session, topic, Action.PUBLISH)
+        if not decision.allowed:
+            self._audit_denied("publish_denied", session, topic, decision.reason, will=True)
+            return
+        qos = session.will_qos or QOS_0
+        await self._broadcast_message(session, topic, data, pub_qos=qos)
+        if session.will_retain:
+            await self.retain_message(session, topic, data, qos)
+
+    # ------------------------------------------------------------------ PUBLISH in
+    async def _handle_message_delivery(
+        self,
+        client_session: Session,
+        handler: BrokerProtocolHandler,
+        wait_deliver: asyncio.Future[Any],
+    ) -> bool:
+        app_message = wait_deliver.result()
+        if app_message is None:
+            return True
+        topic = app_message.topic
+        try:
+            validate_topic_name(topic)
+        except ValidationError as exc:
+            # MQTT-3.3.2-2 / 4.7.3-1: a malformed PUBLISH topic is a protocol error.
+            self._audit_denied("publish_denied", client_session, topic, f"invalid_topic: {exc}")
+            await handler.handle_connection_closed()
+            return True
+        decision = self._decide(client_session, topic, Action.PUBLISH)
+        if not decision.allowed:
+            self._audit_denied("publish_denied", client_session, topic, decision.reason)
+            if self.settings.denied_publish == "disconnect":
+                await handler.handle_connection_closed()
+            return True
+        await self._broadcast_message(
+            client_session, topic, app_message.data, pub_qos=app_message.qos or QOS_0
+        )
+        if app_message.publish_packet and app_message.publish_packet.retain_flag:
+            await self.retain_message(client_session, topic, app_message.data, app_message.qos)
+        return True
+
+    async def _broadcast_message(  # type: ignore[override]
+        self,
+        session: Session | None,
+        topic: str | None,
+        data: bytes | bytearray | None,
+        force_qos: int | None = None,
+        *,
+        pub_qos: int = QOS_2,
+    ) -> None:
+        broadcast: dict[str, Any] = {"session": session, "topic": topic, "data": data}
+        if force_qos is not None:
+            broadcast["qos"] = force_qos
+        broadcast["pub_qos"] = pub_qos
+        await self._broadcast_queue.put(broadcast)
+
+    def _audit_denied(
+        self, event: str, session: Session, topic: str, reason: str, **extra: Any
+    ) -> None:
+        grant, conn = grant_of(session), connection_of(session)
+        logger.info("%s: client %s topic %r: %s", event, session.client_id, topic, reason)
+        self.audit.event(
+            event,
+            key=grant.key.key if grant else None,
+            client_id=session.client_id,
+            client_ip=conn.client_ip if conn else None,
+            peer_ip=conn.peer_ip if conn else None,
+            listener=conn.listener if conn else None,
+            reason=reason,
+            topic=topic,
+            **extra,
+        )
+
+    # ------------------------------------------------------------------ SUBSCRIBE
+    async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        topic_filter, qos = subscription
+        decision = self._decide(session, topic_filter, Action.SUBSCRIBE)
+        if not decision.allowed:
+            self._audit_denied("subscribe_denied", session, topic_filter, decision.reason)
+            return SUBACK_FAILURE
+        max_qos = self.config.get("max-qos", qos)
+        qos = min(qos, max_qos) if isinstance(max_qos, int) else qos
+        self._subtree.add(topic_filter, session.client_id, qos)
+        return qos
+
+    def _del_subscription(self, a_filter: str, session: Session) -> int:
+        return 1 if self._subtree.remove(a_filter, session.client_id) else 0
+
+    async def _del_all_subscriptions(self, session: Session) -> None:
+        if session.client_id:
+            self._subtree.remove_subscriber(session.client_id)
+
+    @property
+    def subscriptions(self) -> dict[str, list[tuple[Session, int]]]:
+        """amqtt's view (filter -> [(session, qos)]), rebuilt from the trie; not a hot path."""
+        view: dict[str, list[tuple[Session, int]]] = {}
+        for session, _ in self._sessions.values():
+            for topic_filter, qos in self._subtree.filters_of(session.client_id).items():
+                view.setdefault(topic_filter, []).append((session, qos))
+        return view
+
+    # ------------------------------------------------------------------ routing
+    async def _run_broadcast(self, running_tasks: Any) -> None:
+        broadcast = await self._broadcast_queue.get()
+        topic: str = broadcast["topic"]
+        data = broadcast["data"]
+        forced = broadcast.get("qos")
+        pub_qos = broadcast.get("pub_qos", QOS_2)
+        decide = self._decide
+        sessions = self._sessions
+        for client_id, sub_qos in self._subtree.match(topic).items():
+            entry = sessions.get(client_id)
+            if entry is None:
+                continue
+            target, handler = entry
+            if not decide(target, topic, Action.RECEIVE).allowed:
+                continue
+            qos = forced if forced is not None else min(pub_qos, sub_qos)
+            state = target.transitions.state
+            if state != "connected":
+                # Persistent sessions keep QoS 1/2 messages while offline [MQTT-3.1.2-5].
+                if not target.clean_session and qos in (QOS_1, QOS_2):
+                    await self._retain_broadcast_message(broadcast, qos, target)
+                continue
+            running_tasks.append(
+                asyncio.ensure_future(handler.mqtt_publish(topic, data, qos, retain=False))
+            )
+
+    # ------------------------------------------------------------------ retained
+    async def retain_message(
+        self,
+        source_session: Session | None,
+        topic_name: str | None,
+        data: bytes | bytearray | None,
+        qos: int | None = None,
+    ) -> None:
+        if topic_name is None:
+            return
+        if data:
+            message = RetainedApplicationMessage(source_session, topic_name, data, qos)
+            self._retained.set(topic_name, message)
+            self._retained_messages[topic_name] = message
+        else:  # an empty retained payload deletes the retained message [MQTT-3.3.1-10]
+            self._retained.delete(topic_name)
+            self._retained_messages.pop(topic_name, None)
+
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Session
+    ) -> None:
+        topic_filter, qos = subscription
+        handler = self._get_handler(session)
+        if handler is None:
+            return
+        tasks = []
+        for topic, retained in self._retained.matching(topic_filter):
+            if not self._decide(session, topic, Action.RECEIVE).allowed:
+                continue
+            out_qos = min(qos, retained.qos if retained.qos is not None else qos)
+            tasks.append(
+                asyncio.ensure_future(
+                    handler.mqtt_publish(retained.topic, retained.data, out_qos, retain=True)
+                )
+            )
+        if tasks:
+            await asyncio.wait(tasks)
+
+    async def _publish_session_retained_messages(self, session: Session) -> None:
+        """Messages queued while a persistent session was offline, checked with the new grant."""
+        handler = self._get_handler(session)
+        if handler is None:
+            return
+        tasks = []
+        while not session.retained_messages.empty():
+            message = session.retained_messages.get_nowait()
+            if not self._decide(session, message.topic, Action.RECEIVE).allowed:
+                continue
+            tasks.append(
+                asyncio.ensure_future(
+                    handler.mqtt_publish(message.topic, message.data, message.qos, retain=False)
+                )
+            )
+        if tasks:
+            await asyncio.wait(tasks)
+
+
+def _effective_keepalive(keep_alive: int, settings: Settings) -> int:
+    """Seconds of silence tolerated: keepalive_factor x the client's keep-alive (0 = never)."""
+    if keep_alive <= 0:
+        return 0
+    return max(1, math.ceil(keep_alive * settings.keepalive_factor))
+
+
+def _ssl_context(listener: Listener) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(listener.certfile), str(listener.keyfile))
+    return context
+
+
+async def _send_connack(writer: WriterAdapter, code: int, session_present: int = 0) -> None:
+    try:
+        await ConnackPacket.build(session_present, code).to_stream(writer)
+    except (ConnectionError, OSError, websockets.exceptions.ConnectionClosed):
+        logger.debug("peer gone before CONNACK")
+
+
+async def _close_quietly(writer: WriterAdapter) -> None:
+    try:
+        await writer.close()
+    except (ConnectionError, OSError, websockets.exceptions.ConnectionClosed):
+        pass

@@ -1,0 +1,59 @@
+"""The audit trail: one JSON object per line, separate from the operational log.
+
+Events: connect_ok, connect_refused, publish_denied, subscribe_denied, kick, ban, bad_packet.
+Fields: time, event, key (public id only), client_id, client_ip, peer_ip, listener, reason.
+A secret or password is never passed here, so it can never be written.
+WatchedFileHandler reopens the file when logrotate moves it away.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import logging.handlers
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+_FIELDS = ("key", "client_id", "client_ip", "peer_ip", "listener", "reason")
+
+
+class AuditLog:
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        # A private logger (not propagated) so audit lines never mix with the operational log.
+        self._logger = logging.getLogger(f"keybroker.audit.{id(self)}")
+        self._logger.propagate = False
+        self._logger.setLevel(logging.INFO)
+        self._handler: logging.Handler | None = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Audit lines name keys and client IPs: keep the file private like the database.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            os.close(fd)
+            self._handler = logging.handlers.WatchedFileHandler(path, encoding="utf-8")
+            self._handler.setFormatter(logging.Formatter("%(message)s"))
+            self._logger.addHandler(self._handler)
+
+    @property
+    def enabled(self) -> bool:
+        return self._handler is not None
+
+    def event(self, event: str, **fields: Any) -> None:
+        if self._handler is None:
+            return
+        record: dict[str, Any] = {
+            "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "event": event,
+        }
+        for name in _FIELDS:
+            record[name] = fields.pop(name, None)
+        record.update(fields)
+        self._logger.info(json.dumps(record, separators=(",", ":"), default=str))
+
+    def close(self) -> None:
+        if self._handler is not None:
+            self._logger.removeHandler(self._handler)
+            self._handler.close()
+            self._handler = None

@@ -1,0 +1,163 @@
+"""amqtt plugins: thin adapters between amqtt sessions and the pure policy module.
+
+* ``AccessKeyAuthPlugin`` checks CONNECT (spec §2): gathers the facts from the keystore,
+  asks ``policy.check_connect`` and leaves the outcome on the session, so that
+  ``KeyBroker`` can answer with the right CONNACK code (amqtt itself always sends 5).
+* ``TopicAclPlugin`` answers amqtt's async ``topic_filtering`` hook and offers the same
+  decisions synchronously (``decide``) for KeyBroker's hot paths, where awaiting a
+  plugin per subscriber per message is what made stock amqtt slow.
+
+Both are registered under amqtt's ``plugins`` config key; the server passes the opened
+keystore, the settings and the audit log through the plugin ``Config``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from amqtt.contexts import Action
+from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
+from amqtt.session import Session
+
+from broker import policy
+from broker.policy import Decision, SessionPolicy
+from keystore.models import AccessKey
+
+logger = logging.getLogger(__name__)
+
+NO_GRANT = Decision(False, "not_authenticated")
+
+
+@dataclass(frozen=True, slots=True)
+class Connection:
+    """Network facts about a connection, known before CONNECT is authenticated."""
+
+    listener: str
+    peer_ip: str
+    client_ip: str
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What an accepted CONNECT fixed for the whole session (scope resolved at CONNECT)."""
+
+    key: AccessKey
+    policy: SessionPolicy
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    reason: str
+    connack: int
+    key: str | None
+
+
+def connection_of(session: Session) -> Connection | None:
+    return getattr(session, "kb_conn", None)
+
+
+def grant_of(session: Session) -> Grant | None:
+    return getattr(session, "kb_grant", None)
+
+
+class AccessKeyAuthPlugin(BaseAuthPlugin):
+    """CONNECT: username = access key, password = secret, client id = device id."""
+
+    @dataclass
+    class Config:
+        keystore: Any = None  # keystore.KeyStore, opened by broker.server
+        device_prefix: str = "losant"
+        audit: Any = None  # broker.audit.AuditLog
+
+    async def authenticate(self, *, session: Session) -> bool:
+        conn = connection_of(session)
+        try:
+            outcome = await self._decide(session, conn)
+        except Exception:
+            # A keystore failure must refuse this client, not crash the daemon.
+            logger.exception("authentication failed with an internal error")
+            outcome = Refusal("internal_error", 5, session.username)
+        if isinstance(outcome, Grant):
+            session.kb_grant = outcome  # type: ignore[attr-defined]
+            self._audit("connect_ok", session, conn, outcome.key.key, None)
+            return True
+        session.kb_refusal = outcome  # type: ignore[attr-defined]
+        self._audit("connect_refused", session, conn, outcome.key, outcome.reason)
+        return False
+
+    async def _decide(self, session: Session, conn: Connection | None) -> Grant | Refusal:
+        ks = self.config.keystore
+        username, password = session.username, session.password
+        if conn is None:
+            return Refusal("no_connection_info", 5, None)
+        if not username or password is None:
+            return Refusal("no_credentials", policy.CONNACK_CODE["no_credentials"], None)
+        # authenticate() costs the same for an unknown key and a wrong secret (spec §2).
+        key = await ks.authenticate(username, password)
+        if key is None:
+            return Refusal("bad_credentials", policy.CONNACK_CODE["bad_secret"], None)
+        device_id = session.client_id or ""
+        registered = await ks.device_exists(device_id)
+        in_scope = registered and await ks.device_matches(key, device_id)
+        session_policy: SessionPolicy | None = None
+        if in_scope and key.status.value == "active":
+            scope = await ks.resolve_scope(key)
+            session_policy = SessionPolicy.build(key, scope, self.config.device_prefix)
+        facts = policy.ConnectFacts(
+            key=key,
+            now=datetime.now(UTC),
+            device_registered=registered,
+            device_in_scope=in_scope,
+            client_ip=conn.client_ip,
+            will_topic=session.will_topic if session.will_flag else None,
+        )
+        decision = policy.check_connect(facts, session_policy)
+        if not decision.allowed or session_policy is None:
+            reason = decision.reason if not decision.allowed else "no_policy"
+            return Refusal(reason, policy.CONNACK_CODE.get(reason, 5), key.key)
+        return Grant(key, session_policy)
+
+    def _audit(
+        self, event: str, session: Session, conn: Connection | None, key: str | None, reason: str | None
+    ) -> None:
+        audit = self.config.audit
+        if audit is None:
+            return
+        audit.event(
+            event,
+            key=key,
+            client_id=session.client_id,
+            client_ip=conn.client_ip if conn else None,
+            peer_ip=conn.peer_ip if conn else None,
+            listener=conn.listener if conn else None,
+            reason=reason,
+        )
+
+
+class TopicAclPlugin(BaseTopicPlugin):
+    """PUBLISH / SUBSCRIBE / delivery checks against the session's policy (spec §3)."""
+
+    @dataclass
+    class Config:
+        pass
+
+    async def topic_filtering(
+        self, *, session: Session | None = None, topic: str | None = None, action: Action | None = None
+    ) -> bool:
+        if session is None or topic is None or action is None:
+            return False
+        return self.decide(session, topic, action).allowed
+
+    @staticmethod
+    def decide(session: Session, topic: str, action: Action) -> Decision:
+        grant: Grant | None = getattr(session, "kb_grant", None)
+        if grant is None:
+            return NO_GRANT
+        if action is Action.RECEIVE:
+            return policy.check_receive(grant.policy, topic)
+        if action is Action.PUBLISH:
+            return policy.check_publish(grant.policy, topic)
+        return policy.check_subscribe(grant.policy, topic)

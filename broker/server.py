@@ -1,0 +1,119 @@
+"""The daemon: open the keystore, start KeyBroker with keybroker's plugins, stop cleanly.
+
+Shape after uvicorn's Server: explicit ``start()`` / ``stop()``, ``bound_addresses()``
+once started (port 0 resolved), and ``serve()`` that runs until SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from typing import Any
+
+from broker.amqtt_broker import KeyBroker
+from broker.audit import AuditLog
+from broker.settings import Settings
+from keystore import KeyStore
+
+logger = logging.getLogger(__name__)
+
+AUTH_PLUGIN = "broker.plugins.AccessKeyAuthPlugin"
+ACL_PLUGIN = "broker.plugins.TopicAclPlugin"
+
+
+def amqtt_config(settings: Settings, keystore: Any, audit: AuditLog) -> dict[str, Any]:
+    """amqtt's config dict. Our listeners are started by KeyBroker, so amqtt's own
+    "default" listener (which its BrokerConfig requires) is left unbound."""
+    return {
+        "listeners": {"default": {"bind": None}},
+        "plugins": {
+            AUTH_PLUGIN: {
+                "keystore": keystore,
+                "device_prefix": settings.device_prefix,
+                "audit": audit,
+            },
+            ACL_PLUGIN: {},
+        },
+    }
+
+
+class BrokerServer:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.broker: KeyBroker | None = None
+        self.keystore: KeyStore | None = None
+        self.audit: AuditLog | None = None
+        self._stack = contextlib.AsyncExitStack()
+
+    async def start(self) -> None:
+        settings = self.settings
+        if not settings.listeners:
+            raise ValueError("no listener configured")
+        try:
+            self.keystore = await self._stack.enter_async_context(
+                KeyStore.open(
+                    settings.db_path,
+                    device_prefix=settings.device_prefix,
+                    max_keys=settings.max_keys,
+                )
+            )
+            self.audit = AuditLog(settings.audit_path)
+            self._stack.callback(self.audit.close)
+            self.broker = KeyBroker(amqtt_config(settings, self.keystore, self.audit), settings,
+                                    self.audit)
+            await self.broker.start()
+            self._stack.push_async_callback(self.broker.shutdown)
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        addresses = " ".join(
+            f"{name}={_scheme(self, name)}://{_hostport(host, port)}"
+            for name, pairs in self.bound_addresses().items()
+            for host, port in pairs
+        )
+        logger.info("keybroker listening: %s (keystore %s)", addresses, settings.db_path)
+
+    def bound_addresses(self) -> dict[str, list[tuple[str, int]]]:
+        if self.broker is None:
+            return {}
+        return self.broker.bound_addresses()
+
+    def port(self, listener: str) -> int:
+        """The port a listener is bound to (useful with port 0)."""
+        return self.bound_addresses()[listener][0][1]
+
+    async def stop(self) -> None:
+        await self._stack.aclose()
+        self.broker = None
+        self.keystore = None
+
+    async def serve(self, stop: asyncio.Event | None = None) -> None:
+        """Run until SIGINT/SIGTERM (or ``stop`` is set), then shut down cleanly."""
+        stop = stop or asyncio.Event()
+        loop = asyncio.get_running_loop()
+        installed = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+                installed.append(sig)
+        await self.start()
+        try:
+            await stop.wait()
+            logger.info("shutting down")
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            await self.stop()
+        logger.info("stopped")
+
+
+def _scheme(server: BrokerServer, name: str) -> str:
+    listener = next(item for item in server.settings.listeners if item.name == name)
+    base = "mqtt" if listener.type == "tcp" else "ws"
+    return base + ("s" if listener.tls else "")
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,0 +1,209 @@
+"""A real keybroker daemon for tests: BrokerServer on 127.0.0.1 port 0, a real SQLite file,
+run on its own event loop in a thread so that real (blocking) paho-mqtt clients can talk
+to it from the test. ``Client`` wraps paho with the few waits the tests need."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from broker.server import BrokerServer
+from broker.settings import Listener, Settings, load_settings
+from keystore import KeyStore
+
+T = TypeVar("T")
+TIMEOUT = 5.0
+
+# paho's v2 callbacks report MQTT 3.1.1 CONNACK codes as MQTT 5 reason codes.
+_V5_TO_V311 = {0: 0, 132: 1, 133: 2, 136: 3, 134: 4, 135: 5}
+
+
+class RunningBroker:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.server = BrokerServer(settings)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def start(self) -> RunningBroker:
+        self._thread.start()
+        self.call(self.server.start)
+        return self
+
+    def call(self, fn: Callable[[], Awaitable[T]], timeout: float = 20) -> T:
+        """Run an async callable on the broker's loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(_await(fn), self.loop).result(timeout)
+
+    def ks(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Call a KeyStore method on the daemon's own keystore."""
+        keystore = self.server.keystore
+        assert keystore is not None
+        return self.call(lambda: getattr(keystore, method)(*args, **kwargs))
+
+    @property
+    def broker(self) -> Any:
+        return self.server.broker
+
+    def port(self, listener: str = "tcp") -> int:
+        return self.server.port(listener)
+
+    def stop(self) -> None:
+        try:
+            self.call(self.server.stop, timeout=30)
+            self.call(_cancel_leftover_tasks)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+            self.loop.close()
+
+    def audit_events(self) -> list[dict[str, Any]]:
+        path = self.settings.audit_path
+        if path is None or not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+async def _cancel_leftover_tasks() -> None:
+    """amqtt leaves some per-connection waiters behind at shutdown; end them on the loop."""
+    current = asyncio.current_task()
+    tasks = [task for task in asyncio.all_tasks() if task is not current]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _await(fn: Callable[[], Awaitable[T]]) -> T:
+    return await fn()
+
+
+def broker_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    base = load_settings()
+    listeners = (
+        Listener(name="tcp", type="tcp", host="127.0.0.1", port=0),
+        Listener(name="ws", type="ws", host="127.0.0.1", port=0),
+    )
+    settings = replace(
+        base,
+        db_path=tmp_path / "keybroker.db",
+        listeners=listeners,
+        audit_path=tmp_path / "audit.jsonl",
+    )
+    return replace(settings, **overrides)
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[RunningBroker]:
+    running = RunningBroker(broker_settings(tmp_path)).start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def seed(path: Path, coro_fn: Callable[[KeyStore], Awaitable[T]]) -> T:
+    """Prepare a keystore file before a daemon opens it (another process in real life)."""
+
+    async def run() -> T:
+        async with KeyStore.open(path) as ks:
+            return await coro_fn(ks)
+
+    return asyncio.run(run())
+
+
+class Client:
+    """A real paho-mqtt 3.1.1 client with blocking helpers."""
+
+    def __init__(
+        self,
+        port: int,
+        client_id: str,
+        key: str | None = None,
+        secret: str | None = None,
+        *,
+        clean_session: bool = True,
+        transport: str = "tcp",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.port = port
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=mqtt.MQTTv311,
+            clean_session=clean_session,
+            transport=transport,  # type: ignore[arg-type]
+        )
+        if transport == "websockets":
+            self.client.ws_set_options(path="/", headers=headers)
+        if key is not None:
+            self.client.username_pw_set(key, secret)
+        self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+        self._connack: queue.Queue[int] = queue.Queue()
+        self._subacks: queue.Queue[list[int]] = queue.Queue()
+        self.disconnected = threading.Event()
+        self.client.on_connect = self._on_connect
+        self.client.on_message = lambda _c, _u, msg: self.messages.put(msg)
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_disconnect = lambda *_a: self.disconnected.set()
+
+    def _on_connect(self, _c: Any, _u: Any, _flags: Any, reason: Any, _p: Any) -> None:
+        self._connack.put(_V5_TO_V311.get(reason.value, reason.value))
+
+    def _on_subscribe(self, _c: Any, _u: Any, _mid: int, codes: list[Any], _p: Any) -> None:
+        self._subacks.put([0x80 if code.is_failure else code.value for code in codes])
+
+    def will(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> Client:
+        self.client.will_set(topic, payload, qos, retain)
+        return self
+
+    def connect(self, keepalive: int = 30) -> int:
+        """Connect and return the CONNACK code (0 accepted, 4 bad credentials, 5 refused)."""
+        self.client.reconnect_delay_set(60, 120)  # never auto-reconnect inside a test
+        self.client.connect("127.0.0.1", self.port, keepalive=keepalive)
+        self.client.loop_start()
+        try:
+            return self._connack.get(timeout=TIMEOUT)
+        except queue.Empty:
+            raise AssertionError("no CONNACK received") from None
+
+    def subscribe(self, topic_filter: str, qos: int = 0) -> int:
+        self.client.subscribe(topic_filter, qos)
+        return self._subacks.get(timeout=TIMEOUT)[0]
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False) -> None:
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if qos > 0:
+            info.wait_for_publish(TIMEOUT)
+
+    def get(self, timeout: float = TIMEOUT) -> mqtt.MQTTMessage | None:
+        try:
+            return self.messages.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def topics_received(self, wait: float = 0.5) -> list[str]:
+        out = []
+        while (msg := self.get(wait)) is not None:
+            out.append(msg.topic)
+        return out
+
+    def close(self) -> None:
+        try:
+            self.client.disconnect()
+        finally:
+            self.client.loop_stop()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
