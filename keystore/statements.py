@@ -36,10 +36,11 @@ _HEX = frozenset("0123456789abcdef")
 
 # Scope of a restricted key: listed ids that exist, plus devices carrying a listed tag
 # pair. Both halves walk primary keys / the (key, value, device_id) covering index.
+# UNION ALL: the caller builds a frozenset anyway, so SQLite need not sort to dedupe.
 SCOPE_SQL = """
     SELECT d.id FROM key_devices kd JOIN devices d ON d.id = kd.device_id
      WHERE kd.key = ?
-    UNION
+    UNION ALL
     SELECT dt.device_id FROM key_tags kt
       JOIN device_tags dt ON dt.key = kt.tkey AND dt.value = kt.tvalue
      WHERE kt.key = ?
