@@ -1,16 +1,24 @@
 """The advanced key query (list_keys), compiled to SQL and run on a real SQLite file."""
 
+# ruff: noqa: S608
+
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+import sqlite3
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from keystore import KeyStore, ValidationError, compile_query
+from keystore.db import KEY_COLUMNS
+from keystore.migrations import MIGRATIONS
+from keystore.query import ALL_OPERATORS, FIELDS
 
 
 @pytest.fixture
@@ -229,3 +237,52 @@ def test_query_depth_and_size_are_bounded() -> None:
 def test_compiled_sql_uses_only_whitelisted_text() -> None:
     sql, params = compile_query(json.dumps({"deviceTags": {"$startsWith": "a*"}}))
     assert "GLOB ?" in sql and params == ["a[*]*"]
+
+
+# --- fuzz: any JSON either compiles to SQL SQLite accepts, or is a ValidationError -------
+
+_fields = st.sampled_from([*FIELDS, "bogus", "$and", "$or", "$nor", "$where"])
+_ops = st.sampled_from([*ALL_OPERATORS, "$regex", "$exists"])
+_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=False),
+    st.text(max_size=8),
+    st.sampled_from(["2030-01-01", "active", "whitelist", "floor=1", "*"]),
+)
+_json = st.recursive(
+    _scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.dictionaries(st.one_of(_fields, _ops), inner, max_size=3),
+    ),
+    max_leaves=12,
+)
+
+
+@pytest.fixture(scope="module")
+def schema_conn() -> Iterator[sqlite3.Connection]:
+    conn = sqlite3.connect(":memory:")
+    for step in MIGRATIONS:
+        for statement in step:
+            conn.execute(statement)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+@settings(
+    max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(query=st.dictionaries(st.one_of(_fields, _ops), _json, max_size=3))
+def test_any_query_compiles_to_valid_sql_or_is_refused(
+    schema_conn: sqlite3.Connection, query: dict[str, Any]
+) -> None:
+    try:
+        where, params = compile_query(query)
+    except ValidationError as exc:
+        assert "\n" not in str(exc)
+        return
+    schema_conn.execute(f"SELECT {KEY_COLUMNS} FROM access_keys k WHERE {where}", params).fetchall()
