@@ -116,6 +116,12 @@ KEY_COLUMNS = """
 KEY_COLUMN_COUNT = 16
 
 
+def _json_list(text: str) -> list[Any]:
+    # Most restriction lists are empty; skipping the parser for them is a measurable
+    # share of authenticate() and list_keys().
+    return [] if text == "[]" else list(json.loads(text))
+
+
 def row_to_key(row: Sequence[Any]) -> AccessKey:
     created = from_micros(row[11])
     updated = from_micros(row[12])
@@ -127,13 +133,13 @@ def row_to_key(row: Sequence[Any]) -> AccessKey:
         status=KeyStatus(row[3]),
         expires_at=from_micros(row[4]),
         all_devices=bool(row[5]),
-        device_ids=tuple(sorted(json.loads(row[14]))),
-        device_tags=tuple(sorted((k, v) for k, v in json.loads(row[15]))),
+        device_ids=tuple(sorted(_json_list(row[14]))),
+        device_tags=tuple(sorted((k, v) for k, v in _json_list(row[15]))),
         address_mode=AddressMode(row[6]),
-        addresses=tuple(json.loads(row[7])),
+        addresses=tuple(_json_list(row[7])),
         topic_mode=TopicMode(row[8]),
-        pub_topics=tuple(json.loads(row[9])),
-        sub_topics=tuple(json.loads(row[10])),
+        pub_topics=tuple(_json_list(row[9])),
+        sub_topics=tuple(_json_list(row[10])),
         created_at=created,
         updated_at=updated,
         last_used=from_micros(row[13]),
@@ -152,7 +158,7 @@ def row_to_device(row: Sequence[Any]) -> Device:
     created = from_micros(row[2])
     updated = from_micros(row[3])
     assert created is not None and updated is not None
-    tags: tuple[Tag, ...] = tuple(sorted((k, v) for k, v in json.loads(row[6])))
+    tags: tuple[Tag, ...] = tuple(sorted((k, v) for k, v in _json_list(row[6])))
     return Device(
         id=row[0],
         name=row[1],

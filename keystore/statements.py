@@ -21,6 +21,7 @@ from keystore.db import (
     DEVICE_COLUMNS,
     KEY_COLUMNS,
     chunks,
+    from_micros,
     now_micros,
     placeholders,
     row_to_device,
@@ -187,7 +188,12 @@ async def load_keys(conn: aiosqlite.Connection, keys: Iterable[str]) -> dict[str
 
 async def insert_keys(
     conn: aiosqlite.Connection, specs: list[KeySpec], minted: list[tuple[str, str]], now: int
-) -> None:
+) -> dict[str, AccessKey]:
+    """Insert validated keys; returns them as stored, built here rather than read back
+    (reading 100k keys back would cost more than inserting them)."""
+    stamp = from_micros(now)
+    assert stamp is not None
+    created: dict[str, AccessKey] = {}
     key_rows: list[tuple[Any, ...]] = []
     id_rows: list[tuple[str, str]] = []
     tag_rows: list[tuple[str, str, str]] = []
@@ -214,6 +220,23 @@ async def insert_keys(
         )
         id_rows.extend((key, d) for d in spec.device_ids)
         tag_rows.extend((key, k, v) for k, v in spec.device_tags)
+        created[key] = AccessKey(
+            key=key,
+            name=spec.name,
+            description=spec.description,
+            status=KeyStatus.ACTIVE,
+            expires_at=spec.expires_at,
+            all_devices=spec.all_devices,
+            device_ids=tuple(sorted(spec.device_ids)),  # as row_to_key returns them
+            device_tags=spec.device_tags,
+            address_mode=spec.address_mode,
+            addresses=spec.addresses,
+            topic_mode=spec.topic_mode,
+            pub_topics=spec.pub_topics,
+            sub_topics=spec.sub_topics,
+            created_at=stamp,
+            updated_at=stamp,
+        )
     await conn.executemany(
         """INSERT INTO access_keys (key, salt, secret_hash, name, description, status,
                expires_at, all_devices, address_mode, addresses, topic_mode, pub_topics,
@@ -223,6 +246,7 @@ async def insert_keys(
     )
     await conn.executemany("INSERT INTO key_devices (key, device_id) VALUES (?, ?)", id_rows)
     await conn.executemany("INSERT INTO key_tags (key, tkey, tvalue) VALUES (?, ?, ?)", tag_rows)
+    return created
 
 
 # Column each update_key field writes to, and how its value is stored.

@@ -388,8 +388,7 @@ class KeyStore:
                 )
                 for (taken,) in rows:
                     raise ConflictError(f"key name {taken!r} is already used by another key")
-            await statements.insert_keys(conn, validated, minted, now)
-            loaded = await statements.load_keys(conn, [k for k, _ in minted])
+            loaded = await statements.insert_keys(conn, validated, minted, now)
         log.info("created %d access keys", len(minted))
         return [(loaded[key], secret) for key, secret in minted]
 
