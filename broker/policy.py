@@ -241,7 +241,7 @@ def _custom_subscribe(
         return ALLOW_CUSTOM_ALL
     if mode is TopicMode.ONLY:
         # Exact: some topic outside P matched by the filter and by a listed filter.
-        if policy.sub.overlaps_outside(topic_filter, policy.device_prefix):
+        if policy.sub.shares_topic(levels, policy._prefix_levels):
             return ALLOW_IN_LIST
         return DENY_NOT_IN_LIST
     # EXCEPT. Conservative toward granting: refused only when the filter lies within a

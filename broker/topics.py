@@ -230,9 +230,8 @@ class _Node:
 
 
 _ABSORB = _Node()  # search state: a member's '#' has taken over (accepts any rest)
-_FRESH = "\x00fresh"
 # (member node, filter index, topic depth, T still spelling the prefix, T == "" so far)
-_SearchState = tuple[_Node, int, int, bool, bool]  # search candidate: a level equal to no literal in sight (never valid)
+_SearchState = tuple[_Node, int, int, bool, bool]
 
 
 class FilterSet:
@@ -325,7 +324,10 @@ class FilterSet:
                 return False
             nodes = following
             first = False
-        return any(node.end for node in nodes)
+        for node in nodes:
+            if node.end:
+                return True
+        return False
 
     # -- SUBSCRIBE-time relations ---------------------------------------------------
 
@@ -363,40 +365,37 @@ class FilterSet:
 
     def overlaps(self, topic_filter: str) -> bool:
         """True iff some topic is matched by ``topic_filter`` and by a member (exact)."""
-        return self._shares_topic(parse_filter(topic_filter), None)
+        return self.shares_topic(parse_filter(topic_filter), None)
 
     def overlaps_outside(self, topic_filter: str, prefix: str) -> bool:
         """True iff some topic matched by ``topic_filter`` and by a member is neither
         ``prefix`` itself nor under ``prefix/`` (exact). ``prefix`` is a topic name."""
-        return self._shares_topic(parse_filter(topic_filter), tuple(prefix.split("/")))
+        return self.shares_topic(parse_filter(topic_filter), tuple(prefix.split("/")))
 
-    def _shares_topic(
-        self, levels: Sequence[str], prefix: tuple[str, ...] | None
+    def shares_topic(
+        self, levels: Sequence[str], prefix: Sequence[str] | None
     ) -> bool:
-        """Search for a topic T matched by the filter ``levels`` and by some member, and,
-        when ``prefix`` is given, with T's first len(prefix) levels != prefix.
+        """Is there a topic T matched by the filter ``levels`` and by some member (and,
+        when ``prefix`` levels are given, whose first len(prefix) levels differ from them)?
 
-        A product of three small automata explored depth-first: the filter (index, or
-        stuck on its '#'), the member trie (node, or _ABSORB after a member '#'), and
-        "T is still spelling the prefix". Each step either advances the filter or the
-        trie, so it ends; states are deduplicated.
+        Depth-first search over a product of three small automata: the filter (index,
+        or stuck on its '#'), the member trie (node, or _ABSORB after a member '#'), and
+        "T still spells the prefix". A wildcard step is taken once, with a fresh level
+        (not a literal in sight, not '$'), which dominates any particular value: it
+        leaves the prefix and is not the empty level. So each trie node is entered at
+        most once per edge and the search is linear in the trie size.
         """
         prefix_depth = len(prefix) if prefix is not None else 0
         filter_depth = len(levels)
         stack: list[_SearchState] = [(self._root, 0, 0, prefix is not None, False)]
-        seen: set[tuple[int, int, int, bool, bool]] = set()
         while stack:
             node, f_index, depth, on_prefix, empty = stack.pop()
             if on_prefix and depth >= prefix_depth:
                 continue  # T is the prefix or lies under it
-            key = (id(node), f_index, depth, on_prefix, empty)
-            if key in seen:
-                continue
-            seen.add(key)
-            if node is not _ABSORB and node.hash:
+            member_absorbs = node is _ABSORB
+            if not member_absorbs and node.hash:
                 stack.append((_ABSORB, f_index, depth, on_prefix, empty))
             filter_absorbs = f_index < filter_depth and levels[f_index] == HASH
-            member_absorbs = node is _ABSORB
             if (
                 depth >= 1
                 and not empty  # "" is not a topic name
@@ -408,31 +407,46 @@ class FilterSet:
                 return True  # both take anything: T continues with a fresh level
             if f_index == filter_depth:
                 continue
-            filter_level = levels[f_index]
             next_f_index = f_index if filter_absorbs else f_index + 1
-            if filter_level == PLUS or filter_absorbs:
-                candidates: list[str] = [_FRESH]
-                if not member_absorbs:
-                    candidates.extend(node.children)
-            else:
-                candidates = [filter_level]
-            for value in candidates:
-                # $ first level: only a literal on both sides reaches it.
-                dollar = depth == 0 and value[:1] == "$"
-                if dollar and (filter_level == PLUS or filter_absorbs):
-                    continue
-                next_on_prefix = (
-                    on_prefix and value != _FRESH and value == prefix[depth]  # type: ignore[index]
-                )
-                next_empty = depth == 0 and value == ""
-                step = (next_f_index, depth + 1, next_on_prefix, next_empty)
+            next_depth = depth + 1
+            filter_level = levels[f_index]
+            if filter_absorbs or filter_level == PLUS:
+                # The filter takes any level: follow every literal child with its own
+                # value, and the member's wildcard once with a fresh value.
+                fresh = (next_f_index, next_depth, False, False)
                 if member_absorbs:
-                    if not dollar:
-                        stack.append((_ABSORB, *step))
+                    stack.append((_ABSORB, *fresh))
                     continue
-                child = node.children.get(value) if value != _FRESH else None
-                if child is not None:
-                    stack.append((child, *step))
-                if node.plus is not None and not dollar:
-                    stack.append((node.plus, *step))
+                if node.plus is not None:
+                    stack.append((node.plus, *fresh))
+                for value, child in node.children.items():
+                    if depth == 0 and value[:1] == "$":
+                        continue  # a filter wildcard never reaches a '$' first level
+                    stack.append(
+                        (
+                            child,
+                            next_f_index,
+                            next_depth,
+                            on_prefix and value == prefix[depth],  # type: ignore[index]
+                            depth == 0 and value == "",
+                        )
+                    )
+                continue
+            # Literal filter level: T's level is fixed.
+            step = (
+                next_f_index,
+                next_depth,
+                on_prefix and filter_level == prefix[depth],  # type: ignore[index]
+                depth == 0 and filter_level == "",
+            )
+            member_wild_ok = not (depth == 0 and filter_level[:1] == "$")
+            if member_absorbs:
+                if member_wild_ok:
+                    stack.append((_ABSORB, *step))
+                continue
+            child = node.children.get(filter_level)
+            if child is not None:
+                stack.append((child, *step))
+            if node.plus is not None and member_wild_ok:
+                stack.append((node.plus, *step))
         return False
