@@ -60,6 +60,7 @@ from amqtt.session import Session
 from websockets.asyncio.server import ServerConnection
 
 from broker.audit import AuditLog
+from broker.live import ChangeWatcher, StatusRecorder
 from broker.clientip import TrustedProxies, client_ip_from_forwarded, normalize_ip
 from broker.plugins import Connection, Grant, TopicAclPlugin, connection_of, grant_of
 from broker.settings import Listener, Settings
@@ -107,6 +108,9 @@ class KeyBroker(Broker):
         self._listeners = {listener.name: listener for listener in settings.listeners}
         self._tasks: dict[str, asyncio.Task[Any]] = {}
         self._decide: Callable[[Session, str, Action], Any] = TopicAclPlugin.decide
+        # Daemon services attached by BrokerServer (broker.live); None in bare use.
+        self.watcher: ChangeWatcher | None = None
+        self.status: StatusRecorder | None = None
 
     # ------------------------------------------------------------------ listeners
     async def _start_listeners(self) -> None:
@@ -237,6 +241,7 @@ class KeyBroker(Broker):
         handler.attach(session, reader, writer)
         self._sessions[client_id] = (session, handler)
         await _send_connack(writer, CONNECTION_ACCEPTED, session_present=session.parent)
+        self._session_started(client_id, session)
         await self.plugins_manager.fire_event(
             BrokerEvents.CLIENT_CONNECTED, client_id=client_id, client_session=session
         )
@@ -247,6 +252,15 @@ class KeyBroker(Broker):
         finally:
             if self._tasks.get(client_id) is asyncio.current_task():
                 del self._tasks[client_id]
+
+    def _session_started(self, client_id: str, session: Session) -> None:
+        grant = grant_of(session)
+        if grant is None:
+            return
+        if self.watcher is not None:
+            self.watcher.session_started(client_id, grant)
+        if self.status is not None:
+            self.status.connected(client_id, grant.key.key)
 
     async def _take_over(self, incoming: Session) -> Session:
         """Close a live connection with the same client id, then pick the session to use."""
@@ -351,6 +365,8 @@ class KeyBroker(Broker):
             await self._publish_will(client_session)
         await self._stop_handler(handler)
         client_session.transitions.disconnect()
+        if self.status is not None and client_session.client_id:
+            self.status.disconnected(client_session.client_id)
         await self.plugins_manager.fire_event(
             BrokerEvents.CLIENT_DISCONNECTED,
             client_id=client_session.client_id,

@@ -98,6 +98,25 @@ def remove(device_ids: tuple[str, ...], yes: bool) -> None:
         raise click.ClickException(f"unknown device(s): {', '.join(missing)}")
 
 
+@devices.command("kick")
+@click.argument("device_ids", metavar="ID...", nargs=-1, required=True)
+def kick(device_ids: tuple[str, ...]) -> None:
+    """Disconnect the live session of each device ID (the running daemon acts within ~1 s).
+
+    The device may reconnect at once if its key still allows it: deactivate the key to
+    keep it out."""
+
+    async def request(ks: KeyStore) -> None:
+        for device_id in device_ids:
+            await ks.get_device(device_id)  # unknown ids are an error, nothing requested
+        for device_id in device_ids:
+            await ks.request_kick(device_id)
+
+    run_store(request)
+    for device_id in device_ids:
+        click.echo(f"kick requested for device {device_id}")
+
+
 @devices.command("key")
 @click.argument("device_id", metavar="ID")
 @click.option("--name", help="Key name (unique among keys).")

@@ -14,6 +14,7 @@ keystore, the settings and the audit log through the plugin ``Config``.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -23,6 +24,7 @@ from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
 from broker import policy
+from broker.guard import BruteForceGuard
 from broker.policy import Decision, SessionPolicy
 from keystore.models import AccessKey
 
@@ -71,21 +73,34 @@ class AccessKeyAuthPlugin(BaseAuthPlugin):
         keystore: Any = None  # keystore.KeyStore, opened by broker.server
         device_prefix: str = "losant"
         audit: Any = None  # broker.audit.AuditLog
+        guard: Any = None  # broker.guard.BruteForceGuard (None = off)
 
     async def authenticate(self, *, session: Session) -> bool:
         conn = connection_of(session)
-        try:
-            outcome = await self._decide(session, conn)
-        except Exception:
-            # A keystore failure must refuse this client, not crash the daemon.
-            logger.exception("authentication failed with an internal error")
-            outcome = Refusal("internal_error", 5, session.username)
+        guard: BruteForceGuard | None = self.config.guard
+        now = time.monotonic()
+        if conn is not None and guard is not None and guard.banned_until(conn.client_ip, now):
+            # Step 1 of spec §2: refuse before looking at the secret at all.
+            outcome: Grant | Refusal = Refusal("banned", policy.CONNACK_CODE["banned"], None)
+        else:
+            try:
+                outcome = await self._decide(session, conn)
+            except Exception:
+                # A keystore failure must refuse this client, not crash the daemon.
+                logger.exception("authentication failed with an internal error")
+                outcome = Refusal("internal_error", 5, None)
         if isinstance(outcome, Grant):
             session.kb_grant = outcome  # type: ignore[attr-defined]
+            if guard is not None and conn is not None:
+                guard.record_success(conn.client_ip)
             self._audit("connect_ok", session, conn, outcome.key.key, None)
             return True
         session.kb_refusal = outcome  # type: ignore[attr-defined]
         self._audit("connect_refused", session, conn, outcome.key, outcome.reason)
+        if guard is not None and conn is not None and outcome.reason != "banned":
+            until = guard.record_failure(conn.client_ip, now)
+            if until is not None:
+                self._audit("ban", session, conn, None, f"banned for {until - now:.0f}s")
         return False
 
     async def _decide(self, session: Session, conn: Connection | None) -> Grant | Refusal:
@@ -103,7 +118,7 @@ class AccessKeyAuthPlugin(BaseAuthPlugin):
         registered = await ks.device_exists(device_id)
         in_scope = registered and await ks.device_matches(key, device_id)
         session_policy: SessionPolicy | None = None
-        if in_scope and key.status.value == "active":
+        if in_scope and key.status.value == "active" and not key.is_expired(datetime.now(UTC)):
             scope = await ks.resolve_scope(key)
             session_policy = SessionPolicy.build(key, scope, self.config.device_prefix)
         facts = policy.ConnectFacts(

@@ -14,6 +14,8 @@ from typing import Any
 
 from broker.amqtt_broker import KeyBroker
 from broker.audit import AuditLog
+from broker.guard import BruteForceGuard
+from broker.live import ChangeWatcher, StatusRecorder
 from broker.settings import Settings
 from keystore import KeyStore
 
@@ -23,7 +25,9 @@ AUTH_PLUGIN = "broker.plugins.AccessKeyAuthPlugin"
 ACL_PLUGIN = "broker.plugins.TopicAclPlugin"
 
 
-def amqtt_config(settings: Settings, keystore: Any, audit: AuditLog) -> dict[str, Any]:
+def amqtt_config(
+    settings: Settings, keystore: Any, audit: AuditLog, guard: BruteForceGuard | None = None
+) -> dict[str, Any]:
     """amqtt's config dict. Our listeners are started by KeyBroker, so amqtt's own
     "default" listener (which its BrokerConfig requires) is left unbound."""
     return {
@@ -33,6 +37,7 @@ def amqtt_config(settings: Settings, keystore: Any, audit: AuditLog) -> dict[str
                 "keystore": keystore,
                 "device_prefix": settings.device_prefix,
                 "audit": audit,
+                "guard": guard,
             },
             ACL_PLUGIN: {},
         },
@@ -61,10 +66,20 @@ class BrokerServer:
             )
             self.audit = AuditLog(settings.audit_path)
             self._stack.callback(self.audit.close)
-            self.broker = KeyBroker(amqtt_config(settings, self.keystore, self.audit), settings,
-                                    self.audit)
+            guard = BruteForceGuard(settings.guard) if settings.guard.enabled else None
+            config = amqtt_config(settings, self.keystore, self.audit, guard)
+            self.broker = KeyBroker(config, settings, self.audit)
+            # The stack unwinds in reverse: watcher stops, broker shuts down, then the
+            # status recorder flushes what the shutdown recorded.
+            self.broker.status = StatusRecorder(self.keystore)
+            await self.broker.status.start()
+            self._stack.push_async_callback(self.broker.status.stop)
             await self.broker.start()
             self._stack.push_async_callback(self.broker.shutdown)
+            self.broker.watcher = ChangeWatcher(self.broker, self.keystore,
+                                                settings.change_poll_interval)
+            await self.broker.watcher.start()
+            self._stack.push_async_callback(self.broker.watcher.stop)
         except BaseException:
             await self._stack.aclose()
             raise

@@ -10,6 +10,7 @@ from typing import Any
 
 from netaddr import AddrFormatError, IPNetwork
 
+from broker.guard import GuardSettings
 from keystore.errors import ValidationError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "keybroker.toml"
@@ -44,6 +45,8 @@ class Settings:
     connect_timeout: float = 10.0
     keepalive_factor: float = 1.5
     audit_path: Path | None = None
+    guard: GuardSettings = GuardSettings()
+    change_poll_interval: float = 0.25
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def with_overrides(self, **changes: Any) -> Settings:
@@ -92,6 +95,7 @@ def load_settings(config: Path | str | None = None) -> Settings:
         raise ValidationError(f"config file {str(path)!r}: {exc}") from None
     ks, mqtt = raw.get("keystore", {}), raw.get("mqtt", {})
     net, limits, audit = raw.get("network", {}), raw.get("limits", {}), raw.get("audit", {})
+    security = raw.get("security", {})
     denied = mqtt.get("denied_publish", "drop")
     if denied not in ("drop", "disconnect"):
         raise ValidationError(
@@ -113,6 +117,14 @@ def load_settings(config: Path | str | None = None) -> Settings:
         connect_timeout=float(limits.get("connect_timeout", 10)),
         keepalive_factor=float(limits.get("keepalive_factor", 1.5)),
         audit_path=Path(audit["path"]) if audit.get("path") else None,
+        guard=GuardSettings(
+            max_failures=int(security.get("max_failures", 20)),
+            window=float(security.get("window", 60)),
+            ban=float(security.get("ban", 60)),
+            max_ban=float(security.get("max_ban", 3600)),
+            max_tracked=int(security.get("max_tracked", 100_000)),
+        ),
+        change_poll_interval=float(limits.get("change_poll_interval", 0.25)),
         extra=raw,
     )
     return settings

@@ -84,7 +84,44 @@ _V1 = [
     """,
 ]
 
-MIGRATIONS: list[list[str]] = [_V1]
+# A change feed for the daemon (live revocation, spec §4). Triggers write it, so every
+# writer — the daemon, the CLI in another process, a future API — feeds it without
+# knowing. AUTOINCREMENT keeps ids increasing even after old rows are pruned.
+_NOW_MICROS = "CAST((julianday('now') - 2440587.5) * 86400000000 AS INTEGER)"
+_V2 = [
+    """
+    CREATE TABLE changes (
+        id      INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind    TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        at      INTEGER NOT NULL
+    )
+    """,
+    f"""
+    CREATE TRIGGER key_status_changed AFTER UPDATE OF status ON access_keys
+    WHEN NEW.status IS NOT OLD.status
+    BEGIN INSERT INTO changes (kind, subject, at) VALUES ('key_status', NEW.key, {_NOW_MICROS});
+    END
+    """,
+    f"""
+    CREATE TRIGGER key_expiry_changed AFTER UPDATE OF expires_at ON access_keys
+    WHEN NEW.expires_at IS NOT OLD.expires_at
+    BEGIN INSERT INTO changes (kind, subject, at) VALUES ('key_expiry', NEW.key, {_NOW_MICROS});
+    END
+    """,
+    f"""
+    CREATE TRIGGER key_deleted AFTER DELETE ON access_keys
+    BEGIN INSERT INTO changes (kind, subject, at) VALUES ('key_deleted', OLD.key, {_NOW_MICROS});
+    END
+    """,
+    f"""
+    CREATE TRIGGER device_deleted AFTER DELETE ON devices
+    BEGIN INSERT INTO changes (kind, subject, at) VALUES ('device_deleted', OLD.id, {_NOW_MICROS});
+    END
+    """,
+]
+
+MIGRATIONS: list[list[str]] = [_V1, _V2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -56,6 +56,16 @@ def iso(ts: datetime | None) -> str | None:
 
 
 @dataclass(frozen=True, slots=True)
+class Change:
+    """One row of the keystore's change feed (written by triggers; see migrations)."""
+
+    id: int
+    kind: str  # key_status | key_expiry | key_deleted | device_deleted | kick
+    subject: str  # the key or device id
+    at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
 class Device:
     id: str
     name: str | None

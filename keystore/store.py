@@ -31,6 +31,7 @@ from keystore.db import (
     KEY_COLUMNS,
     chunks,
     connect,
+    from_micros,
     now_micros,
     placeholders,
     row_to_device,
@@ -46,7 +47,7 @@ from keystore.keyspec import (
     validate_topic_list,
 )
 from keystore.migrations import migrate
-from keystore.models import AccessKey, AddressMode, Device, KeyStatus, Tag, TopicMode
+from keystore.models import AccessKey, AddressMode, Change, Device, KeyStatus, Tag, TopicMode
 from keystore.query import compile_query
 from keystore.statements import DEVICE_MATCH_SQL, MIN_PREFIX_LEN, SCOPE_SQL
 from keystore.validation import (
@@ -134,6 +135,8 @@ class KeyStore:
         self.max_keys = max_keys
         self._lock = asyncio.Lock()
         self._closed = False
+        # Commits on our own connection do not move PRAGMA data_version; count them.
+        self._local_commits = 0
 
     @classmethod
     def open(
@@ -169,6 +172,7 @@ class KeyStore:
                     await self._conn.execute("ROLLBACK")
                 raise
             await self._conn.execute("COMMIT")
+            self._local_commits += 1
 
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -190,6 +194,37 @@ class KeyStore:
         cheap poll for the daemon to notice outside changes."""
         rows = await self._fetchall("PRAGMA data_version")
         return int(rows[0][0])
+
+    async def change_marker(self) -> tuple[int, int]:
+        """Moves whenever anyone (this connection or another process) commits a change."""
+        return (await self.data_version(), self._local_commits)
+
+    async def latest_change_id(self) -> int:
+        rows = await self._fetchall("SELECT COALESCE(MAX(id), 0) FROM changes")
+        return int(rows[0][0])
+
+    async def changes_since(self, change_id: int, limit: int = 10_000) -> list[Change]:
+        """Change-feed rows after ``change_id``, oldest first (see migrations._V2)."""
+        rows = await self._fetchall(
+            "SELECT id, kind, subject, at FROM changes WHERE id > ? ORDER BY id LIMIT ?",
+            (change_id, limit),
+        )
+        return [Change(int(r[0]), str(r[1]), str(r[2]), from_micros(r[3])) for r in rows]
+
+    async def request_kick(self, device_id: str) -> None:
+        """Ask a running daemon to disconnect the session of ``device_id`` (operators)."""
+        device_id = validate_device_id(device_id)
+        async with self._write() as conn:
+            await conn.execute(
+                "INSERT INTO changes (kind, subject, at) VALUES ('kick', ?, ?)",
+                (device_id, now_micros()),
+            )
+
+    async def prune_changes(self, before: datetime) -> int:
+        """Drop change rows older than ``before`` (the daemon keeps the feed short)."""
+        async with self._write() as conn:
+            cursor = await conn.execute("DELETE FROM changes WHERE at < ?", (to_micros(before),))
+            return cursor.rowcount
 
     # --- devices --------------------------------------------------------------------------
 

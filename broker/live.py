@@ -1,0 +1,173 @@
+"""Live changes (spec §4) and connection status (spec §5), off the message path.
+
+* ``ChangeWatcher`` polls the keystore's change marker every ``interval`` seconds
+  (``PRAGMA data_version`` for other processes such as the CLI, plus a counter for our own
+  connection); only when it moves does it read the ``changes`` rows written by triggers
+  since the last one seen. Work is proportional to the number of changes, never to the
+  number of keys or sessions. Deactivated, deleted or expired keys and deleted devices
+  get their sessions kicked; operators' ``devices kick`` requests arrive the same way.
+* Expiry of a connected key is a heap of (expires_at, client id, grant) checked on the
+  same tick, so a key expiring while connected is kicked within one interval.
+* ``StatusRecorder`` batches device connected/last-seen and key last-used writes and
+  flushes them once per interval, so CONNECT never waits on a write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from broker.plugins import Grant, grant_of
+
+if TYPE_CHECKING:
+    from broker.amqtt_broker import KeyBroker
+    from keystore import KeyStore
+
+logger = logging.getLogger(__name__)
+
+
+class ChangeWatcher:
+    def __init__(self, broker: KeyBroker, keystore: KeyStore, interval: float = 0.25) -> None:
+        self.broker = broker
+        self.keystore = keystore
+        self.interval = interval
+        self._expiries: list[tuple[float, int, str, Grant]] = []
+        self._serial = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._last_id = await self.keystore.latest_change_id()
+        self._marker = await self.keystore.change_marker()
+        self._task = asyncio.create_task(self._run(), name="keybroker-change-watcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def session_started(self, client_id: str, grant: Grant) -> None:
+        expires = grant.key.expires_at
+        if expires is not None:
+            self._serial += 1
+            heapq.heappush(self._expiries, (expires.timestamp(), self._serial, client_id, grant))
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.tick()
+            except Exception:  # keep watching: one bad poll must not end revocation
+                logger.exception("change watcher poll failed")
+
+    async def tick(self) -> None:
+        marker = await self.keystore.change_marker()
+        if marker != self._marker:
+            self._marker = marker
+            for change in await self.keystore.changes_since(self._last_id):
+                self._last_id = change.id
+                await self._apply(change.kind, change.subject)
+        await self._expire(datetime.now(UTC).timestamp())
+
+    async def _apply(self, kind: str, subject: str) -> None:
+        if kind in ("device_deleted", "kick"):
+            reason = "device_deleted" if kind == "device_deleted" else "operator_kick"
+            await self.broker.kick(subject, reason)
+            return
+        # key_status / key_expiry / key_deleted: re-read the key once for all its sessions.
+        client_ids = self.broker.sessions_where(lambda grant: grant.key.key == subject)
+        if not client_ids:
+            return
+        key = (await self.keystore.keys_by_id([subject])).get(subject)
+        now = datetime.now(UTC)
+        for client_id in client_ids:
+            if key is None:
+                await self.broker.kick(client_id, "key_deleted")
+            elif key.status.value != "active":
+                await self.broker.kick(client_id, "key_inactive")
+            elif key.is_expired(now):
+                await self.broker.kick(client_id, "key_expired")
+            else:
+                self._regrant(client_id, key)
+
+    def _regrant(self, client_id: str, key: object) -> None:
+        """Same scope and topics, new expiry: the session keeps its policy (spec §2)."""
+        entry = self.broker.sessions.get(client_id)
+        grant = grant_of(entry[0]) if entry else None
+        if entry is None or grant is None:
+            return
+        new = Grant(key=key, policy=grant.policy)  # type: ignore[arg-type]
+        entry[0].kb_grant = new  # type: ignore[attr-defined]
+        self.session_started(client_id, new)
+
+    async def _expire(self, now: float) -> None:
+        heap = self._expiries
+        while heap and heap[0][0] <= now:
+            _, _, client_id, grant = heapq.heappop(heap)
+            entry = self.broker.sessions.get(client_id)
+            # Stale entries (session gone, reconnected or re-granted) are skipped.
+            if entry is not None and grant_of(entry[0]) is grant:
+                await self.broker.kick(client_id, "key_expired")
+
+
+class StatusRecorder:
+    """Batches status writes: devices' connected/last_seen and keys' last used."""
+
+    def __init__(self, keystore: KeyStore, interval: float = 1.0) -> None:
+        self.keystore = keystore
+        self.interval = interval
+        self._devices: dict[str, tuple[bool, datetime]] = {}
+        self._keys: dict[str, datetime] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def connected(self, device_id: str, key: str) -> None:
+        now = datetime.now(UTC)
+        self._devices[device_id] = (True, now)
+        self._keys[key] = now
+
+    def disconnected(self, device_id: str) -> None:
+        self._devices[device_id] = (False, datetime.now(UTC))
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="keybroker-status-recorder")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self.flush()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.flush()
+            except Exception:
+                logger.exception("status flush failed; will retry")
+
+    async def flush(self) -> None:
+        devices, self._devices = self._devices, {}
+        keys, self._keys = self._keys, {}
+        # One timestamp per batch: status is precise to the flush interval, by design.
+        try:
+            for state in (True, False):
+                ids = [d for d, (up, _) in devices.items() if up is state]
+                if ids:
+                    await self.keystore.set_devices_connected(
+                        ids, state, max(devices[d][1] for d in ids))
+            if keys:
+                await self.keystore.mark_keys_used(list(keys), max(keys.values()))
+        except Exception:
+            # Put back what was not written; newer updates win.
+            for device, value in devices.items():
+                self._devices.setdefault(device, value)
+            for key, when in keys.items():
+                self._keys.setdefault(key, when)
+            raise
