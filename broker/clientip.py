@@ -154,7 +154,8 @@ def proxy_v2_length(header: bytes) -> int:
     """Total header length announced by the first 16 bytes of a v2 header."""
     if len(header) < PROXY_V2_HEADER_LEN or not header.startswith(PROXY_V2_SIGNATURE):
         raise ValidationError("invalid PROXY v2 header: bad signature")
-    return PROXY_V2_HEADER_LEN + struct.unpack_from("!H", header, 14)[0]
+    announced: int = struct.unpack_from("!H", header, 14)[0]
+    return PROXY_V2_HEADER_LEN + announced
 
 
 def parse_proxy_v2(header: bytes) -> ProxyInfo | None:

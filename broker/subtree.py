@@ -286,9 +286,9 @@ class RetainedStore(Generic[V]):
                         continue
                     stack.append((child, index + 1))
             else:
-                child = node.children.get(level)
-                if child is not None:
-                    stack.append((child, index + 1))
+                literal_child = node.children.get(level)
+                if literal_child is not None:
+                    stack.append((literal_child, index + 1))
 
     @staticmethod
     def _subtree(start: _TopicNode[V]) -> Iterator[tuple[str, V]]:

@@ -444,9 +444,9 @@ class FilterSet:
                 if member_wild_ok:
                     stack.append((_ABSORB, *step))
                 continue
-            child = node.children.get(filter_level)
-            if child is not None:
-                stack.append((child, *step))
+            literal_child = node.children.get(filter_level)
+            if literal_child is not None:
+                stack.append((literal_child, *step))
             if node.plus is not None and member_wild_ok:
                 stack.append((node.plus, *step))
         return False

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from functools import lru_cache
+from functools import cache
 
 import pytest
 from hypothesis import given, settings
@@ -299,7 +299,7 @@ def small_filters(draw: st.DrawFn) -> str:
     return "/".join(levels) or "#"
 
 
-@lru_cache(maxsize=None)
+@cache
 def universe(depth: int) -> tuple[str, ...]:
     values = [*UNIVERSE_LEVELS, FRESH]
     return tuple(

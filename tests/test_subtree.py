@@ -62,7 +62,8 @@ def test_match_equals_brute_force_and_removal_leaves_nothing(
     for topic in sample:
         assert tree.match(topic) == brute_force(entries, topic)
     for subscriber in {s for _, s in entries}:
-        assert tree.filters_of(subscriber) == {f: q for (f, s), q in entries.items() if s == subscriber}
+        expected_filters = {f: q for (f, s), q in entries.items() if s == subscriber}
+        assert tree.filters_of(subscriber) == expected_filters
 
     # Remove what is left, partly per subscriber: no stale nodes or entries remain.
     for subscriber in range(5):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from functools import lru_cache
+from functools import cache
 
 import pytest
 from hypothesis import given, settings
@@ -67,7 +67,7 @@ def filters(draw: st.DrawFn, max_depth: int = 5) -> str:
 small_filters = filters(max_depth=3)
 
 
-@lru_cache(maxsize=None)
+@cache
 def universe(depth: int) -> tuple[str, ...]:
     """All topics of 1..depth levels over the literals plus one fresh level.
 
