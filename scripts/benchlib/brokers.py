@@ -1,0 +1,188 @@
+"""Start and stop the brokers under test, each in its own subprocess on 127.0.0.1.
+
+``running(kind, ...)`` is a context manager that always stops the subprocess
+(SIGTERM, then SIGKILL after a timeout) and gives the port and the pid (for RSS).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HOST = "127.0.0.1"
+BROKERS = ("amqtt", "keybroker", "mosquitto")
+START_TIMEOUT = 30.0
+
+# Stock amqtt: anonymous, no ACL, no $SYS plugin, one TCP listener.
+_AMQTT_RUNNER = """
+import asyncio, logging, signal, sys
+from amqtt.broker import Broker
+logging.basicConfig(level=logging.WARNING)
+async def main(port):
+    config = {
+        "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+    }
+    broker = Broker(config)
+    await broker.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"amqtt listening on 127.0.0.1:{port}", flush=True)
+    await stop.wait()
+    await broker.shutdown()
+asyncio.run(main(int(sys.argv[1])))
+"""
+
+# `keybroker serve` through the CLI group, for a tree where the serve command exists in
+# broker.serve_cmd but is not yet registered on broker.cli:main.
+_KEYBROKER_SERVE_SHIM = (
+    "import sys; from broker.cli import main; from broker.serve_cmd import serve; "
+    "main.add_command(serve); sys.argv[0] = 'keybroker'; main()"
+)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def mosquitto_path() -> str | None:
+    return shutil.which("mosquitto") or next(
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.access(p, os.X_OK)),
+        None,
+    )
+
+
+def mosquitto_version() -> str | None:
+    path = mosquitto_path()
+    if path is None:
+        return None
+    try:
+        out = subprocess.run([path, "-h"], capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    first = out.splitlines()[0] if out else ""
+    return first.replace("mosquitto version", "").strip() or None
+
+
+def keybroker_command() -> tuple[list[str], str | None]:
+    """argv prefix for `keybroker` (before `--db`), and a note when a shim is needed."""
+    from broker.cli import main  # the bench runs in the project's venv
+
+    if "serve" in main.commands:
+        return [sys.executable, "-m", "broker.cli"], None
+    try:
+        import broker.serve_cmd  # noqa: F401
+    except ImportError as exc:
+        raise RuntimeError(f"keybroker has no serve command: {exc}") from exc
+    return [sys.executable, "-c", _KEYBROKER_SERVE_SHIM], (
+        "`keybroker serve` is not registered on broker.cli:main in this tree; the bench "
+        "started broker.serve_cmd.serve through the same CLI group instead"
+    )
+
+
+@dataclass
+class RunningBroker:
+    kind: str
+    proc: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError(f"no VmRSS for pid {self.pid}")
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(
+                f"{self.kind} exited with code {self.proc.returncode}; log tail:\n{self.log_tail()}"
+            )
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def _wait_listening(broker: RunningBroker, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        broker.check_alive()
+        with contextlib.suppress(OSError), socket.create_connection((HOST, broker.port), 0.5):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{broker.kind} did not listen on {broker.port} within {timeout}s:\n"
+                       f"{broker.log_tail()}")
+
+
+def _stop(broker: RunningBroker, timeout: float = 10.0) -> None:
+    proc = broker.proc
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@contextlib.contextmanager
+def running(kind: str, workdir: Path, *, keystore: Path | None = None) -> Iterator[RunningBroker]:
+    """Start broker ``kind`` on a free loopback port; always stopped on exit."""
+    port = free_port()
+    log_path = workdir / f"{kind}-{port}.log"
+    notes: list[str] = []
+    if kind == "amqtt":
+        argv = [sys.executable, "-c", _AMQTT_RUNNER, str(port)]
+    elif kind == "mosquitto":
+        path = mosquitto_path()
+        if path is None:
+            raise RuntimeError("mosquitto is not installed")
+        conf = workdir / f"mosquitto-{port}.conf"
+        conf.write_text(f"listener {port} {HOST}\nallow_anonymous true\npersistence false\n"
+                        "log_dest stderr\nlog_type error\nlog_type warning\n")
+        argv = [path, "-c", str(conf)]
+    elif kind == "keybroker":
+        if keystore is None:
+            raise ValueError("keybroker needs a keystore path")
+        conf = workdir / f"keybroker-{port}.toml"
+        conf.write_text(
+            f'[keystore]\npath = "{keystore}"\n\n'
+            f'[listeners.tcp]\ntype = "tcp"\nhost = "{HOST}"\nport = {port}\n'
+        )
+        prefix, note = keybroker_command()
+        if note:
+            notes.append(note)
+        argv = [*prefix, "--db", str(keystore), "serve", "--config", str(conf),
+                "--host", HOST, "--port", str(port), "--log-level", "WARNING"]
+    else:
+        raise ValueError(f"unknown broker {kind!r}")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
+                                start_new_session=True)
+    broker = RunningBroker(kind, proc, port, log_path, notes)
+    try:
+        _wait_listening(broker, START_TIMEOUT)
+        yield broker
+    finally:
+        _stop(broker)
