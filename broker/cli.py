@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from broker.cli_backup import backup_cmd
 from broker.cli_common import CliState, KeybrokerGroup
 from broker.cli_devices import devices
 from broker.cli_keys import keys
@@ -38,6 +39,7 @@ main.add_command(devices)
 main.add_command(keys)
 main.add_command(seed)
 main.add_command(serve)
+main.add_command(backup_cmd)
 
 
 if __name__ == "__main__":
