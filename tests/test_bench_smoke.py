@@ -14,7 +14,7 @@ BENCH = Path(__file__).resolve().parent.parent / "scripts" / "bench"
 
 def test_bench_quick_qos0_keybroker(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    proc = subprocess.run(
+    proc = subprocess.run(  # noqa: S603 - our own interpreter and script
         [sys.executable, str(BENCH), "--quick", "--only", "qos0", "--brokers", "keybroker",
          "--measure", "0.5", "--json-out", str(out)],
         capture_output=True, text=True, timeout=40, cwd=tmp_path,

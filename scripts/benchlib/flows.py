@@ -20,7 +20,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
-from .mqttload import PUBACK, PUBLISH, Client, Qos1Publisher, publish_packet, puback_packet
+from .mqttload import PUBACK, PUBLISH, Client, Qos1Publisher, puback_packet, publish_packet
 
 MP = mp.get_context("fork")
 
