@@ -61,6 +61,7 @@ from websockets.asyncio.server import ServerConnection
 
 from broker.audit import AuditLog
 from broker.live import ChangeWatcher, StatusRecorder
+from broker.framing import FramedReader, PacketError, read_proxy_header
 from broker.clientip import TrustedProxies, client_ip_from_forwarded, normalize_ip
 from broker.plugins import Connection, Grant, TopicAclPlugin, connection_of, grant_of
 from broker.settings import Listener, Settings
@@ -107,6 +108,12 @@ class KeyBroker(Broker):
         self._retained = RetainedStore[RetainedApplicationMessage]()
         self._listeners = {listener.name: listener for listener in settings.listeners}
         self._tasks: dict[str, asyncio.Task[Any]] = {}
+        self._ssl: dict[str, ssl.SSLContext] = {}
+        self._open_connections = 0
+        self._open_writers: set[WriterAdapter] = set()
+        # Deliveries not yet written (queued + in flight), per client id: bounds what a
+        # slow consumer can make the broker hold.
+        self._pending: dict[str, int] = {}
         self._decide: Callable[[Session, str, Action], Any] = TopicAclPlugin.decide
         # Daemon services attached by BrokerServer (broker.live); None in bare use.
         self.watcher: ChangeWatcher | None = None
@@ -116,13 +123,17 @@ class KeyBroker(Broker):
     async def _start_listeners(self) -> None:
         for listener in self.settings.listeners:
             ssl_context = _ssl_context(listener) if listener.tls else None
+            if ssl_context is not None:
+                self._ssl[listener.name] = ssl_context
             if listener.type == "tcp":
+                # With PROXY protocol the header precedes the TLS handshake, so TLS is
+                # started by stream_connected after reading it.
                 instance: Any = await asyncio.start_server(
                     partial(self.stream_connected, listener_name=listener.name),
                     listener.host,
                     listener.port,
                     reuse_address=True,
-                    ssl=ssl_context,
+                    ssl=None if listener.proxy_protocol else ssl_context,
                 )
             else:
                 instance = await websockets.serve(
@@ -134,6 +145,12 @@ class KeyBroker(Broker):
                     max_size=self.settings.max_packet_size + 16,
                 )
             self._servers[listener.name] = Server(listener.name, instance, -1)
+
+    async def shutdown(self) -> None:
+        await super().shutdown()
+        # Connections still before or inside CONNECT are not sessions amqtt knows about.
+        for writer in list(self._open_writers):
+            await _close_quietly(writer)
 
     def bound_addresses(self) -> dict[str, list[tuple[str, int]]]:
         """Listener name -> the (host, port) pairs it is bound to (port 0 resolved)."""
@@ -153,9 +170,65 @@ class KeyBroker(Broker):
     async def stream_connected(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
     ) -> None:
+        adapter = StreamWriterAdapter(writer)
+        prefix = b""
+        if self._listeners[listener_name].proxy_protocol:
+            accepted = await self._accept_proxy_header(reader, writer, adapter, listener_name)
+            if accepted is None:
+                return
+            prefix = accepted
         await self._client_connected(
-            listener_name, StreamReaderAdapter(reader), StreamWriterAdapter(writer)
+            listener_name, StreamReaderAdapter(reader), adapter, prefix=prefix
         )
+
+    async def _accept_proxy_header(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        adapter: StreamWriterAdapter,
+        listener_name: str,
+    ) -> bytes | None:
+        """Read a PROXY header on a proxy_protocol listener; None = connection refused.
+
+        Only trusted proxies may send one (else it could spoof the client IP), and a
+        trusted proxy must send one (else every client would look like the proxy)."""
+        peer = writer.get_extra_info("peername")
+        peer_ip = normalize_ip(str(peer[0])) if peer else None
+        trusted = peer_ip is not None and self._trusted.contains(peer_ip)
+
+        async def read(n: int) -> bytes:
+            try:
+                return await reader.readexactly(n)
+            except asyncio.IncompleteReadError as exc:
+                return exc.partial
+
+        reason = None
+        try:
+            async with asyncio.timeout(self.settings.connect_timeout):
+                info, had_header, leftover = await read_proxy_header(read)
+        except (ValidationError, TimeoutError, ConnectionError) as exc:
+            reason = f"bad_proxy_header: {exc}" if not isinstance(exc, TimeoutError) else (
+                "proxy_header_timeout")
+        else:
+            if had_header and not trusted:
+                reason = "proxy_header_from_untrusted_peer"
+            elif trusted and not had_header:
+                reason = "proxy_header_missing"
+        if reason is not None:
+            self.audit.event("connect_invalid", peer_ip=peer_ip, client_ip=peer_ip,
+                             listener=listener_name, reason=reason)
+            writer.close()
+            return None
+        if info is not None:
+            adapter.kb_proxy_client = normalize_ip(info.src_ip)  # type: ignore[attr-defined]
+        context = self._ssl.get(listener_name)
+        if context is not None:
+            try:
+                await writer.start_tls(context)
+            except (ssl.SSLError, ConnectionError, OSError):
+                writer.close()
+                return None
+        return leftover
 
     def _connection_info(self, listener_name: str, writer: WriterAdapter) -> Connection | None:
         peer = writer.get_peer_info()
@@ -163,25 +236,50 @@ class KeyBroker(Broker):
             return None
         peer_ip = normalize_ip(str(peer[0])) or str(peer[0])
         forwarded: list[str] = getattr(writer, "kb_forwarded", None) or []
-        client_ip = (
-            client_ip_from_forwarded(peer_ip, forwarded, self._trusted) if forwarded else peer_ip
-        )
+        proxied: str | None = getattr(writer, "kb_proxy_client", None)
+        if proxied is not None:  # set only for trusted proxies (_accept_proxy_header)
+            client_ip = proxied
+        elif forwarded:
+            client_ip = client_ip_from_forwarded(peer_ip, forwarded, self._trusted)
+        else:
+            client_ip = peer_ip
         return Connection(listener=listener_name, peer_ip=peer_ip, client_ip=client_ip)
 
     # ------------------------------------------------------------------ CONNECT
-    async def _client_connected(
-        self, listener_name: str, reader: ReaderAdapter, writer: WriterAdapter
+    async def _client_connected(  # type: ignore[override]
+        self,
+        listener_name: str,
+        reader: ReaderAdapter,
+        writer: WriterAdapter,
+        *,
+        prefix: bytes = b"",
     ) -> None:
         server = self._servers.get(listener_name)
-        if server is None:
-            await writer.close()
+        conn = self._connection_info(listener_name, writer)
+        if server is None or conn is None:
+            await _close_quietly(writer)
             return
+        if self._open_connections >= self.settings.max_connections:
+            self.audit.event("connect_invalid", client_ip=conn.client_ip, peer_ip=conn.peer_ip,
+                             listener=listener_name, reason="max_connections")
+            await _close_quietly(writer)
+            return
+        self._open_connections += 1
+        self._open_writers.add(writer)
         await server.acquire_connection()
+
+        def violation(error: PacketError) -> None:
+            self.audit.event("bad_packet", client_ip=conn.client_ip, peer_ip=conn.peer_ip,
+                             listener=listener_name, reason=str(error))
+
+        reader = FramedReader(
+            reader,
+            max_packet_size=self.settings.max_packet_size,
+            packet_timeout=self.settings.packet_timeout,
+            prefix=prefix,
+            on_violation=violation,
+        )
         try:
-            conn = self._connection_info(listener_name, writer)
-            if conn is None:
-                await writer.close()
-                return
             try:
                 handler, session = await asyncio.wait_for(
                     KeyProtocolHandler.init_from_connect(reader, writer, self.plugins_manager),
@@ -208,7 +306,13 @@ class KeyBroker(Broker):
             logger.exception("connection on %s ended with an internal error", listener_name)
             await _close_quietly(writer)
         finally:
+            self._open_connections -= 1
+            self._open_writers.discard(writer)
             server.release_connection()
+            # amqtt's StreamWriterAdapter.close() marks itself closed, then drain() can raise
+            # on a reset peer before the socket is closed; the connection owns its socket,
+            # so close it here whatever happened (idempotent, no await: also on cancel).
+            _abort(writer)
 
     async def _handle_client_session(  # type: ignore[override]
         self,
@@ -285,6 +389,7 @@ class KeyBroker(Broker):
                      "username", "password", "kb_conn", "kb_grant"):
             setattr(session, attr, getattr(incoming, attr, None))
         session.kb_kicked = None  # type: ignore[attr-defined]
+        session.kb_suppress_will = False  # type: ignore[attr-defined]
         session.parent = 1
         return session
 
@@ -321,13 +426,14 @@ class KeyBroker(Broker):
                     await self._drop_session(client_id, session)
 
     # ------------------------------------------------------------------ kick
-    async def kick(self, client_id: str, reason: str) -> bool:
-        """Disconnect a live session now; its Will is not published."""
+    async def kick(self, client_id: str, reason: str, *, publish_will: bool = False) -> bool:
+        """Disconnect a live session now. A revoked session's Will is not published."""
         entry = self._sessions.get(client_id)
         if entry is None or not entry[0].transitions.is_connected():
             return False
         session, handler = entry
         session.kb_kicked = reason  # type: ignore[attr-defined]
+        session.kb_suppress_will = not publish_will  # type: ignore[attr-defined]
         grant = grant_of(session)
         conn = connection_of(session)
         self.audit.event(
@@ -360,8 +466,8 @@ class KeyBroker(Broker):
     ) -> None:
         result = disconnect_waiter.result()
         abnormal = result is None or not isinstance(result, DisconnectPacket)
-        kicked = getattr(client_session, "kb_kicked", None)
-        if abnormal and client_session.will_flag and not kicked:
+        suppress = getattr(client_session, "kb_suppress_will", False)
+        if abnormal and client_session.will_flag and not suppress:
             await self._publish_will(client_session)
         await self._stop_handler(handler)
         client_session.transitions.disconnect()
@@ -401,6 +507,7 @@ class KeyBroker(Broker):
         topic = app_message.topic
         try:
             validate_topic_name(topic)
+            self._check_topic_limits(topic)
         except ValidationError as exc:
             # MQTT-3.3.2-2 / 4.7.3-1: a malformed PUBLISH topic is a protocol error.
             self._audit_denied("publish_denied", client_session, topic, f"invalid_topic: {exc}")
@@ -452,8 +559,26 @@ class KeyBroker(Broker):
         )
 
     # ------------------------------------------------------------------ SUBSCRIBE
+    def _check_topic_limits(self, topic: str) -> None:
+        size, levels = len(topic.encode("utf-8", "surrogatepass")), topic.count("/") + 1
+        if size > self.settings.max_topic_length:
+            raise ValidationError(f"{size} bytes, limit {self.settings.max_topic_length}")
+        if levels > self.settings.max_topic_levels:
+            raise ValidationError(f"{levels} levels, limit {self.settings.max_topic_levels}")
+
     async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
         topic_filter, qos = subscription
+        limit = self.settings.max_subscriptions
+        client_id = session.client_id or ""
+        try:
+            self._check_topic_limits(topic_filter)
+        except ValidationError as exc:
+            self._audit_denied("subscribe_denied", session, topic_filter, f"limit: {exc}")
+            return SUBACK_FAILURE
+        if limit and len(self._subtree.filters_of(client_id)) >= limit and \
+                topic_filter not in self._subtree.filters_of(client_id):
+            self._audit_denied("subscribe_denied", session, topic_filter, "max_subscriptions")
+            return SUBACK_FAILURE
         decision = self._decide(session, topic_filter, Action.SUBSCRIBE)
         if not decision.allowed:
             self._audit_denied("subscribe_denied", session, topic_filter, decision.reason)
@@ -488,6 +613,7 @@ class KeyBroker(Broker):
         pub_qos = broadcast.get("pub_qos", QOS_2)
         decide = self._decide
         sessions = self._sessions
+        max_queued = self.settings.max_queued_messages
         for client_id, sub_qos in self._subtree.match(topic).items():
             entry = sessions.get(client_id)
             if entry is None:
@@ -502,9 +628,29 @@ class KeyBroker(Broker):
                 if not target.clean_session and qos in (QOS_1, QOS_2):
                     await self._retain_broadcast_message(broadcast, qos, target)
                 continue
-            running_tasks.append(
-                asyncio.ensure_future(handler.mqtt_publish(topic, data, qos, retain=False))
-            )
+            pending = self._pending.get(client_id, 0)
+            if pending >= max_queued:
+                self._slow_consumer(client_id)
+                continue
+            self._pending[client_id] = pending + 1
+            task = asyncio.ensure_future(handler.mqtt_publish(topic, data, qos, retain=False))
+            task.add_done_callback(partial(self._delivered, client_id))
+            running_tasks.append(task)
+
+    def _delivered(self, client_id: str, _task: asyncio.Future[Any]) -> None:
+        left = self._pending.get(client_id, 1) - 1
+        if left > 0:
+            self._pending[client_id] = left
+        else:
+            self._pending.pop(client_id, None)
+
+    def _slow_consumer(self, client_id: str) -> None:
+        entry = self._sessions.get(client_id)
+        if entry is None or getattr(entry[0], "kb_kicked", None):
+            return
+        task = asyncio.ensure_future(self.kick(client_id, "slow_consumer", publish_will=True))
+        _background.add(task)
+        task.add_done_callback(_background.discard)
 
     # ------------------------------------------------------------------ retained
     async def retain_message(
@@ -583,8 +729,18 @@ async def _send_connack(writer: WriterAdapter, code: int, session_present: int =
         logger.debug("peer gone before CONNACK")
 
 
+def _abort(writer: WriterAdapter) -> None:
+    """Close without awaiting (for a cancelled task); StreamWriterAdapter keeps the asyncio
+    StreamWriter in ``_writer`` (covered by tests/test_broker_hooks.py)."""
+    stream = getattr(writer, "_writer", None)
+    if isinstance(stream, asyncio.StreamWriter):
+        stream.close()
+
+
 async def _close_quietly(writer: WriterAdapter) -> None:
     try:
         await writer.close()
     except (ConnectionError, OSError, websockets.exceptions.ConnectionClosed):
         pass
+    finally:
+        _abort(writer)

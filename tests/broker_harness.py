@@ -168,7 +168,9 @@ class Client:
     def connect(self, keepalive: int = 30) -> int:
         """Connect and return the CONNACK code (0 accepted, 4 bad credentials, 5 refused)."""
         self.client.reconnect_delay_set(60, 120)  # never auto-reconnect inside a test
-        self.client.connect("127.0.0.1", self.port, keepalive=keepalive)
+        # connect_async + loop_start: paho's connect() makes a wake-up socketpair that
+        # loop_start() then replaces without closing (a ResourceWarning at GC time).
+        self.client.connect_async("127.0.0.1", self.port, keepalive=keepalive)
         self.client.loop_start()
         try:
             return self._connack.get(timeout=TIMEOUT)

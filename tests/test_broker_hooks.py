@@ -70,6 +70,12 @@ def test_handler_hooks_exist() -> None:
     assert "timeout=keepalive_timeout" in source and "self.handle_read_timeout()" in source
 
 
+def test_stream_writer_adapter_keeps_the_asyncio_writer() -> None:
+    from amqtt.adapters import StreamWriterAdapter
+
+    assert "self._writer = writer" in inspect.getsource(StreamWriterAdapter.__init__)
+
+
 def test_broker_state_attributes_exist(broker: RunningBroker) -> None:
     kb = broker.broker
     assert isinstance(kb._sessions, dict) and isinstance(kb._servers, dict)
