@@ -56,6 +56,7 @@ from amqtt.mqtt.connack import CONNECTION_ACCEPTED, NOT_AUTHORIZED, ConnackPacke
 from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
 from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import Session
 from websockets.asyncio.server import ServerConnection
 
@@ -75,9 +76,21 @@ SUBACK_FAILURE = 0x80
 
 
 class KeyProtocolHandler(BrokerProtocolHandler):
-    """amqtt's broker handler, but a read time-out (keep-alive expired) closes the link."""
+    """amqtt's broker handler, but a read time-out (keep-alive expired) closes the link,
+    and a QoS 0 PUBLISH goes straight to KeyBroker.publish_in (no queue, no loop hop)."""
 
     _kb_timed_out = False
+    kb_broker: KeyBroker | None = None
+
+    async def handle_publish(self, publish_packet: PublishPacket) -> None:
+        broker, session = self.kb_broker, self.session
+        if publish_packet.qos == QOS_0 and broker is not None and session is not None:
+            topic, data = publish_packet.topic_name, publish_packet.data
+            if topic is not None and data is not None:
+                broker.publish_in(session, self, topic, data, QOS_0,
+                                  bool(publish_packet.retain_flag))
+            return
+        await super().handle_publish(publish_packet)
 
     def handle_read_timeout(self) -> None:
         if self._kb_timed_out:
@@ -86,12 +99,17 @@ class KeyProtocolHandler(BrokerProtocolHandler):
         client_id = self.session.client_id if self.session else None
         logger.info("client %s silent past its keep-alive: closing", client_id)
         # The reader loop calls this synchronously; closing must run as its own task.
-        task = asyncio.get_running_loop().create_task(self.handle_connection_closed())
-        _background.add(task)
-        task.add_done_callback(_background.discard)
+        _spawn(self.handle_connection_closed())
 
 
 _background: set[asyncio.Task[Any]] = set()
+
+
+def _spawn(coro: Any) -> None:
+    """Run a coroutine as its own task, keeping a reference until it ends."""
+    task = asyncio.ensure_future(coro)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
 
 
 class KeyBroker(Broker):
@@ -114,6 +132,7 @@ class KeyBroker(Broker):
         # Deliveries not yet written (queued + in flight), per client id: bounds what a
         # slow consumer can make the broker hold.
         self._pending: dict[str, int] = {}
+        self._deliveries: set[asyncio.Future[Any]] = set()
         self._decide: Callable[[Session, str, Action], Any] = TopicAclPlugin.decide
         # Daemon services attached by BrokerServer (broker.live); None in bare use.
         self.watcher: ChangeWatcher | None = None
@@ -148,6 +167,9 @@ class KeyBroker(Broker):
 
     async def shutdown(self) -> None:
         await super().shutdown()
+        for task in list(self._deliveries):
+            task.cancel()
+        await asyncio.gather(*self._deliveries, return_exceptions=True)
         # Connections still before or inside CONNECT are not sessions amqtt knows about.
         for writer in list(self._open_writers):
             await _close_quietly(writer)
@@ -343,6 +365,8 @@ class KeyBroker(Broker):
         if not session.transitions.is_connected():
             session.transitions.connect()
         handler.attach(session, reader, writer)
+        if isinstance(handler, KeyProtocolHandler):
+            handler.kb_broker = self
         self._sessions[client_id] = (session, handler)
         await _send_connack(writer, CONNECTION_ACCEPTED, session_present=session.parent)
         self._session_started(client_id, session)
@@ -501,30 +525,39 @@ class KeyBroker(Broker):
         handler: BrokerProtocolHandler,
         wait_deliver: asyncio.Future[Any],
     ) -> bool:
+        """QoS 1/2 PUBLISH, after amqtt's acknowledgement flow (QoS 0 takes the fast path
+        in KeyProtocolHandler.handle_publish and never comes through here)."""
         app_message = wait_deliver.result()
-        if app_message is None:
-            return True
-        topic = app_message.topic
+        if app_message is not None:
+            retain = bool(app_message.publish_packet and app_message.publish_packet.retain_flag)
+            self.publish_in(client_session, handler, app_message.topic, app_message.data,
+                            app_message.qos or QOS_0, retain)
+        return True
+
+    def publish_in(self, session: Session, handler: BrokerProtocolHandler, topic: str,
+                   data: bytes | bytearray, qos: int, retain: bool) -> None:
+        """Check, route and retain one incoming PUBLISH. Synchronous: no await between the
+        packet and the subscribers' transports on the QoS 0 path."""
         try:
             validate_topic_name(topic)
             self._check_topic_limits(topic)
         except ValidationError as exc:
             # MQTT-3.3.2-2 / 4.7.3-1: a malformed PUBLISH topic is a protocol error.
-            self._audit_denied("publish_denied", client_session, topic, f"invalid_topic: {exc}")
-            await handler.handle_connection_closed()
-            return True
-        decision = self._decide(client_session, topic, Action.PUBLISH)
+            self._audit_denied("publish_denied", session, topic, f"invalid_topic: {exc}")
+            self._close_later(handler)
+            return
+        decision = self._decide(session, topic, Action.PUBLISH)
         if not decision.allowed:
-            self._audit_denied("publish_denied", client_session, topic, decision.reason)
+            self._audit_denied("publish_denied", session, topic, decision.reason)
             if self.settings.denied_publish == "disconnect":
-                await handler.handle_connection_closed()
-            return True
-        await self._broadcast_message(
-            client_session, topic, app_message.data, pub_qos=app_message.qos or QOS_0
-        )
-        if app_message.publish_packet and app_message.publish_packet.retain_flag:
-            await self.retain_message(client_session, topic, app_message.data, app_message.qos)
-        return True
+                self._close_later(handler)
+            return
+        self._route(topic, data, qos, None)
+        if retain:
+            self._retain(session, topic, data, qos)
+
+    def _close_later(self, handler: BrokerProtocolHandler) -> None:
+        _spawn(handler.handle_connection_closed())
 
     async def _broadcast_message(  # type: ignore[override]
         self,
@@ -535,11 +568,9 @@ class KeyBroker(Broker):
         *,
         pub_qos: int = QOS_2,
     ) -> None:
-        broadcast: dict[str, Any] = {"session": session, "topic": topic, "data": data}
-        if force_qos is not None:
-            broadcast["qos"] = force_qos
-        broadcast["pub_qos"] = pub_qos
-        await self._broadcast_queue.put(broadcast)
+        """amqtt queued every message for its broadcast task; we route at once."""
+        if topic is not None and data is not None:
+            self._route(topic, data, pub_qos, force_qos)
 
     def _audit_denied(
         self, event: str, session: Session, topic: str, reason: str, **extra: Any
@@ -606,14 +637,23 @@ class KeyBroker(Broker):
 
     # ------------------------------------------------------------------ routing
     async def _run_broadcast(self, running_tasks: Any) -> None:
+        """Only what is still put on amqtt's queue by amqtt's own code paths."""
         broadcast = await self._broadcast_queue.get()
-        topic: str = broadcast["topic"]
-        data = broadcast["data"]
-        forced = broadcast.get("qos")
-        pub_qos = broadcast.get("pub_qos", QOS_2)
+        self._route(broadcast["topic"], broadcast["data"], QOS_2, broadcast.get("qos"))
+
+    def _route(self, topic: str, data: bytes | bytearray, pub_qos: int,
+               forced: int | None) -> None:
+        """Deliver to every session whose filters match and whose policy may read topic.
+
+        QoS 0 to a TCP/TLS client: the PUBLISH bytes are built once per message and
+        written to the transport directly (one write() per packet keeps packets whole
+        even while amqtt awaits a drain for another one); a transport holding more than
+        max_buffered_bytes is a slow consumer. QoS 1/2 (and WebSocket) keep amqtt's
+        acknowledged flow, bounded by max_queued_messages per session.
+        """
         decide = self._decide
         sessions = self._sessions
-        max_queued = self.settings.max_queued_messages
+        packet: bytes | None = None
         for client_id, sub_qos in self._subtree.match(topic).items():
             entry = sessions.get(client_id)
             if entry is None:
@@ -622,22 +662,51 @@ class KeyBroker(Broker):
             if not decide(target, topic, Action.RECEIVE).allowed:
                 continue
             qos = forced if forced is not None else min(pub_qos, sub_qos)
-            state = target.transitions.state
-            if state != "connected":
+            if target.transitions.state != "connected":
                 # Persistent sessions keep QoS 1/2 messages while offline [MQTT-3.1.2-5].
                 if not target.clean_session and qos in (QOS_1, QOS_2):
-                    await self._retain_broadcast_message(broadcast, qos, target)
+                    self._queue_offline(target, topic, data, qos)
                 continue
-            pending = self._pending.get(client_id, 0)
-            if pending >= max_queued:
-                self._slow_consumer(client_id)
-                continue
-            self._pending[client_id] = pending + 1
-            task = asyncio.ensure_future(handler.mqtt_publish(topic, data, qos, retain=False))
-            task.add_done_callback(partial(self._delivered, client_id))
-            running_tasks.append(task)
+            if qos == QOS_0:
+                stream = getattr(handler.writer, "_writer", None)
+                if isinstance(stream, asyncio.StreamWriter):
+                    transport = stream.transport
+                    if transport.is_closing():
+                        continue
+                    if transport.get_write_buffer_size() > self.settings.max_buffered_bytes:
+                        self._slow_consumer(client_id)
+                        continue
+                    if packet is None:
+                        packet = PublishPacket.build(topic, bytes(data), None, False, QOS_0,
+                                                     False).to_bytes()
+                    transport.write(packet)
+                    continue
+            self._deliver_with_flow(client_id, handler, topic, data, qos)
 
-    def _delivered(self, client_id: str, _task: asyncio.Future[Any]) -> None:
+    def _deliver_with_flow(self, client_id: str, handler: BrokerProtocolHandler, topic: str,
+                           data: bytes | bytearray, qos: int) -> None:
+        pending = self._pending.get(client_id, 0)
+        if pending >= self.settings.max_queued_messages:
+            self._slow_consumer(client_id)
+            return
+        self._pending[client_id] = pending + 1
+        task = asyncio.ensure_future(handler.mqtt_publish(topic, data, qos, retain=False))
+        self._deliveries.add(task)
+        task.add_done_callback(partial(self._delivered, client_id))
+
+    def _queue_offline(self, session: Session, topic: str, data: bytes | bytearray,
+                       qos: int) -> None:
+        queue = session.retained_messages
+        if queue.qsize() >= self.settings.max_queued_messages:
+            logger.info("offline queue of %s full: message on %r dropped",
+                        session.client_id, topic)
+            return
+        queue.put_nowait(RetainedApplicationMessage(None, topic, data, qos))
+
+    def _delivered(self, client_id: str, task: asyncio.Future[Any]) -> None:
+        self._deliveries.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.debug("delivery to %s failed: %r", client_id, task.exception())
         left = self._pending.get(client_id, 1) - 1
         if left > 0:
             self._pending[client_id] = left
@@ -648,9 +717,8 @@ class KeyBroker(Broker):
         entry = self._sessions.get(client_id)
         if entry is None or getattr(entry[0], "kb_kicked", None):
             return
-        task = asyncio.ensure_future(self.kick(client_id, "slow_consumer", publish_will=True))
-        _background.add(task)
-        task.add_done_callback(_background.discard)
+        entry[0].kb_kicked = "slow_consumer"  # type: ignore[attr-defined]  # kick once
+        _spawn(self.kick(client_id, "slow_consumer", publish_will=True))
 
     # ------------------------------------------------------------------ retained
     async def retain_message(
@@ -660,8 +728,11 @@ class KeyBroker(Broker):
         data: bytes | bytearray | None,
         qos: int | None = None,
     ) -> None:
-        if topic_name is None:
-            return
+        if topic_name is not None:
+            self._retain(source_session, topic_name, data, qos)
+
+    def _retain(self, source_session: Session | None, topic_name: str,
+                data: bytes | bytearray | None, qos: int | None) -> None:
         if data:
             message = RetainedApplicationMessage(source_session, topic_name, data, qos)
             self._retained.set(topic_name, message)

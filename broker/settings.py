@@ -48,6 +48,7 @@ class Settings:
     max_connections: int = 10_000
     max_subscriptions: int = 1_000
     max_queued_messages: int = 1_000
+    max_buffered_bytes: int = 4 * 1024 * 1024
     max_topic_length: int = 1_024
     max_topic_levels: int = 32
     audit_path: Path | None = None
@@ -126,6 +127,7 @@ def load_settings(config: Path | str | None = None) -> Settings:
         max_connections=int(limits.get("max_connections", 10_000)),
         max_subscriptions=int(limits.get("max_subscriptions", 1_000)),
         max_queued_messages=int(limits.get("max_queued_messages", 1_000)),
+        max_buffered_bytes=int(limits.get("max_buffered_bytes", 4 * 1024 * 1024)),
         max_topic_length=int(limits.get("max_topic_length", 1_024)),
         max_topic_levels=int(limits.get("max_topic_levels", 32)),
         audit_path=Path(audit["path"]) if audit.get("path") else None,
