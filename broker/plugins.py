@@ -110,22 +110,21 @@ class AccessKeyAuthPlugin(BaseAuthPlugin):
             return Refusal("no_connection_info", 5, None)
         if not username or password is None:
             return Refusal("no_credentials", policy.CONNACK_CODE["no_credentials"], None)
-        # authenticate() costs the same for an unknown key and a wrong secret (spec §2).
-        key = await ks.authenticate(username, password)
+        # One keystore round trip in the usual case; an unknown key costs the same as a
+        # wrong secret (spec §2). The scope is the one matching at this moment.
+        device_id = session.client_id or ""
+        found = await ks.connect_lookup(username, password, device_id)
+        key = found.key
         if key is None:
             return Refusal("bad_credentials", policy.CONNACK_CODE["bad_secret"], None)
-        device_id = session.client_id or ""
-        registered = await ks.device_exists(device_id)
-        in_scope = registered and await ks.device_matches(key, device_id)
         session_policy: SessionPolicy | None = None
-        if in_scope and key.status.value == "active" and not key.is_expired(datetime.now(UTC)):
-            scope = await ks.resolve_scope(key)
-            session_policy = SessionPolicy.build(key, scope, self.config.device_prefix)
+        if found.device_in_scope:
+            session_policy = SessionPolicy.build(key, found.scope, self.config.device_prefix)
         facts = policy.ConnectFacts(
             key=key,
             now=datetime.now(UTC),
-            device_registered=registered,
-            device_in_scope=in_scope,
+            device_registered=found.device_registered,
+            device_in_scope=found.device_in_scope,
             client_ip=conn.client_ip,
             will_topic=session.will_topic if session.will_flag else None,
         )

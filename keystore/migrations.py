@@ -121,7 +121,24 @@ _V2 = [
     """,
 ]
 
-MIGRATIONS: list[list[str]] = [_V1, _V2]
+# The auth generation: bumped whenever the set of devices or their tags changes, i.e.
+# whenever a key's resolved scope could change. The daemon reads it with each CONNECT's key
+# lookup and keeps resolved scopes and device facts in memory while it stays the same.
+# Key rows are read fresh on every CONNECT, so key changes need no bump; status writes
+# (connected, last_seen, last_used) are UPDATEs and do not bump it either.
+_BUMP = "UPDATE meta SET value = value + 1 WHERE name = 'auth_generation'"
+_V3 = [
+    "CREATE TABLE meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID",
+    "INSERT INTO meta (name, value) VALUES ('auth_generation', 0)",
+    *(
+        f"CREATE TRIGGER auth_gen_{table}_{event.lower()} AFTER {event} ON {table} "
+        f"BEGIN {_BUMP}; END"
+        for table in ("devices", "device_tags")
+        for event in ("INSERT", "DELETE")
+    ),
+]
+
+MIGRATIONS: list[list[str]] = [_V1, _V2, _V3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

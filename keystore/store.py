@@ -26,6 +26,7 @@ from typing import Any, Literal, Self
 import aiosqlite
 
 from keystore import credentials, statements
+from keystore.connect import ConnectLookup, ConnectResolver
 from keystore.db import (
     DEVICE_COLUMNS,
     KEY_COLUMNS,
@@ -137,6 +138,7 @@ class KeyStore:
         self._closed = False
         # Commits on our own connection do not move PRAGMA data_version; count them.
         self._local_commits = 0
+        self._connect: ConnectResolver | None = None
 
     @classmethod
     def open(
@@ -194,6 +196,15 @@ class KeyStore:
         cheap poll for the daemon to notice outside changes."""
         rows = await self._fetchall("PRAGMA data_version")
         return int(rows[0][0])
+
+    async def connect_lookup(self, key: str, secret: str, device_id: str) -> ConnectLookup:
+        """Key + secret + device facts + scope for one CONNECT (cached; see keystore.connect)."""
+        if self._connect is None:
+            self._connect = ConnectResolver(self)
+        if not isinstance(key, str) or not isinstance(secret, str):
+            credentials.verify_secret("", None, None)
+            return ConnectLookup(None, False, False, None)
+        return await self._connect.lookup(key, secret, device_id)
 
     async def change_marker(self) -> tuple[int, int]:
         """Moves whenever anyone (this connection or another process) commits a change."""

@@ -1,0 +1,93 @@
+"""Everything CONNECT needs from the keystore, in one round trip when nothing changed.
+
+``ConnectResolver.lookup`` reads the auth generation and the key row in a single query
+(so an unknown key and a wrong secret cost the same: one query, one HMAC). Resolved scopes
+and device existence are cached in memory, bounded, for as long as the generation (bumped
+by triggers on device and tag inserts/deletes, see migrations._V3) stays the same, so a tag
+change is seen by the very next CONNECT.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+from keystore import credentials
+from keystore.db import KEY_COLUMN_COUNT, KEY_COLUMNS, row_to_key
+from keystore.models import AccessKey
+
+if TYPE_CHECKING:
+    from keystore.store import KeyStore
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+LOOKUP_SQL = f"""
+    SELECT (SELECT value FROM meta WHERE name = 'auth_generation'),
+           {KEY_COLUMNS}, k.salt, k.secret_hash
+      FROM (SELECT 1) LEFT JOIN access_keys k ON k.key = ?
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectLookup:
+    key: AccessKey | None  # None: unknown key or wrong secret (indistinguishable)
+    device_registered: bool
+    device_in_scope: bool
+    scope: frozenset[str] | None  # None = all devices (unrestricted key)
+
+
+class _Lru(Generic[K, V]):
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.items: OrderedDict[K, V] = OrderedDict()
+
+    def get(self, name: K) -> V | None:
+        value = self.items.get(name)
+        if value is not None:
+            self.items.move_to_end(name)
+        return value
+
+    def put(self, name: K, value: V) -> None:
+        self.items[name] = value
+        self.items.move_to_end(name)
+        if len(self.items) > self.size:
+            self.items.popitem(last=False)
+
+
+class ConnectResolver:
+    def __init__(self, store: KeyStore, *, max_scopes: int = 4096,
+                 max_devices: int = 100_000) -> None:
+        self.store = store
+        self.generation: int | None = None
+        self._scopes: _Lru[str, frozenset[str]] = _Lru(max_scopes)
+        self._devices: _Lru[str, bool] = _Lru(max_devices)
+
+    async def lookup(self, key: str, secret: str, device_id: str) -> ConnectLookup:
+        rows = await self.store._fetchall(LOOKUP_SQL, (key,))
+        row = rows[0]
+        if row[0] != self.generation:
+            self.generation = row[0]
+            self._scopes = _Lru(self._scopes.size)
+            self._devices = _Lru(self._devices.size)
+        if not credentials.verify_secret(secret, row[-2], row[-1]):
+            return ConnectLookup(None, False, False, None)
+        access_key = row_to_key(row[1 : 1 + KEY_COLUMN_COUNT])
+        if access_key.all_devices:
+            registered = await self._exists(device_id)
+            return ConnectLookup(access_key, registered, registered, None)
+        scope = self._scopes.get(access_key.key)
+        if scope is None:
+            scope = await self.store.resolve_scope(access_key) or frozenset()
+            self._scopes.put(access_key.key, scope)
+        in_scope = device_id in scope
+        registered = in_scope or await self._exists(device_id)
+        return ConnectLookup(access_key, registered, in_scope, scope)
+
+    async def _exists(self, device_id: str) -> bool:
+        known = self._devices.get(device_id)
+        if known is None:
+            known = await self.store.device_exists(device_id)
+            self._devices.put(device_id, known)
+        return known

@@ -1,0 +1,95 @@
+"""KeyStore.connect_lookup: one round trip per CONNECT, cached scopes that never go stale."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+from keystore import KeyStore, credentials
+
+
+async def generation(ks: KeyStore) -> int:
+    rows = await ks._fetchall("SELECT value FROM meta WHERE name = 'auth_generation'")
+    return int(rows[0][0])
+
+
+async def test_lookup_answers_every_connect_fact(tmp_path: Path) -> None:
+    async with KeyStore.open(tmp_path / "k.db") as ks:
+        await ks.add_device("a", tags=[("site", "n")])
+        await ks.add_device("b", tags=[("site", "s")])
+        key, secret = await ks.create_key(device_tags=[("site", "n")])
+        ok = await ks.connect_lookup(key.key, secret, "a")
+        assert ok.key is not None and ok.key.key == key.key
+        assert (ok.device_registered, ok.device_in_scope, ok.scope) == (True, True, frozenset("a"))
+        out = await ks.connect_lookup(key.key, secret, "b")
+        assert (out.device_registered, out.device_in_scope) == (True, False)
+        ghost = await ks.connect_lookup(key.key, secret, "ghost")
+        assert (ghost.device_registered, ghost.device_in_scope) == (False, False)
+        assert (await ks.connect_lookup(key.key, secret + "x", "a")).key is None
+        assert (await ks.connect_lookup("f" * 32, secret, "a")).key is None
+        everything, everything_secret = await ks.create_key()
+        anywhere = await ks.connect_lookup(everything.key, everything_secret, "b")
+        assert (anywhere.device_in_scope, anywhere.scope) == (True, None)
+
+
+async def test_unknown_key_and_wrong_secret_cost_one_hash_each(tmp_path: Path,
+                                                               monkeypatch: object) -> None:
+    calls: list[str] = []
+    real = credentials._digest
+
+    def counting(salt: bytes, secret: str) -> bytes:
+        calls.append(secret)
+        return real(salt, secret)
+
+    monkeypatch.setattr(credentials, "_digest", counting)  # type: ignore[attr-defined]
+    async with KeyStore.open(tmp_path / "k.db") as ks:
+        await ks.add_device("a")
+        key, _ = await ks.create_key()
+        for name in (key.key, "0" * 32):
+            calls.clear()
+            assert (await ks.connect_lookup(name, "wrong", "a")).key is None
+            assert calls == ["wrong"]
+
+
+async def test_tag_and_device_changes_are_seen_at_the_next_lookup(tmp_path: Path) -> None:
+    path = tmp_path / "k.db"
+    async with KeyStore.open(path) as daemon, KeyStore.open(path) as cli:
+        await daemon.add_device("a", tags=[("site", "n")])
+        key, secret = await daemon.create_key(device_tags=[("site", "n")])
+        assert (await daemon.connect_lookup(key.key, secret, "a")).scope == {"a"}
+        # Another connection (the CLI in another process) adds a device to the scope ...
+        await cli.add_device("c", tags=[("site", "n")])
+        assert (await daemon.connect_lookup(key.key, secret, "a")).scope == {"a", "c"}
+        # ... untags one ...
+        await cli.untag_device("a", ["site"])
+        found = await daemon.connect_lookup(key.key, secret, "a")
+        assert found.scope == {"c"} and not found.device_in_scope
+        # ... and removes one.
+        await cli.remove_devices(["c"])
+        assert (await daemon.connect_lookup(key.key, secret, "c")).device_registered is False
+
+
+async def test_status_writes_do_not_invalidate_the_cache(tmp_path: Path) -> None:
+    async with KeyStore.open(tmp_path / "k.db") as ks:
+        await ks.add_device("a")
+        key, _ = await ks.create_key(device_ids=["a"])
+        before = await generation(ks)
+        await ks.set_devices_connected(["a"], True, datetime.now(UTC))
+        await ks.mark_keys_used([key.key], datetime.now(UTC))
+        await ks.set_status([key.key], "inactive")
+        assert await generation(ks) == before
+        await ks.tag_device("a", [("x", "y")])
+        assert await generation(ks) > before
+
+
+async def test_key_status_is_read_fresh_on_every_lookup(tmp_path: Path) -> None:
+    path = tmp_path / "k.db"
+    async with KeyStore.open(path) as daemon, KeyStore.open(path) as cli:
+        await daemon.add_device("a")
+        key, secret = await daemon.create_key(device_ids=["a"])
+        assert (await daemon.connect_lookup(key.key, secret, "a")).key.status.value == "active"
+        await cli.set_status([key.key], "inactive")
+        found = await daemon.connect_lookup(key.key, secret, "a")
+        assert found.key is not None and found.key.status.value == "inactive"
+        await cli.delete_keys([key.key])
+        assert (await daemon.connect_lookup(key.key, secret, "a")).key is None
