@@ -17,7 +17,7 @@ import contextlib
 import multiprocessing as mp
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .mqttload import PUBACK, PUBLISH, Client, Qos1Publisher, puback_packet, publish_packet
@@ -49,15 +49,21 @@ class FlowSpec:
     window: int = 1000  # in published messages
     setup_timeout: float = 120.0
     subscribe_batch: int = 500
+    sub_processes: int = 1  # subscribers are split over this many processes
 
 
-@dataclass
 class _Shared:
-    received: Any = field(default_factory=lambda: MP.RawValue("q", 0))
-    observed: Any = field(default_factory=lambda: MP.RawValue("q", 0))
-    sent: Any = field(default_factory=lambda: MP.RawValue("q", 0))
-    go: Any = field(default_factory=MP.Event)
-    stop: Any = field(default_factory=MP.Event)
+    """Counters in shared memory; each has exactly one writing process."""
+
+    def __init__(self, sub_processes: int) -> None:
+        self.received = [MP.RawValue("q", 0) for _ in range(sub_processes)]
+        self.observed = MP.RawValue("q", 0)
+        self.sent = MP.RawValue("q", 0)
+        self.go = MP.Event()
+        self.stop = MP.Event()
+
+    def total_received(self) -> int:
+        return sum(counter.value for counter in self.received)
 
 
 def idle_filters(n: int) -> list[str]:
@@ -103,12 +109,14 @@ async def _count_into(client: Client, counter: Any, stop: asyncio.Event, info: d
         info.setdefault("errors", []).append(f"{type(exc).__name__}: {exc}")
 
 
-async def _subscriber_main(spec: FlowSpec, shared: _Shared, conn: Any) -> None:
+async def _subscriber_main(spec: FlowSpec, shared: _Shared, conn: Any, part: int) -> None:
+    """Process ``part`` of ``spec.sub_processes``: its share of the subscribers; part 0
+    also holds the idle client and the observer."""
     info: dict[str, Any] = {}
     deadline = time.monotonic() + spec.setup_timeout
     clients: list[Client] = []
     try:
-        if spec.idle is not None:
+        if spec.idle is not None and part == 0:
             cred, n = spec.idle
             idle = await _connect(spec, cred)
             clients.append(idle)
@@ -119,14 +127,14 @@ async def _subscriber_main(spec: FlowSpec, shared: _Shared, conn: Any) -> None:
             info["idle_granted"] = sum(1 for c in codes if c < 0x80)
             info["idle_filters"] = n
         subs = []
-        for cred in spec.subscribers:
+        for cred in spec.subscribers[part::spec.sub_processes]:
             client = await _connect(spec, cred)
             codes = await client.subscribe([spec.sub_filter], spec.qos, timeout=10)
             info.setdefault("sub_granted", []).extend(codes)
             subs.append(client)
         clients.extend(subs)
         observer = None
-        if spec.observer is not None:
+        if spec.observer is not None and part == 0:
             cred, flt = spec.observer
             observer = await _connect(spec, cred)
             info["observer_granted"] = await observer.subscribe([flt], 0, timeout=10)
@@ -136,7 +144,7 @@ async def _subscriber_main(spec: FlowSpec, shared: _Shared, conn: Any) -> None:
         return
     conn.send(("ready", None))
     stop = asyncio.Event()
-    tasks = [asyncio.create_task(_count_into(c, shared.received, stop, info, spec.topic))
+    tasks = [asyncio.create_task(_count_into(c, shared.received[part], stop, info, spec.topic))
              for c in subs]
     if observer is not None:
         tasks.append(asyncio.create_task(
@@ -185,9 +193,9 @@ async def _publisher_main(spec: FlowSpec, shared: _Shared, conn: Any) -> None:
     sent = 0
     index = 0
     hard_deadline = time.monotonic() + spec.warmup + spec.measure + 60
-    received, sent_shared, stopped = shared.received, shared.sent, shared.stop
+    total_received, sent_shared, stopped = shared.total_received, shared.sent, shared.stop
     while not stopped.is_set() and time.monotonic() < hard_deadline:
-        room = spec.window - (sent - received.value // fanout)
+        room = spec.window - (sent - total_received() // fanout)
         if room < burst:
             await asyncio.sleep(0.0005)
             continue
@@ -209,9 +217,9 @@ async def _publisher_main(spec: FlowSpec, shared: _Shared, conn: Any) -> None:
     conn.send(("done", info))
 
 
-def _child(target: Any, spec: FlowSpec, shared: _Shared, conn: Any) -> None:
+def _child(target: Any, spec: FlowSpec, shared: _Shared, conn: Any, *extra: Any) -> None:
     try:
-        asyncio.run(target(spec, shared, conn))
+        asyncio.run(target(spec, shared, conn, *extra))
     except BaseException:
         with contextlib.suppress(Exception):
             conn.send(("error", traceback.format_exc(limit=5)))
@@ -226,30 +234,45 @@ def _recv(conn: Any, timeout: float, who: str) -> tuple[str, Any]:
         return "error", f"{who}: process exited"
 
 
+def _merge(infos: list[dict[str, Any]]) -> dict[str, Any]:
+    merged: dict[str, Any] = dict(infos[0])
+    for info in infos[1:]:
+        for key in ("sub_granted", "errors"):
+            if key in info:
+                merged[key] = merged.get(key, []) + info[key]
+    return merged
+
+
 def run_flow(spec: FlowSpec) -> dict[str, Any]:
     """Run one measurement; returns rates and counts (or an 'error' entry)."""
-    shared = _Shared()
-    sub_parent, sub_child = MP.Pipe()
+    parts = max(1, min(spec.sub_processes, len(spec.subscribers)))
+    spec = replace(spec, sub_processes=parts)
+    shared = _Shared(parts)
+    sub_pipes = [MP.Pipe() for _ in range(parts)]
     pub_parent, pub_child = MP.Pipe()
-    procs = [MP.Process(target=_child, args=(_subscriber_main, spec, shared, sub_child),
-                        daemon=True)]
-    result: dict[str, Any] = {"warmup_s": spec.warmup, "window_s": spec.measure}
+    procs = [MP.Process(target=_child, args=(_subscriber_main, spec, shared, child, part),
+                        daemon=True)
+             for part, (_, child) in enumerate(sub_pipes)]
+    result: dict[str, Any] = {"warmup_s": spec.warmup, "window_s": spec.measure,
+                              "subscriber_processes": parts}
     try:
-        procs[0].start()
-        state, detail = _recv(sub_parent, spec.setup_timeout + 10, "subscribers")
-        if state != "ready":
-            return {**result, "error": detail}
+        for proc in procs:
+            proc.start()
+        for parent, _ in sub_pipes:
+            state, detail = _recv(parent, spec.setup_timeout + 10, "subscribers")
+            if state != "ready":
+                return {**result, "error": detail}
         procs.append(MP.Process(target=_child, args=(_publisher_main, spec, shared, pub_child),
                                 daemon=True))
-        procs[1].start()
+        procs[-1].start()
         state, detail = _recv(pub_parent, 60, "publishers")
         if state != "ready":
             return {**result, "error": detail}
         shared.go.set()
         time.sleep(spec.warmup)
-        r0, s0, t0 = shared.received.value, shared.sent.value, time.perf_counter()
+        r0, s0, t0 = shared.total_received(), shared.sent.value, time.perf_counter()
         time.sleep(spec.measure)
-        r1, s1, t1 = shared.received.value, shared.sent.value, time.perf_counter()
+        r1, s1, t1 = shared.total_received(), shared.sent.value, time.perf_counter()
         shared.stop.set()
         elapsed = t1 - t0
         result.update(
@@ -259,15 +282,22 @@ def run_flow(spec: FlowSpec) -> dict[str, Any]:
             published_in_window=s1 - s0,
             window_s=round(elapsed, 3),
         )
-        for name, conn in (("subscribers", sub_parent), ("publishers", pub_parent)):
-            state, detail = _recv(conn, 30, name)
+        infos = []
+        for parent, _ in sub_pipes:
+            state, detail = _recv(parent, 30, "subscribers")
             if state == "done":
-                result[name] = detail
+                infos.append(detail)
             else:
                 result.setdefault("errors", []).append(detail)
-        result["observer_received"] = shared.observed.value
-        if spec.observer is None:
-            result.pop("observer_received")
+        if infos:
+            result["subscribers"] = _merge(infos)
+        state, detail = _recv(pub_parent, 30, "publishers")
+        if state == "done":
+            result["publishers"] = detail
+        else:
+            result.setdefault("errors", []).append(detail)
+        if spec.observer is not None:
+            result["observer_received"] = shared.observed.value
         return result
     finally:
         shared.stop.set()
