@@ -62,7 +62,7 @@ from websockets.asyncio.server import ServerConnection
 
 from broker.audit import AuditLog
 from broker.live import ChangeWatcher, StatusRecorder
-from broker.framing import FramedReader, PacketError, read_proxy_header
+from broker.framing import FramedReader, PacketError, PacketWatchdog, read_proxy_header
 from broker.clientip import TrustedProxies, client_ip_from_forwarded, normalize_ip
 from broker.plugins import Connection, Grant, TopicAclPlugin, connection_of, grant_of
 from broker.settings import Listener, Settings
@@ -133,6 +133,7 @@ class KeyBroker(Broker):
         # slow consumer can make the broker hold.
         self._pending: dict[str, int] = {}
         self._deliveries: set[asyncio.Future[Any]] = set()
+        self._watchdog = PacketWatchdog()
         self._decide: Callable[[Session, str, Action], Any] = TopicAclPlugin.decide
         # Daemon services attached by BrokerServer (broker.live); None in bare use.
         self.watcher: ChangeWatcher | None = None
@@ -165,7 +166,12 @@ class KeyBroker(Broker):
                 )
             self._servers[listener.name] = Server(listener.name, instance, -1)
 
+    async def start(self) -> None:
+        await super().start()
+        self._watchdog.start()
+
     async def shutdown(self) -> None:
+        await self._watchdog.stop()
         await super().shutdown()
         for task in list(self._deliveries):
             task.cancel()
@@ -294,13 +300,15 @@ class KeyBroker(Broker):
             self.audit.event("bad_packet", client_ip=conn.client_ip, peer_ip=conn.peer_ip,
                              listener=listener_name, reason=str(error))
 
-        reader = FramedReader(
+        framed = FramedReader(
             reader,
             max_packet_size=self.settings.max_packet_size,
             packet_timeout=self.settings.packet_timeout,
             prefix=prefix,
             on_violation=violation,
         )
+        reader = framed
+        self._watchdog.readers.add(framed)
         try:
             try:
                 handler, session = await asyncio.wait_for(
@@ -330,6 +338,7 @@ class KeyBroker(Broker):
         finally:
             self._open_connections -= 1
             self._open_writers.discard(writer)
+            self._watchdog.readers.discard(framed)
             server.release_connection()
             # amqtt's StreamWriterAdapter.close() marks itself closed, then drain() can raise
             # on a reset peer before the socket is closed; the connection owns its socket,

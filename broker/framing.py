@@ -6,7 +6,9 @@ amqtt sees any of it, so that:
     buffered (amqtt would read any announced length up to 256 MiB);
   * a packet, once started, must complete within ``packet_timeout`` seconds, so a
     slowloris writer cannot hold a connection half-way through a packet forever (the
-    wait *between* packets is bounded by the keep-alive, enforced elsewhere);
+    wait *between* packets is bounded by the keep-alive, enforced elsewhere). Rather
+    than a timer per packet, the reader records when its current packet started and
+    ``PacketWatchdog`` sweeps all open readers once a second;
   * a remaining length longer than 4 bytes is rejected at once.
 It then serves amqtt's reads from that buffer, exactly like a stream.
 
@@ -17,7 +19,9 @@ TCP connection (haproxy's proxy-protocol.txt) and returns what follows it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
+from typing import Any
 
 from amqtt.adapters import ReaderAdapter
 
@@ -57,6 +61,8 @@ class FramedReader(ReaderAdapter):
         self._buf = bytearray()
         self._pos = 0
         self._on_violation = on_violation
+        self.packet_started: float | None = None  # loop time of the current packet's 1st byte
+        self._reading: asyncio.Task[Any] | None = None
 
     async def read(self, n: int = -1) -> bytes:
         if n < 0:  # amqtt never reads "everything"; keep the adapter contract anyway
@@ -92,14 +98,32 @@ class FramedReader(ReaderAdapter):
         first = await self._raw(1)  # idle wait: bounded by keep-alive / connect timeout
         if not first:
             return False
+        self.packet_started = asyncio.get_running_loop().time()
+        self._reading = asyncio.current_task()
         try:
-            async with asyncio.timeout(self._timeout):
-                packet = await self._rest_of_packet(first)
-        except TimeoutError:
-            self._violation(PacketError("slow_packet", f"not completed in {self._timeout:g}s"))
+            packet = await self._rest_of_packet(first)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self.packet_started is None and task is not None:  # cancelled by the watchdog
+                task.uncancel()  # the cancellation becomes this error, not a task cancel
+                self._violation(
+                    PacketError("slow_packet", f"not completed in {self._timeout:g}s"))
+            raise
+        finally:
+            self._reading = None
+        self.packet_started = None
         if packet is None:
             return False
         self._buf += packet
+        return True
+
+    def expire(self, now: float) -> bool:
+        """Called by the watchdog: stop a packet that has taken too long. True if stopped."""
+        started, task = self.packet_started, self._reading
+        if started is None or task is None or now - started <= self._timeout:
+            return False
+        self.packet_started = None
+        task.cancel()
         return True
 
     async def _rest_of_packet(self, first: bytes) -> bytes | None:
@@ -182,6 +206,33 @@ def packet_problem(first: int, body: bytes) -> str | None:
     except (ValueError, UnicodeDecodeError) as exc:
         return f"bad string: {exc}"
     return None
+
+
+class PacketWatchdog:
+    """One sweep a second over the open FramedReaders (instead of a timer per packet)."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self.readers: set[FramedReader] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="keybroker-packet-watchdog")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.interval)
+            now = loop.time()
+            for reader in list(self.readers):
+                reader.expire(now)
 
 
 async def read_proxy_header(read: Callable[[int], asyncio.Future[bytes] | object]) -> tuple[

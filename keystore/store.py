@@ -110,7 +110,9 @@ class _Opener:
         except BaseException:
             await conn.close()
             raise
-        return KeyStore(conn, device_prefix=device_prefix, max_keys=max_keys)
+        store = KeyStore(conn, device_prefix=device_prefix, max_keys=max_keys)
+        store.path = path
+        return store
 
     def __await__(self) -> Generator[Any, None, KeyStore]:
         return self._open().__await__()
@@ -139,6 +141,7 @@ class KeyStore:
         # Commits on our own connection do not move PRAGMA data_version; count them.
         self._local_commits = 0
         self._connect: ConnectResolver | None = None
+        self.path: str | None = None
 
     @classmethod
     def open(
@@ -148,6 +151,8 @@ class KeyStore:
         return _Opener(os.fspath(path), device_prefix, max_keys)
 
     async def close(self) -> None:
+        if self._connect is not None:
+            self._connect.close()
         async with self._lock:
             if not self._closed:
                 self._closed = True
