@@ -61,9 +61,9 @@ from amqtt.session import Session
 from websockets.asyncio.server import ServerConnection
 
 from broker.audit import AuditLog
-from broker.live import ChangeWatcher, StatusRecorder
-from broker.framing import FramedReader, PacketError, PacketWatchdog, read_proxy_header
 from broker.clientip import TrustedProxies, client_ip_from_forwarded, normalize_ip
+from broker.framing import FramedReader, PacketError, PacketWatchdog, read_proxy_header
+from broker.live import ChangeWatcher, StatusRecorder
 from broker.plugins import Connection, Grant, TopicAclPlugin, connection_of, grant_of
 from broker.settings import Listener, Settings
 from broker.subtree import RetainedStore, SubscriptionTree
@@ -192,7 +192,7 @@ class KeyBroker(Broker):
         writer = WebSocketsWriter(websocket)
         request = websocket.request
         forwarded = request.headers.get_all("X-Forwarded-For") if request is not None else []
-        writer.kb_forwarded = forwarded  # type: ignore[attr-defined]
+        writer.kb_forwarded = forwarded
         await self._client_connected(listener_name, WebSocketsReader(websocket), writer)
 
     async def stream_connected(
@@ -248,7 +248,7 @@ class KeyBroker(Broker):
             writer.close()
             return None
         if info is not None:
-            adapter.kb_proxy_client = normalize_ip(info.src_ip)  # type: ignore[attr-defined]
+            adapter.kb_proxy_client = normalize_ip(info.src_ip)
         context = self._ssl.get(listener_name)
         if context is not None:
             try:
@@ -274,7 +274,7 @@ class KeyBroker(Broker):
         return Connection(listener=listener_name, peer_ip=peer_ip, client_ip=client_ip)
 
     # ------------------------------------------------------------------ CONNECT
-    async def _client_connected(  # type: ignore[override]
+    async def _client_connected(
         self,
         listener_name: str,
         reader: ReaderAdapter,
@@ -328,8 +328,10 @@ class KeyBroker(Broker):
                 )
                 await _close_quietly(writer)
                 return
-            session.kb_conn = conn  # type: ignore[attr-defined]
-            await self._handle_client_session(reader, writer, session, handler, server, listener_name)
+            session.kb_conn = conn
+            await self._handle_client_session(
+                reader, writer, session, handler, server, listener_name
+            )
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -345,7 +347,7 @@ class KeyBroker(Broker):
             # so close it here whatever happened (idempotent, no await: also on cancel).
             _abort(writer)
 
-    async def _handle_client_session(  # type: ignore[override]
+    async def _handle_client_session(
         self,
         reader: ReaderAdapter,
         writer: WriterAdapter,
@@ -421,8 +423,8 @@ class KeyBroker(Broker):
         for attr in ("will_flag", "will_message", "will_topic", "will_qos", "will_retain",
                      "username", "password", "kb_conn", "kb_grant"):
             setattr(session, attr, getattr(incoming, attr, None))
-        session.kb_kicked = None  # type: ignore[attr-defined]
-        session.kb_suppress_will = False  # type: ignore[attr-defined]
+        session.kb_kicked = None
+        session.kb_suppress_will = False
         session.parent = 1
         return session
 
@@ -437,7 +439,7 @@ class KeyBroker(Broker):
 
     async def _authenticate(self, session: Session, _: ListenerConfig) -> bool:
         try:
-            return await super()._authenticate(session, _)
+            return bool(await super()._authenticate(session, _))
         except Exception:
             logger.exception("auth plugin failed")
             return False
@@ -465,8 +467,8 @@ class KeyBroker(Broker):
         if entry is None or not entry[0].transitions.is_connected():
             return False
         session, handler = entry
-        session.kb_kicked = reason  # type: ignore[attr-defined]
-        session.kb_suppress_will = not publish_will  # type: ignore[attr-defined]
+        session.kb_kicked = reason
+        session.kb_suppress_will = not publish_will
         grant = grant_of(session)
         conn = connection_of(session)
         self.audit.event(
@@ -568,7 +570,7 @@ class KeyBroker(Broker):
     def _close_later(self, handler: BrokerProtocolHandler) -> None:
         _spawn(handler.handle_connection_closed())
 
-    async def _broadcast_message(  # type: ignore[override]
+    async def _broadcast_message(
         self,
         session: Session | None,
         topic: str | None,
@@ -726,7 +728,7 @@ class KeyBroker(Broker):
         entry = self._sessions.get(client_id)
         if entry is None or getattr(entry[0], "kb_kicked", None):
             return
-        entry[0].kb_kicked = "slow_consumer"  # type: ignore[attr-defined]  # kick once
+        entry[0].kb_kicked = "slow_consumer"  # kick once
         _spawn(self.kick(client_id, "slow_consumer", publish_will=True))
 
     # ------------------------------------------------------------------ retained

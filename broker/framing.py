@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from amqtt.adapters import ReaderAdapter
@@ -90,7 +90,8 @@ class FramedReader(ReaderAdapter):
 
     async def _raw_inner(self, n: int) -> bytes:
         try:
-            return await self._inner.read(n)
+            data: bytes = await self._inner.read(n)
+            return data
         except asyncio.IncompleteReadError as exc:
             return exc.partial
 
@@ -235,31 +236,31 @@ class PacketWatchdog:
                 reader.expire(now)
 
 
-async def read_proxy_header(read: Callable[[int], asyncio.Future[bytes] | object]) -> tuple[
-    ProxyInfo | None, bool, bytes
-]:
+async def read_proxy_header(
+    read: Callable[[int], Awaitable[bytes]],
+) -> tuple[ProxyInfo | None, bool, bytes]:
     """Read a PROXY header if the stream starts with one.
 
     Returns (info, had_header, leftover): ``info`` is None for LOCAL/UNKNOWN headers or
     when there is no header; ``leftover`` holds bytes read that belong to MQTT.
     ``read(n)`` must return exactly n bytes or fewer at EOF.
     """
-    first: bytes = await read(1)  # type: ignore[misc]
+    first: bytes = await read(1)
     if first == b"P":
         line = bytearray(first)
         while not line.endswith(b"\r\n"):
             if len(line) >= PROXY_V1_MAX:
                 raise ValidationError("invalid PROXY v1 header: no CRLF within 107 bytes")
-            byte: bytes = await read(1)  # type: ignore[misc]
+            byte: bytes = await read(1)
             if not byte:
                 raise ValidationError("invalid PROXY v1 header: truncated")
             line += byte
         return parse_proxy_v1(bytes(line)), True, b""
     if first == PROXY_V2_SIGNATURE[:1]:
-        head = first + await read(15)  # type: ignore[operator]
+        head = first + await read(15)
         if not head.startswith(PROXY_V2_SIGNATURE):
             raise ValidationError("invalid PROXY v2 header: bad signature")
         total = proxy_v2_length(head)
-        rest: bytes = await read(total - len(head))  # type: ignore[misc]
+        rest: bytes = await read(total - len(head))
         return parse_proxy_v2(head + rest), True, b""
     return None, False, first

@@ -102,7 +102,7 @@ class ChangeWatcher:
         if entry is None or grant is None:
             return
         new = Grant(key=key, policy=grant.policy)  # type: ignore[arg-type]
-        entry[0].kb_grant = new  # type: ignore[attr-defined]
+        entry[0].kb_grant = new
         self.session_started(client_id, new)
 
     async def _expire(self, now: float) -> None:

@@ -90,12 +90,12 @@ class AccessKeyAuthPlugin(BaseAuthPlugin):
                 logger.exception("authentication failed with an internal error")
                 outcome = Refusal("internal_error", 5, None)
         if isinstance(outcome, Grant):
-            session.kb_grant = outcome  # type: ignore[attr-defined]
+            session.kb_grant = outcome
             if guard is not None and conn is not None:
                 guard.record_success(conn.client_ip)
             self._audit("connect_ok", session, conn, outcome.key.key, None)
             return True
-        session.kb_refusal = outcome  # type: ignore[attr-defined]
+        session.kb_refusal = outcome
         self._audit("connect_refused", session, conn, outcome.key, outcome.reason)
         if guard is not None and conn is not None and outcome.reason != "banned":
             until = guard.record_failure(conn.client_ip, now)
@@ -135,7 +135,12 @@ class AccessKeyAuthPlugin(BaseAuthPlugin):
         return Grant(key, session_policy)
 
     def _audit(
-        self, event: str, session: Session, conn: Connection | None, key: str | None, reason: str | None
+        self,
+        event: str,
+        session: Session,
+        conn: Connection | None,
+        key: str | None,
+        reason: str | None,
     ) -> None:
         audit = self.config.audit
         if audit is None:
@@ -159,7 +164,11 @@ class TopicAclPlugin(BaseTopicPlugin):
         pass
 
     async def topic_filtering(
-        self, *, session: Session | None = None, topic: str | None = None, action: Action | None = None
+        self,
+        *,
+        session: Session | None = None,
+        topic: str | None = None,
+        action: Action | None = None,
     ) -> bool:
         if session is None or topic is None or action is None:
             return False

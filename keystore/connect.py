@@ -4,14 +4,15 @@
 (so an unknown key and a wrong secret cost the same: one query, one HMAC). That query is a
 primary-key read of about 10 µs, so it runs synchronously on a private read-only
 connection rather than paying aiosqlite's thread round trip (WAL readers are not blocked
-by writers; if the file is busy anyway, it falls back to the shared async connection). Resolved scopes
-and device existence are cached in memory, bounded, for as long as the generation (bumped
-by triggers on device and tag inserts/deletes, see migrations._V3) stays the same, so a tag
-change is seen by the very next CONNECT.
+by writers; if the file is busy anyway, it falls back to the shared async connection).
+Resolved scopes and device existence are cached in memory, bounded, for as long as the
+generation (bumped by triggers on device and tag inserts/deletes, see migrations._V3) stays
+the same, so a tag change is seen by the very next CONNECT.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import urllib.parse
@@ -26,14 +27,17 @@ from keystore.models import AccessKey
 if TYPE_CHECKING:
     from keystore.store import KeyStore
 
+log = logging.getLogger(__name__)
+
 K = TypeVar("K")
 V = TypeVar("V")
-
-LOOKUP_SQL = f"""
-    SELECT (SELECT value FROM meta WHERE name = 'auth_generation'),
-           {KEY_COLUMNS}, k.salt, k.secret_hash
-      FROM (SELECT 1) LEFT JOIN access_keys k ON k.key = ?
-"""
+  # noqa: S608
+# KEY_COLUMNS is our own constant; the key is a bound parameter.
+LOOKUP_SQL = (
+    "SELECT (SELECT value FROM meta WHERE name = 'auth_generation'), "
+    + KEY_COLUMNS
+    + ", k.salt, k.secret_hash FROM (SELECT 1) LEFT JOIN access_keys k ON k.key = ?"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +87,9 @@ class ConnectResolver:
                                            check_same_thread=False)
                 self._ro.execute("PRAGMA busy_timeout = 0")
             return self._ro.execute(LOOKUP_SQL, (key,)).fetchall()
-        except sqlite3.Error:
+        except sqlite3.Error as exc:
+            log.debug("read-only CONNECT lookup unavailable (%s); using the shared connection",
+                      exc)
             return None
 
     def close(self) -> None:

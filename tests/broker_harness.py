@@ -8,13 +8,12 @@ import asyncio
 import json
 import queue
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import paho.mqtt.client as mqtt
-import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from broker.server import BrokerServer
@@ -99,15 +98,6 @@ def broker_settings(tmp_path: Path, **overrides: Any) -> Settings:
         audit_path=tmp_path / "audit.jsonl",
     )
     return replace(settings, **overrides)
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[RunningBroker]:
-    running = RunningBroker(broker_settings(tmp_path)).start()
-    try:
-        yield running
-    finally:
-        running.stop()
 
 
 def seed(path: Path, coro_fn: Callable[[KeyStore], Awaitable[T]]) -> T:

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tests.broker_harness import Client, RunningBroker, broker, broker_settings  # noqa: F401
+from tests.broker_harness import Client, RunningBroker
 
 ACCEPTED, BAD_CREDENTIALS, NOT_AUTHORIZED = 0, 4, 5
 

@@ -13,7 +13,7 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.protocol.handler import ProtocolHandler
 
 from broker.amqtt_broker import KeyBroker, KeyProtocolHandler
-from tests.broker_harness import Client, RunningBroker, broker  # noqa: F401
+from tests.broker_harness import Client, RunningBroker
 
 # name -> parameters (after self) that KeyBroker's override or call expects
 BROKER_HOOKS = {

@@ -18,7 +18,7 @@ import trustme
 from paho.mqtt.enums import CallbackAPIVersion
 
 from broker.settings import Listener
-from tests.broker_harness import Client, RunningBroker, broker, broker_settings  # noqa: F401
+from tests.broker_harness import Client, RunningBroker, broker_settings
 
 REPO = Path(__file__).resolve().parent.parent
 

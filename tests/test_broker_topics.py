@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.broker_harness import Client, RunningBroker, broker, broker_settings  # noqa: F401
+from tests.broker_harness import Client, RunningBroker, broker_settings
 
 GRANTED_QOS0, FAILURE = 0, 0x80
 
@@ -162,9 +162,7 @@ def test_delivery_check_uses_the_subscribe_list(fleet: RunningBroker) -> None:
 
 
 def test_denied_publish_disconnects_when_configured(tmp_path: Path) -> None:
-    from tests.broker_harness import RunningBroker as Daemon
-
-    daemon = Daemon(broker_settings(tmp_path, denied_publish="disconnect")).start()
+    daemon = RunningBroker(broker_settings(tmp_path, denied_publish="disconnect")).start()
     try:
         daemon.ks("add_device", "dev-a")
         daemon.ks("add_device", "dev-c")

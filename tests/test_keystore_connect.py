@@ -93,3 +93,14 @@ async def test_key_status_is_read_fresh_on_every_lookup(tmp_path: Path) -> None:
         assert found.key is not None and found.key.status.value == "inactive"
         await cli.delete_keys([key.key])
         assert (await daemon.connect_lookup(key.key, secret, "a")).key is None
+
+
+async def test_lookup_uses_the_read_only_connection_and_sees_fresh_commits(tmp_path: Path) -> None:
+    async with KeyStore.open(tmp_path / "k.db") as ks:
+        await ks.add_device("a")
+        key, secret = await ks.create_key(device_ids=["a"])
+        assert (await ks.connect_lookup(key.key, secret, "a")).key is not None
+        assert ks._connect is not None and ks._connect._ro is not None  # the fast path ran
+        await ks.set_status([key.key], "inactive")  # committed on the shared connection
+        found = await ks.connect_lookup(key.key, secret, "a")
+        assert found.key is not None and found.key.status.value == "inactive"

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from broker.guard import GuardSettings
-from tests.broker_harness import Client, RunningBroker, broker, broker_settings  # noqa: F401
+from tests.broker_harness import Client, RunningBroker, broker_settings
 
 REVOKE_BOUND = 2.0  # spec §4: sessions are disconnected within 2 s
 
