@@ -31,10 +31,10 @@ log = logging.getLogger(__name__)
 
 K = TypeVar("K")
 V = TypeVar("V")
-  # noqa: S608
+
 # KEY_COLUMNS is our own constant; the key is a bound parameter.
 LOOKUP_SQL = (
-    "SELECT (SELECT value FROM meta WHERE name = 'auth_generation'), "
+    "SELECT (SELECT value FROM meta WHERE name = 'auth_generation'), "  # noqa: S608
     + KEY_COLUMNS
     + ", k.salt, k.secret_hash FROM (SELECT 1) LEFT JOIN access_keys k ON k.key = ?"
 )
