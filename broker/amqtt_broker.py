@@ -168,10 +168,10 @@ class KeyBroker(Broker):
 
     async def start(self) -> None:
         await super().start()
-        self._watchdog.start()
+        self._watchdog.start_ticking()
 
     async def shutdown(self) -> None:
-        await self._watchdog.stop()
+        await self._watchdog.stop_ticking()
         await super().shutdown()
         for task in list(self._deliveries):
             task.cancel()

@@ -19,7 +19,6 @@ TCP connection (haproxy's proxy-protocol.txt) and returns what follows it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -33,6 +32,7 @@ from broker.clientip import (
     parse_proxy_v2,
     proxy_v2_length,
 )
+from broker.periodic import Periodic
 from keystore.errors import ValidationError
 
 
@@ -209,31 +209,19 @@ def packet_problem(first: int, body: bytes) -> str | None:
     return None
 
 
-class PacketWatchdog:
+class PacketWatchdog(Periodic):
     """One sweep a second over the open FramedReaders (instead of a timer per packet)."""
 
+    name = "keybroker-packet-watchdog"
+
     def __init__(self, interval: float = 1.0) -> None:
-        self.interval = interval
+        super().__init__(interval)
         self.readers: set[FramedReader] = set()
-        self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="keybroker-packet-watchdog")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(self.interval)
-            now = loop.time()
-            for reader in list(self.readers):
-                reader.expire(now)
+    async def tick(self) -> None:
+        now = asyncio.get_running_loop().time()
+        for reader in list(self.readers):
+            reader.expire(now)
 
 
 async def read_proxy_header(

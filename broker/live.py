@@ -14,13 +14,12 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import heapq
 import logging
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from broker.periodic import Periodic
 from broker.plugins import Grant, grant_of
 
 if TYPE_CHECKING:
@@ -30,40 +29,29 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-class ChangeWatcher:
+class ChangeWatcher(Periodic):
+    name = "keybroker-change-watcher"
+
     def __init__(self, broker: KeyBroker, keystore: KeyStore, interval: float = 0.25) -> None:
+        super().__init__(interval)
         self.broker = broker
         self.keystore = keystore
-        self.interval = interval
         self._expiries: list[tuple[float, int, str, Grant]] = []
         self._serial = 0
-        self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self._last_id = await self.keystore.latest_change_id()
         self._marker = await self.keystore.change_marker()
-        self._task = asyncio.create_task(self._run(), name="keybroker-change-watcher")
+        self.start_ticking()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self.stop_ticking()
 
     def session_started(self, client_id: str, grant: Grant) -> None:
         expires = grant.key.expires_at
         if expires is not None:
             self._serial += 1
             heapq.heappush(self._expiries, (expires.timestamp(), self._serial, client_id, grant))
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await self.tick()
-            except Exception:  # keep watching: one bad poll must not end revocation
-                logger.exception("change watcher poll failed")
 
     async def tick(self) -> None:
         marker = await self.keystore.change_marker()
@@ -115,15 +103,16 @@ class ChangeWatcher:
                 await self.broker.kick(client_id, "key_expired")
 
 
-class StatusRecorder:
+class StatusRecorder(Periodic):
     """Batches status writes: devices' connected/last_seen and keys' last used."""
 
+    name = "keybroker-status-recorder"
+
     def __init__(self, keystore: KeyStore, interval: float = 1.0) -> None:
+        super().__init__(interval)
         self.keystore = keystore
-        self.interval = interval
         self._devices: dict[str, tuple[bool, datetime]] = {}
         self._keys: dict[str, datetime] = {}
-        self._task: asyncio.Task[None] | None = None
 
     def connected(self, device_id: str, key: str) -> None:
         now = datetime.now(UTC)
@@ -134,23 +123,14 @@ class StatusRecorder:
         self._devices[device_id] = (False, datetime.now(UTC))
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="keybroker-status-recorder")
+        self.start_ticking()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self.stop_ticking()
         await self.flush()
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await self.flush()
-            except Exception:
-                logger.exception("status flush failed; will retry")
+    async def tick(self) -> None:
+        await self.flush()
 
     async def flush(self) -> None:
         devices, self._devices = self._devices, {}
