@@ -82,6 +82,19 @@ class KeyProtocolHandler(BrokerProtocolHandler):
     _kb_timed_out = False
     kb_broker: KeyBroker | None = None
 
+    async def stop(self) -> None:
+        # amqtt cancels the reader task once and waits for it to stop. On Python 3.11,
+        # asyncio.wait_for (which the reader loop uses on every packet) can swallow that
+        # cancellation when the read completes at the same moment (CPython gh-86296), and
+        # the reader then waits for the next packet forever: a kick during a flood hung.
+        # Repeat the cancellation until the reader task has really ended.
+        reader = self._reader_task
+        if reader is not None and reader is not asyncio.current_task():
+            while not reader.done():
+                reader.cancel()
+                await asyncio.wait({reader}, timeout=0.1)
+        await super().stop()
+
     async def handle_publish(self, publish_packet: PublishPacket) -> None:
         broker, session = self.kb_broker, self.session
         if publish_packet.qos == QOS_0 and broker is not None and session is not None:
@@ -372,6 +385,7 @@ class KeyBroker(Broker):
         # 2. Take over: the authenticated client replaces any live connection of that id.
         session = await self._take_over(client_session)
         session.keep_alive = _effective_keepalive(client_session.keep_alive, self.settings)
+        session.kb_bucket = (self.settings.max_publish_rate, time.monotonic())
         self._tasks[client_id] = asyncio.current_task()  # type: ignore[assignment]
         if not session.transitions.is_connected():
             session.transitions.connect()
@@ -549,6 +563,10 @@ class KeyBroker(Broker):
                    data: bytes | bytearray, qos: int, retain: bool) -> None:
         """Check, route and retain one incoming PUBLISH. Synchronous: no await between the
         packet and the subscribers' transports on the QoS 0 path."""
+        if self.settings.max_publish_rate and not self._within_rate(session):
+            self._audit_denied("publish_denied", session, topic, "rate_limited")
+            self._close_later(handler)
+            return
         try:
             validate_topic_name(topic)
             self._check_topic_limits(topic)
@@ -566,6 +584,15 @@ class KeyBroker(Broker):
         self._route(topic, data, qos, None)
         if retain:
             self._retain(session, topic, data, qos)
+
+    def _within_rate(self, session: Session) -> bool:
+        """Token bucket per connection: max_publish_rate per second, bursts of one second."""
+        rate = self.settings.max_publish_rate
+        now = time.monotonic()
+        tokens, last = getattr(session, "kb_bucket", (rate, now))
+        tokens = min(rate, tokens + (now - last) * rate) - 1
+        session.kb_bucket = (tokens, now)
+        return tokens >= 0
 
     def _close_later(self, handler: BrokerProtocolHandler) -> None:
         _spawn(handler.handle_connection_closed())

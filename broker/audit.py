@@ -19,6 +19,14 @@ from typing import Any
 _FIELDS = ("key", "client_id", "client_ip", "peer_ip", "listener", "reason")
 
 
+class _PrivateWatchedFileHandler(logging.handlers.WatchedFileHandler):
+    """WatchedFileHandler that (re)creates its file with mode 0600, also after rotation."""
+
+    def _open(self):  # type: ignore[no-untyped-def]
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        return open(fd, self.mode, encoding=self.encoding, errors=self.errors)  # noqa: SIM115
+
+
 class AuditLog:
     def __init__(self, path: Path | None) -> None:
         self.path = path
@@ -30,9 +38,7 @@ class AuditLog:
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             # Audit lines name keys and client IPs: keep the file private like the database.
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            os.close(fd)
-            self._handler = logging.handlers.WatchedFileHandler(path, encoding="utf-8")
+            self._handler = _PrivateWatchedFileHandler(path, encoding="utf-8")
             self._handler.setFormatter(logging.Formatter("%(message)s"))
             self._logger.addHandler(self._handler)
 

@@ -181,3 +181,15 @@ def test_qos_delivered_is_the_minimum_of_published_and_granted(fleet: RunningBro
         first, second = client.get(), client.get()
         assert first is not None and second is not None
         assert {(m.payload, m.qos) for m in (first, second)} == {(b"q0", 0), (b"q2", 1)}
+
+
+def test_overlapping_subscriptions_deliver_once_at_the_highest_qos(fleet: RunningBroker) -> None:
+    """MQTT-3.3.5-1: one message per matching session, at the maximum granted QoS."""
+    with client_for(fleet, "dev-a", device_ids=["dev-a"]) as client:
+        assert client.subscribe("losant/dev-a/#", 0) == 0
+        assert client.subscribe("losant/+/command", 1) == 1
+        assert client.subscribe("losant/dev-a/command", 0) == 0
+        client.publish("losant/dev-a/command", b"once", qos=1)
+        first = client.get()
+        assert first is not None and (first.payload, first.qos) == (b"once", 1)
+        assert client.get(0.7) is None

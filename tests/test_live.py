@@ -186,3 +186,42 @@ def test_audit_never_contains_a_secret_even_for_wrong_attempts(broker: RunningBr
     text = broker.settings.audit_path.read_text()  # type: ignore[union-attr]
     assert secret not in text
     assert '"event":"kick"' in text and '"event":"connect_refused"' in text
+
+
+def test_publish_rate_limit_disconnects_a_flooding_client(tmp_path: Path) -> None:
+    daemon = RunningBroker(broker_settings(tmp_path, max_publish_rate=20.0)).start()
+    try:
+        daemon.ks("add_device", "dev-a")
+        daemon.ks("add_device", "dev-b")
+        calm, _ = connected_client(daemon, "dev-b")
+        flood, _ = connected_client(daemon, "dev-a")
+        with calm, flood:
+            for _ in range(10):  # within the rate: fine
+                calm.publish("losant/dev-b/state", b"ok")
+                time.sleep(0.06)
+            for _ in range(200):  # far above 20/s
+                flood.publish("losant/dev-a/state", b"x")
+            assert flood.disconnected.wait(3)
+            assert not calm.disconnected.is_set()
+        assert any(e["event"] == "publish_denied" and e["reason"] == "rate_limited"
+                   and e["client_id"] == "dev-a" for e in daemon.audit_events())
+    finally:
+        daemon.stop()
+
+
+def test_audit_log_is_reopened_after_rotation(broker: RunningBroker) -> None:
+    path = broker.settings.audit_path
+    assert path is not None
+    broker.ks("add_device", "dev-a")
+    key, secret = broker.ks("create_key", device_ids=["dev-a"])
+    with Client(broker.port(), "dev-a", key.key, "wrong") as client:
+        assert client.connect() == 4
+    rotated = path.with_name(path.name + ".1")
+    path.rename(rotated)  # what logrotate does (without copytruncate)
+    with Client(broker.port(), "dev-a", key.key, secret) as client:
+        assert client.connect() == 0
+    time.sleep(0.2)
+    assert '"connect_refused"' in rotated.read_text()
+    fresh = path.read_text()
+    assert '"connect_ok"' in fresh and '"connect_refused"' not in fresh
+    assert path.stat().st_mode & 0o777 == 0o600
