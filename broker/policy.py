@@ -262,6 +262,11 @@ def check_subscribe(policy: SessionPolicy, topic_filter: str) -> Decision:
     """
     if topic_filter[:1] == "$":
         return DENY_DOLLAR
+    if "+" not in topic_filter and "#" not in topic_filter:
+        # A filter without wildcards matches exactly one topic: it can match a readable
+        # topic iff that topic is readable, which is check_receive (and much cheaper).
+        decision = check_receive(policy, topic_filter)
+        return DENY_INVALID_FILTER if decision is DENY_INVALID_TOPIC else decision
     try:
         levels = parse_filter(topic_filter)
     except ValidationError:
