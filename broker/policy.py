@@ -240,6 +240,10 @@ def _custom_subscribe(
     if mode is TopicMode.ALL:
         return ALLOW_CUSTOM_ALL
     if mode is TopicMode.ONLY:
+        # A listed filter itself always reaches topics outside P (lists may not start with
+        # '$' or the prefix), so subscribing to exactly a listed filter needs no search.
+        if topic_filter in policy.sub.filters:
+            return ALLOW_IN_LIST
         # Exact: some topic outside P matched by the filter and by a listed filter.
         if policy.sub.shares_topic(levels, policy._prefix_levels):
             return ALLOW_IN_LIST
