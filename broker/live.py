@@ -38,6 +38,7 @@ class ChangeWatcher(Periodic):
         self.keystore = keystore
         self._expiries: list[tuple[float, int, str, Grant]] = []
         self._serial = 0
+        self.compact_slack = 1000  # stale heap entries tolerated before compacting
 
     async def start(self) -> None:
         self._last_id = await self.keystore.latest_change_id()
@@ -93,7 +94,19 @@ class ChangeWatcher(Periodic):
         entry[0].kb_grant = new
         self.session_started(client_id, new)
 
+    def _compact(self) -> None:
+        """Drop entries of sessions that ended or were re-granted. Entries are removed
+        lazily, so a key far from expiry whose device reconnects often would otherwise
+        leave one entry per CONNECT until that (possibly distant) expiry."""
+        sessions = self.broker.sessions
+        live = [entry for entry in self._expiries
+                if (s := sessions.get(entry[2])) is not None and grant_of(s[0]) is entry[3]]
+        heapq.heapify(live)
+        self._expiries = live
+
     async def _expire(self, now: float) -> None:
+        if len(self._expiries) > 2 * len(self.broker.sessions) + self.compact_slack:
+            self._compact()
         heap = self._expiries
         while heap and heap[0][0] <= now:
             _, _, client_id, grant = heapq.heappop(heap)

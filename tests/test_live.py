@@ -225,3 +225,18 @@ def test_audit_log_is_reopened_after_rotation(broker: RunningBroker) -> None:
     fresh = path.read_text()
     assert '"connect_ok"' in fresh and '"connect_refused"' not in fresh
     assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_expiry_heap_stays_bounded_when_devices_reconnect(broker: RunningBroker) -> None:
+    broker.ks("add_device", "dev-a")
+    key, secret = broker.ks("create_key", device_ids=["dev-a"],
+                            expires_at=datetime.now(UTC) + timedelta(days=365))
+    watcher = broker.broker.watcher
+    watcher.compact_slack = 10
+    for _ in range(40):
+        with Client(broker.port(), "dev-a", key.key, secret) as client:
+            assert client.connect() == 0
+    time.sleep(0.5)  # a watcher tick
+    # One entry per CONNECT is added and removed lazily; compaction keeps the heap within
+    # 2 x live sessions + slack instead of growing with every reconnect.
+    assert len(watcher._expiries) <= 2 * len(broker.broker.sessions) + 10 + 1
