@@ -32,11 +32,12 @@ What we change and why:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import Any
 
@@ -97,6 +98,14 @@ class KeyProtocolHandler(BrokerProtocolHandler):
 
     async def handle_publish(self, publish_packet: PublishPacket) -> None:
         broker, session = self.kb_broker, self.session
+        if publish_packet.qos and broker is not None and session is not None:
+            # amqtt keeps every unacknowledged QoS 2 PUBLISH (and every queued QoS 1/2 one)
+            # without limit: a client that never sends PUBREL could hold gigabytes.
+            limit = broker.settings.max_queued_messages
+            if (len(session.inflight_in) >= limit
+                    or session.delivered_message_queue.qsize() >= limit):
+                broker.flow_violation(session, self, "too many unacknowledged messages")
+                return
         if publish_packet.qos == QOS_0 and broker is not None and session is not None:
             topic, data = publish_packet.topic_name, publish_packet.data
             if topic is not None and data is not None:
@@ -147,6 +156,7 @@ class KeyBroker(Broker):
         self._pending: dict[str, int] = {}
         self._deliveries: set[asyncio.Future[Any]] = set()
         self._watchdog = PacketWatchdog()
+        self._connect_locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self._decide: Callable[[Session, str, Action], Any] = TopicAclPlugin.decide
         # Daemon services attached by BrokerServer (broker.live); None in bare use.
         self.watcher: ChangeWatcher | None = None
@@ -383,18 +393,21 @@ class KeyBroker(Broker):
             return
 
         # 2. Take over: the authenticated client replaces any live connection of that id.
-        session = await self._take_over(client_session)
-        session.keep_alive = _effective_keepalive(client_session.keep_alive, self.settings)
-        session.kb_bucket = (self.settings.max_publish_rate, time.monotonic())
-        self._tasks[client_id] = asyncio.current_task()  # type: ignore[assignment]
-        if not session.transitions.is_connected():
-            session.transitions.connect()
-        handler.attach(session, reader, writer)
-        if isinstance(handler, KeyProtocolHandler):
-            handler.kb_broker = self
-        self._sessions[client_id] = (session, handler)
-        await _send_connack(writer, CONNECTION_ACCEPTED, session_present=session.parent)
-        self._session_started(client_id, session)
+        # One CONNECT per client id at a time: two racing CONNECTs must not both pass the
+        # "is the old one gone" check (one of them would end up registered nowhere).
+        async with self._connect_lock(client_id):
+            session = await self._take_over(client_session)
+            session.keep_alive = _effective_keepalive(client_session.keep_alive, self.settings)
+            session.kb_bucket = (self.settings.max_publish_rate, time.monotonic())
+            self._tasks[client_id] = asyncio.current_task()  # type: ignore[assignment]
+            if not session.transitions.is_connected():
+                session.transitions.connect()
+            handler.attach(session, reader, writer)
+            if isinstance(handler, KeyProtocolHandler):
+                handler.kb_broker = self
+            self._sessions[client_id] = (session, handler)
+            await _send_connack(writer, CONNECTION_ACCEPTED, session_present=session.parent)
+            self._session_started(client_id, session)
         await self.plugins_manager.fire_event(
             BrokerEvents.CLIENT_CONNECTED, client_id=client_id, client_session=session
         )
@@ -415,17 +428,30 @@ class KeyBroker(Broker):
         if self.status is not None:
             self.status.connected(client_id, grant.key.key)
 
+    @contextlib.asynccontextmanager
+    async def _connect_lock(self, client_id: str) -> AsyncIterator[None]:
+        lock, users = self._connect_locks.get(client_id, (asyncio.Lock(), 0))
+        self._connect_locks[client_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._connect_locks[client_id]
+            if users <= 1:
+                del self._connect_locks[client_id]
+            else:
+                self._connect_locks[client_id] = (lock, users - 1)
+
     async def _take_over(self, incoming: Session) -> Session:
-        """Close a live connection with the same client id, then pick the session to use."""
+        """End a live connection with the same client id, then pick the session to use.
+        The old connection's task has finished (or was cancelled) before this returns, so
+        it can never mark the session we hand out as disconnected afterwards."""
         client_id = incoming.client_id
         assert client_id is not None
         existing = self._sessions.get(client_id)
         if existing is not None and existing[0].transitions.is_connected():
             logger.info("client %s connected again: taking over the old connection", client_id)
-            await existing[1].handle_connection_closed()
-            old_task = self._tasks.get(client_id)
-            if old_task is not None and old_task is not asyncio.current_task():
-                await asyncio.wait({old_task}, timeout=5)
+            await self._end_connection(client_id, existing[1])
         existing = self._sessions.get(client_id)
         if incoming.clean_session or existing is None or existing[0].clean_session:
             if existing is not None:
@@ -474,6 +500,18 @@ class KeyBroker(Broker):
                 ):
                     await self._drop_session(client_id, session)
 
+    async def _end_connection(self, client_id: str, handler: BrokerProtocolHandler) -> None:
+        """Close a connection at once and wait until its task is over."""
+        _hard_close(handler)
+        await handler.handle_connection_closed()
+        old_task = self._tasks.get(client_id)
+        if old_task is None or old_task is asyncio.current_task():
+            return
+        done, _ = await asyncio.wait({old_task}, timeout=2)
+        if not done:  # stuck somewhere in amqtt: end it
+            old_task.cancel()
+            await asyncio.wait({old_task}, timeout=2)
+
     # ------------------------------------------------------------------ kick
     async def kick(self, client_id: str, reason: str, *, publish_will: bool = False) -> bool:
         """Disconnect a live session now. A revoked session's Will is not published."""
@@ -494,6 +532,10 @@ class KeyBroker(Broker):
             listener=conn.listener if conn else None,
             reason=reason,
         )
+        # Abort the transport rather than only resolving amqtt's disconnect future: the
+        # session's message loop may be busy (e.g. blocked on a drain) and a revoked client
+        # must not be able to send anything more (publish_in also drops kicked sessions).
+        _hard_close(handler)
         await handler.handle_connection_closed()
         return True
 
@@ -563,6 +605,8 @@ class KeyBroker(Broker):
                    data: bytes | bytearray, qos: int, retain: bool) -> None:
         """Check, route and retain one incoming PUBLISH. Synchronous: no await between the
         packet and the subscribers' transports on the QoS 0 path."""
+        if getattr(session, "kb_kicked", None):
+            return  # revoked or being disconnected: nothing more from it
         if self.settings.max_publish_rate and not self._within_rate(session):
             self._audit_denied("publish_denied", session, topic, "rate_limited")
             self._close_later(handler)
@@ -584,6 +628,18 @@ class KeyBroker(Broker):
         self._route(topic, data, qos, None)
         if retain:
             self._retain(session, topic, data, qos)
+
+    def flow_violation(self, session: Session, handler: BrokerProtocolHandler,
+                       reason: str) -> None:
+        """A client breaking a flow-control limit: audited, then disconnected."""
+        conn = connection_of(session)
+        self.audit.event("bad_packet", client_id=session.client_id,
+                         client_ip=conn.client_ip if conn else None,
+                         peer_ip=conn.peer_ip if conn else None,
+                         listener=conn.listener if conn else None, reason=reason)
+        session.kb_kicked = reason
+        _hard_close(handler)
+        self._close_later(handler)
 
     def _within_rate(self, session: Session) -> bool:
         """Token bucket per connection: max_publish_rate per second, bursts of one second."""
@@ -697,7 +753,8 @@ class KeyBroker(Broker):
             if entry is None:
                 continue
             target, handler = entry
-            if not decide(target, topic, Action.RECEIVE).allowed:
+            if getattr(target, "kb_kicked", None) or \
+                    not decide(target, topic, Action.RECEIVE).allowed:
                 continue
             qos = forced if forced is not None else min(pub_qos, sub_qos)
             if target.transitions.state != "connected":
@@ -786,18 +843,30 @@ class KeyBroker(Broker):
         handler = self._get_handler(session)
         if handler is None:
             return
-        tasks = []
-        for topic, retained in self._retained.matching(topic_filter):
-            if not self._decide(session, topic, Action.RECEIVE).allowed:
-                continue
-            out_qos = min(qos, retained.qos if retained.qos is not None else qos)
-            tasks.append(
-                asyncio.ensure_future(
-                    handler.mqtt_publish(retained.topic, retained.data, out_qos, retain=True)
-                )
-            )
-        if tasks:
-            await asyncio.wait(tasks)
+        matching = [
+            (retained, min(qos, retained.qos if retained.qos is not None else qos))
+            for topic, retained in self._retained.matching(topic_filter)
+            if self._decide(session, topic, Action.RECEIVE).allowed
+        ]
+        if matching:
+            # Sent by a task of its own, a window at a time: amqtt awaited them all inside
+            # the session's message loop, where a client withholding PUBACKs could stall
+            # the loop (and with it kicks) for 5 s per message.
+            task = asyncio.ensure_future(self._send_retained(handler, matching))
+            self._deliveries.add(task)
+            task.add_done_callback(self._deliveries.discard)
+
+    @staticmethod
+    async def _send_retained(handler: BrokerProtocolHandler,
+                             matching: list[tuple[RetainedApplicationMessage, int]]) -> None:
+        window = 32
+        for start in range(0, len(matching), window):
+            await asyncio.gather(*(
+                handler.mqtt_publish(message.topic, message.data, qos, retain=True)
+                for message, qos in matching[start : start + window]
+            ), return_exceptions=True)
+            if handler.session is None:
+                return
 
     async def _publish_session_retained_messages(self, session: Session) -> None:
         """Messages queued while a persistent session was offline, checked with the new grant."""
@@ -840,10 +909,24 @@ async def _send_connack(writer: WriterAdapter, code: int, session_present: int =
 
 def _abort(writer: WriterAdapter) -> None:
     """Close without awaiting (for a cancelled task); StreamWriterAdapter keeps the asyncio
-    StreamWriter in ``_writer`` (covered by tests/test_broker_hooks.py)."""
+    StreamWriter in ``_writer`` (covered by tests/test_broker_hooks.py). Data still
+    buffered then is for a peer that is not reading: drop it rather than hold it."""
     stream = getattr(writer, "_writer", None)
     if isinstance(stream, asyncio.StreamWriter):
-        stream.close()
+        if stream.transport.get_write_buffer_size():
+            stream.transport.abort()
+        else:
+            stream.close()
+
+
+def _hard_close(handler: BrokerProtocolHandler) -> None:
+    """End a connection now: abort its transport (TCP/TLS, or the WebSocket's)."""
+    writer = handler.writer
+    stream = getattr(writer, "_writer", None)
+    transport = stream.transport if isinstance(stream, asyncio.StreamWriter) else getattr(
+        getattr(writer, "_protocol", None), "transport", None)
+    if transport is not None:
+        transport.abort()
 
 
 async def _close_quietly(writer: WriterAdapter) -> None:
