@@ -576,6 +576,11 @@ class KeyBroker(Broker):
         topic, data = session.will_topic, session.will_message
         if topic is None or data is None:
             return
+        try:
+            self._check_topic_limits(topic)
+        except ValidationError as exc:
+            self._audit_denied("publish_denied", session, topic, f"limit: {exc}", will=True)
+            return
         decision = self._decide(session, topic, Action.PUBLISH)
         if not decision.allowed:
             self._audit_denied("publish_denied", session, topic, decision.reason, will=True)

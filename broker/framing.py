@@ -191,7 +191,10 @@ def packet_problem(first: int, body: bytes) -> str | None:
             offset = 2
             while offset < len(body):
                 _, offset = _string_at(body, offset)
-                offset += 1 if kind == 8 else 0  # requested QoS byte
+                if kind == 8:  # requested QoS: 0-2, upper bits zero (MQTT-3.8.3-4)
+                    if offset >= len(body) or body[offset] > 2:
+                        return "invalid requested QoS in SUBSCRIBE"
+                    offset += 1
             if offset == 2:
                 return "no topic filter"
         elif kind == 1:  # CONNECT: strings after the 10-byte variable header

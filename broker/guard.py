@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
+from netaddr import AddrFormatError, IPNetwork
+
 
 @dataclass(frozen=True, slots=True)
 class GuardSettings:
@@ -32,6 +34,17 @@ class _Record:
     offences: int = 0  # bans so far; the next ban lasts ban * 2**offences (capped)
 
 
+def source_of(ip: str) -> str:
+    """What the guard counts per: the IPv4 address, or the IPv6 /64 (one host can hold a
+    whole /64 and would otherwise get a fresh address for every attempt)."""
+    if ":" not in ip:
+        return ip
+    try:
+        return str(IPNetwork(f"{ip}/64").cidr)
+    except (AddrFormatError, ValueError):
+        return ip
+
+
 class BruteForceGuard:
     def __init__(self, settings: GuardSettings) -> None:
         self.settings = settings
@@ -42,7 +55,7 @@ class BruteForceGuard:
 
     def banned_until(self, ip: str, now: float) -> float | None:
         """The end of the ban in force for ``ip`` at ``now``, or None."""
-        record = self._records.get(ip)
+        record = self._records.get(source_of(ip))
         if record is None or record.banned_until <= now:
             return None
         return record.banned_until
@@ -52,6 +65,7 @@ class BruteForceGuard:
         settings = self.settings
         if not settings.enabled:
             return None
+        ip = source_of(ip)
         record = self._records.get(ip)
         if record is None:
             record = self._records[ip] = _Record()
@@ -72,7 +86,5 @@ class BruteForceGuard:
         return record.banned_until
 
     def record_success(self, ip: str) -> None:
-        """A good CONNECT clears the failure count (not the offence history)."""
-        record = self._records.get(ip)
-        if record is not None:
-            record.failures.clear()
+        """A good CONNECT does not clear recent failures: otherwise one valid key would let
+        an attacker interleave successes and guess other keys' secrets without end."""

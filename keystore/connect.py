@@ -106,23 +106,28 @@ class ConnectResolver:
             self.generation = row[0]
             self._scopes = _Lru(self._scopes.size)
             self._devices = _Lru(self._devices.size)
+        seen = row[0]  # results read below are cached only if no newer lookup moved on
         if not credentials.verify_secret(secret, row[-2], row[-1]):
             return ConnectLookup(None, False, False, None)
         access_key = row_to_key(row[1 : 1 + KEY_COLUMN_COUNT])
         if access_key.all_devices:
-            registered = await self._exists(device_id)
+            registered = await self._exists(device_id, seen)
             return ConnectLookup(access_key, registered, registered, None)
         scope = self._scopes.get(access_key.key)
         if scope is None:
             scope = await self.store.resolve_scope(access_key) or frozenset()
-            self._scopes.put(access_key.key, scope)
+            if self.generation == seen:
+                self._scopes.put(access_key.key, scope)
         in_scope = device_id in scope
-        registered = in_scope or await self._exists(device_id)
+        registered = in_scope or await self._exists(device_id, seen)
         return ConnectLookup(access_key, registered, in_scope, scope)
 
-    async def _exists(self, device_id: str) -> bool:
+    async def _exists(self, device_id: str, seen: int) -> bool:
         known = self._devices.get(device_id)
         if known is None:
             known = await self.store.device_exists(device_id)
-            self._devices.put(device_id, known)
+            # While we awaited, a concurrent lookup may have seen a newer generation and
+            # reset the caches: a result read under the older one must not land there.
+            if self.generation == seen:
+                self._devices.put(device_id, known)
         return known

@@ -44,12 +44,21 @@ def test_ban_lifts_and_doubles_on_repeat_up_to_the_cap() -> None:
     assert ends == [60, 120, 200, 200]
 
 
-def test_success_clears_the_failure_count() -> None:
+def test_success_does_not_clear_recent_failures() -> None:
+    """One valid key must not let an attacker interleave successes between guesses."""
     g = guard()
     g.record_failure("ip", 0)
     g.record_failure("ip", 1)
     g.record_success("ip")
-    assert g.record_failure("ip", 2) is None
+    assert g.record_failure("ip", 2) == 62
+
+
+def test_ipv6_sources_are_grouped_by_64() -> None:
+    g = guard()
+    for i in range(3):  # three addresses of one /64
+        g.record_failure(f"2001:db8:1:2::{i + 1}", float(i))
+    assert g.banned_until("2001:db8:1:2::ffff", 3) == 62
+    assert g.banned_until("2001:db8:1:3::1", 3) is None  # another /64
 
 
 def test_memory_is_bounded_under_many_source_addresses() -> None:

@@ -153,6 +153,8 @@ def test_half_open_after_connect_is_dropped_by_keepalive(daemon: RunningBroker) 
         pytest.param(raw.publish(b"losant/bad/\xff"), "bad string", id="invalid-utf8-topic"),
         pytest.param(raw.publish(b"losant/bad/\xed\xa0\x80"), "bad string", id="surrogate"),
         pytest.param(raw.connect("bad", "k", "s"), None, id="second-connect"),
+        pytest.param(raw.subscribe("losant/bad/command", qos=3), "requested QoS",
+                     id="subscribe-qos-3"),
         pytest.param(b"\xf0\x00", None, id="reserved-type"),
         pytest.param(b"\x30\x80\x80\x80\x80\x01", "malformed_length", id="5-byte-length"),
     ],

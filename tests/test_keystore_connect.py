@@ -104,3 +104,30 @@ async def test_lookup_uses_the_read_only_connection_and_sees_fresh_commits(tmp_p
         await ks.set_status([key.key], "inactive")  # committed on the shared connection
         found = await ks.connect_lookup(key.key, secret, "a")
         assert found.key is not None and found.key.status.value == "inactive"
+
+
+async def test_a_result_read_before_a_change_is_not_cached_after_it(tmp_path: Path) -> None:
+    """Lookup A resolves a scope; meanwhile a tag change lands and lookup B resets the
+    caches for the new generation. A's older result must not be stored in the new cache."""
+    path = tmp_path / "k.db"
+    async with KeyStore.open(path) as daemon, KeyStore.open(path) as cli:
+        await daemon.add_device("a", tags=[("site", "n")])
+        key, secret = await daemon.create_key(device_tags=[("site", "n")])
+        real = daemon.resolve_scope
+        raced = False
+
+        async def resolve_then_race(access_key):  # type: ignore[no-untyped-def]
+            nonlocal raced
+            scope = await real(access_key)  # A's read: still contains "a"
+            if not raced:
+                raced = True
+                await cli.untag_device("a", ["site"])  # the change ...
+                await daemon.connect_lookup(key.key, secret, "a")  # ... and lookup B
+            return scope
+
+        daemon.resolve_scope = resolve_then_race  # type: ignore[method-assign]
+        first = await daemon.connect_lookup(key.key, secret, "a")
+        assert first.device_in_scope  # A answers with what it read
+        daemon.resolve_scope = real  # type: ignore[method-assign]
+        after = await daemon.connect_lookup(key.key, secret, "a")
+        assert not after.device_in_scope and after.scope == frozenset()
