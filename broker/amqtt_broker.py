@@ -65,7 +65,7 @@ from broker.audit import AuditLog
 from broker.clientip import TrustedProxies, client_ip_from_forwarded, normalize_ip
 from broker.framing import FramedReader, PacketError, PacketWatchdog, read_proxy_header
 from broker.live import ChangeWatcher, StatusRecorder
-from broker.plugins import Connection, Grant, TopicAclPlugin, connection_of, grant_of
+from broker.plugins import Connection, TopicAclPlugin, connection_of, grant_of
 from broker.settings import Listener, Settings
 from broker.subtree import RetainedStore, SubscriptionTree
 from broker.topics import validate_topic_name
@@ -157,6 +157,7 @@ class KeyBroker(Broker):
         self._deliveries: set[asyncio.Future[Any]] = set()
         self._watchdog = PacketWatchdog()
         self._connect_locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._by_key: dict[str, set[str]] = {}  # key -> client ids it authenticated
         self._decide: Callable[[Session, str, Action], Any] = TopicAclPlugin.decide
         # Daemon services attached by BrokerServer (broker.live); None in bare use.
         self.watcher: ChangeWatcher | None = None
@@ -380,6 +381,7 @@ class KeyBroker(Broker):
         listener_name: str,
     ) -> None:
         # 1. Authenticate before touching any existing session (amqtt did it after).
+        client_session.kb_auth_started = asyncio.get_running_loop().time()
         if not await self._authenticate(client_session, ListenerConfig(bind=None)):
             refusal = getattr(client_session, "kb_refusal", None)
             code = refusal.connack if refusal is not None else NOT_AUTHORIZED
@@ -423,8 +425,10 @@ class KeyBroker(Broker):
         grant = grant_of(session)
         if grant is None:
             return
+        self._by_key.setdefault(grant.key.key, set()).add(client_id)
         if self.watcher is not None:
-            self.watcher.session_started(client_id, grant)
+            self.watcher.session_started(client_id, grant,
+                                         getattr(session, "kb_auth_started", 0.0))
         if self.status is not None:
             self.status.connected(client_id, grant.key.key)
 
@@ -539,14 +543,34 @@ class KeyBroker(Broker):
         await handler.handle_connection_closed()
         return True
 
-    def sessions_where(self, predicate: Callable[[Grant], bool]) -> list[str]:
-        """Client ids of connected sessions whose grant matches (used by live revocation)."""
+    def sessions_of_key(self, key: str) -> list[str]:
+        """Client ids of the connected sessions a key authenticated (an index: revocation
+        work follows the number of changes, not the number of sessions)."""
         out = []
-        for client_id, (session, _) in self._sessions.items():
-            grant = grant_of(session)
-            if grant is not None and session.transitions.is_connected() and predicate(grant):
+        for client_id in list(self._by_key.get(key, ())):
+            entry = self._sessions.get(client_id)
+            grant = grant_of(entry[0]) if entry else None
+            if entry is not None and grant is not None and grant.key.key == key \
+                    and entry[0].transitions.is_connected():
                 out.append(client_id)
+            else:
+                self._unindex(key, client_id)
         return out
+
+    def _unindex(self, key: str, client_id: str) -> None:
+        clients = self._by_key.get(key)
+        if clients is not None:
+            clients.discard(client_id)
+            if not clients:
+                del self._by_key[key]
+
+    def forget_offline_session(self, client_id: str) -> None:
+        """Drop a disconnected persistent session (its device was deleted)."""
+        entry = self._sessions.get(client_id)
+        if entry is not None and not entry[0].transitions.is_connected():
+            self._sessions.pop(client_id, None)
+            self._subtree.remove_subscriber(client_id)
+            entry[0].clear_queues()
 
     # ------------------------------------------------------------------ disconnect
     async def _handle_disconnect(
@@ -564,6 +588,9 @@ class KeyBroker(Broker):
         client_session.transitions.disconnect()
         if self.status is not None and client_session.client_id:
             self.status.disconnected(client_session.client_id)
+        grant = grant_of(client_session)
+        if grant is not None and client_session.client_id:
+            self._unindex(grant.key.key, client_session.client_id)
         await self.plugins_manager.fire_event(
             BrokerEvents.CLIENT_DISCONNECTED,
             client_id=client_session.client_id,

@@ -14,10 +14,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import logging
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from broker.periodic import Periodic
 from broker.plugins import Grant, grant_of
@@ -27,6 +28,19 @@ if TYPE_CHECKING:
     from keystore import KeyStore
 
 logger = logging.getLogger(__name__)
+
+FEED_PAGE = 10_000
+RECENT = 60.0  # seconds a processed change is remembered for CONNECTs in flight
+DEVICE = "\x00device:"  # prefix for device entries in _applied (a key never has a NUL)
+
+
+def _spawn(coro: Any) -> None:
+    task = asyncio.ensure_future(coro)
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)
+
+
+_tasks: set[asyncio.Task[Any]] = set()
 
 
 class ChangeWatcher(Periodic):
@@ -39,6 +53,9 @@ class ChangeWatcher(Periodic):
         self._expiries: list[tuple[float, int, str, Grant]] = []
         self._serial = 0
         self.compact_slack = 1000  # stale heap entries tolerated before compacting
+        # When this watcher applied a change to a key (or DEVICE + device id): a CONNECT
+        # that read the key before then is re-checked once registered.
+        self._applied: dict[str, float] = {}
 
     async def start(self) -> None:
         self._last_id = await self.keystore.latest_change_id()
@@ -48,30 +65,61 @@ class ChangeWatcher(Periodic):
     async def stop(self) -> None:
         await self.stop_ticking()
 
-    def session_started(self, client_id: str, grant: Grant) -> None:
+    def session_started(self, client_id: str, grant: Grant, auth_started: float) -> None:
+        """A session was registered; ``auth_started`` is when its CONNECT read the key.
+
+        A change applied by this watcher after that moment may have missed the session
+        (it was not registered yet): such a session is checked again now."""
         expires = grant.key.expires_at
         if expires is not None:
             self._serial += 1
             heapq.heappush(self._expiries, (expires.timestamp(), self._serial, client_id, grant))
+        key_changed = self._applied.get(grant.key.key, -1.0) >= auth_started
+        device_gone = self._applied.get(DEVICE + client_id, -1.0) >= auth_started
+        if key_changed or device_gone:
+            _spawn(self._recheck(client_id, grant.key.key, device_gone))
+
+    async def _recheck(self, client_id: str, key: str, device_gone: bool) -> None:
+        if device_gone:
+            await self.broker.kick(client_id, "device_deleted")
+        else:
+            await self._apply_key(key, [client_id])
 
     async def tick(self) -> None:
         marker = await self.keystore.change_marker()
         if marker != self._marker:
             self._marker = marker
-            for change in await self.keystore.changes_since(self._last_id):
-                self._last_id = change.id
-                await self._apply(change.kind, change.subject)
+            while True:  # the whole feed, however many changes a bulk operation made
+                changes = await self.keystore.changes_since(self._last_id, limit=FEED_PAGE)
+                for change in changes:
+                    self._last_id = change.id
+                    try:
+                        await self._apply(change.kind, change.subject)
+                    except Exception:  # one bad change must not stop the others
+                        logger.exception("applying change %s failed", change)
+                if len(changes) < FEED_PAGE:
+                    break
+        now = asyncio.get_running_loop().time()
+        for name in [n for n, at in self._applied.items() if now - at > RECENT]:
+            del self._applied[name]
         await self._expire(datetime.now(UTC).timestamp())
 
     async def _apply(self, kind: str, subject: str) -> None:
+        now = asyncio.get_running_loop().time()
         if kind in ("device_deleted", "kick"):
             reason = "device_deleted" if kind == "device_deleted" else "operator_kick"
+            if kind == "device_deleted":
+                self._applied[DEVICE + subject] = now
+                self.broker.forget_offline_session(subject)
             await self.broker.kick(subject, reason)
             return
+        self._applied[subject] = now
         # key_status / key_expiry / key_deleted: re-read the key once for all its sessions.
-        client_ids = self.broker.sessions_where(lambda grant: grant.key.key == subject)
-        if not client_ids:
-            return
+        client_ids = self.broker.sessions_of_key(subject)
+        if client_ids:
+            await self._apply_key(subject, client_ids)
+
+    async def _apply_key(self, subject: str, client_ids: list[str]) -> None:
         key = (await self.keystore.keys_by_id([subject])).get(subject)
         now = datetime.now(UTC)
         for client_id in client_ids:
@@ -92,7 +140,7 @@ class ChangeWatcher(Periodic):
             return
         new = Grant(key=key, policy=grant.policy)  # type: ignore[arg-type]
         entry[0].kb_grant = new
-        self.session_started(client_id, new)
+        self.session_started(client_id, new, float("inf"))  # no re-check: this is one
 
     def _compact(self) -> None:
         """Drop entries of sessions that ended or were re-granted. Entries are removed

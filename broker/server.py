@@ -32,6 +32,7 @@ def amqtt_config(
     "default" listener (which its BrokerConfig requires) is left unbound."""
     return {
         "listeners": {"default": {"bind": None}},
+        "session_expiry_interval": settings.session_expiry or None,
         "plugins": {
             AUTH_PLUGIN: {
                 "keystore": keystore,

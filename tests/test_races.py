@@ -4,12 +4,14 @@ of a persistent session, and unacknowledged QoS 2 floods."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import struct
 import time
+from pathlib import Path
 
 from tests import mqtt_raw as raw
-from tests.broker_harness import RunningBroker
+from tests.broker_harness import RunningBroker, broker_settings
 
 ACCEPTED = bytes([0x20, 2, 0, 0])
 
@@ -134,3 +136,64 @@ def test_unacknowledged_qos2_flood_is_disconnected(broker: RunningBroker) -> Non
     time.sleep(0.2)
     assert any(e["event"] == "bad_packet" and "unacknowledged" in (e["reason"] or "")
                for e in broker.audit_events())
+
+
+def test_revocation_landing_during_a_connect_still_disconnects(broker: RunningBroker) -> None:
+    """The key is read as active, then deactivated (and the change applied) before the
+    session is registered: the new session is checked again and disconnected."""
+    broker.ks("add_device", "dev-a")
+    key, secret = broker.ks("create_key", device_ids=["dev-a"])
+    keystore = broker.server.keystore
+    real = keystore.connect_lookup
+
+    async def slow_lookup(*args: object) -> object:
+        found = await real(*args)
+        await asyncio.sleep(1.0)  # the window: a take-over wait, a cache miss ...
+        return found
+
+    keystore.connect_lookup = slow_lookup
+    try:
+        sock = connect_raw(broker, "dev-a", key.key, secret)
+        time.sleep(0.3)
+        broker.ks("set_status", [key.key], "inactive")  # applied by the watcher in the window
+        with sock:
+            assert sock.recv(4) == ACCEPTED
+            assert raw.closed_by_peer(sock, within=3)
+    finally:
+        keystore.connect_lookup = real
+
+
+def test_disconnected_persistent_sessions_expire(tmp_path: Path) -> None:
+    daemon = RunningBroker(broker_settings(tmp_path, session_expiry=1)).start()
+    try:
+        daemon.ks("add_device", "dev-a")
+        key, secret = daemon.ks("create_key", device_ids=["dev-a"])
+        with connect_raw(daemon, "dev-a", key.key, secret, clean=False) as sock:
+            assert sock.recv(4) == ACCEPTED
+            sock.sendall(raw.subscribe("losant/dev-a/command", qos=1))
+            assert sock.recv(5)[0] == 0x90
+        time.sleep(0.5)
+        assert "dev-a" in daemon.broker.sessions  # kept while within the expiry
+        deadline = time.monotonic() + 5
+        while "dev-a" in daemon.broker.sessions and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "dev-a" not in daemon.broker.sessions
+        assert len(daemon.broker._subtree) == 0
+    finally:
+        daemon.stop()
+
+
+def test_deleting_a_device_drops_its_offline_session(broker: RunningBroker) -> None:
+    broker.ks("add_device", "dev-a")
+    key, secret = broker.ks("create_key", device_ids=["dev-a"])
+    with connect_raw(broker, "dev-a", key.key, secret, clean=False) as sock:
+        assert sock.recv(4) == ACCEPTED
+        sock.sendall(raw.subscribe("losant/dev-a/command", qos=1))
+        assert sock.recv(5)[0] == 0x90
+    time.sleep(0.3)
+    assert "dev-a" in broker.broker.sessions
+    broker.ks("remove_devices", ["dev-a"])
+    deadline = time.monotonic() + 3
+    while "dev-a" in broker.broker.sessions and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "dev-a" not in broker.broker.sessions
