@@ -74,6 +74,7 @@ from keystore.errors import ValidationError
 logger = logging.getLogger(__name__)
 
 SUBACK_FAILURE = 0x80
+DENIALS_AUDITED_PER_SECOND = 20
 
 
 class KeyProtocolHandler(BrokerProtocolHandler):
@@ -470,6 +471,11 @@ class KeyBroker(Broker):
         session.kb_kicked = None
         session.kb_suppress_will = False
         session.parent = 1
+        # amqtt re-sends unacknowledged deliveries on resume: only those the new grant
+        # may still read (the resuming key can differ from the one that subscribed).
+        for packet_id, message in list(session.inflight_out.items()):
+            if not self._decide(session, message.topic, Action.RECEIVE).allowed:
+                del session.inflight_out[packet_id]
         return session
 
     async def _drop_session(self, client_id: str, session: Session) -> None:
@@ -701,7 +707,25 @@ class KeyBroker(Broker):
     def _audit_denied(
         self, event: str, session: Session, topic: str, reason: str, **extra: Any
     ) -> None:
+        """Audit a denial; at most DENIALS_AUDITED_PER_SECOND per session, so a client
+        flooding denied PUBLISHes cannot fill the disk or stall the loop with writes
+        (the excess is counted in an ``audit_suppressed`` event)."""
         grant, conn = grant_of(session), connection_of(session)
+        now = time.monotonic()
+        start, count, suppressed = getattr(session, "kb_denials", (now, 0, 0))
+        if now - start >= 1.0:
+            if suppressed:
+                self.audit.event(
+                    "audit_suppressed", key=grant.key.key if grant else None,
+                    client_id=session.client_id, client_ip=conn.client_ip if conn else None,
+                    peer_ip=conn.peer_ip if conn else None,
+                    listener=conn.listener if conn else None,
+                    reason=f"{suppressed} denials not logged in 1 s")
+            start, count, suppressed = now, 0, 0
+        if count >= DENIALS_AUDITED_PER_SECOND:
+            session.kb_denials = (start, count, suppressed + 1)
+            return
+        session.kb_denials = (start, count + 1, suppressed)
         logger.info("%s: client %s topic %r: %s", event, session.client_id, topic, reason)
         self.audit.event(
             event,
@@ -861,6 +885,13 @@ class KeyBroker(Broker):
     def _retain(self, source_session: Session | None, topic_name: str,
                 data: bytes | bytearray | None, qos: int | None) -> None:
         if data:
+            limit = self.settings.max_retained_messages
+            if limit and topic_name not in self._retained and len(self._retained) >= limit:
+                # Delivered live, not kept: retained messages are held in memory.
+                if source_session is not None:
+                    self._audit_denied("retain_refused", source_session, topic_name,
+                                       f"max_retained_messages {limit} reached")
+                return
             message = RetainedApplicationMessage(source_session, topic_name, data, qos)
             self._retained.set(topic_name, message)
             self._retained_messages[topic_name] = message

@@ -50,6 +50,7 @@ class Settings:
     max_queued_messages: int = 1_000
     max_buffered_bytes: int = 4 * 1024 * 1024
     max_publish_rate: float = 0.0  # PUBLISH per second per connection; 0 = no limit
+    max_retained_messages: int = 100_000
     session_expiry: int = 86_400  # seconds a disconnected persistent session is kept; 0 = forever
     max_topic_length: int = 1_024
     max_topic_levels: int = 32
@@ -132,6 +133,7 @@ def load_settings(config: Path | str | None = None) -> Settings:
         max_buffered_bytes=int(limits.get("max_buffered_bytes", 4 * 1024 * 1024)),
         max_publish_rate=float(limits.get("max_publish_rate", 0)),
         session_expiry=int(limits.get("session_expiry", 86_400)),
+        max_retained_messages=int(limits.get("max_retained_messages", 100_000)),
         max_topic_length=int(limits.get("max_topic_length", 1_024)),
         max_topic_levels=int(limits.get("max_topic_levels", 32)),
         audit_path=Path(audit["path"]) if audit.get("path") else None,

@@ -27,6 +27,7 @@ LIMITS = {
     "max_buffered_bytes": 64 * 1024,
     "max_topic_length": 200,
     "max_topic_levels": 8,
+    "max_retained_messages": 3,
 }
 
 
@@ -314,3 +315,26 @@ def test_trusted_proxy_must_send_a_header_and_garbage_is_refused(tmp_path: Path)
         assert audited(daemon, "connect_invalid", "bad_proxy_header")
     finally:
         daemon.stop()
+
+
+def test_denied_publish_flood_is_audited_within_a_budget(daemon: RunningBroker) -> None:
+    with authed_socket(daemon) as sock:
+        sock.sendall(raw.publish("losant/good/state") * 500)  # another device's topic
+        time.sleep(1.2)
+        sock.sendall(raw.publish("losant/good/state"))  # rolls the window over
+        time.sleep(0.3)
+    events = daemon.audit_events()
+    denied = [e for e in events if e["event"] == "publish_denied"]
+    assert 1 <= len(denied) <= 25  # not 500 lines
+    assert any(e["event"] == "audit_suppressed" and "denials not logged" in e["reason"]
+               for e in events)
+
+
+def test_retained_messages_are_capped(daemon: RunningBroker, good: Client) -> None:
+    for i in range(5):
+        good.publish(f"losant/good/r{i}", b"keep", qos=1, retain=True)
+    good.publish("losant/good/r0", b"update", qos=1, retain=True)  # existing topic: fine
+    time.sleep(0.3)
+    assert len(daemon.broker._retained) == LIMITS["max_retained_messages"]
+    assert daemon.broker._retained.get("losant/good/r0").data == b"update"
+    assert audited(daemon, "retain_refused", "max_retained_messages")
