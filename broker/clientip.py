@@ -11,6 +11,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 
 from netaddr import AddrFormatError, IPAddress, IPNetwork, IPSet
 
@@ -34,8 +35,10 @@ def _parse(text: str) -> IPAddress | None:
     return address
 
 
+@lru_cache(maxsize=65_536)
 def normalize_ip(text: str) -> str | None:
-    """Canonical text of an IP address; IPv4-mapped IPv6 -> IPv4; invalid -> None."""
+    """Canonical text of an IP address; IPv4-mapped IPv6 -> IPv4; invalid -> None.
+    Cached: every CONNECT normalises its peer, and peers repeat."""
     address = _parse(text)
     return None if address is None else str(address)
 

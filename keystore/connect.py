@@ -17,17 +17,19 @@ import os
 import sqlite3
 import urllib.parse
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from keystore import credentials
-from keystore.db import KEY_COLUMN_COUNT, KEY_COLUMNS, row_to_key
+from keystore.db import KEY_COLUMN_COUNT, KEY_COLUMNS, from_micros, row_to_key
 from keystore.models import AccessKey
 
 if TYPE_CHECKING:
     from keystore.store import KeyStore
 
 log = logging.getLogger(__name__)
+
+LAST_USED = 13  # position of last_used in KEY_COLUMNS
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -74,6 +76,7 @@ class ConnectResolver:
         self._scopes: _Lru[str, frozenset[str]] = _Lru(max_scopes)
         self._devices: _Lru[str, bool] = _Lru(max_devices)
         self._ro: sqlite3.Connection | None = None
+        self._keys: _Lru[tuple[Any, ...], AccessKey] = _Lru(max_scopes)
 
     def _read_now(self, key: str) -> list[Any] | None:
         """The lookup row from the read-only connection, or None to use the async path."""
@@ -109,7 +112,7 @@ class ConnectResolver:
         seen = row[0]  # results read below are cached only if no newer lookup moved on
         if not credentials.verify_secret(secret, row[-2], row[-1]):
             return ConnectLookup(None, False, False, None)
-        access_key = row_to_key(row[1 : 1 + KEY_COLUMN_COUNT])
+        access_key = self._key_from_row(row[1 : 1 + KEY_COLUMN_COUNT])
         if access_key.all_devices:
             registered = await self._exists(device_id, seen)
             return ConnectLookup(access_key, registered, registered, None)
@@ -121,6 +124,18 @@ class ConnectResolver:
         in_scope = device_id in scope
         registered = in_scope or await self._exists(device_id, seen)
         return ConnectLookup(access_key, registered, in_scope, scope)
+
+    def _key_from_row(self, row: tuple[Any, ...]) -> AccessKey:
+        """Parse a key row, reusing the AccessKey of an identical row (the row is read
+        fresh on every CONNECT; only its parse is cached). last_used, which changes on
+        every connection, is left out of the identity and taken from the row."""
+        identity = row[:LAST_USED] + row[LAST_USED + 1 :]
+        cached = self._keys.get(identity)
+        if cached is None:
+            cached = row_to_key(row)
+            self._keys.put(identity, cached)
+        last_used = from_micros(row[LAST_USED])
+        return cached if cached.last_used == last_used else replace(cached, last_used=last_used)
 
     async def _exists(self, device_id: str, seen: int) -> bool:
         known = self._devices.get(device_id)
