@@ -9,7 +9,6 @@ import os
 import stat
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +18,7 @@ from click.testing import CliRunner, Result
 import broker.cli_common
 import keystore.credentials
 from broker.cli import main
-
-Invoke = Callable[..., Result]
+from tests.cli_helpers import Invoke, cli_on, fails, ok
 
 
 @pytest.fixture
@@ -31,29 +29,7 @@ def db(tmp_path: Path) -> Path:
 @pytest.fixture
 def cli(db: Path, monkeypatch: pytest.MonkeyPatch) -> Invoke:
     monkeypatch.delenv("KEYBROKER_DB", raising=False)
-    runner = CliRunner()
-
-    def invoke(*args: str, input: str | None = None) -> Result:
-        return runner.invoke(main, ["--db", str(db), *args], input=input, catch_exceptions=False)
-
-    return invoke
-
-
-def ok(result: Result) -> Result:
-    assert result.exit_code == 0, result.output
-    return result
-
-
-def fails(result: Result, *needles: str) -> str:
-    """A clean failure: non-zero exit, one 'Error:' line on stderr naming the bad value."""
-    assert result.exit_code != 0, result.output
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("Error: ")
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
+    return cli_on(db)
 
 
 def as_json(result: Result) -> Any:

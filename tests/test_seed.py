@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import json
 import stat
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner, Result
 
-from broker.cli import main
+from tests.cli_helpers import Invoke, cli_on, fails, ok
 
-Invoke = Callable[..., Result]
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "seed.example.toml"
 
 SEED_TOML = """
@@ -66,28 +63,7 @@ SEED_JSON = {
 @pytest.fixture
 def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Invoke:
     monkeypatch.delenv("KEYBROKER_DB", raising=False)
-    db = tmp_path / "data" / "keys.db"
-    runner = CliRunner()
-
-    def invoke(*args: str) -> Result:
-        return runner.invoke(main, ["--db", str(db), *args], catch_exceptions=False)
-
-    return invoke
-
-
-def ok(result: Result) -> Result:
-    assert result.exit_code == 0, result.output
-    return result
-
-
-def fails(result: Result, *needles: str) -> str:
-    assert result.exit_code != 0, result.output
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
+    return cli_on(tmp_path / "data" / "keys.db")
 
 
 def listing(cli: Invoke, what: str) -> list[dict[str, Any]]:
