@@ -58,6 +58,7 @@ from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
 from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.publish import PublishPacket
+from amqtt.plugins.base import BaseAuthPlugin
 from amqtt.session import Session
 from websockets.asyncio.server import ServerConnection
 
@@ -65,7 +66,13 @@ from broker.audit import AuditLog
 from broker.clientip import TrustedProxies, client_ip_from_forwarded, normalize_ip
 from broker.framing import FramedReader, PacketError, PacketWatchdog, read_proxy_header
 from broker.live import ChangeWatcher, StatusRecorder
-from broker.plugins import Connection, TopicAclPlugin, connection_of, grant_of
+from broker.plugins import (
+    AccessKeyAuthPlugin,
+    Connection,
+    TopicAclPlugin,
+    connection_of,
+    grant_of,
+)
 from broker.settings import Listener, Settings
 from broker.subtree import RetainedStore, SubscriptionTree
 from broker.topics import validate_topic_name
@@ -160,6 +167,10 @@ class KeyBroker(Broker):
         self._connect_locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self._by_key: dict[str, set[str]] = {}  # key -> client ids it authenticated
         self._decide: Callable[[Session, str, Action], Any] = TopicAclPlugin.decide
+        auth_plugins = [plugin for plugin in self.plugins_manager.plugins
+                        if isinstance(plugin, BaseAuthPlugin)]
+        only_ours = len(auth_plugins) == 1 and isinstance(auth_plugins[0], AccessKeyAuthPlugin)
+        self._auth: AccessKeyAuthPlugin | None = auth_plugins[0] if only_ours else None
         # Daemon services attached by BrokerServer (broker.live); None in bare use.
         self.watcher: ChangeWatcher | None = None
         self.status: StatusRecorder | None = None
@@ -489,6 +500,10 @@ class KeyBroker(Broker):
 
     async def _authenticate(self, session: Session, _: ListenerConfig) -> bool:
         try:
+            if self._auth is not None:
+                # Our plugin is the only auth plugin: call it directly rather than through
+                # amqtt's plugin manager (a task per plugin and a gather per CONNECT).
+                return bool(await self._auth.authenticate(session=session))
             return bool(await super()._authenticate(session, _))
         except Exception:
             logger.exception("auth plugin failed")

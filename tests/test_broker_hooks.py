@@ -76,6 +76,13 @@ def test_stream_writer_adapter_keeps_the_asyncio_writer() -> None:
     assert "self._writer = writer" in inspect.getsource(StreamWriterAdapter.__init__)
 
 
+def test_the_auth_plugin_is_called_directly_when_it_is_the_only_one(broker: RunningBroker) -> None:
+    from broker.plugins import AccessKeyAuthPlugin
+
+    assert isinstance(broker.broker._auth, AccessKeyAuthPlugin)
+    assert broker.broker._auth in broker.broker.plugins_manager.plugins
+
+
 def test_broker_state_attributes_exist(broker: RunningBroker) -> None:
     kb = broker.broker
     assert isinstance(kb._sessions, dict) and isinstance(kb._servers, dict)
