@@ -52,8 +52,17 @@ from amqtt.adapters import (
 )
 from amqtt.broker import Broker, RetainedApplicationMessage, Server
 from amqtt.contexts import Action, ListenerConfig
-from amqtt.events import BrokerEvents
-from amqtt.mqtt.connack import CONNECTION_ACCEPTED, NOT_AUTHORIZED, ConnackPacket
+from amqtt.errors import MQTTError
+from amqtt.events import BrokerEvents, MQTTEvents
+from amqtt.mqtt.connack import (
+    BAD_USERNAME_PASSWORD,
+    CONNECTION_ACCEPTED,
+    IDENTIFIER_REJECTED,
+    NOT_AUTHORIZED,
+    UNACCEPTABLE_PROTOCOL_VERSION,
+    ConnackPacket,
+)
+from amqtt.mqtt.connect import ConnectPacket
 from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
 from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
@@ -73,6 +82,7 @@ from broker.plugins import (
     connection_of,
     grant_of,
 )
+from broker.session import KeySession
 from broker.settings import Listener, Settings
 from broker.subtree import RetainedStore, SubscriptionTree
 from broker.topics import validate_topic_name
@@ -90,6 +100,62 @@ class KeyProtocolHandler(BrokerProtocolHandler):
 
     _kb_timed_out = False
     kb_broker: KeyBroker | None = None
+
+    @classmethod
+    async def init_from_connect(
+        cls,
+        reader: ReaderAdapter,
+        writer: WriterAdapter,
+        plugins_manager: Any,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> tuple[KeyProtocolHandler, Session]:
+        """amqtt's CONNECT reading and checks, creating a KeySession (see broker.session)
+        instead of a Session; the checks are amqtt 0.12.1's, in its order."""
+        connect = await ConnectPacket.from_stream(reader)
+        await plugins_manager.fire_event(MQTTEvents.PACKET_RECEIVED, packet=connect)
+        if connect.variable_header is None or connect.payload is None:
+            raise MQTTError("CONNECT packet: header or payload not initialized.")
+        if connect.payload.client_id is None:
+            raise MQTTError("[MQTT-3.1.3-3] : Client identifier must be present")
+        if connect.variable_header.will_flag and (
+                connect.payload.will_topic is None or connect.payload.will_message is None):
+            raise MQTTError("Will flag set, but will topic/message not present in payload")
+        if connect.variable_header.reserved_flag:
+            raise MQTTError("[MQTT-3.1.2-3] CONNECT reserved flag must be set to 0")
+        if connect.proto_name != "MQTT":
+            raise MQTTError(f'[MQTT-3.1.2-1] Incorrect protocol name: "{connect.proto_name}"')
+        remote = writer.get_peer_info()
+        if remote is None:
+            raise MQTTError("no peer information")
+        code = None
+        if connect.proto_level != 4:  # only MQTT 3.1.1
+            code = UNACCEPTABLE_PROTOCOL_VERSION
+        elif (not connect.username_flag and connect.password_flag) or (
+                connect.username_flag and connect.username is None) or (
+                connect.password_flag and connect.password is None):
+            code = BAD_USERNAME_PASSWORD  # [MQTT-3.1.2-22]
+        elif connect.clean_session_flag is False and connect.payload.client_id_is_random:
+            code = IDENTIFIER_REJECTED  # [MQTT-3.1.3-8] [MQTT-3.1.3-9]
+        if code is not None:
+            connack = ConnackPacket.build(0, code)
+            await plugins_manager.fire_event(MQTTEvents.PACKET_SENT, packet=connack)
+            await connack.to_stream(writer)
+            await writer.close()
+            raise MQTTError(f"CONNECT refused with return code {code}")
+        session = KeySession()
+        session.client_id = connect.client_id
+        session.clean_session = connect.clean_session_flag
+        session.will_flag = connect.will_flag
+        session.will_retain = connect.will_retain_flag
+        session.will_qos = connect.will_qos
+        session.will_topic = connect.will_topic
+        session.will_message = connect.will_message
+        session.username = connect.username
+        session.password = connect.password
+        session.remote_address, session.remote_port = remote
+        session.ssl_object = writer.get_ssl_info()
+        session.keep_alive = max(connect.keep_alive, 0)
+        return cls(plugins_manager, loop=loop), session
 
     async def stop(self) -> None:
         # amqtt cancels the reader task once and waits for it to stop. On Python 3.11,
