@@ -76,9 +76,7 @@ async def create_demo_if_empty(settings: Settings) -> tuple[str, str] | None:
         return key.key, secret
 
 
-def demo_instructions(settings: Settings, key: str, secret: str) -> str:
-    port = next((item.port for item in settings.listeners if item.type == "tcp"
-                 and not item.tls), 1883)
+def demo_instructions(settings: Settings, key: str, secret: str, port: int) -> str:
     topic = f"{settings.device_prefix}/{DEMO_DEVICE}"
     return "\n".join([
         "",
@@ -119,12 +117,19 @@ def serve(config: Path | None, host: str | None, port: int | None, ws_port: int 
     """Run the MQTT broker until SIGINT/SIGTERM."""
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # amqtt logs every connection at INFO; keep the daemon's log about keybroker.
-    logging.getLogger("amqtt").setLevel(max(logging.WARNING, logging.getLogger().level))
+    # amqtt logs every connection at INFO, and transitions / websockets their internals:
+    # keep the daemon's log about keybroker.
+    for chatty in ("amqtt", "transitions", "websockets"):
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))
     settings = build_settings(config, current_state().db_override, host, port, ws_port,
                               tls_port, wss_port, certfile, keyfile, audit_log)
-    if demo_if_empty:
-        created = asyncio.run(create_demo_if_empty(settings))
-        if created is not None:
-            click.echo(demo_instructions(settings, *created))
-    asyncio.run(BrokerServer(settings).serve())
+    created = asyncio.run(create_demo_if_empty(settings)) if demo_if_empty else None
+
+    def started(server: BrokerServer) -> None:
+        if created is not None:  # printed once the port is known (port 0 = any free port)
+            plain = [name for name, item in ((i.name, i) for i in settings.listeners)
+                     if item.type == "tcp" and not item.tls]
+            port = server.port(plain[0]) if plain else 1883
+            click.echo(demo_instructions(settings, *created, port))
+
+    asyncio.run(BrokerServer(settings).serve(on_started=started))

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Callable
 from typing import Any
 
 from broker.amqtt_broker import KeyBroker
@@ -105,7 +106,11 @@ class BrokerServer:
         self.broker = None
         self.keystore = None
 
-    async def serve(self, stop: asyncio.Event | None = None) -> None:
+    async def serve(
+        self,
+        stop: asyncio.Event | None = None,
+        on_started: Callable[[BrokerServer], None] | None = None,
+    ) -> None:
         """Run until SIGINT/SIGTERM (or ``stop`` is set), then shut down cleanly."""
         stop = stop or asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -116,6 +121,8 @@ class BrokerServer:
                 installed.append(sig)
         await self.start()
         try:
+            if on_started is not None:
+                on_started(self)
             await stop.wait()
             logger.info("shutting down")
         finally:

@@ -178,8 +178,12 @@ def test_serve_process_logs_bound_ports_and_stops_on_sigterm(tmp_path: Path) -> 
         assert "tcp=mqtt://127.0.0.1:" in listening and "ws=ws://127.0.0.1:" in listening
         port = int(listening.split("tcp=mqtt://127.0.0.1:")[1].split()[0])
         text = "".join(lines)
+        while "mosquitto_pub" not in text and time.monotonic() < deadline:
+            lines.append(proc.stdout.readline())
+            text = "".join(lines)
         key = text.split("key:")[1].split()[0]
         secret = text.split("secret:")[1].split()[0]
+        assert f"-p {port} " in text  # the demo command names the bound port, not 0
         with Client(port, "demo-device", key, secret) as client:
             assert client.connect() == 0
         assert (tmp_path / "kb.db").stat().st_mode & 0o777 == 0o600
