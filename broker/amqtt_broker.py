@@ -75,11 +75,12 @@ from broker.audit import AuditLog
 from broker.clientip import TrustedProxies, client_ip_from_forwarded, normalize_ip
 from broker.framing import FramedReader, PacketError, PacketWatchdog, read_proxy_header
 from broker.live import ChangeWatcher, StatusRecorder
+from broker.periodic import spawn
 from broker.plugins import (
     AccessKeyAuthPlugin,
     Connection,
     TopicAclPlugin,
-    connection_of,
+    audit_fields,
     grant_of,
 )
 from broker.session import KeySession
@@ -195,17 +196,9 @@ class KeyProtocolHandler(BrokerProtocolHandler):
         client_id = self.session.client_id if self.session else None
         logger.info("client %s silent past its keep-alive: closing", client_id)
         # The reader loop calls this synchronously; closing must run as its own task.
-        _spawn(self.handle_connection_closed())
+        spawn(self.handle_connection_closed())
 
 
-_background: set[asyncio.Task[Any]] = set()
-
-
-def _spawn(coro: Any) -> None:
-    """Run a coroutine as its own task, keeping a reference until it ends."""
-    task = asyncio.ensure_future(coro)
-    _background.add(task)
-    task.add_done_callback(_background.discard)
 
 
 class KeyBroker(Broker):
@@ -612,17 +605,7 @@ class KeyBroker(Broker):
         session, handler = entry
         session.kb_kicked = reason
         session.kb_suppress_will = not publish_will
-        grant = grant_of(session)
-        conn = connection_of(session)
-        self.audit.event(
-            "kick",
-            key=grant.key.key if grant else None,
-            client_id=client_id,
-            client_ip=conn.client_ip if conn else None,
-            peer_ip=conn.peer_ip if conn else None,
-            listener=conn.listener if conn else None,
-            reason=reason,
-        )
+        self.audit.event("kick", reason=reason, **audit_fields(session))
         # Abort the transport rather than only resolving amqtt's disconnect future: the
         # session's message loop may be busy (e.g. blocked on a drain) and a revoked client
         # must not be able to send anything more (publish_in also drops kicked sessions).
@@ -751,11 +734,7 @@ class KeyBroker(Broker):
     def flow_violation(self, session: Session, handler: BrokerProtocolHandler,
                        reason: str) -> None:
         """A client breaking a flow-control limit: audited, then disconnected."""
-        conn = connection_of(session)
-        self.audit.event("bad_packet", client_id=session.client_id,
-                         client_ip=conn.client_ip if conn else None,
-                         peer_ip=conn.peer_ip if conn else None,
-                         listener=conn.listener if conn else None, reason=reason)
+        self.audit.event("bad_packet", reason=reason, **audit_fields(session))
         session.kb_kicked = reason
         _hard_close(handler)
         self._close_later(handler)
@@ -770,7 +749,7 @@ class KeyBroker(Broker):
         return tokens >= 0
 
     def _close_later(self, handler: BrokerProtocolHandler) -> None:
-        _spawn(handler.handle_connection_closed())
+        spawn(handler.handle_connection_closed())
 
     async def _broadcast_message(
         self,
@@ -791,34 +770,19 @@ class KeyBroker(Broker):
         """Audit a denial; at most DENIALS_AUDITED_PER_SECOND per session, so a client
         flooding denied PUBLISHes cannot fill the disk or stall the loop with writes
         (the excess is counted in an ``audit_suppressed`` event)."""
-        grant, conn = grant_of(session), connection_of(session)
         now = time.monotonic()
         start, count, suppressed = getattr(session, "kb_denials", (now, 0, 0))
         if now - start >= 1.0:
             if suppressed:
-                self.audit.event(
-                    "audit_suppressed", key=grant.key.key if grant else None,
-                    client_id=session.client_id, client_ip=conn.client_ip if conn else None,
-                    peer_ip=conn.peer_ip if conn else None,
-                    listener=conn.listener if conn else None,
-                    reason=f"{suppressed} denials not logged in 1 s")
+                self.audit.event("audit_suppressed", **audit_fields(session),
+                                 reason=f"{suppressed} denials not logged in 1 s")
             start, count, suppressed = now, 0, 0
         if count >= DENIALS_AUDITED_PER_SECOND:
             session.kb_denials = (start, count, suppressed + 1)
             return
         session.kb_denials = (start, count + 1, suppressed)
         logger.info("%s: client %s topic %r: %s", event, session.client_id, topic, reason)
-        self.audit.event(
-            event,
-            key=grant.key.key if grant else None,
-            client_id=session.client_id,
-            client_ip=conn.client_ip if conn else None,
-            peer_ip=conn.peer_ip if conn else None,
-            listener=conn.listener if conn else None,
-            reason=reason,
-            topic=topic,
-            **extra,
-        )
+        self.audit.event(event, reason=reason, topic=topic, **audit_fields(session), **extra)
 
     # ------------------------------------------------------------------ SUBSCRIBE
     def _check_topic_limits(self, topic: str) -> None:
@@ -950,7 +914,7 @@ class KeyBroker(Broker):
         if entry is None or getattr(entry[0], "kb_kicked", None):
             return
         entry[0].kb_kicked = "slow_consumer"  # kick once
-        _spawn(self.kick(client_id, "slow_consumer", publish_will=True))
+        spawn(self.kick(client_id, "slow_consumer", publish_will=True))
 
     # ------------------------------------------------------------------ retained
     async def retain_message(

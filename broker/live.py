@@ -18,9 +18,9 @@ import asyncio
 import heapq
 import logging
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from broker.periodic import Periodic
+from broker.periodic import Periodic, spawn
 from broker.plugins import Grant, grant_of
 
 if TYPE_CHECKING:
@@ -32,15 +32,6 @@ logger = logging.getLogger(__name__)
 FEED_PAGE = 10_000
 RECENT = 60.0  # seconds a processed change is remembered for CONNECTs in flight
 DEVICE = "\x00device:"  # prefix for device entries in _applied (a key never has a NUL)
-
-
-def _spawn(coro: Any) -> None:
-    task = asyncio.ensure_future(coro)
-    _tasks.add(task)
-    task.add_done_callback(_tasks.discard)
-
-
-_tasks: set[asyncio.Task[Any]] = set()
 
 
 class ChangeWatcher(Periodic):
@@ -77,7 +68,7 @@ class ChangeWatcher(Periodic):
         key_changed = self._applied.get(grant.key.key, -1.0) >= auth_started
         device_gone = self._applied.get(DEVICE + client_id, -1.0) >= auth_started
         if key_changed or device_gone:
-            _spawn(self._recheck(client_id, grant.key.key, device_gone))
+            spawn(self._recheck(client_id, grant.key.key, device_gone))
 
     async def _recheck(self, client_id: str, key: str, device_gone: bool) -> None:
         if device_gone:

@@ -66,6 +66,19 @@ def grant_of(session: Session) -> Grant | None:
     return getattr(session, "kb_grant", None)
 
 
+def audit_fields(session: Session, key: str | None = None) -> dict[str, Any]:
+    """The audit fields identifying a session's connection (public key id, never a secret);
+    ``key`` names the key when the session has no grant yet (a refused CONNECT)."""
+    conn, grant = connection_of(session), grant_of(session)
+    return {
+        "key": key if key is not None else (grant.key.key if grant else None),
+        "client_id": session.client_id,
+        "client_ip": conn.client_ip if conn else None,
+        "peer_ip": conn.peer_ip if conn else None,
+        "listener": conn.listener if conn else None,
+    }
+
+
 class AccessKeyAuthPlugin(BaseAuthPlugin):
     """CONNECT: username = access key, password = secret, client id = device id."""
 
@@ -98,14 +111,14 @@ class AccessKeyAuthPlugin(BaseAuthPlugin):
             session.kb_grant = outcome
             if guard is not None and conn is not None:
                 guard.record_success(conn.client_ip)
-            self._audit("connect_ok", session, conn, outcome.key.key, None)
+            self._audit("connect_ok", session, outcome.key.key, None)
             return True
         session.kb_refusal = outcome
-        self._audit("connect_refused", session, conn, outcome.key, outcome.reason)
+        self._audit("connect_refused", session, outcome.key, outcome.reason)
         if guard is not None and conn is not None and outcome.reason != "banned":
             until = guard.record_failure(conn.client_ip, now)
             if until is not None:
-                self._audit("ban", session, conn, None, f"banned for {until - now:.0f}s")
+                self._audit("ban", session, None, f"banned for {until - now:.0f}s")
         return False
 
     async def _decide(self, session: Session, conn: Connection | None) -> Grant | Refusal:
@@ -155,25 +168,12 @@ class AccessKeyAuthPlugin(BaseAuthPlugin):
         return policy_
 
     def _audit(
-        self,
-        event: str,
-        session: Session,
-        conn: Connection | None,
-        key: str | None,
-        reason: str | None,
+        self, event: str, session: Session, key: str | None, reason: str | None
     ) -> None:
         audit = self.config.audit
         if audit is None:
             return
-        audit.event(
-            event,
-            key=key,
-            client_id=session.client_id,
-            client_ip=conn.client_ip if conn else None,
-            peer_ip=conn.peer_ip if conn else None,
-            listener=conn.listener if conn else None,
-            reason=reason,
-        )
+        audit.event(event, reason=reason, **audit_fields(session, key))
 
 
 class TopicAclPlugin(BaseTopicPlugin):
