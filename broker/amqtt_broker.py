@@ -869,7 +869,7 @@ class KeyBroker(Broker):
                     transport = stream.transport
                     if transport.is_closing():
                         continue
-                    if transport.get_write_buffer_size() > self.settings.max_buffered_bytes:
+                    if transport.get_write_buffer_size() > self.settings.max_session_bytes:
                         self._slow_consumer(client_id)
                         continue
                     if packet is None:

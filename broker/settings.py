@@ -48,9 +48,17 @@ class Settings:
     max_connections: int = 10_000
     max_subscriptions: int = 1_000
     max_queued_messages: int = 1_000
-    max_buffered_bytes: int = 4 * 1024 * 1024
+    max_inflight_messages: int = 100
+    max_session_bytes: int = 256 * 1024
     max_publish_rate: float = 0.0  # PUBLISH per second per connection; 0 = no limit
     max_retained_messages: int = 100_000
+    max_retained_bytes: int = 256 * 1024 * 1024
+    max_retained_per_key: int = 1_000
+    max_retained_bytes_per_key: int = 16 * 1024 * 1024
+    device_retained_reserve: int = 8
+    device_retained_reserve_bytes: int = 64 * 1024
+    max_connections_per_source: int = 1_000
+    max_unauthenticated_per_source: int = 32
     session_expiry: int = 86_400  # seconds a disconnected persistent session is kept; 0 = forever
     max_topic_length: int = 1_024
     max_topic_levels: int = 32
@@ -130,10 +138,19 @@ def load_settings(config: Path | str | None = None) -> Settings:
         max_connections=int(limits.get("max_connections", 10_000)),
         max_subscriptions=int(limits.get("max_subscriptions", 1_000)),
         max_queued_messages=int(limits.get("max_queued_messages", 1_000)),
-        max_buffered_bytes=int(limits.get("max_buffered_bytes", 4 * 1024 * 1024)),
+        max_inflight_messages=int(limits.get("max_inflight_messages", 100)),
+        max_session_bytes=int(limits.get("max_session_bytes", 256 * 1024)),
         max_publish_rate=float(limits.get("max_publish_rate", 0)),
         session_expiry=int(limits.get("session_expiry", 86_400)),
         max_retained_messages=int(limits.get("max_retained_messages", 100_000)),
+        max_retained_bytes=int(limits.get("max_retained_bytes", 256 * 1024 * 1024)),
+        max_retained_per_key=int(limits.get("max_retained_per_key", 1_000)),
+        max_retained_bytes_per_key=int(
+            limits.get("max_retained_bytes_per_key", 16 * 1024 * 1024)),
+        device_retained_reserve=int(limits.get("device_retained_reserve", 8)),
+        device_retained_reserve_bytes=int(limits.get("device_retained_reserve_bytes", 64 * 1024)),
+        max_connections_per_source=int(limits.get("max_connections_per_source", 1_000)),
+        max_unauthenticated_per_source=int(limits.get("max_unauthenticated_per_source", 32)),
         max_topic_length=int(limits.get("max_topic_length", 1_024)),
         max_topic_levels=int(limits.get("max_topic_levels", 32)),
         audit_path=Path(audit["path"]) if audit.get("path") else None,

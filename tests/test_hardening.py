@@ -24,7 +24,7 @@ LIMITS = {
     "max_connections": 40,
     "max_subscriptions": 5,
     "max_queued_messages": 50,
-    "max_buffered_bytes": 64 * 1024,
+    "max_session_bytes": 64 * 1024,
     "max_topic_length": 200,
     "max_topic_levels": 8,
     "max_retained_messages": 3,
