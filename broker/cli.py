@@ -13,11 +13,12 @@ import click
 
 from broker.cli_backup import backup_cmd
 from broker.cli_common import CliState, KeybrokerGroup
+from broker.cli_config import config_cmd
 from broker.cli_devices import devices
 from broker.cli_keys import keys
 from broker.cli_seed import seed
 from broker.serve_cmd import serve
-from broker.settings import ENV_DB
+from broker.settings import ENV_CONFIG, ENV_DB
 
 
 @click.group(cls=KeybrokerGroup)
@@ -26,13 +27,22 @@ from broker.settings import ENV_DB
     type=click.Path(path_type=Path, dir_okay=False),
     envvar=ENV_DB,
     default=None,
-    help=f"SQLite keystore file (env {ENV_DB}; default: [keystore] path in config/keybroker.toml).",
+    help=f"SQLite keystore file (env {ENV_DB}; default: [keystore] path of the config, "
+    "else data/keybroker.db in the current directory).",
+)
+@click.option(
+    "--config",
+    type=click.Path(path_type=Path),  # checked (one line, exit 2) by load_settings
+    envvar=ENV_CONFIG,
+    default=None,
+    help=f"TOML config file (env {ENV_CONFIG}; default: none, built-in defaults). "
+    "See `keybroker config example`.",
 )
 @click.version_option(package_name="keybroker", prog_name="keybroker")
 @click.pass_context
-def main(ctx: click.Context, db: Path | None) -> None:
+def main(ctx: click.Context, db: Path | None, config: Path | None) -> None:
     """keybroker: an MQTT broker whose only way in is an access key."""
-    ctx.obj = CliState(db)
+    ctx.obj = CliState(db, config)
 
 
 main.add_command(devices)
@@ -40,6 +50,7 @@ main.add_command(keys)
 main.add_command(seed)
 main.add_command(serve)
 main.add_command(backup_cmd)
+main.add_command(config_cmd)
 
 
 if __name__ == "__main__":

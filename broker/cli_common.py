@@ -22,7 +22,7 @@ import click
 
 from broker.settings import Settings, load_settings
 from keystore import KeyStore
-from keystore.errors import KeybrokerError, ValidationError
+from keystore.errors import ConfigError, KeybrokerError, ValidationError
 from keystore.models import AddressMode, Tag, TopicMode
 from keystore.validation import parse_tag
 
@@ -30,15 +30,16 @@ T = TypeVar("T")
 
 
 class CliState:
-    """What the top-level group knows: an optional --db override; settings load lazily."""
+    """What the top-level group knows: --db and --config; settings load lazily."""
 
-    def __init__(self, db_override: Path | None = None) -> None:
+    def __init__(self, db_override: Path | None = None, config: Path | None = None) -> None:
         self.db_override = db_override
+        self.config = config
 
     @functools.cached_property
     def settings(self) -> Settings:
         # Loaded on first use so that --help and --version work even with a broken config.
-        return load_settings().with_overrides(db_path=self.db_override)
+        return load_settings(self.config).with_overrides(db_path=self.db_override)
 
 
 def current_state() -> CliState:
@@ -51,11 +52,19 @@ def one_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+class ConfigException(click.ClickException):
+    """A bad setting: one line, exit code 2 (like a usage error, without the usage)."""
+
+    exit_code = 2
+
+
 @contextmanager
 def translate_errors() -> Iterator[None]:
     """Turn every error a user can cause into a one-line message and a non-zero exit."""
     try:
         yield
+    except ConfigError as exc:
+        raise ConfigException(one_line(exc)) from None
     except KeybrokerError as exc:
         raise click.ClickException(one_line(exc)) from None
     except sqlite3.Error as exc:

@@ -1,4 +1,4 @@
-"""`keybroker serve`: run the broker daemon (flags override config/keybroker.toml)."""
+"""`keybroker serve`: run the broker daemon (flags override the config file and defaults)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import click
 
 from broker.cli_common import current_state
 from broker.server import BrokerServer
-from broker.settings import Listener, Settings, load_settings
+from broker.settings import ANY_HOST, Listener, Settings, check_listeners, load_settings
 from keystore import KeyStore
 
 DEMO_DEVICE = "demo-device"
@@ -25,7 +25,7 @@ def _with_listener(settings: Settings, name: str, **fields: object) -> Settings:
             listeners[index] = replace(listener, **fields)  # type: ignore[arg-type]
             break
     else:
-        base = {"name": name, "type": "tcp", "host": "0.0.0.0", "port": 0}  # noqa: S104
+        base = {"name": name, "type": "tcp", "host": ANY_HOST, "port": 0}
         base.update(fields)
         listeners.append(Listener(**base))  # type: ignore[arg-type]
     return replace(settings, listeners=tuple(listeners))
@@ -60,6 +60,7 @@ def build_settings(
         settings = replace(
             settings, listeners=tuple(replace(item, host=host) for item in settings.listeners)
         )
+    check_listeners(settings)
     return settings
 
 
@@ -95,8 +96,8 @@ def demo_instructions(settings: Settings, key: str, secret: str, port: int) -> s
 
 
 @click.command()
-@click.option("--config", type=click.Path(dir_okay=False, path_type=Path),
-              help="TOML config (default: $KEYBROKER_CONFIG or config/keybroker.toml).")
+@click.option("--config", type=click.Path(path_type=Path),
+              help="TOML config (default: `keybroker --config`, $KEYBROKER_CONFIG, or none).")
 @click.option("--host", help="Bind every listener to this address.")
 @click.option("--port", type=click.IntRange(0, 65535), help="MQTT/TCP port (0 = any free port).")
 @click.option("--ws-port", type=click.IntRange(0, 65535), help="WebSocket port.")
@@ -121,7 +122,8 @@ def serve(config: Path | None, host: str | None, port: int | None, ws_port: int 
     # keep the daemon's log about keybroker.
     for chatty in ("amqtt", "transitions", "websockets"):
         logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))
-    settings = build_settings(config, current_state().db_override, host, port, ws_port,
+    state = current_state()
+    settings = build_settings(config or state.config, state.db_override, host, port, ws_port,
                               tls_port, wss_port, certfile, keyfile, audit_log)
     created = asyncio.run(create_demo_if_empty(settings)) if demo_if_empty else None
 

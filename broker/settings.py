@@ -1,21 +1,31 @@
-"""One frozen Settings object built from the TOML config, the environment and CLI flags."""
+"""One frozen Settings object: defaults in code, an optional TOML file, then CLI flags.
+
+``Settings`` is the single source of every default. ``load_settings`` starts from it and
+applies the config file, whose keys are checked (an unknown key, a wrong type or a bad
+value is a ``ConfigError`` naming the key). Without a file the defaults apply as they are.
+The documented example config (``broker/keybroker.example.toml``, printed by
+``keybroker config example``) states every default; a test keeps the two equal.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
-from dataclasses import dataclass, field, replace
+import typing
+from dataclasses import dataclass, fields, replace
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from netaddr import AddrFormatError, IPNetwork
 
 from broker.guard import GuardSettings
-from keystore.errors import ValidationError
+from keystore.errors import ConfigError
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "keybroker.toml"
 ENV_DB = "KEYBROKER_DB"
 ENV_CONFIG = "KEYBROKER_CONFIG"
+EXAMPLE_CONFIG = "keybroker.example.toml"  # package data of `broker`
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,13 +43,21 @@ class Listener:
         return self.certfile is not None
 
 
+# A broker listens on every interface unless told otherwise.
+ANY_HOST = "0.0.0.0"  # noqa: S104
+DEFAULT_LISTENERS = (
+    Listener(name="tcp", type="tcp", host=ANY_HOST, port=1883),
+    Listener(name="ws", type="ws", host=ANY_HOST, port=8083),
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     db_path: Path = Path("data/keybroker.db")
     max_keys: int = 0
     device_prefix: str = "losant"
     denied_publish: str = "drop"
-    listeners: tuple[Listener, ...] = ()
+    listeners: tuple[Listener, ...] = DEFAULT_LISTENERS
     trusted_proxies: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     max_packet_size: int = 262144
     connect_timeout: float = 10.0
@@ -65,103 +83,263 @@ class Settings:
     audit_path: Path | None = None
     guard: GuardSettings = GuardSettings()
     change_poll_interval: float = 0.25
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def with_overrides(self, **changes: Any) -> Settings:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
-def _listener(name: str, raw: dict[str, Any]) -> Listener:
-    kind = raw.get("type", "tcp")
-    if kind not in ("tcp", "ws"):
-        raise ValidationError(f"listener {name!r}: invalid type {kind!r}: must be 'tcp' or 'ws'")
-    port = raw.get("port", 0)
-    if not isinstance(port, int) or not 0 <= port <= 65535:
-        raise ValidationError(f"listener {name!r}: invalid port {port!r}: must be 0-65535")
-    certfile, keyfile = raw.get("certfile"), raw.get("keyfile")
-    if (certfile is None) != (keyfile is None):
-        raise ValidationError(f"listener {name!r}: certfile and keyfile go together")
-    return Listener(
-        name=name,
-        type=kind,
-        host=str(raw.get("host", "0.0.0.0")),  # noqa: S104 - a broker listens on all interfaces
-        port=port,
-        certfile=certfile,
-        keyfile=keyfile,
-        proxy_protocol=bool(raw.get("proxy_protocol", False)),
-    )
+# Where a field lives in the TOML file: (section, key). Every other field is a
+# [limits] key of its own name; `listeners` is [listeners.NAME], `guard` is [security].
+PLACES: dict[str, tuple[str, str]] = {
+    "db_path": ("keystore", "path"),
+    "max_keys": ("keystore", "max_keys"),
+    "device_prefix": ("mqtt", "device_prefix"),
+    "denied_publish": ("mqtt", "denied_publish"),
+    "trusted_proxies": ("network", "trusted_proxies"),
+    "audit_path": ("audit", "path"),
+}
+SECTIONS = ("keystore", "mqtt", "listeners", "network", "limits", "audit", "security")
+CHOICES = {"denied_publish": ("drop", "disconnect"), "type": ("tcp", "ws")}
+POSITIVE = frozenset({"keepalive_factor", "change_poll_interval"})  # 0 makes no sense
+LISTENER_KEYS = ("type", "host", "port", "certfile", "keyfile", "proxy_protocol", "enabled")
 
 
-def _check_proxies(values: list[str]) -> tuple[str, ...]:
-    out = []
-    for value in values:
-        try:
-            out.append(str(IPNetwork(value)))
-        except (AddrFormatError, ValueError, TypeError) as exc:
-            raise ValidationError(f"trusted_proxies: invalid CIDR {value!r}: {exc}") from None
-    return tuple(out)
+def place(name: str) -> tuple[str, str]:
+    """The (section, key) of a Settings field other than `listeners` and `guard`."""
+    return PLACES.get(name, ("limits", name))
+
+
+def config_keys() -> set[tuple[str, str]]:
+    """Every (section, key) the config file may hold, listeners' tables excepted."""
+    out = {place(f.name) for f in fields(Settings) if f.name not in ("listeners", "guard")}
+    return out | {("security", f.name) for f in fields(GuardSettings)}
+
+
+# --- reading values ------------------------------------------------------------------
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _typed(where: str, hint: Any, value: Any, base: Path | None) -> Any:
+    """``value`` from TOML as the Python type ``hint``, or a ConfigError naming ``where``."""
+
+    def wrong(expected: str) -> ConfigError:
+        return ConfigError(f"{where}: expected {expected}, not {value!r}")
+
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise wrong("true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise wrong("an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise wrong("a number")
+        return float(value)
+    if hint is str or hint == str | None:
+        if not isinstance(value, str):
+            raise wrong("a string")
+        return value if value or hint is str else None
+    if hint is Path or hint == Path | None:
+        if not isinstance(value, str):
+            raise wrong("a path string")
+        if not value:
+            if hint is Path:
+                raise wrong("a path")
+            return None
+        path = Path(value).expanduser()
+        return base / path if base is not None and not path.is_absolute() else path
+    if hint == tuple[str, ...]:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise wrong("a list of strings")
+        return tuple(value)
+    raise AssertionError(f"{where}: no TOML reading for {hint!r}")  # a new field type
+
+
+def _checked(where: str, name: str, value: Any) -> Any:
+    """Value rules beyond the type: choices, non-negative numbers, CIDRs."""
+    if name in CHOICES and value not in CHOICES[name]:
+        allowed = " or ".join(repr(c) for c in CHOICES[name])
+        raise ConfigError(f"{where}: invalid value {value!r}: must be {allowed}")
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if name in POSITIVE and value <= 0:
+            raise ConfigError(f"{where}: invalid value {value!r}: must be more than 0")
+        if value < 0:
+            raise ConfigError(f"{where}: invalid value {value!r}: must be 0 or more")
+    if name == "trusted_proxies":
+        return tuple(_cidr(where, item) for item in value)
+    return value
+
+
+def _cidr(where: str, value: str) -> str:
+    try:
+        return str(IPNetwork(value))
+    except (AddrFormatError, ValueError, TypeError) as exc:
+        raise ConfigError(f"{where}: invalid CIDR {value!r}: {exc}") from None
+
+
+def _table(where: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a table, not {value!r}")
+    return value
+
+
+def _listener(name: str, raw: Any, base: Path | None) -> Listener | None:
+    """One [listeners.NAME] table; None when it says enabled = false."""
+    where = f"[listeners.{name}]"
+    raw = _table(where, raw)
+    unknown = sorted(set(raw) - set(LISTENER_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}")
+    hints = _hints(Listener)
+    values: dict[str, Any] = {"name": name}
+    for key in ("type", "host", "port", "proxy_protocol"):
+        if key in raw:
+            values[key] = _checked(f"{where} {key}", key, _typed(f"{where} {key}", hints[key],
+                                                                  raw[key], None))
+    for key in ("certfile", "keyfile"):
+        if key in raw:
+            path = _typed(f"{where} {key}", Path | None, raw[key], base)
+            values[key] = str(path) if path is not None else None
+    if not _typed(f"{where} enabled", bool, raw.get("enabled", True), None):
+        return None
+    port = values.setdefault("port", 0)
+    if port > 65535:
+        raise ConfigError(f"{where} port: invalid value {port!r}: must be 0-65535")
+    if (values.get("certfile") is None) != (values.get("keyfile") is None):
+        raise ConfigError(f"{where}: certfile and keyfile go together")
+    values.setdefault("type", "tcp")
+    values.setdefault("host", ANY_HOST)
+    return Listener(**values)
+
+
+def settings_from_toml(raw: dict[str, Any], base: Path | None = None) -> Settings:
+    """Settings from a parsed config file; relative paths are joined to ``base`` (the
+    file's directory). Keys the file leaves out keep their default."""
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown section [{unknown[0]}] (expected {', '.join(SECTIONS)})")
+    sections = {name: _table(f"[{name}]", raw.get(name, {})) for name in SECTIONS}
+    known = config_keys()
+    for section in SECTIONS:
+        if section == "listeners":
+            continue
+        for key in sections[section]:
+            if (section, key) not in known:
+                raise ConfigError(f"[{section}]: unknown key {key!r}")
+    hints = _hints(Settings)
+    changes: dict[str, Any] = {}
+    for f in fields(Settings):
+        if f.name in ("listeners", "guard"):
+            continue
+        section, key = place(f.name)
+        if key in sections[section]:
+            where = f"[{section}] {key}"
+            value = _typed(where, hints[f.name], sections[section][key], base)
+            changes[f.name] = _checked(where, f.name, value)
+    if "listeners" in raw:  # the file's listeners replace the default ones
+        listeners = (_listener(n, spec, base) for n, spec in sections["listeners"].items())
+        changes["listeners"] = tuple(item for item in listeners if item is not None)
+    guard_hints, security = _hints(GuardSettings), sections["security"]
+    changes["guard"] = GuardSettings(**{
+        key: _checked(f"[security] {key}", key,
+                      _typed(f"[security] {key}", guard_hints[key], value, None))
+        for key, value in security.items()
+    })
+    return Settings(**changes)
+
+
+def config_path(config: Path | str | None = None) -> Path | None:
+    """The config file to read: ``config``, else $KEYBROKER_CONFIG, else none."""
+    chosen = config or os.environ.get(ENV_CONFIG)
+    return Path(chosen) if chosen else None
 
 
 def load_settings(config: Path | str | None = None) -> Settings:
-    """Read the TOML config (default: $KEYBROKER_CONFIG or config/keybroker.toml)."""
-    path = Path(config or os.environ.get(ENV_CONFIG) or DEFAULT_CONFIG)
+    """Defaults, overridden by the config file (``config`` or $KEYBROKER_CONFIG) if any.
+
+    A config file that was named but cannot be read is an error, never a silent default.
+    Relative paths in it are resolved against its directory."""
+    path = config_path(config)
+    if path is None:
+        return Settings()
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ValidationError(f"config file {str(path)!r}: not found") from None
+        raise ConfigError(f"config file {str(path)!r}: not found") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {str(path)!r}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(path)!r}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ValidationError(f"config file {str(path)!r}: {exc}") from None
-    ks, mqtt = raw.get("keystore", {}), raw.get("mqtt", {})
-    net, limits, audit = raw.get("network", {}), raw.get("limits", {}), raw.get("audit", {})
-    security = raw.get("security", {})
-    denied = mqtt.get("denied_publish", "drop")
-    if denied not in ("drop", "disconnect"):
-        raise ValidationError(
-            f"mqtt.denied_publish: invalid value {denied!r}: must be 'drop' or 'disconnect'"
+        raise ConfigError(f"config file {str(path)!r}: invalid TOML: {exc}") from None
+    try:
+        return settings_from_toml(raw, base=path.absolute().parent)
+    except ConfigError as exc:
+        raise ConfigError(f"config file {str(path)!r}: {exc}") from None
+
+
+def check_listeners(settings: Settings) -> None:
+    if not settings.listeners:
+        raise ConfigError(
+            "no listener enabled: add a [listeners.NAME] table to the config "
+            "or give --port / --ws-port"
         )
-    listeners = tuple(
-        _listener(name, spec)
-        for name, spec in raw.get("listeners", {}).items()
-        if spec.get("enabled", True)
-    )
-    settings = Settings(
-        db_path=Path(os.environ.get(ENV_DB) or ks.get("path", "data/keybroker.db")),
-        max_keys=int(ks.get("max_keys", 0)),
-        device_prefix=str(mqtt.get("device_prefix", "losant")),
-        denied_publish=denied,
-        listeners=listeners,
-        trusted_proxies=_check_proxies(net.get("trusted_proxies", ["127.0.0.0/8", "::1/128"])),
-        max_packet_size=int(limits.get("max_packet_size", 262144)),
-        connect_timeout=float(limits.get("connect_timeout", 10)),
-        keepalive_factor=float(limits.get("keepalive_factor", 1.5)),
-        packet_timeout=float(limits.get("packet_timeout", 10)),
-        max_connections=int(limits.get("max_connections", 10_000)),
-        max_subscriptions=int(limits.get("max_subscriptions", 1_000)),
-        max_queued_messages=int(limits.get("max_queued_messages", 1_000)),
-        max_inflight_messages=int(limits.get("max_inflight_messages", 100)),
-        max_session_bytes=int(limits.get("max_session_bytes", 256 * 1024)),
-        max_publish_rate=float(limits.get("max_publish_rate", 0)),
-        session_expiry=int(limits.get("session_expiry", 86_400)),
-        max_retained_messages=int(limits.get("max_retained_messages", 100_000)),
-        max_retained_bytes=int(limits.get("max_retained_bytes", 256 * 1024 * 1024)),
-        max_retained_per_key=int(limits.get("max_retained_per_key", 1_000)),
-        max_retained_bytes_per_key=int(
-            limits.get("max_retained_bytes_per_key", 16 * 1024 * 1024)),
-        device_retained_reserve=int(limits.get("device_retained_reserve", 8)),
-        device_retained_reserve_bytes=int(limits.get("device_retained_reserve_bytes", 64 * 1024)),
-        max_connections_per_source=int(limits.get("max_connections_per_source", 1_000)),
-        max_unauthenticated_per_source=int(limits.get("max_unauthenticated_per_source", 32)),
-        max_topic_length=int(limits.get("max_topic_length", 1_024)),
-        max_topic_levels=int(limits.get("max_topic_levels", 32)),
-        audit_path=Path(audit["path"]) if audit.get("path") else None,
-        guard=GuardSettings(
-            max_failures=int(security.get("max_failures", 20)),
-            window=float(security.get("window", 60)),
-            ban=float(security.get("ban", 60)),
-            max_ban=float(security.get("max_ban", 3600)),
-            max_tracked=int(security.get("max_tracked", 100_000)),
-        ),
-        change_poll_interval=float(limits.get("change_poll_interval", 0.25)),
-        extra=raw,
-    )
-    return settings
+
+
+# --- writing ----------------------------------------------------------------------------
+
+
+def example_config() -> str:
+    """The documented example config shipped with the package (every default)."""
+    return resources.files("broker").joinpath(EXAMPLE_CONFIG).read_text(encoding="utf-8")
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if value is None:
+        return '""'
+    if isinstance(value, Path):
+        value = str(value.absolute())
+    if isinstance(value, str):
+        # A TOML basic string: JSON's escapes are valid TOML escapes.
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml(item) for item in value) + "]"
+    raise TypeError(f"no TOML form for {value!r}")
+
+
+def settings_to_toml(settings: Settings) -> str:
+    """The effective settings as a config file (paths absolute); it loads back equal."""
+    lines: list[str] = []
+    by_section: dict[str, list[tuple[str, Any]]] = {}
+    for f in fields(Settings):
+        if f.name not in ("listeners", "guard"):
+            section, key = place(f.name)
+            by_section.setdefault(section, []).append((key, getattr(settings, f.name)))
+    by_section["security"] = [(f.name, getattr(settings.guard, f.name))
+                              for f in fields(GuardSettings)]
+    for section in SECTIONS:
+        if section == "listeners":
+            # An empty [listeners] table means "no listener" (not the defaults).
+            lines += ["[listeners]", ""] if not settings.listeners else []
+            for item in settings.listeners:
+                lines.append(f"[listeners.{item.name}]")
+                for key in ("type", "host", "port", "certfile", "keyfile", "proxy_protocol"):
+                    value = getattr(item, key)
+                    if value is not None:
+                        lines.append(f"{key} = {_toml(value)}")
+                lines.append("")
+            continue
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {_toml(value)}" for key, value in by_section.get(section, [])]
+        lines.append("")
+    return "\n".join(lines)
+

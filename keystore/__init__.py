@@ -5,6 +5,7 @@ async with KeyStore.open(path) as ks:
 """
 
 from keystore.errors import (
+    ConfigError,
     ConflictError,
     KeybrokerError,
     LimitError,
@@ -27,6 +28,7 @@ __all__ = [
     "UNSET",
     "AccessKey",
     "AddressMode",
+    "ConfigError",
     "ConflictError",
     "Device",
     "KeyStatus",

@@ -24,3 +24,7 @@ class ConflictError(KeybrokerError):
 
 class LimitError(KeybrokerError):
     """A configured limit (e.g. max_keys) would be exceeded."""
+
+
+class ConfigError(KeybrokerError):
+    """A bad setting (config file, environment or flags); the CLI exits with code 2."""
