@@ -38,11 +38,12 @@ from broker.settings import ENV_CONFIG, ENV_DB
     help=f"TOML config file (env {ENV_CONFIG}; default: none, built-in defaults). "
     "See `keybroker config example`.",
 )
+@click.option("-v", "--verbose", is_flag=True, help="Say which keystore file is used (stderr).")
 @click.version_option(package_name="keybroker", prog_name="keybroker")
 @click.pass_context
-def main(ctx: click.Context, db: Path | None, config: Path | None) -> None:
+def main(ctx: click.Context, db: Path | None, config: Path | None, verbose: bool) -> None:
     """keybroker: an MQTT broker whose only way in is an access key."""
-    ctx.obj = CliState(db, config)
+    ctx.obj = CliState(db, config, verbose)
 
 
 main.add_command(devices)

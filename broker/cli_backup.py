@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from broker.cli_common import current_state
+from broker.cli_common import keystore_path
 from keystore.backup import backup
 
 
@@ -27,7 +27,7 @@ def backup_cmd(file: Path, as_json: bool) -> None:
     FILE must not exist. The copy is a complete keystore: to restore, stop the daemon,
     copy FILE over the database path, delete its -wal/-shm files, start the daemon.
     """
-    source = current_state().settings.db_path
+    source = keystore_path()
     report = asyncio.run(backup(source, file))
     if as_json:
         click.echo(json.dumps(asdict(report)))

@@ -22,7 +22,7 @@ import click
 
 from broker.settings import Settings, load_settings
 from keystore import KeyStore
-from keystore.errors import ConfigError, KeybrokerError, ValidationError
+from keystore.errors import ConfigError, KeybrokerError, NotFoundError, ValidationError
 from keystore.models import AddressMode, Tag, TopicMode
 from keystore.validation import parse_tag
 
@@ -30,11 +30,14 @@ T = TypeVar("T")
 
 
 class CliState:
-    """What the top-level group knows: --db and --config; settings load lazily."""
+    """What the top-level group knows: --db, --config and --verbose; settings load lazily."""
 
-    def __init__(self, db_override: Path | None = None, config: Path | None = None) -> None:
+    def __init__(
+        self, db_override: Path | None = None, config: Path | None = None, verbose: bool = False
+    ) -> None:
         self.db_override = db_override
         self.config = config
+        self.verbose = verbose
 
     @functools.cached_property
     def settings(self) -> Settings:
@@ -82,14 +85,40 @@ class KeybrokerGroup(click.Group):
             return super().invoke(ctx)
 
 
-def run_store(action: Callable[[KeyStore], Awaitable[T]]) -> T:
+CREATE_HINT = (
+    "create one with `keybroker devices add ID`, `keybroker keys create` or `keybroker serve`"
+)
+
+
+def keystore_file() -> Path:
+    """The keystore file the command works on, absolute (it is named in messages)."""
+    return current_state().settings.db_path.absolute()
+
+
+def keystore_path(*, create: bool = False) -> Path:
+    """``keystore_file()``, checked before use (and named on stderr with --verbose).
+
+    Only commands that add something pass ``create=True`` (the parent directory is then
+    made). Any other command on a missing file is an error saying where it looked: a
+    listing run from the wrong directory must not create an empty keystore there."""
+    path = keystore_file()
+    if current_state().verbose:
+        click.echo(f"keystore: {path}", err=True)
+    if create:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    elif not path.exists():
+        raise NotFoundError(f"no keystore at {str(path)!r} ({CREATE_HINT})")
+    return path
+
+
+def run_store(action: Callable[[KeyStore], Awaitable[T]], *, create: bool = False) -> T:
     """Open the configured keystore, run ``action`` on it in a fresh event loop, close it."""
+    path = keystore_path(create=create)
     settings = current_state().settings
-    settings.db_path.parent.mkdir(parents=True, exist_ok=True)
 
     async def go() -> T:
         async with KeyStore.open(
-            str(settings.db_path), device_prefix=settings.device_prefix, max_keys=settings.max_keys
+            str(path), device_prefix=settings.device_prefix, max_keys=settings.max_keys
         ) as ks:
             return await action(ks)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from broker.cli_common import confirm_or_abort, parse_tags, run_store
+from broker.cli_common import confirm_or_abort, keystore_file, parse_tags, run_store
 from broker.cli_output import device_details, device_table, echo_json, report_created, secret_file
 from keystore import KeyStore
 from keystore.models import Device, TopicMode
@@ -30,7 +30,7 @@ def print_device(device: Device, as_json: bool) -> None:
 def add(device_id: str, name: str | None, tags: tuple[str, ...], as_json: bool) -> None:
     """Register device ID."""
     parsed = parse_tags(tags)
-    device = run_store(lambda ks: ks.add_device(device_id, name=name, tags=parsed))
+    device = run_store(lambda ks: ks.add_device(device_id, name=name, tags=parsed), create=True)
     if as_json:
         echo_json(device.to_json())
     else:
@@ -44,10 +44,9 @@ def list_(as_json: bool) -> None:
     found = run_store(lambda ks: ks.list_devices())
     if as_json:
         echo_json([d.to_json() for d in found])
-    elif found:
-        click.echo(device_table(found))
-    else:
-        click.echo("no devices")
+        return
+    click.echo(f"keystore: {keystore_file()}")
+    click.echo(device_table(found) if found else "no devices")
 
 
 @devices.command("show")

@@ -11,6 +11,7 @@ import click
 from broker.cli_common import (
     address_restriction,
     confirm_or_abort,
+    keystore_file,
     parse_tags,
     parse_when,
     run_store,
@@ -136,7 +137,7 @@ def create(
     if address is not None:
         options["address_mode"], options["addresses"] = address
     with secret_file(output) as sink:
-        created, secret = run_store(lambda ks: ks.create_key(**options))
+        created, secret = run_store(lambda ks: ks.create_key(**options), create=True)
         report_created(created, secret, as_json, sink)
 
 
@@ -163,10 +164,9 @@ def list_(query: str | None, as_json: bool, full: bool) -> None:
     found = run_store(lambda ks: ks.list_keys(parsed))
     if as_json:
         echo_json([k.to_losant() for k in found])
-    elif found:
-        click.echo(key_table(found, full))
-    else:
-        click.echo("no keys")
+        return
+    click.echo(f"keystore: {keystore_file()}")
+    click.echo(key_table(found, full) if found else "no keys")
 
 
 @keys.command("show")

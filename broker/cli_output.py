@@ -20,6 +20,7 @@ from broker.cli_common import short_key
 from keystore.models import AccessKey, Device, Tag, iso
 
 SECRET_NOTICE = "The secret is shown only this once and cannot be recovered: store it now."  # noqa: S105 - a notice, not a secret
+FILED_NOTICE = "That file is the only copy of the secret (it cannot be recovered): keep it safe."
 
 
 def echo_json(doc: Any) -> None:
@@ -213,8 +214,8 @@ def report_created(key: AccessKey, secret: str, as_json: bool, sink: SecretSink 
             echo_json(key.to_losant())
         else:
             click.echo(f"key:    {key.key}")
-            click.echo(f"secret: written to {sink.path} (mode 0600)")
-            click.echo(SECRET_NOTICE)
+            click.echo(f"secret: written to {sink.path} (mode 0600), not shown")
+            click.echo(FILED_NOTICE)
         return
     if as_json:
         echo_json({**key.to_losant(), "secret": secret})

@@ -21,7 +21,7 @@ from typing import Any, Protocol, TypeVar
 import click
 
 from broker.cli_common import address_restriction, as_utc, parse_when, run_store
-from broker.cli_output import SECRET_NOTICE, SecretSink, secret_file
+from broker.cli_output import FILED_NOTICE, SECRET_NOTICE, SecretSink, secret_file
 from keystore import KeyStore
 from keystore.errors import ValidationError
 from keystore.models import Tag
@@ -263,8 +263,11 @@ def report(result: SeedResult, sink: SecretSink | None) -> None:
             err=True,
         )
     if result.created:
-        where = f"written to {sink.path} (mode 0600)" if sink else "printed above (JSON lines)"
-        click.echo(f"new secrets {where}. {SECRET_NOTICE}", err=True)
+        if sink is not None:
+            click.echo(f"new secrets written to {sink.path} (mode 0600). {FILED_NOTICE}",
+                       err=True)
+        else:
+            click.echo(f"new secrets printed above (JSON lines). {SECRET_NOTICE}", err=True)
 
 
 @click.command("seed")
@@ -287,7 +290,7 @@ def seed(file: Path, output: str | None) -> None:
             label = f"seeding {len(plan.devices)} devices, {len(plan.keys)} keys"
             with click.progressbar(length=total, label=label, file=sys.stderr) as bar:
                 progress = BatchProgress(bar, total, interactive=sys.stderr.isatty())
-                result = run_store(lambda ks: apply_seed(ks, plan, sink, progress))
+                result = run_store(lambda ks: apply_seed(ks, plan, sink, progress), create=True)
         else:
-            result = run_store(lambda ks: apply_seed(ks, plan, sink, NoProgress()))
+            result = run_store(lambda ks: apply_seed(ks, plan, sink, NoProgress()), create=True)
         report(result, sink)

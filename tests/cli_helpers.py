@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +26,11 @@ def cli_on(db: Path) -> Invoke:
 def ok(result: Result) -> Result:
     assert result.exit_code == 0, result.output
     return result
+
+
+def no_keys_stored(cli: Invoke, db: Path) -> bool:
+    """Nothing was written: the keystore was not even created, or it holds no key."""
+    return not db.exists() or json.loads(ok(cli("keys", "list", "--json")).stdout) == []
 
 
 def fails(result: Result, *needles: str) -> str:

@@ -18,7 +18,7 @@ from click.testing import CliRunner, Result
 import broker.cli_common
 import keystore.credentials
 from broker.cli import main
-from tests.cli_helpers import Invoke, cli_on, fails, ok
+from tests.cli_helpers import Invoke, cli_on, fails, no_keys_stored, ok
 
 
 @pytest.fixture
@@ -205,10 +205,11 @@ def test_secret_is_shown_once_and_stored_nowhere(cli: Invoke, db: Path, fleet: N
     assert key.encode() in db_bytes(db)  # the check above looks at the right files
 
 
-def test_list_table_shows_short_keys_unless_full(cli: Invoke, fleet: None) -> None:
+def test_list_table_shows_short_keys_unless_full(cli: Invoke, db: Path, fleet: None) -> None:
     key = create(cli, "--name", "tbl", "--tag", "site=lyon", "--deny-ip", "10.0.0.1")["key"]
     table = ok(cli("keys", "list")).output
-    header = table.splitlines()[0]
+    assert table.splitlines()[0] == f"keystore: {db}"
+    header = table.splitlines()[1]
     for column in ("KEY", "NAME", "STATUS", "DEVICES", "TOPICS", "IP", "EXPIRES", "LAST USED"):
         assert column in header
     assert key[:8] in table and key not in table
@@ -269,9 +270,12 @@ def test_output_file_is_removed_when_creation_fails(cli: Invoke, tmp_path: Path)
         (("devices", "tag", "ghost", "a=b"), "ghost"),
     ],
 )
-def test_bad_input_is_one_clear_line(cli: Invoke, args: tuple[str, ...], needle: str) -> None:
+def test_bad_input_is_one_clear_line(
+    cli: Invoke, db: Path, args: tuple[str, ...], needle: str
+) -> None:
+    ok(cli("devices", "add", "present"))  # a keystore to look into
     fails(cli(*args), needle)
-    assert as_json(cli("keys", "list", "--json")) == []  # nothing written
+    assert no_keys_stored(cli, db)
 
 
 def test_unreadable_config_is_a_clean_error(

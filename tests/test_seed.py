@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.cli_helpers import Invoke, cli_on, fails, ok
+from tests.cli_helpers import Invoke, cli_on, fails, no_keys_stored, ok
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "seed.example.toml"
 
@@ -131,7 +131,7 @@ def test_seed_output_file_is_never_overwritten(cli: Invoke, tmp_path: Path) -> N
     out.write_text("keep me\n")
     fails(cli("seed", str(seed), "--output", str(out)), str(out))
     assert out.read_text() == "keep me\n"
-    assert listing(cli, "keys") == []
+    assert no_keys_stored(cli, tmp_path / "data" / "keys.db")
 
 
 def test_example_seed_file_is_valid(cli: Invoke, tmp_path: Path) -> None:
@@ -185,7 +185,7 @@ def test_bad_seed_is_one_clear_line(
     seed = tmp_path / f"bad{suffix}"
     seed.write_text(content)
     fails(cli("seed", str(seed)), needle)
-    assert listing(cli, "keys") == []
+    assert no_keys_stored(cli, tmp_path / "data" / "keys.db")
 
 
 def test_missing_seed_file(cli: Invoke, tmp_path: Path) -> None:
