@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import shlex
+import socket
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,8 +17,11 @@ from broker.cli_common import current_state
 from broker.server import BrokerServer
 from broker.settings import ANY_HOST, Listener, Settings, check_listeners, load_settings
 from keystore import KeyStore
+from keystore.errors import KeybrokerError
 
 DEMO_DEVICE = "demo-device"
+DEMO_DASHBOARD = "demo-dashboard"
+DEMO_PAYLOAD = '{"data":{"temp":21}}'
 
 
 def _with_listener(settings: Settings, name: str, **fields: object) -> Settings:
@@ -64,35 +71,129 @@ def build_settings(
     return settings
 
 
+# --- start-up checks ---------------------------------------------------------------------
+
+
+def check_bindable(listener: Listener) -> None:
+    """Bind the listener's address once, as asyncio will, and let go: a port in use (1883
+    often is, by a local mosquitto) is then one line naming the listener, not three
+    tracebacks from inside the broker's start-up."""
+    if listener.port == 0:
+        return
+    host = None if listener.host in ("", "::") else listener.host
+    try:
+        infos = socket.getaddrinfo(host, listener.port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, address in infos:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                probe.bind(address)
+    except OSError as exc:
+        where = f"[{listener.host}]" if ":" in listener.host else listener.host
+        reason = (exc.strerror or str(exc)).lower()
+        if isinstance(exc, socket.gaierror):
+            reason = f"unknown host ({reason})"
+        raise KeybrokerError(
+            f"listener {listener.name!r} cannot bind {where}:{listener.port}: {reason}"
+        ) from None
+
+
+def startup_error(exc: BaseException) -> KeybrokerError | None:
+    """A bind failure the check above could not foresee (a race), as one line."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.EADDRINUSE, errno.EACCES,
+                                                        errno.EADDRNOTAVAIL):
+            return KeybrokerError(f"cannot start a listener: {seen.strerror or seen}")
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+# --- the first-run demo --------------------------------------------------------------------
+
+
 async def create_demo_if_empty(settings: Settings) -> tuple[str, str] | None:
-    """On an empty keystore: one demo device and a key scoped to it. Returns (key, secret)."""
-    settings.db_path.parent.mkdir(parents=True, exist_ok=True)
+    """On an empty keystore: a demo device, a demo dashboard and one key for both, so the
+    dashboard can watch the device's state. Returns (key, secret)."""
     async with KeyStore.open(settings.db_path, device_prefix=settings.device_prefix,
                              max_keys=settings.max_keys) as ks:
         if await ks.count_devices() or await ks.count_keys():
             return None
         await ks.add_device(DEMO_DEVICE, name="Demo device", tags=[("kind", "demo")])
-        key, secret = await ks.create_key(name="demo", description="created by scripts/serve",
-                                          device_ids=[DEMO_DEVICE])
+        await ks.add_device(DEMO_DASHBOARD, name="Demo dashboard", tags=[("kind", "demo")])
+        key, secret = await ks.create_key(
+            name="demo", description="created by keybroker serve --demo-if-empty",
+            device_ids=[DEMO_DEVICE, DEMO_DASHBOARD])
         return key.key, secret
 
 
-def demo_instructions(settings: Settings, key: str, secret: str, port: int) -> str:
-    topic = f"{settings.device_prefix}/{DEMO_DEVICE}"
+def _tool(name: str) -> str:
+    """A command of this Python environment (amqtt's clients sit next to keybroker), as a
+    path a shell finds even when the environment is not activated."""
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        return name
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def demo_commands(settings: Settings, key: str, secret: str, host: str,
+                  port: int) -> dict[str, tuple[str, str]]:
+    """Shell commands for the demo round trip: tool -> (subscriber, publisher)."""
+    topic = f"{settings.device_prefix}/{DEMO_DEVICE}/state"
+    q = shlex.quote
+    url_host = f"[{host}]" if ":" in host else host
+    url = f"mqtt://{key}:{secret}@{url_host}:{port}"
+    return {
+        "amqtt": (
+            f"{q(_tool('amqtt_sub'))} --url {q(url)} -i {DEMO_DASHBOARD} --clean-session"
+            f" -t {q(topic)}",
+            f"{q(_tool('amqtt_pub'))} --url {q(url)} -i {DEMO_DEVICE} --clean-session"
+            f" -t {q(topic)} -m {q(DEMO_PAYLOAD)}",
+        ),
+        "mosquitto": (
+            f"mosquitto_sub -h {host} -p {port} -i {DEMO_DASHBOARD} -u {key} -P {q(secret)}"
+            f" -t {q(topic)} -v",
+            f"mosquitto_pub -h {host} -p {port} -i {DEMO_DEVICE} -u {key} -P {q(secret)}"
+            f" -t {q(topic)} -m {q(DEMO_PAYLOAD)}",
+        ),
+    }
+
+
+def demo_instructions(settings: Settings, key: str, secret: str, host: str, port: int) -> str:
+    commands = demo_commands(settings, key, secret, host, port)
+    amqtt_sub, amqtt_pub = commands["amqtt"]
+    mosquitto_sub, mosquitto_pub = commands["mosquitto"]
     return "\n".join([
         "",
-        "The keystore was empty: created device 'demo-device' and an access key for it.",
+        f"The keystore was empty: created devices '{DEMO_DEVICE}' and '{DEMO_DASHBOARD}'"
+        " and one access key for both.",
         f"  key:    {key}",
         f"  secret: {secret}",
         "  The secret is shown this once; it is not stored and cannot be recovered.",
         "",
-        "Try it (mosquitto-clients), in two terminals:",
-        f"  mosquitto_sub -h 127.0.0.1 -p {port} -i {DEMO_DEVICE} -u {key} -P '{secret}'"
-        f" -t '{topic}/command' -v",
-        f"  mosquitto_pub -h 127.0.0.1 -p {port} -i {DEMO_DEVICE} -u {key} -P '{secret}'"
-        f" -t '{topic}/state' -m '{{\"data\":{{\"temp\":21}}}}'",
+        "Try a round trip: in one terminal the dashboard watches the device's state,",
+        "in another the device publishes it (the dashboard prints the message).",
+        "With amqtt's clients (installed with keybroker):",
+        f"  {amqtt_sub}",
+        f"  {amqtt_pub}",
+        "Or with mosquitto-clients:",
+        f"  {mosquitto_sub}",
+        f"  {mosquitto_pub}",
         "",
     ])
+
+
+def _client_host(listener: Listener) -> str:
+    """Where a client on this machine reaches a listener."""
+    return "127.0.0.1" if listener.host in (ANY_HOST, "", "::") else listener.host
+
+
+# --- the command ---------------------------------------------------------------------------
 
 
 @click.command()
@@ -110,28 +211,42 @@ def demo_instructions(settings: Settings, key: str, secret: str, port: int) -> s
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 @click.option("--demo-if-empty", is_flag=True,
-              help="On an empty keystore, create a demo device and key and print them once.")
+              help="On an empty keystore, create demo devices and a key and print them once.")
 def serve(config: Path | None, host: str | None, port: int | None, ws_port: int | None,
           tls_port: int | None, wss_port: int | None, certfile: str | None,
           keyfile: str | None, audit_log: Path | None, log_level: str,
           demo_if_empty: bool) -> None:
     """Run the MQTT broker until SIGINT/SIGTERM."""
+    state = current_state()
+    settings = build_settings(config or state.config, state.db_override, host, port, ws_port,
+                              tls_port, wss_port, certfile, keyfile, audit_log)
+    for listener in settings.listeners:
+        check_bindable(listener)
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # amqtt logs every connection at INFO, and transitions / websockets their internals:
     # keep the daemon's log about keybroker.
     for chatty in ("amqtt", "transitions", "websockets"):
         logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))
-    state = current_state()
-    settings = build_settings(config or state.config, state.db_override, host, port, ws_port,
-                              tls_port, wss_port, certfile, keyfile, audit_log)
+    settings.db_path.parent.mkdir(parents=True, exist_ok=True)
     created = asyncio.run(create_demo_if_empty(settings)) if demo_if_empty else None
 
     def started(server: BrokerServer) -> None:
         if created is not None:  # printed once the port is known (port 0 = any free port)
-            plain = [name for name, item in ((i.name, i) for i in settings.listeners)
-                     if item.type == "tcp" and not item.tls]
-            port = server.port(plain[0]) if plain else 1883
-            click.echo(demo_instructions(settings, *created, port))
+            plain = [item for item in settings.listeners if item.type == "tcp" and not item.tls]
+            if plain:
+                click.echo(demo_instructions(settings, *created, _client_host(plain[0]),
+                                             server.port(plain[0].name)))
+            else:
+                click.echo(f"demo key {created[0]} (secret {created[1]}): "
+                           "no plain MQTT listener to print example commands for")
 
-    asyncio.run(BrokerServer(settings).serve(on_started=started))
+    try:
+        asyncio.run(BrokerServer(settings).serve(on_started=started))
+    except KeybrokerError:
+        raise
+    except Exception as exc:
+        error = startup_error(exc)
+        if error is None:
+            raise
+        raise error from None

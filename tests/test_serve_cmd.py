@@ -1,0 +1,143 @@
+"""`keybroker serve` as a newcomer meets it: the first-run demo is a round trip that works
+as printed, and a port already in use is one line naming the listener."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from broker.serve_cmd import DEMO_PAYLOAD, startup_error
+from broker.server import BrokerServer
+from broker.settings import Listener, Settings
+
+TIMEOUT = 30.0
+
+
+def keybroker(*args: str) -> list[str]:
+    return [sys.executable, "-m", "broker.cli", *args]
+
+
+def clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYBROKER_")}
+    return {**env, "PYTHONUNBUFFERED": "1"}
+
+
+# --- the first-run demo ------------------------------------------------------------------
+
+
+@pytest.fixture
+def demo(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """`serve --demo-if-empty` on an empty keystore: the printed commands by tool."""
+    proc = subprocess.Popen(
+        keybroker("serve", "--demo-if-empty", "--host", "127.0.0.1", "--port", "0",
+                  "--ws-port", "0"),
+        cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        lines: list[str] = []
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline and not any("mosquitto_pub" in x for x in lines):
+            lines.append(proc.stdout.readline())
+        text = "".join(lines)
+        assert "created devices 'demo-device' and 'demo-dashboard'" in text, text
+        commands = {line.split()[0].rsplit("/", 1)[-1]: line.strip() for line in lines
+                    if line.startswith("  ") and ("_sub " in line or "_pub " in line)}
+        assert set(commands) == {"amqtt_sub", "amqtt_pub", "mosquitto_sub", "mosquitto_pub"}
+        yield commands
+    finally:
+        proc.terminate()
+        proc.wait(15)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def round_trip(subscriber: str, publisher: str, cwd: Path) -> str:
+    """Run the subscriber as printed; run the publisher as printed until the subscriber
+    prints something (it needs a moment to subscribe). Returns what it printed."""
+    out = cwd / "sub.out"
+    with out.open("w") as sink:
+        sub = subprocess.Popen(subscriber, shell=True, cwd=cwd, stdout=sink,  # noqa: S602 - the printed command, run as a user would
+                               stderr=subprocess.DEVNULL, env=clean_env(), start_new_session=True)
+        try:
+            deadline = time.monotonic() + TIMEOUT
+            while time.monotonic() < deadline and DEMO_PAYLOAD not in out.read_text():
+                pub = subprocess.run(publisher, shell=True, cwd=cwd, capture_output=True,  # noqa: S602 - as above
+                                     text=True, env=clean_env(), timeout=TIMEOUT, check=False)
+                assert pub.returncode == 0, pub.stderr
+                time.sleep(0.5)
+        finally:
+            os.killpg(sub.pid, 15)  # the shell and the client it started
+            sub.wait(15)
+    return out.read_text()
+
+
+def test_demo_round_trip_with_amqtt_clients_as_printed(demo: dict[str, str],
+                                                       tmp_path: Path) -> None:
+    assert "-i demo-dashboard" in demo["amqtt_sub"] and "-i demo-device" in demo["amqtt_pub"]
+    received = round_trip(demo["amqtt_sub"], demo["amqtt_pub"], tmp_path)
+    assert DEMO_PAYLOAD in received
+
+
+def test_demo_round_trip_with_mosquitto_clients_as_printed(demo: dict[str, str],
+                                                           tmp_path: Path) -> None:
+    if not (shutil.which("mosquitto_sub") and shutil.which("mosquitto_pub")):
+        pytest.skip("mosquitto_sub/mosquitto_pub not installed (apt install mosquitto-clients)")
+    received = round_trip(demo["mosquitto_sub"], demo["mosquitto_pub"], tmp_path)
+    assert f"losant/demo-device/state {DEMO_PAYLOAD}" in received
+
+
+# --- a port already in use -----------------------------------------------------------------
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    """A port this test holds, on every interface (as a local mosquitto would)."""
+    with socket.socket() as holder:
+        holder.bind(("0.0.0.0", 0))  # noqa: S104 - the situation under test
+        holder.listen()
+        yield holder.getsockname()[1]
+
+
+@pytest.mark.parametrize("listener", ["tcp", "ws"])
+def test_a_busy_port_is_one_line_naming_the_listener(
+    tmp_path: Path, busy_port: int, listener: str
+) -> None:
+    ports = {"tcp": "0", "ws": "0", listener: str(busy_port)}
+    proc = subprocess.run(
+        keybroker("--db", str(tmp_path / "k.db"), "serve", "--port", ports["tcp"],
+                  "--ws-port", ports["ws"]),
+        cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=TIMEOUT,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [
+        f"Error: listener {listener!r} cannot bind 0.0.0.0:{busy_port}: address already in use"
+    ]
+    assert proc.stdout == ""
+
+
+def test_a_bind_failure_during_start_up_is_named_too(tmp_path: Path, busy_port: int,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """Should the port be taken between the check and the start (a race)."""
+    settings = Settings(db_path=tmp_path / "k.db", listeners=(
+        Listener(name="tcp", type="tcp", host="0.0.0.0", port=busy_port),  # noqa: S104
+    ))
+    server = BrokerServer(settings)
+    with pytest.raises(Exception) as caught:  # noqa: B017,PT011 - whatever the broker wraps it in
+        asyncio.run(server.start())
+    error = startup_error(caught.value)
+    assert error is not None
+    message = str(error)
+    assert message.startswith("cannot start a listener: ") and str(busy_port) in message
+    assert message.endswith("address already in use") and "\n" not in message
