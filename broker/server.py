@@ -17,6 +17,7 @@ from broker.amqtt_broker import KeyBroker
 from broker.audit import AuditLog
 from broker.guard import BruteForceGuard
 from broker.live import ChangeWatcher, StatusRecorder
+from broker.prune import ChangePruner
 from broker.settings import Settings
 from keystore import KeyStore
 
@@ -52,6 +53,7 @@ class BrokerServer:
         self.broker: KeyBroker | None = None
         self.keystore: KeyStore | None = None
         self.audit: AuditLog | None = None
+        self.pruner: ChangePruner | None = None
         self._stack = contextlib.AsyncExitStack()
 
     async def start(self) -> None:
@@ -82,6 +84,10 @@ class BrokerServer:
                                                 settings.change_poll_interval)
             await self.broker.watcher.start()
             self._stack.push_async_callback(self.broker.watcher.stop)
+            self.pruner = ChangePruner(self.keystore, settings.change_retention,
+                                       consumed=self._applied_change_id)
+            await self.pruner.start()
+            self._stack.push_async_callback(self.pruner.stop)
         except BaseException:
             await self._stack.aclose()
             raise
@@ -91,6 +97,12 @@ class BrokerServer:
             for host, port in pairs
         )
         logger.info("keybroker listening: %s (keystore %s)", addresses, settings.db_path)
+
+    def _applied_change_id(self) -> int:
+        """The last change-feed row the watcher applied: rows up to it may be pruned."""
+        # ChangeWatcher's read position (to become a public property of broker.live).
+        watcher = self.broker.watcher if self.broker is not None else None
+        return watcher._last_id if watcher is not None else 0
 
     def bound_addresses(self) -> dict[str, list[tuple[str, int]]]:
         if self.broker is None:

@@ -83,6 +83,7 @@ class Settings:
     audit_path: Path | None = None
     guard: GuardSettings = GuardSettings()
     change_poll_interval: float = 0.25
+    change_retention: float = 86_400.0  # seconds consumed change-feed rows are kept
 
     def with_overrides(self, **changes: Any) -> Settings:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})

@@ -86,7 +86,8 @@ _V1 = [
 
 # A change feed for the daemon (live revocation, spec §4). Triggers write it, so every
 # writer — the daemon, the CLI in another process, a future API — feeds it without
-# knowing. AUTOINCREMENT keeps ids increasing even after old rows are pruned.
+# knowing. AUTOINCREMENT keeps ids increasing after the daemon deletes applied rows
+# (broker.prune): a reader's position stays valid.
 _NOW_MICROS = "CAST((julianday('now') - 2440587.5) * 86400000000 AS INTEGER)"
 _V2 = [
     """

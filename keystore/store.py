@@ -236,11 +236,30 @@ class KeyStore:
                 (device_id, now_micros()),
             )
 
-    async def prune_changes(self, before: datetime) -> int:
-        """Drop change rows older than ``before`` (the daemon keeps the feed short)."""
+    async def prune_changes(
+        self, before: datetime, *, up_to: int | None = None, batch: int = 10_000
+    ) -> int:
+        """Delete the oldest change rows written before ``before`` (and with an id of at
+        most ``up_to``, the last one every reader has applied): at most ``batch`` of them,
+        in one short transaction. Returns how many; 0 means nothing (more) to prune.
+
+        The work is a rowid range from the oldest row, so a backlog of any size never
+        holds the write lock for long: callers loop, yielding between batches
+        (broker.prune). Ids keep increasing afterwards (AUTOINCREMENT)."""
+        if batch < 1:
+            raise ValidationError(f"invalid prune batch {batch!r}: must be 1 or more")
         async with self._write() as conn:
-            cursor = await conn.execute("DELETE FROM changes WHERE at < ?", (to_micros(before),))
-            return cursor.rowcount
+            async with conn.execute("SELECT MIN(id) FROM changes") as cursor:
+                row = await cursor.fetchone()
+            oldest = row[0] if row else None
+            if oldest is None:
+                return 0
+            last = oldest + batch - 1 if up_to is None else min(oldest + batch - 1, up_to)
+            cursor = await conn.execute(
+                "DELETE FROM changes WHERE id BETWEEN ? AND ? AND at < ?",
+                (oldest, last, to_micros(before)),
+            )
+            return max(cursor.rowcount, 0)
 
     # --- devices --------------------------------------------------------------------------
 
