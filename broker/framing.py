@@ -1,16 +1,17 @@
-"""Byte-level defences in front of amqtt's packet parser (spec §5, hardening).
+"""Byte-level defences in front of packet parsing (docs: limits).
 
 ``FramedReader`` reads one whole MQTT packet (fixed header + remaining length) before
-amqtt sees any of it, so that:
+anything parses it, so that:
   * a packet larger than ``max_packet_size`` closes the connection before its body is
     buffered (amqtt would read any announced length up to 256 MiB);
   * a packet, once started, must complete within ``packet_timeout`` seconds, so a
     slowloris writer cannot hold a connection half-way through a packet forever (the
-    wait *between* packets is bounded by the keep-alive, enforced elsewhere). Rather
-    than a timer per packet, the reader records when its current packet started and
+    wait *between* packets is bounded by the keep-alive, below). Rather than a timer
+    per packet, the reader records when its current packet started and
     ``PacketWatchdog`` sweeps all open readers once a second;
-  * a remaining length longer than 4 bytes is rejected at once.
-It then serves amqtt's reads from that buffer, exactly like a stream.
+  * a remaining length longer than 4 bytes is rejected at once;
+  * a connection silent for longer than its limit (the CONNECT timeout, then 1.5 x
+    the keep-alive) is ended by the same sweep.
 
 ``read_proxy_header`` reads an optional PROXY protocol v1/v2 header at the start of a
 TCP connection (haproxy's proxy-protocol.txt) and returns what follows it.
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from amqtt.adapters import ReaderAdapter
 
@@ -32,6 +32,7 @@ from broker.clientip import (
     parse_proxy_v2,
     proxy_v2_length,
 )
+from broker.codec import REQUIRED_FLAGS
 from broker.periodic import Periodic
 from keystore.errors import ValidationError
 
@@ -44,41 +45,64 @@ class PacketError(Exception):
         self.reason = reason
 
 
-class FramedReader(ReaderAdapter):
+class FramedReader:
+    """Whole packets from a connection's byte stream, as (first byte, body)."""
+
     def __init__(
         self,
         inner: ReaderAdapter,
         *,
         max_packet_size: int,
         packet_timeout: float,
+        idle_limit: float = 0.0,
         prefix: bytes = b"",
         on_violation: Callable[[PacketError], None] | None = None,
+        on_expire: Callable[[str], None] | None = None,
     ) -> None:
         self._inner = inner
         self._prefix = prefix
         self._max = max_packet_size
         self._timeout = packet_timeout
-        self._buf = bytearray()
-        self._pos = 0
         self._on_violation = on_violation
+        self._on_expire = on_expire
+        # Seconds without a packet after which the watchdog ends the connection (the
+        # CONNECT timeout at first, then the keep-alive; 0 = no limit).
+        self.idle_limit = idle_limit
+        self.last_packet = asyncio.get_running_loop().time()
         self.packet_started: float | None = None  # loop time of the current packet's 1st byte
-        self._reading: asyncio.Task[Any] | None = None
 
-    async def read(self, n: int = -1) -> bytes:
-        if n < 0:  # amqtt never reads "everything"; keep the adapter contract anyway
-            n = max(len(self._buf) - self._pos, 1)
-        while len(self._buf) - self._pos < n:
-            if not await self._next_packet():
-                break
-        data = bytes(self._buf[self._pos : self._pos + n])
-        self._pos += len(data)
-        if self._pos == len(self._buf):
-            self._buf.clear()
-            self._pos = 0
-        return data
+    async def packet(self) -> tuple[int, bytes] | None:
+        """The next whole packet, or None at the end of the stream. Raises PacketError
+        (after reporting it to ``on_violation``) for a packet that closes the connection."""
+        first = await self._raw(1)  # idle wait: bounded by the keep-alive (watchdog)
+        if not first:
+            return None
+        loop_time = asyncio.get_running_loop().time
+        self.packet_started = loop_time()
+        try:
+            packet = await self._rest_of_packet(first[0])
+        finally:
+            self.packet_started = None
+        self.last_packet = loop_time()
+        return packet
 
-    def feed_eof(self) -> None:
-        self._inner.feed_eof()
+    def expire(self, now: float) -> str | None:
+        """Called by the watchdog: the reason to end this connection now, if any (reported
+        to ``on_expire``, which closes the connection)."""
+        started = self.packet_started
+        if started is not None:
+            if now - started <= self._timeout:
+                return None
+            self.packet_started = None
+            reason = "slow_packet"
+            self._report(PacketError(reason, f"not completed in {self._timeout:g}s"))
+        elif self.idle_limit and now - self.last_packet > self.idle_limit:
+            reason = "idle"
+        else:
+            return None
+        if self._on_expire is not None:
+            self._on_expire(reason)
+        return reason
 
     async def _raw(self, n: int) -> bytes:
         if self._prefix:
@@ -94,67 +118,38 @@ class FramedReader(ReaderAdapter):
             return data
         except asyncio.IncompleteReadError as exc:
             return exc.partial
+        except (ConnectionError, OSError):
+            return b""
 
-    async def _next_packet(self) -> bool:
-        first = await self._raw(1)  # idle wait: bounded by keep-alive / connect timeout
-        if not first:
-            return False
-        self.packet_started = asyncio.get_running_loop().time()
-        self._reading = asyncio.current_task()
-        try:
-            packet = await self._rest_of_packet(first)
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if self.packet_started is None and task is not None:  # cancelled by the watchdog
-                task.uncancel()  # the cancellation becomes this error, not a task cancel
-                self._violation(
-                    PacketError("slow_packet", f"not completed in {self._timeout:g}s"))
-            raise
-        finally:
-            self._reading = None
-        self.packet_started = None
-        if packet is None:
-            return False
-        self._buf += packet
-        return True
-
-    def expire(self, now: float) -> bool:
-        """Called by the watchdog: stop a packet that has taken too long. True if stopped."""
-        started, task = self.packet_started, self._reading
-        if started is None or task is None or now - started <= self._timeout:
-            return False
-        self.packet_started = None
-        task.cancel()
-        return True
-
-    async def _rest_of_packet(self, first: bytes) -> bytes | None:
-        header = bytearray(first)
+    async def _rest_of_packet(self, first: int) -> tuple[int, bytes] | None:
         length = 0
         for shift in (0, 7, 14, 21):
             byte = await self._raw(1)
             if not byte:
                 return None
-            header += byte
             length |= (byte[0] & 0x7F) << shift
             if byte[0] < 0x80:
                 break
         else:
             self._violation(PacketError("malformed_length", "remaining length over 4 bytes"))
-        total = len(header) + length
+        total = 1 + (shift // 7 + 1) + length
         if total > self._max:
             self._violation(PacketError("packet_too_large",
                                         f"{total} bytes, limit {self._max}"))
         body = await self._raw(length) if length else b""
         if len(body) < length:
             return None
-        problem = packet_problem(first[0], body)
+        problem = packet_problem(first, body)
         if problem is not None:
             self._violation(PacketError("malformed_packet", problem))
-        return bytes(header) + body
+        return first, body
 
-    def _violation(self, error: PacketError) -> None:
+    def _report(self, error: PacketError) -> None:
         if self._on_violation is not None:
             self._on_violation(error)
+
+    def _violation(self, error: PacketError) -> None:
+        self._report(error)
         raise error
 
 
@@ -173,17 +168,23 @@ def _string_at(body: bytes, offset: int) -> tuple[str, int]:
 
 
 def packet_problem(first: int, body: bytes) -> str | None:
-    """What makes a complete packet unacceptable before amqtt parses it, or None.
+    """What makes a complete packet unacceptable before it is parsed, or None.
 
-    amqtt discards a PUBLISH with a wildcard topic *after* reading only its topic (the
-    payload is then parsed as the next packet) and turns invalid UTF-8 into "b'...'"
-    strings; MQTT-1.5.3-1 says such a connection is closed. Checked here on whole packets.
+    amqtt discarded a PUBLISH with a wildcard topic *after* reading only its topic (the
+    payload was then parsed as the next packet) and turned invalid UTF-8 into "b'...'"
+    strings; MQTT-1.5.3-1 says such a connection is closed. Checked here on whole packets,
+    with the fixed-header flags each packet type must carry (MQTT-2.2.2-2, MQTT-3.3.1-4).
     """
     kind = first >> 4
     try:
         if kind in (0, 15):
             return f"reserved packet type {kind}"
+        required = REQUIRED_FLAGS.get(kind)
+        if required is not None and first & 0x0F != required:
+            return f"invalid flags {first & 0x0F:#06b} on packet type {kind}"
         if kind == 3:  # PUBLISH
+            if (first >> 1) & 3 == 3:
+                return "PUBLISH with QoS 3"
             topic, _ = _string_at(body, 0)
             if not topic or "+" in topic or "#" in topic:
                 return f"invalid_topic {topic!r} in PUBLISH"
@@ -213,7 +214,8 @@ def packet_problem(first: int, body: bytes) -> str | None:
 
 
 class PacketWatchdog(Periodic):
-    """One sweep a second over the open FramedReaders (instead of a timer per packet)."""
+    """One sweep a second over the open FramedReaders (instead of a timer per packet and
+    per connection): ends packets that take too long and connections silent too long."""
 
     name = "keybroker-packet-watchdog"
 

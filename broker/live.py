@@ -20,11 +20,11 @@ import logging
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from broker.periodic import Periodic, spawn
-from broker.plugins import Grant, grant_of
+from broker.periodic import Periodic
+from broker.plugins import Grant
+from broker.sessions import SessionRegistry
 
 if TYPE_CHECKING:
-    from broker.amqtt_broker import KeyBroker
     from keystore import KeyStore
 
 logger = logging.getLogger(__name__)
@@ -37,9 +37,10 @@ DEVICE = "\x00device:"  # prefix for device entries in _applied (a key never has
 class ChangeWatcher(Periodic):
     name = "keybroker-change-watcher"
 
-    def __init__(self, broker: KeyBroker, keystore: KeyStore, interval: float = 0.25) -> None:
+    def __init__(self, sessions: SessionRegistry, keystore: KeyStore,
+                 interval: float = 0.25) -> None:
         super().__init__(interval)
-        self.broker = broker
+        self.sessions = sessions
         self.keystore = keystore
         self._expiries: list[tuple[float, int, str, Grant]] = []
         self._serial = 0
@@ -67,14 +68,10 @@ class ChangeWatcher(Periodic):
             heapq.heappush(self._expiries, (expires.timestamp(), self._serial, client_id, grant))
         key_changed = self._applied.get(grant.key.key, -1.0) >= auth_started
         device_gone = self._applied.get(DEVICE + client_id, -1.0) >= auth_started
-        if key_changed or device_gone:
-            spawn(self._recheck(client_id, grant.key.key, device_gone))
-
-    async def _recheck(self, client_id: str, key: str, device_gone: bool) -> None:
         if device_gone:
-            await self.broker.kick(client_id, "device_deleted")
-        else:
-            await self._apply_key(key, [client_id])
+            self.sessions.kick(client_id, "device_deleted")
+        elif key_changed:
+            asyncio.get_running_loop().create_task(self._apply_key(grant.key.key, [client_id]))
 
     async def tick(self) -> None:
         marker = await self.keystore.change_marker()
@@ -101,12 +98,12 @@ class ChangeWatcher(Periodic):
             reason = "device_deleted" if kind == "device_deleted" else "operator_kick"
             if kind == "device_deleted":
                 self._applied[DEVICE + subject] = now
-                self.broker.forget_offline_session(subject)
-            await self.broker.kick(subject, reason)
+                self.sessions.forget_offline_session(subject)
+            self.sessions.kick(subject, reason)
             return
         self._applied[subject] = now
         # key_status / key_expiry / key_deleted: re-read the key once for all its sessions.
-        client_ids = self.broker.sessions_of_key(subject)
+        client_ids = self.sessions.sessions_of_key(subject)
         if client_ids:
             await self._apply_key(subject, client_ids)
 
@@ -115,44 +112,44 @@ class ChangeWatcher(Periodic):
         now = datetime.now(UTC)
         for client_id in client_ids:
             if key is None:
-                await self.broker.kick(client_id, "key_deleted")
+                self.sessions.kick(client_id, "key_deleted")
             elif key.status.value != "active":
-                await self.broker.kick(client_id, "key_inactive")
+                self.sessions.kick(client_id, "key_inactive")
             elif key.is_expired(now):
-                await self.broker.kick(client_id, "key_expired")
+                self.sessions.kick(client_id, "key_expired")
             else:
                 self._regrant(client_id, key)
 
     def _regrant(self, client_id: str, key: object) -> None:
         """Same scope and topics, new expiry: the session keeps its policy (spec §2)."""
-        entry = self.broker.sessions.get(client_id)
-        grant = grant_of(entry[0]) if entry else None
-        if entry is None or grant is None:
+        session = self.sessions.get(client_id)
+        grant = session.grant if session is not None else None
+        if session is None or grant is None:
             return
         new = Grant(key=key, policy=grant.policy)  # type: ignore[arg-type]
-        entry[0].kb_grant = new
+        session.grant = new
         self.session_started(client_id, new, float("inf"))  # no re-check: this is one
 
     def _compact(self) -> None:
         """Drop entries of sessions that ended or were re-granted. Entries are removed
         lazily, so a key far from expiry whose device reconnects often would otherwise
         leave one entry per CONNECT until that (possibly distant) expiry."""
-        sessions = self.broker.sessions
+        sessions = self.sessions.sessions
         live = [entry for entry in self._expiries
-                if (s := sessions.get(entry[2])) is not None and grant_of(s[0]) is entry[3]]
+                if (s := sessions.get(entry[2])) is not None and s.grant is entry[3]]
         heapq.heapify(live)
         self._expiries = live
 
     async def _expire(self, now: float) -> None:
-        if len(self._expiries) > 2 * len(self.broker.sessions) + self.compact_slack:
+        if len(self._expiries) > 2 * len(self.sessions) + self.compact_slack:
             self._compact()
         heap = self._expiries
         while heap and heap[0][0] <= now:
             _, _, client_id, grant = heapq.heappop(heap)
-            entry = self.broker.sessions.get(client_id)
+            session = self.sessions.get(client_id)
             # Stale entries (session gone, reconnected or re-granted) are skipped.
-            if entry is not None and grant_of(entry[0]) is grant:
-                await self.broker.kick(client_id, "key_expired")
+            if session is not None and session.grant is grant:
+                self.sessions.kick(client_id, "key_expired")
 
 
 class StatusRecorder(Periodic):
@@ -166,12 +163,12 @@ class StatusRecorder(Periodic):
         self._devices: dict[str, tuple[bool, datetime]] = {}
         self._keys: dict[str, datetime] = {}
 
-    def connected(self, device_id: str, key: str) -> None:
+    def session_started(self, device_id: str, grant: Grant, _auth_started: float) -> None:
         now = datetime.now(UTC)
         self._devices[device_id] = (True, now)
-        self._keys[key] = now
+        self._keys[grant.key.key] = now
 
-    def disconnected(self, device_id: str) -> None:
+    def session_ended(self, device_id: str) -> None:
         self._devices[device_id] = (False, datetime.now(UTC))
 
     async def start(self) -> None:

@@ -22,11 +22,11 @@ from typing import Any
 
 from amqtt.contexts import Action
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
-from amqtt.session import Session
 
 from broker import policy
 from broker.guard import BruteForceGuard
 from broker.policy import Decision, SessionPolicy
+from broker.session import KeySession
 from keystore.models import AccessKey
 
 logger = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ NO_GRANT = Decision(False, "not_authenticated")
 
 
 @dataclass(frozen=True, slots=True)
-class Connection:
+class ConnectionInfo:
     """Network facts about a connection, known before CONNECT is authenticated."""
 
     listener: str
@@ -58,24 +58,16 @@ class Refusal:
     key: str | None
 
 
-def connection_of(session: Session) -> Connection | None:
-    return getattr(session, "kb_conn", None)
-
-
-def grant_of(session: Session) -> Grant | None:
-    return getattr(session, "kb_grant", None)
-
-
-def audit_fields(session: Session, key: str | None = None) -> dict[str, Any]:
+def audit_fields(session: KeySession, key: str | None = None) -> dict[str, Any]:
     """The audit fields identifying a session's connection (public key id, never a secret);
     ``key`` names the key when the session has no grant yet (a refused CONNECT)."""
-    conn, grant = connection_of(session), grant_of(session)
+    conn, grant = session.conn, session.grant
     return {
         "key": key if key is not None else (grant.key.key if grant else None),
         "client_id": session.client_id,
-        "client_ip": conn.client_ip if conn else None,
-        "peer_ip": conn.peer_ip if conn else None,
-        "listener": conn.listener if conn else None,
+        "client_ip": conn.client_ip,
+        "peer_ip": conn.peer_ip,
+        "listener": conn.listener,
     }
 
 
@@ -93,11 +85,11 @@ class AccessKeyAuthPlugin(BaseAuthPlugin):
         super().__init__(context)
         self._policies: OrderedDict[tuple[str, datetime, int], SessionPolicy] = OrderedDict()
 
-    async def authenticate(self, *, session: Session) -> bool:
-        conn = connection_of(session)
+    async def authenticate(self, *, session: KeySession) -> bool:
+        conn = session.conn
         guard: BruteForceGuard | None = self.config.guard
         now = time.monotonic()
-        if conn is not None and guard is not None and guard.banned_until(conn.client_ip, now):
+        if guard is not None and guard.banned_until(conn.client_ip, now):
             # Step 1 of spec §2: refuse before looking at the secret at all.
             outcome: Grant | Refusal = Refusal("banned", policy.CONNACK_CODE["banned"], None)
         else:
@@ -108,29 +100,25 @@ class AccessKeyAuthPlugin(BaseAuthPlugin):
                 logger.exception("authentication failed with an internal error")
                 outcome = Refusal("internal_error", 5, None)
         if isinstance(outcome, Grant):
-            session.kb_grant = outcome
-            if guard is not None and conn is not None:
-                guard.record_success(conn.client_ip)
+            session.grant = outcome
             self._audit("connect_ok", session, outcome.key.key, None)
             return True
-        session.kb_refusal = outcome
+        session.refusal = outcome
         self._audit("connect_refused", session, outcome.key, outcome.reason)
-        if guard is not None and conn is not None and outcome.reason != "banned":
+        if guard is not None and outcome.reason != "banned":
             until = guard.record_failure(conn.client_ip, now)
             if until is not None:
                 self._audit("ban", session, None, f"banned for {until - now:.0f}s")
         return False
 
-    async def _decide(self, session: Session, conn: Connection | None) -> Grant | Refusal:
+    async def _decide(self, session: KeySession, conn: ConnectionInfo) -> Grant | Refusal:
         ks = self.config.keystore
         username, password = session.username, session.password
-        if conn is None:
-            return Refusal("no_connection_info", 5, None)
         if not username or password is None:
             return Refusal("no_credentials", policy.CONNACK_CODE["no_credentials"], None)
         # One keystore round trip in the usual case; an unknown key costs the same as a
         # wrong secret (spec §2). The scope is the one matching at this moment.
-        device_id = session.client_id or ""
+        device_id = session.client_id
         found = await ks.connect_lookup(username, password, device_id)
         key = found.key
         if key is None:
@@ -144,7 +132,7 @@ class AccessKeyAuthPlugin(BaseAuthPlugin):
             device_registered=found.device_registered,
             device_in_scope=found.device_in_scope,
             client_ip=conn.client_ip,
-            will_topic=session.will_topic if session.will_flag else None,
+            will_topic=session.will.topic if session.will is not None else None,
         )
         decision = policy.check_connect(facts, session_policy)
         if not decision.allowed or session_policy is None:
@@ -168,7 +156,7 @@ class AccessKeyAuthPlugin(BaseAuthPlugin):
         return policy_
 
     def _audit(
-        self, event: str, session: Session, key: str | None, reason: str | None
+        self, event: str, session: KeySession, key: str | None, reason: str | None
     ) -> None:
         audit = self.config.audit
         if audit is None:
@@ -177,7 +165,8 @@ class AccessKeyAuthPlugin(BaseAuthPlugin):
 
 
 class TopicAclPlugin(BaseTopicPlugin):
-    """PUBLISH / SUBSCRIBE / delivery checks against the session's policy (spec §3)."""
+    """PUBLISH / SUBSCRIBE / delivery checks against the session's policy (spec §3), for
+    amqtt's plugin interface; the daemon's hot paths call ``decide`` directly."""
 
     @dataclass
     class Config:
@@ -186,21 +175,21 @@ class TopicAclPlugin(BaseTopicPlugin):
     async def topic_filtering(
         self,
         *,
-        session: Session | None = None,
+        session: Any = None,
         topic: str | None = None,
         action: Action | None = None,
     ) -> bool:
-        if session is None or topic is None or action is None:
+        if not isinstance(session, KeySession) or topic is None or action is None:
             return False
-        return self.decide(session, topic, action).allowed
+        return decide(session, topic, action).allowed
 
-    @staticmethod
-    def decide(session: Session, topic: str, action: Action) -> Decision:
-        grant: Grant | None = getattr(session, "kb_grant", None)
-        if grant is None:
-            return NO_GRANT
-        if action is Action.RECEIVE:
-            return policy.check_receive(grant.policy, topic)
-        if action is Action.PUBLISH:
-            return policy.check_publish(grant.policy, topic)
-        return policy.check_subscribe(grant.policy, topic)
+
+def decide(session: KeySession, topic: str, action: Action) -> Decision:
+    grant = session.grant
+    if grant is None:
+        return NO_GRANT
+    if action is Action.RECEIVE:
+        return policy.check_receive(grant.policy, topic)
+    if action is Action.PUBLISH:
+        return policy.check_publish(grant.policy, topic)
+    return policy.check_subscribe(grant.policy, topic)

@@ -1,52 +1,70 @@
-"""KeySession: amqtt's Session without a `transitions.Machine` per connection.
+"""KeySession: everything the broker keeps about one MQTT session, as typed fields.
 
-amqtt builds a full `transitions` state machine (three states, five transitions, two
-callbacks) in every Session's constructor; profiling the daemon under a CONNECT storm
-showed that construction alone at about a third of the event loop's time. The machine is
-tiny, so SessionStates implements the same behaviour as plain code: states new /
-connected / disconnected; ``connect`` from new or disconnected; ``disconnect`` from any
-state (re-entering disconnected runs its callback again, as `transitions` does for
-reflexive transitions); anything else raises transitions' MachineError, which amqtt code
-catches. tests/test_session.py checks it against amqtt's own machine.
+A session outlives its connections when the client asked for a persistent session
+(clean_session = 0): its subscriptions (in the routing trie, by client id), its outgoing
+QoS 1/2 messages (``outbox``) and the packet ids of QoS 2 messages received but not yet
+released (``inflight_in``) survive a disconnect and are resumed by the next CONNECT with
+the same client id. amqtt's Session carried a ``transitions`` state machine, two asyncio
+queues and a dict of extension attributes per connection; keybroker needs none of them.
 """
 
 from __future__ import annotations
 
-from amqtt.session import Session
-from transitions import MachineError
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-NEW, CONNECTED, DISCONNECTED = "new", "connected", "disconnected"
+from broker.outbox import Outbox
 
-
-class SessionStates:
-    __slots__ = ("_session", "state")
-
-    def __init__(self, session: Session) -> None:
-        self._session = session
-        self.state = NEW
-
-    def connect(self) -> bool:
-        if self.state == CONNECTED:
-            raise MachineError(f"Can't trigger event connect from state {self.state}!")
-        self.state = CONNECTED
-        self._session._on_enter_connected()
-        return True
-
-    def disconnect(self) -> bool:
-        self.state = DISCONNECTED
-        self._session._on_enter_disconnected()
-        return True
-
-    def is_new(self) -> bool:
-        return self.state == NEW
-
-    def is_connected(self) -> bool:
-        return self.state == CONNECTED
-
-    def is_disconnected(self) -> bool:
-        return self.state == DISCONNECTED
+if TYPE_CHECKING:
+    from broker.connection import MqttConnection
+    from broker.plugins import ConnectionInfo, Grant, Refusal
 
 
-class KeySession(Session):
-    def _init_states(self) -> None:
-        self.transitions = SessionStates(self)
+@dataclass(frozen=True, slots=True)
+class Will:
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+
+
+class KeySession:
+    __slots__ = (
+        "client_id", "clean_session", "conn", "will", "keep_alive", "username", "password",
+        "grant", "refusal", "auth_started", "connection", "kicked", "suppress_will",
+        "outbox", "inflight_in", "present", "bucket", "denials", "disconnected_at",
+        "retained_filters", "retained_sending",
+    )
+
+    def __init__(self, client_id: str, clean_session: bool, conn: ConnectionInfo) -> None:
+        self.client_id = client_id
+        self.clean_session = clean_session
+        self.conn = conn  # network facts of the connection that last authenticated it
+        self.will: Will | None = None
+        self.keep_alive = 0  # seconds of silence tolerated (0 = no limit)
+        # Credentials exist only between reading CONNECT and authenticating it.
+        self.username: str | None = None
+        self.password: str | None = None
+        self.grant: Grant | None = None  # set by the auth plugin on success
+        self.refusal: Refusal | None = None  # set by the auth plugin on failure
+        self.auth_started = 0.0  # loop time the CONNECT's key was read
+        self.connection: MqttConnection | None = None  # None while offline
+        self.kicked: str | None = None  # why it is being disconnected, once decided
+        self.suppress_will = False
+        self.outbox = Outbox()  # outgoing QoS 1/2: in flight and waiting
+        self.inflight_in: set[int] = set()  # QoS 2 packet ids received, PUBREL pending
+        self.present = False  # CONNACK session-present: a stored session was resumed
+        self.bucket: tuple[float, float] | None = None  # publish-rate token bucket
+        self.denials: tuple[float, int, int] | None = None  # audit throttle (start, n, dropped)
+        self.disconnected_at: float | None = None  # wall clock, for session expiry
+        # Filters whose retained messages are still to be sent (paced; see routing).
+        self.retained_filters: dict[str, int] = {}
+        self.retained_sending = False
+
+    @property
+    def online(self) -> bool:
+        return self.connection is not None
+
+    def __repr__(self) -> str:
+        state = "online" if self.connection is not None else "offline"
+        return f"KeySession({self.client_id!r}, {state})"

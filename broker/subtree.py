@@ -124,6 +124,13 @@ class SubscriptionTree(Generic[S]):
         self._entries -= len(filters)
         return len(filters)
 
+    def has(self, topic_filter: str, subscriber: S) -> bool:
+        return topic_filter in self._by_subscriber.get(subscriber, ())
+
+    def count_of(self, subscriber: S) -> int:
+        """How many filters the subscriber holds."""
+        return len(self._by_subscriber.get(subscriber, ()))
+
     def filters_of(self, subscriber: S) -> dict[str, int]:
         """The subscriber's filters and their QoS."""
         filters = self._by_subscriber.get(subscriber, {})
@@ -259,7 +266,10 @@ class RetainedStore(Generic[V]):
     def matching(self, topic_filter: str) -> Iterator[tuple[str, V]]:
         """(topic, value) for every retained topic the filter matches (§4.7 rules).
 
-        Lazy: do not set/delete while iterating (take a list first).
+        Lazy and safe against changes between steps (the caller may await in between):
+        each node's children are copied when it is visited, and a value is read when it
+        is yielded, so a topic deleted meanwhile is skipped and a replaced one yields its
+        new value. Topics added meanwhile may or may not be seen.
         """
         levels = parse_filter(topic_filter)
         # Explicit stack: a filter may have thousands of levels.
@@ -276,7 +286,7 @@ class RetainedStore(Generic[V]):
                 # Everything below, and the parent itself ("a/#" matches "a").
                 if node.has_value:
                     yield node.topic, node.value  # type: ignore[misc]
-                for child in node.children.values():
+                for child in list(node.children.values()):
                     if first and child.level[:1] == "$":
                         continue
                     yield from self._subtree(child)

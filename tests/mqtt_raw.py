@@ -59,3 +59,103 @@ def closed_by_peer(sock: socket.socket, within: float) -> bool:
         return True
     except TimeoutError:
         return False
+
+
+def connect_packet(client_id: str, key: str, secret: str, *, clean: bool = True,
+                   keepalive: int = 30) -> bytes:
+    """CONNECT with credentials; clean=False asks for a persistent session."""
+    packet = connect(client_id, key, secret, keepalive)
+    if not clean:  # clear the clean-session flag (bit 1 of the connect flags byte)
+        packet = packet[:9] + bytes([packet[9] & ~0x02]) + packet[10:]
+    return packet
+
+
+def publish_qos(topic: str, payload: bytes, qos: int, packet_id: int, *, dup: bool = False,
+                retain: bool = False) -> bytes:
+    first = 0x30 | (qos << 1) | (0x08 if dup else 0) | (0x01 if retain else 0)
+    return packet(first, field(topic) + struct.pack("!H", packet_id) + payload)
+
+
+def ack(kind: int, packet_id: int) -> bytes:
+    """PUBACK (4), PUBREC (5), PUBREL (6, flags 0b0010) or PUBCOMP (7)."""
+    return bytes([kind << 4 | (2 if kind == 6 else 0), 2]) + struct.pack("!H", packet_id)
+
+
+class Packet:
+    """A packet read back from the broker."""
+
+    def __init__(self, first: int, body: bytes) -> None:
+        self.first, self.body = first, body
+        self.kind = first >> 4
+
+    @property
+    def packet_id(self) -> int:
+        if self.kind == 3:
+            size = struct.unpack("!H", self.body[:2])[0]
+            return int(struct.unpack("!H", self.body[2 + size : 4 + size])[0])
+        return int(struct.unpack("!H", self.body[:2])[0])
+
+    @property
+    def topic(self) -> str:
+        size = struct.unpack("!H", self.body[:2])[0]
+        return self.body[2 : 2 + size].decode()
+
+    @property
+    def payload(self) -> bytes:
+        size = struct.unpack("!H", self.body[:2])[0]
+        return self.body[2 + size + (2 if self.qos else 0):]
+
+    @property
+    def qos(self) -> int:
+        return (self.first >> 1) & 3
+
+    @property
+    def dup(self) -> bool:
+        return bool(self.first & 0x08)
+
+    @property
+    def retain(self) -> bool:
+        return bool(self.first & 0x01)
+
+    def __repr__(self) -> str:
+        return f"Packet(kind={self.kind}, first={self.first:#x}, body={self.body[:40]!r})"
+
+
+def _exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("closed by the broker")
+        data += chunk
+    return data
+
+
+def read_packet(sock: socket.socket, timeout: float = 5.0) -> Packet | None:
+    """The next whole packet from the broker, or None if nothing arrives in time."""
+    sock.settimeout(timeout)
+    try:
+        first = sock.recv(1)
+    except TimeoutError:
+        return None
+    if not first:
+        raise ConnectionError("closed by the broker")
+    sock.settimeout(5.0)
+    length, shift = 0, 0
+    while True:
+        byte = _exactly(sock, 1)[0]
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            break
+    return Packet(first[0], _exactly(sock, length))
+
+
+def session(port: int, client_id: str, key: str, secret: str, *,
+            clean: bool = True) -> tuple[socket.socket, Packet]:
+    """A connected raw socket and its CONNACK."""
+    sock = open_socket(port)
+    sock.sendall(connect_packet(client_id, key, secret, clean=clean))
+    connack = read_packet(sock)
+    assert connack is not None and connack.kind == 2, connack
+    return sock, connack

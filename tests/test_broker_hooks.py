@@ -1,47 +1,38 @@
-"""Every amqtt private hook KeyBroker relies on: present with the signature we override or
-call (so an amqtt upgrade fails here first), and behaving as we need on a real daemon."""
+"""Every amqtt hook KeyBroker overrides or relies on: present with the signature and the
+behaviour we need (so an amqtt upgrade fails here first)."""
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import struct
 import time
 from importlib.metadata import version
 
 import pytest
-from amqtt.broker import Broker
-from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
-from amqtt.mqtt.protocol.handler import ProtocolHandler
+from amqtt.adapters import BufferReader
+from amqtt.broker import Broker, Server
+from amqtt.mqtt.connect import ConnectPacket
 
-from broker.amqtt_broker import KeyBroker, KeyProtocolHandler
+from broker.amqtt_broker import KeyBroker
+from tests import mqtt_raw as raw
 from tests.broker_harness import Client, RunningBroker
 
-# name -> parameters (after self) that KeyBroker's override or call expects
+# amqtt Broker method -> its parameters (after self). KeyBroker overrides each of these;
+# amqtt's own code calls them (start/shutdown, the plugin context), so a changed name or
+# signature in an amqtt upgrade must fail here first.
 BROKER_HOOKS = {
+    "start": [],
+    "shutdown": [],
     "_start_listeners": [],
-    "ws_connected": ["websocket", "listener_name"],
-    "stream_connected": ["reader", "writer", "listener_name"],
+    "_cleanup_session": ["client_id"],
     "_client_connected": ["listener_name", "reader", "writer"],
-    "_handle_client_session": ["reader", "writer", "client_session", "handler", "server",
-                               "listener_name"],
     "_authenticate": ["session", "_"],
     "_session_monitor": [],
-    "_client_message_loop": ["client_session", "handler"],
-    "_handle_disconnect": ["client_session", "handler", "disconnect_waiter"],
-    "_handle_subscription": ["client_session", "handler", "subscribe_waiter"],
-    "_handle_unsubscription": ["client_session", "handler", "unsubscribe_waiter"],
-    "_handle_message_delivery": ["client_session", "handler", "wait_deliver"],
     "_broadcast_message": ["session", "topic", "data", "force_qos"],
-    "_broadcast_loop": [],
     "_run_broadcast": ["running_tasks"],
-    "_retain_broadcast_message": ["broadcast", "qos", "target_session"],
-    "add_subscription": ["subscription", "session"],
-    "_del_subscription": ["a_filter", "session"],
-    "_del_all_subscriptions": ["session"],
     "retain_message": ["source_session", "topic_name", "data", "qos"],
-    "_publish_retained_messages_for_subscription": ["subscription", "session"],
-    "_publish_session_retained_messages": ["session"],
-    "_get_handler": ["session"],
-    "_stop_handler": ["handler"],
+    "add_subscription": ["subscription", "session"],
 }
 
 
@@ -50,30 +41,83 @@ def test_amqtt_is_the_pinned_version() -> None:
 
 
 @pytest.mark.parametrize(("name", "params"), sorted(BROKER_HOOKS.items()))
-def test_amqtt_hook_has_the_expected_signature(name: str, params: list[str]) -> None:
+def test_overridden_amqtt_hook_keeps_its_signature(name: str, params: list[str]) -> None:
+    assert name in KeyBroker.__dict__  # ours, not amqtt's
     original = getattr(Broker, name)
     assert list(inspect.signature(original).parameters)[1:] == params
-    # KeyBroker's own definition keeps amqtt's positional shape (callers inside amqtt).
     ours = inspect.signature(getattr(KeyBroker, name)).parameters
     assert list(ours)[1 : len(params) + 1] == params
 
 
-def test_handler_hooks_exist() -> None:
-    assert inspect.signature(BrokerProtocolHandler.init_from_connect).parameters.keys() >= {
-        "reader", "writer", "plugins_manager"}
-    assert "handle_read_timeout" in ProtocolHandler.__dict__
-    assert "handle_connection_closed" in BrokerProtocolHandler.__dict__
-    assert KeyProtocolHandler.handle_read_timeout is not BrokerProtocolHandler.handle_read_timeout
-    source = inspect.getsource(ProtocolHandler._reader_loop)
-    # Our keep-alive enforcement relies on the reader loop timing out on session.keep_alive
-    # and calling handle_read_timeout.
-    assert "timeout=keepalive_timeout" in source and "self.handle_read_timeout()" in source
+def test_amqtt_calls_the_hooks_we_override() -> None:
+    """Our overrides only matter if amqtt's life cycle still calls them."""
+    start = inspect.getsource(Broker.start)
+    assert "self._start_listeners()" in start and "self._session_monitor()" in start
+    assert "self._broadcast_loop()" in start
+    assert "self._run_broadcast(" in inspect.getsource(Broker._broadcast_loop)
+    assert "self._cleanup_session(client_id)" in inspect.getsource(Broker.shutdown)
 
 
-def test_stream_writer_adapter_keeps_the_asyncio_writer() -> None:
-    from amqtt.adapters import StreamWriterAdapter
+def test_amqtt_parses_connect_as_keybroker_reads_it() -> None:
+    """KeyBroker parses CONNECT with amqtt's ConnectPacket over a BufferReader and reads
+    these attributes."""
+    body = (raw.field("MQTT") + bytes([4, 0x80 | 0x40 | 0x20 | 0x10 | 0x04])
+            + struct.pack("!H", 42) + raw.field("dev-a") + raw.field("will/t")
+            + raw.field(b"bye") + raw.field("key") + raw.field("secret"))
+    packet = asyncio.run(ConnectPacket.from_stream(BufferReader(raw.packet(0x10, body))))
+    assert packet.proto_name == "MQTT" and packet.proto_level == 4
+    assert packet.variable_header is not None and packet.payload is not None
+    assert packet.variable_header.will_flag and not packet.variable_header.reserved_flag
+    assert (packet.client_id, packet.username, packet.password) == ("dev-a", "key", "secret")
+    assert packet.username_flag and packet.password_flag and not packet.clean_session_flag
+    assert (packet.will_topic, bytes(packet.will_message), packet.will_qos,
+            packet.will_retain_flag) == ("will/t", b"bye", 2, True)
+    assert packet.keep_alive == 42 and not packet.payload.client_id_is_random
+    empty = raw.field("MQTT") + bytes([4, 0x02]) + struct.pack("!H", 0) + raw.field("")
+    anonymous = asyncio.run(ConnectPacket.from_stream(BufferReader(raw.packet(0x10, empty))))
+    assert anonymous.payload is not None and anonymous.payload.client_id_is_random
 
-    assert "self._writer = writer" in inspect.getsource(StreamWriterAdapter.__init__)
+
+def test_amqtt_server_wrapper_keeps_the_instance() -> None:
+    assert list(inspect.signature(Server).parameters) == [
+        "listener_name", "server_instance", "max_connections"]
+    assert "self.instance = server_instance" in inspect.getsource(Server.__init__)
+
+
+def test_amqtt_stream_reader_adapter_reads_exactly() -> None:
+    """FramedReader relies on read(n) returning n bytes, or raising IncompleteReadError
+    with what was read at the end of the stream."""
+    from amqtt.adapters import StreamReaderAdapter
+
+    async def go() -> tuple[bytes, bytes]:
+        stream = asyncio.StreamReader()
+        stream.feed_data(b"abc")
+        stream.feed_eof()
+        adapter = StreamReaderAdapter(stream)
+        first = await adapter.read(2)
+        try:
+            await adapter.read(5)
+        except asyncio.IncompleteReadError as exc:
+            return first, exc.partial
+        return first, b"no error"
+
+    assert asyncio.run(go()) == (b"ab", b"c")
+
+
+def test_amqtt_external_listener_path_is_refused(broker: RunningBroker) -> None:
+    from amqtt.adapters import BufferWriter
+
+    class Recorder(BufferWriter):
+        closed = False
+
+        async def close(self) -> None:
+            self.closed = True
+
+    writer = Recorder()
+    broker.call(lambda: broker.broker.external_connected(
+        BufferReader(raw.connect("dev-a", "k", "s")), writer, "tcp"))
+    assert writer.closed and writer.get_buffer() == b""  # closed, no CONNACK
+    assert not broker.broker.sessions
 
 
 def test_the_auth_plugin_is_called_directly_when_it_is_the_only_one(broker: RunningBroker) -> None:
@@ -97,7 +141,7 @@ def _device_client(broker: RunningBroker, device: str, **options: object) -> Cli
 
 def test_unsubscribe_and_disconnect_leave_no_stale_trie_entries(broker: RunningBroker) -> None:
     broker.ks("add_device", "dev-a")
-    tree = broker.broker._subtree
+    tree = broker.broker.router.subtree
     with _device_client(broker, "dev-a") as client:
         assert client.connect() == 0
         assert client.subscribe("losant/dev-a/command") == 0

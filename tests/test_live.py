@@ -231,7 +231,7 @@ def test_expiry_heap_stays_bounded_when_devices_reconnect(broker: RunningBroker)
     broker.ks("add_device", "dev-a")
     key, secret = broker.ks("create_key", device_ids=["dev-a"],
                             expires_at=datetime.now(UTC) + timedelta(days=365))
-    watcher = broker.broker.watcher
+    watcher = broker.server.watcher
     watcher.compact_slack = 10
     for _ in range(40):
         with Client(broker.port(), "dev-a", key.key, secret) as client:

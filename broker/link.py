@@ -1,0 +1,185 @@
+"""The sending side of one client connection, the same for TCP/TLS and WebSocket.
+
+Routing writes packets synchronously (no await between a PUBLISH arriving and the
+subscribers' packets being handed to their connections), so every link offers a
+synchronous ``write`` and reports how many bytes it holds that the peer has not taken
+yet (``buffered``): that is what the per-session byte budget bounds, on every transport.
+
+* ``StreamLink``: an asyncio transport (TCP, TLS): ``write`` is ``transport.write``.
+* ``WebSocketLink``: packets are collected and sent by one short-lived task per burst
+  (started on demand, so an idle connection has none), coalesced into one binary frame
+  (MQTT over WebSocket may split or join packets across frames). Bytes waiting there
+  count as buffered, so a WebSocket client that never reads hits the same bound as a
+  TCP one (amqtt buffered without limit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import Any
+
+import websockets
+from websockets.asyncio.server import ServerConnection
+
+from broker.periodic import spawn
+
+logger = logging.getLogger(__name__)
+
+# Wait for the peer when more than this many bytes are waiting (paced senders only).
+LOW_WATER = 64 * 1024
+# A closing connection whose peer takes nothing more is aborted after this many seconds.
+CLOSE_GRACE = 2.0
+
+
+class Link:
+    """Interface of a connection's sending side."""
+
+    __slots__ = ()
+
+    def write(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def buffered(self) -> int:
+        raise NotImplementedError
+
+    def is_closing(self) -> bool:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        """Drop the connection now, discarding whatever is still buffered."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Close after sending what is buffered (aborting if the peer takes nothing)."""
+        raise NotImplementedError
+
+    async def writable(self) -> None:
+        """Return once at most LOW_WATER bytes are waiting (or the link is closing)."""
+        raise NotImplementedError
+
+    def peer(self) -> tuple[str, int] | None:
+        raise NotImplementedError
+
+
+class StreamLink(Link):
+    __slots__ = ("writer", "transport")
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.transport: Any = writer.transport
+
+    def write(self, data: bytes) -> None:
+        if not self.transport.is_closing():
+            self.transport.write(data)
+
+    def buffered(self) -> int:
+        size: int = self.transport.get_write_buffer_size()
+        return size
+
+    def is_closing(self) -> bool:
+        closing: bool = self.transport.is_closing()
+        return closing
+
+    def abort(self) -> None:
+        self.transport.abort()
+
+    async def close(self) -> None:
+        transport = self.transport
+        if transport.is_closing():
+            return
+        transport.close()  # sends what is buffered first
+        if transport.get_write_buffer_size():
+            # ... unless the peer is not reading: then it gets nothing more.
+            asyncio.get_running_loop().call_later(CLOSE_GRACE, transport.abort)
+
+    async def writable(self) -> None:
+        while not self.transport.is_closing() and self.buffered() > LOW_WATER:
+            try:
+                await self.writer.drain()
+            except (ConnectionError, OSError):
+                return
+
+    def peer(self) -> tuple[str, int] | None:
+        info = self.transport.get_extra_info("peername")
+        if not info or len(info) < 2:
+            return None
+        return str(info[0]), int(info[1])
+
+
+class WebSocketLink(Link):
+    __slots__ = ("websocket", "_chunks", "_pending", "_sending", "_closed", "_closing")
+
+    def __init__(self, websocket: ServerConnection) -> None:
+        self.websocket = websocket
+        self._chunks: deque[bytes] = deque()
+        self._pending = 0
+        self._sending = False
+        self._closed = False  # nothing more is sent
+        self._closing = False  # nothing more is accepted; what was written is still sent
+
+    def write(self, data: bytes) -> None:
+        if self._closing or self._closed:
+            return
+        self._chunks.append(data)
+        self._pending += len(data)
+        if not self._sending:
+            self._sending = True
+            spawn(self._send())
+
+    async def _send(self) -> None:
+        try:
+            while self._chunks and not self._closed:
+                data = b"".join(self._chunks)
+                self._chunks.clear()
+                try:
+                    await self.websocket.send(data)
+                finally:
+                    self._pending -= len(data)
+        except (websockets.exceptions.ConnectionClosed, ConnectionError, OSError):
+            self._closed = True
+        finally:
+            self._sending = False
+
+    def buffered(self) -> int:
+        transport = self.websocket.transport
+        size: int = transport.get_write_buffer_size() if transport is not None else 0
+        return self._pending + size
+
+    def is_closing(self) -> bool:
+        transport = self.websocket.transport
+        return (self._closing or self._closed or transport is None
+                or bool(transport.is_closing()))
+
+    def abort(self) -> None:
+        self._closed = self._closing = True
+        self._chunks.clear()
+        transport = self.websocket.transport
+        if transport is not None:
+            transport.abort()
+
+    async def close(self) -> None:
+        # The WebSocket server closes the connection when its handler returns, so this is
+        # awaited by the handler: what was written goes out first.
+        if self._closing:
+            return
+        self._closing = True
+        try:
+            async with asyncio.timeout(CLOSE_GRACE):
+                while self._sending:  # let what was written go out first
+                    await asyncio.sleep(0.005)
+                self._closed = True
+                await self.websocket.close()
+        except (TimeoutError, websockets.exceptions.ConnectionClosed, ConnectionError, OSError):
+            self.abort()
+
+    async def writable(self) -> None:
+        while not self.is_closing() and self.buffered() > LOW_WATER:
+            await asyncio.sleep(0.01)
+
+    def peer(self) -> tuple[str, int] | None:
+        address = self.websocket.remote_address
+        if not address:
+            return None
+        return str(address[0]), int(address[1])

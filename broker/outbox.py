@@ -1,0 +1,131 @@
+"""A session's outgoing QoS 1/2 messages: in flight, and waiting their turn (pure, no I/O).
+
+MQTT 3.1.1 §4.3-4.4: a QoS 1/2 PUBLISH stays the server's responsibility until the client
+acknowledges it (PUBACK; PUBREC then PUBCOMP), however long that takes, and when a
+persistent session reconnects the server re-sends every unacknowledged PUBLISH with its
+original packet id and DUP set, and every PUBREL (MQTT-4.4.0-1). amqtt kept that state in
+a task per message that gave up after a 5 s timeout (the message was then lost) and did
+not re-send on resume. Here it is plain data:
+
+* ``inflight``: packet id -> message, in the order sent (at most ``window`` of them);
+* ``waiting``: messages not yet sent, in arrival order — queued while the session is
+  offline, or while the window is full. They are sent before anything newer, so
+  messages queued while offline reach the client before later live ones.
+
+Bounds are the caller's (count and bytes are kept here so that checking is O(1)).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterator
+
+
+class OutMessage:
+    __slots__ = ("topic", "payload", "qos", "retain", "packet_id", "released", "size")
+
+    def __init__(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> None:
+        self.topic = topic
+        self.payload = payload
+        self.qos = qos
+        self.retain = retain
+        self.packet_id = 0
+        self.released = False  # QoS 2: PUBREC received and PUBREL sent, PUBCOMP awaited
+        self.size = len(topic) + len(payload)
+
+    def __repr__(self) -> str:
+        return (f"OutMessage({self.topic!r}, {len(self.payload)} bytes, qos={self.qos}, "
+                f"id={self.packet_id}, released={self.released})")
+
+
+class Outbox:
+    __slots__ = ("inflight", "waiting", "held_bytes", "_last_id")
+
+    def __init__(self) -> None:
+        self.inflight: dict[int, OutMessage] = {}
+        self.waiting: deque[OutMessage] = deque()
+        self.held_bytes = 0
+        self._last_id = 0
+
+    def __len__(self) -> int:
+        """Messages held: in flight plus waiting."""
+        return len(self.inflight) + len(self.waiting)
+
+    def put(self, message: OutMessage) -> None:
+        self.waiting.append(message)
+        self.held_bytes += message.size
+
+    def sendable(self, window: int) -> Iterator[OutMessage]:
+        """Move waiting messages into flight while the window has room, giving each a
+        packet id; yields each one to be written (in order)."""
+        while self.waiting and len(self.inflight) < window:
+            message = self.waiting.popleft()
+            message.packet_id = self._new_id()
+            self.inflight[message.packet_id] = message
+            yield message
+
+    def _new_id(self) -> int:
+        packet_id = self._last_id
+        while True:  # at most len(inflight) + 1 steps: the window is far below 65535
+            packet_id = packet_id % 65535 + 1
+            if packet_id not in self.inflight:
+                self._last_id = packet_id
+                return packet_id
+
+    def acknowledged(self, packet_id: int) -> bool:
+        """PUBACK: the QoS 1 message is delivered. False if no such message was in flight."""
+        message = self.inflight.get(packet_id)
+        if message is None or message.qos != 1:
+            return False
+        self._forget(packet_id, message)
+        return True
+
+    def received(self, packet_id: int) -> bool:
+        """PUBREC: the QoS 2 message is stored by the client; a PUBREL is owed (also for a
+        repeated PUBREC). False if no such QoS 2 message was in flight."""
+        message = self.inflight.get(packet_id)
+        if message is None or message.qos != 2:
+            return False
+        if not message.released:
+            message.released = True
+            # The payload is no longer needed: only the PUBREL may have to be re-sent.
+            self.held_bytes -= message.size - len(message.topic)
+            message.size = len(message.topic)
+            message.payload = b""
+        return True
+
+    def completed(self, packet_id: int) -> bool:
+        """PUBCOMP: the QoS 2 flow is over."""
+        message = self.inflight.get(packet_id)
+        if message is None or not message.released:
+            return False
+        self._forget(packet_id, message)
+        return True
+
+    def _forget(self, packet_id: int, message: OutMessage) -> None:
+        del self.inflight[packet_id]
+        self.held_bytes -= message.size
+
+    def discard(self, unreadable: Callable[[str], bool]) -> int:
+        """Drop messages (in flight or waiting) whose topic the session may no longer read,
+        e.g. a persistent session resumed under a narrower key. Released QoS 2 messages are
+        kept: the client already has them and only needs the PUBREL. Returns how many."""
+        dropped = 0
+        for packet_id, message in list(self.inflight.items()):
+            if not message.released and unreadable(message.topic):
+                self._forget(packet_id, message)
+                dropped += 1
+        kept: deque[OutMessage] = deque()
+        for message in self.waiting:
+            if unreadable(message.topic):
+                self.held_bytes -= message.size
+                dropped += 1
+            else:
+                kept.append(message)
+        self.waiting = kept
+        return dropped
+
+    def clear(self) -> None:
+        self.inflight.clear()
+        self.waiting.clear()
+        self.held_bytes = 0

@@ -1,0 +1,389 @@
+"""Routing: subscriptions, retained messages and delivery to sessions, bounded per session.
+
+One synchronous path from an accepted PUBLISH to the subscribers' connections: the
+subscription trie gives the matching sessions, each delivery is checked against the
+receiving session's policy (an in-memory lookup), then
+
+* QoS 0 to an online session: the PUBLISH is encoded once per message and written to
+  the session's link;
+* QoS 1/2: the message joins the session's ``Outbox`` (queued while offline or while the
+  in-flight window is full; see broker.outbox) and is sent when the window has room.
+
+Every session is bounded by ``max_queued_messages`` (QoS 1/2 held) and
+``max_session_bytes`` (bytes held for it: waiting in its connection plus QoS 1/2 in
+flight and queued). An online session past a bound is a slow consumer and is
+disconnected; for an offline persistent session the message is dropped and counted.
+
+Retained messages live in a trie (a SUBSCRIBE walks only its filter's subtree) with
+quotas: globally, per access key, and a small reserve per device for its own device
+topics that no other key can take away. Retained messages for a SUBSCRIBE are sent by
+one paced task per session (waiting for the client to read, yielding to other work), so
+a SUBSCRIBE matching many retained messages cannot stall the broker or grow it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from amqtt.contexts import Action
+
+from broker import codec
+from broker.audit import AuditLog
+from broker.link import Link
+from broker.outbox import OutMessage
+from broker.periodic import spawn
+from broker.plugins import audit_fields, decide
+from broker.session import KeySession
+from broker.settings import Settings
+from broker.subtree import RetainedStore, SubscriptionTree
+
+logger = logging.getLogger(__name__)
+
+DENIALS_AUDITED_PER_SECOND = 20
+RETAINED_BATCH = 64  # retained messages sent between two yields to the event loop
+
+
+class Retained:
+    """One retained message, with the quota bucket it is counted in."""
+
+    __slots__ = ("topic", "payload", "qos", "bucket", "size")
+
+    def __init__(self, topic: str, payload: bytes, qos: int, bucket: str) -> None:
+        self.topic = topic
+        self.payload = payload
+        self.qos = qos
+        self.bucket = bucket  # "d:<device id>" (own-topic reserve) or "k:<key>" or "k:"
+        self.size = len(topic.encode("utf-8", "surrogatepass")) + len(payload)
+
+
+@dataclass(slots=True)
+class _Usage:
+    count: int = 0
+    size: int = 0
+
+
+class Router:
+    def __init__(self, settings: Settings, sessions: dict[str, KeySession], audit: AuditLog,
+                 on_slow_consumer: Callable[[KeySession], None]) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.audit = audit
+        self.on_slow_consumer = on_slow_consumer
+        # Subscribers are client ids: a session keeps its subscriptions across connections.
+        self.subtree: SubscriptionTree[str] = SubscriptionTree()
+        self.retained: RetainedStore[Retained] = RetainedStore()
+        self._usage: dict[str, _Usage] = {}  # quota bucket -> retained count and bytes
+        self._shared = _Usage()  # every retained message outside a device's own reserve
+        self.dropped_offline = 0  # messages not queued for offline sessions (bounds)
+
+    # ------------------------------------------------------------------ delivery
+    def route(self, topic: str, payload: bytes, qos: int) -> None:
+        """Deliver to every session whose filters match and whose policy may read topic."""
+        packet: bytes | None = None
+        sessions = self.sessions
+        for client_id, sub_qos in self.subtree.match(topic).items():
+            session = sessions.get(client_id)
+            if session is None or not decide(session, topic, Action.RECEIVE).allowed:
+                continue
+            if qos and sub_qos:
+                self.enqueue(session, OutMessage(topic, payload, min(qos, sub_qos)))
+                continue
+            connection = session.connection
+            if connection is None or session.kicked:
+                continue
+            if packet is None:
+                packet = codec.publish_packet(topic.encode("utf-8", "surrogatepass"), payload,
+                                              0, False)
+            self.send_qos0(session, connection.link, packet)
+
+    def send_qos0(self, session: KeySession, link: Link, packet: bytes) -> None:
+        if link.is_closing():
+            return
+        if self._over_budget(session, len(packet), link.buffered()):
+            self._slow(session)
+            return
+        link.write(packet)
+
+    def _over_budget(self, session: KeySession, size: int, buffered: int) -> bool:
+        held = session.outbox.held_bytes + buffered
+        return held > 0 and held + size > self.settings.max_session_bytes
+
+    def enqueue(self, session: KeySession, message: OutMessage) -> bool:
+        """Hand a QoS 1/2 message to a session (sent now if it is online and has room)."""
+        outbox = session.outbox
+        connection = session.connection
+        buffered = connection.link.buffered() if connection is not None else 0
+        if len(outbox) >= self.settings.max_queued_messages or \
+                self._over_budget(session, message.size, buffered):
+            if connection is not None and not session.kicked:
+                self._slow(session)
+            else:
+                self.dropped_offline += 1
+                logger.info("queue of offline session %s full: message on %r dropped",
+                            session.client_id, message.topic)
+            return False
+        outbox.put(message)
+        self.pump(session)
+        return True
+
+    def pump(self, session: KeySession) -> None:
+        """Send waiting messages while the session's in-flight window has room."""
+        connection = session.connection
+        if connection is None or session.kicked:
+            return
+        write = connection.link.write
+        for message in session.outbox.sendable(self.settings.max_inflight_messages):
+            write(codec.publish_packet(message.topic.encode("utf-8", "surrogatepass"),
+                                       message.payload, message.qos, message.retain,
+                                       message.packet_id))
+
+    def resume(self, session: KeySession) -> None:
+        """A session just (re)connected: drop what its new grant may not read, re-send
+        what is unacknowledged (MQTT-4.4.0-1: same packet ids, DUP on PUBLISH), then send
+        what waited, oldest first, before anything newer."""
+        connection = session.connection
+        if connection is None:
+            return
+        outbox = session.outbox
+        outbox.discard(lambda topic: not decide(session, topic, Action.RECEIVE).allowed)
+        write = connection.link.write
+        for packet_id, message in outbox.inflight.items():
+            if message.released:
+                write(codec.ack_packet(codec.PUBREL, packet_id))
+            else:
+                write(codec.publish_packet(message.topic.encode("utf-8", "surrogatepass"),
+                                           message.payload, message.qos, message.retain,
+                                           packet_id, dup=True))
+        self.pump(session)
+
+    def puback(self, session: KeySession, packet_id: int) -> None:
+        if session.outbox.acknowledged(packet_id):
+            self.pump(session)
+
+    def pubrec(self, session: KeySession, packet_id: int) -> None:
+        if session.outbox.received(packet_id) and session.connection is not None:
+            session.connection.link.write(codec.ack_packet(codec.PUBREL, packet_id))
+
+    def pubcomp(self, session: KeySession, packet_id: int) -> None:
+        if session.outbox.completed(packet_id):
+            self.pump(session)
+
+    def _slow(self, session: KeySession) -> None:
+        if not session.kicked:
+            self.on_slow_consumer(session)
+
+    # ------------------------------------------------------------------ subscriptions
+    def forget(self, session: KeySession) -> None:
+        """A session is gone: its subscriptions and anything held for it."""
+        self.subtree.remove_subscriber(session.client_id)
+        session.outbox.clear()
+        session.inflight_in.clear()
+        session.retained_filters.clear()
+
+    def subscribe(self, session: KeySession, requests: list[tuple[str, int]],
+                  check: Callable[[KeySession, str], str | None]) -> list[int]:
+        """Decide each filter of one SUBSCRIBE (the return codes, one per request), add
+        the granted ones, and schedule their retained messages.
+
+        A filter repeated in the packet, or already held, is one subscription: it is
+        replaced (MQTT-3.8.4-3) and decided once. Past ``max_subscriptions`` the
+        remaining new filters are refused without being looked at, and counted in one
+        audit line, so an oversized SUBSCRIBE costs little. ``check`` returns the reason
+        to refuse a filter (limits, policy), or None.
+        """
+        client_id = session.client_id
+        limit = self.settings.max_subscriptions
+        tree = self.subtree
+        decided: dict[str, int] = {}
+        granted: dict[str, int] = {}
+        over_limit = 0
+        for topic_filter, qos in requests:
+            if topic_filter in decided:
+                if decided[topic_filter] != codec.SUBACK_FAILURE:
+                    decided[topic_filter] = granted[topic_filter] = qos
+                    tree.add(topic_filter, client_id, qos)
+                continue
+            if limit and tree.count_of(client_id) >= limit and not tree.has(topic_filter,
+                                                                             client_id):
+                decided[topic_filter] = codec.SUBACK_FAILURE
+                over_limit += 1
+                continue
+            reason = check(session, topic_filter)
+            if reason is not None:
+                self.audit_denied("subscribe_denied", session, topic_filter, reason)
+                decided[topic_filter] = codec.SUBACK_FAILURE
+                continue
+            tree.add(topic_filter, client_id, qos)
+            decided[topic_filter] = granted[topic_filter] = qos
+        if over_limit:
+            self.audit.event("subscribe_denied", reason=f"max_subscriptions {limit}: "
+                             f"{over_limit} filters refused", **audit_fields(session))
+        if granted:
+            self._send_retained(session, granted)
+        return [decided[topic_filter] for topic_filter, _ in requests]
+
+    def unsubscribe(self, session: KeySession, filters: list[str]) -> None:
+        for topic_filter in filters:
+            self.subtree.remove(topic_filter, session.client_id)
+            session.retained_filters.pop(topic_filter, None)
+
+    # ------------------------------------------------------------------ retained
+    def retain(self, session: KeySession | None, topic: str, payload: bytes,
+               qos: int) -> str | None:
+        """Keep (or, for an empty payload, delete [MQTT-3.3.1-10]) the retained message on
+        ``topic``; returns why it was not kept, or None. The message is delivered live
+        either way."""
+        old = self.retained.get(topic)
+        if not payload:
+            if old is not None:
+                self._release(old)
+                self.retained.delete(topic)
+            return None
+        reserve = self._own_device(session, topic)
+        key = session.grant.key.key if session is not None and session.grant else ""
+        message = Retained(topic, payload, qos, "")
+        if old is not None:
+            self._release(old)
+        refusal = None
+        if reserve is not None and self.settings.device_retained_reserve and self._fits(
+                self._usage.get(reserve), message.size, self.settings.device_retained_reserve,
+                self.settings.device_retained_reserve_bytes):
+            message.bucket = reserve
+        else:
+            refusal = self._shared_refusal(f"k:{key}", message.size)
+            message.bucket = f"k:{key}"
+        if refusal is not None:
+            if old is not None:
+                self._charge(old)  # the previous message stays retained
+            return refusal
+        self._charge(message)
+        self.retained.set(topic, message)
+        return None
+
+    def _own_device(self, session: KeySession | None, topic: str) -> str | None:
+        """The reserve bucket when ``topic`` is one of the publishing device's own topics."""
+        if session is None:
+            return None
+        own = f"{self.settings.device_prefix}/{session.client_id}"
+        if topic == own or topic.startswith(own + "/"):
+            return f"d:{session.client_id}"
+        return None
+
+    @staticmethod
+    def _fits(usage: _Usage | None, size: int, max_count: int, max_bytes: int) -> bool:
+        count, used = (usage.count, usage.size) if usage is not None else (0, 0)
+        return (not max_count or count < max_count) and (not max_bytes or used + size <= max_bytes)
+
+    def _shared_refusal(self, bucket: str, size: int) -> str | None:
+        settings = self.settings
+        if not self._fits(self._usage.get(bucket), size, settings.max_retained_per_key,
+                          settings.max_retained_bytes_per_key) and bucket != "k:":
+            return (f"key quota reached (max_retained_per_key {settings.max_retained_per_key},"
+                    f" max_retained_bytes_per_key {settings.max_retained_bytes_per_key})")
+        if not self._fits(self._shared, size, settings.max_retained_messages,
+                          settings.max_retained_bytes):
+            return (f"max_retained_messages {settings.max_retained_messages} or "
+                    f"max_retained_bytes {settings.max_retained_bytes} reached")
+        return None
+
+    def _charge(self, message: Retained) -> None:
+        usage = self._usage.setdefault(message.bucket, _Usage())
+        usage.count += 1
+        usage.size += message.size
+        if message.bucket[0] == "k":
+            self._shared.count += 1
+            self._shared.size += message.size
+
+    def _release(self, message: Retained) -> None:
+        usage = self._usage[message.bucket]
+        usage.count -= 1
+        usage.size -= message.size
+        if not usage.count:
+            del self._usage[message.bucket]
+        if message.bucket[0] == "k":
+            self._shared.count -= 1
+            self._shared.size -= message.size
+
+    def drop_retained_under(self, prefix: str) -> int:
+        """Delete every retained message on ``prefix`` or under ``prefix/`` (a removed
+        device's topics). Returns how many."""
+        doomed = [topic for topic, _ in self.retained.matching(prefix + "/#")]
+        for topic in doomed:
+            message = self.retained.get(topic)
+            if message is not None:
+                self._release(message)
+                self.retained.delete(topic)
+        return len(doomed)
+
+    def _send_retained(self, session: KeySession, granted: dict[str, int]) -> None:
+        pending = session.retained_filters
+        for topic_filter, qos in granted.items():
+            pending[topic_filter] = qos
+        if not session.retained_sending and session.connection is not None:
+            session.retained_sending = True
+            spawn(self._retained_sender(session))
+
+    async def _retained_sender(self, session: KeySession) -> None:
+        """Send the retained messages of the session's newly granted filters, one filter
+        at a time, waiting whenever the client has not taken what was sent."""
+        connection = session.connection
+        try:
+            while session.retained_filters and connection is not None:
+                topic_filter = next(iter(session.retained_filters))
+                qos = session.retained_filters.pop(topic_filter)
+                sent = 0
+                for topic, message in self.retained.matching(topic_filter):
+                    if session.connection is not connection or session.kicked:
+                        return
+                    if not decide(session, topic, Action.RECEIVE).allowed:
+                        continue
+                    await self._send_one_retained(session, connection.link, message,
+                                                  min(qos, message.qos))
+                    sent += 1
+                    if sent % RETAINED_BATCH == 0:
+                        await asyncio.sleep(0)
+        finally:
+            session.retained_sending = False
+
+    async def _send_one_retained(self, session: KeySession, link: Link, message: Retained,
+                                 qos: int) -> None:
+        settings = self.settings
+        if qos == 0:
+            await link.writable()
+            packet = codec.publish_packet(message.topic.encode("utf-8", "surrogatepass"),
+                                          message.payload, 0, True)
+            self.send_qos0(session, link, packet)
+            return
+        # QoS 1/2: wait for room in the in-flight window rather than fill the queue
+        # (which would crowd out live messages and trip the slow-consumer bound).
+        outbox = session.outbox
+        while not link.is_closing() and (
+                len(outbox) >= settings.max_inflight_messages
+                or self._over_budget(session, message.size + 64, link.buffered())):
+            await asyncio.sleep(0.005)
+        if not link.is_closing():
+            self.enqueue(session, OutMessage(message.topic, message.payload, qos, True))
+
+    # ------------------------------------------------------------------ audit
+    def audit_denied(self, event: str, session: KeySession, topic: str, reason: str,
+                     **extra: object) -> None:
+        """Audit a denial; at most DENIALS_AUDITED_PER_SECOND per session, so a client
+        flooding denied PUBLISHes cannot fill the disk or stall the loop with writes
+        (the excess is counted in an ``audit_suppressed`` event)."""
+        now = time.monotonic()
+        start, count, suppressed = session.denials or (now, 0, 0)
+        if now - start >= 1.0:
+            if suppressed:
+                self.audit.event("audit_suppressed", **audit_fields(session),
+                                 reason=f"{suppressed} denials not logged in 1 s")
+            start, count, suppressed = now, 0, 0
+        if count >= DENIALS_AUDITED_PER_SECOND:
+            session.denials = (start, count, suppressed + 1)
+            return
+        session.denials = (start, count + 1, suppressed)
+        logger.info("%s: client %s topic %r: %s", event, session.client_id, topic, reason)
+        self.audit.event(event, reason=reason, topic=topic, **audit_fields(session), **extra)

@@ -1,0 +1,181 @@
+"""The session registry: one session per client id, who authenticated it, and the one
+place sessions are taken over, kicked, expired and forgotten.
+
+The change watcher (broker.live) talks to the broker only through this interface:
+``sessions_of_key``, ``kick``, ``forget_offline_session``, ``get``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+from broker.audit import AuditLog
+from broker.plugins import Grant, audit_fields
+from broker.routing import Router
+from broker.session import KeySession
+
+logger = logging.getLogger(__name__)
+
+TAKE_OVER_WAIT = 2.0  # seconds an old connection gets to end before its task is cancelled
+
+
+class SessionRegistry:
+    def __init__(self, router: Router, audit: AuditLog) -> None:
+        self.sessions: dict[str, KeySession] = router.sessions
+        self.router = router
+        self.audit = audit
+        self.by_key: dict[str, set[str]] = {}  # key -> client ids it authenticated
+        self.tasks: dict[str, asyncio.Task[object]] = {}  # client id -> its connection task
+        self._connect_locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        # Called with (client id, grant, auth start) for every session that goes online.
+        self.on_started: list[Callable[[str, Grant, float], None]] = []
+        self.on_ended: list[Callable[[str], None]] = []
+
+    def __len__(self) -> int:
+        return len(self.sessions)
+
+    def get(self, client_id: str) -> KeySession | None:
+        return self.sessions.get(client_id)
+
+    # ------------------------------------------------------------------ CONNECT
+    @contextlib.asynccontextmanager
+    async def connect_lock(self, client_id: str) -> AsyncIterator[None]:
+        """One CONNECT per client id at a time: two racing CONNECTs must not both pass the
+        "is the old one gone" check (one of them would end up registered nowhere)."""
+        lock, users = self._connect_locks.get(client_id, (asyncio.Lock(), 0))
+        self._connect_locks[client_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._connect_locks[client_id]
+            if users <= 1:
+                del self._connect_locks[client_id]
+            else:
+                self._connect_locks[client_id] = (lock, users - 1)
+
+    async def take_over(self, incoming: KeySession) -> KeySession:
+        """End a live connection with the same client id, then pick the session to use:
+        the stored persistent session (resumed under the new connection's credentials and
+        grant) or ``incoming``. The old connection's task has ended (or was cancelled)
+        before this returns, so it can never mark the returned session offline later."""
+        client_id = incoming.client_id
+        existing = self.sessions.get(client_id)
+        if existing is not None and existing.connection is not None:
+            logger.info("client %s connected again: taking over the old connection", client_id)
+            existing.connection.link.abort()
+            await self._wait_ended(client_id)
+        existing = self.sessions.get(client_id)
+        if incoming.clean_session or existing is None or existing.clean_session:
+            if existing is not None:
+                self.drop(existing)
+            incoming.present = False
+            return incoming
+        session = existing
+        session.conn, session.grant, session.will = incoming.conn, incoming.grant, incoming.will
+        session.keep_alive = incoming.keep_alive
+        session.auth_started = incoming.auth_started
+        session.kicked = None
+        session.suppress_will = False
+        session.present = True
+        return session
+
+    async def _wait_ended(self, client_id: str) -> None:
+        task = self.tasks.get(client_id)
+        if task is None or task is asyncio.current_task():
+            return
+        done, _ = await asyncio.wait({task}, timeout=TAKE_OVER_WAIT)
+        if not done:  # stuck somewhere: end it
+            task.cancel()
+            await asyncio.wait({task}, timeout=TAKE_OVER_WAIT)
+
+    def went_online(self, session: KeySession) -> None:
+        client_id = session.client_id
+        self.sessions[client_id] = session
+        task = asyncio.current_task()
+        if task is not None:
+            self.tasks[client_id] = task
+        grant = session.grant
+        if grant is not None:
+            self.by_key.setdefault(grant.key.key, set()).add(client_id)
+            for callback in self.on_started:
+                callback(client_id, grant, session.auth_started)
+
+    def went_offline(self, session: KeySession) -> None:
+        """The session's connection ended: a clean session is forgotten, a persistent one
+        is kept (until it expires) with its subscriptions and queued messages."""
+        client_id = session.client_id
+        if self.tasks.get(client_id) is asyncio.current_task():
+            del self.tasks[client_id]
+        session.connection = None
+        session.disconnected_at = time.time()
+        if session.grant is not None:
+            self._unindex(session.grant.key.key, client_id)
+        for callback in self.on_ended:
+            callback(client_id)
+        if session.clean_session:
+            self.drop(session)
+
+    # ------------------------------------------------------------------ removal
+    def drop(self, session: KeySession) -> None:
+        """Forget a session and its subscriptions, unless a newer one owns the id."""
+        client_id = session.client_id
+        if self.sessions.get(client_id) is session:
+            del self.sessions[client_id]
+        self.router.forget(session)
+
+    def forget_offline_session(self, client_id: str) -> None:
+        """Drop a disconnected persistent session (its device was deleted)."""
+        session = self.sessions.get(client_id)
+        if session is not None and session.connection is None:
+            self.drop(session)
+
+    def expire(self, max_age: float, now: float) -> int:
+        """Drop persistent sessions offline for longer than ``max_age`` seconds."""
+        cutoff = now - max_age
+        doomed = [session for session in self.sessions.values()
+                  if session.connection is None and session.disconnected_at is not None
+                  and session.disconnected_at < cutoff]
+        for session in doomed:
+            self.drop(session)
+        return len(doomed)
+
+    def kick(self, client_id: str, reason: str, *, publish_will: bool = False) -> bool:
+        """Disconnect a live session now. A revoked session's Will is not published.
+
+        The transport is aborted (not closed politely): a revoked client must not be able
+        to send anything more, and a busy or non-reading client must not delay it."""
+        session = self.sessions.get(client_id)
+        if session is None or session.connection is None or session.kicked:
+            return False
+        session.kicked = reason
+        session.suppress_will = not publish_will
+        self.audit.event("kick", reason=reason, **audit_fields(session))
+        session.connection.link.abort()
+        return True
+
+    # ------------------------------------------------------------------ by key
+    def sessions_of_key(self, key: str) -> list[str]:
+        """Client ids of the online sessions a key authenticated (an index: revocation
+        work follows the number of changes, not the number of sessions)."""
+        out = []
+        for client_id in list(self.by_key.get(key, ())):
+            session = self.sessions.get(client_id)
+            grant = session.grant if session is not None else None
+            if session is not None and grant is not None and grant.key.key == key \
+                    and session.connection is not None:
+                out.append(client_id)
+            else:
+                self._unindex(key, client_id)
+        return out
+
+    def _unindex(self, key: str, client_id: str) -> None:
+        clients = self.by_key.get(key)
+        if clients is not None:
+            clients.discard(client_id)
+            if not clients:
+                del self.by_key[key]
