@@ -53,6 +53,8 @@ class BrokerServer:
         self.broker: KeyBroker | None = None
         self.keystore: KeyStore | None = None
         self.audit: AuditLog | None = None
+        self.status: StatusRecorder | None = None
+        self.watcher: ChangeWatcher | None = None
         self.pruner: ChangePruner | None = None
         self._stack = contextlib.AsyncExitStack()
 
@@ -72,18 +74,20 @@ class BrokerServer:
             self._stack.callback(self.audit.close)
             guard = BruteForceGuard(settings.guard) if settings.guard.enabled else None
             config = amqtt_config(settings, self.keystore, self.audit, guard)
-            self.broker = KeyBroker(config, settings, self.audit)
+            self.broker = KeyBroker(config, settings, self.audit, guard)
+            registry = self.broker.registry
+            self.status = StatusRecorder(self.keystore)
+            self.watcher = ChangeWatcher(registry, self.keystore, settings.change_poll_interval)
+            registry.on_started += [self.watcher.session_started, self.status.session_started]
+            registry.on_ended.append(self.status.session_ended)
             # The stack unwinds in reverse: watcher stops, broker shuts down, then the
             # status recorder flushes what the shutdown recorded.
-            self.broker.status = StatusRecorder(self.keystore)
-            await self.broker.status.start()
-            self._stack.push_async_callback(self.broker.status.stop)
+            await self.status.start()
+            self._stack.push_async_callback(self.status.stop)
             await self.broker.start()
             self._stack.push_async_callback(self.broker.shutdown)
-            self.broker.watcher = ChangeWatcher(self.broker, self.keystore,
-                                                settings.change_poll_interval)
-            await self.broker.watcher.start()
-            self._stack.push_async_callback(self.broker.watcher.stop)
+            await self.watcher.start()
+            self._stack.push_async_callback(self.watcher.stop)
             self.pruner = ChangePruner(self.keystore, settings.change_retention,
                                        consumed=self._applied_change_id)
             await self.pruner.start()
@@ -101,8 +105,7 @@ class BrokerServer:
     def _applied_change_id(self) -> int:
         """The last change-feed row the watcher applied: rows up to it may be pruned."""
         # ChangeWatcher's read position (to become a public property of broker.live).
-        watcher = self.broker.watcher if self.broker is not None else None
-        return watcher._last_id if watcher is not None else 0
+        return self.watcher._last_id if self.watcher is not None else 0
 
     def bound_addresses(self) -> dict[str, list[tuple[str, int]]]:
         if self.broker is None:
