@@ -10,6 +10,7 @@ import socket
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -80,15 +81,18 @@ def check_bindable(listener: Listener) -> None:
     tracebacks from inside the broker's start-up."""
     if listener.port == 0:
         return
-    host = None if listener.host in ("", "::") else listener.host
     try:
-        infos = socket.getaddrinfo(host, listener.port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE)
-        for family, kind, proto, _, address in infos:
-            with socket.socket(family, kind, proto) as probe:
+        targets: list[tuple[socket.AddressFamily, Any]] = [(socket.AF_INET6, ("::", listener.port))]
+        if listener.host != "::":  # "::" is one dual-stack socket (broker.listeners)
+            targets = [(info[0], info[4]) for info in socket.getaddrinfo(
+                listener.host or None, listener.port, type=socket.SOCK_STREAM,
+                flags=socket.AI_PASSIVE)]
+        for family, address in targets:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 if family == socket.AF_INET6:
-                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY,
+                                     int(listener.host != "::"))
                 probe.bind(address)
     except OSError as exc:
         where = f"[{listener.host}]" if ":" in listener.host else listener.host

@@ -127,6 +127,19 @@ def test_a_busy_port_is_one_line_naming_the_listener(
     assert proc.stdout == ""
 
 
+def test_a_busy_ipv4_port_stops_a_dual_stack_listener(tmp_path: Path, busy_port: int) -> None:
+    proc = subprocess.run(
+        keybroker("--db", str(tmp_path / "k.db"), "serve", "--host", "::", "--port",
+                  str(busy_port), "--ws-port", "0"),
+        cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=TIMEOUT,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [
+        f"Error: listener 'tcp' cannot bind [::]:{busy_port}: address already in use"
+    ]
+
+
 def test_a_bind_failure_during_start_up_is_named_too(tmp_path: Path, busy_port: int,
                                                      caplog: pytest.LogCaptureFixture) -> None:
     """Should the port be taken between the check and the start (a race)."""
