@@ -33,9 +33,7 @@ def _with_listener(settings: Settings, name: str, **fields: object) -> Settings:
             listeners[index] = replace(listener, **fields)  # type: ignore[arg-type]
             break
     else:
-        base = {"name": name, "type": "tcp", "host": ANY_HOST, "port": 0}
-        base.update(fields)
-        listeners.append(Listener(**base))  # type: ignore[arg-type]
+        listeners.append(Listener(name, **fields))  # type: ignore[arg-type]
     return replace(settings, listeners=tuple(listeners))
 
 

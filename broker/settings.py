@@ -28,12 +28,16 @@ ENV_CONFIG = "KEYBROKER_CONFIG"
 EXAMPLE_CONFIG = "keybroker.example.toml"  # package data of `broker`
 
 
+# A broker listens on every interface unless told otherwise.
+ANY_HOST = "0.0.0.0"  # noqa: S104
+
+
 @dataclass(frozen=True, slots=True)
 class Listener:
     name: str
-    type: str  # "tcp" or "ws"
-    host: str
-    port: int
+    type: str = "tcp"  # or "ws"
+    host: str = ANY_HOST
+    port: int = 0  # 0 = any free port
     certfile: str | None = None
     keyfile: str | None = None
     proxy_protocol: bool = False
@@ -43,8 +47,6 @@ class Listener:
         return self.certfile is not None
 
 
-# A broker listens on every interface unless told otherwise.
-ANY_HOST = "0.0.0.0"  # noqa: S104
 DEFAULT_LISTENERS = (
     Listener(name="tcp", type="tcp", host=ANY_HOST, port=1883),
     Listener(name="ws", type="ws", host=ANY_HOST, port=8083),
@@ -208,14 +210,12 @@ def _listener(name: str, raw: Any, base: Path | None) -> Listener | None:
             values[key] = str(path) if path is not None else None
     if not _typed(f"{where} enabled", bool, raw.get("enabled", True), None):
         return None
-    port = values.setdefault("port", 0)
-    if port > 65535:
-        raise ConfigError(f"{where} port: invalid value {port!r}: must be 0-65535")
-    if (values.get("certfile") is None) != (values.get("keyfile") is None):
+    listener = Listener(**values)
+    if listener.port > 65535:
+        raise ConfigError(f"{where} port: invalid value {listener.port!r}: must be 0-65535")
+    if (listener.certfile is None) != (listener.keyfile is None):
         raise ConfigError(f"{where}: certfile and keyfile go together")
-    values.setdefault("type", "tcp")
-    values.setdefault("host", ANY_HOST)
-    return Listener(**values)
+    return listener
 
 
 def settings_from_toml(raw: dict[str, Any], base: Path | None = None) -> Settings:
