@@ -13,7 +13,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from broker.serve_cmd import DEMO_PAYLOAD, startup_error
 from broker.server import BrokerServer
@@ -138,6 +140,54 @@ def test_a_busy_ipv4_port_stops_a_dual_stack_listener(tmp_path: Path, busy_port:
     assert proc.stderr.strip().splitlines() == [
         f"Error: listener 'tcp' cannot bind [::]:{busy_port}: address already in use"
     ]
+
+
+def connack(host: str, port: int, key: str, secret: str) -> int | None:
+    """CONNACK code for demo-device connecting to host:port (paho reports v5 codes: 0 = ok)."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="demo-device",
+                         protocol=mqtt.MQTTv311)
+    client.username_pw_set(key, secret)
+    codes: list[int] = []
+    client.on_connect = lambda _c, _u, _f, reason, _p: codes.append(reason.value)
+    client.connect(host, port, 15)
+    end = time.monotonic() + 5
+    while not codes and time.monotonic() < end:
+        client.loop(0.1)
+    client.disconnect()
+    return codes[0] if codes else None
+
+
+def free_dual_stack_port() -> int:
+    with socket.socket(socket.AF_INET6) as probe:
+        probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        probe.bind(("::", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_host_ipv6_any_accepts_ipv4_and_ipv6_clients(tmp_path: Path) -> None:
+    port = free_dual_stack_port()  # a fixed port: what a deployment uses
+    proc = subprocess.Popen(
+        keybroker("serve", "--demo-if-empty", "--host", "::", "--port", str(port),
+                  "--ws-port", "0"),
+        cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        lines: list[str] = []
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline and not any("secret:" in x for x in lines):
+            lines.append(proc.stdout.readline())
+        text = "".join(lines)
+        assert f"tcp=mqtt://[::]:{port}" in text
+        key, secret = text.split("key:")[1].split()[0], text.split("secret:")[1].split()[0]
+        assert connack("127.0.0.1", port, key, secret) == 0
+        assert connack("::1", port, key, secret) == 0
+    finally:
+        proc.terminate()
+        proc.wait(15)
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 def test_a_bind_failure_during_start_up_is_named_too(tmp_path: Path, busy_port: int,
