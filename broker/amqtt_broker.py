@@ -189,8 +189,8 @@ class KeyBroker(Broker):
             return
         refusal = self._admission_refusal(info)
         if refusal is not None:
-            self.audit.event("connect_invalid", client_ip=info.client_ip, peer_ip=info.peer_ip,
-                             listener=listener_name, reason=refusal)
+            self.audit.from_source("connect_invalid", client_ip=info.client_ip,
+                                   peer_ip=info.peer_ip, listener=listener_name, reason=refusal)
             link.abort()
             return
         source = source_of(info.client_ip)
@@ -203,9 +203,7 @@ class KeyBroker(Broker):
             packet_timeout=self.settings.packet_timeout,
             idle_limit=self.settings.connect_timeout,
             prefix=prefix,
-            on_violation=lambda error: self.audit.event(
-                "bad_packet", client_ip=info.client_ip, peer_ip=info.peer_ip,
-                listener=listener_name, reason=str(error)),
+            on_violation=lambda error: self._packet_violation(connection, error),
             on_expire=connection.expired,
         )
         self._watchdog.readers.add(connection.reader)
@@ -232,6 +230,27 @@ class KeyBroker(Broker):
             self._connections.discard(connection)
             self._tasks_of.pop(connection, None)
             await link.close()
+
+    def _packet_violation(self, connection: MqttConnection, error: Exception) -> None:
+        session, info = connection.session, connection.info
+        if session is not None:
+            self.audit.event("bad_packet", reason=str(error), **audit_fields(session))
+        else:
+            self.audit.from_source("bad_packet", client_ip=info.client_ip,
+                                   peer_ip=info.peer_ip, listener=info.listener,
+                                   reason=str(error))
+            self._failed_before_connect(info)
+
+    def _failed_before_connect(self, info: ConnectionInfo) -> None:
+        """A connection that ends without a valid CONNECT (silence, garbage) counts in the
+        brute-force guard like a refused CONNECT."""
+        if self.guard is None:
+            return
+        now = time.monotonic()
+        until = self.guard.record_failure(info.client_ip, now)
+        if until is not None:
+            self.audit.event("ban", client_ip=info.client_ip, peer_ip=info.peer_ip,
+                             listener=info.listener, reason=f"banned for {until - now:.0f}s")
 
     def _admission_refusal(self, info: ConnectionInfo) -> str | None:
         settings = self.settings
@@ -263,8 +282,9 @@ class KeyBroker(Broker):
         def invalid(reason: str, event: str = "connect_invalid") -> None:
             logger.info("no valid CONNECT from %s on %s: %s", info.peer_ip, info.listener,
                         reason)
-            self.audit.event(event, client_ip=info.client_ip, peer_ip=info.peer_ip,
-                             listener=info.listener, reason=reason)
+            self.audit.from_source(event, client_ip=info.client_ip, peer_ip=info.peer_ip,
+                                   listener=info.listener, reason=reason)
+            self._failed_before_connect(info)
 
         try:
             packet = await connection.reader.packet()
@@ -273,10 +293,8 @@ class KeyBroker(Broker):
         if packet is None:
             if connection.ended_by == "idle":
                 invalid("connect_timeout")
-                if self.guard is not None:  # silent connections count as failures
-                    self.guard.record_failure(info.client_ip, time.monotonic())
-            else:
-                invalid("closed before CONNECT")
+            else:  # closed before sending anything: not counted (port checks, probes)
+                logger.debug("connection from %s closed before CONNECT", info.peer_ip)
             return None
         first, body = packet
         if first >> 4 != codec.CONNECT:
@@ -356,11 +374,23 @@ class KeyBroker(Broker):
             return False
 
     async def _session_monitor(self) -> None:
-        """Expire disconnected persistent sessions (clean ones are dropped at disconnect)."""
+        """Once a second: expire disconnected persistent sessions (clean ones are dropped
+        at disconnect), report bans that ended and audit lines that were suppressed."""
         while True:
             await asyncio.sleep(1)
-            if self.settings.session_expiry:
-                self.registry.expire(self.settings.session_expiry, time.time())
+            try:
+                self._housekeeping()
+            except Exception:
+                logger.exception("session monitor: housekeeping failed; continuing")
+
+    def _housekeeping(self) -> None:
+        if self.settings.session_expiry:
+            self.registry.expire(self.settings.session_expiry, time.time())
+        if self.guard is not None:
+            for source, _, refused in self.guard.served_bans(time.monotonic()):
+                self.audit.event("ban_ended", client_ip=source,
+                                 reason=f"{refused} CONNECTs refused during the ban")
+        self.audit.flush_suppressed()
 
     def _slow_consumer(self, session: KeySession) -> None:
         self.registry.kick(session.client_id, "slow_consumer", publish_will=True)

@@ -14,11 +14,18 @@ import json
 import logging
 import logging.handlers
 import os
+import time
+from collections import OrderedDict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from broker.guard import source_of
+from keystore.files import tighten_mode
+
 _FIELDS = ("key", "client_id", "client_ip", "peer_ip", "listener", "reason")
+PER_SOURCE_PER_SECOND = 20
+MAX_SOURCES = 10_000  # sources throttled at once; beyond that the oldest is dropped
 
 
 class _PrivateWatchedFileHandler(logging.handlers.WatchedFileHandler):
@@ -37,8 +44,11 @@ class AuditLog:
         self._logger.propagate = False
         self._logger.setLevel(logging.INFO)
         self._handler: logging.Handler | None = None
+        # source -> [window start, lines written, lines suppressed] (see from_source)
+        self._sources: OrderedDict[str, list[float]] = OrderedDict()
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
+            tighten_mode(path)
             # Audit lines name keys and client IPs: keep the file private like the database.
             self._handler = _PrivateWatchedFileHandler(path, encoding="utf-8")
             self._handler.setFormatter(logging.Formatter("%(message)s"))
@@ -60,8 +70,47 @@ class AuditLog:
         record.update(fields)
         self._logger.info(json.dumps(record, separators=(",", ":"), default=str))
 
+    def from_source(self, event: str, **fields: Any) -> None:
+        """An event caused by an unauthenticated source (``client_ip``): limited per source
+        (see above)."""
+        if self._handler is None:
+            return
+        source = source_of(str(fields.get("client_ip")))
+        now = time.monotonic()
+        state = self._sources.get(source)
+        if state is None or now - state[0] >= 1.0:
+            if state is not None and state[2]:
+                self._suppressed(source, state)
+            state = [now, 0, 0]
+            self._sources[source] = state
+            self._sources.move_to_end(source)
+            if len(self._sources) > MAX_SOURCES:
+                old, dropped = self._sources.popitem(last=False)
+                if dropped[2]:
+                    self._suppressed(old, dropped)
+        if state[1] >= PER_SOURCE_PER_SECOND:
+            state[2] += 1
+            return
+        state[1] += 1
+        self.event(event, **fields)
+
+    def flush_suppressed(self) -> None:
+        """Write the counts of lines suppressed in windows that are over (called once a
+        second by the daemon, so a source that went quiet is still reported)."""
+        now = time.monotonic()
+        for source, state in list(self._sources.items()):
+            if now - state[0] >= 1.0:
+                if state[2]:
+                    self._suppressed(source, state)
+                del self._sources[source]
+
+    def _suppressed(self, source: str, state: list[float]) -> None:
+        self.event("audit_suppressed", client_ip=source,
+                   reason=f"{int(state[2])} events from this source not logged in 1 s")
+
     def close(self) -> None:
         if self._handler is not None:
             self._logger.removeHandler(self._handler)
             self._handler.close()
             self._handler = None
+

@@ -10,6 +10,7 @@ TCP peer, except from a trusted proxy: then the PROXY header (TCP/TLS listeners 
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -52,21 +53,31 @@ async def start_listener(listener: Listener, settings: Settings, on_stream: Stre
         else:
             handler = partial(_plain, on_stream, listener.name)
         instance: Any = await asyncio.start_server(
-            handler, _bind_host(listener.host), listener.port, reuse_address=True,
-            ssl=None if listener.proxy_protocol else context)
+            handler, ssl=None if listener.proxy_protocol else context,
+            **_where(listener.host, listener.port))
     else:
         instance = await websockets.serve(
             partial(on_websocket, listener_name=listener.name),
-            _bind_host(listener.host), listener.port, ssl=context,
-            subprotocols=[websockets.Subprotocol("mqtt")],
-            max_size=settings.max_packet_size + 16)
+            ssl=context, subprotocols=[websockets.Subprotocol("mqtt")],
+            max_size=settings.max_packet_size + 16, **_where(listener.host, listener.port))
     return Server(listener.name, instance, -1)
 
 
-def _bind_host(host: str) -> str | None:
-    """``::`` means every interface of both families: asyncio binds an IPv6-only socket
-    for "::", so it is given None (one socket per family) to accept IPv4 clients too."""
-    return None if host == "::" else host
+def _where(host: str, port: int) -> dict[str, Any]:
+    """Where to listen. ``::`` means every interface of both families: asyncio would bind
+    an IPv6-only socket, so a dual-stack one is made here (IPv4 clients arrive as
+    ::ffff:a.b.c.d, which the client IP logic folds back to IPv4)."""
+    if host != "::":
+        return {"host": host, "port": port}
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(("::", port))
+    except OSError:
+        sock.close()
+        raise
+    return {"sock": sock}
 
 
 async def _plain(on_stream: StreamHandler, listener_name: str, reader: asyncio.StreamReader,
@@ -112,8 +123,8 @@ class ProxyGate:
             elif trusted and not had_header:
                 reason = "proxy_header_missing"
         if reason is not None:
-            self.audit.event("connect_invalid", peer_ip=peer_ip, client_ip=peer_ip,
-                             listener=listener_name, reason=reason)
+            self.audit.from_source("connect_invalid", peer_ip=peer_ip, client_ip=peer_ip,
+                                   listener=listener_name, reason=reason)
             writer.transport.abort()
             return None
         client_ip = normalize_ip(info.src_ip) if info is not None else None

@@ -20,9 +20,12 @@ import logging
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from broker import policy
 from broker.periodic import Periodic
 from broker.plugins import Grant
+from broker.policy import SessionPolicy
 from broker.sessions import SessionRegistry
+from keystore.models import AccessKey
 
 if TYPE_CHECKING:
     from keystore import KeyStore
@@ -69,7 +72,7 @@ class ChangeWatcher(Periodic):
         key_changed = self._applied.get(grant.key.key, -1.0) >= auth_started
         device_gone = self._applied.get(DEVICE + client_id, -1.0) >= auth_started
         if device_gone:
-            self.sessions.kick(client_id, "device_deleted")
+            self.sessions.device_removed(client_id)
         elif key_changed:
             asyncio.get_running_loop().create_task(self._apply_key(grant.key.key, [client_id]))
 
@@ -94,20 +97,21 @@ class ChangeWatcher(Periodic):
 
     async def _apply(self, kind: str, subject: str) -> None:
         now = asyncio.get_running_loop().time()
-        if kind in ("device_deleted", "kick"):
-            reason = "device_deleted" if kind == "device_deleted" else "operator_kick"
-            if kind == "device_deleted":
-                self._applied[DEVICE + subject] = now
-                self.sessions.forget_offline_session(subject)
-            self.sessions.kick(subject, reason)
+        if kind == "device_deleted":
+            self._applied[DEVICE + subject] = now
+            self.sessions.device_removed(subject)
+            return
+        if kind == "kick":
+            self.sessions.kick(subject, "operator_kick")
             return
         self._applied[subject] = now
-        # key_status / key_expiry / key_deleted: re-read the key once for all its sessions.
+        # A key change: re-read the key once for all its sessions.
         client_ids = self.sessions.sessions_of_key(subject)
         if client_ids:
             await self._apply_key(subject, client_ids)
 
     async def _apply_key(self, subject: str, client_ids: list[str]) -> None:
+        # key_status / key_expiry / key_updated / key_deleted: the key as it is now decides.
         key = (await self.keystore.keys_by_id([subject])).get(subject)
         now = datetime.now(UTC)
         for client_id in client_ids:
@@ -120,14 +124,20 @@ class ChangeWatcher(Periodic):
             else:
                 self._regrant(client_id, key)
 
-    def _regrant(self, client_id: str, key: object) -> None:
-        """Same scope and topics, new expiry: the session keeps its policy (spec §2)."""
+    def _regrant(self, client_id: str, key: AccessKey) -> None:
+        """The key changed but still admits the session: it keeps its scope (fixed at
+        CONNECT), and gets the key's current topic lists and expiry; a session whose
+        address the key no longer allows is disconnected."""
         session = self.sessions.get(client_id)
         grant = session.grant if session is not None else None
         if session is None or grant is None:
             return
-        new = Grant(key=key, policy=grant.policy)  # type: ignore[arg-type]
-        session.grant = new
+        if not policy.check_key_address(key, session.conn.client_ip).allowed:
+            self.sessions.kick(client_id, "ip_denied")
+            return
+        old = grant.policy
+        new = Grant(key=key, policy=SessionPolicy.build(key, old.scope, old.device_prefix))
+        self.sessions.regrant(session, new)
         self.session_started(client_id, new, float("inf"))  # no re-check: this is one
 
     def _compact(self) -> None:

@@ -104,8 +104,17 @@ class AccessKeyAuthPlugin(BaseAuthPlugin):
             self._audit("connect_ok", session, outcome.key.key, None)
             return True
         session.refusal = outcome
-        self._audit("connect_refused", session, outcome.key, outcome.reason)
-        if guard is not None and outcome.reason != "banned":
+        if outcome.reason == "banned":
+            # Counted, and audited once when the ban ends: a banned source retrying in a
+            # loop must not write a line per attempt.
+            if guard is not None:
+                guard.refused(conn.client_ip)
+            return False
+        audit = self.config.audit
+        if audit is not None:
+            audit.from_source("connect_refused", reason=outcome.reason,
+                              **audit_fields(session, outcome.key))
+        if guard is not None:
             until = guard.record_failure(conn.client_ip, now)
             if until is not None:
                 self._audit("ban", session, None, f"banned for {until - now:.0f}s")

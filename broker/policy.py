@@ -342,6 +342,18 @@ def check_address(mode: AddressMode, networks: IPSet, ip: str) -> Decision:
     return DENY_IP_EXCEPTED if listed else ALLOW_IP_NOT_EXCEPTED
 
 
+def check_key_address(key: AccessKey, ip: str) -> Decision:
+    """The key's connection restriction for a client address (at CONNECT, and again for
+    live sessions when the key's restriction changes)."""
+    if key.address_mode == AddressMode.ALL:
+        return ALLOW_IP_ANY
+    try:
+        networks = compile_addresses(tuple(key.addresses))
+    except ValidationError:
+        return DENY_IP  # a stored address we cannot read: fail closed
+    return check_address(key.address_mode, networks, ip)
+
+
 @dataclass(frozen=True)
 class ConnectFacts:
     """What the caller looked up for one CONNECT (after the credentials were accepted)."""
@@ -369,13 +381,8 @@ def check_connect(facts: ConnectFacts, policy: SessionPolicy | None) -> Decision
         return DENY_UNKNOWN_DEVICE
     if not facts.device_in_scope:
         return DENY_DEVICE_NOT_IN_SCOPE
-    if key.address_mode != AddressMode.ALL:
-        try:
-            networks = compile_addresses(tuple(key.addresses))
-        except ValidationError:
-            return DENY_IP  # a stored address we cannot read: fail closed
-        if not check_address(key.address_mode, networks, facts.client_ip).allowed:
-            return DENY_IP
+    if not check_key_address(key, facts.client_ip).allowed:
+        return DENY_IP
     if facts.will_topic is not None:
         if policy is None or not check_publish(policy, facts.will_topic).allowed:
             return DENY_WILL

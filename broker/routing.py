@@ -148,10 +148,9 @@ class Router:
         connection = session.connection
         if connection is None:
             return
-        outbox = session.outbox
-        outbox.discard(lambda topic: not decide(session, topic, Action.RECEIVE).allowed)
+        self.regranted(session)
         write = connection.link.write
-        for packet_id, message in outbox.inflight.items():
+        for packet_id, message in session.outbox.inflight.items():
             if message.released:
                 write(codec.ack_packet(codec.PUBREL, packet_id))
             else:
@@ -159,6 +158,9 @@ class Router:
                                            message.payload, message.qos, message.retain,
                                            packet_id, dup=True))
         self.pump(session)
+
+    def regranted(self, session: KeySession) -> None:
+        session.outbox.discard(lambda topic: not decide(session, topic, Action.RECEIVE).allowed)
 
     def puback(self, session: KeySession, packet_id: int) -> None:
         if session.outbox.acknowledged(packet_id):

@@ -2,7 +2,7 @@
 place sessions are taken over, kicked, expired and forgotten.
 
 The change watcher (broker.live) talks to the broker only through this interface:
-``sessions_of_key``, ``kick``, ``forget_offline_session``, ``get``.
+``sessions_of_key``, ``kick``, ``regrant``, ``device_removed``, ``get``.
 """
 
 from __future__ import annotations
@@ -120,6 +120,12 @@ class SessionRegistry:
         if session.clean_session:
             self.drop(session)
 
+    def regrant(self, session: KeySession, grant: Grant) -> None:
+        """Give a live session a new grant (its key changed); what it queued and may no
+        longer read is dropped (every later delivery is checked against the new grant)."""
+        session.grant = grant
+        self.router.regranted(session)
+
     # ------------------------------------------------------------------ removal
     def drop(self, session: KeySession) -> None:
         """Forget a session and its subscriptions, unless a newer one owns the id."""
@@ -128,11 +134,18 @@ class SessionRegistry:
             del self.sessions[client_id]
         self.router.forget(session)
 
-    def forget_offline_session(self, client_id: str) -> None:
-        """Drop a disconnected persistent session (its device was deleted)."""
-        session = self.sessions.get(client_id)
-        if session is not None and session.connection is None:
-            self.drop(session)
+    def device_removed(self, device_id: str) -> None:
+        """A device was deleted from the keystore: its session goes (now if offline, else
+        when the kick below ends it) and so do the retained messages on its device topics,
+        so a device later added with the same id inherits nothing."""
+        session = self.sessions.get(device_id)
+        if session is not None:
+            session.clean_session = True  # forgotten when its connection ends
+            if session.connection is None:
+                self.drop(session)
+            else:
+                self.kick(device_id, "device_deleted")
+        self.router.drop_retained_under(f"{self.router.settings.device_prefix}/{device_id}")
 
     def expire(self, max_age: float, now: float) -> int:
         """Drop persistent sessions offline for longer than ``max_age`` seconds."""

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import aiosqlite
 
-from keystore.errors import KeybrokerError
+from keystore.files import create_private_file, tighten_mode
 from keystore.models import AccessKey, AddressMode, Device, KeyStatus, Tag, TopicMode
 
 log = logging.getLogger(__name__)
@@ -47,33 +46,17 @@ def now_micros() -> int:
     return to_micros(datetime.now(UTC))
 
 
-def _create_private_file(path: str) -> None:
-    """Create the database file with mode 0600 before SQLite does (SQLite would use
-    0644 & ~umask); secrets' hashes and the device inventory are not world-readable."""
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
-    except OSError as exc:
-        raise KeybrokerError(f"cannot open keystore {path!r}: {exc.strerror}") from None
-    os.close(fd)
-
-
 def _tighten_sidecars(path: str) -> None:
-    # SQLite gives -wal/-shm the main file's mode; enforce it anyway in case the
-    # sidecars predate a chmod of the main file.
+    # SQLite gives -wal/-shm the main file's mode at creation; existing ones may be looser.
     for suffix in ("-wal", "-shm"):
-        try:
-            os.chmod(path + suffix, 0o600)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            log.warning("cannot chmod %s%s to 0600: %s", path, suffix, exc.strerror)
+        tighten_mode(path + suffix)
 
 
 async def connect(path: str) -> aiosqlite.Connection:
     """Open (creating with mode 0600 if needed) and configure the keystore connection."""
     in_memory = path == ":memory:"
     if not in_memory:
-        _create_private_file(path)
+        create_private_file(path, "keystore")
     conn = await aiosqlite.connect(path, isolation_level=None)
     try:
         await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")

@@ -131,7 +131,19 @@ _V3 = [
     ),
 ]
 
-MIGRATIONS: list[list[str]] = [_V1, _V2, _V3]
+# A key's connection restriction or topic lists changed: live sessions get the new policy
+# (same scope) and a session whose address is no longer allowed is disconnected.
+_RESTRICTIONS = ("address_mode", "addresses", "topic_mode", "pub_topics", "sub_topics")
+_V4 = [
+    # Only our own constants are interpolated here (no user input reaches DDL).
+    "CREATE TRIGGER key_restrictions_changed AFTER UPDATE OF "  # noqa: S608
+    + ", ".join(_RESTRICTIONS) + " ON access_keys WHEN "
+    + " OR ".join(f"NEW.{c} IS NOT OLD.{c}" for c in _RESTRICTIONS)
+    + " BEGIN INSERT INTO changes (kind, subject, at) VALUES ('key_updated', NEW.key, "
+    + f"{_NOW_MICROS}); END",
+]
+
+MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

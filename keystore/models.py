@@ -60,7 +60,7 @@ class Change:
     """One row of the keystore's change feed (written by triggers; see migrations)."""
 
     id: int
-    kind: str  # key_status | key_expiry | key_deleted | device_deleted | kick
+    kind: str  # key_status | key_expiry | key_updated | key_deleted | device_deleted | kick
     subject: str  # the key or device id
     at: datetime | None
 

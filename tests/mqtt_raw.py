@@ -159,3 +159,46 @@ def session(port: int, client_id: str, key: str, secret: str, *,
     connack = read_packet(sock)
     assert connack is not None and connack.kind == 2, connack
     return sock, connack
+
+
+def ws_open(port: int, *, rcvbuf: int | None = None) -> socket.socket:
+    """A WebSocket (subprotocol mqtt) on a plain socket: nothing reads it unless the test
+    does, unlike a client library's background reader."""
+    sock = socket.socket()
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(5)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(
+        f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n".encode())
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        head += _exactly(sock, 1)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+def ws_send(sock: socket.socket, data: bytes) -> None:
+    """One masked binary frame (clients must mask)."""
+    size = len(data)
+    if size < 126:
+        head = bytes([0x82, 0x80 | size])
+    elif size < 65536:
+        head = bytes([0x82, 0x80 | 126]) + struct.pack("!H", size)
+    else:
+        head = bytes([0x82, 0x80 | 127]) + struct.pack("!Q", size)
+    mask = b"\x01\x02\x03\x04"
+    sock.sendall(head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data)))
+
+
+def ws_recv(sock: socket.socket) -> bytes:
+    """The payload of the next frame from the server (unmasked)."""
+    first, second = _exactly(sock, 2)
+    size = second & 0x7F
+    if size == 126:
+        size = struct.unpack("!H", _exactly(sock, 2))[0]
+    elif size == 127:
+        size = struct.unpack("!Q", _exactly(sock, 8))[0]
+    return _exactly(sock, size)

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from broker.guard import GuardSettings
 from tests import mqtt_raw as raw
 from tests.broker_harness import Client, RunningBroker, broker_settings
 
@@ -25,8 +26,11 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=not os.environ
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningBroker]:
     tmp: Path = tmp_path_factory.mktemp("fuzz")
+    # The brute-force guard is off: garbage before CONNECT counts as a failure, and the
+    # fuzzer would otherwise be banned after 20 cases instead of reaching the parser.
     running = RunningBroker(broker_settings(
-        tmp, connect_timeout=0.5, packet_timeout=0.5, max_packet_size=8192)).start()
+        tmp, connect_timeout=0.5, packet_timeout=0.5, max_packet_size=8192,
+        guard=GuardSettings(max_failures=0))).start()
     running.ks("add_device", "fuzz")
     running.ks("add_device", "good")
     try:

@@ -340,3 +340,54 @@ def test_retained_messages_are_capped(daemon: RunningBroker, good: Client) -> No
     assert len(daemon.broker.router.retained) == LIMITS["max_retained_messages"]
     assert daemon.broker.router.retained.get("losant/good/r0").payload == b"update"
     assert audited(daemon, "retain_refused", "max_retained_messages")
+
+
+@pytest.mark.parametrize("first_packet", [raw.publish("losant/bad/state"), b"\xc0\x00"],
+                         ids=["publish", "pingreq"])
+def test_a_packet_before_connect_closes_at_once(broker: RunningBroker,
+                                                first_packet: bytes) -> None:
+    """Not after the CONNECT timeout (10 s by default): the first packet must be CONNECT
+    (MQTT-3.1.0-1), so anything else ends the connection when it arrives."""
+    with raw.open_socket(broker.port()) as sock:
+        started = time.monotonic()
+        sock.sendall(first_packet)
+        assert raw.closed_by_peer(sock, within=3)
+        assert time.monotonic() - started < 1.0
+    time.sleep(0.1)
+    assert any(e["event"] == "bad_packet" and "before CONNECT" in (e["reason"] or "")
+               for e in broker.audit_events())
+
+
+def test_denied_qos1_publish_is_not_acknowledged_when_it_disconnects(tmp_path: Path) -> None:
+    daemon = RunningBroker(broker_settings(tmp_path, denied_publish="disconnect")).start()
+    try:
+        daemon.ks("add_device", "dev-a")
+        key, secret = daemon.ks("create_key", device_ids=["dev-a"])
+        sock, _ = raw.session(daemon.port(), "dev-a", key.key, secret)
+        with sock:
+            sock.sendall(raw.publish_qos("losant/other/state", b"denied", 1, 9))
+            try:
+                answer = raw.read_packet(sock, 3.0)
+            except ConnectionError:
+                answer = None  # closed without a PUBACK
+            assert answer is None or answer.kind != 4, "a denied PUBLISH was acknowledged"
+            assert raw.closed_by_peer(sock, within=3)
+    finally:
+        daemon.stop()
+
+
+def test_listening_on_double_colon_accepts_ipv4_and_ipv6(tmp_path: Path) -> None:
+    listeners = (Listener(name="tcp", type="tcp", host="::", port=0),)
+    daemon = RunningBroker(broker_settings(tmp_path, listeners=listeners)).start()
+    try:
+        daemon.ks("add_device", "dev-a")
+        key, secret = daemon.ks("create_key", device_ids=["dev-a"])
+        port = daemon.port()
+        for host, family in (("127.0.0.1", socket.AF_INET), ("::1", socket.AF_INET6)):
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                sock.settimeout(5)
+                sock.connect((host, port))
+                sock.sendall(raw.connect("dev-a", key.key, secret))
+                assert sock.recv(4) == bytes([0x20, 2, 0, 0]), host
+    finally:
+        daemon.stop()
