@@ -42,7 +42,7 @@ from amqtt.adapters import (
     WebSocketsReader,
     WriterAdapter,
 )
-from amqtt.broker import Broker
+from amqtt.broker import Broker, Server
 from amqtt.contexts import Action, ListenerConfig
 from amqtt.mqtt.connack import (
     BAD_USERNAME_PASSWORD,
@@ -100,6 +100,7 @@ class KeyBroker(Broker):
         self.registry = SessionRegistry(self.router, audit)
         self._sessions = self.registry.sessions
         self._watchdog = PacketWatchdog()
+        self._bound: dict[str, Server] = {}
         self._connections: set[MqttConnection] = set()  # every open one, CONNECT or not
         self._tasks_of: dict[MqttConnection, asyncio.Task[Any]] = {}
         self._per_source: dict[str, int] = {}  # open connections per source
@@ -110,14 +111,25 @@ class KeyBroker(Broker):
         self._auth: AccessKeyAuthPlugin | None = auth_plugins[0] if only_ours else None
 
     # ------------------------------------------------------------------ life cycle
-    async def _start_listeners(self) -> None:
-        for listener in self.settings.listeners:
-            self._servers[listener.name] = await start_listener(
-                listener, self.settings, self._accept_stream, self._accept_websocket, self._gate)
-
     async def start(self) -> None:
+        # Listeners are bound before amqtt's start(), which would log a bind failure as a
+        # traceback: a port in use is one KeybrokerError naming the listener.
+        bound: dict[str, Server] = {}
+        try:
+            for listener in self.settings.listeners:
+                bound[listener.name] = await start_listener(
+                    listener, self.settings, self._accept_stream, self._accept_websocket,
+                    self._gate)
+        except BaseException:
+            for server in bound.values():
+                await server.close_instance()
+            raise
+        self._bound = bound
         await super().start()
         self._watchdog.start_ticking()
+
+    async def _start_listeners(self) -> None:
+        self._servers.update(self._bound)
 
     async def shutdown(self) -> None:
         await self._watchdog.stop_ticking()

@@ -10,6 +10,7 @@ TCP peer, except from a trusted proxy: then the PROXY header (TCP/TLS listeners 
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -24,7 +25,7 @@ from broker.clientip import TrustedProxies, client_ip_from_forwarded, normalize_
 from broker.framing import read_proxy_header
 from broker.plugins import ConnectionInfo
 from broker.settings import Listener, Settings
-from keystore.errors import ValidationError
+from keystore.errors import KeybrokerError, ValidationError
 
 StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, str, bytes,
                           str | None], Awaitable[None]]
@@ -39,6 +40,25 @@ def ssl_context(listener: Listener) -> ssl.SSLContext:
 
 async def start_listener(listener: Listener, settings: Settings, on_stream: StreamHandler,
                          on_websocket: WebSocketHandler, gate: ProxyGate) -> Server:
+    """Bind and serve one listener. A port in use (1883 often is, by a local mosquitto),
+    an unknown host or a bad certificate is a KeybrokerError naming the listener."""
+    try:
+        return await _start(listener, settings, on_stream, on_websocket, gate)
+    except OSError as exc:
+        where = f"[{listener.host}]" if ":" in listener.host else listener.host
+        # asyncio's bind error repeats the address in strerror: the errno's text is enough.
+        reason = (os.strerror(exc.errno) if exc.errno and not isinstance(exc, socket.gaierror)
+                  else exc.strerror or str(exc)).lower()
+        if isinstance(exc, socket.gaierror):
+            reason = f"unknown host ({reason})"
+        what = "use certificate" if isinstance(exc, ssl.SSLError) else "bind"
+        raise KeybrokerError(
+            f"listener {listener.name!r} cannot {what} {where}:{listener.port}: {reason}"
+        ) from None
+
+
+async def _start(listener: Listener, settings: Settings, on_stream: StreamHandler,
+                 on_websocket: WebSocketHandler, gate: ProxyGate) -> Server:
     context = ssl_context(listener) if listener.tls else None
     if listener.type == "tcp":
         if listener.proxy_protocol:

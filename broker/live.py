@@ -51,6 +51,12 @@ class ChangeWatcher(Periodic):
         # When this watcher applied a change to a key (or DEVICE + device id): a CONNECT
         # that read the key before then is re-checked once registered.
         self._applied: dict[str, float] = {}
+        self._last_id = 0
+
+    @property
+    def applied_change_id(self) -> int:
+        """The last change-feed row applied: rows up to it are no longer needed here."""
+        return self._last_id
 
     async def start(self) -> None:
         self._last_id = await self.keystore.latest_change_id()

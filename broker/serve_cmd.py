@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import shlex
-import socket
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -18,7 +15,6 @@ from broker.cli_common import current_state
 from broker.server import BrokerServer
 from broker.settings import ANY_HOST, Listener, Settings, check_listeners, load_settings
 from keystore import KeyStore
-from keystore.errors import KeybrokerError
 
 DEMO_DEVICE = "demo-device"
 DEMO_DASHBOARD = "demo-dashboard"
@@ -71,46 +67,6 @@ def build_settings(
 
 
 # --- start-up checks ---------------------------------------------------------------------
-
-
-def check_bindable(listener: Listener) -> None:
-    """Bind the listener's address once, as asyncio will, and let go: a port in use (1883
-    often is, by a local mosquitto) is then one line naming the listener, not three
-    tracebacks from inside the broker's start-up."""
-    if listener.port == 0:
-        return
-    try:
-        targets: list[tuple[socket.AddressFamily, Any]] = [(socket.AF_INET6, ("::", listener.port))]
-        if listener.host != "::":  # "::" is one dual-stack socket (broker.listeners)
-            targets = [(info[0], info[4]) for info in socket.getaddrinfo(
-                listener.host or None, listener.port, type=socket.SOCK_STREAM,
-                flags=socket.AI_PASSIVE)]
-        for family, address in targets:
-            with socket.socket(family, socket.SOCK_STREAM) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY,
-                                     int(listener.host != "::"))
-                probe.bind(address)
-    except OSError as exc:
-        where = f"[{listener.host}]" if ":" in listener.host else listener.host
-        reason = (exc.strerror or str(exc)).lower()
-        if isinstance(exc, socket.gaierror):
-            reason = f"unknown host ({reason})"
-        raise KeybrokerError(
-            f"listener {listener.name!r} cannot bind {where}:{listener.port}: {reason}"
-        ) from None
-
-
-def startup_error(exc: BaseException) -> KeybrokerError | None:
-    """A bind failure the check above could not foresee (a race), as one line."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in (errno.EADDRINUSE, errno.EACCES,
-                                                        errno.EADDRNOTAVAIL):
-            return KeybrokerError(f"cannot start a listener: {seen.strerror or seen}")
-        seen = seen.__cause__ or seen.__context__
-    return None
 
 
 # --- the first-run demo --------------------------------------------------------------------
@@ -222,8 +178,6 @@ def serve(config: Path | None, host: str | None, port: int | None, ws_port: int 
     state = current_state()
     settings = build_settings(config or state.config, state.db_override, host, port, ws_port,
                               tls_port, wss_port, certfile, keyfile, audit_log)
-    for listener in settings.listeners:
-        check_bindable(listener)
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # amqtt logs every connection at INFO, and transitions / websockets their internals:
@@ -243,12 +197,4 @@ def serve(config: Path | None, host: str | None, port: int | None, ws_port: int 
                 click.echo(f"demo key {created[0]} (secret {created[1]}): "
                            "no plain MQTT listener to print example commands for")
 
-    try:
-        asyncio.run(BrokerServer(settings).serve(on_started=started))
-    except KeybrokerError:
-        raise
-    except Exception as exc:
-        error = startup_error(exc)
-        if error is None:
-            raise
-        raise error from None
+    asyncio.run(BrokerServer(settings).serve(on_started=started))

@@ -100,12 +100,12 @@ class BrokerServer:
             for name, pairs in self.bound_addresses().items()
             for host, port in pairs
         )
-        logger.info("keybroker listening: %s (keystore %s)", addresses, settings.db_path)
+        logger.info("keybroker listening: %s (keystore %s)", addresses,
+                    settings.db_path.absolute())
 
     def _applied_change_id(self) -> int:
         """The last change-feed row the watcher applied: rows up to it may be pruned."""
-        # ChangeWatcher's read position (to become a public property of broker.live).
-        return self.watcher._last_id if self.watcher is not None else 0
+        return self.watcher.applied_change_id if self.watcher is not None else 0
 
     def bound_addresses(self) -> dict[str, list[tuple[str, int]]]:
         if self.broker is None:
