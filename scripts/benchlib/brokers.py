@@ -183,15 +183,18 @@ def running(kind: str, workdir: Path, *, keystore: Path | None = None) -> Iterat
         if keystore is None:
             raise ValueError("keybroker needs a keystore path")
         conf = workdir / f"keybroker-{port}.toml"
-        # Default limits except max_subscriptions: the fleet workload's idle client
-        # holds up to 100,000 filters (0 = no limit).
+        # Default limits except: the fleet workload's idle client holds up to 100,000
+        # filters, and every load-generator connection comes from 127.0.0.1 (0 = no limit).
         conf.write_text(
             f'[keystore]\npath = "{keystore}"\n\n'
             f'[listeners.tcp]\ntype = "tcp"\nhost = "{HOST}"\nport = {port}\n\n'
-            "[limits]\nmax_subscriptions = 0\n"
+            "[limits]\nmax_subscriptions = 0\nmax_connections_per_source = 0\n"
+            "max_unauthenticated_per_source = 0\n"
         )
         notes.append("keybroker runs with its default limits except [limits] "
-                     "max_subscriptions = 0 (the fleet workload holds up to 100,000 filters)")
+                     "max_subscriptions = 0 (the fleet workload holds up to 100,000 filters) "
+                     "and no per-source connection caps (every load connection comes from "
+                     "127.0.0.1)")
         prefix, note = keybroker_command()
         if note:
             notes.append(note)
