@@ -226,14 +226,16 @@ class Daemon:
         return self.proc is not None and self.proc.poll() is None
 
     def rss_kib(self) -> int | None:
-        """VmRSS in KiB, None once the process is gone."""
+        """VmRSS in KiB (also counted in the peak), None once the process is gone."""
         try:
             status = Path(f"/proc/{self.pid}/status").read_text()
         except OSError:
             return None
         for line in status.splitlines():
             if line.startswith("VmRSS:"):
-                return int(line.split()[1])
+                kib = int(line.split()[1])
+                self.peak_kib = max(self.peak_kib, kib)
+                return kib
         return None
 
     def rss_mib(self) -> float | None:
@@ -242,16 +244,18 @@ class Daemon:
 
     def mark(self) -> None:
         """Restart the peak from the current RSS."""
-        self.peak_kib = self.rss_kib() or 0
+        self.peak_kib = 0
+        self.rss_kib()
 
     def peak_mib(self) -> float:
+        """Highest RSS since ``mark()``, including a reading taken now."""
+        self.rss_kib()
         return round(self.peak_kib / 1024, 1)
 
     def _sample(self) -> None:
         while self._sampling.is_set() and self.alive():
             kib = self.rss_kib()
             if kib is not None:
-                self.peak_kib = max(self.peak_kib, kib)
                 if kib > self.rss_cap_kib and self.proc is not None:
                     self.killed_for_rss = kib
                     with contextlib.suppress(OSError):
