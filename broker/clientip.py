@@ -1,74 +1,19 @@
-"""Who is the client? TCP peer, X-Forwarded-For and PROXY protocol, parsed purely.
+"""Who is the client? X-Forwarded-For and the PROXY protocol, parsed purely.
 
 Headers that name another address are believed only when the TCP peer is a trusted
-proxy (spec §2); from anyone else they are ignored, so they cannot be spoofed.
-Addresses are normalised so that IPv4-mapped IPv6 (``::ffff:1.2.3.4``) is IPv4 and
-matches IPv4 rules.
+proxy (docs/access.md#client-ip); from anyone else they are ignored, so they cannot be
+spoofed. Addresses go through broker.policy.addresses (IPv4-mapped IPv6 is IPv4).
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import lru_cache
 
-from netaddr import AddrFormatError, IPAddress, IPNetwork, IPSet
+from netaddr import AddrFormatError, IPAddress
 
+from broker.policy.addresses import TrustedProxies, normalize_ip
 from keystore.errors import ValidationError
-
-
-def _parse(text: str) -> IPAddress | None:
-    if not isinstance(text, str):
-        return None
-    text = text.strip()
-    if text.startswith("[") and text.endswith("]"):
-        text = text[1:-1]  # "[2001:db8::1]" as written in URLs and some headers
-    if "%" in text:
-        return None  # zone ids name a local interface: never a remote client's address
-    try:
-        address = IPAddress(text)  # netaddr >= 1.0: strict inet_pton forms only
-    except (AddrFormatError, ValueError, TypeError):
-        return None
-    if address.version == 6 and address.is_ipv4_mapped():
-        return address.ipv4()
-    return address
-
-
-@lru_cache(maxsize=65_536)
-def normalize_ip(text: str) -> str | None:
-    """Canonical text of an IP address; IPv4-mapped IPv6 -> IPv4; invalid -> None.
-    Cached: every CONNECT normalises its peer, and peers repeat."""
-    address = _parse(text)
-    return None if address is None else str(address)
-
-
-class TrustedProxies:
-    """Proxy CIDRs compiled once into an IPSet (IPv4-mapped peers match IPv4 entries)."""
-
-    __slots__ = ("cidrs", "_set")
-
-    def __init__(self, cidrs: Iterable[str]) -> None:
-        networks: list[IPNetwork] = []
-        for text in cidrs:
-            try:
-                network = IPNetwork(text)
-            except (AddrFormatError, ValueError, TypeError):
-                raise ValidationError(
-                    f"invalid trusted proxy {text!r}: not an IP or CIDR"
-                ) from None
-            networks.append(network)
-            if network.version == 6 and network.prefixlen >= 96 and network.ip.is_ipv4_mapped():
-                networks.append(network.ipv4())
-        self.cidrs: tuple[str, ...] = tuple(str(n) for n in networks)
-        self._set = IPSet(networks)
-
-    def __repr__(self) -> str:
-        return f"TrustedProxies({list(self.cidrs)!r})"
-
-    def contains(self, ip: str) -> bool:
-        address = _parse(ip)
-        return address is not None and address in self._set
 
 
 def client_ip_from_forwarded(

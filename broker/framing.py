@@ -32,7 +32,7 @@ from broker.clientip import (
     parse_proxy_v2,
     proxy_v2_length,
 )
-from broker.codec import REQUIRED_FLAGS
+from broker.mqtt.codec import REQUIRED_FLAGS
 from broker.periodic import Periodic
 from keystore.errors import ValidationError
 

@@ -21,9 +21,10 @@ import websockets
 from amqtt.broker import Server
 
 from broker.audit import AuditLog
-from broker.clientip import TrustedProxies, client_ip_from_forwarded, normalize_ip
+from broker.clientip import client_ip_from_forwarded
 from broker.framing import read_proxy_header
-from broker.plugins import ConnectionInfo
+from broker.mqtt.session import ConnectionInfo
+from broker.policy.addresses import TrustedProxies, normalize_ip
 from broker.settings import Listener, Settings
 from keystore.errors import KeybrokerError, ValidationError
 

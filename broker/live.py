@@ -21,8 +21,8 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from broker import policy
+from broker.mqtt.session import Grant
 from broker.periodic import Periodic
-from broker.plugins import Grant
 from broker.policy import SessionPolicy
 from broker.sessions import SessionRegistry
 from keystore.models import AccessKey

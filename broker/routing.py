@@ -7,7 +7,7 @@ receiving session's policy (an in-memory lookup), then
 * QoS 0 to an online session: the PUBLISH is encoded once per message and written to
   the session's link;
 * QoS 1/2: the message joins the session's ``Outbox`` (queued while offline or while the
-  in-flight window is full; see broker.outbox) and is sent when the window has room.
+  in-flight window is full; see broker.mqtt.outbox) and is sent when the window has room.
 
 Every session is bounded by ``max_queued_messages`` (QoS 1/2 held) and
 ``max_session_bytes`` (bytes held for it: waiting in its connection plus QoS 1/2 in
@@ -31,15 +31,15 @@ from dataclasses import dataclass
 
 from amqtt.contexts import Action
 
-from broker import codec
 from broker.audit import AuditLog
-from broker.link import Link
-from broker.outbox import OutMessage
+from broker.mqtt import codec
+from broker.mqtt.link import Link
+from broker.mqtt.outbox import OutMessage
+from broker.mqtt.plugins import audit_fields, decide
+from broker.mqtt.session import KeySession
 from broker.periodic import spawn
-from broker.plugins import audit_fields, decide
-from broker.session import KeySession
 from broker.settings import Settings
-from broker.subtree import RetainedStore, SubscriptionTree
+from broker.topics import RetainedStore, SubscriptionTree, device_of, device_topic
 
 logger = logging.getLogger(__name__)
 
@@ -92,13 +92,13 @@ class Router:
             if qos and sub_qos:
                 self.enqueue(session, OutMessage(topic, payload, min(qos, sub_qos)))
                 continue
-            connection = session.connection
-            if connection is None or session.kicked:
+            link = session.link
+            if link is None or session.kicked:
                 continue
             if packet is None:
                 packet = codec.publish_packet(topic.encode("utf-8", "surrogatepass"), payload,
                                               0, False)
-            self.send_qos0(session, connection.link, packet)
+            self.send_qos0(session, link, packet)
 
     def send_qos0(self, session: KeySession, link: Link, packet: bytes) -> None:
         if link.is_closing():
@@ -115,11 +115,11 @@ class Router:
     def enqueue(self, session: KeySession, message: OutMessage) -> bool:
         """Hand a QoS 1/2 message to a session (sent now if it is online and has room)."""
         outbox = session.outbox
-        connection = session.connection
-        buffered = connection.link.buffered() if connection is not None else 0
+        link = session.link
+        buffered = link.buffered() if link is not None else 0
         if len(outbox) >= self.settings.max_queued_messages or \
                 self._over_budget(session, message.size, buffered):
-            if connection is not None and not session.kicked:
+            if link is not None and not session.kicked:
                 self._slow(session)
             else:
                 self.dropped_offline += 1
@@ -132,10 +132,10 @@ class Router:
 
     def pump(self, session: KeySession) -> None:
         """Send waiting messages while the session's in-flight window has room."""
-        connection = session.connection
-        if connection is None or session.kicked:
+        link = session.link
+        if link is None or session.kicked:
             return
-        write = connection.link.write
+        write = link.write
         for message in session.outbox.sendable(self.settings.max_inflight_messages):
             write(codec.publish_packet(message.topic.encode("utf-8", "surrogatepass"),
                                        message.payload, message.qos, message.retain,
@@ -145,11 +145,11 @@ class Router:
         """A session just (re)connected: drop what its new grant may not read, re-send
         what is unacknowledged (MQTT-4.4.0-1: same packet ids, DUP on PUBLISH), then send
         what waited, oldest first, before anything newer."""
-        connection = session.connection
-        if connection is None:
+        link = session.link
+        if link is None:
             return
         self.regranted(session)
-        write = connection.link.write
+        write = link.write
         for packet_id, message in session.outbox.inflight.items():
             if message.released:
                 write(codec.ack_packet(codec.PUBREL, packet_id))
@@ -167,8 +167,8 @@ class Router:
             self.pump(session)
 
     def pubrec(self, session: KeySession, packet_id: int) -> None:
-        if session.outbox.received(packet_id) and session.connection is not None:
-            session.connection.link.write(codec.ack_packet(codec.PUBREL, packet_id))
+        if session.outbox.received(packet_id) and session.link is not None:
+            session.link.write(codec.ack_packet(codec.PUBREL, packet_id))
 
     def pubcomp(self, session: KeySession, packet_id: int) -> None:
         if session.outbox.completed(packet_id):
@@ -268,12 +268,10 @@ class Router:
 
     def _own_device(self, session: KeySession | None, topic: str) -> str | None:
         """The reserve bucket when ``topic`` is one of the publishing device's own topics."""
-        if session is None:
+        if session is None or device_of(topic, self.settings.device_prefix) != \
+                session.client_id:
             return None
-        own = f"{self.settings.device_prefix}/{session.client_id}"
-        if topic == own or topic.startswith(own + "/"):
-            return f"d:{session.client_id}"
-        return None
+        return f"d:{session.client_id}"
 
     @staticmethod
     def _fits(usage: _Usage | None, size: int, max_count: int, max_bytes: int) -> bool:
@@ -310,10 +308,11 @@ class Router:
             self._shared.count -= 1
             self._shared.size -= message.size
 
-    def drop_retained_under(self, prefix: str) -> int:
-        """Delete every retained message on ``prefix`` or under ``prefix/`` (a removed
-        device's topics). Returns how many."""
-        doomed = [topic for topic, _ in self.retained.matching(prefix + "/#")]
+    def drop_device_retained(self, device_id: str) -> int:
+        """Delete every retained message on a device's topics (the device was removed).
+        Returns how many."""
+        root = device_topic(self.settings.device_prefix, device_id)
+        doomed = [topic for topic, _ in self.retained.matching(root + "/#")]
         for topic in doomed:
             message = self.retained.get(topic)
             if message is not None:
@@ -325,25 +324,25 @@ class Router:
         pending = session.retained_filters
         for topic_filter, qos in granted.items():
             pending[topic_filter] = qos
-        if not session.retained_sending and session.connection is not None:
+        if not session.retained_sending and session.link is not None:
             session.retained_sending = True
             spawn(self._retained_sender(session))
 
     async def _retained_sender(self, session: KeySession) -> None:
         """Send the retained messages of the session's newly granted filters, one filter
         at a time, waiting whenever the client has not taken what was sent."""
-        connection = session.connection
+        link = session.link
         try:
-            while session.retained_filters and connection is not None:
+            while session.retained_filters and link is not None:
                 topic_filter = next(iter(session.retained_filters))
                 qos = session.retained_filters.pop(topic_filter)
                 sent = 0
                 for topic, message in self.retained.matching(topic_filter):
-                    if session.connection is not connection or session.kicked:
+                    if session.link is not link or session.kicked:
                         return
                     if not decide(session, topic, Action.RECEIVE).allowed:
                         continue
-                    await self._send_one_retained(session, connection.link, message,
+                    await self._send_one_retained(session, link, message,
                                                   min(qos, message.qos))
                     sent += 1
                     if sent % RETAINED_BATCH == 0:

@@ -13,18 +13,18 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
-from broker.amqtt_broker import KeyBroker
 from broker.audit import AuditLog
-from broker.guard import BruteForceGuard
 from broker.live import ChangeWatcher, StatusRecorder
+from broker.mqtt.broker import KeyBroker
+from broker.policy.guard import BruteForceGuard
 from broker.prune import ChangePruner
 from broker.settings import Settings
 from keystore import KeyStore
 
 logger = logging.getLogger(__name__)
 
-AUTH_PLUGIN = "broker.plugins.AccessKeyAuthPlugin"
-ACL_PLUGIN = "broker.plugins.TopicAclPlugin"
+AUTH_PLUGIN = "broker.mqtt.plugins.AccessKeyAuthPlugin"
+ACL_PLUGIN = "broker.mqtt.plugins.TopicAclPlugin"
 
 
 def amqtt_config(

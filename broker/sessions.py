@@ -14,9 +14,9 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from broker.audit import AuditLog
-from broker.plugins import Grant, audit_fields
+from broker.mqtt.plugins import audit_fields
+from broker.mqtt.session import Grant, KeySession
 from broker.routing import Router
-from broker.session import KeySession
 
 logger = logging.getLogger(__name__)
 
@@ -65,9 +65,9 @@ class SessionRegistry:
         before this returns, so it can never mark the returned session offline later."""
         client_id = incoming.client_id
         existing = self.sessions.get(client_id)
-        if existing is not None and existing.connection is not None:
+        if existing is not None and existing.link is not None:
             logger.info("client %s connected again: taking over the old connection", client_id)
-            existing.connection.link.abort()
+            existing.link.abort()
             await self._wait_ended(client_id)
         existing = self.sessions.get(client_id)
         if incoming.clean_session or existing is None or existing.clean_session:
@@ -111,7 +111,7 @@ class SessionRegistry:
         client_id = session.client_id
         if self.tasks.get(client_id) is asyncio.current_task():
             del self.tasks[client_id]
-        session.connection = None
+        session.link = None
         session.disconnected_at = time.time()
         if session.grant is not None:
             self._unindex(session.grant.key.key, client_id)
@@ -141,17 +141,17 @@ class SessionRegistry:
         session = self.sessions.get(device_id)
         if session is not None:
             session.clean_session = True  # forgotten when its connection ends
-            if session.connection is None:
+            if session.link is None:
                 self.drop(session)
             else:
                 self.kick(device_id, "device_deleted")
-        self.router.drop_retained_under(f"{self.router.settings.device_prefix}/{device_id}")
+        self.router.drop_device_retained(device_id)
 
     def expire(self, max_age: float, now: float) -> int:
         """Drop persistent sessions offline for longer than ``max_age`` seconds."""
         cutoff = now - max_age
         doomed = [session for session in self.sessions.values()
-                  if session.connection is None and session.disconnected_at is not None
+                  if session.link is None and session.disconnected_at is not None
                   and session.disconnected_at < cutoff]
         for session in doomed:
             self.drop(session)
@@ -163,12 +163,12 @@ class SessionRegistry:
         The transport is aborted (not closed politely): a revoked client must not be able
         to send anything more, and a busy or non-reading client must not delay it."""
         session = self.sessions.get(client_id)
-        if session is None or session.connection is None or session.kicked:
+        if session is None or session.link is None or session.kicked:
             return False
         session.kicked = reason
         session.suppress_will = not publish_will
         self.audit.event("kick", reason=reason, **audit_fields(session))
-        session.connection.link.abort()
+        session.link.abort()
         return True
 
     # ------------------------------------------------------------------ by key
@@ -180,7 +180,7 @@ class SessionRegistry:
             session = self.sessions.get(client_id)
             grant = session.grant if session is not None else None
             if session is not None and grant is not None and grant.key.key == key \
-                    and session.connection is not None:
+                    and session.link is not None:
                 out.append(client_id)
             else:
                 self._unindex(key, client_id)

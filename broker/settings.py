@@ -20,7 +20,7 @@ from typing import Any
 
 from netaddr import AddrFormatError, IPNetwork
 
-from broker.guard import GuardSettings
+from broker.policy.guard import GuardSettings
 from keystore.errors import ConfigError
 
 ENV_DB = "KEYBROKER_DB"

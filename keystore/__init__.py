@@ -20,7 +20,6 @@ from keystore.validation import (
     validate_address,
     validate_custom_filter,
     validate_device_id,
-    validate_filter_syntax,
     validate_tag,
 )
 
@@ -45,6 +44,5 @@ __all__ = [
     "validate_address",
     "validate_custom_filter",
     "validate_device_id",
-    "validate_filter_syntax",
     "validate_tag",
 ]

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 from collections.abc import AsyncIterator, Generator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -25,6 +24,7 @@ from typing import Any, Literal, Self
 
 import aiosqlite
 
+from broker.topics import validate_device_prefix
 from keystore import credentials, statements
 from keystore.connect import ConnectLookup, ConnectResolver
 from keystore.db import (
@@ -66,8 +66,6 @@ from keystore.validation import (
 
 log = logging.getLogger(__name__)
 
-# The device prefix is the first level of every device topic: one literal level.
-_PREFIX_LEVEL = re.compile(r"[^$/+#\x00][^/+#\x00]*")
 
 
 class _Unset(Enum):
@@ -99,11 +97,7 @@ class _Opener:
         path, device_prefix, max_keys = self._args
         if not isinstance(max_keys, int) or max_keys < 0:
             raise ValidationError(f"invalid max_keys {max_keys!r}: must be 0 (no limit) or more")
-        if not device_prefix or not _PREFIX_LEVEL.fullmatch(device_prefix):
-            raise ValidationError(
-                f"invalid device prefix {device_prefix!r}: must be one topic level "
-                "(no '/', '+', '#', NUL) not starting with '$'"
-            )
+        validate_device_prefix(device_prefix)
         conn = await connect(path)
         try:
             await migrate(conn, path)

@@ -1,27 +1,28 @@
 """Pure validation of everything a user can put into the keystore.
 
-No I/O and no database: the broker reuses these helpers (topic filters, addresses) and
-the keystore calls them before it opens a transaction, so a refused value never leaves
-anything half-written. Every error is one line naming the bad value and the reason.
+No I/O and no database: the keystore calls them before it opens a transaction, so a
+refused value never leaves anything half-written. Topic filters follow the broker's one
+topic grammar (broker.topics). Every error is one line naming the bad value and the
+reason.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, time
 from enum import Enum
 from typing import TypeVar
 
 import netaddr
 
+from broker.topics import filter_under_prefix, is_system, validate_filter
 from keystore.errors import ValidationError
 from keystore.models import AddressMode, KeyStatus, Tag, TopicMode
 
 __all__ = [
     "MAX_DESCRIPTION_LEN",
     "MAX_DEVICE_ID_LEN",
-    "MAX_FILTER_BYTES",
     "MAX_NAME_LEN",
     "MAX_TAG_LEN",
     "coerce_address_mode",
@@ -34,7 +35,6 @@ __all__ = [
     "validate_custom_filter",
     "validate_description",
     "validate_device_id",
-    "validate_filter_syntax",
     "validate_key_name",
     "validate_tag",
     "validate_tags",
@@ -44,7 +44,6 @@ MAX_DEVICE_ID_LEN = 128
 MAX_TAG_LEN = 255
 MAX_NAME_LEN = 255
 MAX_DESCRIPTION_LEN = 4096
-MAX_FILTER_BYTES = 65535  # MQTT strings carry a 16-bit length
 
 _DEVICE_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
 
@@ -187,6 +186,26 @@ def coerce_utc(when: object, what: str = "date") -> datetime | None:
     return when.astimezone(UTC)
 
 
+def as_utc(value: datetime | date) -> datetime:
+    """Naive datetimes and plain dates are UTC; aware ones are converted to UTC."""
+    if not isinstance(value, datetime):
+        value = datetime.combine(value, time())
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+def parse_when(text: str, what: str = "--expires") -> datetime:
+    """ISO-8601 date or datetime ("Z" or an offset; naive means UTC) as an aware UTC datetime."""
+    try:
+        return as_utc(datetime.fromisoformat(text.strip()))
+    except ValueError:
+        raise ValidationError(
+            f"invalid {what} {text!r}: expected an ISO-8601 date or datetime, "
+            "e.g. 2027-01-31 or 2027-01-31T12:00:00Z"
+        ) from None
+
+
 E = TypeVar("E", bound=Enum)
 
 # Losant's names for the restriction modes, accepted alongside ours.
@@ -256,39 +275,6 @@ def validate_address(address: object) -> str:
 # --- MQTT topic filters -------------------------------------------------------------
 
 
-def validate_filter_syntax(topic_filter: object) -> str:
-    """MQTT 3.1.1 topic-filter syntax: UTF-8 encodable (no lone surrogates), 1-65535 bytes,
-    no NUL, '+' and '#' only as whole levels, '#' only as the last level."""
-    if not isinstance(topic_filter, str):
-        raise ValidationError(f"invalid topic filter {topic_filter!r}: must be a string")
-    shown = topic_filter if len(topic_filter) <= 60 else topic_filter[:60] + "..."
-    try:
-        encoded = topic_filter.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValidationError(
-            f"invalid topic filter {shown!r}: not valid UTF-8 (lone surrogate)"
-        ) from None
-    if not encoded:
-        raise ValidationError("invalid topic filter '': must not be empty")
-    if len(encoded) > MAX_FILTER_BYTES:
-        raise ValidationError(
-            f"invalid topic filter {shown!r}: {len(encoded)} bytes, "
-            f"longer than {MAX_FILTER_BYTES} bytes"
-        )
-    if "\x00" in topic_filter:
-        raise ValidationError(f"invalid topic filter {shown!r}: contains NUL")
-    levels = topic_filter.split("/")
-    for index, level in enumerate(levels):
-        if ("+" in level or "#" in level) and level not in ("+", "#"):
-            raise ValidationError(
-                f"invalid topic filter {shown!r}: wildcard inside level {level!r} "
-                "('+' and '#' must occupy a whole level)"
-            )
-        if level == "#" and index != len(levels) - 1:
-            raise ValidationError(f"invalid topic filter {shown!r}: '#' must be the last level")
-    return topic_filter
-
-
 def validate_custom_filter(topic_filter: object, device_prefix: str) -> str:
     """A filter for a key's additional-topic lists: valid syntax, not a '$' system topic,
     and not under the device prefix (device topics come only from the device restriction).
@@ -296,12 +282,12 @@ def validate_custom_filter(topic_filter: object, device_prefix: str) -> str:
     Wildcards at the first level ('#', '+/x') are allowed here; the broker never lets
     them reach '$' or device topics it would not grant anyway.
     """
-    checked = validate_filter_syntax(topic_filter)
-    if checked.startswith("$"):
+    checked = validate_filter(topic_filter)
+    if is_system(checked):
         raise ValidationError(
             f"invalid topic filter {checked!r}: topics starting with '$' are reserved"
         )
-    if checked.split("/", 1)[0] == device_prefix:
+    if filter_under_prefix(checked, device_prefix):
         raise ValidationError(
             f"invalid topic filter {checked!r}: lies under the device prefix "
             f"'{device_prefix}/' (device topics come from the key's device restriction)"

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from broker.audit import AuditLog
-from broker.guard import GuardSettings
+from broker.policy.guard import GuardSettings
 from keystore import KeyStore
 from tests import mqtt_raw as raw
 from tests.broker_harness import Client, RunningBroker, broker_settings

@@ -14,7 +14,7 @@ from amqtt.adapters import BufferReader
 from amqtt.broker import Broker, Server
 from amqtt.mqtt.connect import ConnectPacket
 
-from broker.amqtt_broker import KeyBroker
+from broker.mqtt.broker import KeyBroker
 from tests import mqtt_raw as raw
 from tests.broker_harness import Client, RunningBroker
 
@@ -121,7 +121,7 @@ def test_amqtt_external_listener_path_is_refused(broker: RunningBroker) -> None:
 
 
 def test_the_auth_plugin_is_called_directly_when_it_is_the_only_one(broker: RunningBroker) -> None:
-    from broker.plugins import AccessKeyAuthPlugin
+    from broker.mqtt.plugins import AccessKeyAuthPlugin
 
     assert isinstance(broker.broker._auth, AccessKeyAuthPlugin)
     assert broker.broker._auth in broker.broker.plugins_manager.plugins

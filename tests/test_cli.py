@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-import broker.cli_common
+import broker.cli.common
 import keystore.credentials
 from broker.cli import main
 from tests.cli_helpers import Invoke, cli_on, fails, no_keys_stored, ok
@@ -377,7 +377,7 @@ def test_ambiguous_prefix_is_refused(cli: Invoke, monkeypatch: pytest.MonkeyPatc
 def test_delete_confirmation(cli: Invoke, monkeypatch: pytest.MonkeyPatch) -> None:
     key = create(cli, "--name", "keep")["key"]
     fails(cli("keys", "delete", key), "--yes")  # stdin is not a terminal
-    monkeypatch.setattr(broker.cli_common, "stdin_is_interactive", lambda: True)
+    monkeypatch.setattr(broker.cli.common, "stdin_is_interactive", lambda: True)
     assert cli("keys", "delete", key, input="n\n").exit_code != 0
     assert cli("keys", "delete", key, input="").exit_code != 0
     ok(cli("keys", "show", key))

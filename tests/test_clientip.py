@@ -12,12 +12,11 @@ from hypothesis import strategies as st
 from broker.clientip import (
     PROXY_V2_SIGNATURE,
     ProxyInfo,
-    TrustedProxies,
     client_ip_from_forwarded,
-    normalize_ip,
     parse_proxy_v1,
     parse_proxy_v2,
 )
+from broker.policy.addresses import TrustedProxies, normalize_ip
 from keystore.errors import ValidationError
 
 LOOPBACK = TrustedProxies(["127.0.0.0/8", "::1/128"])

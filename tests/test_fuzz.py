@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker.guard import GuardSettings
+from broker.policy.guard import GuardSettings
 from tests import mqtt_raw as raw
 from tests.broker_harness import Client, RunningBroker, broker_settings
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from broker.guard import BruteForceGuard, GuardSettings
+from broker.policy.guard import BruteForceGuard, GuardSettings
 
 
 def guard(**overrides: float) -> BruteForceGuard:

@@ -26,6 +26,7 @@ from keystore import KeyStore
 from keystore.backup import backup
 from keystore.errors import KeybrokerError
 from keystore.migrations import SCHEMA_VERSION
+from keystore.seed import BATCH as SEED_BATCH  # one transaction per batch
 from tests.broker_harness import Client, RunningBroker, broker_settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -192,7 +193,6 @@ def test_restart_on_the_same_file_keeps_devices_keys_and_statuses(tmp_path: Path
 
 # --- 4. SIGKILL during a bulk seed ---------------------------------------------------------
 
-SEED_BATCH = 5000  # broker.cli_seed.BATCH: one transaction per batch
 SEED_SIZE = 20_000
 
 

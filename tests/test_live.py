@@ -10,7 +10,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from broker.guard import GuardSettings
+from broker.policy.guard import GuardSettings
 from tests.broker_harness import Client, RunningBroker, broker_settings
 
 REVOKE_BOUND = 2.0  # spec §4: sessions are disconnected within 2 s

@@ -16,7 +16,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from broker.serve_cmd import DEMO_PAYLOAD
+from broker.cli.serve import DEMO_PAYLOAD
 
 TIMEOUT = 30.0
 

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from broker.cli import main
-from broker.guard import GuardSettings
+from broker.policy.guard import GuardSettings
 from broker.settings import (
     ANY_HOST,
     DEFAULT_LISTENERS,

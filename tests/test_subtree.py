@@ -6,8 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.subtree import RetainedStore, SubscriptionTree
-from broker.topics import topic_matches
+from broker.topics import RetainedStore, SubscriptionTree, topic_matches
 from keystore.errors import ValidationError
 
 LEVELS = ["a", "b", "", "$s"]

@@ -61,9 +61,9 @@ asyncio.run(main(int(sys.argv[1])))
 """
 
 # `keybroker serve` through the CLI group, for a tree where the serve command exists in
-# broker.serve_cmd but is not yet registered on broker.cli:main.
+# broker.cli.serve but is not yet registered on broker.cli:main.
 _KEYBROKER_SERVE_SHIM = (
-    "import sys; from broker.cli import main; from broker.serve_cmd import serve; "
+    "import sys; from broker.cli import main; from broker.cli.serve import serve; "
     "main.add_command(serve); sys.argv[0] = 'keybroker'; main()"
 )
 
@@ -101,12 +101,12 @@ def keybroker_command() -> tuple[list[str], str | None]:
     if "serve" in main.commands:
         return [sys.executable, "-m", "broker.cli"], None
     try:
-        import broker.serve_cmd  # noqa: F401
+        import broker.cli.serve  # noqa: F401
     except ImportError as exc:
         raise RuntimeError(f"keybroker has no serve command: {exc}") from exc
     return [sys.executable, "-c", _KEYBROKER_SERVE_SHIM], (
         "`keybroker serve` is not registered on broker.cli:main in this tree; the bench "
-        "started broker.serve_cmd.serve through the same CLI group instead"
+        "started broker.cli.serve.serve through the same CLI group instead"
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from broker.cli_common import current_state
+from broker.cli.common import current_state
 from broker.settings import config_path, example_config, settings_to_toml
 
 

@@ -1,4 +1,5 @@
-"""Access decisions (spec §2 steps 3–7, §3): pure functions over frozen values.
+"""Access decisions (docs/access.md: CONNECT steps 3–7, topics): pure functions over
+frozen values.
 
 No I/O, no awaits, no amqtt: the broker plugins translate a packet into these inputs,
 call one function and act on the returned ``Decision``. A ``SessionPolicy`` is built
@@ -20,14 +21,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from functools import lru_cache
 
-from netaddr import AddrFormatError, IPAddress, IPNetwork, IPSet
+from netaddr import IPSet
 
+from broker.policy.addresses import compile_addresses, parse_ip
+from broker.topics import (
+    HASH,
+    PLUS,
+    FilterSet,
+    device_of,
+    is_system,
+    parse_filter,
+    validate_device_prefix,
+)
 from keystore.errors import ValidationError
 from keystore.models import AccessKey, AddressMode, KeyStatus, TopicMode
-
-from .topics import HASH, PLUS, FilterSet, parse_filter, validate_topic_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,30 +101,18 @@ CONNACK_CODE: dict[str, int] = {
 class SessionPolicy:
     """What one session may publish, receive and subscribe; fixed at CONNECT."""
 
-    device_prefix: str
+    device_prefix: str  # one literal topic level (broker.topics.validate_device_prefix)
     scope: frozenset[str] | None  # device ids; None = every device
     topic_mode: TopicMode
     pub: FilterSet
     sub: FilterSet
-    # Derived once so the hot path does not rebuild strings.
-    _prefix_slash: str = field(init=False, repr=False, compare=False)
     _prefix_levels: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        prefix = self.device_prefix
-        try:
-            validate_topic_name(prefix)
-        except ValidationError as exc:
-            raise ValidationError(f"invalid device prefix {prefix!r}: {exc}") from None
-        if prefix.startswith("$") or prefix.startswith("/") or prefix.endswith("/"):
-            raise ValidationError(
-                f"invalid device prefix {prefix!r}: must not start with '$' or '/' "
-                "nor end with '/'"
-            )
+        validate_device_prefix(self.device_prefix)
         # Coerce so the hot path can compare modes by identity.
         object.__setattr__(self, "topic_mode", TopicMode(self.topic_mode))
-        object.__setattr__(self, "_prefix_slash", prefix + "/")
-        object.__setattr__(self, "_prefix_levels", tuple(prefix.split("/")))
+        object.__setattr__(self, "_prefix_levels", (self.device_prefix,))
 
     @classmethod
     def build(
@@ -136,20 +132,17 @@ def _classify_topic(policy: SessionPolicy, topic: str) -> Decision | None:
     """Decision for device-prefix, ``$`` and malformed topics; None for custom topics."""
     if not topic or "+" in topic or "#" in topic or "\x00" in topic:
         return DENY_INVALID_TOPIC
-    if topic[0] == "$":
+    if is_system(topic):
         return DENY_DOLLAR
-    prefix_slash = policy._prefix_slash
-    if topic.startswith(prefix_slash):
-        device_id = topic[len(prefix_slash) :].partition("/")[0]
-        if not device_id:
-            return DENY_DEVICE_PREFIX  # "P/" or "P//...": no device has the empty id
-        scope = policy.scope
-        if scope is None or device_id in scope:
-            return ALLOW_DEVICE
-        return DENY_NOT_IN_SCOPE
-    if topic == policy.device_prefix:
-        return DENY_DEVICE_PREFIX
-    return None
+    device_id = device_of(topic, policy.device_prefix)
+    if device_id is None:
+        return None
+    if not device_id:
+        return DENY_DEVICE_PREFIX  # "P", "P/" or "P//...": no device has the empty id
+    scope = policy.scope
+    if scope is None or device_id in scope:
+        return ALLOW_DEVICE
+    return DENY_NOT_IN_SCOPE
 
 
 def _custom_topic(policy: SessionPolicy, filters: FilterSet, topic: str) -> Decision:
@@ -191,21 +184,16 @@ def _device_part(policy: SessionPolicy, levels: tuple[str, ...]) -> Decision | N
     Exact: wildcards in the id position need one id in scope; a literal id must be in
     scope; anything after the id is readable.
     """
-    prefix = policy._prefix_levels
-    depth = len(prefix)
     scope = policy.scope
-    for index, prefix_level in enumerate(prefix):
-        if index >= len(levels):
-            return None  # the filter's topics are shorter than the prefix
-        level = levels[index]
-        if level == HASH:
-            # Reaches P/<id>/... for any id (and custom topics, decided elsewhere).
-            return ALLOW_DEVICE if scope is None or scope else DENY_NOT_IN_SCOPE
-        if level != PLUS and level != prefix_level:
-            return None
-    if len(levels) == depth:
+    first = levels[0]
+    if first == HASH:
+        # Reaches P/<id>/... for any id (and custom topics, decided elsewhere).
+        return ALLOW_DEVICE if scope is None or scope else DENY_NOT_IN_SCOPE
+    if first != PLUS and first != policy.device_prefix:
+        return None
+    if len(levels) == 1:
         return DENY_DEVICE_PREFIX  # matches only P itself
-    id_level = levels[depth]
+    id_level = levels[1]
     if id_level == PLUS or id_level == HASH:
         return ALLOW_DEVICE if scope is None or scope else DENY_NOT_IN_SCOPE
     if not id_level:
@@ -217,15 +205,8 @@ def _device_part(policy: SessionPolicy, levels: tuple[str, ...]) -> Decision | N
 
 def _reaches_custom(policy: SessionPolicy, levels: tuple[str, ...]) -> bool:
     """Can the filter (not starting with '$') match a topic outside ``P``/``P/...``?
-
-    Exact: only a filter whose first len(P) levels spell P literally is confined to
-    the prefix; any wildcard or other literal there can be instantiated to leave it,
-    and a filter shorter than P matches topics that are proper prefixes of P.
-    """
-    prefix = policy._prefix_levels
-    if len(levels) < len(prefix):
-        return True
-    return tuple(levels[: len(prefix)]) != prefix
+    Exact: only a filter whose first level is P literally is confined to the prefix."""
+    return levels[0] != policy.device_prefix
 
 
 def _custom_subscribe(
@@ -264,7 +245,7 @@ def check_subscribe(policy: SessionPolicy, topic_filter: str) -> Decision:
     ``check_receive``, so ``#`` granted for device topics still never carries another
     scope's data.
     """
-    if topic_filter[:1] == "$":
+    if is_system(topic_filter):
         return DENY_DOLLAR
     if "+" not in topic_filter and "#" not in topic_filter:
         # A filter without wildcards matches exactly one topic: it can match a readable
@@ -289,42 +270,6 @@ def check_subscribe(policy: SessionPolicy, topic_filter: str) -> Decision:
 # ------------------------------------------------------------------- connection
 
 
-@lru_cache(maxsize=4096)
-def compile_addresses(addresses: tuple[str, ...]) -> IPSet:
-    """An IPSet of a key's addresses, built once per distinct address list.
-
-    IPv4-mapped IPv6 networks (``::ffff:a.b.c.d/n``, n >= 96) are added in their IPv4
-    form too, because client addresses are normalised to IPv4 before the lookup.
-    The returned set is shared: never mutate it.
-    """
-    networks: list[IPNetwork] = []
-    for text in addresses:
-        try:
-            network = IPNetwork(text)
-        except (AddrFormatError, ValueError, TypeError):
-            raise ValidationError(f"invalid address {text!r}: not an IP or CIDR") from None
-        networks.append(network)
-        if network.version == 6 and network.prefixlen >= 96 and network.ip.is_ipv4_mapped():
-            networks.append(network.ipv4())
-    return IPSet(networks)
-
-
-def parse_client_ip(ip: str) -> IPAddress | None:
-    """The address as netaddr sees it, IPv4-mapped IPv6 folded to IPv4; None if invalid."""
-    if not isinstance(ip, str):
-        return None
-    text = ip.strip()
-    if text.startswith("[") and text.endswith("]"):
-        text = text[1:-1]
-    try:
-        address = IPAddress(text)
-    except (AddrFormatError, ValueError, TypeError):
-        return None
-    if address.version == 6 and address.is_ipv4_mapped():
-        return address.ipv4()
-    return address
-
-
 def check_address(mode: AddressMode, networks: IPSet, ip: str) -> Decision:
     """Connection restriction. Never raises.
 
@@ -333,7 +278,7 @@ def check_address(mode: AddressMode, networks: IPSet, ip: str) -> Decision:
     """
     if mode == AddressMode.ALL:
         return ALLOW_IP_ANY
-    address = parse_client_ip(ip)
+    address = parse_ip(ip)
     if address is None:
         return DENY_IP_INVALID
     listed = address in networks

@@ -8,17 +8,16 @@ from typing import Any, TypeVar
 
 import click
 
-from broker.cli_common import (
+from broker.cli.common import (
     address_restriction,
     confirm_or_abort,
     keystore_file,
     parse_tags,
-    parse_when,
     run_store,
     short_key,
     topic_mode_for_create,
 )
-from broker.cli_output import (
+from broker.cli.output import (
     echo_json,
     key_details,
     key_table,
@@ -29,6 +28,7 @@ from broker.cli_output import (
 from keystore import UNSET, KeyStore
 from keystore.errors import ValidationError
 from keystore.models import AccessKey, KeyStatus, TopicMode
+from keystore.validation import parse_when
 
 F = TypeVar("F", bound=Callable[..., Any])
 TOPIC_MODES = click.Choice([m.value for m in TopicMode])

@@ -1,34 +1,28 @@
-"""`keybroker seed FILE`: devices and keys in bulk from a TOML or JSON file.
+"""Seed files: devices and keys in bulk from a TOML or JSON document (the format is
+documented in config/seed.example.toml).
 
-The format is documented in config/seed.example.toml. The file's shape is checked before
-the first write; the library validates values, one batch (one transaction) at a time.
-Devices are upserted (idempotent); a key whose ``name`` already exists is skipped, so a
-re-run creates no duplicates; unnamed keys are created on every run. New secrets are
-written (JSON lines) as each batch is committed, so a later failure loses none of them.
+The file's shape is checked before the first write (``read_seed``); values are validated
+by the keystore, one batch (one transaction) at a time (``apply_seed``). Devices are
+upserted (idempotent); a key whose ``name`` already exists is skipped, so a re-run creates
+no duplicates; unnamed keys are created on every run.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import tomllib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
-import click
-
-from broker.cli_common import address_restriction, as_utc, parse_when, run_store
-from broker.cli_output import FILED_NOTICE, SECRET_NOTICE, SecretSink, secret_file
-from keystore import KeyStore
 from keystore.errors import ValidationError
-from keystore.models import Tag
-from keystore.validation import parse_tag
+from keystore.models import AddressMode, Tag
+from keystore.store import KeyStore
+from keystore.validation import as_utc, parse_tag, parse_when
 
 BATCH = 5000
-PROGRESS_THRESHOLD = 1000
 DEVICE_FIELDS = frozenset({"id", "name", "tags"})
 KEY_FIELDS = frozenset(
     {
@@ -65,7 +59,7 @@ class SeedResult:
 # --- reading and checking the file --------------------------------------------------
 
 
-def read_seed(path: Path) -> dict[str, Any]:
+def read_seed(path: Path) -> SeedPlan:
     """TOML or JSON, by extension (.toml / .json) or else by content."""
     try:
         text = path.read_text(encoding="utf-8")
@@ -86,7 +80,7 @@ def read_seed(path: Path) -> dict[str, Any]:
         raise ValidationError(
             f"seed file {str(path)!r}: unknown section {unknown[0]!r} (expected devices, keys)"
         )
-    return doc
+    return parse_seed(doc)
 
 
 def items(
@@ -171,11 +165,13 @@ def key_spec(where: str, item: dict[str, Any]) -> dict[str, Any]:
         "sub_topics": sub,
         "expires_at": expiry(where, item.get("expires")),
     }
-    address = address_restriction(
-        str_list(where, item, "allow_ips"), str_list(where, item, "deny_ips")
-    )
-    if address is not None:
-        spec["address_mode"], spec["addresses"] = address
+    allow, deny = str_list(where, item, "allow_ips"), str_list(where, item, "deny_ips")
+    if allow and deny:
+        raise ValidationError(f"{where}: allow_ips and deny_ips are mutually exclusive: "
+                              "a key allows only some addresses, or all but some")
+    if allow or deny:
+        spec["address_mode"] = AddressMode.ONLY if allow else AddressMode.EXCEPT
+        spec["addresses"] = allow or deny
     return spec
 
 
@@ -194,41 +190,24 @@ def parse_seed(doc: dict[str, Any]) -> SeedPlan:
 # --- applying it --------------------------------------------------------------------
 
 
-class Progress(Protocol):
-    def update(self, n_steps: int) -> None: ...
-
-
-class NoProgress:
-    def update(self, n_steps: int) -> None:
-        pass
-
-
-class BatchProgress:
-    """click's bar on a terminal; elsewhere (logs, pipes) a "done/total" line per batch."""
-
-    def __init__(self, bar: Progress, total: int, interactive: bool) -> None:
-        self.bar, self.total, self.interactive, self.done = bar, total, interactive, 0
-
-    def update(self, n_steps: int) -> None:
-        self.bar.update(n_steps)
-        self.done += n_steps
-        if not self.interactive and n_steps:
-            click.echo(f"  {self.done}/{self.total}", err=True)
-
-
 def batches(rows: Sequence[T], size: int = BATCH) -> Iterator[Sequence[T]]:
     for start in range(0, len(rows), size):
         yield rows[start : start + size]
 
 
 async def apply_seed(
-    ks: KeyStore, plan: SeedPlan, sink: SecretSink | None, progress: Progress
+    ks: KeyStore, plan: SeedPlan, on_secret: Callable[[dict[str, Any]], None],
+    on_progress: Callable[[int], None] = lambda _done: None,
 ) -> SeedResult:
+    """Upsert the devices, then create the keys whose name does not exist yet, one batch
+    (one transaction) at a time. ``on_secret`` gets each new key's {"key", "name",
+    "secret"} as soon as its batch is committed, so a later failure loses no secret;
+    ``on_progress`` the number of entries done since the last call."""
     result = SeedResult()
     for rows in batches(plan.devices):
         result.devices += len(rows)
         result.changed += await ks.upsert_devices(rows)
-        progress.update(len(rows))
+        on_progress(len(rows))
     existing = {k.name for k in await ks.list_keys(None) if k.name is not None}
     todo = []
     for spec in plan.keys:
@@ -236,61 +215,10 @@ async def apply_seed(
             result.skipped.append(spec["name"])
         else:
             todo.append(spec)
-    progress.update(len(result.skipped))
+    on_progress(len(result.skipped))
     for specs in batches(todo):
         for key, secret in await ks.create_keys(list(specs)):
-            doc = {"key": key.key, "name": key.name, "secret": secret}
-            if sink is not None:
-                sink.write(doc)
-            else:
-                click.echo(json.dumps(doc, ensure_ascii=False))
+            on_secret({"key": key.key, "name": key.name, "secret": secret})
         result.created += len(specs)
-        progress.update(len(specs))
+        on_progress(len(specs))
     return result
-
-
-def report(result: SeedResult, sink: SecretSink | None) -> None:
-    click.echo(
-        f"devices: {result.devices}, of which created or changed: {result.changed}", err=True
-    )
-    click.echo(f"keys created: {result.created}", err=True)
-    if result.skipped:
-        shown = ", ".join(repr(n) for n in result.skipped[:10])
-        more = f" and {len(result.skipped) - 10} more" if len(result.skipped) > 10 else ""
-        click.echo(
-            f"keys skipped (a key with that name already exists): {len(result.skipped)}: "
-            f"{shown}{more}",
-            err=True,
-        )
-    if result.created:
-        if sink is not None:
-            click.echo(f"new secrets written to {sink.path} (mode 0600). {FILED_NOTICE}",
-                       err=True)
-        else:
-            click.echo(f"new secrets printed above (JSON lines). {SECRET_NOTICE}", err=True)
-
-
-@click.command("seed")
-@click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
-@click.option(
-    "--output",
-    type=click.Path(dir_okay=False),
-    help="Write new secrets to this new file (mode 0600, JSON lines) instead of stdout.",
-)
-def seed(file: Path, output: str | None) -> None:
-    """Create devices and keys in bulk from a TOML or JSON FILE (see config/seed.example.toml).
-
-    Idempotent for devices and named keys; new secrets go to stdout as JSON lines
-    {"key","name","secret"}, or to --output.
-    """
-    plan = parse_seed(read_seed(file))
-    total = len(plan.devices) + len(plan.keys)
-    with secret_file(output) as sink:
-        if total > PROGRESS_THRESHOLD:
-            label = f"seeding {len(plan.devices)} devices, {len(plan.keys)} keys"
-            with click.progressbar(length=total, label=label, file=sys.stderr) as bar:
-                progress = BatchProgress(bar, total, interactive=sys.stderr.isatty())
-                result = run_store(lambda ks: apply_seed(ks, plan, sink, progress), create=True)
-        else:
-            result = run_store(lambda ks: apply_seed(ks, plan, sink, NoProgress()), create=True)
-        report(result, sink)

@@ -11,13 +11,35 @@ queues and a dict of extension attributes per connection; keybroker needs none o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from broker.outbox import Outbox
+from broker.mqtt.link import Link
+from broker.mqtt.outbox import Outbox
+from broker.policy import SessionPolicy
+from keystore.models import AccessKey
 
-if TYPE_CHECKING:
-    from broker.connection import MqttConnection
-    from broker.plugins import ConnectionInfo, Grant, Refusal
+
+@dataclass(frozen=True, slots=True)
+class ConnectionInfo:
+    """Network facts about a connection, known before CONNECT is authenticated."""
+
+    listener: str
+    peer_ip: str
+    client_ip: str
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What an accepted CONNECT fixed for the whole session (scope resolved at CONNECT)."""
+
+    key: AccessKey
+    policy: SessionPolicy
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    reason: str
+    connack: int
+    key: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +53,7 @@ class Will:
 class KeySession:
     __slots__ = (
         "client_id", "clean_session", "conn", "will", "keep_alive", "username", "password",
-        "grant", "refusal", "auth_started", "connection", "kicked", "suppress_will",
+        "grant", "refusal", "auth_started", "link", "kicked", "suppress_will",
         "outbox", "inflight_in", "present", "bucket", "denials", "disconnected_at",
         "retained_filters", "retained_sending",
     )
@@ -48,7 +70,7 @@ class KeySession:
         self.grant: Grant | None = None  # set by the auth plugin on success
         self.refusal: Refusal | None = None  # set by the auth plugin on failure
         self.auth_started = 0.0  # loop time the CONNECT's key was read
-        self.connection: MqttConnection | None = None  # None while offline
+        self.link: Link | None = None  # the live connection's sending side; None offline
         self.kicked: str | None = None  # why it is being disconnected, once decided
         self.suppress_will = False
         self.outbox = Outbox()  # outgoing QoS 1/2: in flight and waiting
@@ -63,8 +85,8 @@ class KeySession:
 
     @property
     def online(self) -> bool:
-        return self.connection is not None
+        return self.link is not None
 
     def __repr__(self) -> str:
-        state = "online" if self.connection is not None else "offline"
+        state = "online" if self.link is not None else "offline"
         return f"KeySession({self.client_id!r}, {state})"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from broker.cli_common import confirm_or_abort, keystore_file, parse_tags, run_store
-from broker.cli_output import device_details, device_table, echo_json, report_created, secret_file
+from broker.cli.common import confirm_or_abort, keystore_file, parse_tags, run_store
+from broker.cli.output import device_details, device_table, echo_json, report_created, secret_file
 from keystore import KeyStore
 from keystore.models import Device, TopicMode
 

@@ -13,14 +13,16 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from broker import codec
 from broker.framing import FramedReader, PacketError
-from broker.link import Link
-from broker.plugins import ConnectionInfo, audit_fields
+from broker.mqtt import codec
+from broker.mqtt.link import Link
+from broker.mqtt.plugins import audit_fields
+from broker.mqtt.session import ConnectionInfo
 
 if TYPE_CHECKING:
-    from broker.amqtt_broker import KeyBroker
-    from broker.session import KeySession
+    from broker.mqtt.inbound import Inbound
+    from broker.mqtt.session import KeySession
+    from broker.routing import Router
 
 logger = logging.getLogger(__name__)
 
@@ -30,13 +32,15 @@ class ProtocolViolation(Exception):
 
 
 class MqttConnection:
-    __slots__ = ("broker", "link", "reader", "info", "session", "clean_exit", "ended_by")
+    __slots__ = ("inbound", "router", "link", "reader", "info", "session", "clean_exit",
+                 "ended_by")
 
-    def __init__(self, broker: KeyBroker, link: Link, reader: FramedReader,
+    def __init__(self, inbound: Inbound, router: Router, link: Link,
                  info: ConnectionInfo) -> None:
-        self.broker = broker
+        self.inbound = inbound
+        self.router = router
         self.link = link
-        self.reader = reader
+        self.reader: FramedReader | None = None  # set by whoever opens the connection
         self.info = info
         self.session: KeySession | None = None
         self.clean_exit = False  # the client sent DISCONNECT (its Will is discarded)
@@ -51,6 +55,7 @@ class MqttConnection:
         """Handle packets until the connection ends (DISCONNECT, EOF, error, kick)."""
         self.session = session
         reader = self.reader
+        assert reader is not None
         while True:
             try:
                 packet = await reader.packet()
@@ -65,16 +70,16 @@ class MqttConnection:
                 if not self.handle(session, first, body):
                     return
             except (codec.MalformedPacket, ProtocolViolation) as exc:
-                self.broker.audit.event("bad_packet", reason=str(exc), **audit_fields(session))
+                self.inbound.audit.event("bad_packet", reason=str(exc), **audit_fields(session))
                 return
 
     def handle(self, session: KeySession, first: int, body: bytes) -> bool:
         """Handle one packet; False when the connection is to end."""
         kind = first >> 4
-        broker = self.broker
-        router = broker.router
+        router = self.router
         if kind == codec.PUBLISH:
-            return broker.publish_packet(session, self, codec.parse_publish(first, body))
+            return self.inbound.publish_packet(session, self.link,
+                                               codec.parse_publish(first, body))
         if kind == codec.PUBACK:
             router.puback(session, codec.packet_id_of(body))
         elif kind == codec.PUBREC:
@@ -87,7 +92,7 @@ class MqttConnection:
             router.pubcomp(session, codec.packet_id_of(body))
         elif kind == codec.SUBSCRIBE:
             packet_id, requests = codec.parse_subscribe(body)
-            codes = router.subscribe(session, requests, broker.subscribe_refusal)
+            codes = router.subscribe(session, requests, self.inbound.subscribe_refusal)
             self.link.write(codec.suback_packet(packet_id, codes))
         elif kind == codec.UNSUBSCRIBE:
             packet_id, filters = codec.parse_unsubscribe(body)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from broker.cli_common import keystore_path
+from broker.cli.common import keystore_path
 from keystore.backup import backup
 
 

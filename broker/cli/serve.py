@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from broker.cli_common import current_state
+from broker.cli.common import current_state
 from broker.server import BrokerServer
 from broker.settings import ANY_HOST, Listener, Settings, check_listeners, load_settings
 from keystore import KeyStore

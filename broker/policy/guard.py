@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
-from netaddr import AddrFormatError, IPNetwork
+from broker.policy.addresses import source_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,17 +34,6 @@ class _Record:
     banned_until: float = 0.0
     offences: int = 0  # bans so far; the next ban lasts ban * 2**offences (capped)
     refused: int = 0  # CONNECTs refused during the current ban (audited once, at its end)
-
-
-def source_of(ip: str) -> str:
-    """What the guard counts per: the IPv4 address, or the IPv6 /64 (one host can hold a
-    whole /64 and would otherwise get a fresh address for every attempt)."""
-    if ":" not in ip:
-        return ip
-    try:
-        return str(IPNetwork(f"{ip}/64").cidr)
-    except (AddrFormatError, ValueError):
-        return ip
 
 
 class BruteForceGuard:

@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 import click
 
-from broker.cli_common import short_key
+from broker.cli.common import short_key
 from keystore.models import AccessKey, Device, Tag, iso
 
 SECRET_NOTICE = "The secret is shown only this once and cannot be recovered: store it now."  # noqa: S105 - a notice, not a secret

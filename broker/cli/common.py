@@ -14,7 +14,6 @@ import sqlite3
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, date, datetime, time
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -157,26 +156,6 @@ def parse_one_tag(spec: str) -> Tag:
             raise
         # e.g. "invalid tag key '': ..." does not say which argument it came from
         raise ValidationError(f"invalid tag {spec!r}: {exc}") from None
-
-
-def as_utc(value: datetime | date) -> datetime:
-    """Naive datetimes and plain dates are UTC; aware ones are converted to UTC."""
-    if not isinstance(value, datetime):
-        value = datetime.combine(value, time())
-    if value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value.astimezone(UTC)
-
-
-def parse_when(text: str, what: str = "--expires") -> datetime:
-    """ISO-8601 date or datetime ("Z" or an offset; naive means UTC) as an aware UTC datetime."""
-    try:
-        return as_utc(datetime.fromisoformat(text.strip()))
-    except ValueError:
-        raise ValidationError(
-            f"invalid {what} {text!r}: expected an ISO-8601 date or datetime, "
-            "e.g. 2027-01-31 or 2027-01-31T12:00:00Z"
-        ) from None
 
 
 def address_restriction(

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import click
 
-from broker.cli_backup import backup_cmd
-from broker.cli_common import CliState, KeybrokerGroup
-from broker.cli_config import config_cmd
-from broker.cli_devices import devices
-from broker.cli_keys import keys
-from broker.cli_seed import seed
-from broker.serve_cmd import serve
+from broker.cli.backup import backup_cmd
+from broker.cli.common import CliState, KeybrokerGroup
+from broker.cli.config import config_cmd
+from broker.cli.devices import devices
+from broker.cli.keys import keys
+from broker.cli.seed import seed
+from broker.cli.serve import serve
 from broker.settings import ENV_CONFIG, ENV_DB
 
 

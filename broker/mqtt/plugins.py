@@ -24,38 +24,14 @@ from amqtt.contexts import Action
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 
 from broker import policy
-from broker.guard import BruteForceGuard
+from broker.mqtt.session import ConnectionInfo, Grant, KeySession, Refusal
 from broker.policy import Decision, SessionPolicy
-from broker.session import KeySession
+from broker.policy.guard import BruteForceGuard
 from keystore.models import AccessKey
 
 logger = logging.getLogger(__name__)
 
 NO_GRANT = Decision(False, "not_authenticated")
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectionInfo:
-    """Network facts about a connection, known before CONNECT is authenticated."""
-
-    listener: str
-    peer_ip: str
-    client_ip: str
-
-
-@dataclass(frozen=True, slots=True)
-class Grant:
-    """What an accepted CONNECT fixed for the whole session (scope resolved at CONNECT)."""
-
-    key: AccessKey
-    policy: SessionPolicy
-
-
-@dataclass(frozen=True, slots=True)
-class Refusal:
-    reason: str
-    connack: int
-    key: str | None
 
 
 def audit_fields(session: KeySession, key: str | None = None) -> dict[str, Any]:
@@ -79,7 +55,7 @@ class AccessKeyAuthPlugin(BaseAuthPlugin):
         keystore: Any = None  # keystore.KeyStore, opened by broker.server
         device_prefix: str = "losant"
         audit: Any = None  # broker.audit.AuditLog
-        guard: Any = None  # broker.guard.BruteForceGuard (None = off)
+        guard: Any = None  # broker.policy.guard.BruteForceGuard (None = off)
 
     def __init__(self, context: Any) -> None:
         super().__init__(context)

@@ -1,0 +1,169 @@
+"""Admission: who may open a connection, and the CONNECT packet up to authentication.
+
+Per-source caps (docs/limits.md) are checked before anything is read; the CONNECT packet
+is read whole (``FramedReader``), parsed by amqtt's ConnectPacket and checked in amqtt's
+order (protocol level -> CONNACK 1, credential flags -> 4, a persistent session without
+client id -> 2). A connection that never sends a valid CONNECT (silence until the timeout,
+garbage first) counts as a failure in the brute-force guard; every such event is audited
+within the per-source limit.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+from amqtt.adapters import BufferReader
+from amqtt.mqtt.connack import (
+    BAD_USERNAME_PASSWORD,
+    IDENTIFIER_REJECTED,
+    UNACCEPTABLE_PROTOCOL_VERSION,
+)
+from amqtt.mqtt.connect import ConnectPacket
+
+from broker.audit import AuditLog
+from broker.framing import PacketError
+from broker.mqtt import codec
+from broker.mqtt.connection import MqttConnection
+from broker.mqtt.plugins import audit_fields
+from broker.mqtt.session import ConnectionInfo, KeySession, Will
+from broker.policy.addresses import source_of
+from broker.policy.guard import BruteForceGuard
+from broker.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class Admission:
+    def __init__(self, settings: Settings, audit: AuditLog,
+                 guard: BruteForceGuard | None) -> None:
+        self.settings = settings
+        self.audit = audit
+        self.guard = guard
+        self.connections: set[MqttConnection] = set()  # every open one, CONNECT or not
+        self._pending: set[MqttConnection] = set()  # of those, before CONNECT is accepted
+        self._per_source: dict[str, int] = {}  # open connections per source
+        self._unauthenticated: dict[str, int] = {}  # of those, before CONNECT is accepted
+
+    def refusal(self, info: ConnectionInfo) -> str | None:
+        """Why a new connection is closed at once (audited), or None."""
+        settings, source = self.settings, source_of(info.client_ip)
+        if len(self.connections) >= settings.max_connections:
+            reason: str | None = "max_connections"
+        elif settings.max_connections_per_source and \
+                self._per_source.get(source, 0) >= settings.max_connections_per_source:
+            reason = "max_connections_per_source"
+        elif settings.max_unauthenticated_per_source and \
+                self._unauthenticated.get(source, 0) >= settings.max_unauthenticated_per_source:
+            reason = "max_unauthenticated_per_source"
+        else:
+            return None
+        self.audit.from_source("connect_invalid", client_ip=info.client_ip,
+                               peer_ip=info.peer_ip, listener=info.listener, reason=reason)
+        return reason
+
+    def opened(self, connection: MqttConnection) -> None:
+        source = source_of(connection.info.client_ip)
+        self.connections.add(connection)
+        self._pending.add(connection)
+        self._per_source[source] = self._per_source.get(source, 0) + 1
+        self._unauthenticated[source] = self._unauthenticated.get(source, 0) + 1
+
+    def authenticated(self, connection: MqttConnection) -> None:
+        if connection in self._pending:
+            self._pending.discard(connection)
+            _decrement(self._unauthenticated, source_of(connection.info.client_ip))
+
+    def closed(self, connection: MqttConnection) -> None:
+        self.authenticated(connection)  # no longer counted as waiting for CONNECT
+        _decrement(self._per_source, source_of(connection.info.client_ip))
+        self.connections.discard(connection)
+
+    def packet_violation(self, connection: MqttConnection, error: Exception) -> None:
+        """A packet that ended the connection (reported by its FramedReader)."""
+        session, info = connection.session, connection.info
+        if session is not None:
+            self.audit.event("bad_packet", reason=str(error), **audit_fields(session))
+        else:
+            self._invalid(info, str(error), "bad_packet")
+
+    def _invalid(self, info: ConnectionInfo, reason: str, event: str = "connect_invalid") -> None:
+        logger.info("no valid CONNECT from %s on %s: %s", info.peer_ip, info.listener, reason)
+        self.audit.from_source(event, client_ip=info.client_ip, peer_ip=info.peer_ip,
+                               listener=info.listener, reason=reason)
+        if self.guard is None:
+            return
+        now = time.monotonic()
+        until = self.guard.record_failure(info.client_ip, now)
+        if until is not None:
+            self.audit.event("ban", client_ip=info.client_ip, peer_ip=info.peer_ip,
+                             listener=info.listener, reason=f"banned for {until - now:.0f}s")
+
+    async def read_connect(self, connection: MqttConnection) -> KeySession | None:
+        """Read and check the CONNECT packet; None when the connection is to end (refused
+        with a CONNACK, or invalid: audited)."""
+        info, reader = connection.info, connection.reader
+        assert reader is not None
+        try:
+            packet = await reader.packet()
+        except PacketError:
+            return None  # audited by the reader
+        if packet is None:
+            if connection.ended_by == "idle":
+                self._invalid(info, "connect_timeout")
+            else:  # closed before sending anything: not counted (port checks, probes)
+                logger.debug("connection from %s closed before CONNECT", info.peer_ip)
+            return None
+        first, body = packet
+        if first >> 4 != codec.CONNECT:  # MQTT-3.1.0-1
+            self._invalid(info, f"packet type {first >> 4} before CONNECT", "bad_packet")
+            return None
+        try:
+            raw = bytes((first,)) + codec.remaining_length(len(body)) + body
+            connect = await ConnectPacket.from_stream(BufferReader(raw))
+        except Exception as exc:  # noqa: BLE001 - malformed CONNECT
+            self._invalid(info, type(exc).__name__)
+            return None
+        header, payload = connect.variable_header, connect.payload
+        if header is None or payload is None or connect.proto_name != "MQTT" or \
+                header.reserved_flag or (header.will_flag and (
+                    payload.will_topic is None or payload.will_message is None)):
+            self._invalid(info, "malformed CONNECT")
+            return None
+        code = None
+        if connect.proto_level != 4:  # only MQTT 3.1.1
+            code = UNACCEPTABLE_PROTOCOL_VERSION
+        elif (not connect.username_flag and connect.password_flag) or (
+                connect.username_flag and connect.username is None) or (
+                connect.password_flag and connect.password is None):
+            code = BAD_USERNAME_PASSWORD  # [MQTT-3.1.2-22]
+        elif not connect.clean_session_flag and payload.client_id_is_random:
+            code = IDENTIFIER_REJECTED  # [MQTT-3.1.3-8] [MQTT-3.1.3-9]
+        if code is not None:
+            self._invalid(info, f"CONNACK {code}")
+            connection.link.write(codec.connack_packet(False, code))
+            return None
+        session = KeySession(connect.client_id or "", bool(connect.clean_session_flag), info)
+        if header.will_flag and connect.will_topic is not None:
+            session.will = Will(connect.will_topic, bytes(connect.will_message or b""),
+                                connect.will_qos or 0, bool(connect.will_retain_flag))
+        session.username = connect.username
+        session.password = connect.password
+        session.keep_alive = effective_keepalive(connect.keep_alive, self.settings)
+        return session
+
+
+def effective_keepalive(keep_alive: int, settings: Settings) -> int:
+    """Seconds of silence tolerated: keepalive_factor x the client's keep-alive (0 = never)."""
+    if keep_alive <= 0:
+        return 0
+    return max(1, math.ceil(keep_alive * settings.keepalive_factor))
+
+
+def _decrement(counts: dict[str, int], source: str) -> None:
+    left = counts.get(source, 0) - 1
+    if left > 0:
+        counts[source] = left
+    else:
+        counts.pop(source, None)

@@ -1,0 +1,278 @@
+"""KeyBroker: keybroker's subclass of amqtt 0.12.1's Broker, a list of overrides.
+
+amqtt gives the broker's life cycle (start/shutdown, its plugin manager and plugin
+configuration, the session monitor and broadcast tasks) and parses CONNECT. Everything
+per connection and per message is keybroker's own (docs/architecture.md says why);
+each override below says in one line what it changes and delegates.
+tests/amqtt_contract pins each hook.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, WebSocketsReader, WriterAdapter
+from amqtt.broker import Broker, Server
+from amqtt.contexts import ListenerConfig
+from amqtt.mqtt.connack import CONNECTION_ACCEPTED, NOT_AUTHORIZED
+from amqtt.plugins.base import BaseAuthPlugin
+from amqtt.session import Session
+from websockets.asyncio.server import ServerConnection
+
+from broker.audit import AuditLog
+from broker.framing import FramedReader, PacketWatchdog
+from broker.listeners import ProxyGate, connection_info, start_listener
+from broker.mqtt import codec
+from broker.mqtt.admission import Admission
+from broker.mqtt.connection import MqttConnection
+from broker.mqtt.inbound import Inbound
+from broker.mqtt.link import Link, StreamLink, WebSocketLink
+from broker.mqtt.plugins import AccessKeyAuthPlugin
+from broker.mqtt.session import ConnectionInfo, KeySession
+from broker.policy.addresses import TrustedProxies
+from broker.policy.guard import BruteForceGuard
+from broker.routing import Router
+from broker.sessions import SessionRegistry
+from broker.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+SHUTDOWN_WAIT = 5.0
+
+
+class KeyBroker(Broker):
+    """amqtt Broker with access-key authentication, trie routing and policy checks."""
+
+    def __init__(self, config: dict[str, Any], settings: Settings, audit: AuditLog,
+                 guard: BruteForceGuard | None = None) -> None:
+        super().__init__(config)
+        self.settings = settings
+        self.audit = audit
+        self.guard = guard
+        self._trusted = TrustedProxies(settings.trusted_proxies)
+        self._gate = ProxyGate(self._trusted, settings, audit)
+        self.router = Router(settings, {}, audit, self._slow_consumer)
+        self.registry = SessionRegistry(self.router, audit)
+        self.inbound = Inbound(settings, self.router, audit)
+        self.admission = Admission(settings, audit, guard)
+        self._sessions = self.registry.sessions  # amqtt's registry is ours
+        self._watchdog = PacketWatchdog()
+        self._bound: dict[str, Server] = {}
+        self._tasks: dict[MqttConnection, asyncio.Task[Any]] = {}
+        auth_plugins = [plugin for plugin in self.plugins_manager.plugins
+                        if isinstance(plugin, BaseAuthPlugin)]
+        only_ours = len(auth_plugins) == 1 and isinstance(auth_plugins[0], AccessKeyAuthPlugin)
+        self._auth: AccessKeyAuthPlugin | None = auth_plugins[0] if only_ours else None
+
+    # ------------------------------------------------------------------ life cycle
+    async def start(self) -> None:
+        """Listeners are bound before amqtt's start(), which would log a bind failure as a
+        traceback: a port in use is one KeybrokerError naming the listener."""
+        bound: dict[str, Server] = {}
+        try:
+            for listener in self.settings.listeners:
+                bound[listener.name] = await start_listener(
+                    listener, self.settings, self._accept_stream, self._accept_websocket,
+                    self._gate)
+        except BaseException:
+            for server in bound.values():
+                await server.close_instance()
+            raise
+        self._bound = bound
+        await super().start()
+        self._watchdog.start_ticking()
+
+    async def _start_listeners(self) -> None:
+        """amqtt's listener start rewrote fields equal to its defaults: ours are bound."""
+        self._servers.update(self._bound)
+
+    async def shutdown(self) -> None:
+        """Also ends connections that have not completed CONNECT (amqtt knew none)."""
+        await self._watchdog.stop_ticking()
+        for server in self._servers.values():
+            server.instance.close()  # no new connections while the others end
+        for connection in list(self.admission.connections):
+            connection.link.abort()
+        tasks = [task for task in self._tasks.values() if task is not asyncio.current_task()]
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=SHUTDOWN_WAIT)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late, timeout=SHUTDOWN_WAIT)
+        await super().shutdown()
+
+    async def _cleanup_session(self, client_id: str) -> None:
+        """amqtt's shutdown forgets each session: through the registry."""
+        session = self.registry.get(client_id)
+        if session is not None:
+            self.registry.drop(session)
+
+    async def _session_monitor(self) -> None:
+        """Once a second: expire offline persistent sessions, report ended bans, write the
+        counts of suppressed audit lines."""
+        while True:
+            await asyncio.sleep(1)
+            try:
+                if self.settings.session_expiry:
+                    self.registry.expire(self.settings.session_expiry, time.time())
+                if self.guard is not None:
+                    for source, _, refused in self.guard.served_bans(time.monotonic()):
+                        self.audit.event("ban_ended", client_ip=source,
+                                         reason=f"{refused} CONNECTs refused during the ban")
+                self.audit.flush_suppressed()
+            except Exception:
+                logger.exception("session monitor failed; continuing")
+
+    def bound_addresses(self) -> dict[str, list[tuple[str, int]]]:
+        """Listener name -> the (host, port) pairs it is bound to (port 0 resolved)."""
+        return {name: [sock.getsockname()[:2]
+                       for sock in getattr(server.instance, "sockets", None) or ()]
+                for name, server in self._servers.items()}
+
+    @property
+    def sessions(self) -> dict[str, KeySession]:
+        return self.registry.sessions
+
+    @property
+    def subscriptions(self) -> dict[str, list[tuple[KeySession, int]]]:
+        """amqtt's view (filter -> [(session, qos)]), rebuilt from the trie; not a hot path."""
+        view: dict[str, list[tuple[KeySession, int]]] = {}
+        for session in self.registry.sessions.values():
+            for topic_filter, qos in self.router.subtree.filters_of(session.client_id).items():
+                view.setdefault(topic_filter, []).append((session, qos))
+        return view
+
+    # ------------------------------------------------------------------ connections
+    async def _client_connected(self, listener_name: str, reader: ReaderAdapter,
+                                writer: WriterAdapter) -> None:
+        """amqtt's own connection path (its external listener API) is not served."""
+        logger.warning("connection from amqtt's external listener API refused")
+        with contextlib.suppress(Exception):
+            await writer.close()
+
+    async def _accept_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                             listener_name: str, prefix: bytes = b"",
+                             proxied: str | None = None) -> None:
+        link = StreamLink(writer)
+        info = connection_info(listener_name, link.peer(), self._trusted, proxied=proxied)
+        await self._serve_client(StreamReaderAdapter(reader), link, info, prefix)
+
+    async def _accept_websocket(self, websocket: ServerConnection, listener_name: str) -> None:
+        request = websocket.request
+        forwarded = request.headers.get_all("X-Forwarded-For") if request is not None else []
+        link = WebSocketLink(websocket)
+        info = connection_info(listener_name, link.peer(), self._trusted, forwarded=forwarded)
+        await self._serve_client(WebSocketsReader(websocket), link, info)
+
+    async def _serve_client(self, reader: ReaderAdapter, link: Link,
+                            info: ConnectionInfo | None, prefix: bytes = b"") -> None:
+        if info is None or self.admission.refusal(info) is not None:
+            link.abort()
+            return
+        connection = MqttConnection(self.inbound, self.router, link, info)
+        connection.reader = FramedReader(
+            reader, max_packet_size=self.settings.max_packet_size,
+            packet_timeout=self.settings.packet_timeout,
+            idle_limit=self.settings.connect_timeout, prefix=prefix,
+            on_violation=lambda error: self.admission.packet_violation(connection, error),
+            on_expire=connection.expired)
+        self.admission.opened(connection)
+        self._watchdog.readers.add(connection.reader)
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks[connection] = task
+        try:
+            session = await self.admission.read_connect(connection)
+            if session is not None:
+                await self._run_session(connection, session)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - one client's bytes never kill the daemon
+            logger.exception("connection on %s ended with an internal error", info.listener)
+        finally:
+            self.admission.closed(connection)
+            self._watchdog.readers.discard(connection.reader)
+            self._tasks.pop(connection, None)
+            await link.close()
+
+    async def _run_session(self, connection: MqttConnection, incoming: KeySession) -> None:
+        """Authenticate first, then take over: a refused CONNECT never touches a session."""
+        link, reader = connection.link, connection.reader
+        assert reader is not None
+        incoming.auth_started = asyncio.get_running_loop().time()
+        accepted = await self._authenticate(incoming, ListenerConfig(bind=None))
+        incoming.username = incoming.password = None  # the secret is not kept
+        if not accepted or not incoming.client_id:
+            refusal = incoming.refusal
+            link.write(codec.connack_packet(False, refusal.connack if refusal else NOT_AUTHORIZED))
+            return
+        self.admission.authenticated(connection)
+        async with self.registry.connect_lock(incoming.client_id):
+            session = await self.registry.take_over(incoming)
+            session.link = link
+            self.registry.went_online(session)
+            link.write(codec.connack_packet(session.present, CONNECTION_ACCEPTED))
+            reader.idle_limit = session.keep_alive
+            self.router.resume(session)
+        try:
+            await connection.serve(session)
+        finally:
+            if session.link is link:  # not taken over meanwhile
+                if not connection.clean_exit and session.will is not None \
+                        and not session.suppress_will:
+                    self.inbound.publish_will(session, session.will)
+                self.registry.went_offline(session)
+
+    async def _authenticate(self, session: Session, _: ListenerConfig) -> bool:
+        """Our plugin is called directly when it is the only one (amqtt: a task per plugin
+        and a gather per CONNECT); a failing plugin refuses, never crashes."""
+        try:
+            if self._auth is not None:
+                return bool(await self._auth.authenticate(session=session))
+            return bool(await super()._authenticate(session, _))
+        except Exception:
+            logger.exception("auth plugin failed")
+            return False
+
+    def _slow_consumer(self, session: KeySession) -> None:
+        self.registry.kick(session.client_id, "slow_consumer", publish_will=True)
+
+    # ------------------------------------------------------------------ amqtt entry points
+    async def _broadcast_message(
+        self,
+        session: Session | None,
+        topic: str | None,
+        data: bytes | bytearray | None,
+        force_qos: int | None = None,
+    ) -> None:
+        """amqtt queued every message for its broadcast task: routed at once instead."""
+        if topic is not None and data is not None:
+            self.router.route(topic, bytes(data), force_qos if force_qos is not None else 0)
+
+    async def _run_broadcast(self, running_tasks: Any) -> None:
+        """Only what amqtt's own code still puts on its queue (nothing, in keybroker)."""
+        broadcast = await self._broadcast_queue.get()
+        self.router.route(broadcast["topic"], bytes(broadcast["data"]), broadcast.get("qos") or 0)
+
+    async def retain_message(
+        self,
+        source_session: Session | None,
+        topic_name: str | None,
+        data: bytes | bytearray | None,
+        qos: int | None = None,
+    ) -> None:
+        """amqtt's plugin API for retaining: with keybroker's quotas."""
+        if topic_name is not None:
+            session = source_session if isinstance(source_session, KeySession) else None
+            self.inbound.retain(session, topic_name, bytes(data or b""), qos or 0)
+
+    async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        """amqtt's plugin API for subscribing: checked like a SUBSCRIBE."""
+        if not isinstance(session, KeySession):
+            return codec.SUBACK_FAILURE
+        return self.router.subscribe(session, [subscription], self.inbound.subscribe_refusal)[0]

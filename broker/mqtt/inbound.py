@@ -1,0 +1,126 @@
+"""What a session sends in: PUBLISH (with its acknowledgement), the Will, SUBSCRIBE checks.
+
+Each PUBLISH is checked in order — the session is not being kicked, its publish rate,
+the topic's syntax and limits, the session's policy — then routed and retained, all
+synchronously (no await between the packet and the subscribers' connections). QoS 2 is
+MQTT's "method B" (§4.3.3): the message is passed on when it arrives and only its packet
+id is kept until PUBREL, so a re-sent PUBLISH (DUP, also after a persistent session
+reconnects) is recognised and not delivered twice (docs/delivery.md).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+
+from amqtt.contexts import Action
+
+from broker.audit import AuditLog
+from broker.mqtt import codec
+from broker.mqtt.link import Link
+from broker.mqtt.plugins import audit_fields, decide
+from broker.mqtt.session import KeySession, Will
+from broker.policy.limits import take_token, topic_limit_problem
+from broker.routing import Router
+from broker.settings import Settings
+from broker.topics import validate_topic_name
+from keystore.errors import ValidationError
+
+
+class Verdict(enum.Enum):
+    """What became of an incoming PUBLISH."""
+
+    ACCEPTED = "accepted"
+    DROPPED = "dropped"  # denied, acknowledged all the same (denied_publish = "drop")
+    CLOSE = "close"  # the connection ends, without acknowledging
+
+
+class Inbound:
+    def __init__(self, settings: Settings, router: Router, audit: AuditLog) -> None:
+        self.settings = settings
+        self.router = router
+        self.audit = audit
+
+    def publish_packet(self, session: KeySession, link: Link, packet: codec.Publish) -> bool:
+        """An incoming PUBLISH and its acknowledgement; False ends the connection."""
+        qos, packet_id = packet.qos, packet.packet_id
+        if qos == 2 and packet_id in session.inflight_in:
+            link.write(codec.ack_packet(codec.PUBREC, packet_id))  # seen: not passed on twice
+            return True
+        if qos == 2 and len(session.inflight_in) >= self.settings.max_queued_messages:
+            # amqtt kept every unreleased QoS 2 message without limit.
+            self.audit.event("bad_packet", reason="too many unacknowledged QoS 2 messages "
+                             "(no PUBREL)", **audit_fields(session))
+            return False
+        verdict = self.publish(session, packet.topic, packet.payload, qos, packet.retain)
+        if verdict is Verdict.CLOSE:
+            return False
+        if qos == 1:
+            link.write(codec.ack_packet(codec.PUBACK, packet_id))
+        elif qos == 2:
+            session.inflight_in.add(packet_id)
+            link.write(codec.ack_packet(codec.PUBREC, packet_id))
+        return True
+
+    def publish(self, session: KeySession, topic: str, data: bytes, qos: int,
+                retain: bool) -> Verdict:
+        """Check, route and retain one incoming PUBLISH."""
+        if session.kicked:
+            return Verdict.CLOSE  # revoked or being disconnected: nothing more from it
+        rate = self.settings.max_publish_rate
+        if rate:
+            allowed, session.bucket = take_token(session.bucket, rate, time.monotonic())
+            if not allowed:
+                self.router.audit_denied("publish_denied", session, topic, "rate_limited")
+                return Verdict.CLOSE
+        try:
+            validate_topic_name(topic)
+        except ValidationError as exc:
+            problem: str | None = str(exc)
+        else:
+            problem = self._topic_limit(topic)
+        if problem is not None:
+            # MQTT-3.3.2-2 / 4.7.3-1: a malformed PUBLISH topic is a protocol error.
+            self.router.audit_denied("publish_denied", session, topic,
+                                     f"invalid_topic: {problem}")
+            return Verdict.CLOSE
+        decision = decide(session, topic, Action.PUBLISH)
+        if not decision.allowed:
+            self.router.audit_denied("publish_denied", session, topic, decision.reason)
+            if self.settings.denied_publish == "disconnect":
+                return Verdict.CLOSE  # no PUBACK: the client must not think it was accepted
+            return Verdict.DROPPED
+        self.router.route(topic, data, qos)
+        if retain:
+            self.retain(session, topic, data, qos)
+        return Verdict.ACCEPTED
+
+    def retain(self, session: KeySession | None, topic: str, data: bytes, qos: int) -> None:
+        refusal = self.router.retain(session, topic, data, qos)
+        if refusal is not None and session is not None:
+            self.router.audit_denied("retain_refused", session, topic, refusal)
+
+    def publish_will(self, session: KeySession, will: Will) -> None:
+        """The Will of a connection that ended without DISCONNECT, checked like a PUBLISH
+        of the session that set it."""
+        problem = self._topic_limit(will.topic)
+        decision = decide(session, will.topic, Action.PUBLISH)
+        if problem is not None or not decision.allowed:
+            reason = f"limit: {problem}" if problem is not None else decision.reason
+            self.router.audit_denied("publish_denied", session, will.topic, reason, will=True)
+            return
+        self.router.route(will.topic, will.payload, will.qos)
+        if will.retain:
+            self.retain(session, will.topic, will.payload, will.qos)
+
+    def subscribe_refusal(self, session: KeySession, topic_filter: str) -> str | None:
+        """Why a SUBSCRIBE filter is refused (limits, then policy), or None."""
+        problem = self._topic_limit(topic_filter)
+        if problem is not None:
+            return f"limit: {problem}"
+        decision = decide(session, topic_filter, Action.SUBSCRIBE)
+        return None if decision.allowed else decision.reason
+
+    def _topic_limit(self, topic: str) -> str | None:
+        return topic_limit_problem(topic, self.settings.max_topic_length,
+                                   self.settings.max_topic_levels)
