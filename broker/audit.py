@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from broker.guard import source_of
+from broker.policy.addresses import source_of
 from keystore.files import tighten_mode
 
 _FIELDS = ("key", "client_id", "client_ip", "peer_ip", "listener", "reason")

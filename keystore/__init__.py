@@ -12,9 +12,10 @@ from keystore.errors import (
     NotFoundError,
     ValidationError,
 )
+from keystore.keys import UNSET
 from keystore.models import AccessKey, AddressMode, Device, KeyStatus, Tag, TopicMode, iso
 from keystore.query import compile_query
-from keystore.store import UNSET, KeyStore
+from keystore.store import KeyStore
 from keystore.validation import (
     parse_tag,
     validate_address,

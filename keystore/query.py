@@ -50,8 +50,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from keystore.db import to_micros
 from keystore.errors import ValidationError
+from keystore.sqlite.db import to_micros
 
 MAX_DEPTH = 16
 MAX_PARAMS = 10_000

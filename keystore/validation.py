@@ -22,6 +22,7 @@ from keystore.models import AddressMode, KeyStatus, Tag, TopicMode
 
 __all__ = [
     "MAX_DESCRIPTION_LEN",
+    "MIN_PREFIX_LEN",
     "MAX_DEVICE_ID_LEN",
     "MAX_NAME_LEN",
     "MAX_TAG_LEN",
@@ -29,6 +30,7 @@ __all__ = [
     "coerce_status",
     "coerce_topic_mode",
     "coerce_utc",
+    "as_str_list",
     "dedupe",
     "parse_tag",
     "validate_address",
@@ -41,6 +43,7 @@ __all__ = [
 ]
 
 MAX_DEVICE_ID_LEN = 128
+MIN_PREFIX_LEN = 8  # shortest key prefix accepted where a key is named
 MAX_TAG_LEN = 255
 MAX_NAME_LEN = 255
 MAX_DESCRIPTION_LEN = 4096
@@ -53,6 +56,16 @@ T = TypeVar("T")
 def dedupe(items: Iterable[T]) -> tuple[T, ...]:
     """Drop repeated items, keeping the first occurrence's order."""
     return tuple(dict.fromkeys(items))
+
+
+def as_str_list(values: Iterable[str], what: str) -> list[str]:
+    if isinstance(values, str) or not isinstance(values, Iterable):
+        raise ValidationError(f"invalid {what} {values!r}: expected a list")
+    out = list(values)
+    for v in out:
+        if not isinstance(v, str):
+            raise ValidationError(f"invalid {what[:-1] if what.endswith('s') else what} {v!r}")
+    return out
 
 
 # --- devices and tags -------------------------------------------------------------------

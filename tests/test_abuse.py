@@ -403,7 +403,7 @@ def test_removing_a_device_drops_its_retained_messages_and_session(
 async def test_existing_keystore_and_audit_files_are_made_private(
     tmp_path: Path, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    db = tmp_path / "keystore.db"
+    db = tmp_path / "keystore.sqlite.db"
     async with KeyStore.open(db) as ks:
         await ks.add_device("d")  # creates -wal/-shm next to it
     audit = tmp_path / "audit.jsonl"
@@ -418,7 +418,7 @@ async def test_existing_keystore_and_audit_files_are_made_private(
                     assert path.stat().st_mode & 0o777 == 0o600, path
         AuditLog(audit).close()
     assert audit.stat().st_mode & 0o777 == 0o600
-    assert any("tightened to 0600" in r.message and "keystore.db" in r.message
+    assert any("tightened to 0600" in r.message and "keystore.sqlite.db" in r.message
                for r in caplog.records)
 
 

@@ -17,14 +17,22 @@ from typing import Any
 
 import pytest
 
-from keystore import ConflictError, KeybrokerError, KeyStore, NotFoundError, ValidationError
-from keystore.migrations import SCHEMA_VERSION
-from keystore.statements import DEVICE_MATCH_SQL, SCOPE_SQL
+from keystore import (
+    AccessKey,
+    ConflictError,
+    KeybrokerError,
+    KeyStore,
+    NotFoundError,
+    ValidationError,
+)
+from keystore.sqlite.backend import CONNECT_SQL
+from keystore.sqlite.migrations import SCHEMA_VERSION
+from keystore.sqlite.statements import SCOPE_SQL
 
 
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "keystore.db"
+    return tmp_path / "keystore.sqlite.db"
 
 
 @pytest.fixture
@@ -109,10 +117,10 @@ async def test_open_can_be_awaited_and_closed(db_path: Path) -> None:
 async def test_two_stores_share_the_file(db_path: Path) -> None:
     """The CLI and the daemon each hold a connection to the same file."""
     async with KeyStore.open(db_path) as daemon, KeyStore.open(db_path) as cli:
-        before = await daemon.data_version()
+        before = await daemon.change_marker()
         await cli.add_device("d1")
         assert await daemon.device_exists("d1")
-        assert await daemon.data_version() != before
+        assert await daemon.change_marker() != before
 
 
 async def test_concurrent_operations_on_one_store_do_not_interleave(ks: KeyStore) -> None:
@@ -238,26 +246,31 @@ async def fleet(ks: KeyStore) -> KeyStore:
     return ks
 
 
+async def in_scope(store: KeyStore, key: AccessKey, secret: str, device: str) -> bool:
+    """What CONNECT learns about one device (the daemon's path: connect_lookup)."""
+    return (await store.connect_lookup(key.key, secret, device)).device_in_scope
+
+
 async def test_unrestricted_key_has_no_scope_set(fleet: KeyStore) -> None:
-    key, _ = await fleet.create_key()
+    key, secret = await fleet.create_key()
     assert key.all_devices
     assert await fleet.resolve_scope(key) is None
-    assert await fleet.device_matches(key, "d5")
-    assert not await fleet.device_matches(key, "ghost")
+    assert await in_scope(fleet, key, secret, "d5")
+    assert not await in_scope(fleet, key, secret, "ghost")
 
 
 async def test_scope_by_ids(fleet: KeyStore) -> None:
-    key, _ = await fleet.create_key(device_ids=["d1", "d5"])
+    key, secret = await fleet.create_key(device_ids=["d1", "d5"])
     assert await fleet.resolve_scope(key) == {"d1", "d5"}
-    assert await fleet.device_matches(key, "d5")
-    assert not await fleet.device_matches(key, "d2")
+    assert await in_scope(fleet, key, secret, "d5")
+    assert not await in_scope(fleet, key, secret, "d2")
 
 
 async def test_scope_by_tags_is_any_listed_pair(fleet: KeyStore) -> None:
-    key, _ = await fleet.create_key(device_tags=["floor=1", "kind=gw"])
+    key, secret = await fleet.create_key(device_tags=["floor=1", "kind=gw"])
     assert await fleet.resolve_scope(key) == {"d1", "d2", "d4"}
-    assert await fleet.device_matches(key, "d4")
-    assert not await fleet.device_matches(key, "d3")
+    assert await in_scope(fleet, key, secret, "d4")
+    assert not await in_scope(fleet, key, secret, "d3")
 
 
 async def test_scope_by_ids_and_tags(fleet: KeyStore) -> None:
@@ -266,15 +279,17 @@ async def test_scope_by_ids_and_tags(fleet: KeyStore) -> None:
 
 
 async def test_scope_follows_tag_changes_and_deletions(fleet: KeyStore) -> None:
-    key, _ = await fleet.create_key(device_ids=["d5"], device_tags=["floor=2"])
+    key, secret = await fleet.create_key(device_ids=["d5"], device_tags=["floor=2"])
     assert await fleet.resolve_scope(key) == {"d3", "d5"}
+    assert await in_scope(fleet, key, secret, "d3")
     await fleet.tag_device("d1", ["floor=2"])
     await fleet.untag_device("d3", ["floor"])
     assert await fleet.resolve_scope(key) == {"d1", "d5"}
-    assert await fleet.device_matches(key, "d1") and not await fleet.device_matches(key, "d3")
+    assert await in_scope(fleet, key, secret, "d1")
+    assert not await in_scope(fleet, key, secret, "d3")
     await fleet.remove_devices(["d5"])
     assert await fleet.resolve_scope(key) == {"d1"}
-    assert not await fleet.device_matches(key, "d5")
+    assert not await in_scope(fleet, key, secret, "d5")
     # The restriction itself is immutable: a re-created d5 is in scope again.
     await fleet.add_device("d5")
     assert await fleet.resolve_scope(key) == {"d1", "d5"}
@@ -286,11 +301,11 @@ async def test_scope_lookups_use_indexes(fleet: KeyStore, db_path: Path) -> None
     key, _ = await fleet.create_key(device_ids=["d1"], device_tags=["floor=1"])
     with contextlib.closing(sqlite3.connect(db_path)) as conn:
         plan = conn.execute(f"EXPLAIN QUERY PLAN {SCOPE_SQL}", (key.key, key.key)).fetchall()
-        plan += conn.execute(
-            f"EXPLAIN QUERY PLAN {DEVICE_MATCH_SQL}", (key.key, "d1", key.key, "d1")
-        ).fetchall()
+        plan += conn.execute(f"EXPLAIN QUERY PLAN {CONNECT_SQL}", (key.key,)).fetchall()
     details = [row[3] for row in plan]
-    scans = [d for d in details if d.startswith("SCAN") and d != "SCAN CONSTANT ROW"]
+    # The CONNECT read is a LEFT JOIN on a one-row constant: "SCAN (subquery-N)" is that.
+    scans = [d for d in details if d.startswith("SCAN") and d != "SCAN CONSTANT ROW"
+             and not d.startswith("SCAN (subquery")]
     assert not scans, details
     assert any("device_tags_by_pair" in d for d in details), details
 

@@ -6,11 +6,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from keystore import KeyStore, credentials
+from keystore.sqlite.backend import SqliteBackend
 
 
 async def generation(ks: KeyStore) -> int:
-    rows = await ks._fetchall("SELECT value FROM meta WHERE name = 'auth_generation'")
-    return int(rows[0][0])
+    return (await ks.backend.connect_row("nobody")).generation
 
 
 async def test_lookup_answers_every_connect_fact(tmp_path: Path) -> None:
@@ -100,7 +100,7 @@ async def test_lookup_uses_the_read_only_connection_and_sees_fresh_commits(tmp_p
         await ks.add_device("a")
         key, secret = await ks.create_key(device_ids=["a"])
         assert (await ks.connect_lookup(key.key, secret, "a")).key is not None
-        assert ks._connect is not None and ks._connect._ro is not None  # the fast path ran
+        assert isinstance(ks.backend, SqliteBackend) and ks.backend._ro is not None  # fast path
         await ks.set_status([key.key], "inactive")  # committed on the shared connection
         found = await ks.connect_lookup(key.key, secret, "a")
         assert found.key is not None and found.key.status.value == "inactive"
@@ -113,7 +113,8 @@ async def test_a_result_read_before_a_change_is_not_cached_after_it(tmp_path: Pa
     async with KeyStore.open(path) as daemon, KeyStore.open(path) as cli:
         await daemon.add_device("a", tags=[("site", "n")])
         key, secret = await daemon.create_key(device_tags=[("site", "n")])
-        real = daemon.resolve_scope
+        backend = daemon.backend
+        real = backend.scope_of
         raced = False
 
         async def resolve_then_race(access_key):  # type: ignore[no-untyped-def]
@@ -125,9 +126,9 @@ async def test_a_result_read_before_a_change_is_not_cached_after_it(tmp_path: Pa
                 await daemon.connect_lookup(key.key, secret, "a")  # ... and lookup B
             return scope
 
-        daemon.resolve_scope = resolve_then_race  # type: ignore[method-assign]
+        backend.scope_of = resolve_then_race  # type: ignore[method-assign]
         first = await daemon.connect_lookup(key.key, secret, "a")
         assert first.device_in_scope  # A answers with what it read
-        daemon.resolve_scope = real  # type: ignore[method-assign]
+        backend.scope_of = real  # type: ignore[method-assign]
         after = await daemon.connect_lookup(key.key, secret, "a")
         assert not after.device_in_scope and after.scope == frozenset()

@@ -17,6 +17,7 @@ import pytest
 
 from keystore import (
     UNSET,
+    AccessKey,
     AddressMode,
     ConflictError,
     KeyStatus,
@@ -31,7 +32,7 @@ from keystore import (
 
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "keystore.db"
+    return tmp_path / "keystore.sqlite.db"
 
 
 @pytest.fixture
@@ -52,14 +53,14 @@ def dump(path: Path) -> dict[str, list[tuple[Any, ...]]]:
 
 async def test_create_key_defaults(ks: KeyStore) -> None:
     key, secret = await ks.create_key(name="k", description="desc")
-    assert len(key.key) == 32 and int(key.key, 16) >= 0
+    assert len(key.key) == 32 and set(key.key) <= set("0123456789abcdef")
     assert len(secret) >= 43  # token_urlsafe(32): 256 bits
     assert key.status is KeyStatus.ACTIVE and key.all_devices
     assert key.address_mode is AddressMode.ALL and key.topic_mode is TopicMode.NONE
     assert key.created_at == key.updated_at and key.created_at.tzinfo is UTC
     assert await ks.get_key(key.key) == key
-    assert await ks.get_key_by_name("k") == key
-    assert await ks.get_key_by_name("nope") is None
+    assert await ks.list_keys({"name": "k"}) == [key]
+    assert await ks.list_keys({"name": "nope"}) == []
     assert secret not in repr(key) and "secret" not in repr(key)
 
 
@@ -94,21 +95,26 @@ async def test_secret_is_never_stored(ks: KeyStore, db_path: Path) -> None:
         assert secret[:16].encode() not in raw
 
 
-async def test_authenticate(ks: KeyStore) -> None:
+async def test_connect_lookup_checks_the_secret(ks: KeyStore) -> None:
     key, secret = await ks.create_key(name="k", device_ids=["d1"])
-    assert await ks.authenticate(key.key, secret) == key
-    assert await ks.authenticate(key.key, secret + "x") is None
-    assert await ks.authenticate(key.key, "") is None
-    assert await ks.authenticate("0" * 32, secret) is None
-    assert await ks.authenticate(key.key[:8], secret) is None  # no prefix matching here
-    assert await ks.authenticate(key.key, "\udcff") is None  # malformed text never raises
+
+    async def found(key_id: object, given: object) -> AccessKey | None:
+        return (await ks.connect_lookup(key_id, given, "d1")).key  # type: ignore[arg-type]
+
+    assert await found(key.key, secret) == key
+    assert await found(key.key, secret + "x") is None
+    assert await found(key.key, "") is None
+    assert await found("0" * 32, secret) is None
+    assert await found(key.key[:8], secret) is None  # no prefix matching here
+    assert await found(key.key, "\udcff") is None  # malformed text never raises
+    assert await found(None, secret) is None
 
 
-async def test_authenticate_returns_inactive_and_expired_keys(ks: KeyStore) -> None:
+async def test_connect_lookup_returns_inactive_and_expired_keys(ks: KeyStore) -> None:
     """Status and expiry are the broker's checks (they give a different CONNACK code)."""
     key, secret = await ks.create_key(expires_at=datetime.now(UTC) - timedelta(days=1))
     await ks.set_status([key.key], "inactive")
-    found = await ks.authenticate(key.key, secret)
+    found = (await ks.connect_lookup(key.key, secret, "nobody")).key
     assert found is not None and found.status is KeyStatus.INACTIVE
     assert found.is_expired(datetime.now(UTC))
 
@@ -125,8 +131,8 @@ async def test_unknown_key_costs_one_hash_like_a_wrong_secret(
         return real(salt, secret)
 
     monkeypatch.setattr(credentials, "_digest", counting)
-    assert await ks.authenticate(key.key, "wrong") is None
-    assert await ks.authenticate("f" * 32, "wrong") is None
+    assert (await ks.connect_lookup(key.key, "wrong", "d1")).key is None
+    assert (await ks.connect_lookup("f" * 32, "wrong", "d1")).key is None
     assert len(calls) == 2 and calls[1] == credentials._DUMMY_SALT
 
 
@@ -263,7 +269,7 @@ async def test_update_key_changes_only_given_fields(ks: KeyStore) -> None:
     assert updated.device_ids == ("d1",)
     cleared = await ks.update_key(key.key, name=None, expires_at=None, description=UNSET)
     assert cleared.name is None and cleared.expires_at is None
-    assert await ks.authenticate(key.key, secret) == cleared  # secret unchanged
+    assert (await ks.connect_lookup(key.key, secret, "d1")).key == cleared  # secret unchanged
 
 
 @pytest.mark.parametrize(
@@ -334,7 +340,7 @@ async def test_delete_keys_all_or_nothing(ks: KeyStore, db_path: Path) -> None:
     assert await ks.count_keys() == 0
     tables = dump(db_path)
     assert tables["key_devices"] == [] and tables["key_tags"] == []  # restriction rows cascade
-    assert await ks.authenticate(a.key, "x") is None
+    assert (await ks.connect_lookup(a.key, "x", "d1")).key is None
 
 
 async def test_mark_keys_used(ks: KeyStore) -> None:
@@ -348,7 +354,6 @@ async def test_keys_by_id_for_polling(ks: KeyStore) -> None:
     a, _ = await ks.create_key()
     found = await ks.keys_by_id([a.key, "0" * 32])
     assert list(found) == [a.key] and found[a.key] == a
-    assert await ks.existing_device_ids(["d1", "zz"]) == {"d1"}
 
 
 def test_keys_are_unique_enough() -> None:

@@ -23,10 +23,10 @@ from typing import Any
 import pytest
 
 from keystore import KeyStore
-from keystore.backup import backup
 from keystore.errors import KeybrokerError
-from keystore.migrations import SCHEMA_VERSION
 from keystore.seed import BATCH as SEED_BATCH  # one transaction per batch
+from keystore.sqlite.backup import backup
+from keystore.sqlite.migrations import SCHEMA_VERSION
 from tests.broker_harness import Client, RunningBroker, broker_settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -350,7 +350,7 @@ def test_backup_while_the_daemon_serves_and_writes_is_a_consistent_private_secre
         async with KeyStore.open(dest) as ks:
             assert await ks.count_devices() == report["devices"]
             assert await ks.count_keys() == report["keys"]
-            assert await ks.authenticate(first.key, first_secret) is not None
+            assert (await ks.connect_lookup(first.key, first_secret, "x")).key is not None
 
     asyncio.run(check_backup())
 

@@ -14,7 +14,7 @@ import pytest
 
 from broker.prune import ChangePruner
 from keystore import KeyStore
-from keystore.db import to_micros
+from keystore.sqlite.db import to_micros
 from tests.broker_harness import Client, RunningBroker, broker_settings, seed
 
 DAY = 86_400.0

@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from keystore import KeyStore, ValidationError, compile_query
-from keystore.db import KEY_COLUMNS
-from keystore.migrations import MIGRATIONS
 from keystore.query import ALL_OPERATORS, FIELDS
+from keystore.sqlite.db import KEY_COLUMNS
+from keystore.sqlite.migrations import MIGRATIONS
 
 
 @pytest.fixture

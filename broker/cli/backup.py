@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from broker.cli.common import keystore_path
-from keystore.backup import backup
+from keystore.sqlite.backup import backup
 
 
 @click.command("backup")

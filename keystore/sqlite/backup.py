@@ -16,9 +16,9 @@ import os
 import sqlite3
 from dataclasses import dataclass
 
-from keystore.db import BUSY_TIMEOUT_MS
 from keystore.errors import KeybrokerError
-from keystore.migrations import SCHEMA_VERSION
+from keystore.sqlite.db import BUSY_TIMEOUT_MS
+from keystore.sqlite.migrations import SCHEMA_VERSION
 
 
 @dataclass(frozen=True, slots=True)

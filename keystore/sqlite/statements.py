@@ -17,7 +17,10 @@ from typing import Any
 import aiosqlite
 
 from keystore import credentials
-from keystore.db import (
+from keystore.errors import NotFoundError, ValidationError
+from keystore.keyspec import KeySpec
+from keystore.models import AccessKey, Device, KeyStatus, Tag
+from keystore.sqlite.db import (
     DEVICE_COLUMNS,
     KEY_COLUMNS,
     chunks,
@@ -28,11 +31,8 @@ from keystore.db import (
     row_to_key,
     to_micros,
 )
-from keystore.errors import NotFoundError, ValidationError
-from keystore.keyspec import KeySpec
-from keystore.models import AccessKey, Device, KeyStatus, Tag
+from keystore.validation import MIN_PREFIX_LEN
 
-MIN_PREFIX_LEN = 8  # shortest key prefix accepted where a key is named
 _HEX = frozenset("0123456789abcdef")
 
 # Scope of a restricted key: listed ids that exist, plus devices carrying a listed tag
@@ -46,18 +46,6 @@ SCOPE_SQL = """
       JOIN device_tags dt ON dt.key = kt.tkey AND dt.value = kt.tvalue
      WHERE kt.key = ?
 """
-# One device against a restriction: its (few) tags are probed in key_tags by primary key.
-DEVICE_MATCH_SQL = """
-    SELECT EXISTS (
-        SELECT 1 FROM key_devices kd JOIN devices d ON d.id = kd.device_id
-         WHERE kd.key = ? AND kd.device_id = ?)
-     OR EXISTS (
-        SELECT 1 FROM device_tags dt
-          JOIN key_tags kt ON kt.key = ? AND kt.tkey = dt.key AND kt.tvalue = dt.value
-         WHERE dt.device_id = ?)
-"""
-
-
 async def count(conn: aiosqlite.Connection, sql: str, params: tuple[Any, ...] = ()) -> int:
     rows = list(await conn.execute_fetchall(sql, params))
     return int(rows[0][0])

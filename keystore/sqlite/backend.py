@@ -1,0 +1,403 @@
+"""The SQLite backend: one aiosqlite connection, one transaction per operation.
+
+An asyncio.Lock serialises operations on the single connection: without it, one
+coroutine's statements could run inside another's open transaction. Writes take the
+write lock up front (BEGIN IMMEDIATE, waiting up to busy_timeout for another process) so
+checks done inside them stay true. The CONNECT lookup is a primary-key read of about
+10 µs, so it runs synchronously on a private read-only connection rather than paying
+aiosqlite's thread round trip (WAL readers are not blocked by writers; if the file is
+busy anyway, it falls back to the shared connection).
+"""
+
+# SQL text in this module is assembled only from constants, whitelisted names and
+# '?' placeholder counts; every value is a bound parameter.
+# ruff: noqa: S608
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sqlite3
+import urllib.parse
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from datetime import datetime
+from typing import Any
+
+import aiosqlite
+
+from keystore.backend import ConnectRow, UntagSpec
+from keystore.errors import ConflictError, LimitError, NotFoundError, ValidationError
+from keystore.keyspec import KeySpec
+from keystore.models import AccessKey, Change, Device, KeyStatus, Tag
+from keystore.query import compile_query
+from keystore.sqlite import statements
+from keystore.sqlite.db import (
+    DEVICE_COLUMNS,
+    KEY_COLUMN_COUNT,
+    KEY_COLUMNS,
+    chunks,
+    connect,
+    from_micros,
+    now_micros,
+    placeholders,
+    row_to_device,
+    row_to_key,
+    to_micros,
+)
+from keystore.sqlite.migrations import migrate
+from keystore.sqlite.statements import SCOPE_SQL
+
+log = logging.getLogger(__name__)
+
+LAST_USED = 13  # position of last_used in KEY_COLUMNS
+# KEY_COLUMNS is our own constant; the key is a bound parameter.
+CONNECT_SQL = (
+    "SELECT (SELECT value FROM meta WHERE name = 'auth_generation'), "
+    + KEY_COLUMNS
+    + ", k.salt, k.secret_hash FROM (SELECT 1) LEFT JOIN access_keys k ON k.key = ?"
+)
+PARSED_KEYS = 4096  # parsed key rows kept for CONNECT (see _key_from_row)
+
+
+class SqliteBackend:
+    def __init__(self, conn: aiosqlite.Connection, path: str) -> None:
+        self._conn = conn
+        self.path = path
+        self.location = path
+        self._lock = asyncio.Lock()
+        self._closed = False
+        # Commits on our own connection do not move PRAGMA data_version; count them.
+        self._local_commits = 0
+        self._ro: sqlite3.Connection | None = None
+        self._parsed: OrderedDict[tuple[Any, ...], AccessKey] = OrderedDict()
+
+    @classmethod
+    async def open(cls, path: str) -> SqliteBackend:
+        """Open (creating with mode 0600 and migrating if needed) the file at ``path``."""
+        conn = await connect(path)
+        try:
+            await migrate(conn, path)
+        except BaseException:
+            await conn.close()
+            raise
+        return cls(conn, path)
+
+    async def close(self) -> None:
+        if self._ro is not None:
+            self._ro.close()
+            self._ro = None
+        async with self._lock:
+            if not self._closed:
+                self._closed = True
+                await self._conn.close()
+
+    # --- transaction plumbing ---------------------------------------------------------
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
+        async with self._lock:
+            await self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                if self._conn.in_transaction:
+                    await self._conn.execute("ROLLBACK")
+                raise
+            await self._conn.execute("COMMIT")
+            self._local_commits += 1
+
+    @asynccontextmanager
+    async def _read(self) -> AsyncIterator[aiosqlite.Connection]:
+        """A consistent snapshot for reads of more than one statement."""
+        async with self._lock:
+            await self._conn.execute("BEGIN")
+            try:
+                yield self._conn
+            finally:
+                if self._conn.in_transaction:
+                    await self._conn.execute("COMMIT")
+
+    async def _fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
+        async with self._lock:
+            return list(await self._conn.execute_fetchall(sql, tuple(params)))
+
+    async def _count(self, sql: str) -> int:
+        return int((await self._fetchall(sql))[0][0])
+
+    # --- devices --------------------------------------------------------------------------
+
+    async def insert_device(self, device_id: str, name: str | None,
+                            tags: tuple[Tag, ...]) -> Device:
+        now = now_micros()
+        async with self._write() as conn:
+            if await statements.device_exists(conn, device_id):
+                raise ConflictError(f"device {device_id!r} already exists")
+            await conn.execute(
+                "INSERT INTO devices (id, name, created_at, updated_at) VALUES (?, ?, ?, ?)",
+                (device_id, name, now, now),
+            )
+            await conn.executemany(
+                "INSERT INTO device_tags (device_id, key, value) VALUES (?, ?, ?)",
+                [(device_id, k, v) for k, v in tags],
+            )
+            return await statements.load_device(conn, device_id)
+
+    async def upsert_devices(
+        self, wanted: Mapping[str, tuple[str | None, frozenset[Tag]]]
+    ) -> int:
+        now = now_micros()
+        touched = 0
+        async with self._write() as conn:
+            for batch in chunks(list(wanted), 20_000):
+                touched += await statements.upsert_batch(conn, batch, dict(wanted), now)
+        return touched
+
+    async def load_device(self, device_id: str) -> Device:
+        async with self._lock:
+            return await statements.load_device(self._conn, device_id)
+
+    async def all_devices(self) -> list[Device]:
+        rows = await self._fetchall(f"SELECT {DEVICE_COLUMNS} FROM devices d ORDER BY d.id")
+        return [row_to_device(r) for r in rows]
+
+    async def add_tags(self, device_id: str, tags: tuple[Tag, ...]) -> Device:
+        async with self._write() as conn:
+            before = await statements.load_device(conn, device_id)
+            added = [p for p in tags if p not in before.tags]
+            if added:
+                await conn.executemany(
+                    "INSERT INTO device_tags (device_id, key, value) VALUES (?, ?, ?)",
+                    [(before.id, k, v) for k, v in added],
+                )
+                await statements.touch_device(conn, before.id)
+            return await statements.load_device(conn, before.id)
+
+    async def remove_tags(self, device_id: str, specs: list[UntagSpec]) -> Device:
+        async with self._write() as conn:
+            before = await statements.load_device(conn, device_id)
+            doomed: set[Tag] = set()
+            for tag_key, tag_value, spec in specs:
+                hits = {t for t in before.tags
+                        if t[0] == tag_key and (tag_value is None or t[1] == tag_value)}
+                if not hits:
+                    raise NotFoundError(f"device {before.id!r} has no tag matching {spec!r}")
+                doomed |= hits
+            if doomed:
+                await conn.executemany(
+                    "DELETE FROM device_tags WHERE device_id = ? AND key = ? AND value = ?",
+                    [(before.id, k, v) for k, v in doomed],
+                )
+                await statements.touch_device(conn, before.id)
+            return await statements.load_device(conn, before.id)
+
+    async def delete_devices(self, device_ids: tuple[str, ...]) -> None:
+        async with self._write() as conn:
+            missing = await statements.missing_devices(conn, device_ids)
+            if missing:
+                raise NotFoundError(f"no device {missing[0]!r} (nothing removed)")
+            for batch in chunks(device_ids):
+                await conn.execute(
+                    f"DELETE FROM devices WHERE id IN ({placeholders(len(batch))})", batch
+                )
+
+    async def device_exists(self, device_id: str) -> bool:
+        async with self._lock:
+            return await statements.device_exists(self._conn, device_id)
+
+    async def count_devices(self) -> int:
+        return await self._count("SELECT count(*) FROM devices")
+
+    # --- keys -------------------------------------------------------------------------
+
+    async def insert_keys(self, specs: list[KeySpec], minted: list[tuple[str, str]],
+                          max_keys: int) -> dict[str, AccessKey]:
+        """Insert validated keys after the checks that need the database: the key limit,
+        device ids that exist, names not taken."""
+        now = now_micros()
+        names = [s.name for s in specs if s.name is not None]
+        async with self._write() as conn:
+            if max_keys:
+                existing = await statements.count(conn, "SELECT count(*) FROM access_keys")
+                if existing + len(specs) > max_keys:
+                    raise LimitError(
+                        f"key limit of {max_keys} reached: {existing} keys exist, "
+                        f"cannot create {len(specs)} more")
+            missing = await statements.missing_devices(
+                conn, tuple(dict.fromkeys(d for s in specs for d in s.device_ids)))
+            if missing:
+                raise ValidationError(f"unknown device id {missing[0]!r} in key device restriction")
+            for batch in chunks(names):
+                rows = await conn.execute_fetchall(
+                    f"SELECT name FROM access_keys WHERE name IN ({placeholders(len(batch))})",
+                    batch,
+                )
+                for (taken,) in rows:
+                    raise ConflictError(f"key name {taken!r} is already used by another key")
+            return await statements.insert_keys(conn, specs, minted, now)
+
+    async def load_key(self, key_or_prefix: str) -> AccessKey:
+        async with self._read() as conn:
+            key = await statements.resolve_key(conn, key_or_prefix)
+            return (await statements.load_keys(conn, [key]))[key]
+
+    async def keys_by_id(self, keys: Iterable[str]) -> dict[str, AccessKey]:
+        async with self._read() as conn:
+            return await statements.load_keys(conn, list(dict.fromkeys(keys)))
+
+    async def query_keys(self, query: Mapping[str, Any] | str | None) -> list[AccessKey]:
+        where, params = compile_query(query)
+        rows = await self._fetchall(
+            f"SELECT {KEY_COLUMNS} FROM access_keys k WHERE {where} ORDER BY k.created_at, k.key",
+            params,
+        )
+        return [row_to_key(r) for r in rows]
+
+    async def count_keys(self) -> int:
+        return await self._count("SELECT count(*) FROM access_keys")
+
+    async def change_key(self, key_or_prefix: str, changes: dict[str, Any],
+                         check: Callable[[AccessKey], None]) -> AccessKey:
+        async with self._write() as conn:
+            key = await statements.resolve_key(conn, key_or_prefix)
+            current = (await statements.load_keys(conn, [key]))[key]
+            check(current)
+            if changes.get("name") is not None:
+                rows = await conn.execute_fetchall(
+                    "SELECT key FROM access_keys WHERE name = ? AND key != ?",
+                    (changes["name"], key),
+                )
+                if rows:
+                    raise ConflictError(
+                        f"key name {changes['name']!r} is already used by another key")
+            if changes:
+                await statements.apply_key_changes(conn, key, changes)
+            return (await statements.load_keys(conn, [key]))[key]
+
+    async def set_status(self, refs: tuple[str, ...], status: KeyStatus) -> list[AccessKey]:
+        async with self._write() as conn:
+            full = list(dict.fromkeys([await statements.resolve_key(conn, ref)
+                                       for ref in refs]))
+            now = now_micros()
+            await conn.executemany(
+                "UPDATE access_keys SET status = ?, updated_at = ? WHERE key = ? AND status != ?",
+                [(status.value, now, k, status.value) for k in full],
+            )
+            loaded = await statements.load_keys(conn, full)
+        return [loaded[k] for k in full]
+
+    async def delete_keys(self, refs: tuple[str, ...]) -> list[str]:
+        async with self._write() as conn:
+            full = list(dict.fromkeys([await statements.resolve_key(conn, ref)
+                                       for ref in refs]))
+            for batch in chunks(full):
+                await conn.execute(
+                    f"DELETE FROM access_keys WHERE key IN ({placeholders(len(batch))})", batch
+                )
+        return full
+
+    # --- CONNECT ----------------------------------------------------------------------
+
+    async def connect_row(self, key: str) -> ConnectRow:
+        rows = self._read_now(key)
+        if rows is None:
+            rows = await self._fetchall(CONNECT_SQL, (key,))
+        row = rows[0]
+        if row[1] is None:
+            return ConnectRow(int(row[0]), None, None, None)
+        return ConnectRow(int(row[0]), self._key_from_row(row[1 : 1 + KEY_COLUMN_COUNT]),
+                          row[-2], row[-1])
+
+    def _read_now(self, key: str) -> list[Any] | None:
+        """The lookup row from the read-only connection, or None to use the async path."""
+        if self.path == ":memory:":
+            return None
+        try:
+            if self._ro is None:
+                uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=ro"
+                self._ro = sqlite3.connect(uri, uri=True, isolation_level=None,
+                                           check_same_thread=False)
+                self._ro.execute("PRAGMA busy_timeout = 0")
+            return self._ro.execute(CONNECT_SQL, (key,)).fetchall()
+        except sqlite3.Error as exc:
+            log.debug("read-only CONNECT lookup unavailable (%s); using the shared connection",
+                      exc)
+            return None
+
+    def _key_from_row(self, row: tuple[Any, ...]) -> AccessKey:
+        """Parse a key row, reusing the AccessKey of an identical row (the row is read
+        fresh on every CONNECT; only its parse is cached). last_used, which changes on
+        every connection, is left out of the identity and taken from the row."""
+        identity = row[:LAST_USED] + row[LAST_USED + 1 :]
+        cached = self._parsed.get(identity)
+        if cached is None:
+            cached = row_to_key(row)
+            self._parsed[identity] = cached
+            if len(self._parsed) > PARSED_KEYS:
+                self._parsed.popitem(last=False)
+        else:
+            self._parsed.move_to_end(identity)
+        last_used = from_micros(row[LAST_USED])
+        return cached if cached.last_used == last_used else replace(cached, last_used=last_used)
+
+    async def scope_of(self, key: AccessKey) -> frozenset[str]:
+        """The existing devices listed by id or carrying a listed tag pair: both halves
+        are index lookups."""
+        rows = await self._fetchall(SCOPE_SQL, (key.key, key.key))
+        return frozenset(r[0] for r in rows)
+
+    # --- status -------------------------------------------------------------------------
+
+    async def mark_keys_used(self, keys: tuple[str, ...], when: datetime) -> None:
+        stamp = to_micros(when)
+        async with self._write() as conn:
+            await conn.executemany("UPDATE access_keys SET last_used = ? WHERE key = ?",
+                                   [(stamp, k) for k in keys])
+
+    async def set_devices_connected(self, ids: tuple[str, ...], connected: bool,
+                                    when: datetime) -> None:
+        stamp = to_micros(when)
+        async with self._write() as conn:
+            await conn.executemany(
+                "UPDATE devices SET connected = ?, last_seen = ? WHERE id = ?",
+                [(int(connected), stamp, d) for d in ids])
+
+    # --- change feed --------------------------------------------------------------------
+
+    async def change_marker(self) -> tuple[int, int]:
+        """Moves whenever anyone commits: PRAGMA data_version for other connections (the
+        CLI in another process), a counter for our own."""
+        return (await self._count("PRAGMA data_version"), self._local_commits)
+
+    async def latest_change_id(self) -> int:
+        return await self._count("SELECT COALESCE(MAX(id), 0) FROM changes")
+
+    async def changes_since(self, change_id: int, limit: int) -> list[Change]:
+        rows = await self._fetchall(
+            "SELECT id, kind, subject, at FROM changes WHERE id > ? ORDER BY id LIMIT ?",
+            (change_id, limit),
+        )
+        return [Change(int(r[0]), str(r[1]), str(r[2]), from_micros(r[3])) for r in rows]
+
+    async def add_change(self, kind: str, subject: str) -> None:
+        async with self._write() as conn:
+            await conn.execute("INSERT INTO changes (kind, subject, at) VALUES (?, ?, ?)",
+                               (kind, subject, now_micros()))
+
+    async def prune_changes(self, before: datetime, up_to: int | None, batch: int) -> int:
+        """One rowid range of at most ``batch`` rows from the oldest, in one short write."""
+        async with self._write() as conn:
+            async with conn.execute("SELECT MIN(id) FROM changes") as cursor:
+                row = await cursor.fetchone()
+            oldest = row[0] if row else None
+            if oldest is None:
+                return 0
+            last = oldest + batch - 1 if up_to is None else min(oldest + batch - 1, up_to)
+            cursor = await conn.execute(
+                "DELETE FROM changes WHERE id BETWEEN ? AND ? AND at < ?",
+                (oldest, last, to_micros(before)),
+            )
+            return max(cursor.rowcount, 0)
