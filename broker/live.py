@@ -1,4 +1,4 @@
-"""Live changes (spec §4) and connection status (spec §5), off the message path.
+"""Live changes (docs/live-changes.md) and connection status, off the message path.
 
 * ``ChangeWatcher`` polls the keystore's change marker every ``interval`` seconds
   (``PRAGMA data_version`` for other processes such as the CLI, plus a counter for our own
@@ -18,17 +18,14 @@ import asyncio
 import heapq
 import logging
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
 
 from broker import policy
 from broker.mqtt.session import Grant
 from broker.periodic import Periodic
 from broker.policy import SessionPolicy
 from broker.sessions import SessionRegistry
+from keystore import KeyStore
 from keystore.models import AccessKey
-
-if TYPE_CHECKING:
-    from keystore import KeyStore
 
 logger = logging.getLogger(__name__)
 

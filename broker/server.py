@@ -24,7 +24,6 @@ from keystore import KeyStore
 logger = logging.getLogger(__name__)
 
 AUTH_PLUGIN = "broker.mqtt.plugins.AccessKeyAuthPlugin"
-ACL_PLUGIN = "broker.mqtt.plugins.TopicAclPlugin"
 
 
 def amqtt_config(
@@ -42,7 +41,6 @@ def amqtt_config(
                 "audit": audit,
                 "guard": guard,
             },
-            ACL_PLUGIN: {},
         },
     }
 

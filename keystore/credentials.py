@@ -18,7 +18,7 @@ KEY_HEX_LEN = 32  # secrets.token_hex(16): 128 bits
 SALT_BYTES = 16
 
 # Hashing against this when the key is unknown gives unknown keys and wrong secrets the
-# same cost (spec §2: same response time), so timing does not reveal which keys exist.
+# same cost (docs/access.md#connect: the same cost), so timing does not reveal which keys exist.
 _DUMMY_SALT = secrets.token_bytes(SALT_BYTES)
 _DUMMY_HASH = hmac.new(_DUMMY_SALT, secrets.token_bytes(32), hashlib.sha256).digest()
 

@@ -1,8 +1,8 @@
 """Frozen value types returned by the keystore.
 
 These are the contract between the keystore, the CLI and the broker. The Losant REST
-field names (spec §1) are produced by ``to_losant()``; the same names are accepted by
-the advanced query.
+field names (docs/access.md#access-keys) are produced by ``to_losant()``; the same names
+are accepted by the advanced query.
 """
 
 from __future__ import annotations

@@ -15,7 +15,6 @@ from collections.abc import Generator
 from types import TracebackType
 from typing import Any, Self
 
-from broker.topics import validate_device_prefix
 from keystore.backend import Backend
 from keystore.connect import ConnectResolver
 from keystore.devices import DeviceOps
@@ -23,6 +22,7 @@ from keystore.errors import ValidationError
 from keystore.feed import FeedOps
 from keystore.keys import KeyOps
 from keystore.sqlite.backend import SqliteBackend
+from keystore.topics import validate_device_prefix
 
 
 class KeyStore(DeviceOps, KeyOps, FeedOps):

@@ -16,9 +16,9 @@ from typing import TypeVar
 
 import netaddr
 
-from broker.topics import filter_under_prefix, is_system, validate_filter
 from keystore.errors import ValidationError
 from keystore.models import AddressMode, KeyStatus, Tag, TopicMode
+from keystore.topics import filter_under_prefix, is_system, validate_filter
 
 __all__ = [
     "MAX_DESCRIPTION_LEN",

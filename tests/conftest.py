@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.broker_harness import RunningBroker, broker_settings
+from tests.support.harness import RunningBroker, broker_settings
 
 
 @pytest.fixture

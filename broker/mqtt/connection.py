@@ -11,18 +11,14 @@ the next packet. Packet handling is in ``handle``, the only code that sees packe
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 from broker.framing import FramedReader, PacketError
 from broker.mqtt import codec
+from broker.mqtt.inbound import Inbound
 from broker.mqtt.link import Link
 from broker.mqtt.plugins import audit_fields
-from broker.mqtt.session import ConnectionInfo
-
-if TYPE_CHECKING:
-    from broker.mqtt.inbound import Inbound
-    from broker.mqtt.session import KeySession
-    from broker.routing import Router
+from broker.mqtt.session import ConnectionInfo, KeySession
+from broker.routing import Router
 
 logger = logging.getLogger(__name__)
 

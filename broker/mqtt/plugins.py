@@ -1,14 +1,14 @@
-"""amqtt plugins: thin adapters between amqtt sessions and the pure policy module.
+"""The auth plugin and the policy adapter: thin layers between sessions and the pure
+policy module (broker.policy).
 
-* ``AccessKeyAuthPlugin`` checks CONNECT (spec §2): gathers the facts from the keystore,
-  asks ``policy.check_connect`` and leaves the outcome on the session, so that
-  ``KeyBroker`` can answer with the right CONNACK code (amqtt itself always sends 5).
-* ``TopicAclPlugin`` answers amqtt's async ``topic_filtering`` hook and offers the same
-  decisions synchronously (``decide``) for KeyBroker's hot paths, where awaiting a
-  plugin per subscriber per message is what made stock amqtt slow.
-
-Both are registered under amqtt's ``plugins`` config key; the server passes the opened
-keystore, the settings and the audit log through the plugin ``Config``.
+* ``AccessKeyAuthPlugin`` (an amqtt auth plugin) checks CONNECT (docs/access.md#connect):
+  gathers the facts from the keystore, asks ``policy.check_connect`` and leaves the
+  outcome on the session, so that KeyBroker answers with the right CONNACK code (amqtt
+  itself always sends 5). The server passes the opened keystore, the audit log and the
+  guard through the plugin ``Config``.
+* ``decide`` answers PUBLISH / SUBSCRIBE / delivery questions from the session's grant,
+  synchronously: awaiting a plugin per subscriber per message is what made stock amqtt
+  slow (and amqtt's topic plugin hook is not called by keybroker's own packet path).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from amqtt.contexts import Action
-from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
+from amqtt.plugins.base import BaseAuthPlugin
 
 from broker import policy
 from broker.mqtt.session import ConnectionInfo, Grant, KeySession, Refusal
@@ -66,7 +66,7 @@ class AccessKeyAuthPlugin(BaseAuthPlugin):
         guard: BruteForceGuard | None = self.config.guard
         now = time.monotonic()
         if guard is not None and guard.banned_until(conn.client_ip, now):
-            # Step 1 of spec §2: refuse before looking at the secret at all.
+            # Step 1 of docs/access.md#connect: refuse before looking at the secret at all.
             outcome: Grant | Refusal = Refusal("banned", policy.CONNACK_CODE["banned"], None)
         else:
             try:
@@ -102,7 +102,7 @@ class AccessKeyAuthPlugin(BaseAuthPlugin):
         if not username or password is None:
             return Refusal("no_credentials", policy.CONNACK_CODE["no_credentials"], None)
         # One keystore round trip in the usual case; an unknown key costs the same as a
-        # wrong secret (spec §2). The scope is the one matching at this moment.
+        # wrong secret (docs/access.md#connect). The scope is the one matching at this moment.
         device_id = session.client_id
         found = await ks.connect_lookup(username, password, device_id)
         key = found.key
@@ -147,26 +147,6 @@ class AccessKeyAuthPlugin(BaseAuthPlugin):
         if audit is None:
             return
         audit.event(event, reason=reason, **audit_fields(session, key))
-
-
-class TopicAclPlugin(BaseTopicPlugin):
-    """PUBLISH / SUBSCRIBE / delivery checks against the session's policy (spec §3), for
-    amqtt's plugin interface; the daemon's hot paths call ``decide`` directly."""
-
-    @dataclass
-    class Config:
-        pass
-
-    async def topic_filtering(
-        self,
-        *,
-        session: Any = None,
-        topic: str | None = None,
-        action: Action | None = None,
-    ) -> bool:
-        if not isinstance(session, KeySession) or topic is None or action is None:
-            return False
-        return decide(session, topic, action).allowed
 
 
 def decide(session: KeySession, topic: str, action: Action) -> Decision:

@@ -77,7 +77,7 @@ DENY_IP_EXCEPTED = Decision(False, "ip_in_except_list")
 DENY_IP_INVALID = Decision(False, "ip_invalid")
 
 # CONNACK return codes (MQTT 3.1.1 §3.2.2.3) by refusal reason: 4 = bad user name or
-# password, 5 = not authorized. Steps 1–2 of spec §2 are decided by the caller.
+# password, 5 = not authorized. Steps 1–2 of docs/access.md#connect are decided by the caller.
 CONNACK_BAD_CREDENTIALS = 4
 CONNACK_NOT_AUTHORIZED = 5
 CONNACK_CODE: dict[str, int] = {
@@ -312,7 +312,7 @@ class ConnectFacts:
 
 
 def check_connect(facts: ConnectFacts, policy: SessionPolicy | None) -> Decision:
-    """Steps 3–7 of spec §2 in order; the first failure is the reason.
+    """Steps 3–8 of docs/access.md#connect in order; the first failure is the reason.
 
     ``policy`` is the session policy the connection would get; it is needed only for a
     Will topic. With a Will but no policy the connection is refused (fail closed).

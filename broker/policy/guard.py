@@ -1,5 +1,5 @@
 """Brute-force guard: too many failed CONNECTs from one client IP within a window bans that
-IP for a while; the ban doubles on each repeat offence up to a cap (spec §2 step 1).
+IP for a while; the ban doubles on each repeat offence up to a cap (docs/limits.md#guard).
 
 Pure and synchronous (time is passed in), so it is tested without sockets. Memory is
 bounded: at most ``max_tracked`` unbanned sources are remembered (least recently failed

@@ -2,7 +2,17 @@
 filter relations (``relations``), and tries for filter sets, subscriptions and retained
 messages (``trie``). See docs/topics.md."""
 
-from broker.topics.grammar import (
+from broker.topics.relations import (
+    filter_intersection,
+    filter_within,
+    filters_overlap,
+    levels_match,
+    levels_overlap,
+    levels_within,
+    topic_matches,
+)
+from broker.topics.trie import FilterSet, RetainedStore, SubscriptionTree
+from keystore.topics import (
     HASH,
     MAX_TOPIC_BYTES,
     PLUS,
@@ -16,16 +26,6 @@ from broker.topics.grammar import (
     validate_filter,
     validate_topic_name,
 )
-from broker.topics.relations import (
-    filter_intersection,
-    filter_within,
-    filters_overlap,
-    levels_match,
-    levels_overlap,
-    levels_within,
-    topic_matches,
-)
-from broker.topics.trie import FilterSet, RetainedStore, SubscriptionTree
 
 __all__ = [
     "HASH",

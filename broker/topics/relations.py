@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from broker.topics.grammar import HASH, PLUS, is_system, is_wildcard, parse_filter
+from keystore.topics import HASH, PLUS, is_system, is_wildcard, parse_filter
 
 # --------------------------------------------------------------------------- matching
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterable, Iterator, Sequence
 from typing import Generic, TypeVar
 
-from broker.topics.grammar import HASH, PLUS, is_system, parse_filter
 from broker.topics.relations import without_empty_parent
+from keystore.topics import HASH, PLUS, is_system, parse_filter
 
 V = TypeVar("V")
 S = TypeVar("S", bound=Hashable)

@@ -84,7 +84,7 @@ _V1 = [
     """,
 ]
 
-# A change feed for the daemon (live revocation, spec §4). Triggers write it, so every
+# A change feed for the daemon (docs/live-changes.md). Triggers write it, so every
 # writer — the daemon, the CLI in another process, a future API — feeds it without
 # knowing. AUTOINCREMENT keeps ids increasing after the daemon deletes applied rows
 # (broker.prune): a reader's position stays valid.

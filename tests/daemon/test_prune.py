@@ -1,0 +1,127 @@
+"""The change feed stays bounded: the daemon deletes rows its watcher has applied once they
+are older than change_retention, in bounded batches, and live revocation keeps working."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from contextlib import closing
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from broker.prune import ChangePruner
+from keystore import KeyStore
+from keystore.sqlite.db import to_micros
+from tests.support.harness import Client, RunningBroker, broker_settings, seed
+
+DAY = 86_400.0
+
+
+def add_changes(db: Path, count: int, age: float) -> None:
+    """``count`` change rows written ``age`` seconds ago (a long-running deployment's feed)."""
+    at = to_micros(datetime.now(UTC) - timedelta(seconds=age))
+    with closing(sqlite3.connect(db)) as conn, conn:
+        conn.executemany("INSERT INTO changes (kind, subject, at) VALUES ('kick', ?, ?)",
+                         ((f"gone-{i}", at) for i in range(count)))
+
+
+def change_ids(db: Path) -> list[int]:
+    with closing(sqlite3.connect(db)) as conn:
+        return [row[0] for row in conn.execute("SELECT id FROM changes ORDER BY id")]
+
+
+async def new_keystore(db: Path) -> None:
+    async with KeyStore.open(db) as ks:
+        await ks.add_device("dev-a")
+
+
+async def test_only_applied_rows_older_than_the_window_are_deleted(tmp_path: Path) -> None:
+    db = tmp_path / "k.db"
+    await new_keystore(db)
+    add_changes(db, 30, age=2 * DAY)
+    async with KeyStore.open(db) as ks:
+        for _ in range(3):
+            await ks.request_kick("dev-a")  # recent rows, through the real API
+        ids = change_ids(db)
+        assert len(ids) == 33
+        applied = ids[9]  # the watcher has applied the first 10 rows only
+        pruner = ChangePruner(ks, retention=DAY, consumed=lambda: applied)
+        assert await pruner.prune() == 10
+        assert change_ids(db) == ids[10:]
+
+        applied = ids[-1]  # everything applied: the old rows go, the recent ones stay
+        assert await pruner.prune() == 20
+        assert change_ids(db) == ids[30:]
+        assert await pruner.prune() == 0
+        assert await ChangePruner(ks, retention=0, consumed=lambda: applied).prune() == 3
+        assert change_ids(db) == []
+        await ks.request_kick("dev-a")  # ids keep increasing after the table emptied
+        assert change_ids(db)[0] > ids[-1]
+
+
+async def test_a_backlog_is_deleted_in_bounded_batches(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    db = tmp_path / "k.db"
+    await new_keystore(db)
+    add_changes(db, 5_500, age=2 * DAY)
+    async with KeyStore.open(db) as ks:
+        batches: list[int] = []
+        prune_changes = ks.prune_changes
+
+        async def recording(*args: object, **kwargs: object) -> int:
+            deleted = await prune_changes(*args, **kwargs)  # type: ignore[arg-type]
+            batches.append(deleted)
+            return deleted
+
+        monkeypatch.setattr(ks, "prune_changes", recording)
+        pruner = ChangePruner(ks, retention=DAY, consumed=lambda: 10**9, batch=1_000)
+        assert await pruner.prune() == 5_500
+        assert batches == [1_000] * 5 + [500, 0]  # one transaction each
+        assert change_ids(db) == []
+
+
+async def test_the_pruner_runs_on_its_own_every_interval(tmp_path: Path) -> None:
+    db = tmp_path / "k.db"
+    await new_keystore(db)
+    add_changes(db, 100, age=2 * DAY)
+    async with KeyStore.open(db) as ks:
+        pruner = ChangePruner(ks, retention=DAY, consumed=lambda: 10**9, interval=0.05)
+        await pruner.start()
+        try:
+            for _ in range(100):
+                if not change_ids(db):
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            await pruner.stop()
+    assert change_ids(db) == []
+
+
+def test_the_daemon_prunes_100k_changes_and_revocation_still_works(tmp_path: Path) -> None:
+    settings = broker_settings(tmp_path)
+    seed(settings.db_path, lambda ks: ks.add_device("dev-a"))
+    add_changes(settings.db_path, 100_000, age=2 * DAY)
+    before = len(change_ids(settings.db_path))
+    daemon = RunningBroker(settings).start()
+    try:
+        assert daemon.server.pruner is not None
+        assert daemon.server.pruner.retention == timedelta(seconds=settings.change_retention)
+        deleted = daemon.call(daemon.server.pruner.prune)
+        after = len(change_ids(settings.db_path))
+        print(f"changes rows before pruning: {before}, after: {after}")  # the issue's figures
+        assert before == 100_000 and deleted == 100_000 and after == 0
+
+        key, secret = daemon.ks("create_key", device_ids=["dev-a"])
+        with Client(daemon.port(), "dev-a", key.key, secret) as client:
+            assert client.connect() == 0
+            started = time.monotonic()
+            daemon.ks("set_status", [key.key], "inactive")
+            assert client.disconnected.wait(3), "session was not disconnected"
+            assert time.monotonic() - started <= 2.5
+        assert len(change_ids(settings.db_path)) == 1  # the new change, within the window
+        assert daemon.call(daemon.server.pruner.prune) == 0
+    finally:
+        daemon.stop()

@@ -1,0 +1,37 @@
+"""scripts/bench end to end on a real keybroker daemon: the load generator delivers
+messages through an access-key session and the JSON has the documented shape.
+No assertion on speed (tests never assert on wall-clock figures)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "scripts" / "bench"
+
+
+def test_bench_quick_qos0_keybroker(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(  # noqa: S603 - our own interpreter and script
+        [sys.executable, str(BENCH), "--quick", "--only", "qos0", "--brokers", "keybroker",
+         "--measure", "0.5", "--json-out", str(out)],
+        capture_output=True, text=True, timeout=40, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert set(report) >= {"meta", "results", "notes", "table"}
+    assert report["meta"]["brokers"] == ["keybroker"]
+    assert report["meta"]["workloads"] == ["qos0"]
+    assert {"nproc", "cpu", "python"} <= set(report["meta"]["machine"])
+    row = report["results"]["qos0"]
+    assert {"label", "unit", "values", "details", "ratios", "target"} <= set(row)
+    detail = row["details"]["keybroker"]
+    assert "error" not in detail, detail
+    assert detail["delivered_in_window"] > 0
+    assert row["values"]["keybroker"] > 0
+    assert detail["subscribers"]["sub_granted"] == [0]
+    assert detail["subscribers"]["first_topic"] == "bench/load"
+    assert "keybroker/amqtt" in row["ratios"]
+    assert "1 pub -> 1 sub, QoS 0" in proc.stdout
