@@ -33,7 +33,7 @@ from amqtt.contexts import Action
 
 from broker.audit import AuditLog
 from broker.mqtt import codec
-from broker.mqtt.link import Link
+from broker.mqtt.link import LOW_WATER, Link
 from broker.mqtt.outbox import OutMessage
 from broker.mqtt.plugins import audit_fields, decide
 from broker.mqtt.session import KeySession
@@ -354,9 +354,13 @@ class Router:
                                  qos: int) -> None:
         settings = self.settings
         if qos == 0:
-            await link.writable()
             packet = codec.publish_packet(message.topic.encode("utf-8", "surrogatepass"),
                                           message.payload, 0, True)
+            # Wait until the packet fits the session's budget beside what is still
+            # buffered (a large message waits for an empty link): a reader that keeps up
+            # is never taken for a slow consumer by its own retained messages.
+            room = settings.max_session_bytes - session.outbox.held_bytes - len(packet)
+            await link.writable(min(LOW_WATER, max(room, 0)))
             self.send_qos0(session, link, packet)
             return
         # QoS 1/2: wait for room in the in-flight window rather than fill the queue

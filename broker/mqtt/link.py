@@ -55,8 +55,8 @@ class Link:
         """Close after sending what is buffered (aborting if the peer takes nothing)."""
         raise NotImplementedError
 
-    async def writable(self) -> None:
-        """Return once at most LOW_WATER bytes are waiting (or the link is closing)."""
+    async def writable(self, limit: int = LOW_WATER) -> None:
+        """Return once at most ``limit`` bytes are waiting (or the link is closing)."""
         raise NotImplementedError
 
     def peer(self) -> tuple[str, int] | None:
@@ -94,12 +94,15 @@ class StreamLink(Link):
             # ... unless the peer is not reading: then it gets nothing more.
             asyncio.get_running_loop().call_later(CLOSE_GRACE, transport.abort)
 
-    async def writable(self) -> None:
-        while not self.transport.is_closing() and self.buffered() > LOW_WATER:
+    async def writable(self, limit: int = LOW_WATER) -> None:
+        while not self.transport.is_closing() and self.buffered() > limit:
+            before = self.buffered()
             try:
-                await self.writer.drain()
+                await self.writer.drain()  # returns below the transport's own low-water mark
             except (ConnectionError, OSError):
                 return
+            if self.buffered() >= before:
+                await asyncio.sleep(0.005)  # under that mark but above ours: poll
 
     def peer(self) -> tuple[str, int] | None:
         info = self.transport.get_extra_info("peername")
@@ -174,9 +177,9 @@ class WebSocketLink(Link):
         except (TimeoutError, websockets.exceptions.ConnectionClosed, ConnectionError, OSError):
             self.abort()
 
-    async def writable(self) -> None:
-        while not self.is_closing() and self.buffered() > LOW_WATER:
-            await asyncio.sleep(0.01)
+    async def writable(self, limit: int = LOW_WATER) -> None:
+        while not self.is_closing() and self.buffered() > limit:
+            await asyncio.sleep(0.005)
 
     def peer(self) -> tuple[str, int] | None:
         address = self.websocket.remote_address

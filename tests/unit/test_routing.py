@@ -1,0 +1,59 @@
+"""Router pacing with a link whose buffer the test controls (no sockets): retained
+messages for a SUBSCRIBE wait for room instead of tripping the slow-consumer bound."""
+
+from __future__ import annotations
+
+import asyncio
+
+from broker.audit import AuditLog
+from broker.mqtt.link import Link
+from broker.mqtt.session import ConnectionInfo, KeySession
+from broker.routing import Retained, Router
+from broker.settings import Settings
+
+
+class FakeLink(Link):
+    __slots__ = ("held", "written", "closing")
+
+    def __init__(self, held: int) -> None:
+        self.held = held
+        self.written: list[bytes] = []
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+        self.held += len(data)
+
+    def buffered(self) -> int:
+        return self.held
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def abort(self) -> None:
+        self.closing = True
+
+    async def close(self) -> None:
+        self.closing = True
+
+    async def writable(self, limit: int = 65536) -> None:
+        while not self.closing and self.held > limit:
+            await asyncio.sleep(0.001)
+
+    def peer(self) -> tuple[str, int] | None:
+        return ("127.0.0.1", 1)
+
+
+async def test_a_large_retained_qos0_message_waits_for_room_not_a_kick() -> None:
+    kicked: list[str] = []
+    router = Router(Settings(), {}, AuditLog(None), lambda s: kicked.append(s.client_id))
+    session = KeySession("dev", True, ConnectionInfo("tcp", "127.0.0.1", "127.0.0.1"))
+    link = FakeLink(held=60_000)  # the previous message is still leaving
+    session.link = link
+    message = Retained("losant/dev/big", b"x" * 220_000, 0, "d:dev")
+    sending = asyncio.ensure_future(router._send_one_retained(session, link, message, 0))
+    await asyncio.sleep(0.02)
+    assert not link.written and not kicked  # 60 KB + 220 KB would exceed 256 KiB: it waits
+    link.held = 10_000  # the reader took most of it
+    await asyncio.wait_for(sending, 1)
+    assert len(link.written) == 1 and not kicked
