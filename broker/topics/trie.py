@@ -175,8 +175,35 @@ class FilterSet:
         return self.matches(topic.split("/"))
 
     def matches(self, topic_levels: Sequence[str]) -> bool:
-        """True iff some member filter matches the topic given as its levels."""
-        return bool(match_nodes(self._root, topic_levels))
+        """True iff some member filter matches the topic given as its levels: the walk of
+        ``match_nodes``, returning at the first match (it is every delivery's check)."""
+        root = self._root
+        system = is_system(topic_levels[0])
+        if root.hash is not None and not system:
+            return True
+        nodes = [root]
+        first = True
+        for level in topic_levels:
+            following: list[Node[bool]] = []
+            for node in nodes:
+                found = node.children.get(level)
+                if found is not None:
+                    if found.hash is not None:
+                        return True  # "<path>/#" takes the rest, including nothing
+                    following.append(found)
+                plus = node.plus
+                if plus is not None and not (first and system):
+                    if plus.hash is not None:
+                        return True
+                    following.append(plus)
+            if not following:
+                return False
+            nodes = following
+            first = False
+        for node in nodes:
+            if node.value:
+                return True
+        return False
 
     # -- SUBSCRIBE-time relations ---------------------------------------------------
 
