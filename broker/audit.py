@@ -23,7 +23,7 @@ from typing import Any
 from broker.policy.addresses import source_of
 from keystore.files import tighten_mode
 
-_FIELDS = ("key", "client_id", "client_ip", "peer_ip", "listener", "reason")
+_FIELDS = ("key", "app", "client_id", "client_ip", "peer_ip", "listener", "reason")
 PER_SOURCE_PER_SECOND = 20
 MAX_SOURCES = 10_000  # sources throttled at once; beyond that the oldest is dropped
 

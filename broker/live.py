@@ -104,6 +104,9 @@ class ChangeWatcher(Periodic):
             self._applied[DEVICE + subject] = now
             self.sessions.device_removed(subject)
             return
+        if kind == "app_deleted":
+            self.sessions.app_removed(subject)
+            return
         if kind == "kick":
             self.sessions.kick(subject, "operator_kick")
             return

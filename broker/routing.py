@@ -48,15 +48,18 @@ RETAINED_BATCH = 64  # retained messages sent between two yields to the event lo
 
 
 class Retained:
-    """One retained message, with the quota bucket it is counted in."""
+    """One retained message (its topic as clients see it: unmounted), with the quota
+    buckets it is counted in."""
 
-    __slots__ = ("topic", "payload", "qos", "bucket", "size")
+    __slots__ = ("topic", "payload", "qos", "bucket", "app", "size")
 
-    def __init__(self, topic: str, payload: bytes, qos: int, bucket: str) -> None:
+    def __init__(self, topic: str, payload: bytes, qos: int, bucket: str,
+                 app: str = "") -> None:
         self.topic = topic
         self.payload = payload
         self.qos = qos
-        self.bucket = bucket  # "d:<device id>" (own-topic reserve) or "k:<key>" or "k:"
+        self.bucket = bucket  # "d:<device id>" (own-topic reserve) or "k:<key>"
+        self.app = app  # "a:<application id>", counted with "k:" buckets
         self.size = len(topic.encode("utf-8", "surrogatepass")) + len(payload)
 
 
@@ -81,11 +84,12 @@ class Router:
         self.dropped_offline = 0  # messages not queued for offline sessions (bounds)
 
     # ------------------------------------------------------------------ delivery
-    def route(self, topic: str, payload: bytes, qos: int) -> None:
-        """Deliver to every session whose filters match and whose policy may read topic."""
+    def route(self, mount: str, topic: str, payload: bytes, qos: int) -> None:
+        """Deliver to every session of the application (``mount``: its topics' prefix in
+        the trie) whose filters match and whose policy may read topic."""
         packet: bytes | None = None
         sessions = self.sessions
-        for client_id, sub_qos in self.subtree.match(topic).items():
+        for client_id, sub_qos in self.subtree.match(mount + topic).items():
             session = sessions.get(client_id)
             if session is None or not decide(session, topic, Action.RECEIVE).allowed:
                 continue
@@ -197,7 +201,7 @@ class Router:
         audit line, so an oversized SUBSCRIBE costs little. ``check`` returns the reason
         to refuse a filter (limits, policy), or None.
         """
-        client_id = session.client_id
+        client_id, mount = session.client_id, session.mount
         limit = self.settings.max_subscriptions
         tree = self.subtree
         decided: dict[str, int] = {}
@@ -207,10 +211,10 @@ class Router:
             if topic_filter in decided:
                 if decided[topic_filter] != codec.SUBACK_FAILURE:
                     decided[topic_filter] = granted[topic_filter] = qos
-                    tree.add(topic_filter, client_id, qos)
+                    tree.add(mount + topic_filter, client_id, qos)
                 continue
-            if limit and tree.count_of(client_id) >= limit and not tree.has(topic_filter,
-                                                                             client_id):
+            if limit and tree.count_of(client_id) >= limit and not tree.has(
+                    mount + topic_filter, client_id):
                 decided[topic_filter] = codec.SUBACK_FAILURE
                 over_limit += 1
                 continue
@@ -219,7 +223,7 @@ class Router:
                 self.audit_denied("subscribe_denied", session, topic_filter, reason)
                 decided[topic_filter] = codec.SUBACK_FAILURE
                 continue
-            tree.add(topic_filter, client_id, qos)
+            tree.add(mount + topic_filter, client_id, qos)
             decided[topic_filter] = granted[topic_filter] = qos
         if over_limit:
             self.audit.event("subscribe_denied", reason=f"max_subscriptions {limit}: "
@@ -230,95 +234,102 @@ class Router:
 
     def unsubscribe(self, session: KeySession, filters: list[str]) -> None:
         for topic_filter in filters:
-            self.subtree.remove(topic_filter, session.client_id)
+            self.subtree.remove(session.mount + topic_filter, session.client_id)
             session.retained_filters.pop(topic_filter, None)
 
+    def filters_of(self, session: KeySession) -> dict[str, int]:
+        """The session's subscriptions as the client made them (unmounted)."""
+        cut = len(session.mount)
+        return {f[cut:]: qos for f, qos in self.subtree.filters_of(session.client_id).items()}
+
     # ------------------------------------------------------------------ retained
-    def retain(self, session: KeySession | None, topic: str, payload: bytes,
-               qos: int) -> str | None:
+    def retain(self, session: KeySession, topic: str, payload: bytes, qos: int) -> str | None:
         """Keep (or, for an empty payload, delete [MQTT-3.3.1-10]) the retained message on
-        ``topic``; returns why it was not kept, or None. The message is delivered live
-        either way."""
-        old = self.retained.get(topic)
+        ``topic`` in the session's application; returns why it was not kept, or None. The
+        message is delivered live either way."""
+        mounted = session.mount + topic
+        old = self.retained.get(mounted)
         if not payload:
             if old is not None:
                 self._release(old)
-                self.retained.delete(topic)
+                self.retained.delete(mounted)
             return None
-        reserve = self._own_device(session, topic)
-        key = session.grant.key.key if session is not None and session.grant else ""
-        message = Retained(topic, payload, qos, "")
+        key = session.grant.key.key if session.grant else ""
+        message = Retained(topic, payload, qos, f"k:{key}", f"a:{session.mount}")
         if old is not None:
             self._release(old)
+        settings = self.settings
         refusal = None
-        if reserve is not None and self.settings.device_retained_reserve and self._fits(
-                self._usage.get(reserve), message.size, self.settings.device_retained_reserve,
-                self.settings.device_retained_reserve_bytes):
-            message.bucket = reserve
+        if device_of(topic, settings.device_prefix) == session.client_id and \
+                settings.device_retained_reserve and self._fits(
+                    self._usage.get(f"d:{session.client_id}"), message.size,
+                    settings.device_retained_reserve, settings.device_retained_reserve_bytes):
+            message.bucket, message.app = f"d:{session.client_id}", ""  # its own reserve
         else:
-            refusal = self._shared_refusal(f"k:{key}", message.size)
-            message.bucket = f"k:{key}"
+            refusal = self._shared_refusal(message)
         if refusal is not None:
             if old is not None:
                 self._charge(old)  # the previous message stays retained
             return refusal
         self._charge(message)
-        self.retained.set(topic, message)
+        self.retained.set(mounted, message)
         return None
-
-    def _own_device(self, session: KeySession | None, topic: str) -> str | None:
-        """The reserve bucket when ``topic`` is one of the publishing device's own topics."""
-        if session is None or device_of(topic, self.settings.device_prefix) != \
-                session.client_id:
-            return None
-        return f"d:{session.client_id}"
 
     @staticmethod
     def _fits(usage: _Usage | None, size: int, max_count: int, max_bytes: int) -> bool:
         count, used = (usage.count, usage.size) if usage is not None else (0, 0)
         return (not max_count or count < max_count) and (not max_bytes or used + size <= max_bytes)
 
-    def _shared_refusal(self, bucket: str, size: int) -> str | None:
-        settings = self.settings
-        if not self._fits(self._usage.get(bucket), size, settings.max_retained_per_key,
-                          settings.max_retained_bytes_per_key) and bucket != "k:":
+    def _shared_refusal(self, message: Retained) -> str | None:
+        settings, size = self.settings, message.size
+        if not self._fits(self._usage.get(message.bucket), size, settings.max_retained_per_key,
+                          settings.max_retained_bytes_per_key):
             return (f"key quota reached (max_retained_per_key {settings.max_retained_per_key},"
                     f" max_retained_bytes_per_key {settings.max_retained_bytes_per_key})")
+        if not self._fits(self._usage.get(message.app), size, settings.max_retained_per_app,
+                          settings.max_retained_bytes_per_app):
+            return (f"application quota reached (max_retained_per_app "
+                    f"{settings.max_retained_per_app}, max_retained_bytes_per_app "
+                    f"{settings.max_retained_bytes_per_app})")
         if not self._fits(self._shared, size, settings.max_retained_messages,
                           settings.max_retained_bytes):
             return (f"max_retained_messages {settings.max_retained_messages} or "
                     f"max_retained_bytes {settings.max_retained_bytes} reached")
         return None
 
-    def _charge(self, message: Retained) -> None:
-        usage = self._usage.setdefault(message.bucket, _Usage())
-        usage.count += 1
-        usage.size += message.size
-        if message.bucket[0] == "k":
-            self._shared.count += 1
-            self._shared.size += message.size
+    def _charge(self, message: Retained, sign: int = 1) -> None:
+        buckets = [message.bucket, message.app] if message.app else [message.bucket]
+        for bucket in buckets:
+            usage = self._usage.setdefault(bucket, _Usage())
+            usage.count += sign
+            usage.size += sign * message.size
+            if not usage.count:
+                del self._usage[bucket]
+        if message.app:  # outside a device's reserve: the global limits count it
+            self._shared.count += sign
+            self._shared.size += sign * message.size
 
     def _release(self, message: Retained) -> None:
-        usage = self._usage[message.bucket]
-        usage.count -= 1
-        usage.size -= message.size
-        if not usage.count:
-            del self._usage[message.bucket]
-        if message.bucket[0] == "k":
-            self._shared.count -= 1
-            self._shared.size -= message.size
+        self._charge(message, -1)
 
-    def drop_device_retained(self, device_id: str) -> int:
-        """Delete every retained message on a device's topics (the device was removed).
-        Returns how many."""
-        root = device_topic(self.settings.device_prefix, device_id)
-        doomed = [topic for topic, _ in self.retained.matching(root + "/#")]
+    def _drop_retained(self, topic_filter: str) -> int:
+        doomed = [topic for topic, _ in self.retained.matching(topic_filter)]
         for topic in doomed:
             message = self.retained.get(topic)
             if message is not None:
                 self._release(message)
                 self.retained.delete(topic)
         return len(doomed)
+
+    def drop_device_retained(self, device_id: str) -> int:
+        """Delete the retained messages on a removed device's topics (in whichever
+        application: '+' is the mount level). Returns how many."""
+        return self._drop_retained(
+            "+/" + device_topic(self.settings.device_prefix, device_id) + "/#")
+
+    def drop_app_retained(self, mount: str) -> int:
+        """Delete every retained message of a deleted application."""
+        return self._drop_retained(mount + "#")
 
     def _send_retained(self, session: KeySession, granted: dict[str, int]) -> None:
         pending = session.retained_filters
@@ -337,10 +348,10 @@ class Router:
                 topic_filter = next(iter(session.retained_filters))
                 qos = session.retained_filters.pop(topic_filter)
                 sent = 0
-                for topic, message in self.retained.matching(topic_filter):
+                for _, message in self.retained.matching(session.mount + topic_filter):
                     if session.link is not link or session.kicked:
                         return
-                    if not decide(session, topic, Action.RECEIVE).allowed:
+                    if not decide(session, message.topic, Action.RECEIVE).allowed:
                         continue
                     await self._send_one_retained(session, link, message,
                                                   min(qos, message.qos))

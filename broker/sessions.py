@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from broker.audit import AuditLog
-from broker.mqtt.plugins import audit_fields
+from broker.mqtt.plugins import audit_fields, mount_of
 from broker.mqtt.session import Grant, KeySession
 from broker.routing import Router
 
@@ -77,6 +77,7 @@ class SessionRegistry:
             return incoming
         session = existing
         session.conn, session.grant, session.will = incoming.conn, incoming.grant, incoming.will
+        session.mount = incoming.mount
         session.keep_alive = incoming.keep_alive
         session.auth_started = incoming.auth_started
         session.kicked = None
@@ -146,6 +147,18 @@ class SessionRegistry:
             else:
                 self.kick(device_id, "device_deleted")
         self.router.drop_device_retained(device_id)
+
+    def app_removed(self, app_id: str) -> None:
+        """An application was deleted: its sessions go (its keys' and devices' own
+        deletions kick the live ones) and so do its retained messages."""
+        mount = mount_of(app_id)
+        for session in [s for s in self.sessions.values() if s.mount == mount]:
+            session.clean_session = True  # forgotten when its connection ends
+            if session.link is None:
+                self.drop(session)
+            else:
+                self.kick(session.client_id, "app_deleted")
+        self.router.drop_app_retained(mount)
 
     def expire(self, max_age: float, now: float) -> int:
         """Drop persistent sessions offline for longer than ``max_age`` seconds."""

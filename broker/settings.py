@@ -75,6 +75,8 @@ class Settings:
     max_retained_bytes: int = 256 * 1024 * 1024
     max_retained_per_key: int = 1_000
     max_retained_bytes_per_key: int = 16 * 1024 * 1024
+    max_retained_per_app: int = 10_000
+    max_retained_bytes_per_app: int = 64 * 1024 * 1024
     device_retained_reserve: int = 8
     device_retained_reserve_bytes: int = 64 * 1024
     max_connections_per_source: int = 1_000

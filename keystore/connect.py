@@ -24,7 +24,7 @@ V = TypeVar("V")
 @dataclass(frozen=True, slots=True)
 class ConnectLookup:
     key: AccessKey | None  # None: unknown key or wrong secret (indistinguishable)
-    device_registered: bool
+    device_registered: bool  # a device of the key's application
     device_in_scope: bool
     scope: frozenset[str] | None  # None = all devices (unrestricted key)
 
@@ -53,7 +53,7 @@ class ConnectResolver:
         self.backend = backend
         self.generation: int | None = None
         self._scopes: _Lru[str, frozenset[str]] = _Lru(max_scopes)
-        self._devices: _Lru[str, bool] = _Lru(max_devices)
+        self._devices: _Lru[str, str] = _Lru(max_devices)  # device id -> its application
 
     async def lookup(self, key: str, secret: str, device_id: str) -> ConnectLookup:
         if not isinstance(key, str) or not isinstance(secret, str):
@@ -68,8 +68,8 @@ class ConnectResolver:
         if not credentials.verify_secret(secret, row.salt, row.secret_hash) or row.key is None:
             return ConnectLookup(None, False, False, None)
         access_key = row.key
-        if access_key.all_devices:
-            registered = await self._exists(device_id, seen)
+        if access_key.all_devices:  # every device of the key's application
+            registered = await self._app_of(device_id, seen) == access_key.app_id
             return ConnectLookup(access_key, registered, registered, None)
         scope = self._scopes.get(access_key.key)
         if scope is None:
@@ -77,13 +77,15 @@ class ConnectResolver:
             if self.generation == seen:
                 self._scopes.put(access_key.key, scope)
         in_scope = device_id in scope
-        registered = in_scope or await self._exists(device_id, seen)
+        registered = in_scope or await self._app_of(device_id, seen) == access_key.app_id
         return ConnectLookup(access_key, registered, in_scope, scope)
 
-    async def _exists(self, device_id: str, seen: int) -> bool:
+    async def _app_of(self, device_id: str, seen: int) -> str:
+        """The device's application ("" for no device); a device of another application
+        is, for this key, no device at all."""
         known = self._devices.get(device_id)
         if known is None:
-            known = await self.backend.device_exists(device_id)
+            known = await self.backend.device_app(device_id) or ""
             # While we awaited, a concurrent lookup may have seen a newer generation and
             # reset the caches: a result read under the older one must not land there.
             if self.generation == seen:

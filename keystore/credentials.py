@@ -18,13 +18,19 @@ KEY_HEX_LEN = 32  # secrets.token_hex(16): 128 bits
 SALT_BYTES = 16
 
 # Hashing against this when the key is unknown gives unknown keys and wrong secrets the
-# same cost (docs/access.md#connect: the same cost), so timing does not reveal which keys exist.
+# same cost (docs/access.md#connect), so timing does not reveal which keys exist.
 _DUMMY_SALT = secrets.token_bytes(SALT_BYTES)
 _DUMMY_HASH = hmac.new(_DUMMY_SALT, secrets.token_bytes(32), hashlib.sha256).digest()
 
 
 def new_key() -> str:
     return secrets.token_hex(KEY_HEX_LEN // 2)
+
+
+def new_object_id() -> str:
+    """An id for applications (and later keys and tokens): 24 hex characters, like
+    Losant's (MongoDB ObjectId-shaped) ids; random, not a timestamp."""
+    return secrets.token_hex(12)
 
 
 def new_secret() -> str:

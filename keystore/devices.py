@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-from keystore.backend import Backend, UntagSpec
+from keystore.apps import AppOps
+from keystore.backend import UntagSpec
 from keystore.errors import ValidationError
 from keystore.models import Device, Tag
 from keystore.validation import (
@@ -20,18 +21,22 @@ from keystore.validation import (
 log = logging.getLogger(__name__)
 
 
-class DeviceOps:
-    backend: Backend
-
+class DeviceOps(AppOps):
     async def add_device(
-        self, device_id: str, *, name: str | None = None, tags: Iterable[Tag | str] = ()
+        self, device_id: str, *, name: str | None = None, tags: Iterable[Tag | str] = (),
+        app: str | None = None,
     ) -> Device:
-        return await self.backend.insert_device(
-            validate_device_id(device_id), validate_key_name(name, "device name"),
-            validate_tags(tags))
+        """A new device; its id must not exist in any application (it is the MQTT
+        client id, unique across the broker)."""
+        device_id = validate_device_id(device_id)
+        name = validate_key_name(name, "device name")
+        pairs = validate_tags(tags)
+        return await self.backend.insert_device((await self.app(app)).id, device_id, name,
+                                                pairs)
 
     async def upsert_devices(
-        self, items: Iterable[tuple[str, str | None, Iterable[Tag | str]]]
+        self, items: Iterable[tuple[str, str | None, Iterable[Tag | str]]],
+        app: str | None = None,
     ) -> int:
         """Insert new devices and bring existing ones to the given name and tag set.
         Idempotent: re-running the same seed changes nothing. Returns how many devices
@@ -51,20 +56,23 @@ class DeviceOps:
                 validate_key_name(name, "device name"),
                 frozenset(validate_tags(tags)),
             )
-        touched = await self.backend.upsert_devices(wanted)
+        touched = await self.backend.upsert_devices((await self.app(app)).id, wanted)
         log.info("upserted %d devices (%d created or changed)", len(wanted), touched)
         return touched
 
-    async def get_device(self, device_id: str) -> Device:
-        return await self.backend.load_device(device_id)
+    async def get_device(self, device_id: str, *, app: str | None = None) -> Device:
+        return await self.backend.load_device((await self.app(app)).id, device_id)
 
-    async def list_devices(self) -> list[Device]:
-        return await self.backend.all_devices()
+    async def list_devices(self, *, app: str | None = None) -> list[Device]:
+        return await self.backend.all_devices((await self.app(app)).id)
 
-    async def tag_device(self, device_id: str, tags: Iterable[Tag | str]) -> Device:
-        return await self.backend.add_tags(device_id, validate_tags(tags))
+    async def tag_device(self, device_id: str, tags: Iterable[Tag | str], *,
+                         app: str | None = None) -> Device:
+        pairs = validate_tags(tags)
+        return await self.backend.add_tags((await self.app(app)).id, device_id, pairs)
 
-    async def untag_device(self, device_id: str, specs: Iterable[str]) -> Device:
+    async def untag_device(self, device_id: str, specs: Iterable[str], *,
+                           app: str | None = None) -> Device:
         """'k=v' removes that pair, 'k' every value of k. A spec matching none of the
         device's tags is an error and nothing is removed."""
         parsed: list[UntagSpec] = []
@@ -75,18 +83,19 @@ class DeviceOps:
             else:
                 k, _ = parse_tag(f"{spec}=x")  # validate the key alone
                 parsed.append((k, None, spec))
-        return await self.backend.remove_tags(device_id, parsed)
+        return await self.backend.remove_tags((await self.app(app)).id, device_id, parsed)
 
-    async def remove_devices(self, ids: Iterable[str]) -> list[str]:
+    async def remove_devices(self, ids: Iterable[str], *, app: str | None = None) -> list[str]:
         """Remove devices (all or, if one is missing, none); their sessions are
         disconnected by a running daemon (change feed)."""
         wanted = dedupe(as_str_list(ids, "device ids"))
-        await self.backend.delete_devices(wanted)
+        await self.backend.delete_devices((await self.app(app)).id, wanted)
         log.info("removed %d devices", len(wanted))
         return list(wanted)
 
-    async def device_exists(self, device_id: str) -> bool:
-        return await self.backend.device_exists(device_id)
+    async def device_exists(self, device_id: str, *, app: str | None = None) -> bool:
+        """Is this a device of the application?"""
+        return await self.backend.device_app(device_id) == (await self.app(app)).id
 
-    async def count_devices(self) -> int:
-        return await self.backend.count_devices()
+    async def count_devices(self, *, app: str | None = None, every_app: bool = False) -> int:
+        return await self.backend.count_devices(None if every_app else (await self.app(app)).id)

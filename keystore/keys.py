@@ -10,7 +10,7 @@ from enum import Enum
 from typing import Any, Literal
 
 from keystore import credentials
-from keystore.backend import Backend
+from keystore.apps import AppOps
 from keystore.errors import ConflictError, ValidationError
 from keystore.keyspec import (
     KeySpec,
@@ -52,10 +52,8 @@ def short(key: str) -> str:
     return key[:MIN_PREFIX_LEN]
 
 
-class KeyOps:
-    backend: Backend
+class KeyOps(AppOps):
     device_prefix: str
-    max_keys: int
 
     async def create_key(
         self,
@@ -71,6 +69,7 @@ class KeyOps:
         pub_topics: Iterable[str] = (),
         sub_topics: Iterable[str] = (),
         expires_at: datetime | str | None = None,
+        app: str | None = None,
     ) -> tuple[AccessKey, str]:
         """Create one key; returns (key, secret). This is the only time the secret exists:
         only its salted hash is stored. all_devices=None means True when neither
@@ -90,12 +89,15 @@ class KeyOps:
                     "sub_topics": sub_topics,
                     "expires_at": expires_at,
                 }
-            ]
+            ],
+            app=app,
         )
         return created
 
-    async def create_keys(self, specs: Iterable[Mapping[str, Any]]) -> list[tuple[AccessKey, str]]:
-        """Create many keys in one transaction; every spec is validated before any write."""
+    async def create_keys(self, specs: Iterable[Mapping[str, Any]], *,
+                          app: str | None = None) -> list[tuple[AccessKey, str]]:
+        """Create many keys in one transaction; every spec is validated before any write.
+        The application's key limit applies (``max_keys``, else the keystore's)."""
         validated: list[KeySpec] = []
         for index, spec in enumerate(specs):
             if not isinstance(spec, Mapping):
@@ -106,25 +108,28 @@ class KeyOps:
         if repeated is not None:
             raise ConflictError(f"key name {repeated!r} is given to more than one new key")
         minted = [(credentials.new_key(), credentials.new_secret()) for _ in validated]
-        loaded = await self.backend.insert_keys(validated, minted, self.max_keys)
+        owner = await self.app(app)
+        loaded = await self.backend.insert_keys(owner.id, validated, minted,
+                                                self.key_limit(owner))
         log.info("created %d access keys", len(minted))
         return [(loaded[key], secret) for key, secret in minted]
 
-    async def get_key(self, key_or_prefix: str) -> AccessKey:
-        """The key with this id, or the only key whose id starts with this prefix
-        (at least 8 characters)."""
-        return await self.backend.load_key(key_or_prefix)
+    async def get_key(self, key_or_prefix: str, *, app: str | None = None) -> AccessKey:
+        """The application's key with this id, or its only key whose id starts with this
+        prefix (at least 8 characters)."""
+        return await self.backend.load_key((await self.app(app)).id, key_or_prefix)
 
     async def keys_by_id(self, keys: Iterable[str]) -> dict[str, AccessKey]:
         """Batch lookup by full key id; missing keys are simply absent (broker polling)."""
         return await self.backend.keys_by_id(dedupe(keys))
 
-    async def list_keys(self, query: Mapping[str, Any] | str | None = None) -> list[AccessKey]:
-        """Keys matching a Losant-style advanced query (see keystore.query)."""
-        return await self.backend.query_keys(query)
+    async def list_keys(self, query: Mapping[str, Any] | str | None = None, *,
+                        app: str | None = None) -> list[AccessKey]:
+        """The application's keys matching a Losant-style advanced query (keystore.query)."""
+        return await self.backend.query_keys((await self.app(app)).id, query)
 
-    async def count_keys(self) -> int:
-        return await self.backend.count_keys()
+    async def count_keys(self, *, app: str | None = None, every_app: bool = False) -> int:
+        return await self.backend.count_keys(None if every_app else (await self.app(app)).id)
 
     async def update_key(
         self,
@@ -141,6 +146,7 @@ class KeyOps:
         device_ids: Any = UNSET,
         device_tags: Any = UNSET,
         all_devices: Any = UNSET,
+        app: str | None = None,
     ) -> AccessKey:
         """Change the given fields (UNSET leaves one alone; None clears name, description
         or expiry). The device restriction is immutable: passing it is a ConflictError."""
@@ -181,16 +187,20 @@ class KeyOps:
                 changes.get("sub_topics", current.sub_topics),
             )
 
-        return await self.backend.change_key(key_or_prefix, changes, check)
+        return await self.backend.change_key((await self.app(app)).id, key_or_prefix, changes,
+                                             check)
 
-    async def set_status(self, keys: Iterable[str], status: KeyStatus | str) -> list[AccessKey]:
+    async def set_status(self, keys: Iterable[str], status: KeyStatus | str, *,
+                         app: str | None = None) -> list[AccessKey]:
         new_status = coerce_status(status)
-        changed = await self.backend.set_status(dedupe(as_str_list(keys, "keys")), new_status)
+        refs = dedupe(as_str_list(keys, "keys"))
+        changed = await self.backend.set_status((await self.app(app)).id, refs, new_status)
         log.info("set %d keys %s", len(changed), new_status.value)
         return changed
 
-    async def delete_keys(self, keys: Iterable[str]) -> list[str]:
-        deleted = await self.backend.delete_keys(dedupe(as_str_list(keys, "keys")))
+    async def delete_keys(self, keys: Iterable[str], *, app: str | None = None) -> list[str]:
+        refs = dedupe(as_str_list(keys, "keys"))
+        deleted = await self.backend.delete_keys((await self.app(app)).id, refs)
         log.info("deleted %d keys: %s", len(deleted),
                  ", ".join(short(k) for k in deleted[:20]))
         return deleted

@@ -66,6 +66,29 @@ class Change:
 
 
 @dataclass(frozen=True, slots=True)
+class Application:
+    """A tenant: every device and key belongs to exactly one (docs/access.md#applications)."""
+
+    id: str  # 24 hex characters, like Losant's ids
+    name: str
+    description: str | None
+    max_keys: int | None  # None: the keystore's configured limit; 0: no limit
+    created_at: datetime
+    updated_at: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "applicationId": self.id,
+            "name": self.name,
+            "description": self.description,
+            "maxKeys": self.max_keys,
+            "creationDate": iso(self.created_at),
+            "lastUpdated": iso(self.updated_at),
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class Device:
     id: str
     name: str | None
@@ -74,10 +97,12 @@ class Device:
     updated_at: datetime
     connected: bool = False
     last_seen: datetime | None = None
+    app_id: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
             "deviceId": self.id,
+            "applicationId": self.app_id,
             "name": self.name,
             "tags": [{"key": k, "value": v} for k, v in self.tags],
             "creationDate": iso(self.created_at),
@@ -109,6 +134,7 @@ class AccessKey:
     created_at: datetime
     updated_at: datetime
     last_used: datetime | None = None
+    app_id: str = ""
 
     def is_expired(self, now: datetime) -> bool:
         return self.expires_at is not None and now >= self.expires_at
@@ -116,6 +142,7 @@ class AccessKey:
     def to_losant(self) -> dict[str, Any]:
         return {
             "key": self.key,
+            "applicationId": self.app_id,
             "name": self.name,
             "description": self.description,
             "status": self.status.value,

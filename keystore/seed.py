@@ -23,9 +23,11 @@ from keystore.store import KeyStore
 from keystore.validation import as_utc, parse_tag, parse_when
 
 BATCH = 5000
-DEVICE_FIELDS = frozenset({"id", "name", "tags"})
+APP_FIELDS = frozenset({"name", "description", "max_keys"})
+DEVICE_FIELDS = frozenset({"id", "name", "tags", "application"})
 KEY_FIELDS = frozenset(
     {
+        "application",
         "name",
         "description",
         "devices",
@@ -44,12 +46,15 @@ T = TypeVar("T")
 
 @dataclass(frozen=True, slots=True)
 class SeedPlan:
-    devices: list[DeviceRow]
-    keys: list[dict[str, Any]]  # create_key keyword arguments
+    apps: list[dict[str, Any]]  # create_app keyword arguments
+    # by application name (None: the keystore's default application)
+    devices: dict[str | None, list[DeviceRow]]
+    keys: dict[str | None, list[dict[str, Any]]]  # create_key keyword arguments
 
 
 @dataclass(slots=True)
 class SeedResult:
+    apps: int = 0  # created
     devices: int = 0  # in the file
     changed: int = 0  # of those, created or changed
     created: int = 0
@@ -75,10 +80,11 @@ def read_seed(path: Path) -> SeedPlan:
         raise ValidationError(f"seed file {str(path)!r}: invalid {kind}: {exc}") from None
     if not isinstance(doc, dict):
         raise ValidationError(f"seed file {str(path)!r}: expected a table/object at the top")
-    unknown = sorted(set(doc) - {"devices", "keys"})
+    unknown = sorted(set(doc) - {"applications", "devices", "keys"})
     if unknown:
         raise ValidationError(
-            f"seed file {str(path)!r}: unknown section {unknown[0]!r} (expected devices, keys)"
+            f"seed file {str(path)!r}: unknown section {unknown[0]!r} "
+            "(expected applications, devices, keys)"
         )
     return parse_seed(doc)
 
@@ -175,16 +181,36 @@ def key_spec(where: str, item: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
+def app_spec(where: str, item: dict[str, Any]) -> dict[str, Any]:
+    name = optional_str(where, item, "name")
+    if name is None:
+        raise ValidationError(f"{where}: name is required")
+    spec: dict[str, Any] = {"name": name,
+                            "description": optional_str(where, item, "description")}
+    if "max_keys" in item:
+        spec["max_keys"] = item["max_keys"]
+    return spec
+
+
 def parse_seed(doc: dict[str, Any]) -> SeedPlan:
-    devices = [device_row(where, item) for where, item in items(doc, "devices", DEVICE_FIELDS)]
-    keys = [key_spec(where, item) for where, item in items(doc, "keys", KEY_FIELDS)]
-    seen: set[str] = set()
-    for spec in keys:
-        name = spec["name"]
-        if name is not None and name in seen:
-            raise ValidationError(f"seed keys: duplicate key name {name!r}")
-        seen.add(name)
-    return SeedPlan(devices, keys)
+    apps = [app_spec(where, item) for where, item in items(doc, "applications", APP_FIELDS)]
+    devices: dict[str | None, list[DeviceRow]] = {}
+    for where, item in items(doc, "devices", DEVICE_FIELDS):
+        app = optional_str(where, item, "application")
+        devices.setdefault(app, []).append(device_row(where, item))
+    keys: dict[str | None, list[dict[str, Any]]] = {}
+    for where, item in items(doc, "keys", KEY_FIELDS):
+        app = optional_str(where, item, "application")
+        keys.setdefault(app, []).append(key_spec(where, item))
+    for app, specs in keys.items():
+        seen: set[str] = set()
+        for spec in specs:
+            name = spec["name"]
+            if name is not None and name in seen:
+                raise ValidationError(f"seed keys: duplicate key name {name!r}"
+                                      + (f" in application {app!r}" if app else ""))
+            seen.add(name)
+    return SeedPlan(apps, devices, keys)
 
 
 # --- applying it --------------------------------------------------------------------
@@ -199,26 +225,34 @@ async def apply_seed(
     ks: KeyStore, plan: SeedPlan, on_secret: Callable[[dict[str, Any]], None],
     on_progress: Callable[[int], None] = lambda _done: None,
 ) -> SeedResult:
-    """Upsert the devices, then create the keys whose name does not exist yet, one batch
-    (one transaction) at a time. ``on_secret`` gets each new key's {"key", "name",
-    "secret"} as soon as its batch is committed, so a later failure loses no secret;
-    ``on_progress`` the number of entries done since the last call."""
+    """Create the applications that do not exist yet, upsert the devices, then create the
+    keys whose name does not exist yet in their application, one batch (one transaction)
+    at a time. ``on_secret`` gets each new key's {"key", "name", "secret"} as soon as its
+    batch is committed, so a later failure loses no secret; ``on_progress`` the number of
+    entries done since the last call."""
     result = SeedResult()
-    for rows in batches(plan.devices):
-        result.devices += len(rows)
-        result.changed += await ks.upsert_devices(rows)
-        on_progress(len(rows))
-    existing = {k.name for k in await ks.list_keys(None) if k.name is not None}
-    todo = []
-    for spec in plan.keys:
-        if spec["name"] in existing:
-            result.skipped.append(spec["name"])
-        else:
-            todo.append(spec)
-    on_progress(len(result.skipped))
-    for specs in batches(todo):
-        for key, secret in await ks.create_keys(list(specs)):
-            on_secret({"key": key.key, "name": key.name, "secret": secret})
-        result.created += len(specs)
-        on_progress(len(specs))
+    present = {app.name for app in await ks.list_apps()}
+    for spec in plan.apps:
+        if spec["name"] not in present:
+            await ks.create_app(**spec)
+            result.apps += 1
+    for app, devices in plan.devices.items():
+        for rows in batches(devices):
+            result.devices += len(rows)
+            result.changed += await ks.upsert_devices(rows, app=app)
+            on_progress(len(rows))
+    for app, specs in plan.keys.items():
+        existing = {k.name for k in await ks.list_keys(None, app=app) if k.name is not None}
+        todo = []
+        for spec in specs:
+            if spec["name"] in existing:
+                result.skipped.append(spec["name"])
+            else:
+                todo.append(spec)
+        on_progress(len(specs) - len(todo))
+        for chunk in batches(todo):
+            for key, secret in await ks.create_keys(list(chunk), app=app):
+                on_secret({"key": key.key, "name": key.name, "secret": secret})
+            result.created += len(chunk)
+            on_progress(len(chunk))
     return result

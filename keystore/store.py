@@ -1,4 +1,4 @@
-"""KeyStore: the keystore's API, by resource (devices, keys, change feed), over one
+"""KeyStore: the keystore's API, by resource (applications, devices, keys, change feed), over one
 backend (keystore.backend: SQLite by default, keystore.sqlite).
 
 Every public operation is one backend transaction and validates its whole input first,
@@ -15,6 +15,7 @@ from collections.abc import Generator
 from types import TracebackType
 from typing import Any, Self
 
+from keystore.apps import DEFAULT_APP
 from keystore.backend import Backend
 from keystore.connect import ConnectResolver
 from keystore.devices import DeviceOps
@@ -29,7 +30,8 @@ class KeyStore(DeviceOps, KeyOps, FeedOps):
     def __init__(self, backend: Backend, *, device_prefix: str, max_keys: int) -> None:
         self.backend = backend
         self.device_prefix = device_prefix
-        self.max_keys = max_keys
+        self.max_keys = max_keys  # the key limit of applications that set none
+        self.default_app = DEFAULT_APP
         self._resolver = ConnectResolver(backend)
 
     @property

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from broker.cli.apps import apps
 from broker.cli.backup import backup_cmd
 from broker.cli.common import CliState, KeybrokerGroup
 from broker.cli.config import config_cmd
@@ -46,6 +47,7 @@ def main(ctx: click.Context, db: Path | None, config: Path | None, verbose: bool
     ctx.obj = CliState(db, config, verbose)
 
 
+main.add_command(apps)
 main.add_command(devices)
 main.add_command(keys)
 main.add_command(seed)

@@ -26,6 +26,8 @@ from keystore.models import AddressMode, Tag, TopicMode
 from keystore.validation import parse_tag
 
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+ENV_APP = "KEYBROKER_APP"
 
 
 class CliState:
@@ -37,6 +39,7 @@ class CliState:
         self.db_override = db_override
         self.config = config
         self.verbose = verbose
+        self.app: str | None = None  # --app (or KEYBROKER_APP): None = "default"
 
     @functools.cached_property
     def settings(self) -> Settings:
@@ -119,9 +122,25 @@ def run_store(action: Callable[[KeyStore], Awaitable[T]], *, create: bool = Fals
         async with KeyStore.open(
             str(path), device_prefix=settings.device_prefix, max_keys=settings.max_keys
         ) as ks:
+            app = current_state().app
+            if app is not None:
+                ks.default_app = app
             return await action(ks)
 
     return asyncio.run(go())
+
+
+def _remember_app(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        current_state().app = value
+
+
+def app_option(f: F) -> F:
+    """--app APP (name or id; env KEYBROKER_APP) on a devices/keys command: the
+    application it works in. Without it, the one named "default"."""
+    return click.option("--app", envvar=ENV_APP, expose_value=False, callback=_remember_app,
+                        metavar="APP", help="Application name or id (default: 'default'; "
+                        f"env {ENV_APP}).")(f)
 
 
 def stdin_is_interactive() -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from broker.cli.common import confirm_or_abort, keystore_file, parse_tags, run_store
+from broker.cli.common import app_option, confirm_or_abort, keystore_file, parse_tags, run_store
 from broker.cli.output import device_details, device_table, echo_json, report_created, secret_file
 from keystore import KeyStore
 from keystore.models import Device, TopicMode
@@ -23,6 +23,7 @@ def print_device(device: Device, as_json: bool) -> None:
 
 
 @devices.command("add")
+@app_option
 @click.argument("device_id", metavar="ID")
 @click.option("--name", help="Human-readable name.")
 @click.option("--tag", "tags", multiple=True, metavar="K=V", help="Tag (repeatable).")
@@ -38,6 +39,7 @@ def add(device_id: str, name: str | None, tags: tuple[str, ...], as_json: bool) 
 
 
 @devices.command("list")
+@app_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
 def list_(as_json: bool) -> None:
     """List devices."""
@@ -50,6 +52,7 @@ def list_(as_json: bool) -> None:
 
 
 @devices.command("show")
+@app_option
 @click.argument("device_id", metavar="ID")
 @click.option("--json", "as_json", is_flag=True, help="Print the device as JSON.")
 def show(device_id: str, as_json: bool) -> None:
@@ -58,6 +61,7 @@ def show(device_id: str, as_json: bool) -> None:
 
 
 @devices.command("tag")
+@app_option
 @click.argument("device_id", metavar="ID")
 @click.argument("tags", nargs=-1, required=True, metavar="K=V...")
 @click.option("--json", "as_json", is_flag=True, help="Print the device as JSON.")
@@ -68,6 +72,7 @@ def tag(device_id: str, tags: tuple[str, ...], as_json: bool) -> None:
 
 
 @devices.command("untag")
+@app_option
 @click.argument("device_id", metavar="ID")
 @click.argument("specs", nargs=-1, required=True, metavar="K=V|K...")
 @click.option("--json", "as_json", is_flag=True, help="Print the device as JSON.")
@@ -77,6 +82,7 @@ def untag(device_id: str, specs: tuple[str, ...], as_json: bool) -> None:
 
 
 @devices.command("remove")
+@app_option
 @click.argument("device_ids", nargs=-1, required=True, metavar="ID...")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def remove(device_ids: tuple[str, ...], yes: bool) -> None:
@@ -98,6 +104,7 @@ def remove(device_ids: tuple[str, ...], yes: bool) -> None:
 
 
 @devices.command("kick")
+@app_option
 @click.argument("device_ids", metavar="ID...", nargs=-1, required=True)
 def kick(device_ids: tuple[str, ...]) -> None:
     """Disconnect the live session of each device ID (the running daemon acts within ~1 s).
@@ -117,6 +124,7 @@ def kick(device_ids: tuple[str, ...]) -> None:
 
 
 @devices.command("key")
+@app_option
 @click.argument("device_id", metavar="ID")
 @click.option("--name", help="Key name (unique among keys).")
 @click.option("--json", "as_json", is_flag=True, help="Print the key and secret as JSON.")

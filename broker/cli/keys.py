@@ -10,6 +10,7 @@ import click
 
 from broker.cli.common import (
     address_restriction,
+    app_option,
     confirm_or_abort,
     keystore_file,
     parse_tags,
@@ -79,6 +80,7 @@ def topic_options(f: F) -> F:
 
 
 @keys.command("create")
+@app_option
 @click.option("--name", help="Key name (unique among keys).")
 @click.option("--description", help="Free text.")
 @click.option(
@@ -151,6 +153,7 @@ def parse_query(text: str | None) -> Any:
 
 
 @keys.command("list")
+@app_option
 @click.option(
     "--query",
     metavar="JSON",
@@ -170,6 +173,7 @@ def list_(query: str | None, as_json: bool, full: bool) -> None:
 
 
 @keys.command("show")
+@app_option
 @click.argument("key", metavar="KEY")
 @click.option("--json", "as_json", is_flag=True, help="Print the key document as JSON.")
 def show(key: str, as_json: bool) -> None:
@@ -220,6 +224,7 @@ def update_changes(
 
 
 @keys.command("update")
+@app_option
 @click.argument("key", metavar="KEY")
 @click.option("--name", help="New name ('' clears it).")
 @click.option("--description", help="New description ('' clears it).")
@@ -266,6 +271,7 @@ def set_status(keys_: tuple[str, ...], status: KeyStatus) -> None:
 
 
 @keys.command("activate")
+@app_option
 @click.argument("keys_", nargs=-1, required=True, metavar="KEY...")
 def activate(keys_: tuple[str, ...]) -> None:
     """Reactivate keys."""
@@ -273,6 +279,7 @@ def activate(keys_: tuple[str, ...]) -> None:
 
 
 @keys.command("deactivate")
+@app_option
 @click.argument("keys_", nargs=-1, required=True, metavar="KEY...")
 def deactivate(keys_: tuple[str, ...]) -> None:
     """Deactivate keys without deleting them (their sessions are disconnected)."""
@@ -280,6 +287,7 @@ def deactivate(keys_: tuple[str, ...]) -> None:
 
 
 @keys.command("delete")
+@app_option
 @click.argument("keys_", nargs=-1, required=True, metavar="KEY...")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def delete(keys_: tuple[str, ...], yes: bool) -> None:

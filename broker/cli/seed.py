@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 import click
 
-from broker.cli.common import run_store
+from broker.cli.common import app_option, run_store
 from broker.cli.output import FILED_NOTICE, SECRET_NOTICE, SecretSink, secret_file
 from keystore.seed import SeedResult, apply_seed, read_seed
 
@@ -40,6 +40,8 @@ class BatchProgress:
 
 
 def report(result: SeedResult, sink: SecretSink | None) -> None:
+    if result.apps:
+        click.echo(f"applications created: {result.apps}", err=True)
     click.echo(
         f"devices: {result.devices}, of which created or changed: {result.changed}", err=True
     )
@@ -61,6 +63,7 @@ def report(result: SeedResult, sink: SecretSink | None) -> None:
 
 
 @click.command("seed")
+@app_option
 @click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
 @click.option(
     "--output",
@@ -74,7 +77,9 @@ def seed(file: Path, output: str | None) -> None:
     {"key","name","secret"}, or to --output.
     """
     plan = read_seed(file)
-    total = len(plan.devices) + len(plan.keys)
+    devices = sum(map(len, plan.devices.values()))
+    keys = sum(map(len, plan.keys.values()))
+    total = devices + keys
     with secret_file(output) as sink:
 
         def secret(doc: dict[str, Any]) -> None:
@@ -84,7 +89,7 @@ def seed(file: Path, output: str | None) -> None:
                 click.echo(json.dumps(doc, ensure_ascii=False))
 
         if total > PROGRESS_THRESHOLD:
-            label = f"seeding {len(plan.devices)} devices, {len(plan.keys)} keys"
+            label = f"seeding {devices} devices, {keys} keys"
             with click.progressbar(length=total, label=label, file=sys.stderr) as bar:
                 progress = BatchProgress(bar, total, interactive=sys.stderr.isatty())
                 result = run_store(lambda ks: apply_seed(ks, plan, secret, progress.update),

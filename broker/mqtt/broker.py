@@ -143,7 +143,7 @@ class KeyBroker(Broker):
         """amqtt's view (filter -> [(session, qos)]), rebuilt from the trie; not a hot path."""
         view: dict[str, list[tuple[KeySession, int]]] = {}
         for session in self.registry.sessions.values():
-            for topic_filter, qos in self.router.subtree.filters_of(session.client_id).items():
+            for topic_filter, qos in self.router.filters_of(session).items():
                 view.setdefault(topic_filter, []).append((session, qos))
         return view
 
@@ -250,14 +250,14 @@ class KeyBroker(Broker):
         data: bytes | bytearray | None,
         force_qos: int | None = None,
     ) -> None:
-        """amqtt queued every message for its broadcast task: routed at once instead."""
-        if topic is not None and data is not None:
-            self.router.route(topic, bytes(data), force_qos if force_qos is not None else 0)
+        """amqtt's internal publishing (plugins, $SYS) names no application: every topic
+        belongs to one, so nothing is routed (keybroker's own code never calls this)."""
+        logger.warning("amqtt internal publish on %r dropped: no application", topic)
 
     async def _run_broadcast(self, running_tasks: Any) -> None:
-        """Only what amqtt's own code still puts on its queue (nothing, in keybroker)."""
+        """Only what amqtt's own code puts on its queue (nothing, in keybroker): dropped."""
         broadcast = await self._broadcast_queue.get()
-        self.router.route(broadcast["topic"], bytes(broadcast["data"]), broadcast.get("qos") or 0)
+        logger.warning("amqtt broadcast on %r dropped: no application", broadcast.get("topic"))
 
     async def retain_message(
         self,
@@ -266,10 +266,10 @@ class KeyBroker(Broker):
         data: bytes | bytearray | None,
         qos: int | None = None,
     ) -> None:
-        """amqtt's plugin API for retaining: with keybroker's quotas."""
-        if topic_name is not None:
-            session = source_session if isinstance(source_session, KeySession) else None
-            self.inbound.retain(session, topic_name, bytes(data or b""), qos or 0)
+        """amqtt's plugin API for retaining: for a keybroker session, with its quotas and
+        in its application; anything else names no application and is not kept."""
+        if topic_name is not None and isinstance(source_session, KeySession):
+            self.inbound.retain(source_session, topic_name, bytes(data or b""), qos or 0)
 
     async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
         """amqtt's plugin API for subscribing: checked like a SUBSCRIBE."""

@@ -90,14 +90,14 @@ class Inbound:
             if self.settings.denied_publish == "disconnect":
                 return Verdict.CLOSE  # no PUBACK: the client must not think it was accepted
             return Verdict.DROPPED
-        self.router.route(topic, data, qos)
+        self.router.route(session.mount, topic, data, qos)
         if retain:
             self.retain(session, topic, data, qos)
         return Verdict.ACCEPTED
 
-    def retain(self, session: KeySession | None, topic: str, data: bytes, qos: int) -> None:
+    def retain(self, session: KeySession, topic: str, data: bytes, qos: int) -> None:
         refusal = self.router.retain(session, topic, data, qos)
-        if refusal is not None and session is not None:
+        if refusal is not None:
             self.router.audit_denied("retain_refused", session, topic, refusal)
 
     def publish_will(self, session: KeySession, will: Will) -> None:
@@ -109,7 +109,7 @@ class Inbound:
             reason = f"limit: {problem}" if problem is not None else decision.reason
             self.router.audit_denied("publish_denied", session, will.topic, reason, will=True)
             return
-        self.router.route(will.topic, will.payload, will.qos)
+        self.router.route(session.mount, will.topic, will.payload, will.qos)
         if will.retain:
             self.retain(session, will.topic, will.payload, will.qos)
 

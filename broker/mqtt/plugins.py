@@ -34,12 +34,18 @@ logger = logging.getLogger(__name__)
 NO_GRANT = Decision(False, "not_authenticated")
 
 
+def mount_of(app_id: str) -> str:
+    """The prefix of an application's topics inside the broker (never seen on the wire)."""
+    return app_id + "/"
+
+
 def audit_fields(session: KeySession, key: str | None = None) -> dict[str, Any]:
     """The audit fields identifying a session's connection (public key id, never a secret);
     ``key`` names the key when the session has no grant yet (a refused CONNECT)."""
     conn, grant = session.conn, session.grant
     return {
         "key": key if key is not None else (grant.key.key if grant else None),
+        "app": grant.key.app_id if grant else None,
         "client_id": session.client_id,
         "client_ip": conn.client_ip,
         "peer_ip": conn.peer_ip,
@@ -77,6 +83,7 @@ class AccessKeyAuthPlugin(BaseAuthPlugin):
                 outcome = Refusal("internal_error", 5, None)
         if isinstance(outcome, Grant):
             session.grant = outcome
+            session.mount = mount_of(outcome.key.app_id)
             self._audit("connect_ok", session, outcome.key.key, None)
             return True
         session.refusal = outcome

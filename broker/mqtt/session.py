@@ -53,7 +53,7 @@ class Will:
 class KeySession:
     __slots__ = (
         "client_id", "clean_session", "conn", "will", "keep_alive", "username", "password",
-        "grant", "refusal", "auth_started", "link", "kicked", "suppress_will",
+        "grant", "mount", "refusal", "auth_started", "link", "kicked", "suppress_will",
         "outbox", "inflight_in", "present", "bucket", "denials", "disconnected_at",
         "retained_filters", "retained_sending",
     )
@@ -68,6 +68,9 @@ class KeySession:
         self.username: str | None = None
         self.password: str | None = None
         self.grant: Grant | None = None  # set by the auth plugin on success
+        # The session's application as the prefix of its topics inside the broker: every
+        # application's topics are mounted apart, so tenants never meet (see routing).
+        self.mount = ""
         self.refusal: Refusal | None = None  # set by the auth plugin on failure
         self.auth_started = 0.0  # loop time the CONNECT's key was read
         self.link: Link | None = None  # the live connection's sending side; None offline

@@ -29,13 +29,15 @@ from typing import Any
 
 import aiosqlite
 
+from keystore import credentials
 from keystore.backend import ConnectRow, UntagSpec
 from keystore.errors import ConflictError, LimitError, NotFoundError, ValidationError
 from keystore.keyspec import KeySpec
-from keystore.models import AccessKey, Change, Device, KeyStatus, Tag
+from keystore.models import AccessKey, Application, Change, Device, KeyStatus, Tag
 from keystore.query import compile_query
 from keystore.sqlite import statements
 from keystore.sqlite.db import (
+    APP_COLUMNS,
     DEVICE_COLUMNS,
     KEY_COLUMN_COUNT,
     KEY_COLUMNS,
@@ -44,6 +46,7 @@ from keystore.sqlite.db import (
     from_micros,
     now_micros,
     placeholders,
+    row_to_app,
     row_to_device,
     row_to_key,
     to_micros,
@@ -128,45 +131,99 @@ class SqliteBackend:
     async def _count(self, sql: str) -> int:
         return int((await self._fetchall(sql))[0][0])
 
+    # --- applications -------------------------------------------------------------------
+
+    async def insert_app(self, name: str, description: str | None,
+                         max_keys: int | None) -> Application:
+        now = now_micros()
+        async with self._write() as conn:
+            if await conn.execute_fetchall("SELECT 1 FROM applications WHERE name = ?",
+                                           (name,)):
+                raise ConflictError(f"application name {name!r} is already used")
+            app_id = credentials.new_object_id()
+            await conn.execute(
+                "INSERT INTO applications (id, name, description, max_keys, created_at, "
+                "updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (app_id, name, description, max_keys, now, now))
+            return await statements.load_app(conn, app_id)
+
+    async def load_app(self, ref: str) -> Application:
+        async with self._lock:
+            return await statements.load_app(self._conn, ref)
+
+    async def all_apps(self) -> list[Application]:
+        rows = await self._fetchall(f"SELECT {APP_COLUMNS} FROM applications a ORDER BY a.name")
+        return [row_to_app(r) for r in rows]
+
+    async def change_app(self, ref: str, changes: dict[str, Any]) -> Application:
+        async with self._write() as conn:
+            app = await statements.load_app(conn, ref)
+            name = changes.get("name")
+            if name is not None and await conn.execute_fetchall(
+                    "SELECT 1 FROM applications WHERE name = ? AND id != ?", (name, app.id)):
+                raise ConflictError(f"application name {name!r} is already used")
+            if changes:
+                assigns = ", ".join(f"{column} = ?" for column in changes)
+                await conn.execute(
+                    f"UPDATE applications SET {assigns}, updated_at = ? WHERE id = ?",
+                    (*changes.values(), now_micros(), app.id))
+            return await statements.load_app(conn, app.id)
+
+    async def delete_apps(self, refs: tuple[str, ...]) -> list[Application]:
+        """Delete applications with all their keys and devices (all, or none if one is
+        missing). Triggers write a change for every key, device and application."""
+        async with self._write() as conn:
+            apps = [await statements.load_app(conn, ref) for ref in refs]
+            for app in dict((a.id, a) for a in apps).values():
+                await conn.execute("DELETE FROM access_keys WHERE app_id = ?", (app.id,))
+                await conn.execute("DELETE FROM devices WHERE app_id = ?", (app.id,))
+                await conn.execute("DELETE FROM applications WHERE id = ?", (app.id,))
+        return apps
+
     # --- devices --------------------------------------------------------------------------
 
-    async def insert_device(self, device_id: str, name: str | None,
+    async def insert_device(self, app_id: str, device_id: str, name: str | None,
                             tags: tuple[Tag, ...]) -> Device:
         now = now_micros()
         async with self._write() as conn:
-            if await statements.device_exists(conn, device_id):
-                raise ConflictError(f"device {device_id!r} already exists")
+            owner = await statements.device_app(conn, device_id)
+            if owner is not None:
+                where = "" if owner == app_id else " in another application"
+                raise ConflictError(f"device {device_id!r} already exists{where}")
             await conn.execute(
-                "INSERT INTO devices (id, name, created_at, updated_at) VALUES (?, ?, ?, ?)",
-                (device_id, name, now, now),
+                "INSERT INTO devices (id, name, created_at, updated_at, app_id) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (device_id, name, now, now, app_id),
             )
             await conn.executemany(
                 "INSERT INTO device_tags (device_id, key, value) VALUES (?, ?, ?)",
                 [(device_id, k, v) for k, v in tags],
             )
-            return await statements.load_device(conn, device_id)
+            return await statements.load_device(conn, app_id, device_id)
 
     async def upsert_devices(
-        self, wanted: Mapping[str, tuple[str | None, frozenset[Tag]]]
+        self, app_id: str, wanted: Mapping[str, tuple[str | None, frozenset[Tag]]]
     ) -> int:
         now = now_micros()
         touched = 0
         async with self._write() as conn:
             for batch in chunks(list(wanted), 20_000):
-                touched += await statements.upsert_batch(conn, batch, dict(wanted), now)
+                touched += await statements.upsert_batch(conn, app_id, batch, dict(wanted), now)
         return touched
 
-    async def load_device(self, device_id: str) -> Device:
+    async def load_device(self, app_id: str, device_id: str) -> Device:
         async with self._lock:
-            return await statements.load_device(self._conn, device_id)
+            return await statements.load_device(self._conn, app_id, device_id)
 
-    async def all_devices(self) -> list[Device]:
-        rows = await self._fetchall(f"SELECT {DEVICE_COLUMNS} FROM devices d ORDER BY d.id")
+    async def all_devices(self, app_id: str) -> list[Device]:
+        rows = await self._fetchall(
+            f"SELECT {DEVICE_COLUMNS} FROM devices d WHERE d.app_id = ? ORDER BY d.id",
+            (app_id,))
         return [row_to_device(r) for r in rows]
 
-    async def add_tags(self, device_id: str, tags: tuple[Tag, ...]) -> Device:
+    async def add_tags(self, app_id: str, device_id: str, tags: tuple[Tag, ...]) -> Device:
         async with self._write() as conn:
-            before = await statements.load_device(conn, device_id)
+            before = await statements.load_device(conn, app_id, device_id)
             added = [p for p in tags if p not in before.tags]
             if added:
                 await conn.executemany(
@@ -174,11 +231,11 @@ class SqliteBackend:
                     [(before.id, k, v) for k, v in added],
                 )
                 await statements.touch_device(conn, before.id)
-            return await statements.load_device(conn, before.id)
+            return await statements.load_device(conn, app_id, before.id)
 
-    async def remove_tags(self, device_id: str, specs: list[UntagSpec]) -> Device:
+    async def remove_tags(self, app_id: str, device_id: str, specs: list[UntagSpec]) -> Device:
         async with self._write() as conn:
-            before = await statements.load_device(conn, device_id)
+            before = await statements.load_device(conn, app_id, device_id)
             doomed: set[Tag] = set()
             for tag_key, tag_value, spec in specs:
                 hits = {t for t in before.tags
@@ -192,11 +249,11 @@ class SqliteBackend:
                     [(before.id, k, v) for k, v in doomed],
                 )
                 await statements.touch_device(conn, before.id)
-            return await statements.load_device(conn, before.id)
+            return await statements.load_device(conn, app_id, before.id)
 
-    async def delete_devices(self, device_ids: tuple[str, ...]) -> None:
+    async def delete_devices(self, app_id: str, device_ids: tuple[str, ...]) -> None:
         async with self._write() as conn:
-            missing = await statements.missing_devices(conn, device_ids)
+            missing = await statements.missing_devices(conn, app_id, device_ids)
             if missing:
                 raise NotFoundError(f"no device {missing[0]!r} (nothing removed)")
             for batch in chunks(device_ids):
@@ -204,71 +261,81 @@ class SqliteBackend:
                     f"DELETE FROM devices WHERE id IN ({placeholders(len(batch))})", batch
                 )
 
-    async def device_exists(self, device_id: str) -> bool:
+    async def device_app(self, device_id: str) -> str | None:
         async with self._lock:
-            return await statements.device_exists(self._conn, device_id)
+            return await statements.device_app(self._conn, device_id)
 
-    async def count_devices(self) -> int:
-        return await self._count("SELECT count(*) FROM devices")
+    async def count_devices(self, app_id: str | None) -> int:
+        if app_id is None:
+            return await self._count("SELECT count(*) FROM devices")
+        rows = await self._fetchall("SELECT count(*) FROM devices WHERE app_id = ?", (app_id,))
+        return int(rows[0][0])
 
     # --- keys -------------------------------------------------------------------------
 
-    async def insert_keys(self, specs: list[KeySpec], minted: list[tuple[str, str]],
-                          max_keys: int) -> dict[str, AccessKey]:
-        """Insert validated keys after the checks that need the database: the key limit,
-        device ids that exist, names not taken."""
+    async def insert_keys(self, app_id: str, specs: list[KeySpec],
+                          minted: list[tuple[str, str]], max_keys: int) -> dict[str, AccessKey]:
+        """Insert validated keys after the checks that need the database: the
+        application's key limit, device ids of this application, names not taken in it."""
         now = now_micros()
         names = [s.name for s in specs if s.name is not None]
         async with self._write() as conn:
             if max_keys:
-                existing = await statements.count(conn, "SELECT count(*) FROM access_keys")
+                existing = await statements.count(
+                    conn, "SELECT count(*) FROM access_keys WHERE app_id = ?", (app_id,))
                 if existing + len(specs) > max_keys:
                     raise LimitError(
-                        f"key limit of {max_keys} reached: {existing} keys exist, "
-                        f"cannot create {len(specs)} more")
+                        f"key limit of {max_keys} reached: {existing} keys exist in the "
+                        f"application, cannot create {len(specs)} more")
             missing = await statements.missing_devices(
-                conn, tuple(dict.fromkeys(d for s in specs for d in s.device_ids)))
+                conn, app_id, tuple(dict.fromkeys(d for s in specs for d in s.device_ids)))
             if missing:
                 raise ValidationError(f"unknown device id {missing[0]!r} in key device restriction")
             for batch in chunks(names):
                 rows = await conn.execute_fetchall(
-                    f"SELECT name FROM access_keys WHERE name IN ({placeholders(len(batch))})",
-                    batch,
+                    f"SELECT name FROM access_keys WHERE app_id = ? "
+                    f"AND name IN ({placeholders(len(batch))})", (app_id, *batch),
                 )
                 for (taken,) in rows:
                     raise ConflictError(f"key name {taken!r} is already used by another key")
-            return await statements.insert_keys(conn, specs, minted, now)
+            return await statements.insert_keys(conn, app_id, specs, minted, now)
 
-    async def load_key(self, key_or_prefix: str) -> AccessKey:
+    async def load_key(self, app_id: str, key_or_prefix: str) -> AccessKey:
         async with self._read() as conn:
-            key = await statements.resolve_key(conn, key_or_prefix)
+            key = await statements.resolve_key(conn, app_id, key_or_prefix)
             return (await statements.load_keys(conn, [key]))[key]
 
     async def keys_by_id(self, keys: Iterable[str]) -> dict[str, AccessKey]:
         async with self._read() as conn:
             return await statements.load_keys(conn, list(dict.fromkeys(keys)))
 
-    async def query_keys(self, query: Mapping[str, Any] | str | None) -> list[AccessKey]:
+    async def query_keys(self, app_id: str,
+                         query: Mapping[str, Any] | str | None) -> list[AccessKey]:
         where, params = compile_query(query)
         rows = await self._fetchall(
-            f"SELECT {KEY_COLUMNS} FROM access_keys k WHERE {where} ORDER BY k.created_at, k.key",
-            params,
+            f"SELECT {KEY_COLUMNS} FROM access_keys k WHERE k.app_id = ? AND ({where}) "
+            "ORDER BY k.created_at, k.key",
+            (app_id, *params),
         )
         return [row_to_key(r) for r in rows]
 
-    async def count_keys(self) -> int:
-        return await self._count("SELECT count(*) FROM access_keys")
+    async def count_keys(self, app_id: str | None) -> int:
+        if app_id is None:
+            return await self._count("SELECT count(*) FROM access_keys")
+        rows = await self._fetchall("SELECT count(*) FROM access_keys WHERE app_id = ?",
+                                    (app_id,))
+        return int(rows[0][0])
 
-    async def change_key(self, key_or_prefix: str, changes: dict[str, Any],
+    async def change_key(self, app_id: str, key_or_prefix: str, changes: dict[str, Any],
                          check: Callable[[AccessKey], None]) -> AccessKey:
         async with self._write() as conn:
-            key = await statements.resolve_key(conn, key_or_prefix)
+            key = await statements.resolve_key(conn, app_id, key_or_prefix)
             current = (await statements.load_keys(conn, [key]))[key]
             check(current)
             if changes.get("name") is not None:
                 rows = await conn.execute_fetchall(
-                    "SELECT key FROM access_keys WHERE name = ? AND key != ?",
-                    (changes["name"], key),
+                    "SELECT key FROM access_keys WHERE app_id = ? AND name = ? AND key != ?",
+                    (app_id, changes["name"], key),
                 )
                 if rows:
                     raise ConflictError(
@@ -277,9 +344,10 @@ class SqliteBackend:
                 await statements.apply_key_changes(conn, key, changes)
             return (await statements.load_keys(conn, [key]))[key]
 
-    async def set_status(self, refs: tuple[str, ...], status: KeyStatus) -> list[AccessKey]:
+    async def set_status(self, app_id: str, refs: tuple[str, ...],
+                         status: KeyStatus) -> list[AccessKey]:
         async with self._write() as conn:
-            full = list(dict.fromkeys([await statements.resolve_key(conn, ref)
+            full = list(dict.fromkeys([await statements.resolve_key(conn, app_id, ref)
                                        for ref in refs]))
             now = now_micros()
             await conn.executemany(
@@ -289,9 +357,9 @@ class SqliteBackend:
             loaded = await statements.load_keys(conn, full)
         return [loaded[k] for k in full]
 
-    async def delete_keys(self, refs: tuple[str, ...]) -> list[str]:
+    async def delete_keys(self, app_id: str, refs: tuple[str, ...]) -> list[str]:
         async with self._write() as conn:
-            full = list(dict.fromkeys([await statements.resolve_key(conn, ref)
+            full = list(dict.fromkeys([await statements.resolve_key(conn, app_id, ref)
                                        for ref in refs]))
             for batch in chunks(full):
                 await conn.execute(
@@ -344,9 +412,9 @@ class SqliteBackend:
         return cached if cached.last_used == last_used else replace(cached, last_used=last_used)
 
     async def scope_of(self, key: AccessKey) -> frozenset[str]:
-        """The existing devices listed by id or carrying a listed tag pair: both halves
-        are index lookups."""
-        rows = await self._fetchall(SCOPE_SQL, (key.key, key.key))
+        """The devices of the key's application listed by id or carrying a listed tag
+        pair: both halves are index lookups."""
+        rows = await self._fetchall(SCOPE_SQL, (key.key, key.app_id, key.key, key.app_id))
         return frozenset(r[0] for r in rows)
 
     # --- status -------------------------------------------------------------------------

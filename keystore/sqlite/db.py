@@ -15,7 +15,15 @@ from typing import Any
 import aiosqlite
 
 from keystore.files import create_private_file, tighten_mode
-from keystore.models import AccessKey, AddressMode, Device, KeyStatus, Tag, TopicMode
+from keystore.models import (
+    AccessKey,
+    AddressMode,
+    Application,
+    Device,
+    KeyStatus,
+    Tag,
+    TopicMode,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +102,10 @@ KEY_COLUMNS = """
     k.address_mode, k.addresses, k.topic_mode, k.pub_topics, k.sub_topics,
     k.created_at, k.updated_at, k.last_used,
     (SELECT json_group_array(device_id) FROM key_devices WHERE key = k.key),
-    (SELECT json_group_array(json_array(tkey, tvalue)) FROM key_tags WHERE key = k.key)
+    (SELECT json_group_array(json_array(tkey, tvalue)) FROM key_tags WHERE key = k.key),
+    k.app_id
 """
-KEY_COLUMN_COUNT = 16
+KEY_COLUMN_COUNT = 17
 
 
 def _json_list(text: str) -> list[Any]:
@@ -126,14 +135,28 @@ def row_to_key(row: Sequence[Any]) -> AccessKey:
         created_at=created,
         updated_at=updated,
         last_used=from_micros(row[13]),
+        app_id=row[16],
     )
+
+
+# --- applications ---------------------------------------------------------------------
+
+APP_COLUMNS = "a.id, a.name, a.description, a.max_keys, a.created_at, a.updated_at"
+
+
+def row_to_app(row: Sequence[Any]) -> Application:
+    created, updated = from_micros(row[4]), from_micros(row[5])
+    assert created is not None and updated is not None
+    return Application(id=row[0], name=row[1], description=row[2], max_keys=row[3],
+                       created_at=created, updated_at=updated)
 
 
 # --- devices --------------------------------------------------------------------------
 
 DEVICE_COLUMNS = """
     d.id, d.name, d.created_at, d.updated_at, d.connected, d.last_seen,
-    (SELECT json_group_array(json_array(key, value)) FROM device_tags WHERE device_id = d.id)
+    (SELECT json_group_array(json_array(key, value)) FROM device_tags WHERE device_id = d.id),
+    d.app_id
 """
 
 
@@ -150,4 +173,5 @@ def row_to_device(row: Sequence[Any]) -> Device:
         updated_at=updated,
         connected=bool(row[4]),
         last_seen=from_micros(row[5]),
+        app_id=row[7],
     )

@@ -143,8 +143,89 @@ _V4 = [
     + f"{_NOW_MICROS}); END",
 ]
 
-MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4]
+# Applications (tenants): every device and key belongs to one. An existing keystore moves
+# into one application named "default" (a fresh one starts with it too). access_keys is
+# rebuilt, because key names become unique per application instead of globally; its
+# triggers go with the old table and are created again. Deleting an application writes
+# an "app_deleted" change (its keys' and devices' own deletions write theirs).
+_KEY_COLUMNS_V4 = ("key, salt, secret_hash, name, description, status, expires_at, "
+                   "all_devices, address_mode, addresses, topic_mode, pub_topics, "
+                   "sub_topics, created_at, updated_at, last_used")
+_DEFAULT_APP = "(SELECT id FROM applications WHERE name = 'default')"
+
+
+def _change_trigger(name: str, event: str, table: str, when: str, kind: str,
+                    subject: str) -> str:
+    # Only our own constants are interpolated here (no user input reaches DDL).
+    return (f"CREATE TRIGGER {name} AFTER {event} ON {table} {when} "  # noqa: S608
+            f"BEGIN INSERT INTO changes (kind, subject, at) VALUES ('{kind}', {subject}, "
+            f"{_NOW_MICROS}); END")
+
+
+_V5 = [
+    """
+    CREATE TABLE applications (
+        id          TEXT PRIMARY KEY,
+        name        TEXT NOT NULL UNIQUE,
+        description TEXT,
+        max_keys    INTEGER,
+        created_at  INTEGER NOT NULL,
+        updated_at  INTEGER NOT NULL
+    ) WITHOUT ROWID
+    """,
+    # max_keys NULL: the keystore's configured limit applies (what the old file had).
+    "INSERT INTO applications (id, name, description, max_keys, created_at, updated_at) "  # noqa: S608
+    "VALUES (lower(hex(randomblob(12))), 'default', "
+    f"'every device and key of the keystore before applications', NULL, {_NOW_MICROS}, "
+    f"{_NOW_MICROS})",
+    "ALTER TABLE devices ADD COLUMN app_id TEXT NOT NULL DEFAULT '' "
+    "REFERENCES applications(id)",
+    f"UPDATE devices SET app_id = {_DEFAULT_APP}",  # noqa: S608
+    "CREATE INDEX devices_by_app ON devices (app_id, id)",
+    """
+    CREATE TABLE access_keys_v5 (
+        key           TEXT PRIMARY KEY,
+        salt          BLOB NOT NULL,
+        secret_hash   BLOB NOT NULL,
+        name          TEXT,
+        description   TEXT,
+        status        TEXT NOT NULL CHECK (status IN ('active', 'inactive')),
+        expires_at    INTEGER,
+        all_devices   INTEGER NOT NULL CHECK (all_devices IN (0, 1)),
+        address_mode  TEXT NOT NULL CHECK (address_mode IN ('all', 'only', 'except')),
+        addresses     TEXT NOT NULL DEFAULT '[]',
+        topic_mode    TEXT NOT NULL CHECK (topic_mode IN ('none', 'all', 'only', 'except')),
+        pub_topics    TEXT NOT NULL DEFAULT '[]',
+        sub_topics    TEXT NOT NULL DEFAULT '[]',
+        created_at    INTEGER NOT NULL,
+        updated_at    INTEGER NOT NULL,
+        last_used     INTEGER,
+        app_id        TEXT NOT NULL REFERENCES applications(id),
+        UNIQUE (app_id, name)
+    ) WITHOUT ROWID
+    """,
+    f"INSERT INTO access_keys_v5 ({_KEY_COLUMNS_V4}, app_id) "  # noqa: S608
+    f"SELECT {_KEY_COLUMNS_V4}, {_DEFAULT_APP} FROM access_keys",
+    "DROP TABLE access_keys",
+    "ALTER TABLE access_keys_v5 RENAME TO access_keys",
+    "CREATE INDEX keys_by_app ON access_keys (app_id, created_at, key)",
+    _change_trigger("key_status_changed", "UPDATE OF status", "access_keys",
+                    "WHEN NEW.status IS NOT OLD.status", "key_status", "NEW.key"),
+    _change_trigger("key_expiry_changed", "UPDATE OF expires_at", "access_keys",
+                    "WHEN NEW.expires_at IS NOT OLD.expires_at", "key_expiry", "NEW.key"),
+    _change_trigger("key_deleted", "DELETE", "access_keys", "", "key_deleted", "OLD.key"),
+    _change_trigger("key_restrictions_changed", "UPDATE OF " + ", ".join(_RESTRICTIONS),
+                    "access_keys",
+                    "WHEN " + " OR ".join(f"NEW.{c} IS NOT OLD.{c}" for c in _RESTRICTIONS),
+                    "key_updated", "NEW.key"),
+    _change_trigger("app_deleted", "DELETE", "applications", "", "app_deleted", "OLD.id"),
+]
+
+MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5]
 SCHEMA_VERSION = len(MIGRATIONS)
+# Steps that rebuild a table others reference: foreign keys are off while they run (a
+# PRAGMA that only works outside a transaction), and checked before they commit.
+REBUILDS = frozenset({4})
 
 
 async def user_version(conn: aiosqlite.Connection) -> int:
@@ -160,8 +241,15 @@ async def migrate(conn: aiosqlite.Connection, path: str) -> int:
     """
     while True:
         await conn.execute("BEGIN IMMEDIATE")
+        rebuild = False
         try:
             version = await user_version(conn)
+            if version in REBUILDS and version < SCHEMA_VERSION:
+                await conn.execute("ROLLBACK")
+                await conn.execute("PRAGMA foreign_keys = OFF")
+                rebuild = True
+                await conn.execute("BEGIN IMMEDIATE")
+                version = await user_version(conn)  # another process may have moved on
             if version > SCHEMA_VERSION:
                 raise KeybrokerError(
                     f"keystore {path!r} has schema version {version}, newer than this "
@@ -172,6 +260,13 @@ async def migrate(conn: aiosqlite.Connection, path: str) -> int:
                 return version
             for statement in MIGRATIONS[version]:
                 await conn.execute(statement)
+            if rebuild:
+                async with conn.execute("PRAGMA foreign_key_check") as cursor:
+                    broken = list(await cursor.fetchall())
+                if broken:
+                    raise KeybrokerError(
+                        f"keystore {path!r}: migration to schema version {version + 1} "
+                        f"left foreign keys broken ({broken[0]}); nothing was changed")
             # PRAGMA cannot take parameters; the value is our own integer.
             await conn.execute(f"PRAGMA user_version = {version + 1}")
             await conn.execute("COMMIT")
@@ -180,3 +275,6 @@ async def migrate(conn: aiosqlite.Connection, path: str) -> int:
             if conn.in_transaction:
                 await conn.execute("ROLLBACK")
             raise
+        finally:
+            if rebuild:
+                await conn.execute("PRAGMA foreign_keys = ON")

@@ -17,16 +17,18 @@ from typing import Any
 import aiosqlite
 
 from keystore import credentials
-from keystore.errors import NotFoundError, ValidationError
+from keystore.errors import ConflictError, NotFoundError, ValidationError
 from keystore.keyspec import KeySpec
-from keystore.models import AccessKey, Device, KeyStatus, Tag
+from keystore.models import AccessKey, Application, Device, KeyStatus, Tag
 from keystore.sqlite.db import (
+    APP_COLUMNS,
     DEVICE_COLUMNS,
     KEY_COLUMNS,
     chunks,
     from_micros,
     now_micros,
     placeholders,
+    row_to_app,
     row_to_device,
     row_to_key,
     to_micros,
@@ -38,38 +40,62 @@ _HEX = frozenset("0123456789abcdef")
 # Scope of a restricted key: listed ids that exist, plus devices carrying a listed tag
 # pair. Both halves walk primary keys / the (key, value, device_id) covering index.
 # UNION ALL: the caller builds a frozenset anyway, so SQLite need not sort to dedupe.
+# CROSS JOIN fixes the join order (SQLite does not reorder it): from the key's few rows
+# to devices by primary key, never a walk over an application's devices.
 SCOPE_SQL = """
-    SELECT d.id FROM key_devices kd JOIN devices d ON d.id = kd.device_id
-     WHERE kd.key = ?
+    SELECT d.id FROM key_devices kd CROSS JOIN devices d ON d.id = kd.device_id
+     WHERE kd.key = ? AND d.app_id = ?
     UNION ALL
     SELECT dt.device_id FROM key_tags kt
-      JOIN device_tags dt ON dt.key = kt.tkey AND dt.value = kt.tvalue
-     WHERE kt.key = ?
+      CROSS JOIN device_tags dt ON dt.key = kt.tkey AND dt.value = kt.tvalue
+      CROSS JOIN devices d ON d.id = dt.device_id
+     WHERE kt.key = ? AND d.app_id = ?
 """
 async def count(conn: aiosqlite.Connection, sql: str, params: tuple[Any, ...] = ()) -> int:
     rows = list(await conn.execute_fetchall(sql, params))
     return int(rows[0][0])
 
 
-async def device_exists(conn: aiosqlite.Connection, device_id: str) -> bool:
-    rows = list(await conn.execute_fetchall("SELECT 1 FROM devices WHERE id = ?", (device_id,)))
-    return bool(rows)
+async def load_app(conn: aiosqlite.Connection, ref: str) -> Application:
+    """An application by id or by name."""
+    rows = list(await conn.execute_fetchall(
+        f"SELECT {APP_COLUMNS} FROM applications a WHERE a.id = ? OR a.name = ? "
+        "ORDER BY a.id = ? DESC LIMIT 1", (ref, ref, ref)))
+    if not rows:
+        raise NotFoundError(f"no application {ref!r}")
+    return row_to_app(rows[0])
 
 
-async def missing_devices(conn: aiosqlite.Connection, ids: tuple[str, ...]) -> list[str]:
-    found: set[str] = set()
+async def device_app(conn: aiosqlite.Connection, device_id: str) -> str | None:
+    """The application a device id belongs to (ids are unique across applications)."""
+    rows = list(await conn.execute_fetchall("SELECT app_id FROM devices WHERE id = ?",
+                                            (device_id,)))
+    return str(rows[0][0]) if rows else None
+
+
+async def device_apps(conn: aiosqlite.Connection, ids: Sequence[str]) -> dict[str, str]:
+    """id -> application for the ids that exist, in any application."""
+    found: dict[str, str] = {}
     for batch in chunks(ids):
         rows = await conn.execute_fetchall(
-            f"SELECT id FROM devices WHERE id IN ({placeholders(len(batch))})", batch
+            f"SELECT id, app_id FROM devices WHERE id IN ({placeholders(len(batch))})", batch
         )
-        found.update(r[0] for r in rows)
-    return [d for d in ids if d not in found]
+        found.update((str(r[0]), str(r[1])) for r in rows)
+    return found
 
 
-async def load_device(conn: aiosqlite.Connection, device_id: str) -> Device:
+async def missing_devices(conn: aiosqlite.Connection, app_id: str,
+                          ids: tuple[str, ...]) -> list[str]:
+    """The ids that are not devices of this application."""
+    found = await device_apps(conn, ids)
+    return [d for d in ids if found.get(d) != app_id]
+
+
+async def load_device(conn: aiosqlite.Connection, app_id: str, device_id: str) -> Device:
     rows = list(
         await conn.execute_fetchall(
-            f"SELECT {DEVICE_COLUMNS} FROM devices d WHERE d.id = ?", (device_id,)
+            f"SELECT {DEVICE_COLUMNS} FROM devices d WHERE d.id = ? AND d.app_id = ?",
+            (device_id, app_id),
         )
     )
     if not rows:
@@ -83,6 +109,7 @@ async def touch_device(conn: aiosqlite.Connection, device_id: str) -> None:
 
 async def upsert_batch(
     conn: aiosqlite.Connection,
+    app_id: str,
     batch: Sequence[str],
     wanted: dict[str, tuple[str | None, frozenset[Tag]]],
     now: int,
@@ -92,9 +119,11 @@ async def upsert_batch(
     tags: dict[str, set[Tag]] = {}
     for part in chunks(batch):
         marks = placeholders(len(part))
-        for dev_id, name in await conn.execute_fetchall(
-            f"SELECT id, name FROM devices WHERE id IN ({marks})", part
+        for dev_id, name, owner in await conn.execute_fetchall(
+            f"SELECT id, name, app_id FROM devices WHERE id IN ({marks})", part
         ):
+            if owner != app_id:
+                raise ConflictError(f"device {dev_id!r} exists in another application")
             names[dev_id] = name
             tags[dev_id] = set()
         for dev_id, k, v in await conn.execute_fetchall(
@@ -118,7 +147,8 @@ async def upsert_batch(
         add_tags.extend((dev_id, k, v) for k, v in want_tags - have)
         drop_tags.extend((dev_id, k, v) for k, v in have - want_tags)
     await conn.executemany(
-        "INSERT INTO devices (id, name, created_at, updated_at) VALUES (?, ?, ?, ?)", new_devices
+        "INSERT INTO devices (id, name, created_at, updated_at, app_id) VALUES (?, ?, ?, ?, ?)",
+        [(*row, app_id) for row in new_devices],
     )
     await conn.executemany("UPDATE devices SET name = ?, updated_at = ? WHERE id = ?", changed)
     await conn.executemany(
@@ -130,7 +160,8 @@ async def upsert_batch(
     return len(new_devices) + len(changed)
 
 
-async def resolve_key(conn: aiosqlite.Connection, key_or_prefix: str) -> str:
+async def resolve_key(conn: aiosqlite.Connection, app_id: str, key_or_prefix: str) -> str:
+    """The full id of this application's key named by its id or a unique prefix."""
     if not isinstance(key_or_prefix, str):
         raise ValidationError(f"invalid key {key_or_prefix!r}: must be a string")
     ref = key_or_prefix.strip().lower()
@@ -139,16 +170,15 @@ async def resolve_key(conn: aiosqlite.Connection, key_or_prefix: str) -> str:
             f"key prefix {key_or_prefix!r} is too short: give at least {MIN_PREFIX_LEN} characters"
         )
     if len(ref) >= credentials.KEY_HEX_LEN or not set(ref) <= _HEX:
-        rows = list(
-            await conn.execute_fetchall("SELECT key FROM access_keys WHERE key = ?", (ref,))
-        )
+        rows = list(await conn.execute_fetchall(
+            "SELECT key FROM access_keys WHERE key = ? AND app_id = ?", (ref, app_id)))
     else:
         # Keys are lowercase hex, so [prefix, prefix + 'g') is exactly "starts with prefix"
         # and is a range scan on the primary key.
         rows = list(
             await conn.execute_fetchall(
-                "SELECT key FROM access_keys WHERE key >= ? AND key < ? LIMIT 2",
-                (ref, ref + "g"),
+                "SELECT key FROM access_keys WHERE key >= ? AND key < ? AND app_id = ? LIMIT 2",
+                (ref, ref + "g", app_id),
             )
         )
     if not rows:
@@ -175,7 +205,8 @@ async def load_keys(conn: aiosqlite.Connection, keys: Iterable[str]) -> dict[str
 
 
 async def insert_keys(
-    conn: aiosqlite.Connection, specs: list[KeySpec], minted: list[tuple[str, str]], now: int
+    conn: aiosqlite.Connection, app_id: str, specs: list[KeySpec],
+    minted: list[tuple[str, str]], now: int
 ) -> dict[str, AccessKey]:
     """Insert validated keys; returns them as stored, built here rather than read back
     (reading 100k keys back would cost more than inserting them)."""
@@ -204,6 +235,7 @@ async def insert_keys(
                 json.dumps(spec.sub_topics),
                 now,
                 now,
+                app_id,
             )
         )
         id_rows.extend((key, d) for d in spec.device_ids)
@@ -224,12 +256,13 @@ async def insert_keys(
             sub_topics=spec.sub_topics,
             created_at=stamp,
             updated_at=stamp,
+            app_id=app_id,
         )
     await conn.executemany(
         """INSERT INTO access_keys (key, salt, secret_hash, name, description, status,
                expires_at, all_devices, address_mode, addresses, topic_mode, pub_topics,
-               sub_topics, created_at, updated_at)
-           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+               sub_topics, created_at, updated_at, app_id)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
         key_rows,
     )
     await conn.executemany("INSERT INTO key_devices (key, device_id) VALUES (?, ?)", id_rows)

@@ -217,18 +217,19 @@ def test_retained_quota_per_key_and_a_reserve_for_a_devices_own_topics(tmp_path:
             for i in range(3):  # its own device topics: the reserve of 2, then its quota
                 client.publish(f"losant/att/s{i}", b"own", qos=1, retain=True)
         retained = daemon.broker.router.retained
-        assert sum(1 for _ in retained.matching("grab/#")) == 5  # the key's quota, not 50
-        assert sum(1 for _ in retained.matching("losant/att/#")) == 2  # reserve; quota full
+        assert sum(1 for _ in retained.matching("+/grab/#")) == 5  # the key's quota, not 50
+        assert sum(1 for _ in retained.matching("+/losant/att/#")) == 2  # reserve; quota full
         with Client(daemon.port(), "feeder", other.key, other_secret) as client:
             assert client.connect() == 0
             for i in range(5):
                 client.publish(f"other/{i}", b"theirs", qos=1, retain=True)
         # The global cap (8) is now full, yet a device can still retain its own state.
-        assert sum(1 for _ in retained.matching("other/#")) == 3
+        assert sum(1 for _ in retained.matching("+/other/#")) == 3
         with Client(daemon.port(), "victim", victim.key, victim_secret) as client:
             assert client.connect() == 0
             client.publish("losant/victim/state", b"ok", qos=1, retain=True)
-        assert retained.get("losant/victim/state") is not None
+        assert [m.topic for _, m in retained.matching("+/losant/victim/state")] == [
+            "losant/victim/state"]
         reasons = [e["reason"] for e in daemon.audit_events() if e["event"] == "retain_refused"]
         assert any("key quota" in r for r in reasons) and any("max_retained_messages" in r
                                                               for r in reasons)

@@ -295,7 +295,8 @@ async def test_scope_lookups_use_indexes(fleet: KeyStore, db_path: Path) -> None
     """No full scan of devices or device_tags when resolving a scope."""
     key, _ = await fleet.create_key(device_ids=["d1"], device_tags=["floor=1"])
     with contextlib.closing(sqlite3.connect(db_path)) as conn:
-        plan = conn.execute(f"EXPLAIN QUERY PLAN {SCOPE_SQL}", (key.key, key.key)).fetchall()
+        plan = conn.execute(f"EXPLAIN QUERY PLAN {SCOPE_SQL}",
+                            (key.key, key.app_id, key.key, key.app_id)).fetchall()
         plan += conn.execute(f"EXPLAIN QUERY PLAN {CONNECT_SQL}", (key.key,)).fetchall()
     details = [row[3] for row in plan]
     # The CONNECT read is a LEFT JOIN on a one-row constant: "SCAN (subquery-N)" is that.

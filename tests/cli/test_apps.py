@@ -1,0 +1,88 @@
+"""`keybroker apps ...` and `--app` on devices and keys: the CLI contract of applications."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.support.cli_helpers import Invoke, cli_on, fails, ok
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Invoke:
+    return cli_on(tmp_path / "k.db")
+
+
+def as_json(result: object) -> object:
+    return json.loads(ok(result).stdout)  # type: ignore[arg-type]
+
+
+def test_create_list_show_update_delete(cli: Invoke, monkeypatch: pytest.MonkeyPatch) -> None:
+    created = as_json(cli("apps", "create", "acme", "--description", "lab", "--max-keys", "5",
+                          "--json"))
+    assert isinstance(created, dict)
+    assert len(created["id"]) == 24 and created["name"] == "acme"
+    assert created["maxKeys"] == 5 and created["description"] == "lab"
+    listed = as_json(cli("apps", "list", "--json"))
+    assert isinstance(listed, list)
+    assert {a["name"] for a in listed} == {"default", "acme"}
+    ok(cli("devices", "add", "d1", "--app", "acme"))
+    ok(cli("keys", "create", "--app", created["id"], "--name", "k"))  # by id works too
+    shown = as_json(cli("apps", "show", "acme", "--json"))
+    assert isinstance(shown, dict) and (shown["devices"], shown["keys"]) == (1, 1)
+    ok(cli("apps", "update", "acme", "--name", "acme2", "--max-keys", "0"))
+    renamed = as_json(cli("apps", "show", created["id"], "--json"))
+    assert isinstance(renamed, dict) and renamed["name"] == "acme2" and renamed["maxKeys"] == 0
+    fails(cli("apps", "delete", "acme2"), "confirmation needed")  # stdin is not a terminal
+    assert "deleted application acme2" in ok(cli("apps", "delete", "acme2", "--yes")).stdout
+    fails(cli("apps", "show", "acme2"), "no application 'acme2'")
+
+
+def test_devices_and_keys_live_in_the_chosen_application(
+    cli: Invoke, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ok(cli("apps", "create", "acme"))
+    device = as_json(cli("devices", "add", "d1", "--app", "acme", "--json"))
+    key = as_json(cli("keys", "create", "--app", "acme", "--device", "d1", "--json"))
+    assert isinstance(device, dict) and isinstance(key, dict)
+    acme = as_json(cli("apps", "show", "acme", "--json"))
+    assert isinstance(acme, dict)
+    assert device["applicationId"] == key["applicationId"] == acme["id"]
+    # Not visible from the default application ...
+    assert as_json(cli("devices", "list", "--json")) == []
+    assert as_json(cli("keys", "list", "--json")) == []
+    fails(cli("devices", "show", "d1"), "no device 'd1'")
+    fails(cli("keys", "show", key["key"]), "no access key")
+    # ... and the id is taken across applications.
+    fails(cli("devices", "add", "d1"), "'d1' already exists in another application")
+    # KEYBROKER_APP picks the application as --app does.
+    monkeypatch.setenv("KEYBROKER_APP", "acme")
+    listed = as_json(cli("keys", "list", "--json"))
+    assert isinstance(listed, list) and [k["key"] for k in listed] == [key["key"]]
+
+
+def test_key_limit_and_name_errors_are_one_line(cli: Invoke) -> None:
+    ok(cli("apps", "create", "small", "--max-keys", "1"))
+    ok(cli("keys", "create", "--app", "small"))
+    fails(cli("keys", "create", "--app", "small"), "key limit of 1 reached")
+    fails(cli("apps", "create", "small"), "application name 'small' is already used")
+    fails(cli("keys", "list", "--app", "nope"), "no application 'nope'")
+
+
+def test_seed_places_devices_and_keys_in_applications(cli: Invoke, tmp_path: Path) -> None:
+    seed = tmp_path / "s.toml"
+    seed.write_text(
+        '[[applications]]\nname = "plant"\nmax_keys = 3\n\n'
+        '[[devices]]\napplication = "plant"\nid = "p1"\n\n'
+        '[[devices]]\nid = "d1"\n\n'
+        '[[keys]]\napplication = "plant"\nname = "pk"\ndevices = ["p1"]\n\n'
+        '[[keys]]\nname = "pk"\n')  # the same name in another application is fine
+    ok(cli("seed", str(seed)))
+    plant = as_json(cli("keys", "list", "--app", "plant", "--json"))
+    default = as_json(cli("keys", "list", "--json"))
+    assert isinstance(plant, list) and isinstance(default, list)
+    assert [k["name"] for k in plant] == ["pk"] and [k["name"] for k in default] == ["pk"]
+    assert plant[0]["deviceIds"] == ["p1"]
+    assert "keys created: 0" in ok(cli("seed", str(seed))).stderr  # re-running is safe
