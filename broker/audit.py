@@ -1,7 +1,9 @@
 """The audit trail: one JSON object per line, separate from the operational log.
 
 Events: connect_ok, connect_refused, connect_invalid, publish_denied, subscribe_denied,
-retain_refused, kick, ban, bad_packet, audit_suppressed. Fields: time, event, key (public
+retain_refused, kick, ban, bad_packet, audit_suppressed; from the HTTP API (listener
+"api"): api (an admin token's change: token name, action, target ids), api_refused,
+device_auth_ok, device_auth_refused. Fields: time, event, key (public
 id only), client_id, client_ip, peer_ip, listener, reason; topic on publish_denied,
 subscribe_denied and retain_refused (the filter for a SUBSCRIBE).
 A secret or password is never passed here, so it can never be written.

@@ -33,9 +33,10 @@ StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, str, bytes
 WebSocketHandler = Callable[..., Awaitable[None]]
 
 
-def ssl_context(listener: Listener) -> ssl.SSLContext:
+def ssl_context(certfile: object, keyfile: object) -> ssl.SSLContext:
+    """A server-side TLS context from PEM files (the MQTT listeners and the API)."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(str(listener.certfile), str(listener.keyfile))
+    context.load_cert_chain(str(certfile), str(keyfile))
     return context
 
 
@@ -46,21 +47,25 @@ async def start_listener(listener: Listener, settings: Settings, on_stream: Stre
     try:
         return await _start(listener, settings, on_stream, on_websocket, gate)
     except OSError as exc:
-        where = f"[{listener.host}]" if ":" in listener.host else listener.host
-        # asyncio's bind error repeats the address in strerror: the errno's text is enough.
-        reason = (os.strerror(exc.errno) if exc.errno and not isinstance(exc, socket.gaierror)
-                  else exc.strerror or str(exc)).lower()
-        if isinstance(exc, socket.gaierror):
-            reason = f"unknown host ({reason})"
-        what = "use certificate" if isinstance(exc, ssl.SSLError) else "bind"
-        raise KeybrokerError(
-            f"listener {listener.name!r} cannot {what} {where}:{listener.port}: {reason}"
-        ) from None
+        raise bind_error(f"listener {listener.name!r}", listener.host, listener.port,
+                         exc) from None
+
+
+def bind_error(what: str, host: str, port: int, exc: OSError) -> KeybrokerError:
+    """One line naming the listener, its address and the reason it could not start."""
+    where = f"[{host}]" if ":" in host else host
+    # asyncio's bind error repeats the address in strerror: the errno's text is enough.
+    reason = (os.strerror(exc.errno) if exc.errno and not isinstance(exc, socket.gaierror)
+              else exc.strerror or str(exc)).lower()
+    if isinstance(exc, socket.gaierror):
+        reason = f"unknown host ({reason})"
+    verb = "use certificate" if isinstance(exc, ssl.SSLError) else "bind"
+    return KeybrokerError(f"{what} cannot {verb} {where}:{port}: {reason}")
 
 
 async def _start(listener: Listener, settings: Settings, on_stream: StreamHandler,
                  on_websocket: WebSocketHandler, gate: ProxyGate) -> Server:
-    context = ssl_context(listener) if listener.tls else None
+    context = ssl_context(listener.certfile, listener.keyfile) if listener.tls else None
     if listener.type == "tcp":
         if listener.proxy_protocol:
             # The PROXY header precedes the TLS handshake: TLS starts after reading it.

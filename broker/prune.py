@@ -8,7 +8,8 @@ poll interval; a CLI process never reads the feed. So a row the watcher has appl
 needed by nobody, and ``change_retention`` (default 1 day) is only a margin (e.g. for a
 second daemon started on the same file). Deletion runs in batches of ``BATCH`` rows, one
 short transaction each, yielding to the event loop between them, so a large backlog
-never holds the keystore (or the MQTT loop) for long.
+never holds the keystore (or the MQTT loop) for long. Expired device tokens of the HTTP
+API (docs/api.md) are deleted on the same tick, the same way.
 """
 
 from __future__ import annotations
@@ -53,6 +54,18 @@ class ChangePruner(Periodic):
 
     async def tick(self) -> None:
         await self.prune()
+        await self.prune_device_tokens()
+
+    async def prune_device_tokens(self, now: datetime | None = None) -> int:
+        """Delete device tokens that have expired; returns how many."""
+        total = 0
+        while deleted := await self.keystore.prune_device_tokens(now or datetime.now(UTC),
+                                                                 batch=self.batch):
+            total += deleted
+            await asyncio.sleep(0)
+        if total:
+            logger.info("deleted %d expired device tokens", total)
+        return total
 
     async def prune(self, now: datetime | None = None) -> int:
         """Delete applied rows older than the retention window; returns how many."""

@@ -13,6 +13,9 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
+from broker.api.callers import Callers
+from broker.api.context import Api
+from broker.api.server import ApiServer
 from broker.audit import AuditLog
 from broker.live import ChangeWatcher, StatusRecorder
 from broker.mqtt.broker import KeyBroker
@@ -54,6 +57,7 @@ class BrokerServer:
         self.status: StatusRecorder | None = None
         self.watcher: ChangeWatcher | None = None
         self.pruner: ChangePruner | None = None
+        self.api: ApiServer | None = None
         self._stack = contextlib.AsyncExitStack()
 
     async def start(self) -> None:
@@ -90,6 +94,10 @@ class BrokerServer:
                                        consumed=self._applied_change_id)
             await self.pruner.start()
             self._stack.push_async_callback(self.pruner.stop)
+            if settings.api_enabled:
+                self.api = self._api_server(guard)
+                await self.api.start()
+                self._stack.push_async_callback(self.api.stop)
         except BaseException:
             await self._stack.aclose()
             raise
@@ -98,8 +106,24 @@ class BrokerServer:
             for name, pairs in self.bound_addresses().items()
             for host, port in pairs
         )
+        if self.api is not None:
+            addresses += f" api={self.api.url}"
         logger.info("keybroker listening: %s (keystore %s)", addresses,
                     settings.db_path.absolute())
+
+    def _api_server(self, guard: BruteForceGuard | None) -> ApiServer:
+        """The HTTP API on this daemon's keystore, broker and guard (one copy of state)."""
+        assert self.keystore is not None and self.audit is not None and self.broker is not None
+        broker, settings = self.broker, self.settings
+
+        def online(device_id: str) -> bool:
+            session = broker.registry.get(device_id)
+            return session is not None and session.online
+
+        callers = Callers(self.keystore, guard, self.audit, settings.device_prefix)
+        api = Api(settings=settings, keystore=self.keystore, audit=self.audit,
+                  callers=callers, publish=broker.router.route, online=online)
+        return ApiServer(api, settings)
 
     def _applied_change_id(self) -> int:
         """The last change-feed row the watcher applied: rows up to it may be pruned."""
@@ -116,6 +140,7 @@ class BrokerServer:
 
     async def stop(self) -> None:
         await self._stack.aclose()
+        self.api = None
         self.broker = None
         self.keystore = None
 

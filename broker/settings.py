@@ -88,6 +88,15 @@ class Settings:
     guard: GuardSettings = GuardSettings()
     change_poll_interval: float = 0.25
     change_retention: float = 86_400.0  # seconds consumed change-feed rows are kept
+    # The HTTP API (docs/api.md), served by the daemon on its own listener.
+    api_enabled: bool = True
+    api_host: str = "127.0.0.1"
+    api_port: int = 8080
+    api_certfile: Path | None = None
+    api_keyfile: Path | None = None
+    api_cors_origins: tuple[str, ...] = ()  # origins allowed by CORS; none = CORS off
+    api_device_token_ttl: int = 86_400  # seconds, when POST /auth/device gives no tokenTTL
+    api_max_device_token_ttl: int = 30 * 86_400
 
     def with_overrides(self, **changes: Any) -> Settings:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -102,10 +111,19 @@ PLACES: dict[str, tuple[str, str]] = {
     "denied_publish": ("mqtt", "denied_publish"),
     "trusted_proxies": ("network", "trusted_proxies"),
     "audit_path": ("audit", "path"),
+    "api_enabled": ("api", "enabled"),
+    "api_host": ("api", "host"),
+    "api_port": ("api", "port"),
+    "api_certfile": ("api", "certfile"),
+    "api_keyfile": ("api", "keyfile"),
+    "api_cors_origins": ("api", "cors_origins"),
+    "api_device_token_ttl": ("api", "device_token_ttl"),
+    "api_max_device_token_ttl": ("api", "max_device_token_ttl"),
 }
-SECTIONS = ("keystore", "mqtt", "listeners", "network", "limits", "audit", "security")
+SECTIONS = ("keystore", "mqtt", "listeners", "network", "limits", "audit", "security", "api")
 CHOICES = {"denied_publish": ("drop", "disconnect"), "type": ("tcp", "ws")}
-POSITIVE = frozenset({"keepalive_factor", "change_poll_interval"})  # 0 makes no sense
+POSITIVE = frozenset({"keepalive_factor", "change_poll_interval", "api_device_token_ttl",
+                      "api_max_device_token_ttl"})  # 0 makes no sense
 LISTENER_KEYS = ("type", "host", "port", "certfile", "keyfile", "proxy_protocol", "enabled")
 
 
@@ -253,7 +271,25 @@ def settings_from_toml(raw: dict[str, Any], base: Path | None = None) -> Setting
                       _typed(f"[security] {key}", guard_hints[key], value, None))
         for key, value in security.items()
     })
-    return Settings(**changes)
+    settings = Settings(**changes)
+    check_api(settings)
+    return settings
+
+
+def check_api(settings: Settings) -> None:
+    """Rules between [api] values (each value's own type and range is checked on reading)."""
+    if settings.api_port > 65535:
+        raise ConfigError(f"[api] port: invalid value {settings.api_port!r}: must be 0-65535")
+    if (settings.api_certfile is None) != (settings.api_keyfile is None):
+        raise ConfigError("[api]: certfile and keyfile go together")
+    if settings.api_device_token_ttl > settings.api_max_device_token_ttl:
+        raise ConfigError(
+            f"[api] device_token_ttl: invalid value {settings.api_device_token_ttl!r}: "
+            f"more than max_device_token_ttl ({settings.api_max_device_token_ttl})")
+    for origin in settings.api_cors_origins:
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            raise ConfigError(f"[api] cors_origins: invalid origin {origin!r}: "
+                              "must start with http:// or https://")
 
 
 def config_path(config: Path | str | None = None) -> Path | None:

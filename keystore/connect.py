@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Generic, TypeVar
 
 from keystore import credentials
@@ -27,6 +28,15 @@ class ConnectLookup:
     device_registered: bool  # a device of the key's application
     device_in_scope: bool
     scope: frozenset[str] | None  # None = all devices (unrestricted key)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLookup:
+    """What a device token stands for now: its key and device, checked like a CONNECT."""
+
+    facts: ConnectLookup
+    device_id: str
+    expires_at: datetime
 
 
 class _Lru(Generic[K, V]):
@@ -60,14 +70,38 @@ class ConnectResolver:
             credentials.verify_secret("", None, None)  # the same cost as a wrong secret
             return ConnectLookup(None, False, False, None)
         row = await self.backend.connect_row(key)
-        if row.generation != self.generation:
-            self.generation = row.generation
-            self._scopes = _Lru(self._scopes.size)
-            self._devices = _Lru(self._devices.size)
-        seen = row.generation  # results read below are cached only if no newer lookup moved on
+        seen = self._observe(row.generation)
         if not credentials.verify_secret(secret, row.salt, row.secret_hash) or row.key is None:
             return ConnectLookup(None, False, False, None)
-        access_key = row.key
+        return await self._facts(row.key, device_id, seen)
+
+    async def token_lookup(self, token_id: str, secret: str,
+                           now: datetime) -> TokenLookup | None:
+        """A device token (keystore.tokens): its secret, expiry, key and device, with the
+        key's scope as of now, in one round trip when nothing changed."""
+        row = await self.backend.device_token_row(token_id)
+        if row is None:
+            credentials.verify_secret(secret, None, None)
+            return None
+        seen = self._observe(row.generation)
+        if not credentials.verify_secret(secret, row.salt, row.secret_hash) or \
+                row.key is None or now >= row.expires_at:
+            return None
+        facts = await self._facts(row.key, row.device_id, seen)
+        return TokenLookup(facts, row.device_id, row.expires_at)
+
+    def _observe(self, generation: int) -> int:
+        """Drop the caches when the generation moved; returns it (see _facts)."""
+        if generation != self.generation:
+            self.generation = generation
+            self._scopes = _Lru(self._scopes.size)
+            self._devices = _Lru(self._devices.size)
+        return generation
+
+    async def _facts(self, access_key: AccessKey, device_id: str, seen: int) -> ConnectLookup:
+        """Device registration and scope for an authenticated key. ``seen`` is the
+        generation its row was read under: results are cached only if no newer lookup
+        moved on meanwhile."""
         if access_key.all_devices:  # every device of the key's application
             registered = await self._app_of(device_id, seen) == access_key.app_id
             return ConnectLookup(access_key, registered, registered, None)

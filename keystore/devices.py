@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import Any
 
 from keystore.apps import AppOps
 from keystore.backend import UntagSpec
@@ -11,6 +12,7 @@ from keystore.errors import ValidationError
 from keystore.models import Device, Tag
 from keystore.validation import (
     as_str_list,
+    check_page,
     dedupe,
     parse_tag,
     validate_device_id,
@@ -62,6 +64,26 @@ class DeviceOps(AppOps):
 
     async def get_device(self, device_id: str, *, app: str | None = None) -> Device:
         return await self.backend.load_device((await self.app(app)).id, device_id)
+
+    async def update_device(self, device_id: str, *, name: Any = ...,
+                            tags: Iterable[Tag | str] | None = None,
+                            app: str | None = None) -> Device:
+        """Set the name (``...`` leaves it; None clears it) and/or replace the whole tag
+        set (None leaves it)."""
+        if name is not ...:
+            name = validate_key_name(name, "device name")
+        pairs = validate_tags(tags) if tags is not None else None
+        return await self.backend.change_device((await self.app(app)).id, device_id, name,
+                                                pairs)
+
+    async def page_devices(self, *, name_glob: str | None = None, sort: str = "name",
+                           descending: bool = False, offset: int = 0, limit: int = 100,
+                           app: str | None = None) -> tuple[list[Device], int]:
+        """One sorted page of the application's devices (optionally whose name matches
+        the glob ``name_glob``), and how many match in all."""
+        check_page(offset, limit)
+        return await self.backend.page_devices((await self.app(app)).id, name_glob, sort,
+                                               descending, offset, limit)
 
     async def list_devices(self, *, app: str | None = None) -> list[Device]:
         return await self.backend.all_devices((await self.app(app)).id)

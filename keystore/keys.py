@@ -23,6 +23,7 @@ from keystore.models import AccessKey, AddressMode, KeyStatus, Tag, TopicMode
 from keystore.validation import (
     MIN_PREFIX_LEN,
     as_str_list,
+    check_page,
     coerce_address_mode,
     coerce_status,
     coerce_topic_mode,
@@ -118,6 +119,21 @@ class KeyOps(AppOps):
         """The application's key with this id, or its only key whose id starts with this
         prefix (at least 8 characters)."""
         return await self.backend.load_key((await self.app(app)).id, key_or_prefix)
+
+    async def get_key_by_id(self, key_id: str, *, app: str | None = None) -> AccessKey:
+        """The application's key with this ``id`` (24 hex; the API's applicationKeyId)."""
+        if not isinstance(key_id, str):
+            raise ValidationError(f"invalid key id {key_id!r}: must be a string")
+        return await self.backend.load_key_by_id((await self.app(app)).id, key_id)
+
+    async def page_keys(self, query: Mapping[str, Any] | str | None = None, *,
+                        sort: str = "creationDate", descending: bool = False, offset: int = 0,
+                        limit: int = 100, app: str | None = None) -> tuple[list[AccessKey], int]:
+        """One sorted page of the application's keys matching ``query`` (the advanced
+        query of list_keys), and how many match in all."""
+        check_page(offset, limit)
+        return await self.backend.page_keys((await self.app(app)).id, query, sort, descending,
+                                            offset, limit)
 
     async def keys_by_id(self, keys: Iterable[str]) -> dict[str, AccessKey]:
         """Batch lookup by full key id; missing keys are simply absent (broker polling)."""

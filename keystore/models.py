@@ -135,12 +135,15 @@ class AccessKey:
     updated_at: datetime
     last_used: datetime | None = None
     app_id: str = ""
+    id: str = ""  # 24 hex: Losant's applicationKeyId (the API's name for the key)
 
     def is_expired(self, now: datetime) -> bool:
         return self.expires_at is not None and now >= self.expires_at
 
     def to_losant(self) -> dict[str, Any]:
         return {
+            "id": self.id,
+            "applicationKeyId": self.id,
             "key": self.key,
             "applicationId": self.app_id,
             "name": self.name,
@@ -156,6 +159,35 @@ class AccessKey:
             "addresses": list(self.addresses),
             "creationDate": iso(self.created_at),
             "lastUpdated": iso(self.updated_at),
+            "expirationDate": iso(self.expires_at),
+            "lastUsed": iso(self.last_used),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ApiToken:
+    """An admin token of the HTTP API as stored: never carries the token itself."""
+
+    id: str  # 24 hex
+    name: str
+    app_id: str | None  # None: every application
+    scopes: tuple[str, ...]
+    status: str  # active | revoked
+    created_at: datetime
+    expires_at: datetime | None
+    last_used: datetime | None = None
+
+    def is_usable(self, now: datetime) -> bool:
+        return self.status == "active" and (self.expires_at is None or now < self.expires_at)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "applicationId": self.app_id,
+            "scope": list(self.scopes),
+            "status": self.status,
+            "creationDate": iso(self.created_at),
             "expirationDate": iso(self.expires_at),
             "lastUsed": iso(self.last_used),
         }

@@ -294,9 +294,15 @@ def _date(value: Any, op: str, name: str) -> int:
     return to_micros(when)
 
 
+def like_to_glob(text: str) -> str:
+    """A ``$like`` pattern as an SQLite GLOB (or fnmatch) pattern: only ``*`` and ``?``
+    are wildcards, so ``[`` is made literal."""
+    return text.replace("[", "[[]")
+
+
 def _glob(op: str, text: str) -> str:
     if op == "$like":
-        return text.replace("[", "[[]")  # only * and ? are wildcards in our $like
+        return like_to_glob(text)
     literal = "".join(f"[{c}]" if c in "*?[" else c for c in text)
     return {"$startsWith": f"{literal}*", "$endsWith": f"*{literal}", "$contains": f"*{literal}*"}[
         op

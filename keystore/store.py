@@ -23,10 +23,11 @@ from keystore.errors import ValidationError
 from keystore.feed import FeedOps
 from keystore.keys import KeyOps
 from keystore.sqlite.backend import SqliteBackend
+from keystore.tokens import TokenOps
 from keystore.topics import validate_device_prefix
 
 
-class KeyStore(DeviceOps, KeyOps, FeedOps):
+class KeyStore(DeviceOps, KeyOps, TokenOps, FeedOps):
     def __init__(self, backend: Backend, *, device_prefix: str, max_keys: int) -> None:
         self.backend = backend
         self.device_prefix = device_prefix

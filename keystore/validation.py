@@ -71,6 +71,14 @@ def as_str_list(values: Iterable[str], what: str) -> list[str]:
 # --- devices and tags -------------------------------------------------------------------
 
 
+def check_page(offset: object, limit: object) -> None:
+    """A page of a list: ``offset`` items skipped (0 or more), ``limit`` items (1 or more)."""
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ValidationError(f"invalid page offset {offset!r}: must be 0 or more")
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValidationError(f"invalid page size {limit!r}: must be 1 or more")
+
+
 def validate_device_id(device_id: object) -> str:
     """A device id is 1-128 chars of [A-Za-z0-9_.:-] (never '/', '+', '#' or '$', so it is
     always a single literal MQTT topic level)."""

@@ -19,6 +19,7 @@ from broker.cli.devices import devices
 from broker.cli.keys import keys
 from broker.cli.seed import seed
 from broker.cli.serve import serve
+from broker.cli.tokens import tokens
 from broker.settings import ENV_CONFIG, ENV_DB
 
 
@@ -51,6 +52,7 @@ main.add_command(apps)
 main.add_command(devices)
 main.add_command(keys)
 main.add_command(seed)
+main.add_command(tokens)
 main.add_command(serve)
 main.add_command(backup_cmd)
 main.add_command(config_cmd)

@@ -44,8 +44,14 @@ def build_settings(
     certfile: str | None,
     keyfile: str | None,
     audit_log: Path | None,
+    api_host: str | None = None,
+    api_port: int | None = None,
+    no_api: bool = False,
 ) -> Settings:
-    settings = load_settings(config).with_overrides(db_path=db, audit_path=audit_log)
+    settings = load_settings(config).with_overrides(db_path=db, audit_path=audit_log,
+                                                    api_host=api_host, api_port=api_port)
+    if no_api:
+        settings = replace(settings, api_enabled=False)
     if (tls_port is not None or wss_port is not None) and not (certfile and keyfile):
         raise click.UsageError("--tls-port/--wss-port need --certfile and --keyfile")
     if port is not None:
@@ -166,18 +172,23 @@ def _client_host(listener: Listener) -> str:
 @click.option("--keyfile", type=click.Path(exists=True, dir_okay=False), help="TLS private key.")
 @click.option("--audit-log", type=click.Path(dir_okay=False, path_type=Path),
               help="Append the JSON-lines audit trail here.")
+@click.option("--api-host", help="Bind the HTTP API to this address (default 127.0.0.1).")
+@click.option("--api-port", type=click.IntRange(0, 65535),
+              help="HTTP API port (default 8080; 0 = any free port).")
+@click.option("--no-api", is_flag=True, help="Do not serve the HTTP API.")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 @click.option("--demo-if-empty", is_flag=True,
               help="On an empty keystore, create demo devices and a key and print them once.")
 def serve(config: Path | None, host: str | None, port: int | None, ws_port: int | None,
           tls_port: int | None, wss_port: int | None, certfile: str | None,
-          keyfile: str | None, audit_log: Path | None, log_level: str,
-          demo_if_empty: bool) -> None:
-    """Run the MQTT broker until SIGINT/SIGTERM."""
+          keyfile: str | None, audit_log: Path | None, api_host: str | None,
+          api_port: int | None, no_api: bool, log_level: str, demo_if_empty: bool) -> None:
+    """Run the MQTT broker (and its HTTP API) until SIGINT/SIGTERM."""
     state = current_state()
     settings = build_settings(config or state.config, state.db_override, host, port, ws_port,
-                              tls_port, wss_port, certfile, keyfile, audit_log)
+                              tls_port, wss_port, certfile, keyfile, audit_log, api_host,
+                              api_port, no_api)
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # amqtt logs every connection at INFO, and transitions / websockets their internals:

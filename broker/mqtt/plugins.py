@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -25,9 +24,8 @@ from amqtt.plugins.base import BaseAuthPlugin
 
 from broker import policy
 from broker.mqtt.session import ConnectionInfo, Grant, KeySession, Refusal
-from broker.policy import Decision, SessionPolicy
+from broker.policy import Decision, PolicyCache, SessionPolicy
 from broker.policy.guard import BruteForceGuard
-from keystore.models import AccessKey
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +63,7 @@ class AccessKeyAuthPlugin(BaseAuthPlugin):
 
     def __init__(self, context: Any) -> None:
         super().__init__(context)
-        self._policies: OrderedDict[tuple[str, datetime, int], SessionPolicy] = OrderedDict()
+        self._policies = PolicyCache(self.config.device_prefix)
 
     async def authenticate(self, *, session: KeySession) -> bool:
         conn = session.conn
@@ -117,7 +115,7 @@ class AccessKeyAuthPlugin(BaseAuthPlugin):
             return Refusal("bad_credentials", policy.CONNACK_CODE["bad_secret"], None)
         session_policy: SessionPolicy | None = None
         if found.device_in_scope:
-            session_policy = self._policy_for(key, found.scope)
+            session_policy = self._policies.get(key, found.scope)
         facts = policy.ConnectFacts(
             key=key,
             now=datetime.now(UTC),
@@ -131,21 +129,6 @@ class AccessKeyAuthPlugin(BaseAuthPlugin):
             reason = decision.reason if not decision.allowed else "no_policy"
             return Refusal(reason, policy.CONNACK_CODE.get(reason, 5), key.key)
         return Grant(key, session_policy)
-
-    def _policy_for(self, key: AccessKey, scope: frozenset[str] | None) -> SessionPolicy:
-        """SessionPolicy.build, reused while the key's row and the resolved scope object are
-        the same (the keystore keeps one scope object per generation): sessions of one key
-        share one immutable policy instead of compiling the topic lists per CONNECT."""
-        identity = (key.key, key.updated_at, id(scope))
-        cached = self._policies.get(identity)
-        if cached is not None and cached.scope is scope:
-            self._policies.move_to_end(identity)
-            return cached
-        policy_ = SessionPolicy.build(key, scope, self.config.device_prefix)
-        self._policies[identity] = policy_
-        if len(self._policies) > 4096:
-            self._policies.popitem(last=False)
-        return policy_
 
     def _audit(
         self, event: str, session: KeySession, key: str | None, reason: str | None

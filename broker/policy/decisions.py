@@ -19,6 +19,7 @@ Topic classes with device prefix ``P`` and scope ``S``:
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -126,6 +127,31 @@ class SessionPolicy:
             pub=FilterSet(key.pub_topics),
             sub=FilterSet(key.sub_topics),
         )
+
+
+class PolicyCache:
+    """``SessionPolicy.build``, reused while the key's row and the resolved scope object
+    are the same (the keystore keeps one scope object per generation): sessions of one
+    key share one immutable policy instead of compiling the topic lists per CONNECT.
+    Bounded; least recently used dropped first."""
+
+    def __init__(self, device_prefix: str, size: int = 4096) -> None:
+        self.device_prefix = device_prefix
+        self.size = size
+        self._items: OrderedDict[tuple[str, datetime, int], SessionPolicy] = OrderedDict()
+
+    def get(self, key: AccessKey, scope: frozenset[str] | None) -> SessionPolicy:
+        identity = (key.key, key.updated_at, id(scope))
+        cached = self._items.get(identity)
+        # ``is``: an id can be reused once its object is gone.
+        if cached is not None and cached.scope is scope:
+            self._items.move_to_end(identity)
+            return cached
+        built = SessionPolicy.build(key, scope, self.device_prefix)
+        self._items[identity] = built
+        if len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return built
 
 
 def _classify_topic(policy: SessionPolicy, topic: str) -> Decision | None:

@@ -16,6 +16,7 @@ busy anyway, it falls back to the shared connection).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import sqlite3
@@ -30,17 +31,18 @@ from typing import Any
 import aiosqlite
 
 from keystore import credentials
-from keystore.backend import ConnectRow, UntagSpec
+from keystore.backend import ConnectRow, DeviceTokenRow, Page, UntagSpec
 from keystore.errors import ConflictError, LimitError, NotFoundError, ValidationError
 from keystore.keyspec import KeySpec
-from keystore.models import AccessKey, Application, Change, Device, KeyStatus, Tag
-from keystore.query import compile_query
+from keystore.models import AccessKey, ApiToken, Application, Change, Device, KeyStatus, Tag
+from keystore.query import compile_query, like_to_glob
 from keystore.sqlite import statements
 from keystore.sqlite.db import (
     APP_COLUMNS,
     DEVICE_COLUMNS,
     KEY_COLUMN_COUNT,
     KEY_COLUMNS,
+    TOKEN_COLUMNS,
     chunks,
     connect,
     from_micros,
@@ -49,6 +51,7 @@ from keystore.sqlite.db import (
     row_to_app,
     row_to_device,
     row_to_key,
+    row_to_token,
     to_micros,
 )
 from keystore.sqlite.migrations import migrate
@@ -64,6 +67,24 @@ CONNECT_SQL = (
     + ", k.salt, k.secret_hash FROM (SELECT 1) LEFT JOIN access_keys k ON k.key = ?"
 )
 PARSED_KEYS = 4096  # parsed key rows kept for CONNECT (see _key_from_row)
+DEVICE_TOKEN_SQL = (
+    "SELECT (SELECT value FROM meta WHERE name = 'auth_generation'), t.device_id, t.salt, "
+    "t.secret_hash, t.expires_at, " + KEY_COLUMNS
+    + " FROM device_tokens t JOIN access_keys k ON k.key = t.key WHERE t.id = ?"
+)
+# Sortable fields of the API's lists (Losant names) -> column; ties go by the primary key.
+KEY_SORT = {"key": "k.key", "id": "k.id", "status": "k.status", "name": "k.name",
+            "creationDate": "k.created_at", "lastUpdated": "k.updated_at"}
+DEVICE_SORT = {"deviceId": "d.id", "id": "d.id", "name": "d.name",
+               "creationDate": "d.created_at", "lastUpdated": "d.updated_at"}
+
+
+def _order(columns: dict[str, str], sort: str, descending: bool, tie: str) -> str:
+    """ORDER BY text from whitelisted names only."""
+    if sort not in columns:
+        raise ValidationError(f"invalid sortField {sort!r}: use one of {', '.join(columns)}")
+    direction = "DESC" if descending else "ASC"
+    return f"{columns[sort]} {direction}, {tie} {direction}"
 
 
 class SqliteBackend:
@@ -261,6 +282,40 @@ class SqliteBackend:
                     f"DELETE FROM devices WHERE id IN ({placeholders(len(batch))})", batch
                 )
 
+    async def change_device(self, app_id: str, device_id: str, name: Any,
+                            tags: tuple[Tag, ...] | None) -> Device:
+        """Set the name (``...`` leaves it) and replace the tag set (None leaves it)."""
+        async with self._write() as conn:
+            before = await statements.load_device(conn, app_id, device_id)
+            if name is not ... and name != before.name:
+                await conn.execute("UPDATE devices SET name = ? WHERE id = ?", (name, before.id))
+            if tags is not None and set(tags) != set(before.tags):
+                await conn.executemany(
+                    "DELETE FROM device_tags WHERE device_id = ? AND key = ? AND value = ?",
+                    [(before.id, k, v) for k, v in set(before.tags) - set(tags)])
+                await conn.executemany(
+                    "INSERT INTO device_tags (device_id, key, value) VALUES (?, ?, ?)",
+                    [(before.id, k, v) for k, v in set(tags) - set(before.tags)])
+            if (name is not ... and name != before.name) or \
+                    (tags is not None and set(tags) != set(before.tags)):
+                await statements.touch_device(conn, before.id)
+            return await statements.load_device(conn, app_id, before.id)
+
+    async def page_devices(self, app_id: str, name_glob: str | None, sort: str,
+                           descending: bool, offset: int, limit: int) -> Page:
+        order = _order(DEVICE_SORT, sort, descending, "d.id")
+        where, params = "d.app_id = ?", [app_id]
+        if name_glob is not None:
+            where += " AND d.name GLOB ?"
+            params.append(like_to_glob(name_glob))
+        async with self._read() as conn:
+            total = await statements.count(conn, f"SELECT count(*) FROM devices d WHERE {where}",
+                                           tuple(params))
+            rows = await conn.execute_fetchall(
+                f"SELECT {DEVICE_COLUMNS} FROM devices d WHERE {where} ORDER BY {order} "
+                "LIMIT ? OFFSET ?", (*params, limit, offset))
+        return [row_to_device(r) for r in rows], total
+
     async def device_app(self, device_id: str) -> str | None:
         async with self._lock:
             return await statements.device_app(self._conn, device_id)
@@ -304,6 +359,27 @@ class SqliteBackend:
         async with self._read() as conn:
             key = await statements.resolve_key(conn, app_id, key_or_prefix)
             return (await statements.load_keys(conn, [key]))[key]
+
+    async def load_key_by_id(self, app_id: str, key_id: str) -> AccessKey:
+        rows = await self._fetchall(
+            f"SELECT {KEY_COLUMNS} FROM access_keys k WHERE k.id = ? AND k.app_id = ?",
+            (key_id, app_id))
+        if not rows:
+            raise NotFoundError(f"no access key with id {key_id!r}")
+        return row_to_key(rows[0])
+
+    async def page_keys(self, app_id: str, query: Mapping[str, Any] | str | None, sort: str,
+                        descending: bool, offset: int, limit: int) -> Page:
+        order = _order(KEY_SORT, sort, descending, "k.key")
+        where, params = compile_query(query)
+        async with self._read() as conn:
+            total = await statements.count(
+                conn, f"SELECT count(*) FROM access_keys k WHERE k.app_id = ? AND ({where})",
+                (app_id, *params))
+            rows = await conn.execute_fetchall(
+                f"SELECT {KEY_COLUMNS} FROM access_keys k WHERE k.app_id = ? AND ({where}) "
+                f"ORDER BY {order} LIMIT ? OFFSET ?", (app_id, *params, limit, offset))
+        return [row_to_key(r) for r in rows], total
 
     async def keys_by_id(self, keys: Iterable[str]) -> dict[str, AccessKey]:
         async with self._read() as conn:
@@ -416,6 +492,85 @@ class SqliteBackend:
         pair: both halves are index lookups."""
         rows = await self._fetchall(SCOPE_SQL, (key.key, key.app_id, key.key, key.app_id))
         return frozenset(r[0] for r in rows)
+
+    # --- API tokens ---------------------------------------------------------------------
+
+    async def insert_api_token(self, token_id: str, name: str, app_id: str | None,
+                               scopes: tuple[str, ...], salt: bytes, secret_hash: bytes,
+                               expires_at: datetime | None) -> ApiToken:
+        async with self._write() as conn:
+            if await conn.execute_fetchall("SELECT 1 FROM api_tokens WHERE name = ?", (name,)):
+                raise ConflictError(f"token name {name!r} is already used")
+            await conn.execute(
+                "INSERT INTO api_tokens (id, name, app_id, scopes, salt, secret_hash, status, "
+                "created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, 'active', ?, ?)",
+                (token_id, name, app_id, json.dumps(scopes), salt, secret_hash, now_micros(),
+                 to_micros(expires_at) if expires_at is not None else None))
+            return await self._token(conn, token_id)
+
+    @staticmethod
+    async def _token(conn: aiosqlite.Connection, ref: str) -> ApiToken:
+        rows = list(await conn.execute_fetchall(
+            f"SELECT {TOKEN_COLUMNS} FROM api_tokens t WHERE t.id = ? OR t.name = ? "
+            "ORDER BY t.id = ? DESC LIMIT 1", (ref, ref, ref)))
+        if not rows:
+            raise NotFoundError(f"no API token {ref!r}")
+        return row_to_token(rows[0])
+
+    async def all_api_tokens(self) -> list[ApiToken]:
+        rows = await self._fetchall(
+            f"SELECT {TOKEN_COLUMNS} FROM api_tokens t ORDER BY t.created_at, t.id")
+        return [row_to_token(r) for r in rows]
+
+    async def load_api_token(self, ref: str) -> ApiToken:
+        async with self._lock:
+            return await self._token(self._conn, ref)
+
+    async def revoke_api_tokens(self, refs: tuple[str, ...]) -> list[ApiToken]:
+        async with self._write() as conn:
+            tokens = [await self._token(conn, ref) for ref in refs]
+            await conn.executemany("UPDATE api_tokens SET status = 'revoked' WHERE id = ?",
+                                   [(t.id,) for t in tokens])
+            return [await self._token(conn, t.id) for t in tokens]
+
+    async def api_token_row(self, token_id: str) -> tuple[ApiToken, bytes, bytes] | None:
+        rows = await self._fetchall(
+            f"SELECT {TOKEN_COLUMNS}, t.salt, t.secret_hash FROM api_tokens t WHERE t.id = ?",
+            (token_id,))
+        if not rows:
+            return None
+        return row_to_token(rows[0]), rows[0][-2], rows[0][-1]
+
+    async def insert_device_token(self, token_id: str, key: str, device_id: str, salt: bytes,
+                                  secret_hash: bytes, expires_at: datetime, keep: int) -> None:
+        async with self._write() as conn:
+            await conn.execute(
+                "INSERT INTO device_tokens (id, key, device_id, salt, secret_hash, created_at, "
+                "expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (token_id, key, device_id, salt, secret_hash, now_micros(),
+                 to_micros(expires_at)))
+            # A device that logs in again and again keeps only its newest tokens.
+            await conn.execute(
+                "DELETE FROM device_tokens WHERE key = ? AND device_id = ? AND id NOT IN "
+                "(SELECT id FROM device_tokens WHERE key = ? AND device_id = ? "
+                "ORDER BY created_at DESC LIMIT ?)", (key, device_id, key, device_id, keep))
+
+    async def device_token_row(self, token_id: str) -> DeviceTokenRow | None:
+        rows = await self._fetchall(DEVICE_TOKEN_SQL, (token_id,))
+        if not rows:
+            return None
+        row = rows[0]
+        expires = from_micros(row[4])
+        assert expires is not None
+        return DeviceTokenRow(int(row[0]), row_to_key(row[5:]), row[1], row[2], row[3],
+                              expires)
+
+    async def prune_device_tokens(self, before: datetime, batch: int) -> int:
+        async with self._write() as conn:
+            cursor = await conn.execute(
+                "DELETE FROM device_tokens WHERE id IN (SELECT id FROM device_tokens "
+                "WHERE expires_at < ? LIMIT ?)", (to_micros(before), batch))
+            return max(cursor.rowcount, 0)
 
     # --- status -------------------------------------------------------------------------
 

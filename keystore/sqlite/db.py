@@ -18,6 +18,7 @@ from keystore.files import create_private_file, tighten_mode
 from keystore.models import (
     AccessKey,
     AddressMode,
+    ApiToken,
     Application,
     Device,
     KeyStatus,
@@ -103,9 +104,9 @@ KEY_COLUMNS = """
     k.created_at, k.updated_at, k.last_used,
     (SELECT json_group_array(device_id) FROM key_devices WHERE key = k.key),
     (SELECT json_group_array(json_array(tkey, tvalue)) FROM key_tags WHERE key = k.key),
-    k.app_id
+    k.app_id, k.id
 """
-KEY_COLUMN_COUNT = 17
+KEY_COLUMN_COUNT = 18
 
 
 def _json_list(text: str) -> list[Any]:
@@ -136,6 +137,7 @@ def row_to_key(row: Sequence[Any]) -> AccessKey:
         updated_at=updated,
         last_used=from_micros(row[13]),
         app_id=row[16],
+        id=row[17],
     )
 
 
@@ -175,3 +177,17 @@ def row_to_device(row: Sequence[Any]) -> Device:
         last_seen=from_micros(row[5]),
         app_id=row[7],
     )
+
+
+# --- API tokens -----------------------------------------------------------------------
+
+# Column names, not a password.
+TOKEN_COLUMNS = "t.id, t.name, t.app_id, t.scopes, t.status, t.created_at, t.expires_at, t.last_used"  # noqa: S105, E501
+
+
+def row_to_token(row: Sequence[Any]) -> ApiToken:
+    created = from_micros(row[5])
+    assert created is not None
+    return ApiToken(id=row[0], name=row[1], app_id=row[2], scopes=tuple(json.loads(row[3])),
+                    status=row[4], created_at=created, expires_at=from_micros(row[6]),
+                    last_used=from_micros(row[7]))

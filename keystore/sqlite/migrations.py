@@ -221,7 +221,47 @@ _V5 = [
     _change_trigger("app_deleted", "DELETE", "applications", "", "app_deleted", "OLD.id"),
 ]
 
-MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5]
+# The HTTP API (docs/api.md). Keys get an ``id`` (24 hex, like Losant's applicationKeyId)
+# next to their public ``key``; existing keys are given one. Admin tokens and device
+# tokens are stored like secrets: an id to find the row, a salt and HMAC of the secret
+# part (keystore.credentials), never the token itself. A device token goes with its key
+# and its device (ON DELETE CASCADE) and expires; admin tokens are revoked, not deleted,
+# so the list keeps what existed.
+_V6 = [
+    "ALTER TABLE access_keys ADD COLUMN id TEXT NOT NULL DEFAULT ''",
+    "UPDATE access_keys SET id = lower(hex(randomblob(12)))",
+    "CREATE UNIQUE INDEX keys_by_id ON access_keys (id)",
+    """
+    CREATE TABLE api_tokens (
+        id          TEXT PRIMARY KEY,
+        name        TEXT NOT NULL UNIQUE,
+        app_id      TEXT REFERENCES applications(id) ON DELETE CASCADE,
+        scopes      TEXT NOT NULL,
+        salt        BLOB NOT NULL,
+        secret_hash BLOB NOT NULL,
+        status      TEXT NOT NULL CHECK (status IN ('active', 'revoked')),
+        created_at  INTEGER NOT NULL,
+        expires_at  INTEGER,
+        last_used   INTEGER
+    ) WITHOUT ROWID
+    """,
+    """
+    CREATE TABLE device_tokens (
+        id          TEXT PRIMARY KEY,
+        key         TEXT NOT NULL REFERENCES access_keys(key) ON DELETE CASCADE,
+        device_id   TEXT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+        salt        BLOB NOT NULL,
+        secret_hash BLOB NOT NULL,
+        created_at  INTEGER NOT NULL,
+        expires_at  INTEGER NOT NULL
+    ) WITHOUT ROWID
+    """,
+    "CREATE INDEX device_tokens_by_owner ON device_tokens (key, device_id, created_at)",
+    "CREATE INDEX device_tokens_by_expiry ON device_tokens (expires_at)",
+    "CREATE INDEX device_tokens_by_device ON device_tokens (device_id)",
+]
+
+MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6]
 SCHEMA_VERSION = len(MIGRATIONS)
 # Steps that rebuild a table others reference: foreign keys are off while they run (a
 # PRAGMA that only works outside a transaction), and checked before they commit.

@@ -236,6 +236,7 @@ async def insert_keys(
                 now,
                 now,
                 app_id,
+                key_id := credentials.new_object_id(),
             )
         )
         id_rows.extend((key, d) for d in spec.device_ids)
@@ -257,12 +258,13 @@ async def insert_keys(
             created_at=stamp,
             updated_at=stamp,
             app_id=app_id,
+            id=key_id,
         )
     await conn.executemany(
         """INSERT INTO access_keys (key, salt, secret_hash, name, description, status,
                expires_at, all_devices, address_mode, addresses, topic_mode, pub_topics,
-               sub_topics, created_at, updated_at, app_id)
-           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+               sub_topics, created_at, updated_at, app_id, id)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
         key_rows,
     )
     await conn.executemany("INSERT INTO key_devices (key, device_id) VALUES (?, ?)", id_rows)

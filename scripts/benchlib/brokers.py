@@ -117,6 +117,7 @@ class RunningBroker:
     port: int
     log_path: Path
     notes: list[str] = field(default_factory=list)
+    api_port: int | None = None  # keybroker's HTTP API
 
     @property
     def pid(self) -> int:
@@ -167,6 +168,7 @@ def _stop(broker: RunningBroker, timeout: float = 10.0) -> None:
 def running(kind: str, workdir: Path, *, keystore: Path | None = None) -> Iterator[RunningBroker]:
     """Start broker ``kind`` on a free loopback port; always stopped on exit."""
     port = free_port()
+    api_port: int | None = None
     log_path = workdir / f"{kind}-{port}.log"
     notes: list[str] = []
     if kind == "amqtt":
@@ -183,13 +185,15 @@ def running(kind: str, workdir: Path, *, keystore: Path | None = None) -> Iterat
         if keystore is None:
             raise ValueError("keybroker needs a keystore path")
         conf = workdir / f"keybroker-{port}.toml"
+        api_port = free_port()
         # Default limits except: the fleet workload's idle client holds up to 100,000
         # filters, and every load-generator connection comes from 127.0.0.1 (0 = no limit).
         conf.write_text(
             f'[keystore]\npath = "{keystore}"\n\n'
             f'[listeners.tcp]\ntype = "tcp"\nhost = "{HOST}"\nport = {port}\n\n'
             "[limits]\nmax_subscriptions = 0\nmax_connections_per_source = 0\n"
-            "max_unauthenticated_per_source = 0\n"
+            "max_unauthenticated_per_source = 0\n\n"
+            f'[api]\nhost = "{HOST}"\nport = {api_port}\n'
         )
         notes.append("keybroker runs with its default limits except [limits] "
                      "max_subscriptions = 0 (the fleet workload holds up to 100,000 filters) "
@@ -209,7 +213,7 @@ def running(kind: str, workdir: Path, *, keystore: Path | None = None) -> Iterat
         proc = subprocess.Popen(  # noqa: S603 - argv built above from fixed parts
             argv, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True,
             preexec_fn=preexec)
-    broker = RunningBroker(kind, proc, port, log_path, notes)
+    broker = RunningBroker(kind, proc, port, log_path, notes, api_port)
     try:
         _wait_listening(broker, START_TIMEOUT)
         yield broker

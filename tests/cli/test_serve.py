@@ -38,7 +38,7 @@ def demo(tmp_path: Path) -> Iterator[dict[str, str]]:
     """`serve --demo-if-empty` on an empty keystore: the printed commands by tool."""
     proc = subprocess.Popen(
         keybroker("serve", "--demo-if-empty", "--host", "127.0.0.1", "--port", "0",
-                  "--ws-port", "0"),
+                  "--ws-port", "0", "--api-port", "0"),
         cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True,
     )
@@ -115,7 +115,7 @@ def test_a_busy_port_is_one_line_naming_the_listener(
     ports = {"tcp": "0", "ws": "0", listener: str(busy_port)}
     proc = subprocess.run(
         keybroker("--db", str(tmp_path / "k.db"), "serve", "--port", ports["tcp"],
-                  "--ws-port", ports["ws"]),
+                  "--ws-port", ports["ws"], "--api-port", "0"),
         cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=TIMEOUT,
         check=False,
     )
@@ -130,7 +130,7 @@ def test_a_busy_port_is_one_line_naming_the_listener(
 def test_a_busy_ipv4_port_stops_a_dual_stack_listener(tmp_path: Path, busy_port: int) -> None:
     proc = subprocess.run(
         keybroker("--db", str(tmp_path / "k.db"), "serve", "--host", "::", "--port",
-                  str(busy_port), "--ws-port", "0"),
+                  str(busy_port), "--ws-port", "0", "--api-port", "0"),
         cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=TIMEOUT,
         check=False,
     )
@@ -166,7 +166,7 @@ def test_host_ipv6_any_accepts_ipv4_and_ipv6_clients(tmp_path: Path) -> None:
     port = free_dual_stack_port()  # a fixed port: what a deployment uses
     proc = subprocess.Popen(
         keybroker("serve", "--demo-if-empty", "--host", "::", "--port", str(port),
-                  "--ws-port", "0"),
+                  "--ws-port", "0", "--api-port", "0"),
         cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True,
     )
@@ -181,6 +181,41 @@ def test_host_ipv6_any_accepts_ipv4_and_ipv6_clients(tmp_path: Path) -> None:
         key, secret = text.split("key:")[1].split()[0], text.split("secret:")[1].split()[0]
         assert connack("127.0.0.1", port, key, secret) == 0
         assert connack("::1", port, key, secret) == 0
+    finally:
+        proc.terminate()
+        proc.wait(15)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def test_a_busy_api_port_is_one_line_naming_the_api(tmp_path: Path, busy_port: int) -> None:
+    proc = subprocess.run(
+        keybroker("--db", str(tmp_path / "k.db"), "serve", "--port", "0", "--ws-port", "0",
+                  "--api-port", str(busy_port)),
+        cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=TIMEOUT,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"Error: API listener cannot bind 127.0.0.1:{busy_port}: address already in use")
+    assert "Traceback" not in proc.stderr
+
+
+def test_no_api_serves_mqtt_only(tmp_path: Path, busy_port: int) -> None:
+    proc = subprocess.Popen(
+        keybroker("--db", str(tmp_path / "k.db"), "serve", "--host", "127.0.0.1", "--port",
+                  "0", "--ws-port", "0", "--no-api", "--api-port", str(busy_port)),
+        cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = ""
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline and "keybroker listening:" not in line:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, "daemon exited"
+        assert "tcp=mqtt://127.0.0.1:" in line and "api=" not in line
     finally:
         proc.terminate()
         proc.wait(15)

@@ -162,6 +162,12 @@ def test_relative_paths_resolve_against_the_config_files_directory(
         ("[listeners.tcp]\ntype = \"udp\"\n", ["type", "'udp'"]),
         ("[listeners.tls]\ncertfile = \"c.pem\"\n", ["[listeners.tls]", "keyfile"]),
         ("[listeners]\ntcp = 1883\n", ["[listeners.tcp]", "table"]),
+        ("[api]\nport = 70000\n", ["[api] port", "70000"]),
+        ("[api]\ncertfile = \"c.pem\"\n", ["[api]", "keyfile"]),
+        ("[api]\ndevice_token_ttl = 0\n", ["device_token_ttl", "more than 0"]),
+        ("[api]\ndevice_token_ttl = 99999999\n", ["device_token_ttl", "max_device_token_ttl"]),
+        ("[api]\ncors_origins = [\"evil.example\"]\n", ["cors_origins", "'evil.example'"]),
+        ("[api]\nenabled = \"yes\"\n", ["[api] enabled", "true or false"]),
         ("[limits\n", ["invalid TOML"]),
     ],
 )

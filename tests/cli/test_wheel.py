@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -56,7 +57,7 @@ def test_installed_wheel_runs_from_any_directory(tmp_path: Path) -> None:
 
     daemon = subprocess.Popen(
         [keybroker, "--db", "k.db", "serve", "--host", "127.0.0.1", "--port", "0",
-         "--ws-port", "0"],
+         "--ws-port", "0", "--api-port", "0"],
         cwd=work, env={**env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True,
     )
@@ -69,6 +70,9 @@ def test_installed_wheel_runs_from_any_directory(tmp_path: Path) -> None:
         port = int(line.split("tcp=mqtt://127.0.0.1:")[1].split()[0])
         with Client(port, "x", created["key"], created["secret"]) as client:
             assert client.connect() == 0
+        api = line.split("api=")[1].split()[0]
+        with urllib.request.urlopen(api + "/openapi.json", timeout=10) as answer:  # noqa: S310
+            assert json.load(answer)["openapi"] == "3.1.0"  # the installed API serves
     finally:
         daemon.terminate()
         assert daemon.wait(15) == 0

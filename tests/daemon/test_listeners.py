@@ -15,11 +15,11 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-import trustme
 from paho.mqtt.enums import CallbackAPIVersion
 
 from broker.settings import Listener
 from tests.support.harness import Client, RunningBroker, broker_settings
+from tests.support.tls import server_certificate
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -78,14 +78,7 @@ def test_forwarded_for_from_untrusted_peer_is_ignored(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, str]:
     """A throwaway CA and a server certificate for 127.0.0.1 (trustme)."""
-    folder = tmp_path_factory.mktemp("tls")
-    authority = trustme.CA()
-    server = authority.issue_cert("127.0.0.1")
-    ca, cert, key = folder / "ca.pem", folder / "cert.pem", folder / "key.pem"
-    authority.cert_pem.write_to_path(str(ca))
-    server.cert_chain_pems[0].write_to_path(str(cert))
-    server.private_key_pem.write_to_path(str(key))
-    return str(ca), str(cert), str(key)
+    return server_certificate(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.mark.parametrize(("kind", "transport"), [("tcp", "tcp"), ("ws", "websockets")])
@@ -159,6 +152,7 @@ def test_serve_process_logs_bound_ports_and_stops_on_sigterm(tmp_path: Path) -> 
         '[keystore]\npath = "kb.db"\n'
         '[listeners.tcp]\ntype = "tcp"\nhost = "127.0.0.1"\nport = 0\n'
         '[listeners.ws]\ntype = "ws"\nhost = "127.0.0.1"\nport = 0\n'
+        '[api]\nport = 0\n'
     )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("KEYBROKER_DB", None)
@@ -177,6 +171,7 @@ def test_serve_process_logs_bound_ports_and_stops_on_sigterm(tmp_path: Path) -> 
                 break
         listening = next(line for line in lines if "keybroker listening:" in line)
         assert "tcp=mqtt://127.0.0.1:" in listening and "ws=ws://127.0.0.1:" in listening
+        assert " api=http://127.0.0.1:" in listening  # the API's bound port, on the same line
         port = int(listening.split("tcp=mqtt://127.0.0.1:")[1].split()[0])
         text = "".join(lines)
         while "mosquitto_pub" not in text and time.monotonic() < deadline:

@@ -125,3 +125,18 @@ def test_the_daemon_prunes_100k_changes_and_revocation_still_works(tmp_path: Pat
         assert daemon.call(daemon.server.pruner.prune) == 0
     finally:
         daemon.stop()
+
+
+async def test_the_pruner_deletes_expired_device_tokens_in_batches(tmp_path: Path) -> None:
+    async with KeyStore.open(tmp_path / "k.db") as ks:
+        await ks.add_device("d")
+        key, _ = await ks.create_key(device_ids=["d"])
+        await ks.add_device("e")
+        other, _ = await ks.create_key(device_ids=["e"])
+        for _ in range(5):
+            await ks.create_device_token(key, "d", 1)
+        kept, _ = await ks.create_device_token(other, "e", 3600)
+        pruner = ChangePruner(ks, DAY, consumed=lambda: 0, batch=2)
+        soon = datetime.now(UTC) + timedelta(seconds=5)
+        assert await pruner.prune_device_tokens(soon) == 5
+        assert await ks.device_token_lookup(kept, soon) is not None

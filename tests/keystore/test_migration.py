@@ -69,3 +69,18 @@ async def test_deleting_a_migrated_key_still_cascades(old_file: Path) -> None:
         conn.execute("PRAGMA foreign_keys = ON")
         assert conn.execute("SELECT count(*) FROM key_tags WHERE key = ?",
                             (key.key,)).fetchone()[0] == 0
+
+
+async def test_existing_keys_get_api_ids_and_the_token_tables_work(old_file: Path) -> None:
+    async with KeyStore.open(old_file) as ks:
+        keys = await ks.list_keys()
+        ids = [k.id for k in keys]
+        assert len(set(ids)) == len(keys) == 3
+        assert all(len(i) == 24 and int(i, 16) >= 0 for i in ids)
+        assert (await ks.get_key_by_id(ids[0])).key == keys[0].key  # findable by id
+        row, token = await ks.create_token("ops")
+        assert (await ks.check_token(token, row.created_at)) == row
+        s1 = next(k for k in keys if k.name == "site-lyon")
+        device_token, _ = await ks.create_device_token(s1, "s-1", 60)
+        found = await ks.device_token_lookup(device_token, row.created_at)
+        assert found is not None and found.device_id == "s-1"

@@ -35,3 +35,21 @@ def test_bench_quick_qos0_keybroker(tmp_path: Path) -> None:
     assert detail["subscribers"]["first_topic"] == "bench/load"
     assert "keybroker/amqtt" in row["ratios"]
     assert "1 pub -> 1 sub, QoS 0" in proc.stdout
+
+
+def test_bench_quick_api_rows(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(  # noqa: S603 - our own interpreter and script
+        [sys.executable, str(BENCH), "--quick", "--only", "api", "--brokers", "keybroker",
+         "--measure", "0.3", "--json-out", str(out)],
+        capture_output=True, text=True, timeout=90, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    assert results["api_create"]["details"]["keybroker"]["requests"] == 200
+    for row in ("api_create", "api_list_page_p99", "api_auth_device_p99", "api_qos0_idle",
+                "api_qos0_loaded", "api_qos0_ratio"):
+        assert results[row]["values"]["keybroker"] > 0, row
+    loaded = results["api_qos0_loaded"]["details"]["keybroker"]
+    assert loaded["api_req_per_s"] > 0 and loaded["api_errors"] == 0
+    assert results["api_list_page_p99"]["target"] == "p99 <= 30 ms"

@@ -96,6 +96,8 @@ def broker_settings(tmp_path: Path, **overrides: Any) -> Settings:
         db_path=tmp_path / "keybroker.db",
         listeners=listeners,
         audit_path=tmp_path / "audit.jsonl",
+        api_host="127.0.0.1",
+        api_port=0,
     )
     return replace(settings, **overrides)
 

@@ -1,0 +1,62 @@
+"""What a handler gets: the daemon's parts (``Api``) and one request's checked inputs
+(``Call``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from broker.api.callers import Admin, Caller, Callers, DeviceCaller, Source
+from broker.api.errors import forbidden
+from broker.audit import AuditLog
+from broker.settings import Settings
+from keystore import KeyStore
+
+SOURCE = web.RequestKey("source", Source)  # set by the server's middleware
+
+
+@dataclass(frozen=True, slots=True)
+class Api:
+    """The daemon's parts the API works with (one process, one loop, one copy of state)."""
+
+    settings: Settings
+    keystore: KeyStore
+    audit: AuditLog
+    callers: Callers
+    # Route one message as an MQTT PUBLISH of the application would be: (mount, topic,
+    # payload, qos). Synchronous, like the broker's own routing.
+    publish: Callable[[str, str, bytes, int], None]
+    online: Callable[[str], bool]  # is this device id connected over MQTT now?
+
+
+@dataclass(slots=True)
+class Call:
+    api: Api
+    request: web.Request
+    operation: str  # Losant's name of the action, e.g. "applicationKeys.post"
+    caller: Caller | None  # None only on public routes
+    source: Source
+    path: dict[str, str]
+    query: dict[str, str]
+    body: Any
+    targets: dict[str, str] = field(default_factory=dict)  # ids for the audit line
+
+    @property
+    def app_id(self) -> str:
+        return self.path["applicationId"]
+
+    @property
+    def admin(self) -> Admin:
+        assert isinstance(self.caller, Admin)
+        return self.caller
+
+    def device_caller(self) -> DeviceCaller | None:
+        return self.caller if isinstance(self.caller, DeviceCaller) else None
+
+    def require_all_apps(self, what: str) -> None:
+        if self.admin.token.app_id is not None:
+            raise forbidden(f"token {self.admin.name!r} is for one application: it cannot "
+                            f"{what}")

@@ -1,0 +1,208 @@
+"""What the API refuses, with the right status and nothing written: malformed bodies,
+oversized bodies, path tricks, brute force; and what every response carries."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.api.conftest import ApiEnv
+from tests.support.harness import RunningBroker, broker_settings
+from tests.support.tls import server_certificate
+
+
+def _nothing_written(api: ApiEnv) -> None:
+    assert api.daemon.ks("count_keys", every_app=True) == 0
+    assert api.daemon.ks("count_devices", every_app=True) == 0
+    assert [a.name for a in api.daemon.ks("list_apps")] == ["default"]
+
+
+def _error(response: requests.Response, status: int, *needles: str) -> None:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"type", "message"}, body
+    for needle in needles:
+        assert needle in body["message"], body
+
+
+@pytest.mark.parametrize(("body", "needle"), [
+    (b"{not json", "malformed JSON"),
+    (b"", "missing JSON body"),
+    (b"[1, 2]", "invalid body"),
+    (b'{"name": NaN}', "NaN"),
+    (b'{"name": 7}', "'name'"),
+    (b'{"name": "x", "deviceIds": [1]}', "deviceIds.0"),
+    (b'{"name": "x", "extra": true}', "unknown field 'extra'"),
+    (b'{"filterType": "whitelist", "pubTopics": ["$SYS/#"]}', "$SYS/#"),
+    (b"[" * 5000 + b"]" * 5000, "malformed JSON"),
+])
+def test_bad_key_bodies_are_400_and_write_nothing(api: ApiEnv, body: bytes,
+                                                  needle: str) -> None:
+    response = api.http("POST", f"/applications/{api.app_id}/keys", data=body,
+                        headers={"Content-Type": "application/json"})
+    _error(response, 400, needle)
+    _nothing_written(api)
+
+
+def test_bodies_over_1_mib_are_413(api: ApiEnv) -> None:
+    big = json.dumps({"name": "x", "description": "d" * (1024 * 1024)})
+    response = api.http("POST", f"/applications/{api.app_id}/devices", data=big)
+    _error(response, 413, "1 MiB")
+    _nothing_written(api)
+
+
+@pytest.mark.parametrize("path", [
+    "/applications/{app}/devices/..",
+    "/applications/{app}/devices/%2e%2e",
+    "/applications/{app}/devices/a%2Fb",
+    "/applications/{app}%2Fdevices/x",
+    "/applications/{app}/devices/a%5Cb",
+    "/applications/{app}/devices/a%00b",
+])
+def test_path_tricks_are_refused(api: ApiEnv, path: str) -> None:
+    api.daemon.ks("add_device", "a")
+    with socket.create_connection(("127.0.0.1", api.daemon.server.api.port)) as raw:
+        # A raw request: HTTP clients normalise these paths before sending them.
+        raw.sendall(f"DELETE {path.format(app=api.app_id)} HTTP/1.1\r\nHost: x\r\n"
+                    f"Authorization: Bearer {api.token}\r\nConnection: close\r\n\r\n".encode())
+        reply = b""
+        while chunk := raw.recv(65536):
+            reply += chunk
+    assert int(reply.split(b" ", 2)[1]) == 400, reply[:200]
+    assert "invalid path segment" in json.loads(reply.split(b"\r\n\r\n", 1)[1])["message"]
+    assert api.daemon.ks("count_devices") == 1  # nothing deleted
+
+
+def test_unknown_routes_and_methods_answer_in_losants_shape(api: ApiEnv) -> None:
+    _error(api.http("GET", "/nowhere"), 404, "GET /nowhere")
+    _error(api.http("PUT", f"/applications/{api.app_id}"), 405, "PUT")
+    _error(api.http("GET", "/applications", params={"color": "red"}), 400, "'color'")
+    ok = api.http("GET", "/applications", params={"_actions": "True", "_links": "true",
+                                                  "_embedded": "false"})
+    assert ok.status_code == 200
+
+
+def test_every_response_carries_the_security_headers(api: ApiEnv) -> None:
+    for response in (api.http("GET", "/applications"), api.http("GET", "/nowhere"),
+                     api.http("GET", "/applications", token="")):
+        headers = response.headers
+        assert headers["X-Content-Type-Options"] == "nosniff"
+        assert headers["X-Frame-Options"] == "DENY"
+        assert "default-src 'none'" in headers["Content-Security-Policy"]
+        assert headers["Cache-Control"] == "no-store"
+        assert headers["Server"] == "keybroker"
+        assert "Access-Control-Allow-Origin" not in headers  # CORS off by default
+    preflight = api.http("OPTIONS", "/applications",
+                         headers={"Origin": "https://evil.example",
+                                  "Access-Control-Request-Method": "GET"})
+    assert preflight.status_code == 405
+    assert "Access-Control-Allow-Origin" not in preflight.headers
+
+
+@pytest.fixture
+def cors_daemon(tmp_path: Path) -> Iterator[RunningBroker]:
+    settings = replace(broker_settings(tmp_path),
+                       api_cors_origins=("https://console.example",))
+    daemon = RunningBroker(settings).start()
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+def test_cors_answers_only_configured_origins(cors_daemon: RunningBroker) -> None:
+    url = cors_daemon.server.api.url
+
+    def preflight(origin: str) -> requests.Response:
+        return requests.options(url + "/applications", timeout=5, headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "Authorization, Content-Type"})
+
+    allowed = preflight("https://console.example")
+    assert allowed.status_code == 204
+    assert allowed.headers["Access-Control-Allow-Origin"] == "https://console.example"
+    assert "Authorization" in allowed.headers["Access-Control-Allow-Headers"]
+    denied = preflight("https://evil.example")
+    assert denied.status_code == 403
+    assert "Access-Control-Allow-Origin" not in denied.headers
+    plain = requests.get(url + "/applications", timeout=5,
+                         headers={"Origin": "https://evil.example"})
+    assert plain.status_code == 401 and "Access-Control-Allow-Origin" not in plain.headers
+
+
+def test_failed_tokens_and_logins_are_banned_per_source_with_429(api: ApiEnv) -> None:
+    api.daemon.ks("add_device", "d")
+    key, secret = api.daemon.ks("create_key", device_ids=["d"])
+    limit = api.daemon.settings.guard.max_failures
+    for attempt in range(limit):
+        bad = (api.http("GET", "/applications", token=f"kba.{'0' * 24}.guess{attempt}")
+               if attempt % 2 else
+               api.http("POST", "/auth/device", token="",
+                        json={"deviceId": "d", "key": key.key, "secret": f"guess{attempt}"}))
+        assert bad.status_code == 401
+    banned = api.http("POST", "/auth/device", token="",
+                      json={"deviceId": "d", "key": key.key, "secret": secret})
+    _error(banned, 429, "too many")
+    assert int(banned.headers["Retry-After"]) >= 1
+    _error(api.http("GET", "/applications"), 429)  # even a good token, from this source
+    events = [e["event"] for e in api.daemon.audit_events()]
+    assert "ban" in events
+
+
+def test_x_forwarded_for_is_ignored_from_untrusted_peers(tmp_path: Path) -> None:
+    settings = replace(broker_settings(tmp_path), trusted_proxies=())
+    daemon = RunningBroker(settings).start()
+    try:
+        daemon.ks("add_device", "d")
+        key, secret = daemon.ks("create_key", device_ids=["d"], address_mode="only",
+                                addresses=["10.1.0.0/16"])
+        response = requests.post(daemon.server.api.url + "/auth/device", timeout=5,
+                                 json={"deviceId": "d", "key": key.key, "secret": secret},
+                                 headers={"X-Forwarded-For": "10.1.2.3"})
+        _error(response, 401, "ip_denied")
+    finally:
+        daemon.stop()
+
+
+def test_the_audit_log_names_actions_never_secrets_or_tokens(api: ApiEnv) -> None:
+    c = api.client()
+    device = c.devices.post(applicationId=api.app_id, device={"name": "d"})
+    key = c.application_keys.post(applicationId=api.app_id,
+                                  applicationKey={"deviceIds": [device["deviceId"]]})
+    device_token = c.auth.authenticate_device(credentials={
+        "deviceId": device["deviceId"], "key": key["key"], "secret": key["secret"]})["token"]
+    c.application_key.delete(applicationId=api.app_id, applicationKeyId=key["id"])
+    text = (api.daemon.settings.audit_path or Path("/nonexistent")).read_text()
+    for secret in (key["secret"], api.token, device_token, api.token.split(".")[2]):
+        assert secret not in text
+    actions = [(e["event"], e.get("action")) for e in api.daemon.audit_events()]
+    assert ("api", "devices.post") in actions
+    assert ("api", "applicationKeys.post") in actions
+    assert ("api", "applicationKey.delete") in actions
+    assert ("device_auth_ok", None) in actions
+    deleted = next(e for e in api.daemon.audit_events() if e.get("action") ==
+                   "applicationKey.delete")
+    assert deleted["token"] == "admin" and deleted["key"] == key["key"]
+    assert deleted["client_ip"] == "127.0.0.1"
+
+
+def test_https_with_certfile_and_keyfile(tmp_path: Path) -> None:
+    ca, cert, key = server_certificate(tmp_path)
+    daemon = RunningBroker(replace(broker_settings(tmp_path), api_certfile=cert,
+                                   api_keyfile=key)).start()
+    try:
+        url = daemon.server.api.url
+        assert url.startswith("https://127.0.0.1:")
+        answer = requests.get(url + "/openapi.json", timeout=5, verify=str(ca))
+        assert answer.status_code == 200
+        assert answer.headers["Strict-Transport-Security"].startswith("max-age=")
+        with pytest.raises(requests.exceptions.ConnectionError):
+            requests.get(url.replace("https", "http") + "/openapi.json", timeout=5)
+    finally:
+        daemon.stop()
