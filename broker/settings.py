@@ -94,6 +94,7 @@ class Settings:
     api_port: int = 8080
     api_certfile: Path | None = None
     api_keyfile: Path | None = None
+    api_console: bool = True  # the web console at /console (docs/console.md)
     api_cors_origins: tuple[str, ...] = ()  # origins allowed by CORS; none = CORS off
     api_device_token_ttl: int = 86_400  # seconds, when POST /auth/device gives no tokenTTL
     api_max_device_token_ttl: int = 30 * 86_400
@@ -116,6 +117,7 @@ PLACES: dict[str, tuple[str, str]] = {
     "api_port": ("api", "port"),
     "api_certfile": ("api", "certfile"),
     "api_keyfile": ("api", "keyfile"),
+    "api_console": ("api", "console"),
     "api_cors_origins": ("api", "cors_origins"),
     "api_device_token_ttl": ("api", "device_token_ttl"),
     "api_max_device_token_ttl": ("api", "max_device_token_ttl"),

@@ -21,6 +21,8 @@ from broker.api.context import SOURCE, Api
 from broker.api.errors import ApiError, bad_request, from_keystore
 from broker.api.routes import ROUTES, endpoint
 from broker.clientip import client_ip_from_forwarded
+from broker.console.routes import add_console
+from broker.console.web import Console
 from broker.listeners import bind_error, ssl_context
 from broker.policy.addresses import TrustedProxies, normalize_ip
 from broker.settings import Settings
@@ -76,6 +78,8 @@ class ApiServer:
             # with one, so "//applications" must find the same route.
             app.router.add_route(route.method, "/{_lead:/?}" + route.path[1:],
                                  endpoint(self.api, route))
+        if self.settings.api_console:
+            add_console(app, Console(self.api, self.tls))
         return app
 
     async def start(self) -> None:
@@ -155,7 +159,8 @@ class ApiServer:
         except Exception:
             logger.exception("API request %s %s failed", request.method, request.path)
             response = _error(ApiError(500, "InternalError", "internal error (logged)"))
-        response.headers.update(SECURITY_HEADERS)
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)  # the console sets its own CSP
         response.headers["Server"] = "keybroker"
         if self.tls:
             response.headers["Strict-Transport-Security"] = "max-age=31536000"

@@ -18,6 +18,8 @@ def _served(api: ApiEnv) -> set[tuple[str, str]]:
     assert server is not None
     out = set()
     for route in server.routes():
+        if route.resource is not None and route.resource.canonical.startswith("/console"):
+            continue  # the web console: HTML pages, not part of the API
         info = route.resource.get_info() if route.resource is not None else {}
         template = info.get("formatter") or info.get("path")
         assert template is not None and template.startswith(LEAD), info

@@ -73,6 +73,11 @@ def test_installed_wheel_runs_from_any_directory(tmp_path: Path) -> None:
         api = line.split("api=")[1].split()[0]
         with urllib.request.urlopen(api + "/openapi.json", timeout=10) as answer:  # noqa: S310
             assert json.load(answer)["openapi"] == "3.1.0"  # the installed API serves
+        with urllib.request.urlopen(api + "/console/signin", timeout=10) as page:  # noqa: S310
+            assert "Admin token" in page.read().decode()  # templates are in the wheel
+        with urllib.request.urlopen(api + "/console/static/console.css",  # noqa: S310
+                                    timeout=10) as style:
+            assert b"--accent" in style.read()
     finally:
         daemon.terminate()
         assert daemon.wait(15) == 0

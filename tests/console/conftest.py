@@ -1,0 +1,136 @@
+"""A real daemon with its console, and headless Chromium (Debian's chromium and
+chromium-driver) driven by selenium through /usr/bin/chromedriver: nothing is
+downloaded. Without Chromium the tests are skipped with a plain message (failed in CI)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.remote.webelement import WebElement
+
+from tests.support.harness import RunningBroker, broker_settings
+from tests.support.services import require_binary
+
+INSTALL = "apt-get install chromium chromium-driver"
+
+
+def chrome(downloads: Path, width: int = 1440, height: int = 1000) -> WebDriver:
+    driver_path = require_binary(["chromedriver"], "chromedriver (Debian chromium-driver)",
+                                 INSTALL)
+    browser = require_binary(["chromium", "chromium-browser"], "Chromium", INSTALL)
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(browser)
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync",
+                 f"--window-size={width},{height}",
+                 f"--user-data-dir={downloads.parent / ('profile-' + str(width))}"):
+        options.add_argument(flag)
+    options.add_experimental_option("prefs", {
+        "download.default_directory": str(downloads),
+        "download.prompt_for_download": False,
+    })
+    driver = webdriver.Chrome(service=Service(str(driver_path)), options=options)
+    driver.execute_cdp_cmd("Browser.setDownloadBehavior",
+                           {"behavior": "allow", "downloadPath": str(downloads)})
+    driver.implicitly_wait(0)
+    return driver
+
+
+@dataclass
+class Console:
+    daemon: RunningBroker
+    url: str  # http://127.0.0.1:PORT
+    token: str
+    browser: WebDriver
+    downloads: Path
+
+    @property
+    def app_id(self) -> str:
+        return str(self.daemon.ks("app").id)
+
+    def go(self, path: str) -> None:
+        self.browser.get(self.url + path)
+
+    def find(self, css: str) -> WebElement:
+        return self.browser.find_element(By.CSS_SELECTOR, css)
+
+    def all(self, css: str) -> list[WebElement]:
+        return self.browser.find_elements(By.CSS_SELECTOR, css)
+
+    def fill(self, fields: dict[str, str]) -> None:
+        for css, value in fields.items():
+            element = self.find(css)
+            element.clear()
+            element.send_keys(value)
+
+    def submit(self, css: str) -> None:
+        """Click a button that loads a new page, and wait until it has loaded."""
+        old = self.find("html")
+        self.find(css).click()
+
+        def replaced() -> bool:
+            try:
+                old.tag_name  # noqa: B018 - raises once the old page is gone
+            except StaleElementReferenceException:
+                return self.browser.execute_script("return document.readyState") == "complete"
+            return False
+
+        self.wait(replaced)
+
+    def sign_in(self, token: str | None = None) -> None:
+        self.go("/console/signin")
+        self.fill({"#token": token or self.token})
+        self.submit("form button[type=submit]")
+
+    def wait(self, condition: Callable[[], Any], timeout: float = 5.0) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            result = condition()
+            if result:
+                return result
+            time.sleep(0.05)
+        raise AssertionError("condition not met in time")
+
+    def downloaded(self) -> dict[str, Any]:
+        files = self.wait(lambda: [p for p in self.downloads.iterdir()
+                                   if p.suffix == ".json"])
+        return {"name": files[0].name, **json.loads(files[0].read_text())}
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[WebDriver, Path]]:
+    """One Chromium per test module (starting one takes a second or two)."""
+    downloads = tmp_path_factory.mktemp("downloads")
+    driver = chrome(downloads)
+    try:
+        yield driver, downloads
+    finally:
+        driver.quit()
+
+
+@pytest.fixture
+def console(tmp_path: Path, browser: tuple[WebDriver, Path]) -> Iterator[Console]:
+    driver, downloads = browser
+    driver.execute_cdp_cmd("Network.clearBrowserCookies", {})
+    for leftover in downloads.iterdir():
+        leftover.unlink()
+    daemon = RunningBroker(broker_settings(tmp_path)).start()
+    try:
+        _row, token = daemon.ks("create_token", "operator")
+        api = daemon.server.api
+        assert api is not None
+        yield Console(daemon, api.url, token, driver, downloads)
+    finally:
+        daemon.stop()

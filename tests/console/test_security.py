@@ -1,0 +1,121 @@
+"""The console refuses what it must: forged forms (CSRF), script in data (XSS), framing,
+guessed tokens; its cookies and headers are the safe kind."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.console.conftest import Console
+from tests.support.harness import RunningBroker, broker_settings
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[RunningBroker]:
+    running = RunningBroker(broker_settings(tmp_path)).start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def _url(daemon: RunningBroker) -> str:
+    api = daemon.server.api
+    assert api is not None
+    return api.url
+
+
+def _signed_in(daemon: RunningBroker, name: str = "ops") -> tuple[requests.Session, str]:
+    """An HTTP client signed in to the console, and its CSRF token."""
+    _row, token = daemon.ks("create_token", name)
+    http = requests.Session()
+    form = http.get(_url(daemon) + "/console/signin", timeout=5)
+    nonce = re.search(r'name="nonce" value="([^"]+)"', form.text)
+    assert nonce is not None
+    done = http.post(_url(daemon) + "/console/signin", timeout=5,
+                     data={"nonce": nonce.group(1), "token": token})
+    assert done.url.endswith("/console/apps"), done.url
+    page = http.get(_url(daemon) + "/console/apps", timeout=5)
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)
+    assert csrf is not None
+    return http, csrf.group(1)
+
+
+def test_state_changes_without_the_csrf_token_are_refused(daemon: RunningBroker) -> None:
+    key, _ = daemon.ks("create_key", name="target")
+    http, csrf = _signed_in(daemon)
+    app = daemon.ks("app").id
+    status_url = f"{_url(daemon)}/console/apps/{app}/keys/{key.id}/status"
+    for data in ({}, {"csrf": "forged"}, {"csrf": csrf[:-1]}):
+        refused = http.post(status_url, data=data, timeout=5, allow_redirects=False)
+        assert refused.status_code == 403 and "CSRF" in refused.text
+    assert daemon.ks("get_key", key.key).status.value == "active"
+    accepted = http.post(status_url, data={"csrf": csrf}, timeout=5, allow_redirects=False)
+    assert accepted.status_code == 303
+    assert daemon.ks("get_key", key.key).status.value == "inactive"
+    # Another signed-in operator's token does not work in this session either.
+    _other, other_csrf = _signed_in(daemon, "ops-2")
+    assert http.post(status_url, data={"csrf": other_csrf}, timeout=5,
+                     allow_redirects=False).status_code == 403
+
+
+def test_sign_in_needs_the_forms_own_nonce(daemon: RunningBroker) -> None:
+    _row, token = daemon.ks("create_token", "ops")
+    forged = requests.post(_url(daemon) + "/console/signin", timeout=5,
+                           data={"nonce": "x", "token": token}, allow_redirects=False)
+    assert forged.status_code == 403 and "kb_console=" not in forged.headers.get(
+        "Set-Cookie", "")
+
+
+def test_cookies_and_headers(daemon: RunningBroker) -> None:
+    _row, token = daemon.ks("create_token", "ops")
+    http = requests.Session()
+    form = http.get(_url(daemon) + "/console/signin", timeout=5)
+    assert form.headers["X-Frame-Options"] == "DENY"
+    csp = form.headers["Content-Security-Policy"]
+    assert "script-src 'self'" in csp and "unsafe-inline" not in csp
+    assert "frame-ancestors 'none'" in csp
+    assert form.headers["Cache-Control"] == "no-store"
+    assert "<script>" not in form.text.replace('<script src="/console/static/console.js"'
+                                               ' defer></script>', "")  # no inline script
+    nonce = re.search(r'name="nonce" value="([^"]+)"', form.text)
+    assert nonce is not None
+    done = http.post(_url(daemon) + "/console/signin", timeout=5, allow_redirects=False,
+                     data={"nonce": nonce.group(1), "token": token})
+    cookie = done.headers["Set-Cookie"]
+    assert "kb_console=" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    assert "Path=/console" in cookie
+    assert token not in cookie  # the session id is the server's own, not the token
+
+
+def test_failed_sign_ins_are_banned_by_the_guard(daemon: RunningBroker) -> None:
+    http = requests.Session()
+    url = _url(daemon) + "/console/signin"
+    statuses = []
+    for attempt in range(daemon.settings.guard.max_failures + 1):
+        nonce = re.search(r'name="nonce" value="([^"]+)"', http.get(url, timeout=5).text)
+        assert nonce is not None
+        statuses.append(http.post(url, timeout=5, data={
+            "nonce": nonce.group(1), "token": f"kba.{'0' * 24}.guess{attempt}"}).status_code)
+    assert statuses[:-1] == [401] * daemon.settings.guard.max_failures
+    assert statuses[-1] == 429
+    assert any(e["event"] == "ban" for e in daemon.audit_events())
+
+
+def test_script_in_names_renders_as_text(console: Console) -> None:
+    payload = '<script>window.__xss = 1</script><img src=x onerror="window.__xss=2">'
+    console.daemon.ks("create_key", name=payload, description=payload)
+    console.daemon.ks("add_device", "dev-x", name=payload, tags=[("k", payload)])
+    console.sign_in()
+    for path in ("/keys", "/devices", "/devices/dev-x"):
+        console.go(f"/console/apps/{console.app_id}{path}")
+        assert console.browser.execute_script("return window.__xss") is None
+        assert payload in console.find("main").text  # shown, as text
+    key = console.daemon.ks("list_keys")[0]
+    console.go(f"/console/apps/{console.app_id}/keys/{key.id}")
+    assert console.browser.execute_script("return window.__xss") is None
+    assert console.find("#name").get_attribute("value") == payload
