@@ -48,6 +48,7 @@ class AuditLog:
         self._handler: logging.Handler | None = None
         # source -> [window start, lines written, lines suppressed] (see from_source)
         self._sources: OrderedDict[str, list[float]] = OrderedDict()
+        self.suppressed = 0  # lines not written because of the limits (metrics)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tighten_mode(path)
@@ -107,6 +108,7 @@ class AuditLog:
                 del self._sources[source]
 
     def _suppressed(self, source: str, state: list[float]) -> None:
+        self.suppressed += int(state[2])
         self.event("audit_suppressed", client_ip=source,
                    reason=f"{int(state[2])} events from this source not logged in 1 s")
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
+import time
 from datetime import UTC, datetime
 
 from broker import policy
@@ -49,6 +50,7 @@ class ChangeWatcher(Periodic):
         # that read the key before then is re-checked once registered.
         self._applied: dict[str, float] = {}
         self._last_id = 0
+        self.last_read = time.monotonic()  # when the feed was last read (metrics: lag)
 
     @property
     def applied_change_id(self) -> int:
@@ -81,6 +83,7 @@ class ChangeWatcher(Periodic):
 
     async def tick(self) -> None:
         marker = await self.keystore.change_marker()
+        self.last_read = time.monotonic()
         if marker != self._marker:
             self._marker = marker
             while True:  # the whole feed, however many changes a bulk operation made

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from amqtt.contexts import Action
 
 from broker.audit import AuditLog
+from broker.counters import Traffic
 from broker.mqtt import codec
 from broker.mqtt.link import LOW_WATER, Link
 from broker.mqtt.outbox import OutMessage
@@ -63,6 +64,10 @@ class Retained:
         self.size = len(topic.encode("utf-8", "surrogatepass")) + len(payload)
 
 
+# Audit event of a denial -> the kind it is counted as (broker.metrics)
+DENIAL_OF = {"publish_denied": "publish", "subscribe_denied": "subscribe",
+             "retain_refused": "retain"}
+
 @dataclass(slots=True)
 class _Usage:
     count: int = 0
@@ -71,8 +76,10 @@ class _Usage:
 
 class Router:
     def __init__(self, settings: Settings, sessions: dict[str, KeySession], audit: AuditLog,
-                 on_slow_consumer: Callable[[KeySession], None]) -> None:
+                 on_slow_consumer: Callable[[KeySession], None],
+                 traffic: Traffic | None = None) -> None:
         self.settings = settings
+        self.traffic = traffic if traffic is not None else Traffic()  # broker.metrics
         self.sessions = sessions
         self.audit = audit
         self.on_slow_consumer = on_slow_consumer
@@ -81,7 +88,7 @@ class Router:
         self.retained: RetainedStore[Retained] = RetainedStore()
         self._usage: dict[str, _Usage] = {}  # quota bucket -> retained count and bytes
         self._shared = _Usage()  # every retained message outside a device's own reserve
-        self.dropped_offline = 0  # messages not queued for offline sessions (bounds)
+        self.retained_usage = _Usage()  # every retained message (for metrics)
 
     # ------------------------------------------------------------------ delivery
     def route(self, mount: str, topic: str, payload: bytes, qos: int) -> None:
@@ -91,7 +98,10 @@ class Router:
         sessions = self.sessions
         for client_id, sub_qos in self.subtree.match(mount + topic).items():
             session = sessions.get(client_id)
-            if session is None or not decide(session, topic, Action.RECEIVE).allowed:
+            if session is None:
+                continue
+            if not decide(session, topic, Action.RECEIVE).allowed:
+                self.traffic.denied["delivery"] += 1
                 continue
             if qos and sub_qos:
                 self.enqueue(session, OutMessage(topic, payload, min(qos, sub_qos)))
@@ -111,6 +121,9 @@ class Router:
             self._slow(session)
             return
         link.write(packet)
+        traffic = self.traffic
+        traffic.msgs_out[0] += 1
+        traffic.bytes_out[0] += len(packet)
 
     def _over_budget(self, session: KeySession, size: int, buffered: int) -> bool:
         held = session.outbox.held_bytes + buffered
@@ -126,7 +139,7 @@ class Router:
             if link is not None and not session.kicked:
                 self._slow(session)
             else:
-                self.dropped_offline += 1
+                self.traffic.dropped += 1
                 logger.info("queue of offline session %s full: message on %r dropped",
                             session.client_id, message.topic)
             return False
@@ -140,10 +153,14 @@ class Router:
         if link is None or session.kicked:
             return
         write = link.write
+        traffic = self.traffic
         for message in session.outbox.sendable(self.settings.max_inflight_messages):
-            write(codec.publish_packet(message.topic.encode("utf-8", "surrogatepass"),
-                                       message.payload, message.qos, message.retain,
-                                       message.packet_id))
+            packet = codec.publish_packet(message.topic.encode("utf-8", "surrogatepass"),
+                                          message.payload, message.qos, message.retain,
+                                          message.packet_id)
+            write(packet)
+            traffic.msgs_out[message.qos] += 1
+            traffic.bytes_out[message.qos] += len(packet)
 
     def resume(self, session: KeySession) -> None:
         """A session just (re)connected: drop what its new grant may not read, re-send
@@ -226,6 +243,7 @@ class Router:
             tree.add(mount + topic_filter, client_id, qos)
             decided[topic_filter] = granted[topic_filter] = qos
         if over_limit:
+            self.traffic.denied["subscribe"] += over_limit
             self.audit.event("subscribe_denied", reason=f"max_subscriptions {limit}: "
                              f"{over_limit} filters refused", **audit_fields(session))
         if granted:
@@ -305,6 +323,8 @@ class Router:
             usage.size += sign * message.size
             if not usage.count:
                 del self._usage[bucket]
+        self.retained_usage.count += sign
+        self.retained_usage.size += sign * message.size
         if message.app:  # outside a device's reserve: the global limits count it
             self._shared.count += sign
             self._shared.size += sign * message.size
@@ -390,10 +410,12 @@ class Router:
         """Audit a denial; at most DENIALS_AUDITED_PER_SECOND per session, so a client
         flooding denied PUBLISHes cannot fill the disk or stall the loop with writes
         (the excess is counted in an ``audit_suppressed`` event)."""
+        self.traffic.denied[DENIAL_OF[event]] += 1
         now = time.monotonic()
         start, count, suppressed = session.denials or (now, 0, 0)
         if now - start >= 1.0:
             if suppressed:
+                self.audit.suppressed += suppressed
                 self.audit.event("audit_suppressed", **audit_fields(session),
                                  reason=f"{suppressed} denials not logged in 1 s")
             start, count, suppressed = now, 0, 0

@@ -18,6 +18,7 @@ from broker.api.context import Api
 from broker.api.server import ApiServer
 from broker.audit import AuditLog
 from broker.live import ChangeWatcher, StatusRecorder
+from broker.metrics import Observability
 from broker.mqtt.broker import KeyBroker
 from broker.policy.guard import BruteForceGuard
 from broker.prune import ChangePruner
@@ -27,6 +28,7 @@ from keystore import KeyStore
 logger = logging.getLogger(__name__)
 
 AUTH_PLUGIN = "broker.mqtt.plugins.AccessKeyAuthPlugin"
+READY_TIMEOUT = 2.0
 
 
 def amqtt_config(
@@ -58,6 +60,7 @@ class BrokerServer:
         self.watcher: ChangeWatcher | None = None
         self.pruner: ChangePruner | None = None
         self.api: ApiServer | None = None
+        self.observability: Observability | None = None
         self._stack = contextlib.AsyncExitStack()
 
     async def start(self) -> None:
@@ -94,6 +97,10 @@ class BrokerServer:
                                        consumed=self._applied_change_id)
             await self.pruner.start()
             self._stack.push_async_callback(self.pruner.stop)
+            if settings.api_enabled and settings.api_metrics:
+                self.observability = Observability.of(self.broker, self.watcher)
+                self.observability.start()
+                self._stack.push_async_callback(self.observability.stop)
             if settings.api_enabled:
                 self.api = self._api_server(guard)
                 await self.api.start()
@@ -122,8 +129,21 @@ class BrokerServer:
 
         callers = Callers(self.keystore, guard, self.audit, settings.device_prefix)
         api = Api(settings=settings, keystore=self.keystore, audit=self.audit,
-                  callers=callers, publish=broker.router.route, online=online)
+                  callers=callers, publish=broker.router.route, online=online,
+                  ready=self.readiness, observability=self.observability)
         return ApiServer(api, settings)
+
+    async def readiness(self) -> dict[str, bool]:
+        """Is every configured listener bound, and does the keystore answer (within 2 s)?"""
+        bound = self.bound_addresses()
+        listeners = bool(bound) and all(bound.get(item.name) for item in self.settings.listeners)
+        try:
+            assert self.keystore is not None
+            await asyncio.wait_for(self.keystore.change_marker(), READY_TIMEOUT)
+            keystore = True
+        except Exception:  # noqa: BLE001 - any failure means "not ready"
+            keystore = False
+        return {"listeners": listeners, "keystore": keystore}
 
     def _applied_change_id(self) -> int:
         """The last change-feed row the watcher applied: rows up to it may be pruned."""
@@ -141,6 +161,7 @@ class BrokerServer:
     async def stop(self) -> None:
         await self._stack.aclose()
         self.api = None
+        self.observability = None
         self.broker = None
         self.keystore = None
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from broker.audit import AuditLog
+from broker.counters import KICK_CAUSES, count_into
 from broker.mqtt.plugins import audit_fields, mount_of
 from broker.mqtt.session import Grant, KeySession
 from broker.routing import Router
@@ -34,6 +35,7 @@ class SessionRegistry:
         # Called with (client id, grant, auth start) for every session that goes online.
         self.on_started: list[Callable[[str, Grant, float], None]] = []
         self.on_ended: list[Callable[[str], None]] = []
+        self.kicks: dict[str, int] = {}  # by cause (broker.metrics.KICK_CAUSES)
 
     def __len__(self) -> int:
         return len(self.sessions)
@@ -180,6 +182,7 @@ class SessionRegistry:
             return False
         session.kicked = reason
         session.suppress_will = not publish_will
+        count_into(self.kicks, reason, KICK_CAUSES)
         self.audit.event("kick", reason=reason, **audit_fields(session))
         session.link.abort()
         return True

@@ -95,6 +95,8 @@ class Settings:
     api_certfile: Path | None = None
     api_keyfile: Path | None = None
     api_console: bool = True  # the web console at /console (docs/console.md)
+    api_metrics: bool = True  # GET /metrics, the loop probe (docs/observability.md)
+    api_metrics_auth: bool = False  # GET /metrics needs a token with metrics.get
     api_cors_origins: tuple[str, ...] = ()  # origins allowed by CORS; none = CORS off
     api_device_token_ttl: int = 86_400  # seconds, when POST /auth/device gives no tokenTTL
     api_max_device_token_ttl: int = 30 * 86_400
@@ -118,6 +120,8 @@ PLACES: dict[str, tuple[str, str]] = {
     "api_certfile": ("api", "certfile"),
     "api_keyfile": ("api", "keyfile"),
     "api_console": ("api", "console"),
+    "api_metrics": ("api", "metrics"),
+    "api_metrics_auth": ("api", "metrics_auth"),
     "api_cors_origins": ("api", "cors_origins"),
     "api_device_token_ttl": ("api", "device_token_ttl"),
     "api_max_device_token_ttl": ("api", "max_device_token_ttl"),

@@ -29,6 +29,7 @@ ACTIONS: dict[str, tuple[str, ...]] = {
     "applicationKey": ("get", "patch", "delete"),
     "devices": ("get", "post"),
     "device": ("get", "patch", "delete", "sendState", "sendCommand"),
+    "metrics": ("get",),  # GET /metrics, when [api] metrics_auth is on
 }
 READ_ACTIONS = frozenset({"get"})
 

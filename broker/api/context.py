@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +12,7 @@ from aiohttp import web
 from broker.api.callers import Admin, Caller, Callers, DeviceCaller, Source
 from broker.api.errors import forbidden
 from broker.audit import AuditLog
+from broker.metrics import Observability
 from broker.settings import Settings
 from keystore import KeyStore
 
@@ -30,6 +31,9 @@ class Api:
     # payload, qos). Synchronous, like the broker's own routing.
     publish: Callable[[str, str, bytes, int], None]
     online: Callable[[str], bool]  # is this device id connected over MQTT now?
+    # Readiness checks by name (GET /readyz): every listener bound, the keystore answering.
+    ready: Callable[[], Awaitable[dict[str, bool]]] | None = None
+    observability: Observability | None = None  # metrics and the loop probe (broker.metrics)
 
 
 @dataclass(slots=True)

@@ -30,6 +30,7 @@ QUERY_HELP = {
     "excludeConnectionInfo": "true: leave out connectionInfo",
 }
 FLAGS = ("_actions", "_links", "_embedded")
+MEDIA = {"metrics": "text/plain"}  # responses that are not JSON
 
 
 class RouteLike(Protocol):
@@ -53,6 +54,8 @@ class RouteLike(Protocol):
     def operation(self) -> str: ...
     @property
     def public(self) -> bool: ...
+    @property
+    def token_if_configured(self) -> bool: ...
 
 
 def _version() -> str:
@@ -82,8 +85,8 @@ def _operation(route: RouteLike) -> dict[str, Any]:
         "summary": route.summary,
         "parameters": params,
         "responses": {
-            str(route.ok): {"description": "Success",
-                            "content": {"application/json": {"schema": _ref(route.response)}}},
+            str(route.ok): {"description": "Success", "content": {
+                MEDIA.get(route.response, "application/json"): {"schema": _ref(route.response)}}},
             **{code: {"description": text,
                       "content": {"application/json": {"schema": _ref("error")}}}
                for code, text in ERRORS.items()},
@@ -96,6 +99,8 @@ def _operation(route: RouteLike) -> dict[str, Any]:
         }
     if route.public:
         operation["security"] = []
+    elif route.token_if_configured:
+        operation["security"] = [{}, {"bearer": []}]  # a token only if so configured
     return operation
 
 

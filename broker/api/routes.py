@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from broker.api import applications, device_auth, devices, keys
+from broker.api import applications, device_auth, devices, health, keys
 from broker.api.callers import Admin, Caller, DeviceCaller
 from broker.api.context import SOURCE, Api, Call
 from broker.api.errors import bad_request, forbidden, not_found
@@ -44,6 +44,8 @@ class Route:
     body: str | None = None  # schema name of the request body
     query: tuple[str, ...] = ()
     device: bool = False  # device tokens may call it (within their key's scope)
+    # A token is needed only when [api] metrics_auth is on (GET /metrics).
+    token_if_configured: bool = False
 
     @property
     def operation(self) -> str:
@@ -106,6 +108,13 @@ ROUTES: tuple[Route, ...] = (
           body="deviceCredentials"),
     Route("GET", "/openapi.json", _openapi, "", "openapi",
           "This description (OpenAPI 3.1)", "openapi"),
+    Route("GET", "/metrics", health.metrics, "metrics", "get",
+          "Prometheus metrics (text format); a token only with [api] metrics_auth",
+          "metrics", token_if_configured=True),
+    Route("GET", "/healthz", health.healthz, "", "healthz",
+          "Alive: the event loop answers", "health"),
+    Route("GET", "/readyz", health.readyz, "", "readyz",
+          "Ready: listeners bound and the keystore reachable (else 503)", "health"),
 )
 
 
@@ -164,10 +173,12 @@ async def _body(request: web.Request, schema: str | None) -> Any:
     return check_body(schema, body)
 
 
-def endpoint(api: Api, route: Route) -> Callable[[web.Request], Awaitable[web.Response]]:
-    async def handle(request: web.Request) -> web.Response:
+def endpoint(api: Api, route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def handle(request: web.Request) -> web.StreamResponse:
         source = request[SOURCE]
-        caller = None if route.public else \
+        public = route.public or (route.token_if_configured and not
+                                  api.settings.api_metrics_auth)
+        caller = None if public else \
             await api.callers.caller(request.headers.get("Authorization"), source)
         path = _checked_path(dict(request.match_info))
         if caller is not None:
@@ -175,6 +186,8 @@ def endpoint(api: Api, route: Route) -> Callable[[web.Request], Awaitable[web.Re
         call = Call(api, request, route.operation, caller, source, path,
                     checked_query(request.query, route.query), await _body(request, route.body))
         data = await route.handler(call)
+        if isinstance(data, web.StreamResponse):
+            return data  # not JSON (the Prometheus text format)
         if isinstance(caller, Admin) and route.method != "GET":
             api.audit.event("api", token=caller.name, action=route.operation,
                             client_ip=source.client_ip, peer_ip=source.peer_ip,

@@ -157,6 +157,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "expirationDate": _DATE_OUT,
     }, ("applicationId", "deviceId", "token")),
     "openapi": {"type": "object", "description": "this document"},
+    "metrics": {"type": "string", "description": "Prometheus text exposition format"},
+    "health": _open({"status": {"type": "string"}}, ("status",)),
 }
 
 _RESOLVE = {"components": {"schemas": SCHEMAS}}

@@ -19,6 +19,7 @@ from broker.console.forms import (
 )
 from broker.console.sessions import Reveal, reveal_later
 from broker.console.web import Page
+from broker.metrics import Observability
 from keystore.errors import KeybrokerError, ValidationError
 from keystore.models import AccessKey, KeyStatus
 from keystore.validation import parse_tag
@@ -299,3 +300,26 @@ async def device_key(page: Page) -> web.StreamResponse:
         description=f"created in the console for device {device_id}",
         app=page.app_id)
     return _reveal(page, key, secret)
+
+
+# --- status ----------------------------------------------------------------------------------
+
+
+def _rate(observability: Observability, seconds: float) -> dict[str, float] | None:
+    window = observability.history.since(seconds)
+    if window is None:
+        return None
+    old, now = window
+    elapsed = max(now.at - old.at, 1e-9)
+    return {"seconds": elapsed, "in": (now.msgs_in - old.msgs_in) / elapsed,
+            "out": (now.msgs_out - old.msgs_out) / elapsed, "refused": now.refused - old.refused}
+
+
+async def status(page: Page) -> web.StreamResponse:
+    observability = page.console.api.observability
+    if observability is None:
+        return page.render("error.html", 404, message="Metrics are off ([api] metrics).")
+    now = observability.collector.sample()
+    return page.render("status.html", now=now, minute=_rate(observability, 60),
+                       five=_rate(observability, 300), fifteen=_rate(observability, 900),
+                       lag=observability.probe.last)

@@ -13,6 +13,7 @@ DEVICE = APP + "/devices/{deviceId}"
 
 PAGES: tuple[tuple[str, str, Handler, str, str], ...] = (
     ("GET", "/console/apps", pages.apps, "applications", "get"),
+    ("GET", "/console/status", pages.status, "metrics", "get"),
     ("POST", "/console/apps", pages.create_app, "applications", "post"),
     ("GET", APP, pages.app_home, "applicationKeys", "get"),
     ("POST", APP + "/delete", pages.delete_app, "application", "delete"),

@@ -45,6 +45,7 @@ class Admission:
         self._pending: set[MqttConnection] = set()  # of those, before CONNECT is accepted
         self._per_source: dict[str, int] = {}  # open connections per source
         self._unauthenticated: dict[str, int] = {}  # of those, before CONNECT is accepted
+        self.invalid: dict[str, int] = {}  # connections without a valid CONNECT, by kind
 
     def refusal(self, info: ConnectionInfo) -> str | None:
         """Why a new connection is closed at once (audited), or None."""
@@ -89,6 +90,10 @@ class Admission:
             self._invalid(info, str(error), "bad_packet")
 
     def _invalid(self, info: ConnectionInfo, reason: str, event: str = "connect_invalid") -> None:
+        kind = ("timeout" if reason == "connect_timeout" else "protocol"
+                if reason.startswith("CONNACK") else "bad_packet" if event == "bad_packet"
+                else "malformed")
+        self.invalid[kind] = self.invalid.get(kind, 0) + 1
         logger.info("no valid CONNECT from %s on %s: %s", info.peer_ip, info.listener, reason)
         self.audit.from_source(event, client_ip=info.client_ip, peer_ip=info.peer_ip,
                                listener=info.listener, reason=reason)

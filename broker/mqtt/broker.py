@@ -24,6 +24,7 @@ from amqtt.session import Session
 from websockets.asyncio.server import ServerConnection
 
 from broker.audit import AuditLog
+from broker.counters import Buckets, Traffic
 from broker.framing import FramedReader, PacketWatchdog
 from broker.listeners import ProxyGate, connection_info, start_listener
 from broker.mqtt import codec
@@ -55,7 +56,11 @@ class KeyBroker(Broker):
         self.guard = guard
         self._trusted = TrustedProxies(settings.trusted_proxies)
         self._gate = ProxyGate(self._trusted, settings, audit)
-        self.router = Router(settings, {}, audit, self._slow_consumer)
+        self.traffic = Traffic()  # broker.metrics: counted where the events happen
+        self.connects_accepted = 0
+        self.connects_refused: dict[tuple[int, str], int] = {}  # (CONNACK code, reason)
+        self.connack_latency = Buckets()
+        self.router = Router(settings, {}, audit, self._slow_consumer, self.traffic)
         self.registry = SessionRegistry(self.router, audit)
         self.inbound = Inbound(settings, self.router, audit)
         self.admission = Admission(settings, audit, guard)
@@ -127,6 +132,10 @@ class KeyBroker(Broker):
                 self.audit.flush_suppressed()
             except Exception:
                 logger.exception("session monitor failed; continuing")
+
+    @property
+    def auth_plugin(self) -> AccessKeyAuthPlugin | None:
+        return self._auth
 
     def bound_addresses(self) -> dict[str, list[tuple[str, int]]]:
         """Listener name -> the (host, port) pairs it is bound to (port 0 resolved)."""
@@ -207,9 +216,14 @@ class KeyBroker(Broker):
         incoming.auth_started = asyncio.get_running_loop().time()
         accepted = await self._authenticate(incoming, ListenerConfig(bind=None))
         incoming.username = incoming.password = None  # the secret is not kept
+        loop = asyncio.get_running_loop()
         if not accepted or not incoming.client_id:
             refusal = incoming.refusal
-            link.write(codec.connack_packet(False, refusal.connack if refusal else NOT_AUTHORIZED))
+            code = refusal.connack if refusal else NOT_AUTHORIZED
+            link.write(codec.connack_packet(False, code))
+            self.connack_latency.observe(loop.time() - incoming.auth_started)
+            counted = (code, refusal.reason if refusal else "no_client_id")
+            self.connects_refused[counted] = self.connects_refused.get(counted, 0) + 1
             return
         self.admission.authenticated(connection)
         async with self.registry.connect_lock(incoming.client_id):
@@ -217,6 +231,8 @@ class KeyBroker(Broker):
             session.link = link
             self.registry.went_online(session)
             link.write(codec.connack_packet(session.present, CONNECTION_ACCEPTED))
+            self.connack_latency.observe(loop.time() - incoming.auth_started)
+            self.connects_accepted += 1
             reader.idle_limit = session.keep_alive
             self.router.resume(session)
         try:

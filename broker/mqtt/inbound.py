@@ -93,6 +93,9 @@ class Inbound:
         self.router.route(session.mount, topic, data, qos)
         if retain:
             self.retain(session, topic, data, qos)
+        traffic = self.router.traffic
+        traffic.msgs_in[qos] += 1
+        traffic.bytes_in[qos] += len(data)
         return Verdict.ACCEPTED
 
     def retain(self, session: KeySession, topic: str, data: bytes, qos: int) -> None:

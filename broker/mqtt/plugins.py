@@ -23,6 +23,7 @@ from amqtt.contexts import Action
 from amqtt.plugins.base import BaseAuthPlugin
 
 from broker import policy
+from broker.counters import Buckets
 from broker.mqtt.session import ConnectionInfo, Grant, KeySession, Refusal
 from broker.policy import Decision, PolicyCache, SessionPolicy
 from broker.policy.guard import BruteForceGuard
@@ -64,6 +65,7 @@ class AccessKeyAuthPlugin(BaseAuthPlugin):
     def __init__(self, context: Any) -> None:
         super().__init__(context)
         self._policies = PolicyCache(self.config.device_prefix)
+        self.lookup_latency = Buckets()  # keystore lookup per CONNECT (metrics)
 
     async def authenticate(self, *, session: KeySession) -> bool:
         conn = session.conn
@@ -109,7 +111,9 @@ class AccessKeyAuthPlugin(BaseAuthPlugin):
         # One keystore round trip in the usual case; an unknown key costs the same as a
         # wrong secret (docs/access.md#connect). The scope is the one matching at this moment.
         device_id = session.client_id
+        started = time.perf_counter()
         found = await ks.connect_lookup(username, password, device_id)
+        self.lookup_latency.observe(time.perf_counter() - started)
         key = found.key
         if key is None:
             return Refusal("bad_credentials", policy.CONNACK_CODE["bad_secret"], None)

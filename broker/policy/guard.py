@@ -47,6 +47,7 @@ class BruteForceGuard:
         self._records: OrderedDict[str, _Record] = OrderedDict()  # not banned, LRU order
         self._banned: dict[str, _Record] = {}
         self._served: list[tuple[str, float, int]] = []  # ended bans not yet reported
+        self.bans = 0  # bans started (metrics)
 
     def __len__(self) -> int:
         return len(self._records) + len(self._banned)
@@ -116,4 +117,9 @@ class BruteForceGuard:
         failures.clear()
         del self._records[source]
         self._banned[source] = record
+        self.bans += 1
         return record.banned_until
+
+    def banned_count(self, now: float) -> int:
+        """Sources whose ban is in force at ``now``."""
+        return sum(1 for record in self._banned.values() if record.banned_until > now)

@@ -15,6 +15,7 @@ import random
 import statistics
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,3 +147,27 @@ class SteadyLoad:
                 self.errors += status >= 400
                 index += 1
             self.seconds = time.perf_counter() - started
+
+
+class Scraper:
+    """GET ``url`` once a second from a thread, as Prometheus would."""
+
+    def __init__(self, url: str, interval: float = 1.0) -> None:
+        self.url, self.interval = url, interval
+        self.scrapes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Scraper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            with urllib.request.urlopen(self.url, timeout=5) as answer:  # noqa: S310 - loopback
+                answer.read()
+            self.scrapes += 1

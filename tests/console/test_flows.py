@@ -194,3 +194,17 @@ def test_narrow_screens_do_not_scroll_sideways(console: Console) -> None:
         console.browser.set_window_size(1440, 1000)
     labels = console.browser.find_elements(By.CSS_SELECTOR, "label[for]")
     assert labels  # fields are labelled
+
+
+def test_the_status_page_shows_connected_devices_and_refusals(console: Console) -> None:
+    console.daemon.ks("add_device", "live")
+    key, secret = console.daemon.ks("create_key", device_ids=["live"])
+    for _ in range(2):
+        with Client(console.daemon.port(), "live", key.key, "wrong") as bad:
+            assert bad.connect() == 4
+    with Client(console.daemon.port(), "live", key.key, secret) as device:
+        assert device.connect() == 0
+        console.sign_in()
+        console.go("/console/status")
+        assert console.find("#connected").text == "1"
+        assert console.find("#refused-1").text == "2"

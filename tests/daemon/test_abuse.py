@@ -180,7 +180,7 @@ def test_an_offline_queue_is_bounded_by_bytes(tmp_path: Path) -> None:
             assert connack.body == bytes([1, 0])
             got = drain_publishes(sock)
         assert [p.payload[0] for p in got] == [0, 1]  # the first ones, in order; 18 dropped
-        assert daemon.broker.router.dropped_offline == 18
+        assert daemon.broker.router.traffic.dropped == 18
     finally:
         daemon.stop()
 

@@ -1,0 +1,192 @@
+"""GET /metrics, /healthz and /readyz of a real daemon: known traffic moves the counters by
+exactly that much (scraped with prometheus-client's own parser), labels never carry ids,
+and readiness follows the keystore."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from broker.policy.guard import GuardSettings
+from tests.support.harness import Client, RunningBroker, broker_settings
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[RunningBroker]:
+    running = RunningBroker(broker_settings(tmp_path)).start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def _url(daemon: RunningBroker) -> str:
+    api = daemon.server.api
+    assert api is not None
+    return api.url
+
+
+def scrape(daemon: RunningBroker) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of /metrics: (name, sorted labels) -> value."""
+    response = requests.get(_url(daemon) + "/metrics", timeout=5)
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith("text/plain")
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(response.text)
+            for sample in family.samples}
+
+
+def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str,
+          **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def moved(before: dict, after: dict, name: str, **labels: str) -> float:  # type: ignore[type-arg]
+    return value(after, name, **labels) - value(before, name, **labels)
+
+
+def test_counters_move_by_exactly_the_traffic_driven(daemon: RunningBroker) -> None:
+    for device in ("pub", "sub", "extra"):
+        daemon.ks("add_device", device)
+    key, secret = daemon.ks("create_key", device_ids=["pub", "sub", "extra"])
+    before = scrape(daemon)
+    for _ in range(3):  # wrong secret: CONNACK 4
+        with Client(daemon.port(), "pub", key.key, "wrong") as bad:
+            assert bad.connect() == 4
+    with Client(daemon.port(), "ghost", key.key, secret) as stranger:
+        assert stranger.connect() == 5  # not a device
+    with Client(daemon.port(), "sub", key.key, secret) as sub, \
+            Client(daemon.port(), "pub", key.key, secret) as pub:
+        assert sub.connect() == 0 and pub.connect() == 0
+        assert sub.subscribe("losant/pub/#", qos=1) == 1
+        assert sub.subscribe("not/allowed") == 0x80  # topic mode none
+        for i in range(5):
+            pub.publish("losant/pub/state", f"m{i}", qos=0)
+        for i in range(4):
+            pub.publish("losant/pub/state", f"q{i}", qos=1)
+        pub.publish("custom/topic", "x", qos=1)  # denied (dropped, acknowledged)
+        got = [sub.get() for _ in range(9)]
+        assert all(m is not None for m in got)
+        during = scrape(daemon)
+    after = scrape(daemon)
+    assert moved(before, after, "keybroker_connects_accepted_total") == 2
+    assert moved(before, after, "keybroker_connects_refused_total",
+                 code="4", reason="bad_credentials") == 3
+    assert moved(before, after, "keybroker_connects_refused_total",
+                 code="5", reason="unknown_device") == 1
+    assert moved(before, after, "keybroker_connect_seconds_count") == 6
+    assert moved(before, after, "keybroker_keystore_lookup_seconds_count") == 6
+    assert moved(before, after, "keybroker_messages_received_total", qos="0") == 5
+    assert moved(before, after, "keybroker_messages_received_total", qos="1") == 4
+    assert moved(before, after, "keybroker_received_bytes_total", qos="0") == 10
+    assert moved(before, after, "keybroker_messages_sent_total", qos="0") == 5
+    assert moved(before, after, "keybroker_messages_sent_total", qos="1") == 4
+    assert moved(before, after, "keybroker_denials_total", kind="publish") == 1
+    assert moved(before, after, "keybroker_denials_total", kind="subscribe") == 1
+    assert value(during, "keybroker_connections", listener="tcp") == 2
+    assert value(during, "keybroker_sessions_online") == 2
+    assert value(during, "keybroker_subscriptions") == 1
+    assert value(after, "keybroker_connections", listener="tcp") == 0
+
+
+def test_gauges_kicks_and_retained(daemon: RunningBroker) -> None:
+    daemon.ks("add_device", "d1")
+    key, secret = daemon.ks("create_key", device_ids=["d1"])
+    before = scrape(daemon)
+    with Client(daemon.port(), "d1", key.key, secret, clean_session=False) as device:
+        assert device.connect() == 0
+        assert device.subscribe("losant/d1/command", qos=1) == 1
+        device.publish("losant/d1/state", b"x" * 10, qos=1, retain=True)
+        daemon.ks("set_status", [key.key], "inactive")
+        assert device.disconnected.wait(5)
+    time.sleep(0.2)
+    after = scrape(daemon)
+    assert moved(before, after, "keybroker_kicks_total", cause="key_inactive") == 1
+    assert value(after, "keybroker_sessions_persistent") == 1
+    assert value(after, "keybroker_retained_messages") == 1
+    assert value(after, "keybroker_retained_bytes") == len("losant/d1/state") + 10
+
+
+def test_labels_never_carry_ids_keys_or_topics(daemon: RunningBroker) -> None:
+    daemon.ks("add_device", "secret-device-id")
+    key, secret = daemon.ks("create_key", device_ids=["secret-device-id"])
+    with Client(daemon.port(), "secret-device-id", key.key, secret) as device:
+        assert device.connect() == 0
+        device.publish("losant/secret-device-id/state", "x", qos=1)
+        text = requests.get(_url(daemon) + "/metrics", timeout=5).text
+    for needle in ("secret-device-id", key.key, "losant/"):
+        assert needle not in text
+
+
+def test_guard_bans_and_suppressed_audit_lines_are_counted(tmp_path: Path) -> None:
+    settings = replace(broker_settings(tmp_path), guard=GuardSettings(max_failures=0))
+    daemon = RunningBroker(settings).start()
+    try:
+        before = scrape(daemon)
+        for _ in range(30):  # garbage before CONNECT: 20 audited a second, 10 suppressed
+            with socket.create_connection(("127.0.0.1", daemon.port())) as raw:
+                raw.sendall(b"\x30\x00")
+                raw.recv(16)
+        deadline = time.monotonic() + 5  # the daemon writes the count once a second
+        while True:
+            after = scrape(daemon)
+            if moved(before, after, "keybroker_audit_suppressed_total") or \
+                    time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert moved(before, after, "keybroker_connects_refused_total", code="none",
+                     reason="bad_packet") == 30
+        assert moved(before, after, "keybroker_audit_suppressed_total") == 10
+    finally:
+        daemon.stop()
+    settings = replace(broker_settings(tmp_path / "b"), guard=GuardSettings(max_failures=3))
+    (tmp_path / "b").mkdir()
+    daemon = RunningBroker(settings).start()
+    try:
+        daemon.ks("add_device", "d")
+        key, _ = daemon.ks("create_key", device_ids=["d"])
+        for _ in range(3):
+            with Client(daemon.port(), "d", key.key, "wrong") as bad:
+                assert bad.connect() == 4
+        after = scrape(daemon)
+        assert value(after, "keybroker_guard_bans_total") == 1
+        assert value(after, "keybroker_guard_banned_sources") == 1
+    finally:
+        daemon.stop()
+
+
+def test_health_and_readiness_follow_the_keystore(daemon: RunningBroker) -> None:
+    health = requests.get(_url(daemon) + "/healthz", timeout=5)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    ready = requests.get(_url(daemon) + "/readyz", timeout=5)
+    assert ready.status_code == 200
+    assert ready.json() == {"status": "ready", "checks": {"listeners": True, "keystore": True}}
+    keystore = daemon.server.keystore
+    assert keystore is not None
+    daemon.call(keystore.backend.close)  # the keystore goes away
+    gone = requests.get(_url(daemon) + "/readyz", timeout=5)
+    assert gone.status_code == 503
+    assert gone.json()["checks"] == {"listeners": True, "keystore": False}
+    assert requests.get(_url(daemon) + "/healthz", timeout=5).status_code == 200
+
+
+def test_metrics_can_require_a_token(tmp_path: Path) -> None:
+    daemon = RunningBroker(replace(broker_settings(tmp_path), api_metrics_auth=True)).start()
+    try:
+        url = _url(daemon) + "/metrics"
+        assert requests.get(url, timeout=5).status_code == 401
+        _row, reader = daemon.ks("create_token", "prometheus", scopes=["metrics.get"])
+        _row, keys_only = daemon.ks("create_token", "keys", scopes=["applicationKeys.*"])
+        ok = requests.get(url, timeout=5, headers={"Authorization": f"Bearer {reader}"})
+        assert ok.status_code == 200 and "keybroker_connections" in ok.text
+        refused = requests.get(url, timeout=5, headers={"Authorization": f"Bearer {keys_only}"})
+        assert refused.status_code == 403
+    finally:
+        daemon.stop()
