@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
 from collections.abc import Callable
 from typing import Any
@@ -67,6 +68,7 @@ class BrokerServer:
         settings = self.settings
         if not settings.listeners:
             raise ValueError("no listener configured")
+        raise_open_files_limit(settings.max_connections)
         try:
             self.keystore = await self._stack.enter_async_context(
                 KeyStore.open(
@@ -189,6 +191,31 @@ class BrokerServer:
                 loop.remove_signal_handler(sig)
             await self.stop()
         logger.info("stopped")
+
+
+# Descriptors besides client connections: listeners, the keystore and its WAL, the audit
+# log, the API's sockets, the event loop's own.
+SPARE_FILES = 200
+
+
+def raise_open_files_limit(max_connections: int) -> int:
+    """Raise this process's soft open-files limit to the hard one (every connection is a
+    descriptor; a soft limit of 1,024 would refuse devices long before max_connections).
+    Warns when max_connections cannot fit. Returns the limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            logger.warning("cannot raise the open-files limit from %d to %d: %s", soft, hard,
+                           exc)
+    if soft != resource.RLIM_INFINITY and max_connections + SPARE_FILES > soft:
+        logger.warning(
+            "[limits] max_connections = %d but this process may open only %d files: about "
+            "%d connections fit (raise the hard limit, e.g. LimitNOFILE= in the systemd unit)",
+            max_connections, soft, max(0, soft - SPARE_FILES))
+    return soft
 
 
 def _scheme(server: BrokerServer, name: str) -> str:

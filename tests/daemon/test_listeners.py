@@ -191,3 +191,23 @@ def test_serve_process_logs_bound_ports_and_stops_on_sigterm(tmp_path: Path) -> 
             proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def test_the_daemon_raises_its_open_files_limit(tmp_path: Path) -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard <= 256:
+        pytest.skip(f"hard open-files limit {hard}: nothing to raise")
+    proc = subprocess.run(
+        [sys.executable, "-c", (
+            "import resource, asyncio, logging, sys; logging.basicConfig();"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit("
+            "resource.RLIMIT_NOFILE)[1]));"
+            "from broker.server import raise_open_files_limit;"
+            "got = raise_open_files_limit(int(sys.argv[1]));"
+            "print(got, resource.getrlimit(resource.RLIMIT_NOFILE)[0])"), str(hard * 2)],
+        capture_output=True, text=True, timeout=30, check=True)
+    raised, soft_now = map(int, proc.stdout.split())
+    assert raised == soft_now == hard  # from 256 up to the hard limit
+    assert f"max_connections = {hard * 2}" in proc.stderr  # cannot fit: a warning says so
