@@ -166,7 +166,7 @@ def _stop(broker: RunningBroker, timeout: float = 10.0) -> None:
 
 @contextlib.contextmanager
 def running(kind: str, workdir: Path, *, keystore: Path | None = None,
-            api_settings: str = "") -> Iterator[RunningBroker]:
+            api_settings: str = "", limits: str = "") -> Iterator[RunningBroker]:
     """Start broker ``kind`` on a free loopback port; always stopped on exit."""
     port = free_port()
     api_port: int | None = None
@@ -193,7 +193,7 @@ def running(kind: str, workdir: Path, *, keystore: Path | None = None,
             f'[keystore]\npath = "{keystore}"\n\n'
             f'[listeners.tcp]\ntype = "tcp"\nhost = "{HOST}"\nport = {port}\n\n'
             "[limits]\nmax_subscriptions = 0\nmax_connections_per_source = 0\n"
-            "max_unauthenticated_per_source = 0\n\n"
+            f"max_unauthenticated_per_source = 0\n{limits}\n"
             f'[api]\nhost = "{HOST}"\nport = {api_port}\n{api_settings}'
         )
         notes.append("keybroker runs with its default limits except [limits] "

@@ -71,9 +71,12 @@ async def measure_connects(host: str, port: int, creds: Sequence[Cred], *, concu
 
 async def measure_idle_memory(host: str, port: int, creds: Sequence[Cred],
                               rss_kib: Callable[[], int], *, settle: float = 1.0,
-                              parallel: int = 32, timeout: float = 120) -> dict[str, Any]:
-    """Open one idle connection per cred (keep-alive 600 s) and report the broker's RSS
-    delta per connection; every connection is closed afterwards."""
+                              parallel: int = 32, timeout: float = 120,
+                              clean_session: bool = True,
+                              subscribe: Callable[[Cred], str] | None = None) -> dict[str, Any]:
+    """Open one idle connection per cred (keep-alive 600 s; optionally a persistent
+    session holding one subscription) and report the broker's RSS delta per connection;
+    every connection is closed afterwards."""
     warm = Client(host, port)
     await warm.connect(creds[0].client_id, creds[0].username, creds[0].password)
     await warm.disconnect()
@@ -91,7 +94,9 @@ async def measure_idle_memory(host: str, port: int, creds: Sequence[Cred],
             client = Client(host, port)
             try:
                 await client.connect(cred.client_id, cred.username, cred.password,
-                                     keepalive=600, timeout=30)
+                                     keepalive=600, timeout=30, clean_session=clean_session)
+                if subscribe is not None:
+                    await client.subscribe([subscribe(cred)], 1, timeout=30)
                 clients.append(client)
             except (MqttError, OSError, TimeoutError) as exc:
                 errors.append(f"{type(exc).__name__}: {exc}")
@@ -115,3 +120,59 @@ async def measure_idle_memory(host: str, port: int, creds: Sequence[Cred],
         "errors": len(errors),
         "first_error": errors[0] if errors else None,
     }
+
+
+async def open_many(host: str, port: int, creds: Sequence[Cred], *, in_flight: int,
+                    sources: int = 200, clean_session: bool = True,
+                    timeout: float = 300) -> tuple[list[Client], dict[str, Any]]:
+    """Open one connection per cred with at most ``in_flight`` CONNECTs outstanding, from
+    local addresses 127.0.0.2 .. 127.0.0.(sources + 1) in turn; the clients stay open
+    (the caller closes them). Returns (clients, rate and CONNACK latency figures)."""
+    semaphore = asyncio.Semaphore(in_flight)
+    clients: list[Client] = []
+    latencies: list[float] = []
+    errors: list[str] = []
+    present = 0
+    deadline = time.monotonic() + timeout
+
+    async def open_one(index: int, cred: Cred) -> None:
+        nonlocal present
+        async with semaphore:
+            if time.monotonic() > deadline:
+                return
+            client = Client(host, port)
+            try:
+                latencies.append(await client.connect(
+                    cred.client_id, cred.username, cred.password, keepalive=600, timeout=60,
+                    clean_session=clean_session, source=f"127.0.0.{index % sources + 2}"))
+                present += client.session_present
+                clients.append(client)
+            except (MqttError, OSError, TimeoutError) as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+                await client.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(open_one(i, c) for i, c in enumerate(creds)))
+    elapsed = time.perf_counter() - started
+    ordered = sorted(latencies)
+    return clients, {
+        "in_flight": in_flight,
+        "connections": len(clients),
+        "elapsed_s": round(elapsed, 2),
+        "rate": round(len(clients) / elapsed, 1) if elapsed else 0.0,
+        "p50_ms": round(_percentile(ordered, 0.50) * 1e3, 2),
+        "p99_ms": round(_percentile(ordered, 0.99) * 1e3, 2),
+        "session_present": present,
+        "errors": len(errors),
+        "first_error": errors[0] if errors else None,
+    }
+
+
+async def close_all(clients: Sequence[Client], parallel: int = 512) -> None:
+    semaphore = asyncio.Semaphore(parallel)
+
+    async def close(client: Client) -> None:
+        async with semaphore:
+            await client.disconnect()
+
+    await asyncio.gather(*(close(c) for c in clients), return_exceptions=True)

@@ -20,7 +20,20 @@ import traceback
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .mqttload import PUBACK, PUBLISH, Client, Qos1Publisher, puback_packet, publish_packet
+from .mqttload import (
+    PUBACK,
+    PUBCOMP,
+    PUBLISH,
+    PUBREC,
+    PUBREL,
+    Client,
+    QosPublisher,
+    puback_packet,
+    pubcomp_packet,
+    publish_packet,
+    pubrec_packet,
+    pubrel_packet,
+)
 
 MP = mp.get_context("fork")
 
@@ -96,7 +109,11 @@ async def _count_into(client: Client, counter: Any, stop: asyncio.Event, info: d
                     n += 1
                     if flags & 0x06:
                         tlen = int.from_bytes(body[:2], "big")
-                        acks.append(puback_packet(int.from_bytes(body[2 + tlen:4 + tlen], "big")))
+                        packet_id = int.from_bytes(body[2 + tlen:4 + tlen], "big")
+                        acks.append(pubrec_packet(packet_id) if flags & 0x04
+                                    else puback_packet(packet_id))
+                elif ptype == PUBREL:  # QoS 2, second half
+                    acks.append(pubcomp_packet(int.from_bytes(body[:2], "big")))
             if n:
                 if expect_topic is not None and "first_topic" not in info:
                     ptype, flags, body = next(f for f in frames if f[0] == PUBLISH)
@@ -165,9 +182,14 @@ async def _drain_acks(client: Client, acks: list[int], stop: asyncio.Event,
                       info: dict[str, Any]) -> None:
     try:
         while not stop.is_set():
-            for ptype, _, _ in await client.read_frames(timeout=0.1):
-                if ptype == PUBACK:
+            releases = []
+            for ptype, _, body in await client.read_frames(timeout=0.1):
+                if ptype in (PUBACK, PUBCOMP):
                     acks[0] += 1
+                elif ptype == PUBREC:  # QoS 2: release it
+                    releases.append(pubrel_packet(int.from_bytes(body[:2], "big")))
+            if releases:
+                client.write(b"".join(releases))
     except Exception as exc:
         info.setdefault("errors", []).append(f"{type(exc).__name__}: {exc}")
 
@@ -188,7 +210,7 @@ async def _publisher_main(spec: FlowSpec, shared: _Shared, conn: Any) -> None:
     await _until(shared.go, time.monotonic() + spec.setup_timeout)
     fanout = max(1, len(spec.subscribers))
     qos0 = publish_packet(spec.topic, payload, 0)
-    makers = [Qos1Publisher(spec.topic, payload) for _ in pubs]
+    makers = [QosPublisher(spec.topic, payload, spec.qos or 1) for _ in pubs]
     burst = max(1, min(16, spec.window // 2))
     sent = 0
     index = 0

@@ -1,10 +1,10 @@
 """A small, fast MQTT 3.1.1 client for load generation (raw asyncio streams).
 
-Only what the bench needs: CONNECT/CONNACK, SUBSCRIBE/SUBACK, PUBLISH (QoS 0/1) and
-PUBACK both ways, PINGREQ, DISCONNECT. Packets are encoded once and written in bursts;
-incoming bytes are split into frames by ``FrameBuffer`` without copying more than one
-frame body at a time, so one process can push and count hundreds of thousands of
-messages per second — faster than any broker under test.
+Only what the bench needs: CONNECT/CONNACK, SUBSCRIBE/SUBACK, PUBLISH (QoS 0/1/2) with
+PUBACK or PUBREC/PUBREL/PUBCOMP both ways, PINGREQ, DISCONNECT. Packets are encoded once
+and written in bursts; incoming bytes are split into frames by ``FrameBuffer`` without
+copying more than one frame body at a time, so one process can push and count hundreds
+of thousands of messages per second — faster than any broker under test.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import struct
 import time
 from collections.abc import Iterable
 
-CONNECT, CONNACK, PUBLISH, PUBACK = 1, 2, 3, 4
+CONNECT, CONNACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP = 1, 2, 3, 4, 5, 6, 7
 SUBSCRIBE, SUBACK, PINGREQ, PINGRESP, DISCONNECT = 8, 9, 12, 13, 14
 
 PINGREQ_PACKET = b"\xc0\x00"
@@ -80,19 +80,19 @@ def subscribe_packet(packet_id: int, filters: Iterable[tuple[str, int]]) -> byte
 
 
 def publish_packet(topic: str, payload: bytes, qos: int = 0, packet_id: int = 0) -> bytes:
-    if qos not in (0, 1):
-        raise ValueError("only QoS 0 and 1 are supported")
+    if qos not in (0, 1, 2):
+        raise ValueError("QoS must be 0, 1 or 2")
     body = _utf8(topic) + (struct.pack("!H", packet_id) if qos else b"") + payload
     return _packet((PUBLISH << 4) | (qos << 1), body)
 
 
-class Qos1Publisher:
-    """PUBLISH QoS 1 packets for one topic/payload, differing only in the packet id."""
+class QosPublisher:
+    """PUBLISH QoS 1 or 2 packets for one topic/payload, differing only in the packet id."""
 
-    def __init__(self, topic: str, payload: bytes) -> None:
+    def __init__(self, topic: str, payload: bytes, qos: int = 1) -> None:
         head = _utf8(topic)
         size = len(head) + 2 + len(payload)
-        self._prefix = bytes([(PUBLISH << 4) | 0x02]) + remaining_length(size) + head
+        self._prefix = bytes([(PUBLISH << 4) | (qos << 1)]) + remaining_length(size) + head
         self._payload = payload
         self._next = 0
 
@@ -103,6 +103,18 @@ class Qos1Publisher:
 
 def puback_packet(packet_id: int) -> bytes:
     return b"\x40\x02" + packet_id.to_bytes(2, "big")
+
+
+def pubrec_packet(packet_id: int) -> bytes:
+    return b"\x50\x02" + packet_id.to_bytes(2, "big")
+
+
+def pubrel_packet(packet_id: int) -> bytes:
+    return b"\x62\x02" + packet_id.to_bytes(2, "big")
+
+
+def pubcomp_packet(packet_id: int) -> bytes:
+    return b"\x70\x02" + packet_id.to_bytes(2, "big")
 
 
 class FrameBuffer:
@@ -173,6 +185,7 @@ class Client:
         self.frames = FrameBuffer()
         self._pending: list[tuple[int, int, bytes]] = []
         self._packet_id = 0
+        self.session_present = False
 
     async def connect(
         self,
@@ -182,12 +195,18 @@ class Client:
         *,
         keepalive: int = 600,
         timeout: float = 10.0,
+        clean_session: bool = True,
+        source: str | None = None,
     ) -> float:
+        """CONNECT (from local address ``source`` when given, e.g. 127.0.0.7); returns
+        the seconds from CONNECT written to CONNACK read. ``session_present`` is set."""
         self.reader, self.writer = await asyncio.wait_for(
-            asyncio.open_connection(self.host, self.port, limit=1 << 20), timeout
+            asyncio.open_connection(self.host, self.port, limit=1 << 20,
+                                    local_addr=(source, 0) if source else None), timeout
         )
         started = time.perf_counter()
-        self.writer.write(connect_packet(client_id, username, password, keepalive=keepalive))
+        self.writer.write(connect_packet(client_id, username, password, keepalive=keepalive,
+                                         clean_session=clean_session))
         ptype, _, body = await self.expect(CONNACK, timeout)
         elapsed = time.perf_counter() - started
         if len(body) != 2:
@@ -195,6 +214,7 @@ class Client:
         if body[1]:
             await self.close()
             raise ConnectRefused(body[1])
+        self.session_present = bool(body[0] & 1)
         return elapsed
 
     def next_packet_id(self) -> int:
