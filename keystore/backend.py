@@ -30,6 +30,9 @@ class ConnectRow:
     key: AccessKey | None
     salt: bytes | None
     secret_hash: bytes | None
+    # For a key that lists device ids and no tags, its whole scope (the listed devices
+    # that exist in its application), read in the same round trip; else None.
+    listed_scope: frozenset[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -73,6 +73,9 @@ class ConnectResolver:
         seen = self._observe(row.generation)
         if not credentials.verify_secret(secret, row.salt, row.secret_hash) or row.key is None:
             return ConnectLookup(None, False, False, None)
+        if row.listed_scope is not None and self._scopes.get(row.key.key) is None \
+                and self.generation == seen:
+            self._scopes.put(row.key.key, row.listed_scope)  # read with the key already
         return await self._facts(row.key, device_id, seen)
 
     async def token_lookup(self, token_id: str, secret: str,

@@ -61,10 +61,16 @@ log = logging.getLogger(__name__)
 
 LAST_USED = 13  # position of last_used in KEY_COLUMNS
 # KEY_COLUMNS is our own constant; the key is a bound parameter.
+# The last column: for a key restricted by device ids alone, the listed ids that exist in
+# its application (its whole scope: no second round trip through the writer's thread).
 CONNECT_SQL = (
     "SELECT (SELECT value FROM meta WHERE name = 'auth_generation'), "
     + KEY_COLUMNS
-    + ", k.salt, k.secret_hash FROM (SELECT 1) LEFT JOIN access_keys k ON k.key = ?"
+    + ", k.salt, k.secret_hash, CASE WHEN k.all_devices = 0 AND NOT EXISTS "
+    "(SELECT 1 FROM key_tags WHERE key = k.key) THEN (SELECT json_group_array(d.id) "
+    "FROM key_devices kd CROSS JOIN devices d ON d.id = kd.device_id "
+    "WHERE kd.key = k.key AND d.app_id = k.app_id) END "
+    "FROM (SELECT 1) LEFT JOIN access_keys k ON k.key = ?"
 )
 PARSED_KEYS = 4096  # parsed key rows kept for CONNECT (see _key_from_row)
 DEVICE_TOKEN_SQL = (
@@ -452,8 +458,9 @@ class SqliteBackend:
         row = rows[0]
         if row[1] is None:
             return ConnectRow(int(row[0]), None, None, None)
+        listed = None if row[-1] is None else frozenset(json.loads(row[-1]))
         return ConnectRow(int(row[0]), self._key_from_row(row[1 : 1 + KEY_COLUMN_COUNT]),
-                          row[-2], row[-1])
+                          row[-3], row[-2], listed)
 
     def _read_now(self, key: str) -> list[Any] | None:
         """The lookup row from the read-only connection, or None to use the async path."""

@@ -132,3 +132,21 @@ async def test_a_result_read_before_a_change_is_not_cached_after_it(tmp_path: Pa
         backend.scope_of = real  # type: ignore[method-assign]
         after = await daemon.connect_lookup(key.key, secret, "a")
         assert not after.device_in_scope and after.scope == frozenset()
+
+
+async def test_an_id_only_keys_scope_comes_with_its_row(tmp_path: Path) -> None:
+    """One read for the whole CONNECT of an id-restricted key: the listed devices that
+    exist in its application come back with the key; tag keys still resolve apart."""
+    async with KeyStore.open(tmp_path / "k.db") as ks:
+        await ks.add_device("a")
+        await ks.add_device("b", tags=["t=1"])
+        await ks.create_app("other")
+        await ks.add_device("c", app="other")
+        ids, _ = await ks.create_key(device_ids=["a", "b"])
+        tags, _ = await ks.create_key(device_tags=["t=1"])
+        every, _ = await ks.create_key()
+        assert (await ks.backend.connect_row(ids.key)).listed_scope == {"a", "b"}
+        assert (await ks.backend.connect_row(tags.key)).listed_scope is None
+        assert (await ks.backend.connect_row(every.key)).listed_scope is None
+        await ks.remove_devices(["b"])
+        assert (await ks.backend.connect_row(ids.key)).listed_scope == {"a"}
