@@ -129,9 +129,15 @@ class BrokerServer:
             session = broker.registry.get(device_id)
             return session is not None and session.online
 
+        def publish(mount: str, topic: str, payload: bytes, qos: int) -> None:
+            broker.router.route(mount, topic, payload, qos)
+            traffic = broker.traffic  # counted like an MQTT PUBLISH
+            traffic.msgs_in[qos] += 1
+            traffic.bytes_in[qos] += len(payload)
+
         callers = Callers(self.keystore, guard, self.audit, settings.device_prefix)
         api = Api(settings=settings, keystore=self.keystore, audit=self.audit,
-                  callers=callers, publish=broker.router.route, online=online,
+                  callers=callers, publish=publish, online=online,
                   ready=self.readiness, observability=self.observability)
         return ApiServer(api, settings)
 

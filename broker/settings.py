@@ -97,7 +97,13 @@ class Settings:
     api_console: bool = True  # the web console at /console (docs/console.md)
     api_metrics: bool = True  # GET /metrics, the loop probe (docs/observability.md)
     api_metrics_auth: bool = False  # GET /metrics needs a token with metrics.get
-    api_cors_origins: tuple[str, ...] = ()  # origins allowed by CORS; none = CORS off
+    api_cors_origins: tuple[str, ...] = ()
+    # Reverse proxies whose X-Forwarded-For / X-Forwarded-Proto the API believes. None by
+    # default: the API listens on loopback, where every local process would be "trusted".
+    api_trusted_proxies: tuple[str, ...] = ()  # origins allowed by CORS; none = CORS off
+    api_max_connections: int = 1_000  # open HTTP connections; 0 = no limit
+    api_max_connections_per_source: int = 64  # per TCP peer (IPv4 / IPv6 /64); 0 = none
+    api_request_timeout: float = 10.0  # seconds a connection may sit without a request
     api_device_token_ttl: int = 86_400  # seconds, when POST /auth/device gives no tokenTTL
     api_max_device_token_ttl: int = 30 * 86_400
 
@@ -123,13 +129,17 @@ PLACES: dict[str, tuple[str, str]] = {
     "api_metrics": ("api", "metrics"),
     "api_metrics_auth": ("api", "metrics_auth"),
     "api_cors_origins": ("api", "cors_origins"),
+    "api_trusted_proxies": ("api", "trusted_proxies"),
+    "api_max_connections": ("api", "max_connections"),
+    "api_max_connections_per_source": ("api", "max_connections_per_source"),
+    "api_request_timeout": ("api", "request_timeout"),
     "api_device_token_ttl": ("api", "device_token_ttl"),
     "api_max_device_token_ttl": ("api", "max_device_token_ttl"),
 }
 SECTIONS = ("keystore", "mqtt", "listeners", "network", "limits", "audit", "security", "api")
 CHOICES = {"denied_publish": ("drop", "disconnect"), "type": ("tcp", "ws")}
 POSITIVE = frozenset({"keepalive_factor", "change_poll_interval", "api_device_token_ttl",
-                      "api_max_device_token_ttl"})  # 0 makes no sense
+                      "api_max_device_token_ttl", "api_request_timeout"})  # 0: no sense
 LISTENER_KEYS = ("type", "host", "port", "certfile", "keyfile", "proxy_protocol", "enabled")
 
 
@@ -199,7 +209,7 @@ def _checked(where: str, name: str, value: Any) -> Any:
             raise ConfigError(f"{where}: invalid value {value!r}: must be more than 0")
         if value < 0:
             raise ConfigError(f"{where}: invalid value {value!r}: must be 0 or more")
-    if name == "trusted_proxies":
+    if name in ("trusted_proxies", "api_trusted_proxies"):
         return tuple(_cidr(where, item) for item in value)
     return value
 

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 ADMIN = "kba"
 DEVICE = "kbd"
 KEEP_DEVICE_TOKENS = 16  # newest tokens kept per (key, device); older ones are deleted
+LAST_USED_EVERY = timedelta(minutes=1)  # an admin token's last use is written this often
 
 
 def mint(kind: str) -> tuple[str, str, str]:
@@ -93,7 +94,12 @@ class TokenOps(AppOps):
         salt, digest = (row[1], row[2]) if row is not None else (None, None)
         if not credentials.verify_secret(parts[1], salt, digest) or row is None:
             return None
-        return row[0] if row[0].is_usable(now) else None
+        found = row[0]
+        if not found.is_usable(now):
+            return None
+        if found.last_used is None or now - found.last_used > LAST_USED_EVERY:
+            await self.backend.touch_api_token(found.id, now)  # at most once a minute
+        return found
 
     # --- device tokens ------------------------------------------------------------------
 

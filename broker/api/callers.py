@@ -14,6 +14,7 @@ source gets 429 before its token is looked at.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -22,16 +23,20 @@ from broker.api.errors import ApiError, too_many, unauthorized
 from broker.audit import AuditLog
 from broker.policy import PolicyCache, SessionPolicy
 from broker.policy.guard import BruteForceGuard
-from keystore import KeyStore
+from broker.policy.limits import take_token
+from keystore import KeyStore, scopes
 from keystore.connect import ConnectLookup
 from keystore.models import AccessKey, ApiToken
 from keystore.tokens import ADMIN, DEVICE
+
+MAX_BUCKETS = 100_000
 
 
 @dataclass(frozen=True, slots=True)
 class Source:
     client_ip: str  # after X-Forwarded-For from trusted proxies
     peer_ip: str
+    https: bool = False  # TLS here, or X-Forwarded-Proto: https from a trusted proxy
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +61,28 @@ class DeviceCaller:
 
 Caller = Admin | DeviceCaller
 
+# What only a token for every application may do: create applications, read metrics (they
+# cover every application).
+EVERY_APP_ONLY = {("applications", "post"): "create applications",
+                  ("metrics", "get"): "read metrics (they cover every application)"}
+
+
+def admin_refusal(token: ApiToken, resource: str, action: str,
+                  app_id: str | None) -> str | None:
+    """Why an admin token may not do ``resource.action`` (on application ``app_id``), or
+    None. The one rule for the API and the console (docs/api.md#tokens)."""
+    if not scopes.grants(token.scopes, resource, action):
+        return (f"token {token.name!r} lacks a scope for {resource}.{action} (one of "
+                f"{scopes.ALL}, {resource}.*, {resource}.{action})")
+    if token.app_id is None:
+        return None
+    what = EVERY_APP_ONLY.get((resource, action))
+    if what is not None:
+        return f"token {token.name!r} is for one application: it cannot {what}"
+    if app_id is not None and app_id != token.app_id:
+        return f"token {token.name!r} is for another application"
+    return None
+
 
 class Callers:
     def __init__(self, keystore: KeyStore, guard: BruteForceGuard | None, audit: AuditLog,
@@ -65,6 +92,20 @@ class Callers:
         self.audit = audit
         self.device_prefix = device_prefix
         self._policies = PolicyCache(device_prefix)
+        # Publish-rate buckets of device tokens, by (key, device), least recently used last.
+        self._buckets: OrderedDict[tuple[str, str], tuple[float, float]] = OrderedDict()
+
+    def may_publish(self, caller: DeviceCaller, rate: float) -> bool:
+        """[limits] max_publish_rate for a device over HTTP, as for its MQTT session."""
+        if not rate:
+            return True
+        name = (caller.key.key, caller.device_id)
+        allowed, self._buckets[name] = take_token(self._buckets.get(name), rate,
+                                                  time.monotonic())
+        self._buckets.move_to_end(name)
+        if len(self._buckets) > MAX_BUCKETS:
+            self._buckets.popitem(last=False)
+        return allowed
 
     def check_not_banned(self, source: Source) -> None:
         if self.guard is None:

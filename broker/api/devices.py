@@ -130,6 +130,9 @@ async def _publish(call: Call, kind: str, messages: list[dict[str, Any]]) -> Non
     topic = f"{settings.device_prefix}/{device_id}/{kind}"
     caller = call.device_caller()
     if caller is not None:
+        if not call.api.callers.may_publish(caller, settings.max_publish_rate):
+            raise ApiError(429, "TooManyRequests",
+                           f"over max_publish_rate ({settings.max_publish_rate:g}/s)")
         decision = policy.check_publish(caller.policy, topic)
         if not decision.allowed:
             call.api.audit.event("publish_denied", key=caller.key.key, app=caller.key.app_id,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from keystore.errors import (
     ConfigError,
@@ -25,6 +27,20 @@ class ApiError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"type": self.kind, "message": self.message}
+
+
+T = TypeVar("T")
+BODY_TIMEOUT = 30.0  # seconds a request body may take to arrive
+
+
+async def within_body_timeout(reading: Awaitable[T]) -> T:
+    """A request body, or 408 when it does not arrive in BODY_TIMEOUT (a slow upload must
+    not hold a connection, busy, for ever)."""
+    try:
+        return await asyncio.wait_for(reading, BODY_TIMEOUT)
+    except TimeoutError:
+        raise ApiError(408, "RequestTimeout",
+                       f"request body not received within {BODY_TIMEOUT:g} s") from None
 
 
 def bad_request(message: str) -> ApiError:

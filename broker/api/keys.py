@@ -51,7 +51,8 @@ async def list_keys(call: Call) -> dict[str, Any]:
     if "query" in call.query:
         query = as_json("query", call.query["query"])  # overrides filterField and filter
     elif q.filter is not None and q.filter_field is not None:
-        query = {q.filter_field: {"$like": q.filter}}
+        # status is an enum: an exact match; key and name are globs
+        query = {q.filter_field: {"$eq" if q.filter_field == "status" else "$like": q.filter}}
     keys, total = await call.api.keystore.page_keys(
         query, sort=q.sort_field, descending=q.descending, offset=q.offset,
         limit=q.per_page, app=app.id)

@@ -18,6 +18,7 @@ from broker.api.errors import bad_request
 
 ALWAYS = ("_actions", "_links", "_embedded")
 MAX_PER_PAGE = 1000
+MAX_PAGE = 1_000_000  # page x perPage stays far below SQLite's 64-bit offsets
 DEFAULT_PER_PAGE = 100
 TRUE = frozenset({"true", "True", "TRUE", "1"})
 FALSE = frozenset({"false", "False", "FALSE", "0"})
@@ -63,6 +64,8 @@ def as_json(name: str, text: str) -> Any:
         return json.loads(text)
     except ValueError as exc:
         raise bad_request(f"invalid {name}: not JSON ({exc})") from None
+    except RecursionError:
+        raise bad_request(f"invalid {name}: nested too deeply") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,12 +116,12 @@ def list_query(query: Mapping[str, str], *, sort_fields: tuple[str, ...], defaul
     if filter_field is not None and filter_field not in filter_fields:
         raise bad_request(
             f"invalid filterField {filter_field!r}: use one of {', '.join(filter_fields)}")
-    if text is not None and filter_field is None:
-        raise bad_request(f"filter {text!r} needs a filterField ({', '.join(filter_fields)})")
+    if filter_field is None:
+        text = None  # Losant ignores a filter without a filterField
     return ListQuery(
         sort_field=sort,
         descending=descending,
-        page=as_int("page", query.get("page", "0"), 0),
+        page=as_int("page", query.get("page", "0"), 0, MAX_PAGE),
         per_page=as_int("perPage", query.get("perPage", str(DEFAULT_PER_PAGE)), 1,
                         MAX_PER_PAGE),
         filter_field=filter_field if text is not None else None,

@@ -17,13 +17,12 @@ from typing import Any
 from aiohttp import web
 
 from broker.api import applications, device_auth, devices, health, keys
-from broker.api.callers import Admin, Caller, DeviceCaller
+from broker.api.callers import Admin, Caller, DeviceCaller, admin_refusal
 from broker.api.context import SOURCE, Api, Call
-from broker.api.errors import bad_request, forbidden, not_found
+from broker.api.errors import bad_request, forbidden, not_found, within_body_timeout
 from broker.api.openapi import document
 from broker.api.params import checked_query
 from broker.api.schemas import check_body
-from keystore import scopes
 from keystore.errors import ValidationError
 from keystore.validation import validate_device_id
 
@@ -145,13 +144,9 @@ def _authorize(route: Route, caller: Caller, path: dict[str, str]) -> None:
         if app_id != caller.key.app_id:
             raise forbidden("this device token is for another application")
         return
-    token = caller.token
-    if not scopes.grants(token.scopes, route.resource, route.action):
-        raise forbidden(
-            f"token {token.name!r} lacks a scope for {route.operation} (one of "
-            f"{scopes.ALL}, {route.resource}.*, {route.operation})")
-    if app_id is not None and token.app_id is not None and token.app_id != app_id:
-        raise forbidden(f"token {token.name!r} is for another application")
+    refusal = admin_refusal(caller.token, route.resource, route.action, app_id)
+    if refusal is not None:
+        raise forbidden(refusal)
 
 
 def _no_constants(text: str) -> Any:
@@ -161,7 +156,7 @@ def _no_constants(text: str) -> Any:
 async def _body(request: web.Request, schema: str | None) -> Any:
     if schema is None:
         return None
-    raw = await request.read()  # over client_max_size: 413 (see server)
+    raw = await within_body_timeout(request.read())  # over client_max_size: 413
     if not raw.strip():
         raise bad_request("missing JSON body")
     try:

@@ -102,8 +102,9 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                                 "items": {"$ref": "#/components/schemas/deviceState"}}]},
     "deviceCommand": _object({"name": _NAME, "payload": {}, "time": _TIME}, ("name",)),
     "deviceCredentials": _object(
-        {"deviceId": {"type": "string", "minLength": 1}, "key": {"type": "string"},
-         "secret": {"type": "string"},
+        {"deviceId": {"type": "string", "minLength": 1, "maxLength": 128},
+         "key": {"type": "string", "maxLength": 256},
+         "secret": {"type": "string", "maxLength": 1024},
          "tokenTTL": {"type": "integer", "minimum": 1,
                       "description": "seconds; at most [api] max_device_token_ttl"}},
         ("deviceId", "key", "secret")),
@@ -194,4 +195,8 @@ def describe(error: SchemaError) -> str:
     if error.validator == "oneOf":
         return "invalid body: expected a deviceState object or a non-empty array of them"
     subject = f"field {where!r}" if where else "body"
-    return f"invalid {subject}: {error.message}"
+    if error.validator in ("maxLength", "minLength", "maxItems", "minItems"):
+        # jsonschema's message repeats the whole value: a megabyte in an error line
+        return f"invalid {subject}: {error.validator} is {error.validator_value}"
+    message = error.message if len(error.message) <= 200 else error.message[:200] + "..."
+    return f"invalid {subject}: {message}"

@@ -9,6 +9,7 @@ security headers, and answers CORS only for configured origins.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 from urllib.parse import unquote
@@ -17,6 +18,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from broker.api.callers import Source
+from broker.api.connections import ConnectionGuard
 from broker.api.context import SOURCE, Api
 from broker.api.errors import ApiError, bad_request, from_keystore
 from broker.api.routes import ROUTES, endpoint
@@ -65,14 +67,18 @@ class ApiServer:
     def __init__(self, api: Api, settings: Settings) -> None:
         self.api = api
         self.settings = settings
-        self.trusted = TrustedProxies(settings.trusted_proxies)
+        self.trusted = TrustedProxies(settings.api_trusted_proxies)
         self.cors = frozenset(settings.api_cors_origins)
         self.tls = settings.api_certfile is not None
+        self.guard = ConnectionGuard(settings.api_max_connections,
+                                     settings.api_max_connections_per_source,
+                                     settings.api_request_timeout)
         self._runner: web.AppRunner | None = None
+        self._server: asyncio.Server | None = None
 
     def application(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY, middlewares=[self._middleware],
-                              handler_args={"max_field_size": 16384})
+                              handler_args={"max_field_size": 16384, "max_line_size": 32768})
         for route in ROUTES:
             # "{_lead}": Losant's client joins a base URL ending in "/" and a path starting
             # with one, so "//applications" must find the same route.
@@ -88,28 +94,31 @@ class ApiServer:
         runner = web.AppRunner(self.application(), access_log=None, handle_signals=False,
                                shutdown_timeout=1.0)
         await runner.setup()
+        assert runner.server is not None
         try:
-            site = web.TCPSite(runner, settings.api_host, settings.api_port,
-                               ssl_context=context)
-            await site.start()
+            # Our own server (not web.TCPSite) so that every connection passes the guard.
+            self._server = await asyncio.get_running_loop().create_server(
+                self.guard.factory(runner.server), settings.api_host, settings.api_port,
+                ssl=context, reuse_address=True)
         except OSError as exc:
             await runner.cleanup()
             raise bind_error("API listener", settings.api_host, settings.api_port,
                              exc) from None
         self._runner = runner
+        self.guard.start_ticking()
 
     @property
     def url(self) -> str:
         """Where the API is served (port 0 resolved)."""
-        assert self._runner is not None
-        host, port = self._runner.addresses[0][:2]
+        assert self._server is not None
+        host, port = self._server.sockets[0].getsockname()[:2]
         where = f"[{host}]" if ":" in host else host
         return f"{'https' if self.tls else 'http'}://{where}:{port}"
 
     @property
     def port(self) -> int:
-        assert self._runner is not None
-        return int(self._runner.addresses[0][1])
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
 
     def routes(self) -> list[web.AbstractRoute]:
         """The routes the running application serves."""
@@ -117,15 +126,15 @@ class ApiServer:
         return list(self._runner.app.router.routes())
 
     async def stop(self) -> None:
+        await self.guard.stop_ticking()
+        if self._server is not None:
+            self._server.close()  # no new connections
+            self._server = None
         if self._runner is not None:
-            server = self._runner.server
-            transports = [c.transport for c in server.connections] if server else []
             await self._runner.cleanup()  # requests in progress get shutdown_timeout to end
             # A TLS connection's close waits for the peer's close_notify (up to 30 s): the
             # daemon is stopping, so cut what is left.
-            for transport in transports:
-                if transport is not None:
-                    transport.abort()
+            self.guard.abort_all()
             self._runner = None
 
     # --- every request ------------------------------------------------------------------
@@ -136,12 +145,15 @@ class ApiServer:
         forwarded = request.headers.getall("X-Forwarded-For", [])
         client_ip = client_ip_from_forwarded(peer_ip, forwarded, self.trusted) \
             if forwarded else peer_ip
-        return Source(client_ip=client_ip, peer_ip=peer_ip)
+        https = self.tls or (self.trusted.contains(peer_ip) and
+                             request.headers.get("X-Forwarded-Proto", "").lower() == "https")
+        return Source(client_ip=client_ip, peer_ip=peer_ip, https=https)
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         request[SOURCE] = self.source(request)
         origin = request.headers.get("Origin")
+        self.guard.started(request.transport)
         try:
             if request.method == "OPTIONS":
                 response: web.StreamResponse = self._preflight(origin)
@@ -167,6 +179,7 @@ class ApiServer:
         if origin is not None and self._allowed(origin):
             response.headers["Access-Control-Allow-Origin"] = origin
             response.headers["Vary"] = "Origin"
+        self.guard.ended(request.transport)
         return response
 
     def _allowed(self, origin: str) -> bool:

@@ -5,8 +5,9 @@ keystore operations as the HTTP API."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qs, urlencode
 
 from aiohttp import web
 
@@ -46,6 +47,7 @@ async def create_app(page: Page) -> web.StreamResponse:
     created = await page.console.keystore.create_app(
         str(form.get("name", "")).strip(),
         description=str(form.get("description", "")).strip() or None)
+    page.targets["app"] = created.id
     return page.back(f"/console/apps/{created.id}/keys",
                      f"Created application {created.name}.")
 
@@ -54,6 +56,7 @@ async def delete_app(page: Page) -> web.StreamResponse:
     assert page.app is not None
     form = await _form(page)
     if str(form.get("confirm", "")) != page.app.name:
+        page.targets["changed"] = "no"
         return page.back("/console/apps", f"Not deleted: type the name {page.app.name!r} "
                                           "to confirm.")
     await page.console.keystore.delete_apps([page.app.id])
@@ -70,7 +73,9 @@ async def app_home(page: Page) -> web.StreamResponse:
 
 def _page_number(page: Page) -> int:
     text = page.request.query.get("page", "0")
-    return int(text) if text.isdigit() else 0
+    if not re.fullmatch(r"[0-9]{1,6}", text):  # isdigit() also takes "²"
+        return 0
+    return int(text)
 
 
 def _list_query(filter_text: str, advanced: str) -> Any:
@@ -79,6 +84,8 @@ def _list_query(filter_text: str, advanced: str) -> Any:
             return json.loads(advanced)
         except ValueError as exc:
             raise ValidationError(f"invalid advanced query: not JSON ({exc})") from None
+        except RecursionError:
+            raise ValidationError("invalid advanced query: nested too deeply") from None
     if filter_text:
         glob = filter_text if any(c in filter_text for c in "*?") else f"*{filter_text}*"
         return {"$or": [{"name": {"$like": glob}}, {"key": {"$like": glob}}]}
@@ -128,8 +135,7 @@ async def create_key(page: Page) -> web.StreamResponse:
 def _reveal(page: Page, key: AccessKey, secret: str) -> web.Response:
     """Keep the secret for one view of the 'created' page (never in a URL)."""
     ticket = reveal_later(page.session, Reveal(key.id, key.key, secret))
-    page.console.api.audit.event("api", token=page.token.name, action="applicationKeys.post",
-                                 key=key.key, app=key.app_id, listener="console")
+    page.targets.update(key=key.key, action="applicationKeys.post")
     return page.back(page.app_url(f"/keys/{key.id}/created?{urlencode({'ticket': ticket})}"))
 
 
@@ -158,13 +164,15 @@ async def edit_key(page: Page) -> web.StreamResponse:
     raw = await _form(page)
     form = read_key_form(raw, page.console.api.settings.device_prefix, create=False)
     ks = page.console.keystore
-    if form.valid:
+    status = str(raw.get("status", key.status.value))
+    if status not in (KeyStatus.ACTIVE.value, KeyStatus.INACTIVE.value):
+        form.errors["form"] = f"invalid status {status[:40]!r}: active or inactive"
+    if form.valid:  # everything checked before anything is written
         options = {name: form.options[name] for name in (
             "name", "description", "address_mode", "addresses", "topic_mode", "pub_topics",
             "sub_topics", "expires_at")}
         try:
             key = await ks.update_key(key.key, app=key.app_id, **options)
-            status = str(raw.get("status", key.status.value))
             if status != key.status.value:
                 (key,) = await ks.set_status([key.key], status, app=key.app_id)
         except KeybrokerError as exc:
@@ -180,15 +188,24 @@ async def key_status(page: Page) -> web.StreamResponse:
     form = await _form(page)
     status = KeyStatus.INACTIVE if key.status is KeyStatus.ACTIVE else KeyStatus.ACTIVE
     await page.console.keystore.set_status([key.key], status, app=key.app_id)
-    back = str(form.get("back", ""))
-    return page.back(page.app_url(f"/keys?{back}" if back else "/keys"),
+    return page.back(page.app_url("/keys" + _list_state(str(form.get("back", "")))),
                      f"Key {key.name or key.key[:8]} is now {status.value}.")
+
+
+def _list_state(sent: str) -> str:
+    """The keys list's filter, query and page from a form field, re-encoded (never the
+    field's text as it came: it goes into a Location header)."""
+    state = parse_qs(sent)
+    kept: dict[str, str] = {name: state[name][0] for name in ("filter", "query", "page")
+                            if name in state}
+    return "?" + urlencode(kept) if kept else ""
 
 
 async def delete_key(page: Page) -> web.StreamResponse:
     key = await _key(page)
     form = await _form(page)
     if form.get("confirm") != "yes":
+        page.targets["changed"] = "no"
         return page.render("confirm.html", title="Delete access key",
                            question=f"Delete key {key.name or key.key}? Its sessions are "
                                     "disconnected and it cannot be undone.",
@@ -203,11 +220,13 @@ async def bulk_keys(page: Page) -> web.StreamResponse:
     chosen = [str(k) for k in form.getall("key", [])]
     action = str(form.get("action", ""))
     if not chosen or action not in ("deactivate", "delete"):
+        page.targets["changed"] = "no"
         return page.back(page.app_url("/keys"), "Select keys and an action first.")
     if action == "delete" and not page.allowed("applicationKey", "delete"):
         return page.render("error.html", 403, message=(
             f"Token {page.token.name!r} lacks a scope for applicationKey.delete."))
     if form.get("confirm") != "yes":
+        page.targets["changed"] = "no"
         verb = "Delete" if action == "delete" else "Deactivate"
         return page.render("confirm.html", title=f"{verb} {len(chosen)} keys",
                            question=f"{verb} these {len(chosen)} keys? Their sessions are "
@@ -216,6 +235,8 @@ async def bulk_keys(page: Page) -> web.StreamResponse:
                            items=[("key", k) for k in chosen] + [("action", action)],
                            cancel=page.app_url("/keys"))
     ks, app = page.console.keystore, page.app_id
+    page.targets.update(action="applicationKey.delete" if action == "delete" else
+                        "applicationKey.patch", keys=str(len(chosen)))
     if action == "delete":
         await ks.delete_keys(chosen, app=app)
     else:
@@ -245,6 +266,7 @@ async def create_device(page: Page) -> web.StreamResponse:
     device = await page.console.keystore.add_device(
         device_id, name=str(form.get("name", "")).strip() or None,
         tags=_tags(str(form.get("tags", ""))), app=page.app_id)
+    page.targets["device_id"] = device.id
     return page.back(page.app_url(f"/devices/{device.id}"), f"Added device {device.id}.")
 
 
@@ -283,6 +305,7 @@ async def device_delete(page: Page) -> web.StreamResponse:
     device_id = page.request.match_info["deviceId"]
     form = await _form(page)
     if form.get("confirm") != "yes":
+        page.targets["changed"] = "no"
         return page.render("confirm.html", title="Remove device",
                            question=f"Remove device {device_id}? Its session is "
                                     "disconnected and its retained messages dropped.",

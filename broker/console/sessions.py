@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 IDLE = 8 * 3600.0
 ABSOLUTE = 24 * 3600.0
 LIMIT = 10_000
+PER_TOKEN = 20  # sessions one token may hold (its oldest ends): no token can evict others
+REVEALS = 16  # secrets waiting for their one view, per session (oldest dropped)
+FLASHES = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +46,9 @@ class Sessions:
 
     def create(self, token_id: str) -> Session:
         now = time.monotonic()
+        mine = [s.id for s in self._items.values() if s.token_id == token_id]
+        for old in mine[: max(0, len(mine) - PER_TOKEN + 1)]:
+            del self._items[old]
         session = Session(secrets.token_urlsafe(32), token_id, secrets.token_urlsafe(32), now,
                           now)
         self._items[session.id] = session
@@ -76,4 +82,11 @@ def reveal_later(session: Session, reveal: Reveal) -> str:
     """Keep a secret for exactly one view; returns the id the page asks for it by."""
     ticket = secrets.token_urlsafe(16)
     session.reveals[ticket] = reveal
+    while len(session.reveals) > REVEALS:
+        del session.reveals[next(iter(session.reveals))]
     return ticket
+
+
+def flash(session: Session, message: str) -> None:
+    session.flash.append(message)
+    del session.flash[:-FLASHES]

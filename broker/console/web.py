@@ -13,7 +13,7 @@ from __future__ import annotations
 import hmac
 import secrets
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,10 +21,10 @@ from typing import Any
 import jinja2
 from aiohttp import web
 
+from broker.api.callers import admin_refusal
 from broker.api.context import SOURCE, Api
-from broker.api.errors import ApiError
-from broker.console.sessions import Session, Sessions
-from keystore import scopes
+from broker.api.errors import ApiError, within_body_timeout
+from broker.console.sessions import Session, Sessions, flash
 from keystore.errors import KeybrokerError, NotFoundError
 from keystore.models import ApiToken, Application
 
@@ -45,13 +45,17 @@ class Page:
     session: Session
     token: ApiToken
     app: Application | None
+    # What the audit line of a change names besides the path's ids (e.g. a new key).
+    targets: dict[str, str] = field(default_factory=dict)
 
     @property
     def form_csrf(self) -> str:
         return self.session.csrf
 
     def allowed(self, resource: str, action: str) -> bool:
-        return scopes.grants(self.token.scopes, resource, action)
+        """May this page's token do that (what the pages offer follows it)?"""
+        app_id = self.app.id if self.app is not None else None
+        return admin_refusal(self.token, resource, action, app_id) is None
 
     def render(self, template: str, status: int = 200, **context: Any) -> web.Response:
         flash, self.session.flash = self.session.flash, []
@@ -60,7 +64,7 @@ class Page:
     def back(self, location: str, message: str | None = None) -> web.Response:
         """303 to ``location``, with a message shown on the next page."""
         if message:
-            self.session.flash.append(message)
+            flash(self.session, message)
         return redirect(location)
 
     @property
@@ -98,10 +102,12 @@ class Console:
         return web.Response(text=html, status=status, content_type="text/html",
                             headers={"Content-Security-Policy": CSP})
 
-    def set_cookie(self, response: web.StreamResponse, name: str, value: str,
-                   max_age: int | None = None) -> None:
-        response.set_cookie(name, value, httponly=True, samesite="Strict", secure=self.tls,
-                            path="/console", max_age=max_age)
+    def set_cookie(self, request: web.Request, response: web.StreamResponse, name: str,
+                   value: str) -> None:
+        """Cookies are HttpOnly, SameSite=Strict, and Secure whenever the browser is on
+        HTTPS (here, or at a trusted reverse proxy)."""
+        response.set_cookie(name, value, httponly=True, samesite="Strict",
+                            secure=request[SOURCE].https, path="/console")
 
     # --- pages ----------------------------------------------------------------------------
 
@@ -118,19 +124,24 @@ class Console:
                 self.sessions.drop(session.id)
                 return redirect("/console/signin")
             if request.method == "POST":
-                form = await request.post()
+                form = await within_body_timeout(request.post())
                 sent = form.get("csrf")
                 if not isinstance(sent, str) or not hmac.compare_digest(sent, session.csrf):
                     return self.render("error.html", 403, page=None, flash=[],
                                        message="The form was not sent by this console "
                                                "(missing or wrong CSRF token).")
             page = Page(self, request, session, token, None)
-            if not page.allowed(resource, action):
-                return page.render("error.html", 403, message=(
-                    f"Token {token.name!r} lacks a scope for {resource}.{action}."))
+            refusal = admin_refusal(token, resource, action,
+                                    request.match_info.get("applicationId"))
+            if refusal is not None:
+                return page.render("error.html", 403, message=refusal[0].upper() + refusal[1:])
             try:
                 page.app = await self._app(page)
-                return await handler(page)
+                response = await handler(page)
+                if request.method == "POST" and response.status < 400 and \
+                        page.targets.get("changed") != "no":
+                    self._audit(page, f"{resource}.{action}")
+                return response
             except (KeybrokerError, ApiError) as exc:
                 message = exc.message if isinstance(exc, ApiError) else str(exc)
                 status = exc.status if isinstance(exc, ApiError) else \
@@ -138,6 +149,17 @@ class Console:
                 return page.render("error.html", status, message=message)
 
         return run
+
+    def _audit(self, page: Page, action: str) -> None:
+        """Every change made in the console is an audit line, as over the API."""
+        source = page.request[SOURCE]
+        ids = {name: page.request.match_info[path] for name, path in (
+            ("app", "applicationId"), ("key_id", "applicationKeyId"), ("device_id", "deviceId"))
+            if path in page.request.match_info}
+        targets = {k: v for k, v in page.targets.items() if k != "changed"}
+        self.api.audit.event("api", token=page.token.name, action=targets.pop("action", action),
+                             client_ip=source.client_ip, peer_ip=source.peer_ip,
+                             listener="console", **{**ids, **targets})
 
     async def _token(self, session: Session) -> ApiToken | None:
         try:
@@ -150,10 +172,7 @@ class Console:
         app_id = page.request.match_info.get("applicationId")
         if app_id is None:
             return None
-        bound = page.token.app_id
-        if bound is not None and bound != app_id:
-            raise ApiError(403, "Forbidden", "This token is for another application.")
-        app = await self.keystore.app(app_id)
+        app = await self.keystore.app(app_id)  # the token's binding is checked already
         if app.id != app_id:
             raise NotFoundError(f"no application {app_id!r}")
         return app
@@ -169,13 +188,13 @@ class Console:
         nonce = secrets.token_urlsafe(24)
         response = self.render("signin.html", status, page=None, flash=[], nonce=nonce,
                                message=message)
-        self.set_cookie(response, SIGNIN_COOKIE, nonce)
+        self.set_cookie(request, response, SIGNIN_COOKIE, nonce)
         return response
 
     async def signin(self, request: web.Request) -> web.StreamResponse:
         source = request[SOURCE]
         callers = self.api.callers
-        form = await request.post()
+        form = await within_body_timeout(request.post())
         nonce = request.cookies.get(SIGNIN_COOKIE, "")
         sent = form.get("nonce")
         if not nonce or not isinstance(sent, str) or not hmac.compare_digest(sent, nonce):
@@ -194,13 +213,13 @@ class Console:
         self.api.audit.event("console_signin", token=token.name, client_ip=source.client_ip,
                              peer_ip=source.peer_ip, listener="api")
         response = redirect("/console/apps")
-        self.set_cookie(response, COOKIE, session.id)
+        self.set_cookie(request, response, COOKIE, session.id)
         response.del_cookie(SIGNIN_COOKIE, path="/console")
         return response
 
     async def signout(self, request: web.Request) -> web.StreamResponse:
         session = self.sessions.get(request.cookies.get(COOKIE))
-        form = await request.post()
+        form = await within_body_timeout(request.post())
         sent = form.get("csrf")
         if session is not None and isinstance(sent, str) and \
                 hmac.compare_digest(sent, session.csrf):

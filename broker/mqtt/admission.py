@@ -51,7 +51,7 @@ class Admission:
         """Why a new connection is closed at once (audited), or None."""
         settings, source = self.settings, source_of(info.client_ip)
         if len(self.connections) >= settings.max_connections:
-            reason: str | None = "max_connections"
+            reason = "max_connections"
         elif settings.max_connections_per_source and \
                 self._per_source.get(source, 0) >= settings.max_connections_per_source:
             reason = "max_connections_per_source"
@@ -60,6 +60,7 @@ class Admission:
             reason = "max_unauthenticated_per_source"
         else:
             return None
+        self.invalid[reason] = self.invalid.get(reason, 0) + 1  # metrics: refused unread
         self.audit.from_source("connect_invalid", client_ip=info.client_ip,
                                peer_ip=info.peer_ip, listener=info.listener, reason=reason)
         return reason

@@ -540,6 +540,11 @@ class SqliteBackend:
                                    [(t.id,) for t in tokens])
             return [await self._token(conn, t.id) for t in tokens]
 
+    async def touch_api_token(self, token_id: str, when: datetime) -> None:
+        async with self._write() as conn:
+            await conn.execute("UPDATE api_tokens SET last_used = ? WHERE id = ?",
+                               (to_micros(when), token_id))
+
     async def api_token_row(self, token_id: str) -> tuple[ApiToken, bytes, bytes] | None:
         rows = await self._fetchall(
             f"SELECT {TOKEN_COLUMNS}, t.salt, t.secret_hash FROM api_tokens t WHERE t.id = ?",

@@ -225,8 +225,8 @@ _V5 = [
 # next to their public ``key``; existing keys are given one. Admin tokens and device
 # tokens are stored like secrets: an id to find the row, a salt and HMAC of the secret
 # part (keystore.credentials), never the token itself. A device token goes with its key
-# and its device (ON DELETE CASCADE) and expires; admin tokens are revoked, not deleted,
-# so the list keeps what existed.
+# and its device (ON DELETE CASCADE) and expires. Admin tokens are revoked, not deleted, so
+# the list keeps what existed; a token of one application goes with that application.
 _V6 = [
     "ALTER TABLE access_keys ADD COLUMN id TEXT NOT NULL DEFAULT ''",
     "UPDATE access_keys SET id = lower(hex(randomblob(12)))",

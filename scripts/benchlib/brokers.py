@@ -143,10 +143,14 @@ class RunningBroker:
 
 
 def _wait_listening(broker: RunningBroker, timeout: float) -> None:
+    """Until the MQTT port (and keybroker's API port, bound after it) accept."""
     deadline = time.monotonic() + timeout
+    ports = [broker.port] + ([broker.api_port] if broker.api_port else [])
     while time.monotonic() < deadline:
         broker.check_alive()
-        with contextlib.suppress(OSError), socket.create_connection((HOST, broker.port), 0.5):
+        with contextlib.suppress(OSError):
+            for port in ports:
+                socket.create_connection((HOST, port), 0.5).close()
             return
         time.sleep(0.05)
     raise RuntimeError(f"{broker.kind} did not listen on {broker.port} within {timeout}s:\n"

@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from tests.api.conftest import ApiEnv
-from tests.support.harness import RunningBroker, broker_settings
+from tests.support.harness import Client, RunningBroker, broker_settings
 from tests.support.tls import server_certificate
 
 
@@ -155,9 +155,12 @@ def test_failed_tokens_and_logins_are_banned_per_source_with_429(api: ApiEnv) ->
     assert "ban" in events
 
 
-def test_x_forwarded_for_is_ignored_from_untrusted_peers(tmp_path: Path) -> None:
-    settings = replace(broker_settings(tmp_path), trusted_proxies=())
-    daemon = RunningBroker(settings).start()
+@pytest.mark.parametrize("trusted", [(), ("127.0.0.0/8",)])
+def test_x_forwarded_headers_only_from_the_apis_trusted_proxies(
+        tmp_path: Path, trusted: tuple[str, ...]) -> None:
+    # [network] trusted_proxies (loopback by default) is for MQTT; the API has its own.
+    daemon = RunningBroker(replace(broker_settings(tmp_path), api_trusted_proxies=trusted,
+                                   trusted_proxies=("127.0.0.0/8",))).start()
     try:
         daemon.ks("add_device", "d")
         key, secret = daemon.ks("create_key", device_ids=["d"], address_mode="only",
@@ -165,7 +168,13 @@ def test_x_forwarded_for_is_ignored_from_untrusted_peers(tmp_path: Path) -> None
         response = requests.post(daemon.server.api.url + "/auth/device", timeout=5,
                                  json={"deviceId": "d", "key": key.key, "secret": secret},
                                  headers={"X-Forwarded-For": "10.1.2.3"})
-        _error(response, 401, "ip_denied")
+        if trusted:
+            assert response.status_code == 200, response.text
+        else:
+            _error(response, 401, "ip_denied")
+        signin = requests.get(daemon.server.api.url + "/console/signin", timeout=5,
+                              headers={"X-Forwarded-Proto": "https"})
+        assert ("Secure" in signin.headers["Set-Cookie"]) == bool(trusted)
     finally:
         daemon.stop()
 
@@ -206,3 +215,47 @@ def test_https_with_certfile_and_keyfile(tmp_path: Path) -> None:
             requests.get(url.replace("https", "http") + "/openapi.json", timeout=5)
     finally:
         daemon.stop()
+
+
+def test_the_api_bounds_its_connections(tmp_path: Path) -> None:
+    """No client can hold every descriptor through the API: per-source and total caps,
+    and connections without a request are closed (MQTT keeps working meanwhile)."""
+    settings = replace(broker_settings(tmp_path), api_max_connections_per_source=3,
+                       api_request_timeout=0.5)
+    daemon = RunningBroker(settings).start()
+    try:
+        port = daemon.server.api.port
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        extra = socket.create_connection(("127.0.0.1", port))
+        extra.settimeout(2)
+        assert extra.recv(1) == b""  # over the per-source cap: closed at once
+        extra.close()
+        for sock in held:  # sent nothing: closed after request_timeout
+            sock.settimeout(3)
+            try:
+                assert sock.recv(1) == b""
+            except ConnectionResetError:
+                pass
+            sock.close()
+        daemon.ks("add_device", "d")
+        key, secret = daemon.ks("create_key", device_ids=["d"])
+        with Client(daemon.port(), "d", key.key, secret) as device:
+            assert device.connect() == 0
+        ok = requests.get(daemon.server.api.url + "/healthz", timeout=5)
+        assert ok.status_code == 200  # the caps freed up again
+        guard = daemon.server.api.guard
+        assert guard.refused == 1 and guard.timed_out >= 3
+    finally:
+        daemon.stop()
+
+
+def test_a_token_of_one_application_cannot_widen_its_limits(api: ApiEnv) -> None:
+    other = api.daemon.ks("create_app", "other", max_keys=1)
+    bound = api.token_for("bound", app="other")
+    patched = api.http("PATCH", f"/applications/{other.id}", token=bound,
+                       json={"maxKeys": 0})
+    _error(patched, 403, "key limit")
+    assert api.daemon.ks("app", "other").max_keys == 1
+    renamed = api.http("PATCH", f"/applications/{other.id}", token=bound,
+                       json={"description": "fine"})
+    assert renamed.status_code == 200

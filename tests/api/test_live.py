@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
+import requests
+
 from tests.api.conftest import ApiEnv, refused
-from tests.support.harness import Client
+from tests.support.harness import Client, RunningBroker, broker_settings
 
 KICK_WITHIN = 2.0  # seconds: what the issue promises for API changes
 
@@ -140,11 +144,11 @@ def test_device_login_is_checked_like_a_connect(api: ApiEnv) -> None:
     api.daemon.ks("update_key", key.key, address_mode="only", addresses=["10.1.0.0/16"])
     refused(lambda: auth.authenticate_device(credentials={
         "deviceId": "in-scope", "key": key.key, "secret": secret}), 401, "ip_denied")
-    # X-Forwarded-For from a trusted proxy (loopback by default) is believed...
+    # X-Forwarded-For is believed only from [api] trusted_proxies (none by default).
     creds = {"deviceId": "in-scope", "key": key.key, "secret": secret}
     forwarded = api.http("POST", "/auth/device", token="", json=creds,
                          headers={"X-Forwarded-For": "10.1.2.3"})
-    assert forwarded.status_code == 200, forwarded.text
+    assert forwarded.status_code == 401, forwarded.text
 
 
 def test_device_tokens_stop_working_when_their_key_or_device_does(api: ApiEnv) -> None:
@@ -174,3 +178,22 @@ def test_device_tokens_stop_working_when_their_key_or_device_does(api: ApiEnv) -
     send("a")  # the same token works again with its key
     api.daemon.ks("update_key", keys["a"].key, expires_at="2000-01-01T00:00:00Z")
     refused(lambda: send("a"), 401, "expired")
+
+
+def test_state_over_http_is_counted_and_rate_limited_like_mqtt(tmp_path: Path) -> None:
+    daemon = RunningBroker(replace(broker_settings(tmp_path), max_publish_rate=2.0)).start()
+    try:
+        daemon.ks("add_device", "d")
+        key, secret = daemon.ks("create_key", device_ids=["d"])
+        url = daemon.server.api.url
+        token = requests.post(url + "/auth/device", timeout=5, json={
+            "deviceId": "d", "key": key.key, "secret": secret}).json()["token"]
+        app = daemon.ks("app").id
+        statuses = [requests.post(f"{url}/applications/{app}/devices/d/state", timeout=5,
+                                  json={"data": {"n": i}},
+                                  headers={"Authorization": f"Bearer {token}"}).status_code
+                    for i in range(4)]
+        assert statuses[:2] == [200, 200] and 429 in statuses[2:]  # bursts of 1 s's worth
+        assert daemon.broker.traffic.msgs_in[1] == statuses.count(200)
+    finally:
+        daemon.stop()

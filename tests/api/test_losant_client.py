@@ -141,8 +141,16 @@ def test_key_errors(api: ApiEnv) -> None:
                                           applicationKeyId=ZERO_ID), 404, ZERO_ID)
     refused(lambda: c.application_keys.get(applicationId=api.app_id, query={"colour": 1}), 400,
             "colour")
-    refused(lambda: c.application_keys.get(applicationId=api.app_id, filter="k*"), 400,
-            "filterField")
+    # Losant ignores a filter without a filterField, and so do we.
+    assert c.application_keys.get(applicationId=api.app_id, filter="zzz*")["count"] == 1
+    refused(lambda: c.application_keys.get(applicationId=api.app_id, page=10**20), 400,
+            "page")
+    deep = api.http("GET", f"/applications/{api.app_id}/keys",
+                    params={"query": "[" * 2000 + "]" * 2000})
+    assert deep.status_code == 400 and "query" in deep.json()["message"]
+    keys_status = c.application_keys.get(applicationId=api.app_id, filterField="status",
+                                         filter="active")
+    assert keys_status["count"] == 1
 
 
 # --- devices ------------------------------------------------------------------------------

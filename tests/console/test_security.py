@@ -32,6 +32,10 @@ def _url(daemon: RunningBroker) -> str:
 def _signed_in(daemon: RunningBroker, name: str = "ops") -> tuple[requests.Session, str]:
     """An HTTP client signed in to the console, and its CSRF token."""
     _row, token = daemon.ks("create_token", name)
+    return _signed_in_with(daemon, token)
+
+
+def _signed_in_with(daemon: RunningBroker, token: str) -> tuple[requests.Session, str]:
     http = requests.Session()
     form = http.get(_url(daemon) + "/console/signin", timeout=5)
     nonce = re.search(r'name="nonce" value="([^"]+)"', form.text)
@@ -119,3 +123,49 @@ def test_script_in_names_renders_as_text(console: Console) -> None:
     console.go(f"/console/apps/{console.app_id}/keys/{key.id}")
     assert console.browser.execute_script("return window.__xss") is None
     assert console.find("#name").get_attribute("value") == payload
+
+
+def test_a_token_of_one_application_stays_in_it(daemon: RunningBroker) -> None:
+    other = daemon.ks("create_app", "other")
+    _row, token = daemon.ks("create_token", "bound", app="other")
+    http, csrf = _signed_in_with(daemon, token)
+    made = http.post(_url(daemon) + "/console/apps", timeout=5, allow_redirects=False,
+                     data={"csrf": csrf, "name": "sneaky"})
+    assert made.status_code == 403
+    assert [a.name for a in daemon.ks("list_apps")] == ["default", "other"]
+    default = daemon.ks("app").id
+    assert http.get(f"{_url(daemon)}/console/apps/{default}/keys", timeout=5).status_code == 403
+    assert http.get(f"{_url(daemon)}/console/apps/{other.id}/keys",
+                    timeout=5).status_code == 200
+    assert http.get(f"{_url(daemon)}/console/status", timeout=5).status_code == 403
+
+
+def test_console_changes_are_audited_and_checked_before_writing(daemon: RunningBroker) -> None:
+    key, _ = daemon.ks("create_key", name="k")
+    http, csrf = _signed_in(daemon)
+    app = daemon.ks("app").id
+    base = f"{_url(daemon)}/console/apps/{app}/keys/{key.id}"
+    bad = http.post(base, timeout=5, data={"csrf": csrf, "name": "renamed", "status": "bogus",
+                                           "address_mode": "all", "topic_mode": "none"})
+    assert bad.status_code == 400 and "bogus" in bad.text
+    assert daemon.ks("get_key", key.key).name == "k"  # nothing written
+    flipped = http.post(base + "/status", timeout=5, allow_redirects=False,
+                        data={"csrf": csrf, "back": "page=2&evil=1\r\nX-Injected: yes"})
+    assert flipped.status_code == 303
+    assert flipped.headers["Location"].endswith("/keys?page=2")
+    assert "X-Injected" not in flipped.headers
+    events = [e for e in daemon.audit_events() if e["event"] == "api"]
+    assert [(e["action"], e["listener"], e.get("key_id")) for e in events] == [
+        ("applicationKey.patch", "console", key.id)]
+    assert events[0]["token"] == "ops"
+
+
+def test_odd_list_parameters_are_not_server_errors(daemon: RunningBroker) -> None:
+    http, _csrf = _signed_in(daemon)
+    app = daemon.ks("app").id
+    for params in ({"page": "²"}, {"page": "9" * 40}, {"query": "[" * 3000 + "]" * 3000}):
+        answer = http.get(f"{_url(daemon)}/console/apps/{app}/keys", params=params, timeout=5)
+        assert answer.status_code == 200, (params, answer.status_code)
+    assert "nested too deeply" in http.get(
+        f"{_url(daemon)}/console/apps/{app}/keys", timeout=5,
+        params={"query": "[" * 3000 + "]" * 3000}).text

@@ -125,6 +125,23 @@ def test_labels_never_carry_ids_keys_or_topics(daemon: RunningBroker) -> None:
         assert needle not in text
 
 
+def test_connections_refused_by_a_cap_are_counted(tmp_path: Path) -> None:
+    daemon = RunningBroker(replace(broker_settings(tmp_path),
+                                   max_connections_per_source=1)).start()
+    try:
+        before = scrape(daemon)
+        with socket.create_connection(("127.0.0.1", daemon.port())) as first:
+            with socket.create_connection(("127.0.0.1", daemon.port())) as second:
+                second.settimeout(3)
+                assert second.recv(1) == b""  # closed at once
+            first.sendall(b"\xe0\x00")
+        after = scrape(daemon)
+        assert moved(before, after, "keybroker_connects_refused_total", code="none",
+                     reason="max_connections_per_source") == 1
+    finally:
+        daemon.stop()
+
+
 def test_guard_bans_and_suppressed_audit_lines_are_counted(tmp_path: Path) -> None:
     settings = replace(broker_settings(tmp_path), guard=GuardSettings(max_failures=0))
     daemon = RunningBroker(settings).start()
@@ -188,5 +205,11 @@ def test_metrics_can_require_a_token(tmp_path: Path) -> None:
         assert ok.status_code == 200 and "keybroker_connections" in ok.text
         refused = requests.get(url, timeout=5, headers={"Authorization": f"Bearer {keys_only}"})
         assert refused.status_code == 403
+        daemon.ks("create_app", "tenant")
+        _row, bound = daemon.ks("create_token", "tenant-ops", app="tenant",
+                                scopes=["metrics.get"])
+        one_app = requests.get(url, timeout=5, headers={"Authorization": f"Bearer {bound}"})
+        assert one_app.status_code == 403  # metrics cover every application
+        assert "every application" in one_app.json()["message"]
     finally:
         daemon.stop()

@@ -45,7 +45,9 @@ def test_bench_quick_api_rows(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=90, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    results = json.loads(out.read_text())["results"]
+    report = json.loads(out.read_text())
+    results = report["results"]
+    assert "api_create" in results, report["notes"]
     assert results["api_create"]["details"]["keybroker"]["requests"] == 200
     for row in ("api_create", "api_list_page_p99", "api_auth_device_p99", "api_qos0_idle",
                 "api_qos0_loaded", "api_qos0_ratio"):
