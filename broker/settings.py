@@ -88,6 +88,11 @@ class Settings:
     guard: GuardSettings = GuardSettings()
     change_poll_interval: float = 0.25
     change_retention: float = 86_400.0  # seconds consumed change-feed rows are kept
+    # Broker state (retained messages, persistent sessions) kept across restarts.
+    persistence: bool = True
+    state_path: Path | None = None  # None: beside the keystore, <name>.state.db
+    flush_interval: float = 1.0  # seconds between two write-behind flushes
+    persistence_sync: bool = False  # QoS 1/2 acknowledged only once saved
 
     def with_overrides(self, **changes: Any) -> Settings:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -102,10 +107,16 @@ PLACES: dict[str, tuple[str, str]] = {
     "denied_publish": ("mqtt", "denied_publish"),
     "trusted_proxies": ("network", "trusted_proxies"),
     "audit_path": ("audit", "path"),
+    "persistence": ("persistence", "enabled"),
+    "state_path": ("persistence", "path"),
+    "flush_interval": ("persistence", "flush_interval"),
+    "persistence_sync": ("persistence", "sync"),
 }
-SECTIONS = ("keystore", "mqtt", "listeners", "network", "limits", "audit", "security")
+SECTIONS = ("keystore", "mqtt", "listeners", "network", "limits", "audit", "security",
+            "persistence")
 CHOICES = {"denied_publish": ("drop", "disconnect"), "type": ("tcp", "ws")}
-POSITIVE = frozenset({"keepalive_factor", "change_poll_interval"})  # 0 makes no sense
+# 0 makes no sense for these
+POSITIVE = frozenset({"keepalive_factor", "change_poll_interval", "flush_interval"})
 LISTENER_KEYS = ("type", "host", "port", "certfile", "keyfile", "proxy_protocol", "enabled")
 
 

@@ -13,16 +13,30 @@ not re-send on resume. Here it is plain data:
   messages queued while offline reach the client before later live ones.
 
 Bounds are the caller's (count and bytes are kept here so that checking is O(1)).
+A persistent session's outbox tells its ``journal`` of every change (broker.state saves
+them, written behind); a clean session's has none.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterator
+from typing import Protocol
+
+
+class OutboxJournal(Protocol):
+    """Told of each change to an outbox's messages, synchronously (and cheaply)."""
+
+    def message_put(self, message: OutMessage) -> None: ...
+
+    def message_changed(self, message: OutMessage) -> None: ...
+
+    def message_removed(self, message: OutMessage) -> None: ...
 
 
 class OutMessage:
-    __slots__ = ("topic", "payload", "qos", "retain", "packet_id", "released", "size")
+    __slots__ = ("topic", "payload", "qos", "retain", "packet_id", "released", "size", "seq",
+                 "stored")
 
     def __init__(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> None:
         self.topic = topic
@@ -32,6 +46,8 @@ class OutMessage:
         self.packet_id = 0
         self.released = False  # QoS 2: PUBREC received and PUBREL sent, PUBCOMP awaited
         self.size = len(topic) + len(payload)
+        self.seq = 0  # order of arrival in the saved state (set by the journal)
+        self.stored = False  # saved (or being saved): its removal must be saved too
 
     def __repr__(self) -> str:
         return (f"OutMessage({self.topic!r}, {len(self.payload)} bytes, qos={self.qos}, "
@@ -39,13 +55,14 @@ class OutMessage:
 
 
 class Outbox:
-    __slots__ = ("inflight", "waiting", "held_bytes", "_last_id")
+    __slots__ = ("inflight", "waiting", "held_bytes", "_last_id", "journal")
 
-    def __init__(self) -> None:
+    def __init__(self, journal: OutboxJournal | None = None) -> None:
         self.inflight: dict[int, OutMessage] = {}
         self.waiting: deque[OutMessage] = deque()
         self.held_bytes = 0
         self._last_id = 0
+        self.journal = journal
 
     def __len__(self) -> int:
         """Messages held: in flight plus waiting."""
@@ -53,6 +70,17 @@ class Outbox:
 
     def put(self, message: OutMessage) -> None:
         self.waiting.append(message)
+        self.held_bytes += message.size
+        if self.journal is not None:
+            self.journal.message_put(message)
+
+    def restored(self, message: OutMessage) -> None:
+        """A message of a saved state, in its order: in flight when it has a packet id."""
+        if message.packet_id:
+            self.inflight[message.packet_id] = message
+            self._last_id = message.packet_id
+        else:
+            self.waiting.append(message)
         self.held_bytes += message.size
 
     def sendable(self, window: int) -> Iterator[OutMessage]:
@@ -62,6 +90,8 @@ class Outbox:
             message = self.waiting.popleft()
             message.packet_id = self._new_id()
             self.inflight[message.packet_id] = message
+            if self.journal is not None:
+                self.journal.message_changed(message)
             yield message
 
     def _new_id(self) -> int:
@@ -92,6 +122,8 @@ class Outbox:
             self.held_bytes -= message.size - len(message.topic)
             message.size = len(message.topic)
             message.payload = b""
+            if self.journal is not None:
+                self.journal.message_changed(message)
         return True
 
     def completed(self, packet_id: int) -> bool:
@@ -105,6 +137,8 @@ class Outbox:
     def _forget(self, packet_id: int, message: OutMessage) -> None:
         del self.inflight[packet_id]
         self.held_bytes -= message.size
+        if self.journal is not None:
+            self.journal.message_removed(message)
 
     def discard(self, unreadable: Callable[[str], bool]) -> int:
         """Drop messages (in flight or waiting) whose topic the session may no longer read,
@@ -120,12 +154,17 @@ class Outbox:
             if unreadable(message.topic):
                 self.held_bytes -= message.size
                 dropped += 1
+                if self.journal is not None:
+                    self.journal.message_removed(message)
             else:
                 kept.append(message)
         self.waiting = kept
         return dropped
 
     def clear(self) -> None:
+        if self.journal is not None:
+            for message in [*self.inflight.values(), *self.waiting]:
+                self.journal.message_removed(message)
         self.inflight.clear()
         self.waiting.clear()
         self.held_bytes = 0
