@@ -6,6 +6,7 @@ keystore changed in between as another process would."""
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 import time
 from dataclasses import replace
@@ -14,6 +15,7 @@ from typing import Any
 
 from broker.settings import Settings
 from keystore import KeyStore
+from keystore.sqlite.backup import backup as keystore_backup
 from tests.support import mqtt_raw as raw
 from tests.support.harness import Client, RunningBroker, broker_settings, seed
 
@@ -199,3 +201,43 @@ def test_the_state_file_holds_no_secret(tmp_path: Path) -> None:
     for _, secret in creds:
         assert secret.encode() not in data
     assert state.stat().st_mode & 0o777 == 0o600
+
+
+def test_with_an_older_keystore_every_device_the_state_names_is_looked_up(
+        tmp_path: Path) -> None:
+    """A keystore restored from a backup has a change feed behind the saved state's
+    position, so the feed cannot tell what was removed: the start looks devices up."""
+    settings = broker_settings(tmp_path)
+    backup = tmp_path / "backup.db"
+
+    async def setup(ks: KeyStore) -> tuple[str, str]:
+        for device in ("w", "x"):
+            await ks.add_device(device)
+        key, secret = await ks.create_key()  # every device: only a lookup can tell
+        await keystore_backup(settings.db_path, backup)  # it knows no device "late"
+        await ks.add_device("late")
+        await ks.request_kick("w")  # the feed moves past the backup's end
+        return key.key, secret
+
+    creds = seed(settings.db_path, setup)
+    broker = run(settings)
+    try:
+        for device in ("late", "w"):
+            hold_session(broker, device, creds, f"losant/{device}/cmd",
+                         topic=f"losant/{device}/state", payload=device.encode())
+    finally:
+        broker.stop()
+    for suffix in ("-wal", "-shm"):
+        Path(f"{settings.db_path}{suffix}").unlink(missing_ok=True)
+    shutil.copy(backup, settings.db_path)
+
+    broker = run(settings)
+    try:
+        assert connack(broker, "w", creds) == SESSION_PRESENT
+        with Client(broker.port(), "x", *creds) as watcher:
+            assert watcher.connect() == 0
+            assert watcher.subscribe("losant/+/state", 1) == 1
+            assert watcher.topics_received() == ["losant/w/state"]
+    finally:
+        broker.stop()
+    assert {row[0] for row in state_rows(settings, "sessions")} == {"w"}
