@@ -164,8 +164,10 @@ def _stop(broker: RunningBroker, timeout: float = 10.0) -> None:
 
 
 @contextlib.contextmanager
-def running(kind: str, workdir: Path, *, keystore: Path | None = None) -> Iterator[RunningBroker]:
-    """Start broker ``kind`` on a free loopback port; always stopped on exit."""
+def running(kind: str, workdir: Path, *, keystore: Path | None = None, config: str = "",
+            log_level: str = "WARNING") -> Iterator[RunningBroker]:
+    """Start broker ``kind`` on a free loopback port; always stopped on exit. keybroker:
+    ``config`` is appended to its config file (e.g. a [persistence] section)."""
     port = free_port()
     log_path = workdir / f"{kind}-{port}.log"
     notes: list[str] = []
@@ -189,7 +191,7 @@ def running(kind: str, workdir: Path, *, keystore: Path | None = None) -> Iterat
             f'[keystore]\npath = "{keystore}"\n\n'
             f'[listeners.tcp]\ntype = "tcp"\nhost = "{HOST}"\nport = {port}\n\n'
             "[limits]\nmax_subscriptions = 0\nmax_connections_per_source = 0\n"
-            "max_unauthenticated_per_source = 0\n"
+            "max_unauthenticated_per_source = 0\n" + config
         )
         notes.append("keybroker runs with its default limits except [limits] "
                      "max_subscriptions = 0 (the fleet workload holds up to 100,000 filters) "
@@ -199,7 +201,7 @@ def running(kind: str, workdir: Path, *, keystore: Path | None = None) -> Iterat
         if note:
             notes.append(note)
         argv = [*prefix, "--db", str(keystore), "serve", "--config", str(conf),
-                "--host", HOST, "--port", str(port), "--log-level", "WARNING"]
+                "--host", HOST, "--port", str(port), "--log-level", log_level]
     else:
         raise ValueError(f"unknown broker {kind!r}")
     split = cpu_split()

@@ -50,6 +50,7 @@ class FlowSpec:
     setup_timeout: float = 120.0
     subscribe_batch: int = 500
     sub_processes: int = 1  # subscribers are split over this many processes
+    sub_clean_session: bool = True  # False: subscribers hold persistent sessions
 
 
 class _Shared:
@@ -75,9 +76,10 @@ async def _until(event: Any, deadline: float) -> None:
         await asyncio.sleep(0.02)
 
 
-async def _connect(spec: FlowSpec, cred: Cred) -> Client:
+async def _connect(spec: FlowSpec, cred: Cred, clean_session: bool = True) -> Client:
     client = Client(spec.host, spec.port)
-    await client.connect(cred.client_id, cred.username, cred.password)
+    await client.connect(cred.client_id, cred.username, cred.password,
+                         clean_session=clean_session)
     return client
 
 
@@ -128,7 +130,7 @@ async def _subscriber_main(spec: FlowSpec, shared: _Shared, conn: Any, part: int
             info["idle_filters"] = n
         subs = []
         for cred in spec.subscribers[part::spec.sub_processes]:
-            client = await _connect(spec, cred)
+            client = await _connect(spec, cred, spec.sub_clean_session)
             codes = await client.subscribe([spec.sub_filter], spec.qos, timeout=10)
             info.setdefault("sub_granted", []).extend(codes)
             subs.append(client)

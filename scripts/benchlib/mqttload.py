@@ -79,11 +79,12 @@ def subscribe_packet(packet_id: int, filters: Iterable[tuple[str, int]]) -> byte
     return _packet((SUBSCRIBE << 4) | 0x02, body)
 
 
-def publish_packet(topic: str, payload: bytes, qos: int = 0, packet_id: int = 0) -> bytes:
+def publish_packet(topic: str, payload: bytes, qos: int = 0, packet_id: int = 0, *,
+                   retain: bool = False) -> bytes:
     if qos not in (0, 1):
         raise ValueError("only QoS 0 and 1 are supported")
     body = _utf8(topic) + (struct.pack("!H", packet_id) if qos else b"") + payload
-    return _packet((PUBLISH << 4) | (qos << 1), body)
+    return _packet((PUBLISH << 4) | (qos << 1) | int(retain), body)
 
 
 class Qos1Publisher:
@@ -182,12 +183,14 @@ class Client:
         *,
         keepalive: int = 600,
         timeout: float = 10.0,
+        clean_session: bool = True,
     ) -> float:
         self.reader, self.writer = await asyncio.wait_for(
             asyncio.open_connection(self.host, self.port, limit=1 << 20), timeout
         )
         started = time.perf_counter()
-        self.writer.write(connect_packet(client_id, username, password, keepalive=keepalive))
+        self.writer.write(connect_packet(client_id, username, password, keepalive=keepalive,
+                                         clean_session=clean_session))
         ptype, _, body = await self.expect(CONNACK, timeout)
         elapsed = time.perf_counter() - started
         if len(body) != 2:
