@@ -76,35 +76,36 @@ class _Restore:
         self.dropped: Counter[str] = Counter()
         self._policies: dict[str, tuple[frozenset[str] | None, SessionPolicy]] = {}
 
-    def retained(self, snapshot: Snapshot, apps: set[str]) -> int:
-        kept = 0
+    def retained(self, snapshot: Snapshot, apps: set[str]) -> None:
         for row in snapshot.retained:
             if row.mount not in apps:
                 self.dropped["retained: app_deleted"] += 1
             elif self.router.restore_retained(*row):
-                kept += 1
                 continue
             else:
                 self.dropped["retained: over quota"] += 1
             self.recorder.retained_changed(row.mount, row.topic, None)
-        return kept
 
     async def session(self, stored: StoredSession, key: AccessKey | None, apps: set[str],
                       now: float) -> KeySession | None:
+        """The saved session back, offline, under its key as it is now; None: dropped."""
         row = stored.row
-        reason = self._refusal(stored, key, apps, now)
-        if reason is None and key is not None:
+        reason = self._refusal(row.mount, key, apps, now)
+        if key is not None and reason is None:
             scope, policy = await self._policy(key)
-            if scope is not None and row.client_id not in scope:
-                reason = "device_not_in_scope"  # removed, or its tags changed
-        if reason is not None or key is None:
-            self.dropped[f"sessions: {reason}"] += 1
-            self.recorder.journal(row.client_id).dropped()
-            return None
+            if scope is None or row.client_id in scope:
+                return self._install(stored, Grant(key, policy), now)
+            reason = "device_not_in_scope"  # removed, or its tags changed
+        self.dropped[f"sessions: {reason}"] += 1
+        self.recorder.journal(row.client_id).dropped()
+        return None
+
+    def _install(self, stored: StoredSession, grant: Grant, now: float) -> KeySession:
+        row = stored.row
         journal = self.recorder.journal(row.client_id)
         session = KeySession(row.client_id, False,
                              ConnectionInfo(row.listener, row.peer_ip, row.client_ip), journal)
-        session.grant = Grant(key, policy)
+        session.grant = grant
         session.mount = row.mount
         session.inflight_in = {int(t) for t in row.inflight_in.split() if t.isdigit()}
         session.disconnected_at = row.disconnected_at
@@ -123,14 +124,12 @@ class _Restore:
                 journal.message_removed(message)
         return session
 
-    def _refusal(self, stored: StoredSession, key: AccessKey | None, apps: set[str],
-                 now: float) -> str | None:
-        row, expiry = stored.row, self.settings.session_expiry
-        if expiry and row.disconnected_at is not None and row.disconnected_at < now - expiry:
-            return "session_expired"
-        if row.mount not in apps:
+    @staticmethod
+    def _refusal(mount: str, key: AccessKey | None, apps: set[str], now: float) -> str | None:
+        """Why the keystore as it is now no longer admits a session of this key."""
+        if mount not in apps:
             return "app_deleted"
-        if key is None or mount_of(key.app_id) != row.mount:
+        if key is None or mount_of(key.app_id) != mount:
             return "key_deleted"
         if key.status.value != "active":
             return "key_inactive"
@@ -177,14 +176,13 @@ async def restore(snapshot: Snapshot, keystore: KeyStore, router: Router,
     if snapshot.empty:
         return latest
     apps = {mount_of(app.id) for app in await keystore.list_apps()}
-    retained = work.retained(snapshot, apps)
+    work.retained(snapshot, apps)
     keys = await keystore.keys_by_id({stored.row.key for stored in snapshot.sessions})
-    sessions = messages = 0
     for stored in snapshot.sessions:
-        session = await work.session(stored, keys.get(stored.row.key), apps, now)
-        if session is not None:
-            sessions += 1
-            messages += len(session.outbox)
+        await work.session(stored, keys.get(stored.row.key), apps, now)
+    if settings.session_expiry:  # offline for too long, also while the daemon was down
+        work.dropped["sessions: session_expired"] += registry.expire(settings.session_expiry,
+                                                                     now)
     position = snapshot.position
     if position > latest:
         logger.warning("broker state: saved at change %d of a keystore whose change feed "
@@ -192,9 +190,12 @@ async def restore(snapshot: Snapshot, keystore: KeyStore, router: Router,
                        position, latest)
         work.dropped["devices removed"] += await work.check_devices()
         position = latest
-    dropped = ", ".join(f"{what} {count}" for what, count in sorted(work.dropped.items()))
+    sessions = len(registry.sessions)  # the broker was idle: all of them are restored ones
+    messages = sum(len(session.outbox) for session in registry.sessions.values())
+    dropped = ", ".join(f"{what} {count}" for what, count in sorted(work.dropped.items())
+                        if count)
     logger.info("broker state: restored %d retained messages and %d persistent sessions "
                 "(%d queued or unacknowledged messages) from %s in %.2f s; not restored: %s",
-                retained, sessions, messages, recorder.store.location,
+                len(router.retained), sessions, messages, recorder.store.location,
                 time.perf_counter() - started, dropped or "nothing")
     return position

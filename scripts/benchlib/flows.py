@@ -17,6 +17,7 @@ import contextlib
 import multiprocessing as mp
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -245,8 +246,10 @@ def _merge(infos: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
-def run_flow(spec: FlowSpec) -> dict[str, Any]:
-    """Run one measurement; returns rates and counts (or an 'error' entry)."""
+def run_flow(spec: FlowSpec, sample: Callable[[], float] | None = None) -> dict[str, Any]:
+    """Run one measurement; returns rates and counts (or an 'error' entry). ``sample()``
+    (e.g. the broker's CPU seconds) is read at both ends of the measured window; the
+    difference is ``sampled``."""
     parts = max(1, min(spec.sub_processes, len(spec.subscribers)))
     spec = replace(spec, sub_processes=parts)
     shared = _Shared(parts)
@@ -272,9 +275,12 @@ def run_flow(spec: FlowSpec) -> dict[str, Any]:
             return {**result, "error": detail}
         shared.go.set()
         time.sleep(spec.warmup)
+        c0 = sample() if sample is not None else 0.0
         r0, s0, t0 = shared.total_received(), shared.sent.value, time.perf_counter()
         time.sleep(spec.measure)
         r1, s1, t1 = shared.total_received(), shared.sent.value, time.perf_counter()
+        if sample is not None:
+            result["sampled"] = sample() - c0
         shared.stop.set()
         elapsed = t1 - t0
         result.update(
