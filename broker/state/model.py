@@ -38,7 +38,7 @@ class MessageRow(NamedTuple):
     """An outgoing QoS 1/2 message of a persistent session, queued or in flight."""
 
     client_id: str
-    seq: int  # order of arrival (unique per state): in-flight ones first, then waiting
+    seq: int  # order of arrival in its session: in-flight ones first, then waiting
     topic: str
     payload: bytes  # empty once a QoS 2 message is released (only PUBREL is owed)
     qos: int
@@ -61,7 +61,6 @@ class Snapshot:
     retained: list[RetainedRow]
     sessions: list[StoredSession]
     position: int  # the keystore change feed's last row applied when it was saved
-    next_seq: int
 
     @property
     def empty(self) -> bool:

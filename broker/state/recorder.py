@@ -1,12 +1,13 @@
 """Write-behind: the broker's changes recorded as they happen, saved once per interval.
 
 The message path only marks what changed, in dicts keyed by what it is (a retained
-topic; a session; one of its subscriptions or messages), so a value changed many times
-between two flushes is written once, and a QoS 1/2 message acknowledged before the next
-flush is never written at all. Every ``flush_interval`` (and at a clean shutdown) one
-flush turns the marks into rows — reading the current values, on the event loop, in one
-synchronous pass — and the store writes them in one transaction on its own thread. The
-event loop never waits for the disk: a crash loses at most the last interval.
+topic; a session; one of its subscriptions; an outbox that has new messages, or one of
+its saved messages), so a value changed many times between two flushes is written once,
+and a QoS 1/2 message acknowledged before the next flush is never written at all. Every
+``flush_interval`` (and at a clean shutdown) one flush turns the marks into rows —
+reading the current values, on the event loop, in one synchronous pass — and the store
+writes them in one transaction on its own thread. The event loop never waits for the
+disk: a crash loses at most the last interval.
 
 With ``sync`` (``[persistence] sync = true``) an incoming QoS 1/2 PUBLISH is acknowledged
 only after the flush that holds its effects commits (``after_commit``); such a waiter
@@ -18,13 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
-from broker.mqtt.outbox import OutMessage
+from broker.mqtt.outbox import Outbox, OutMessage
 from broker.mqtt.session import KeySession
 from broker.state.model import Batch, MessageRow, RetainedRow, SessionRow, SubscriptionRow
 from broker.state.store import StateStore
@@ -44,27 +44,31 @@ class RetainedMessage(Protocol):
 class Marks:
     """What changed since the last flush, keyed by what changed (the latest value wins)."""
 
-    __slots__ = ("retained", "dropped", "sessions", "subs", "messages")
+    __slots__ = ("retained", "dropped", "sessions", "subs", "messages", "outboxes")
 
     def __init__(self) -> None:
         self.retained: dict[tuple[str, str], RetainedMessage | None] = {}  # (mount, topic)
         self.dropped: set[str] = set()  # client ids whose whole saved session goes first
         self.sessions: dict[str, KeySession] = {}
         self.subs: dict[str, dict[str, int | None]] = {}  # client id -> filter -> qos/None
-        self.messages: dict[str, dict[int, OutMessage | None]] = {}  # client id -> seq -> ..
+        # client id -> seq -> a saved message that changed, or None (removed)
+        self.messages: dict[str, dict[int, OutMessage | None]] = {}
+        self.outboxes: dict[str, Outbox] = {}  # client id -> outbox with new messages
 
     def __bool__(self) -> bool:
         return bool(self.retained or self.dropped or self.sessions or self.subs
-                    or self.messages)
+                    or self.messages or self.outboxes)
 
     def drop(self, client_id: str) -> None:
         self.dropped.add(client_id)
         self.sessions.pop(client_id, None)
         self.subs.pop(client_id, None)
         self.messages.pop(client_id, None)
+        self.outboxes.pop(client_id, None)
 
     def take_back(self, older: Marks) -> None:
-        """The marks of a flush that failed return, under the newer ones. A session
+        """The marks of a flush that failed return, under the newer ones (its outboxes'
+        new messages are among its ``messages`` by then: see ``batch``). A session
         dropped since takes none of its older marks back: its drop supersedes them."""
         for key, value in older.retained.items():
             self.retained.setdefault(key, value)
@@ -86,14 +90,18 @@ class Marks:
 
     def batch(self, position: int) -> Batch:
         """The marks as rows, with the current values of what they name."""
-        message_rows = []
-        removed_messages = []
+        for client_id, outbox in self.outboxes.items():
+            added = self.messages.setdefault(client_id, {})
+            for new in outbox.unsaved():
+                added[new.seq] = new
+        message_rows: list[MessageRow] = []
+        removed_messages: list[tuple[str, int]] = []
         for client_id, changed in self.messages.items():
             for seq, message in changed.items():
                 if message is None:
                     removed_messages.append((client_id, seq))
                     continue
-                message.stored = True  # from now on its removal must be written too
+                message.stored = True  # from now on its changes must be written too
                 message_rows.append(MessageRow(
                     client_id, seq, message.topic, message.payload, message.qos,
                     message.retain, message.packet_id, message.released))
@@ -117,7 +125,7 @@ class Marks:
 
 
 class StateRecorder:
-    def __init__(self, store: StateStore, *, interval: float, sync: bool, next_seq: int,
+    def __init__(self, store: StateStore, *, interval: float, sync: bool,
                  position: Callable[[], int], saved_position: int = 0) -> None:
         """``position()`` is the last keystore change applied to the broker (saved with
         each flush, so a restart knows what changed while it was down)."""
@@ -127,7 +135,6 @@ class StateRecorder:
         self.position = position
         self.saved_position = saved_position  # as of the last committed flush
         self.marks = Marks()
-        self.seqs = itertools.count(next_seq)  # numbers messages in order of arrival
         self._waiters: deque[tuple[Callable[[bytes], None], bytes]] = deque()
         self._wake = asyncio.Event()
         self._flushing = asyncio.Lock()
@@ -203,8 +210,7 @@ class StateRecorder:
 
 class Journal:
     """One persistent session's journal (broker.mqtt.session.SessionJournal): marks its
-    changes in the recorder's current marks. The message calls are on the QoS 1/2 path:
-    a dict operation or two each."""
+    changes in the recorder's current marks."""
 
     __slots__ = ("_recorder", "client_id")
 
@@ -212,28 +218,14 @@ class Journal:
         self._recorder = recorder
         self.client_id = client_id
 
-    def _mark(self, seq: int, message: OutMessage | None) -> None:
-        marks = self._recorder.marks.messages
-        try:
-            marks[self.client_id][seq] = message
-        except KeyError:
-            marks[self.client_id] = {seq: message}
-
-    def message_put(self, message: OutMessage) -> None:
-        message.seq = seq = next(self._recorder.seqs)
-        self._mark(seq, message)
+    def messages_added(self, outbox: Outbox) -> None:
+        self._recorder.marks.outboxes[self.client_id] = outbox
 
     def message_changed(self, message: OutMessage) -> None:
-        if message.stored:  # else its mark from message_put is still there
-            self._mark(message.seq, message)
+        self._recorder.marks.messages.setdefault(self.client_id, {})[message.seq] = message
 
     def message_removed(self, message: OutMessage) -> None:
-        if message.stored:
-            self._mark(message.seq, None)
-            return
-        marks = self._recorder.marks.messages.get(self.client_id)
-        if marks is not None:  # never written: forgetting the mark is enough
-            marks.pop(message.seq, None)
+        self._recorder.marks.messages.setdefault(self.client_id, {})[message.seq] = None
 
     def saved(self, session: KeySession) -> None:
         self._recorder.marks.sessions[self.client_id] = session

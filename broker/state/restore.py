@@ -60,8 +60,8 @@ async def load_state(settings: Settings,
         await store.close()
         raise
     recorder = StateRecorder(store, interval=settings.flush_interval,
-                             sync=settings.persistence_sync, next_seq=snapshot.next_seq,
-                             position=position, saved_position=snapshot.position)
+                             sync=settings.persistence_sync, position=position,
+                             saved_position=snapshot.position)
     return recorder, snapshot
 
 

@@ -74,10 +74,9 @@ UPSERT_SESSION = (
 UNSUBSCRIBE = "DELETE FROM subscriptions WHERE client_id = ? AND filter = ?"
 SUBSCRIBE = "INSERT OR REPLACE INTO subscriptions VALUES (?, ?, ?)"
 REMOVE_MESSAGE = "DELETE FROM messages WHERE client_id = ? AND seq = ?"
-UPSERT_MESSAGE = (
-    "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (client_id, seq) "
-    "DO UPDATE SET payload = excluded.payload, packet_id = excluded.packet_id, "
-    "released = excluded.released")
+# Whole rows: a session's sequence numbers start again with a new session (its old
+# rows are deleted first) or after messages a restart left out.
+UPSERT_MESSAGE = "INSERT OR REPLACE INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 REMOVE_RETAINED = "DELETE FROM retained WHERE mount = ? AND topic = ?"
 UPSERT_RETAINED = (
     "INSERT INTO retained VALUES (?, ?, ?, ?, ?) ON CONFLICT (mount, topic) DO UPDATE "
@@ -218,7 +217,6 @@ def _load(conn: sqlite3.Connection) -> Snapshot:
         stored = sessions.get(client_id)
         if stored is not None:
             stored.subscriptions[topic_filter] = qos
-    next_seq = 1
     for row in _rows(conn, "SELECT client_id, seq, topic, payload, qos, retain, packet_id, "
                      "released FROM messages ORDER BY client_id, seq", "messages",
                      MESSAGE_TYPES):
@@ -226,14 +224,13 @@ def _load(conn: sqlite3.Connection) -> Snapshot:
                              bool(row[7]))
         if message.qos not in (1, 2) or not 0 <= message.packet_id <= 65535:
             raise _BadRow(f"damaged row in messages: {str(row)[:120]}")
-        next_seq = max(next_seq, message.seq + 1)
         stored = sessions.get(message.client_id)
         if stored is not None:
             stored.messages.append(message)
     position = _meta(conn, "position")
     if not isinstance(position, int):
         raise _BadRow(f"damaged meta position: {position!r}")
-    return Snapshot(retained, list(sessions.values()), position, next_seq)
+    return Snapshot(retained, list(sessions.values()), position)
 
 
 def _write(conn: sqlite3.Connection, batch: Batch) -> None:

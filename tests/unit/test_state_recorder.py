@@ -18,7 +18,7 @@ class MemoryStore:
         self.fail = False
 
     async def load(self) -> Snapshot:
-        return Snapshot([], [], 0, 1)
+        return Snapshot([], [], 0)
 
     async def write(self, batch: Batch) -> None:
         if self.fail:
@@ -30,7 +30,7 @@ class MemoryStore:
 
 
 def recorder(store: MemoryStore, sync: bool = False) -> StateRecorder:
-    return StateRecorder(store, interval=60.0, sync=sync, next_seq=1, position=lambda: 7)
+    return StateRecorder(store, interval=60.0, sync=sync, position=lambda: 7)
 
 
 def session(state: StateRecorder, client_id: str = "dev") -> KeySession:
