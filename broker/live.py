@@ -49,18 +49,33 @@ class ChangeWatcher(Periodic):
         # When this watcher applied a change to a key (or DEVICE + device id): a CONNECT
         # that read the key before then is re-checked once registered.
         self._applied: dict[str, float] = {}
-        self._last_id = 0
+        self._last_id: int | None = None  # None: not started yet
+        self._marker: tuple[int, int] | None = None
         self.last_read = time.monotonic()  # when the feed was last read (metrics: lag)
 
     @property
     def applied_change_id(self) -> int:
         """The last change-feed row applied: rows up to it are no longer needed here."""
-        return self._last_id
+        return self._last_id or 0
 
     async def start(self) -> None:
-        self._last_id = await self.keystore.latest_change_id()
-        self._marker = await self.keystore.change_marker()
+        """Watch from the newest change, or from where ``catch_up`` got to."""
+        if self._last_id is None:
+            self._last_id = await self.keystore.latest_change_id()
+            self._marker = await self.keystore.change_marker()
         self.start_ticking()
+
+    async def catch_up(self, since: int) -> None:
+        """Apply the changes after ``since``: the position a restored broker state was
+        saved at, so what changed while the daemon was down (devices and applications
+        removed) reaches the restored sessions and retained messages before the listeners
+        open. ``start`` goes on from there."""
+        self._marker = await self.keystore.change_marker()
+        self._last_id = since
+        applied = await self._read_feed()
+        if applied:
+            logger.info("change feed: applied %d changes made while the daemon was down",
+                        applied)
 
     async def stop(self) -> None:
         await self.stop_ticking()
@@ -86,20 +101,27 @@ class ChangeWatcher(Periodic):
         self.last_read = time.monotonic()
         if marker != self._marker:
             self._marker = marker
-            while True:  # the whole feed, however many changes a bulk operation made
-                changes = await self.keystore.changes_since(self._last_id, limit=FEED_PAGE)
-                for change in changes:
-                    self._last_id = change.id
-                    try:
-                        await self._apply(change.kind, change.subject)
-                    except Exception:  # one bad change must not stop the others
-                        logger.exception("applying change %s failed", change)
-                if len(changes) < FEED_PAGE:
-                    break
+            await self._read_feed()
         now = asyncio.get_running_loop().time()
         for name in [n for n, at in self._applied.items() if now - at > RECENT]:
             del self._applied[name]
         await self._expire(datetime.now(UTC).timestamp())
+
+    async def _read_feed(self) -> int:
+        """Apply every change after the last one applied, however many a bulk operation
+        made; returns how many."""
+        count = 0
+        while True:
+            changes = await self.keystore.changes_since(self._last_id or 0, limit=FEED_PAGE)
+            for change in changes:
+                self._last_id = change.id
+                count += 1
+                try:
+                    await self._apply(change.kind, change.subject)
+                except Exception:  # one bad change must not stop the others
+                    logger.exception("applying change %s failed", change)
+            if len(changes) < FEED_PAGE:
+                return count
 
     async def _apply(self, kind: str, subject: str) -> None:
         now = asyncio.get_running_loop().time()

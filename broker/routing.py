@@ -19,6 +19,10 @@ quotas: globally, per access key, and a small reserve per device for its own dev
 topics that no other key can take away. Retained messages for a SUBSCRIBE are sent by
 one paced task per session (waiting for the client to read, yielding to other work), so
 a SUBSCRIBE matching many retained messages cannot stall the broker or grow it.
+
+With a broker state kept (broker.state), every change to the retained messages and to a
+persistent session's subscriptions is marked for the next write-behind flush, and a
+saved state comes back through the ``restore_*`` methods, within the same bounds.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from broker.mqtt.plugins import audit_fields, decide
 from broker.mqtt.session import KeySession
 from broker.periodic import spawn
 from broker.settings import Settings
+from broker.state.recorder import StateRecorder
 from broker.topics import RetainedStore, SubscriptionTree, device_of, device_topic
 
 logger = logging.getLogger(__name__)
@@ -77,8 +82,9 @@ class _Usage:
 class Router:
     def __init__(self, settings: Settings, sessions: dict[str, KeySession], audit: AuditLog,
                  on_slow_consumer: Callable[[KeySession], None],
-                 traffic: Traffic | None = None) -> None:
+                 state: StateRecorder | None = None, traffic: Traffic | None = None) -> None:
         self.settings = settings
+        self.state = state  # None: nothing is kept across restarts
         self.traffic = traffic if traffic is not None else Traffic()  # broker.metrics
         self.sessions = sessions
         self.audit = audit
@@ -206,6 +212,8 @@ class Router:
         session.outbox.clear()
         session.inflight_in.clear()
         session.retained_filters.clear()
+        if session.journal is not None:
+            session.journal.dropped()
 
     def subscribe(self, session: KeySession, requests: list[tuple[str, int]],
                   check: Callable[[KeySession, str], str | None]) -> list[int]:
@@ -247,6 +255,9 @@ class Router:
             self.audit.event("subscribe_denied", reason=f"max_subscriptions {limit}: "
                              f"{over_limit} filters refused", **audit_fields(session))
         if granted:
+            if session.journal is not None:
+                for topic_filter, qos in granted.items():
+                    session.journal.subscribed(topic_filter, qos)
             self._send_retained(session, granted)
         return [decided[topic_filter] for topic_filter, _ in requests]
 
@@ -254,6 +265,8 @@ class Router:
         for topic_filter in filters:
             self.subtree.remove(session.mount + topic_filter, session.client_id)
             session.retained_filters.pop(topic_filter, None)
+            if session.journal is not None:
+                session.journal.unsubscribed(topic_filter)
 
     def filters_of(self, session: KeySession) -> dict[str, int]:
         """The session's subscriptions as the client made them (unmounted)."""
@@ -271,6 +284,7 @@ class Router:
             if old is not None:
                 self._release(old)
                 self.retained.delete(mounted)
+                self._saved(session.mount, topic, None)
             return None
         key = session.grant.key.key if session.grant else ""
         message = Retained(topic, payload, qos, f"k:{key}", f"a:{session.mount}")
@@ -291,7 +305,12 @@ class Router:
             return refusal
         self._charge(message)
         self.retained.set(mounted, message)
+        self._saved(session.mount, topic, message)
         return None
+
+    def _saved(self, mount: str, topic: str, message: Retained | None) -> None:
+        if self.state is not None:
+            self.state.retained_changed(mount, topic, message)
 
     @staticmethod
     def _fits(usage: _Usage | None, size: int, max_count: int, max_bytes: int) -> bool:
@@ -339,6 +358,7 @@ class Router:
             if message is not None:
                 self._release(message)
                 self.retained.delete(topic)
+                self._saved(topic[:len(topic) - len(message.topic)], message.topic, None)
         return len(doomed)
 
     def drop_device_retained(self, device_id: str) -> int:
@@ -350,6 +370,50 @@ class Router:
     def drop_app_retained(self, mount: str) -> int:
         """Delete every retained message of a deleted application."""
         return self._drop_retained(mount + "#")
+
+    # ------------------------------------------------------------------ saved state
+    def restore_retained(self, mount: str, topic: str, payload: bytes, qos: int,
+                         bucket: str) -> bool:
+        """A saved retained message, counted in its quota buckets; False (not kept) when
+        the quotas in force no longer leave room for it."""
+        settings = self.settings
+        reserve = bucket.startswith("d:")
+        message = Retained(topic, payload, qos, bucket, "" if reserve else f"a:{mount}")
+        if reserve:
+            fits = bool(settings.device_retained_reserve) and self._fits(
+                self._usage.get(bucket), message.size, settings.device_retained_reserve,
+                settings.device_retained_reserve_bytes)
+        else:
+            fits = self._shared_refusal(message) is None
+        if fits:  # one message per topic in a saved state: nothing to replace
+            self._charge(message)
+            self.retained.set(mount + topic, message)
+            return True
+        return False
+
+    def restore_subscriptions(self, session: KeySession, filters: dict[str, int]) -> int:
+        """A saved session's subscriptions, up to ``max_subscriptions``; returns how many
+        did not fit."""
+        limit = self.settings.max_subscriptions
+        left_out = 0
+        for topic_filter, qos in filters.items():
+            if limit and self.subtree.count_of(session.client_id) >= limit:
+                left_out += 1
+                if session.journal is not None:
+                    session.journal.unsubscribed(topic_filter)
+                continue
+            self.subtree.add(session.mount + topic_filter, session.client_id, qos)
+        return left_out
+
+    def restore_message(self, session: KeySession, message: OutMessage) -> bool:
+        """A saved message of an offline session, in its order, within the session's
+        bounds (as ``enqueue`` would for an offline session); False when it no longer
+        fits."""
+        if len(session.outbox) >= self.settings.max_queued_messages or \
+                self._over_budget(session, message.size, 0):
+            return False
+        session.outbox.restored(message)
+        return True
 
     def _send_retained(self, session: KeySession, granted: dict[str, int]) -> None:
         pending = session.retained_filters

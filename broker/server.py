@@ -24,6 +24,8 @@ from broker.mqtt.broker import KeyBroker
 from broker.policy.guard import BruteForceGuard
 from broker.prune import ChangePruner
 from broker.settings import Settings
+from broker.state.recorder import StateRecorder
+from broker.state.restore import load_state, restore
 from keystore import KeyStore
 
 logger = logging.getLogger(__name__)
@@ -62,6 +64,7 @@ class BrokerServer:
         self.pruner: ChangePruner | None = None
         self.api: ApiServer | None = None
         self.observability: Observability | None = None
+        self.state: StateRecorder | None = None
         self._stack = contextlib.AsyncExitStack()
 
     async def start(self) -> None:
@@ -80,8 +83,12 @@ class BrokerServer:
             self.audit = AuditLog(settings.audit_path)
             self._stack.callback(self.audit.close)
             guard = BruteForceGuard(settings.guard) if settings.guard.enabled else None
+            snapshot = None
+            if settings.persistence:  # read whole (or refused: StateError) before anything
+                self.state, snapshot = await load_state(settings, self._watched_change_id)
+                self._stack.push_async_callback(self.state.store.close)
             config = amqtt_config(settings, self.keystore, self.audit, guard)
-            self.broker = KeyBroker(config, settings, self.audit, guard)
+            self.broker = KeyBroker(config, settings, self.audit, guard, self.state)
             registry = self.broker.registry
             self.status = StatusRecorder(self.keystore)
             self.watcher = ChangeWatcher(registry, self.keystore, settings.change_poll_interval)
@@ -91,6 +98,14 @@ class BrokerServer:
             # status recorder flushes what the shutdown recorded.
             await self.status.start()
             self._stack.push_async_callback(self.status.stop)
+            if self.state is not None and snapshot is not None:
+                # Before the listeners open; saved for the last time after the broker
+                # shut down (the stack unwinds in reverse).
+                since = await restore(snapshot, self.keystore, self.broker.router, registry,
+                                      self.state, settings)
+                await self.watcher.catch_up(since)
+                await self.state.start()
+                self._stack.push_async_callback(self.state.stop)
             await self.broker.start()
             self._stack.push_async_callback(self.broker.shutdown)
             await self.watcher.start()
@@ -117,8 +132,12 @@ class BrokerServer:
         )
         if self.api is not None:
             addresses += f" api={self.api.url}"
-        logger.info("keybroker listening: %s (keystore %s)", addresses,
-                    settings.db_path.absolute())
+        state = f", state {self.state.store.location}" if self.state is not None else ""
+        logger.info("keybroker listening: %s (keystore %s%s)", addresses,
+                    settings.db_path.absolute(), state)
+
+    def _watched_change_id(self) -> int:
+        return self.watcher.applied_change_id if self.watcher is not None else 0
 
     def _api_server(self, guard: BruteForceGuard | None) -> ApiServer:
         """The HTTP API on this daemon's keystore, broker and guard (one copy of state)."""
@@ -154,8 +173,11 @@ class BrokerServer:
         return {"listeners": listeners, "keystore": keystore}
 
     def _applied_change_id(self) -> int:
-        """The last change-feed row the watcher applied: rows up to it may be pruned."""
-        return self.watcher.applied_change_id if self.watcher is not None else 0
+        """The last change-feed row the watcher applied (and the broker state saved, which
+        a restart catches up from): rows up to it may be pruned."""
+        if self.state is not None:
+            return min(self._watched_change_id(), self.state.saved_position)
+        return self._watched_change_id()
 
     def bound_addresses(self) -> dict[str, list[tuple[str, int]]]:
         if self.broker is None:
@@ -172,6 +194,7 @@ class BrokerServer:
         self.observability = None
         self.broker = None
         self.keystore = None
+        self.state = None
 
     async def serve(
         self,

@@ -99,6 +99,8 @@ class SessionRegistry:
     def went_online(self, session: KeySession) -> None:
         client_id = session.client_id
         self.sessions[client_id] = session
+        if session.journal is not None:
+            session.journal.saved(session)
         task = asyncio.current_task()
         if task is not None:
             self.tasks[client_id] = task
@@ -116,6 +118,8 @@ class SessionRegistry:
             del self.tasks[client_id]
         session.link = None
         session.disconnected_at = time.time()
+        if session.journal is not None and not session.clean_session:
+            session.journal.saved(session)
         if session.grant is not None:
             self._unindex(session.grant.key.key, client_id)
         for callback in self.on_ended:
@@ -128,6 +132,10 @@ class SessionRegistry:
         longer read is dropped (every later delivery is checked against the new grant)."""
         session.grant = grant
         self.router.regranted(session)
+
+    def restored(self, session: KeySession) -> None:
+        """An offline persistent session of a saved state (broker.state.restore)."""
+        self.sessions[session.client_id] = session
 
     # ------------------------------------------------------------------ removal
     def drop(self, session: KeySession) -> None:

@@ -88,6 +88,11 @@ class Settings:
     guard: GuardSettings = GuardSettings()
     change_poll_interval: float = 0.25
     change_retention: float = 86_400.0  # seconds consumed change-feed rows are kept
+    # Broker state (retained messages, persistent sessions) kept across restarts.
+    persistence: bool = True
+    state_path: Path | None = None  # None: beside the keystore, <name>.state.db
+    flush_interval: float = 1.0  # seconds between two write-behind flushes
+    persistence_sync: bool = False  # QoS 1/2 acknowledged only once saved
     # The HTTP API (docs/api.md), served by the daemon on its own listener.
     api_enabled: bool = True
     api_host: str = "127.0.0.1"
@@ -97,10 +102,10 @@ class Settings:
     api_console: bool = True  # the web console at /console (docs/console.md)
     api_metrics: bool = True  # GET /metrics, the loop probe (docs/observability.md)
     api_metrics_auth: bool = False  # GET /metrics needs a token with metrics.get
-    api_cors_origins: tuple[str, ...] = ()
+    api_cors_origins: tuple[str, ...] = ()  # origins allowed by CORS; none = CORS off
     # Reverse proxies whose X-Forwarded-For / X-Forwarded-Proto the API believes. None by
     # default: the API listens on loopback, where every local process would be "trusted".
-    api_trusted_proxies: tuple[str, ...] = ()  # origins allowed by CORS; none = CORS off
+    api_trusted_proxies: tuple[str, ...] = ()
     api_max_connections: int = 1_000  # open HTTP connections; 0 = no limit
     api_max_connections_per_source: int = 64  # per TCP peer (IPv4 / IPv6 /64); 0 = none
     api_request_timeout: float = 10.0  # seconds a connection may sit without a request
@@ -120,6 +125,10 @@ PLACES: dict[str, tuple[str, str]] = {
     "denied_publish": ("mqtt", "denied_publish"),
     "trusted_proxies": ("network", "trusted_proxies"),
     "audit_path": ("audit", "path"),
+    "persistence": ("persistence", "enabled"),
+    "state_path": ("persistence", "path"),
+    "flush_interval": ("persistence", "flush_interval"),
+    "persistence_sync": ("persistence", "sync"),
     "api_enabled": ("api", "enabled"),
     "api_host": ("api", "host"),
     "api_port": ("api", "port"),
@@ -136,10 +145,13 @@ PLACES: dict[str, tuple[str, str]] = {
     "api_device_token_ttl": ("api", "device_token_ttl"),
     "api_max_device_token_ttl": ("api", "max_device_token_ttl"),
 }
-SECTIONS = ("keystore", "mqtt", "listeners", "network", "limits", "audit", "security", "api")
+SECTIONS = ("keystore", "mqtt", "listeners", "network", "limits", "audit", "security",
+            "persistence", "api")
 CHOICES = {"denied_publish": ("drop", "disconnect"), "type": ("tcp", "ws")}
-POSITIVE = frozenset({"keepalive_factor", "change_poll_interval", "api_device_token_ttl",
-                      "api_max_device_token_ttl", "api_request_timeout"})  # 0: no sense
+# 0 makes no sense for these
+POSITIVE = frozenset({"keepalive_factor", "change_poll_interval", "flush_interval",
+                      "api_device_token_ttl", "api_max_device_token_ttl",
+                      "api_request_timeout"})
 LISTENER_KEYS = ("type", "host", "port", "certfile", "keyfile", "proxy_protocol", "enabled")
 
 

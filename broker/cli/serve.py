@@ -14,6 +14,8 @@ import click
 from broker.cli.common import current_state
 from broker.server import BrokerServer
 from broker.settings import ANY_HOST, Listener, Settings, check_listeners, load_settings
+from broker.state.sqlite import reset_state_file
+from broker.state.store import state_file
 from keystore import KeyStore
 
 DEMO_DEVICE = "demo-device"
@@ -180,10 +182,14 @@ def _client_host(listener: Listener) -> str:
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 @click.option("--demo-if-empty", is_flag=True,
               help="On an empty keystore, create demo devices and a key and print them once.")
+@click.option("--reset-state", is_flag=True,
+              help="Move the broker state file aside (kept as <file>.<time>.bak) and start "
+                   "with no retained messages and no persistent sessions.")
 def serve(config: Path | None, host: str | None, port: int | None, ws_port: int | None,
           tls_port: int | None, wss_port: int | None, certfile: str | None,
           keyfile: str | None, audit_log: Path | None, api_host: str | None,
-          api_port: int | None, no_api: bool, log_level: str, demo_if_empty: bool) -> None:
+          api_port: int | None, no_api: bool, log_level: str, demo_if_empty: bool,
+          reset_state: bool) -> None:
     """Run the MQTT broker (and its HTTP API) until SIGINT/SIGTERM."""
     state = current_state()
     settings = build_settings(config or state.config, state.db_override, host, port, ws_port,
@@ -196,6 +202,11 @@ def serve(config: Path | None, host: str | None, port: int | None, ws_port: int 
     for chatty in ("amqtt", "transitions", "websockets"):
         logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))
     settings.db_path.parent.mkdir(parents=True, exist_ok=True)
+    if reset_state:
+        path = state_file(settings)
+        backup = reset_state_file(path)
+        click.echo(f"broker state {path} moved to {backup}: starting with an empty state"
+                   if backup is not None else f"no broker state file {path} to reset", err=True)
     created = asyncio.run(create_demo_if_empty(settings)) if demo_if_empty else None
 
     def started(server: BrokerServer) -> None:

@@ -31,16 +31,18 @@ from broker.mqtt.session import ConnectionInfo, KeySession, Will
 from broker.policy.addresses import source_of
 from broker.policy.guard import BruteForceGuard
 from broker.settings import Settings
+from broker.state.recorder import StateRecorder
 
 logger = logging.getLogger(__name__)
 
 
 class Admission:
-    def __init__(self, settings: Settings, audit: AuditLog,
-                 guard: BruteForceGuard | None) -> None:
+    def __init__(self, settings: Settings, audit: AuditLog, guard: BruteForceGuard | None,
+                 state: StateRecorder | None = None) -> None:
         self.settings = settings
         self.audit = audit
         self.guard = guard
+        self.state = state  # gives persistent sessions their journal (None: not kept)
         self.connections: set[MqttConnection] = set()  # every open one, CONNECT or not
         self._pending: set[MqttConnection] = set()  # of those, before CONNECT is accepted
         self._per_source: dict[str, int] = {}  # open connections per source
@@ -150,7 +152,9 @@ class Admission:
             self._invalid(info, f"CONNACK {code}")
             connection.link.write(codec.connack_packet(False, code))
             return None
-        session = KeySession(connect.client_id or "", bool(connect.clean_session_flag), info)
+        client_id, clean = connect.client_id or "", bool(connect.clean_session_flag)
+        journal = self.state.journal(client_id) if self.state is not None and not clean else None
+        session = KeySession(client_id, clean, info, journal)
         if header.will_flag and connect.will_topic is not None:
             session.will = Will(connect.will_topic, bytes(connect.will_message or b""),
                                 connect.will_qos or 0, bool(connect.will_retain_flag))

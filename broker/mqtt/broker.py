@@ -39,6 +39,7 @@ from broker.policy.guard import BruteForceGuard
 from broker.routing import Router
 from broker.sessions import SessionRegistry
 from broker.settings import Settings
+from broker.state.recorder import StateRecorder
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,8 @@ class KeyBroker(Broker):
     """amqtt Broker with access-key authentication, trie routing and policy checks."""
 
     def __init__(self, config: dict[str, Any], settings: Settings, audit: AuditLog,
-                 guard: BruteForceGuard | None = None) -> None:
+                 guard: BruteForceGuard | None = None,
+                 state: StateRecorder | None = None) -> None:
         super().__init__(config)
         self.settings = settings
         self.audit = audit
@@ -60,10 +62,10 @@ class KeyBroker(Broker):
         self.connects_accepted = 0
         self.connects_refused: dict[tuple[int, str], int] = {}  # (CONNACK code, reason)
         self.connack_latency = Buckets()
-        self.router = Router(settings, {}, audit, self._slow_consumer, self.traffic)
+        self.router = Router(settings, {}, audit, self._slow_consumer, state, self.traffic)
         self.registry = SessionRegistry(self.router, audit)
-        self.inbound = Inbound(settings, self.router, audit)
-        self.admission = Admission(settings, audit, guard)
+        self.inbound = Inbound(settings, self.router, audit, state)
+        self.admission = Admission(settings, audit, guard, state)
         self._sessions = self.registry.sessions  # amqtt's registry is ours
         self._watchdog = PacketWatchdog()
         self._bound: dict[str, Server] = {}
@@ -76,7 +78,9 @@ class KeyBroker(Broker):
     # ------------------------------------------------------------------ life cycle
     async def start(self) -> None:
         """Listeners are bound before amqtt's start(), which would log a bind failure as a
-        traceback: a port in use is one KeybrokerError naming the listener."""
+        traceback: a port in use is one KeybrokerError naming the listener. amqtt's start()
+        empties its session registry (ours): sessions restored from the broker state are
+        put back."""
         bound: dict[str, Server] = {}
         try:
             for listener in self.settings.listeners:
@@ -88,7 +92,10 @@ class KeyBroker(Broker):
                 await server.close_instance()
             raise
         self._bound = bound
+        restored = dict(self.registry.sessions)
         await super().start()
+        for client_id, session in restored.items():
+            self.registry.sessions.setdefault(client_id, session)
         self._watchdog.start_ticking()
 
     async def _start_listeners(self) -> None:
@@ -112,10 +119,9 @@ class KeyBroker(Broker):
         await super().shutdown()
 
     async def _cleanup_session(self, client_id: str) -> None:
-        """amqtt's shutdown forgets each session: through the registry."""
-        session = self.registry.get(client_id)
-        if session is not None:
-            self.registry.drop(session)
+        """amqtt's shutdown forgets each session. Every connection has ended by then, so
+        the sessions left are offline persistent ones: they are kept, not forgotten (the
+        broker state saves them for the next start; without it they end with the process)."""
 
     async def _session_monitor(self) -> None:
         """Once a second: expire offline persistent sessions, report ended bans, write the

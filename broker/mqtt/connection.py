@@ -83,7 +83,9 @@ class MqttConnection:
         elif kind == codec.PUBREL:
             packet_id = codec.packet_id_of(body)
             session.inflight_in.discard(packet_id)
-            self.link.write(codec.ack_packet(codec.PUBCOMP, packet_id))
+            if session.journal is not None:
+                session.journal.saved(session)
+            self.inbound.acknowledge(self.link, codec.ack_packet(codec.PUBCOMP, packet_id))
         elif kind == codec.PUBCOMP:
             router.pubcomp(session, codec.packet_id_of(body))
         elif kind == codec.SUBSCRIBE:

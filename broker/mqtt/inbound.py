@@ -5,7 +5,9 @@ the topic's syntax and limits, the session's policy — then routed and retained
 synchronously (no await between the packet and the subscribers' connections). QoS 2 is
 MQTT's "method B" (§4.3.3): the message is passed on when it arrives and only its packet
 id is kept until PUBREL, so a re-sent PUBLISH (DUP, also after a persistent session
-reconnects) is recognised and not delivered twice (docs/delivery.md).
+reconnects) is recognised and not delivered twice (docs/delivery.md). With
+``[persistence] sync`` the acknowledgement waits until what the PUBLISH changed is saved
+(broker.state.recorder), and so does the PUBCOMP that ends an incoming QoS 2 flow.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from broker.mqtt.session import KeySession, Will
 from broker.policy.limits import take_token, topic_limit_problem
 from broker.routing import Router
 from broker.settings import Settings
+from broker.state.recorder import StateRecorder
 from broker.topics import validate_topic_name
 from keystore.errors import ValidationError
 
@@ -36,16 +39,19 @@ class Verdict(enum.Enum):
 
 
 class Inbound:
-    def __init__(self, settings: Settings, router: Router, audit: AuditLog) -> None:
+    def __init__(self, settings: Settings, router: Router, audit: AuditLog,
+                 state: StateRecorder | None = None) -> None:
         self.settings = settings
         self.router = router
         self.audit = audit
+        # Acknowledge once saved: with [persistence] sync only.
+        self._saved_first = state if state is not None and state.sync else None
 
     def publish_packet(self, session: KeySession, link: Link, packet: codec.Publish) -> bool:
         """An incoming PUBLISH and its acknowledgement; False ends the connection."""
         qos, packet_id = packet.qos, packet.packet_id
-        if qos == 2 and packet_id in session.inflight_in:
-            link.write(codec.ack_packet(codec.PUBREC, packet_id))  # seen: not passed on twice
+        if qos == 2 and packet_id in session.inflight_in:  # seen: not passed on twice
+            self.acknowledge(link, codec.ack_packet(codec.PUBREC, packet_id))
             return True
         if qos == 2 and len(session.inflight_in) >= self.settings.max_queued_messages:
             # amqtt kept every unreleased QoS 2 message without limit.
@@ -56,11 +62,21 @@ class Inbound:
         if verdict is Verdict.CLOSE:
             return False
         if qos == 1:
-            link.write(codec.ack_packet(codec.PUBACK, packet_id))
+            self.acknowledge(link, codec.ack_packet(codec.PUBACK, packet_id))
         elif qos == 2:
             session.inflight_in.add(packet_id)
-            link.write(codec.ack_packet(codec.PUBREC, packet_id))
+            if session.journal is not None:
+                session.journal.saved(session)
+            self.acknowledge(link, codec.ack_packet(codec.PUBREC, packet_id))
         return True
+
+    def acknowledge(self, link: Link, packet: bytes) -> None:
+        """PUBACK, PUBREC or PUBCOMP: at once, or with ``sync`` once what the packet
+        changed is saved (the acknowledgements keep their order either way)."""
+        if self._saved_first is None:
+            link.write(packet)
+        else:
+            self._saved_first.after_commit(link.write, packet)
 
     def publish(self, session: KeySession, topic: str, data: bytes, qos: int,
                 retain: bool) -> Verdict:

@@ -13,16 +13,35 @@ not re-send on resume. Here it is plain data:
   messages queued while offline reach the client before later live ones.
 
 Bounds are the caller's (count and bytes are kept here so that checking is O(1)).
+
+A persistent session's outbox has a ``journal`` (broker.state saves it, written behind).
+Messages are numbered in order of arrival (``seq``), so the journal takes the ones that
+arrived since it last looked from the tail (``unsaved``) when it flushes, and is told
+only of changes to messages it has already saved: a message acknowledged before the
+next flush costs the journal nothing. A clean session's outbox has no journal.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterator
+from typing import Protocol
+
+
+class OutboxJournal(Protocol):
+    def messages_added(self, outbox: Outbox) -> None:
+        """The first message since the journal last took the new ones (``unsaved``)."""
+
+    def message_changed(self, message: OutMessage) -> None:
+        """A saved message was sent (packet id) or released (QoS 2)."""
+
+    def message_removed(self, message: OutMessage) -> None:
+        """A saved message is no longer held."""
 
 
 class OutMessage:
-    __slots__ = ("topic", "payload", "qos", "retain", "packet_id", "released", "size")
+    __slots__ = ("topic", "payload", "qos", "retain", "packet_id", "released", "size", "seq",
+                 "stored")
 
     def __init__(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> None:
         self.topic = topic
@@ -32,6 +51,8 @@ class OutMessage:
         self.packet_id = 0
         self.released = False  # QoS 2: PUBREC received and PUBREL sent, PUBCOMP awaited
         self.size = len(topic) + len(payload)
+        self.seq = 0  # order of arrival in its outbox
+        self.stored = False  # in the saved state (or being saved): changes are saved too
 
     def __repr__(self) -> str:
         return (f"OutMessage({self.topic!r}, {len(self.payload)} bytes, qos={self.qos}, "
@@ -39,21 +60,60 @@ class OutMessage:
 
 
 class Outbox:
-    __slots__ = ("inflight", "waiting", "held_bytes", "_last_id")
+    __slots__ = ("inflight", "waiting", "held_bytes", "_last_id", "journal", "last_seq",
+                 "saved_seq", "added")
 
-    def __init__(self) -> None:
+    def __init__(self, journal: OutboxJournal | None = None) -> None:
         self.inflight: dict[int, OutMessage] = {}
         self.waiting: deque[OutMessage] = deque()
         self.held_bytes = 0
         self._last_id = 0
+        self.journal = journal
+        self.last_seq = 0  # of the newest message put
+        self.saved_seq = 0  # messages up to this one were taken by the journal
+        self.added = False  # a message was put since the journal last took them
 
     def __len__(self) -> int:
         """Messages held: in flight plus waiting."""
         return len(self.inflight) + len(self.waiting)
 
     def put(self, message: OutMessage) -> None:
+        self.last_seq += 1
+        message.seq = self.last_seq
         self.waiting.append(message)
         self.held_bytes += message.size
+        if self.journal is not None and not self.added:
+            self.added = True
+            self.journal.messages_added(self)
+
+    def restored(self, message: OutMessage) -> None:
+        """A message of a saved state (``stored``), in its order: in flight when it has a
+        packet id."""
+        if message.packet_id:
+            self.inflight[message.packet_id] = message
+            self._last_id = message.packet_id
+        else:
+            self.waiting.append(message)
+        self.held_bytes += message.size
+        self.last_seq = self.saved_seq = message.seq
+
+    def unsaved(self) -> list[OutMessage]:
+        """The messages held that were put since the last call, oldest first (for the
+        journal, which saves them from then on). They are the newest: at the end of
+        ``waiting``, and of ``inflight`` when every waiting one is new."""
+        saved, new = self.saved_seq, []
+        for message in reversed(self.waiting):
+            if message.seq <= saved:
+                break
+            new.append(message)
+        else:
+            for message in reversed(self.inflight.values()):
+                if message.seq <= saved:
+                    break
+                new.append(message)
+        new.reverse()
+        self.saved_seq, self.added = self.last_seq, False
+        return new
 
     def sendable(self, window: int) -> Iterator[OutMessage]:
         """Move waiting messages into flight while the window has room, giving each a
@@ -62,6 +122,8 @@ class Outbox:
             message = self.waiting.popleft()
             message.packet_id = self._new_id()
             self.inflight[message.packet_id] = message
+            if message.stored and self.journal is not None:
+                self.journal.message_changed(message)
             yield message
 
     def _new_id(self) -> int:
@@ -92,6 +154,8 @@ class Outbox:
             self.held_bytes -= message.size - len(message.topic)
             message.size = len(message.topic)
             message.payload = b""
+            if message.stored and self.journal is not None:
+                self.journal.message_changed(message)
         return True
 
     def completed(self, packet_id: int) -> bool:
@@ -105,6 +169,8 @@ class Outbox:
     def _forget(self, packet_id: int, message: OutMessage) -> None:
         del self.inflight[packet_id]
         self.held_bytes -= message.size
+        if message.stored and self.journal is not None:
+            self.journal.message_removed(message)
 
     def discard(self, unreadable: Callable[[str], bool]) -> int:
         """Drop messages (in flight or waiting) whose topic the session may no longer read,
@@ -120,12 +186,18 @@ class Outbox:
             if unreadable(message.topic):
                 self.held_bytes -= message.size
                 dropped += 1
+                if message.stored and self.journal is not None:
+                    self.journal.message_removed(message)
             else:
                 kept.append(message)
         self.waiting = kept
         return dropped
 
     def clear(self) -> None:
+        if self.journal is not None:
+            for message in [*self.inflight.values(), *self.waiting]:
+                if message.stored:
+                    self.journal.message_removed(message)
         self.inflight.clear()
         self.waiting.clear()
         self.held_bytes = 0

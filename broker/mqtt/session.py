@@ -4,16 +4,18 @@ A session outlives its connections when the client asked for a persistent sessio
 (clean_session = 0): its subscriptions (in the routing trie, by client id), its outgoing
 QoS 1/2 messages (``outbox``) and the packet ids of QoS 2 messages received but not yet
 released (``inflight_in``) survive a disconnect and are resumed by the next CONNECT with
-the same client id. amqtt's Session carried a ``transitions`` state machine, two asyncio
+the same client id; its ``journal`` (broker.state) is told of each change so that it also
+survives a restart. amqtt's Session carried a ``transitions`` state machine, two asyncio
 queues and a dict of extension attributes per connection; keybroker needs none of them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from broker.mqtt.link import Link
-from broker.mqtt.outbox import Outbox
+from broker.mqtt.outbox import Outbox, OutboxJournal
 from broker.policy import SessionPolicy
 from keystore.models import AccessKey
 
@@ -50,15 +52,31 @@ class Will:
     retain: bool
 
 
+class SessionJournal(OutboxJournal, Protocol):
+    """Records a persistent session's changes for the saved state (broker.state): its
+    outbox's messages, and these."""
+
+    def saved(self, session: KeySession) -> None:
+        """Its key, connection facts, disconnect time or incoming QoS 2 ids changed."""
+
+    def subscribed(self, topic_filter: str, qos: int) -> None: ...
+
+    def unsubscribed(self, topic_filter: str) -> None: ...
+
+    def dropped(self) -> None:
+        """The session is forgotten, with everything held for it."""
+
+
 class KeySession:
     __slots__ = (
         "client_id", "clean_session", "conn", "will", "keep_alive", "username", "password",
         "grant", "mount", "refusal", "auth_started", "link", "kicked", "suppress_will",
         "outbox", "inflight_in", "present", "bucket", "denials", "disconnected_at",
-        "retained_filters", "retained_sending",
+        "retained_filters", "retained_sending", "journal",
     )
 
-    def __init__(self, client_id: str, clean_session: bool, conn: ConnectionInfo) -> None:
+    def __init__(self, client_id: str, clean_session: bool, conn: ConnectionInfo,
+                 journal: SessionJournal | None = None) -> None:
         self.client_id = client_id
         self.clean_session = clean_session
         self.conn = conn  # network facts of the connection that last authenticated it
@@ -76,7 +94,8 @@ class KeySession:
         self.link: Link | None = None  # the live connection's sending side; None offline
         self.kicked: str | None = None  # why it is being disconnected, once decided
         self.suppress_will = False
-        self.outbox = Outbox()  # outgoing QoS 1/2: in flight and waiting
+        self.journal = journal  # persistent sessions, when the broker state is kept
+        self.outbox = Outbox(journal)  # outgoing QoS 1/2: in flight and waiting
         self.inflight_in: set[int] = set()  # QoS 2 packet ids received, PUBREL pending
         self.present = False  # CONNACK session-present: a stored session was resumed
         self.bucket: tuple[float, float] | None = None  # publish-rate token bucket

@@ -123,6 +123,11 @@ class RunningBroker:
     def pid(self) -> int:
         return self.proc.pid
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the process has used."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def rss_kib(self) -> int:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
@@ -169,9 +174,12 @@ def _stop(broker: RunningBroker, timeout: float = 10.0) -> None:
 
 
 @contextlib.contextmanager
-def running(kind: str, workdir: Path, *, keystore: Path | None = None,
-            api_settings: str = "", limits: str = "") -> Iterator[RunningBroker]:
-    """Start broker ``kind`` on a free loopback port; always stopped on exit."""
+def running(kind: str, workdir: Path, *, keystore: Path | None = None, config: str = "",
+            log_level: str = "WARNING", api_settings: str = "",
+            limits: str = "") -> Iterator[RunningBroker]:
+    """Start broker ``kind`` on a free loopback port; always stopped on exit. keybroker:
+    ``limits`` lines go into [limits], ``api_settings`` into [api], and ``config`` is
+    appended to its config file (e.g. a [persistence] section)."""
     port = free_port()
     api_port: int | None = None
     log_path = workdir / f"{kind}-{port}.log"
@@ -198,7 +206,7 @@ def running(kind: str, workdir: Path, *, keystore: Path | None = None,
             f'[listeners.tcp]\ntype = "tcp"\nhost = "{HOST}"\nport = {port}\n\n'
             "[limits]\nmax_subscriptions = 0\nmax_connections_per_source = 0\n"
             f"max_unauthenticated_per_source = 0\n{limits}\n"
-            f'[api]\nhost = "{HOST}"\nport = {api_port}\n{api_settings}'
+            f'[api]\nhost = "{HOST}"\nport = {api_port}\n{api_settings}\n' + config
         )
         notes.append("keybroker runs with its default limits except [limits] "
                      "max_subscriptions = 0 (the fleet workload holds up to 100,000 filters) "
@@ -208,7 +216,7 @@ def running(kind: str, workdir: Path, *, keystore: Path | None = None,
         if note:
             notes.append(note)
         argv = [*prefix, "--db", str(keystore), "serve", "--config", str(conf),
-                "--host", HOST, "--port", str(port), "--log-level", "WARNING"]
+                "--host", HOST, "--port", str(port), "--log-level", log_level]
     else:
         raise ValueError(f"unknown broker {kind!r}")
     split = cpu_split()

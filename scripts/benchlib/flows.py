@@ -17,6 +17,7 @@ import contextlib
 import multiprocessing as mp
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -63,6 +64,7 @@ class FlowSpec:
     setup_timeout: float = 120.0
     subscribe_batch: int = 500
     sub_processes: int = 1  # subscribers are split over this many processes
+    sub_clean_session: bool = True  # False: subscribers hold persistent sessions
 
 
 class _Shared:
@@ -88,9 +90,10 @@ async def _until(event: Any, deadline: float) -> None:
         await asyncio.sleep(0.02)
 
 
-async def _connect(spec: FlowSpec, cred: Cred) -> Client:
+async def _connect(spec: FlowSpec, cred: Cred, clean_session: bool = True) -> Client:
     client = Client(spec.host, spec.port)
-    await client.connect(cred.client_id, cred.username, cred.password)
+    await client.connect(cred.client_id, cred.username, cred.password,
+                         clean_session=clean_session)
     return client
 
 
@@ -145,7 +148,7 @@ async def _subscriber_main(spec: FlowSpec, shared: _Shared, conn: Any, part: int
             info["idle_filters"] = n
         subs = []
         for cred in spec.subscribers[part::spec.sub_processes]:
-            client = await _connect(spec, cred)
+            client = await _connect(spec, cred, spec.sub_clean_session)
             codes = await client.subscribe([spec.sub_filter], spec.qos, timeout=10)
             info.setdefault("sub_granted", []).extend(codes)
             subs.append(client)
@@ -265,8 +268,10 @@ def _merge(infos: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
-def run_flow(spec: FlowSpec) -> dict[str, Any]:
-    """Run one measurement; returns rates and counts (or an 'error' entry)."""
+def run_flow(spec: FlowSpec, sample: Callable[[], float] | None = None) -> dict[str, Any]:
+    """Run one measurement; returns rates and counts (or an 'error' entry). ``sample()``
+    (e.g. the broker's CPU seconds) is read at both ends of the measured window; the
+    difference is ``sampled``."""
     parts = max(1, min(spec.sub_processes, len(spec.subscribers)))
     spec = replace(spec, sub_processes=parts)
     shared = _Shared(parts)
@@ -292,9 +297,12 @@ def run_flow(spec: FlowSpec) -> dict[str, Any]:
             return {**result, "error": detail}
         shared.go.set()
         time.sleep(spec.warmup)
+        c0 = sample() if sample is not None else 0.0
         r0, s0, t0 = shared.total_received(), shared.sent.value, time.perf_counter()
         time.sleep(spec.measure)
         r1, s1, t1 = shared.total_received(), shared.sent.value, time.perf_counter()
+        if sample is not None:
+            result["sampled"] = sample() - c0
         shared.stop.set()
         elapsed = t1 - t0
         result.update(

@@ -79,11 +79,12 @@ def subscribe_packet(packet_id: int, filters: Iterable[tuple[str, int]]) -> byte
     return _packet((SUBSCRIBE << 4) | 0x02, body)
 
 
-def publish_packet(topic: str, payload: bytes, qos: int = 0, packet_id: int = 0) -> bytes:
+def publish_packet(topic: str, payload: bytes, qos: int = 0, packet_id: int = 0, *,
+                   retain: bool = False) -> bytes:
     if qos not in (0, 1, 2):
         raise ValueError("QoS must be 0, 1 or 2")
     body = _utf8(topic) + (struct.pack("!H", packet_id) if qos else b"") + payload
-    return _packet((PUBLISH << 4) | (qos << 1), body)
+    return _packet((PUBLISH << 4) | (qos << 1) | int(retain), body)
 
 
 class QosPublisher:

@@ -55,6 +55,9 @@ def test_amqtt_calls_the_hooks_we_override() -> None:
     assert "self._broadcast_loop()" in start
     assert "self._run_broadcast(" in inspect.getsource(Broker._broadcast_loop)
     assert "self._cleanup_session(client_id)" in inspect.getsource(Broker.shutdown)
+    # start() empties _sessions (the registry's dict): KeyBroker.start puts restored
+    # persistent sessions back afterwards.
+    assert "self._sessions.clear()" in inspect.getsource(Broker.start)
 
 
 def test_amqtt_parses_connect_as_keybroker_reads_it() -> None:

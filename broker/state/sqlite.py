@@ -1,0 +1,278 @@
+"""The broker state in one SQLite file: WAL, mode 0600, written from one thread.
+
+sqlite3 on one dedicated thread (not aiosqlite): a flush is one function — BEGIN, a few
+``executemany``, COMMIT — run as a unit off the event loop, and loading reads every
+table in one go. ``synchronous = NORMAL`` (WAL) survives a crash of the daemon; with
+``[persistence] sync = true`` it is FULL, so a commit also survives a power cut.
+
+A file that cannot be used (not SQLite, corrupt, from a newer keybroker, not a state
+file) is a ``StateError`` naming it and the reason: the daemon refuses to start rather
+than start empty and lose it; ``reset_state_file`` (``serve --reset-state``) moves it
+aside first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from broker.state.model import (
+    Batch,
+    MessageRow,
+    RetainedRow,
+    SessionRow,
+    Snapshot,
+    StoredSession,
+)
+from broker.state.store import IN_MEMORY, StateError
+from keystore.errors import KeybrokerError
+from keystore.files import create_private_file, tighten_mode
+
+T = TypeVar("T")
+
+FORMAT = "keybroker-state"
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 5000
+SIDECARS = ("-wal", "-shm")
+
+SCHEMA = f"""
+CREATE TABLE meta (name TEXT PRIMARY KEY, value);
+CREATE TABLE retained (
+    mount TEXT NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL, qos INTEGER NOT NULL,
+    bucket TEXT NOT NULL, PRIMARY KEY (mount, topic));
+CREATE TABLE sessions (
+    client_id TEXT PRIMARY KEY, mount TEXT NOT NULL, key TEXT NOT NULL,
+    listener TEXT NOT NULL, client_ip TEXT NOT NULL, peer_ip TEXT NOT NULL,
+    disconnected_at REAL, inflight_in TEXT NOT NULL);
+CREATE TABLE subscriptions (
+    client_id TEXT NOT NULL, filter TEXT NOT NULL, qos INTEGER NOT NULL,
+    PRIMARY KEY (client_id, filter)) WITHOUT ROWID;
+CREATE TABLE messages (
+    client_id TEXT NOT NULL, seq INTEGER NOT NULL, topic TEXT NOT NULL,
+    payload BLOB NOT NULL, qos INTEGER NOT NULL, retain INTEGER NOT NULL,
+    packet_id INTEGER NOT NULL, released INTEGER NOT NULL, PRIMARY KEY (client_id, seq));
+INSERT INTO meta VALUES ('format', '{FORMAT}'), ('position', 0);
+PRAGMA user_version = {SCHEMA_VERSION};
+"""  # noqa: S608 - our own constants
+
+# Each write of a flush, in the order a Batch is applied (see broker.state.model.Batch).
+DROP = ("DELETE FROM sessions WHERE client_id = ?",
+        "DELETE FROM subscriptions WHERE client_id = ?",
+        "DELETE FROM messages WHERE client_id = ?")
+UPSERT_SESSION = (
+    "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (client_id) DO UPDATE "
+    "SET mount = excluded.mount, key = excluded.key, listener = excluded.listener, "
+    "client_ip = excluded.client_ip, peer_ip = excluded.peer_ip, "
+    "disconnected_at = excluded.disconnected_at, inflight_in = excluded.inflight_in")
+UNSUBSCRIBE = "DELETE FROM subscriptions WHERE client_id = ? AND filter = ?"
+SUBSCRIBE = "INSERT OR REPLACE INTO subscriptions VALUES (?, ?, ?)"
+REMOVE_MESSAGE = "DELETE FROM messages WHERE client_id = ? AND seq = ?"
+# Whole rows: a session's sequence numbers start again with a new session (its old
+# rows are deleted first) or after messages a restart left out.
+UPSERT_MESSAGE = "INSERT OR REPLACE INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+REMOVE_RETAINED = "DELETE FROM retained WHERE mount = ? AND topic = ?"
+UPSERT_RETAINED = (
+    "INSERT INTO retained VALUES (?, ?, ?, ?, ?) ON CONFLICT (mount, topic) DO UPDATE "
+    "SET payload = excluded.payload, qos = excluded.qos, bucket = excluded.bucket")
+
+# Column types of each table as loaded (a row of another shape means a damaged file).
+_NUMBER = (int, float)
+RETAINED_TYPES = (str, str, bytes, int, str)
+SESSION_TYPES = (str, str, str, str, str, str, (*_NUMBER, type(None)), str)
+SUBSCRIPTION_TYPES = (str, str, int)
+MESSAGE_TYPES = (str, int, str, bytes, int, int, int, int)
+
+
+def unusable(path: str, reason: str) -> StateError:
+    return StateError(
+        f"broker state file {path!r} cannot be used: {reason}. Nothing was changed: "
+        "restore it from a copy, or start once with `keybroker serve --reset-state` "
+        "(moves it aside and starts with an empty state)")
+
+
+class SqliteStateStore:
+    def __init__(self, path: str, conn: sqlite3.Connection, executor: ThreadPoolExecutor) -> None:
+        self.location = path
+        self._conn = conn
+        self._executor = executor
+
+    @classmethod
+    async def open(cls, path: str | os.PathLike[str], *, sync: bool = False) -> SqliteStateStore:
+        """Open (creating it, mode 0600, if missing) and check the state file."""
+        location = os.fspath(path)
+        executor = ThreadPoolExecutor(1, thread_name_prefix="keybroker-state")
+        try:
+            conn = await asyncio.get_running_loop().run_in_executor(
+                executor, _connect, location, sync)
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        return cls(location, conn, executor)
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, self._conn)
+
+    async def load(self) -> Snapshot:
+        try:
+            return await self._run(_load)
+        except sqlite3.Error as exc:
+            raise unusable(self.location, str(exc)) from None
+        except _BadRow as exc:
+            raise unusable(self.location, str(exc)) from None
+
+    async def write(self, batch: Batch) -> None:
+        await self._run(lambda conn: _write(conn, batch))
+
+    async def close(self) -> None:
+        try:
+            await self._run(lambda conn: conn.close())
+        finally:
+            self._executor.shutdown(wait=True)
+
+
+# --- on the store's thread ---------------------------------------------------------------
+
+
+def _connect(path: str, sync: bool) -> sqlite3.Connection:
+    in_memory = path == IN_MEMORY
+    if not in_memory:
+        try:
+            create_private_file(path, "broker state file")
+        except KeybrokerError as exc:
+            raise StateError(str(exc)) from None
+    try:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise unusable(path, str(exc)) from None
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        if not in_memory:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(f"PRAGMA synchronous = {'FULL' if sync else 'NORMAL'}")
+        _check_or_create(conn, path)
+        if not in_memory:
+            for suffix in SIDECARS:  # SQLite gives them the main file's mode; old ones may differ
+                tighten_mode(path + suffix)
+    except sqlite3.Error as exc:
+        conn.close()
+        raise unusable(path, str(exc)) from None
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _check_or_create(conn: sqlite3.Connection, path: str) -> None:
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if not tables and not version:
+        conn.executescript(SCHEMA)
+        return
+    if "meta" not in tables or _meta(conn, "format") != FORMAT:
+        raise unusable(path, "not a keybroker state file")
+    if version > SCHEMA_VERSION:
+        raise unusable(path, f"written by a newer keybroker (state schema {version}, this "
+                             f"one reads {SCHEMA_VERSION})")
+    problems = [row[0] for row in conn.execute("PRAGMA quick_check")]
+    if problems != ["ok"]:
+        raise unusable(path, f"damaged ({problems[0]})")
+
+
+def _meta(conn: sqlite3.Connection, name: str) -> Any:
+    row = conn.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+    return None if row is None else row[0]
+
+
+class _BadRow(Exception):
+    pass
+
+
+def _rows(conn: sqlite3.Connection, sql: str, table: str,
+          types: tuple[type | tuple[type, ...], ...]) -> Iterable[tuple[Any, ...]]:
+    for row in conn.execute(sql):
+        if len(row) != len(types) or not all(isinstance(v, t) for v, t in zip(row, types,
+                                                                              strict=True)):
+            raise _BadRow(f"damaged row in {table}: {str(row)[:120]}")
+        yield row
+
+
+def _load(conn: sqlite3.Connection) -> Snapshot:
+    retained = [RetainedRow(*row) for row in _rows(
+        conn, "SELECT mount, topic, payload, qos, bucket FROM retained ORDER BY rowid",
+        "retained", RETAINED_TYPES)]
+    sessions: dict[str, StoredSession] = {}
+    for row in _rows(conn, "SELECT client_id, mount, key, listener, client_ip, peer_ip, "
+                     "disconnected_at, inflight_in FROM sessions", "sessions", SESSION_TYPES):
+        sessions[row[0]] = StoredSession(SessionRow(*row))
+    for client_id, topic_filter, qos in _rows(
+            conn, "SELECT client_id, filter, qos FROM subscriptions", "subscriptions",
+            SUBSCRIPTION_TYPES):
+        stored = sessions.get(client_id)
+        if stored is not None:
+            stored.subscriptions[topic_filter] = qos
+    for row in _rows(conn, "SELECT client_id, seq, topic, payload, qos, retain, packet_id, "
+                     "released FROM messages ORDER BY client_id, seq", "messages",
+                     MESSAGE_TYPES):
+        message = MessageRow(row[0], row[1], row[2], row[3], row[4], bool(row[5]), row[6],
+                             bool(row[7]))
+        if message.qos not in (1, 2) or not 0 <= message.packet_id <= 65535:
+            raise _BadRow(f"damaged row in messages: {str(row)[:120]}")
+        stored = sessions.get(message.client_id)
+        if stored is not None:
+            stored.messages.append(message)
+    position = _meta(conn, "position")
+    if not isinstance(position, int):
+        raise _BadRow(f"damaged meta position: {position!r}")
+    return Snapshot(retained, list(sessions.values()), position)
+
+
+def _write(conn: sqlite3.Connection, batch: Batch) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if batch.dropped:
+            dropped = [(client_id,) for client_id in batch.dropped]
+            for sql in DROP:
+                conn.executemany(sql, dropped)
+        writes = ((UPSERT_SESSION, batch.sessions), (UNSUBSCRIBE, batch.unsubscribed),
+                  (SUBSCRIBE, batch.subscriptions), (REMOVE_MESSAGE, batch.removed_messages),
+                  (UPSERT_MESSAGE, batch.messages), (REMOVE_RETAINED, batch.removed_retained),
+                  (UPSERT_RETAINED, batch.retained))
+        for sql, rows in writes:
+            if rows:
+                conn.executemany(sql, rows)
+        if batch.position is not None:
+            conn.execute("UPDATE meta SET value = ? WHERE name = 'position'", (batch.position,))
+        conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
+
+
+# --- operators ---------------------------------------------------------------------------
+
+
+def reset_state_file(path: Path) -> Path | None:
+    """Move the state file (and its WAL) aside as ``<name>.<time>.bak``, so the daemon
+    starts with an empty state; returns the copy's path (None: there was no file)."""
+    if str(path) == IN_MEMORY or not path.exists():
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    backup = path.with_name(f"{path.name}.{stamp}.bak")
+    counter = 1
+    while backup.exists():
+        counter += 1
+        backup = path.with_name(f"{path.name}.{stamp}-{counter}.bak")
+    os.replace(path, backup)
+    wal = Path(f"{path}-wal")
+    if wal.exists():  # the copy opens with its WAL, as the original would have
+        os.replace(wal, Path(f"{backup}-wal"))
+    Path(f"{path}-shm").unlink(missing_ok=True)
+    return backup

@@ -1,0 +1,243 @@
+"""What a restored broker state is checked against at start (docs/persistence.md#start):
+the keystore as it is now (keys revoked, applications deleted, devices removed while the
+daemon was down), the limits in force and session expiry; and what the state file holds.
+A real daemon on 127.0.0.1, stopped cleanly and started again on the same files, with the
+keystore changed in between as another process would."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from broker.settings import Settings
+from keystore import KeyStore
+from keystore.sqlite.backup import backup as keystore_backup
+from tests.support import mqtt_raw as raw
+from tests.support.harness import Client, RunningBroker, broker_settings, seed
+
+SESSION_PRESENT, NO_SESSION = bytes([1, 0]), bytes([0, 0])
+
+
+def run(settings: Settings) -> RunningBroker:
+    return RunningBroker(settings).start()
+
+
+def hold_session(broker: RunningBroker, device: str, creds: tuple[str, str],
+                 topic_filter: str, **publish: Any) -> None:
+    """A persistent session of ``device`` subscribed to ``topic_filter``, left offline;
+    ``publish`` (topic, payload) is sent by it before it goes."""
+    with Client(broker.port(), device, *creds, clean_session=False) as client:
+        assert client.connect() == 0
+        assert client.subscribe(topic_filter, 1) == 1
+        if publish:
+            client.publish(publish["topic"], publish["payload"], qos=1, retain=True)
+
+
+def connack(broker: RunningBroker, device: str, creds: tuple[str, str]) -> bytes:
+    sock, packet = raw.session(broker.port(), device, *creds, clean=False)
+    sock.close()
+    return packet.body
+
+
+def state_rows(settings: Settings, table: str) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(settings.db_path.with_name("keybroker.state.db")) as db:
+        return db.execute(f"SELECT * FROM {table}").fetchall()  # noqa: S608 - test tables
+
+
+def test_keys_revoked_and_applications_deleted_while_down_drop_stored_sessions(
+        tmp_path: Path) -> None:
+    settings = broker_settings(tmp_path)
+
+    async def setup(ks: KeyStore) -> dict[str, tuple[str, str]]:
+        await ks.create_app("other")
+        for device in ("a", "b"):
+            await ks.add_device(device)
+        await ks.add_device("d", app="other")
+        keys = {"a": await ks.create_key(device_ids=["a"]),
+                "b": await ks.create_key(device_ids=["b"]),
+                "any": await ks.create_key(device_ids=["a", "b"]),
+                "d": await ks.create_key(device_ids=["d"], app="other")}
+        return {name: (key.key, secret) for name, (key, secret) in keys.items()}
+
+    creds = seed(settings.db_path, setup)
+    broker = run(settings)
+    try:
+        hold_session(broker, "a", creds["a"], "losant/a/cmd")
+        hold_session(broker, "b", creds["b"], "losant/b/cmd")
+        hold_session(broker, "d", creds["d"], "losant/d/cmd",
+                     topic="losant/d/state", payload=b"of a deleted application")
+    finally:
+        broker.stop()
+    assert {row[0] for row in state_rows(settings, "sessions")} == {"a", "b", "d"}
+
+    async def while_down(ks: KeyStore) -> None:
+        await ks.set_status([creds["a"][0]], "inactive")
+        await ks.delete_apps(["other"])
+
+    seed(settings.db_path, while_down)
+    broker = run(settings)
+    try:
+        assert connack(broker, "b", creds["b"]) == SESSION_PRESENT  # untouched
+        with Client(broker.port(), "a", *creds["a"], clean_session=False) as client:
+            assert client.connect() == 5  # the revoked key itself is refused, as always
+        assert connack(broker, "a", creds["any"]) == NO_SESSION  # nothing left to resume
+    finally:
+        broker.stop()
+    assert {row[0] for row in state_rows(settings, "sessions")} == {"a", "b"}
+    assert state_rows(settings, "retained") == []
+
+
+def test_a_device_removed_while_down_takes_its_session_and_retained_messages(
+        tmp_path: Path) -> None:
+    """An unrestricted key covers any device of its application, so only the change feed
+    can tell the restart that device "a" was removed (and then added again)."""
+    settings = broker_settings(tmp_path)
+
+    async def setup(ks: KeyStore) -> tuple[str, str]:
+        for device in ("a", "w"):
+            await ks.add_device(device)
+        key, secret = await ks.create_key()
+        return key.key, secret
+
+    creds = seed(settings.db_path, setup)
+    broker = run(settings)
+    try:
+        hold_session(broker, "a", creds, "losant/a/cmd", topic="losant/a/state", payload=b"a")
+        hold_session(broker, "w", creds, "losant/w/cmd", topic="losant/w/state", payload=b"w")
+    finally:
+        broker.stop()
+
+    async def while_down(ks: KeyStore) -> None:
+        await ks.remove_devices(["a"])
+        await ks.add_device("a")  # a new device with the old id inherits nothing
+
+    seed(settings.db_path, while_down)
+    broker = run(settings)
+    try:
+        assert connack(broker, "a", creds) == NO_SESSION
+        assert connack(broker, "w", creds) == SESSION_PRESENT
+        with Client(broker.port(), "w", *creds) as watcher:
+            assert watcher.connect() == 0
+            assert watcher.subscribe("losant/+/state", 1) == 1
+            assert watcher.topics_received() == ["losant/w/state"]
+    finally:
+        broker.stop()
+
+
+def test_a_restored_state_keeps_the_limits_in_force(tmp_path: Path) -> None:
+    settings = broker_settings(tmp_path)
+
+    async def setup(ks: KeyStore) -> tuple[str, str]:
+        for device in ("p", "c", "watcher"):
+            await ks.add_device(device)
+        key, secret = await ks.create_key(device_ids=["p", "c", "watcher"], topic_mode="all")
+        return key.key, secret
+
+    creds = seed(settings.db_path, setup)
+    broker = run(settings)
+    try:
+        hold_session(broker, "c", creds, "losant/c/cmd")
+        with Client(broker.port(), "p", *creds) as publisher:
+            assert publisher.connect() == 0
+            for n in range(1, 5):
+                publisher.publish(f"cfg/{n}", b"x", qos=1, retain=True)
+            for n in range(1, 6):
+                publisher.publish("losant/c/cmd", f"m{n}".encode(), qos=1)
+    finally:
+        broker.stop()
+
+    fewer = replace(settings, max_retained_per_key=2, max_queued_messages=3)
+    broker = run(fewer)
+    try:
+        with Client(broker.port(), "watcher", *creds) as watcher:
+            assert watcher.connect() == 0
+            assert watcher.subscribe("cfg/#", 1) == 1
+            assert sorted(watcher.topics_received()) == ["cfg/1", "cfg/2"]  # the oldest
+        with Client(broker.port(), "c", *creds, clean_session=False) as device:
+            assert device.connect() == 0
+            got = [m.payload for m in iter(lambda: device.get(0.5), None)]
+            assert got == [b"m1", b"m2", b"m3"]
+    finally:
+        broker.stop()
+    assert len(state_rows(settings, "retained")) == 2  # the rest is gone from the file too
+
+    time.sleep(1.2)
+    broker = run(replace(settings, session_expiry=1))  # offline for longer than that
+    try:
+        assert connack(broker, "c", creds) == NO_SESSION
+    finally:
+        broker.stop()
+
+
+def test_the_state_file_holds_no_secret(tmp_path: Path) -> None:
+    settings = broker_settings(tmp_path)
+
+    async def setup(ks: KeyStore) -> list[tuple[str, str]]:
+        for device in ("a", "b"):
+            await ks.add_device(device)
+        made = [await ks.create_key(device_ids=[device]) for device in ("a", "b")]
+        return [(key.key, secret) for key, secret in made]
+
+    creds = seed(settings.db_path, setup)
+    broker = run(settings)
+    try:
+        hold_session(broker, "a", creds[0], "losant/a/cmd", topic="losant/a/state",
+                     payload=b"state of a")
+        with Client(broker.port(), "b", *creds[1], clean_session=False) as device:
+            assert device.connect() == 0
+            assert device.subscribe("losant/b/#", 2) == 2
+            time.sleep(0.3)
+            state = settings.db_path.with_name("keybroker.state.db")
+            files = [state, *(Path(f"{state}{s}") for s in ("-wal", "-shm"))]
+            assert all(f.stat().st_mode & 0o777 == 0o600 for f in files if f.exists())
+    finally:
+        broker.stop()
+    data = b"".join(f.read_bytes() for f in files if f.exists())
+    assert b"state of a" in data and creds[0][0].encode() in data  # what it holds
+    for _, secret in creds:
+        assert secret.encode() not in data
+    assert state.stat().st_mode & 0o777 == 0o600
+
+
+def test_with_an_older_keystore_every_device_the_state_names_is_looked_up(
+        tmp_path: Path) -> None:
+    """A keystore restored from a backup has a change feed behind the saved state's
+    position, so the feed cannot tell what was removed: the start looks devices up."""
+    settings = broker_settings(tmp_path)
+    backup = tmp_path / "backup.db"
+
+    async def setup(ks: KeyStore) -> tuple[str, str]:
+        for device in ("w", "x"):
+            await ks.add_device(device)
+        key, secret = await ks.create_key()  # every device: only a lookup can tell
+        await keystore_backup(settings.db_path, backup)  # it knows no device "late"
+        await ks.add_device("late")
+        await ks.request_kick("w")  # the feed moves past the backup's end
+        return key.key, secret
+
+    creds = seed(settings.db_path, setup)
+    broker = run(settings)
+    try:
+        for device in ("late", "w"):
+            hold_session(broker, device, creds, f"losant/{device}/cmd",
+                         topic=f"losant/{device}/state", payload=device.encode())
+    finally:
+        broker.stop()
+    for suffix in ("-wal", "-shm"):
+        Path(f"{settings.db_path}{suffix}").unlink(missing_ok=True)
+    shutil.copy(backup, settings.db_path)
+
+    broker = run(settings)
+    try:
+        assert connack(broker, "w", creds) == SESSION_PRESENT
+        with Client(broker.port(), "x", *creds) as watcher:
+            assert watcher.connect() == 0
+            assert watcher.subscribe("losant/+/state", 1) == 1
+            assert watcher.topics_received() == ["losant/w/state"]
+    finally:
+        broker.stop()
+    assert {row[0] for row in state_rows(settings, "sessions")} == {"w"}
