@@ -30,36 +30,41 @@ from typing import Any
 
 import aiosqlite
 
-from keystore import credentials
+from keystore import credentials, plans
 from keystore.backend import ConnectRow, DeviceTokenRow, Page, UntagSpec
 from keystore.errors import ConflictError, LimitError, NotFoundError, ValidationError
 from keystore.keyspec import KeySpec
 from keystore.models import AccessKey, ApiToken, Application, Change, Device, KeyStatus, Tag
 from keystore.query import compile_query, like_to_glob
-from keystore.sqlite import statements
-from keystore.sqlite.db import (
+from keystore.rows import (
     APP_COLUMNS,
-    DEVICE_COLUMNS,
+    DEVICE_SORT,
     KEY_COLUMN_COUNT,
-    KEY_COLUMNS,
+    KEY_SORT,
+    LAST_USED,
     TOKEN_COLUMNS,
-    chunks,
-    connect,
     from_micros,
     now_micros,
-    placeholders,
+    order_by,
     row_to_app,
     row_to_device,
     row_to_key,
     row_to_token,
     to_micros,
 )
+from keystore.sqlite import statements
+from keystore.sqlite.db import (
+    DEVICE_COLUMNS,
+    KEY_COLUMNS,
+    chunks,
+    connect,
+    placeholders,
+)
 from keystore.sqlite.migrations import migrate
 from keystore.sqlite.statements import SCOPE_SQL
 
 log = logging.getLogger(__name__)
 
-LAST_USED = 13  # position of last_used in KEY_COLUMNS
 # KEY_COLUMNS is our own constant; the key is a bound parameter.
 CONNECT_SQL = (
     "SELECT (SELECT value FROM meta WHERE name = 'auth_generation'), "
@@ -72,21 +77,6 @@ DEVICE_TOKEN_SQL = (
     "t.secret_hash, t.expires_at, " + KEY_COLUMNS
     + " FROM device_tokens t JOIN access_keys k ON k.key = t.key WHERE t.id = ?"
 )
-# Sortable fields of the API's lists (Losant names) -> column; ties go by the primary key.
-KEY_SORT = {"key": "k.key", "id": "k.id", "status": "k.status", "name": "k.name",
-            "creationDate": "k.created_at", "lastUpdated": "k.updated_at"}
-DEVICE_SORT = {"deviceId": "d.id", "id": "d.id", "name": "d.name",
-               "creationDate": "d.created_at", "lastUpdated": "d.updated_at"}
-
-
-def _order(columns: dict[str, str], sort: str, descending: bool, tie: str) -> str:
-    """ORDER BY text from whitelisted names only."""
-    if sort not in columns:
-        raise ValidationError(f"invalid sortField {sort!r}: use one of {', '.join(columns)}")
-    direction = "DESC" if descending else "ASC"
-    return f"{columns[sort]} {direction}, {tie} {direction}"
-
-
 class SqliteBackend:
     def __init__(self, conn: aiosqlite.Connection, path: str) -> None:
         self._conn = conn
@@ -257,13 +247,7 @@ class SqliteBackend:
     async def remove_tags(self, app_id: str, device_id: str, specs: list[UntagSpec]) -> Device:
         async with self._write() as conn:
             before = await statements.load_device(conn, app_id, device_id)
-            doomed: set[Tag] = set()
-            for tag_key, tag_value, spec in specs:
-                hits = {t for t in before.tags
-                        if t[0] == tag_key and (tag_value is None or t[1] == tag_value)}
-                if not hits:
-                    raise NotFoundError(f"device {before.id!r} has no tag matching {spec!r}")
-                doomed |= hits
+            doomed = plans.doomed_tags(before, specs)
             if doomed:
                 await conn.executemany(
                     "DELETE FROM device_tags WHERE device_id = ? AND key = ? AND value = ?",
@@ -303,7 +287,7 @@ class SqliteBackend:
 
     async def page_devices(self, app_id: str, name_glob: str | None, sort: str,
                            descending: bool, offset: int, limit: int) -> Page:
-        order = _order(DEVICE_SORT, sort, descending, "d.id")
+        order = order_by(DEVICE_SORT, sort, descending, "d.id")
         where, params = "d.app_id = ?", [app_id]
         if name_glob is not None:
             where += " AND d.name GLOB ?"
@@ -370,7 +354,7 @@ class SqliteBackend:
 
     async def page_keys(self, app_id: str, query: Mapping[str, Any] | str | None, sort: str,
                         descending: bool, offset: int, limit: int) -> Page:
-        order = _order(KEY_SORT, sort, descending, "k.key")
+        order = order_by(KEY_SORT, sort, descending, "k.key")
         where, params = compile_query(query)
         async with self._read() as conn:
             total = await statements.count(
@@ -624,3 +608,7 @@ class SqliteBackend:
                 (oldest, last, to_micros(before)),
             )
             return max(cursor.rowcount, 0)
+
+    async def watch_changes(self, wake: Callable[[], None]) -> bool:
+        """Nothing to push: a file has no notifications (the marker is polled)."""
+        return False

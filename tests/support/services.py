@@ -1,0 +1,49 @@
+"""Tests that need an outside program (a database server, a browser): skip when it is
+missing, or fail when the run must not skip (CI sets KEYBROKER_REQUIRE_SERVICES=1, so a
+missing install step shows as a failure rather than as tests quietly not run)."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+import pytest
+
+REQUIRE = "KEYBROKER_REQUIRE_SERVICES"
+
+
+def services_required() -> bool:
+    return os.environ.get(REQUIRE, "") not in ("", "0")
+
+
+def unavailable(message: str) -> None:
+    """Skip the test with ``message``, or fail it when services are required."""
+    if services_required():
+        pytest.fail(f"{message} ({REQUIRE} is set: this run must not skip it)")
+    pytest.skip(message)
+
+
+def find_binary(name: str, extra_dirs: Iterable[str] = ()) -> Path | None:
+    """``name`` on PATH, else in the first of ``extra_dirs`` (glob patterns, newest-sorting
+    last wins) that has it."""
+    found = shutil.which(name)
+    if found:
+        return Path(found)
+    for pattern in extra_dirs:
+        for directory in sorted(glob.glob(pattern), reverse=True):
+            candidate = Path(directory) / name
+            if candidate.is_file() and os.access(candidate, os.X_OK):
+                return candidate
+    return None
+
+
+def require_binary(name: str, why: str, extra_dirs: Iterable[str] = ()) -> Path:
+    """The program ``name`` (see find_binary), or skip/fail saying ``why`` it is needed."""
+    path = find_binary(name, extra_dirs)
+    if path is None:
+        unavailable(f"{name} not found: {why}")
+        raise AssertionError("unreachable")  # pytest.skip and pytest.fail raise
+    return path
