@@ -51,11 +51,11 @@ class KeyStore(DeviceOps, KeyOps, TokenOps, FeedOps):
     def open(
         cls, target: str | os.PathLike[str], *, device_prefix: str = "losant", max_keys: int = 0,
         pool_size: int = DEFAULT_POOL_SIZE, statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT,
-    ) -> _Opener:
+    ) -> Opener:
         """Open (creating and migrating if needed) the keystore at ``target``: an SQLite
         file path, or a ``postgresql://user@host:port/dbname`` URL (then ``pool_size``
         connections at most, each statement cancelled after ``statement_timeout`` s)."""
-        return _Opener(os.fspath(target), device_prefix, max_keys, pool_size, statement_timeout)
+        return Opener(os.fspath(target), device_prefix, max_keys, pool_size, statement_timeout)
 
     async def close(self) -> None:
         await self.backend.close()
@@ -67,7 +67,7 @@ class KeyStore(DeviceOps, KeyOps, TokenOps, FeedOps):
         await self.close()
 
 
-class _Opener:
+class Opener:
     """Result of KeyStore.open: use ``async with`` (closes on exit) or ``await`` it
     (then call ``await ks.close()``)."""
 
