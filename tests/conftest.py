@@ -54,6 +54,19 @@ def pg_url(postgres: PostgresServer) -> Iterator[str]:
 
 
 @pytest.fixture(params=BACKENDS)
+def broker_on_each_backend(request: pytest.FixtureRequest,
+                           tmp_path: Path) -> Iterator[RunningBroker]:
+    """Like ``broker``, once on an SQLite file and once on a PostgreSQL database (modules
+    whose tests should run on both name it ``broker`` with ``broker = ...``)."""
+    url = request.getfixturevalue("pg_url") if request.param == "postgresql" else None
+    running = RunningBroker(broker_settings(tmp_path, db_url=url)).start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture(params=BACKENDS)
 def keystore_target(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """Where a fresh keystore lives, once per backend: an SQLite file path, then a
     PostgreSQL URL."""
