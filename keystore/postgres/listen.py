@@ -23,6 +23,8 @@ from keystore.postgres.migrations import CHANNEL
 
 log = logging.getLogger(__name__)
 
+LISTENER_NAME = "keybroker-listener"  # application_name of the LISTEN connection
+
 
 def _setter(event: asyncio.Event) -> Callable[[Any], None]:
     return lambda _conn: event.set()
@@ -49,7 +51,9 @@ class ChangeListener:
         while True:
             conn: asyncpg.Connection | None = None
             try:
-                conn = await asyncpg.connect(self._url, timeout=CONNECT_TIMEOUT)
+                conn = await asyncpg.connect(
+                    self._url, timeout=CONNECT_TIMEOUT,
+                    server_settings={"application_name": LISTENER_NAME})
                 lost = asyncio.Event()
                 conn.add_termination_listener(_setter(lost))
                 await conn.add_listener(CHANNEL, self._wake)
