@@ -4,7 +4,8 @@ Restore is deliberately not a command (a running daemon cannot be detected relia
 here): stop the daemon, copy the backup over the database path, remove any stale
 ``-wal``/``-shm`` next to it, start the daemon. See README, "Backup and restore".
 A PostgreSQL keystore is backed up with PostgreSQL's own ``pg_dump`` (the command says
-how): it is consistent while keybroker writes, and restores with ``pg_restore``.
+how): it is consistent while keybroker writes, and ``pg_restore`` brings it back into an
+empty database.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from keystore.sqlite.backup import backup
 def pg_dump_advice(shown_url: str, file: Path) -> str:
     return (f"keybroker backup copies SQLite keystores; back up the PostgreSQL keystore "
             f"{shown_url} with pg_dump: pg_dump --format=custom --file {file} "
-            f"'{shown_url}' (restore: pg_restore --clean --dbname URL {file})")
+            f"'{shown_url}' (restore into an empty database: pg_restore --dbname URL {file})")
 
 
 @click.command("backup")
