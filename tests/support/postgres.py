@@ -79,7 +79,9 @@ class PostgresServer:
         cmd = [str(a) for a in args]
         if self.as_root:
             cmd = ["runuser", "-u", RUN_AS, "--", *cmd]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+        # cwd: the postgres user may not be allowed into the caller's directory.
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False,
+                              cwd=self.base)
         if done.returncode != 0:
             log = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
             raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n"
@@ -90,11 +92,13 @@ class PostgresServer:
                   "--locale=C", "--no-sync")
         return self
 
-    def start(self, port: int | None = None) -> None:
-        """Start (again) on ``port`` (default: this server's port)."""
+    def start(self, port: int | None = None, *, durable: bool = False) -> None:
+        """Start (again) on ``port`` (default: this server's port). Tests trade durability
+        for speed; ``durable`` keeps PostgreSQL's defaults (for benchmarks)."""
         options = (f"-p {port or self.port} -k {self.base} -c listen_addresses=127.0.0.1 "
-                   "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
                    "-c max_connections=200")
+        if not durable:
+            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         self._run(self.pg_ctl, "-D", self.data, "-l", self.log, "-o", options, "-w",
                   "-t", "60", "start")
         self.running = True

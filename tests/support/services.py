@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,17 +29,22 @@ def unavailable(message: str) -> None:
 
 
 def find_binary(name: str, extra_dirs: Iterable[str] = ()) -> Path | None:
-    """``name`` on PATH, else in the first of ``extra_dirs`` (glob patterns, newest-sorting
-    last wins) that has it."""
+    """``name`` on PATH, else in a directory matching one of ``extra_dirs`` (glob
+    patterns; of several matches, the highest version number first)."""
     found = shutil.which(name)
     if found:
         return Path(found)
     for pattern in extra_dirs:
-        for directory in sorted(glob.glob(pattern), reverse=True):
+        for directory in sorted(glob.glob(pattern), key=_natural, reverse=True):
             candidate = Path(directory) / name
             if candidate.is_file() and os.access(candidate, os.X_OK):
                 return candidate
     return None
+
+
+def _natural(text: str) -> list[Any]:
+    """Sort key: numbers by value ("15" after "9.6")."""
+    return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", text)]
 
 
 def require_binary(name: str, why: str, extra_dirs: Iterable[str] = ()) -> Path:
