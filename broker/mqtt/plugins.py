@@ -31,7 +31,6 @@ from keystore.errors import UnavailableError
 logger = logging.getLogger(__name__)
 
 NO_GRANT = Decision(False, "not_authenticated")
-SERVER_UNAVAILABLE = 3  # CONNACK return code
 
 
 def mount_of(app_id: str) -> str:
@@ -80,7 +79,8 @@ class AccessKeyAuthPlugin(BaseAuthPlugin):
             except UnavailableError:
                 # The keystore cannot answer (logged once by it): "server unavailable",
                 # never a session let in unchecked, and no mark against the client.
-                outcome = Refusal("keystore_unavailable", SERVER_UNAVAILABLE, None)
+                outcome = Refusal("keystore_unavailable",
+                                  policy.CONNACK_CODE["keystore_unavailable"], None)
             except Exception:
                 # A keystore failure must refuse this client, not crash the daemon.
                 logger.exception("authentication failed with an internal error")

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 from click.testing import CliRunner
 
 from broker.cli import main
@@ -57,6 +58,14 @@ def test_outage_refuses_new_connects_keeps_sessions_and_catches_up_on_return(
             daemon.ks("add_device", device, tags=[("site", "north")])
         doomed, doomed_secret = daemon.ks("create_key", device_tags=["site=north"])
         kept, kept_secret = daemon.ks("create_key", device_tags=["site=north"])
+        _row, token = daemon.ks("create_token", "ops")
+        api = daemon.server.api.url + "/applications"
+
+        def api_status() -> int:
+            headers = {"Authorization": f"Bearer {token}"}
+            return requests.get(api, headers=headers, timeout=10).status_code
+
+        assert api_status() == 200
         port = daemon.port()
         with Client(port, "dev-a", doomed.key, doomed_secret) as victim, \
                 Client(port, "dev-b", kept.key, kept_secret) as reader:
@@ -67,6 +76,7 @@ def test_outage_refuses_new_connects_keeps_sessions_and_catches_up_on_return(
             # Refused as "server unavailable", a good secret and a wrong one alike.
             assert connack(port, "dev-c", kept.key, kept_secret) == SERVER_UNAVAILABLE
             assert connack(port, "dev-c", kept.key, "wrong") == SERVER_UNAVAILABLE
+            assert api_status() == 503  # the HTTP API says so too
             # Live sessions keep their grants: messages still flow between them.
             victim.publish(STATE, b'{"data":{"t":1}}')
             message = reader.get()
@@ -92,6 +102,7 @@ def test_outage_refuses_new_connects_keeps_sessions_and_catches_up_on_return(
                 assert time.monotonic() < deadline, "CONNECT still refused after recovery"
                 time.sleep(0.2)
             assert connack(port, "dev-c", doomed.key, doomed_secret) == NOT_AUTHORIZED
+            assert api_status() == 200
         kicks = [e for e in daemon.audit_events() if e["event"] == "kick"]
         assert [(e["key"], e["reason"]) for e in kicks] == [(doomed.key, "key_inactive")]
         refused = [e for e in daemon.audit_events() if e.get("reason") == "keystore_unavailable"]
