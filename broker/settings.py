@@ -399,13 +399,17 @@ def _toml(value: Any) -> str:
 
 
 def settings_to_toml(settings: Settings) -> str:
-    """The effective settings as a config file (paths absolute); it loads back equal."""
+    """The effective settings as a config file (paths absolute); it loads back equal,
+    but for a password in the keystore URL, which is never written."""
     lines: list[str] = []
     by_section: dict[str, list[tuple[str, Any]]] = {}
     for f in fields(Settings):
         if f.name not in ("listeners", "guard"):
             section, key = place(f.name)
-            by_section.setdefault(section, []).append((key, getattr(settings, f.name)))
+            value = getattr(settings, f.name)
+            if f.name == "db_url" and value is not None:
+                value = redact(value)
+            by_section.setdefault(section, []).append((key, value))
     by_section["security"] = [(f.name, getattr(settings.guard, f.name))
                               for f in fields(GuardSettings)]
     for section in SECTIONS:

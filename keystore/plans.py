@@ -8,13 +8,13 @@ key prefix may look like) exist once; the backends only differ in how they send 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from keystore import credentials
 from keystore.backend import UntagSpec
-from keystore.errors import NotFoundError, ValidationError
+from keystore.errors import ConflictError, LimitError, NotFoundError, ValidationError
 from keystore.keyspec import KeySpec
 from keystore.models import AccessKey, Device, KeyStatus, Tag
 from keystore.rows import from_micros, now_micros, to_micros
@@ -56,6 +56,59 @@ def plan_upsert(batch: Sequence[str], wanted: Mapping[str, tuple[str | None, fro
         plan.add_tags.extend((dev_id, k, v) for k, v in want_tags - have)
         plan.drop_tags.extend((dev_id, k, v) for k, v in have - want_tags)
     return plan
+
+
+def check_new_device(device_id: str, owner: str | None, app_id: str) -> None:
+    """A device id is new, unless ``owner`` (its application) says it exists."""
+    if owner is not None:
+        where = "" if owner == app_id else " in another application"
+        raise ConflictError(f"device {device_id!r} already exists{where}")
+
+
+def existing_devices(app_id: str, devices: Iterable[Sequence[Any]],
+                     tag_rows: Iterable[Sequence[Any]]
+                     ) -> tuple[dict[str, str | None], dict[str, set[Tag]]]:
+    """(names, tags) of stored devices from rows (id, name, app_id) and (id, key, value);
+    a device of another application is a conflict."""
+    names: dict[str, str | None] = {}
+    tags: dict[str, set[Tag]] = {}
+    for dev_id, name, owner in devices:
+        if owner != app_id:
+            raise ConflictError(f"device {dev_id!r} exists in another application")
+        names[dev_id] = name
+        tags[dev_id] = set()
+    for dev_id, k, v in tag_rows:
+        tags[dev_id].add((k, v))
+    return names, tags
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceEdit:
+    """What change_device writes: a new name (or not), tags to drop and to add."""
+
+    rename: bool
+    drop: list[tuple[str, str, str]]
+    add: list[tuple[str, str, str]]
+
+    @property
+    def touched(self) -> bool:
+        return self.rename or bool(self.drop or self.add)
+
+
+def device_edit(before: Device, name: Any, tags: tuple[Tag, ...] | None) -> DeviceEdit:
+    """``name``: ``...`` leaves it; ``tags``: None leaves them, else the whole new set."""
+    rename = name is not ... and name != before.name
+    if tags is None or set(tags) == set(before.tags):
+        return DeviceEdit(rename, [], [])
+    return DeviceEdit(rename, [(before.id, k, v) for k, v in set(before.tags) - set(tags)],
+                      [(before.id, k, v) for k, v in set(tags) - set(before.tags)])
+
+
+def check_key_limit(max_keys: int, existing: int, adding: int) -> None:
+    if max_keys and existing + adding > max_keys:
+        raise LimitError(
+            f"key limit of {max_keys} reached: {existing} keys exist in the "
+            f"application, cannot create {adding} more")
 
 
 def doomed_tags(device: Device, specs: list[UntagSpec]) -> set[Tag]:

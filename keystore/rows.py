@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from keystore.backend import DeviceTokenRow
 from keystore.errors import ValidationError
 from keystore.models import (
     AccessKey,
@@ -130,6 +131,14 @@ def row_to_device(row: Sequence[Any]) -> Device:
         last_seen=from_micros(row[5]),
         app_id=row[7],
     )
+
+
+def to_device_token_row(row: Sequence[Any]) -> DeviceTokenRow:
+    """A DEVICE_TOKEN_SQL row of either backend: generation, device id, salt, hash,
+    expiry, then the key's columns."""
+    expires = from_micros(row[4])
+    assert expires is not None
+    return DeviceTokenRow(int(row[0]), row_to_key(row[5:]), row[1], row[2], row[3], expires)
 
 
 # Column names, not a password.

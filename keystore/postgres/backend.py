@@ -22,6 +22,7 @@ of its own (keystore.postgres.listen).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -36,7 +37,6 @@ from keystore.backend import ConnectRow, DeviceTokenRow, Page, UntagSpec
 from keystore.errors import (
     ConflictError,
     KeybrokerError,
-    LimitError,
     NotFoundError,
     UnavailableError,
     ValidationError,
@@ -70,6 +70,7 @@ from keystore.rows import (
     row_to_device,
     row_to_key,
     row_to_token,
+    to_device_token_row,
     to_micros,
 )
 
@@ -78,6 +79,7 @@ log = logging.getLogger(__name__)
 DEFAULT_POOL_SIZE = 10
 DEFAULT_STATEMENT_TIMEOUT = 5.0  # seconds
 UPSERT_BATCH = 20_000
+CLOSE_TIMEOUT = 5.0  # seconds
 
 
 def _affected(status: str) -> int:
@@ -130,7 +132,10 @@ class PostgresBackend:
             await self._listener.close()
             self._listener = None
         await self._link.close()
-        await self._pool.close()
+        try:  # graceful, unless the server does not answer (then just drop the sockets)
+            await asyncio.wait_for(self._pool.close(), CLOSE_TIMEOUT)
+        except TimeoutError:
+            self._pool.terminate()
 
     # --- transaction plumbing ---------------------------------------------------------
 
@@ -166,6 +171,11 @@ class PostgresBackend:
                     yield conn
         except self._HANDLED as exc:
             raise self._failed(exc) from None
+
+    def transaction(self, *, feed: bool = False) -> Any:
+        """One write transaction (``async with``), for whole-keystore work in this package
+        (keystore.postgres.copy); ``feed``: it writes change-feed rows."""
+        return self._tx(feed=feed)
 
     async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         """One reading statement (its own transaction), retried once on a fresh
@@ -239,10 +249,8 @@ class PostgresBackend:
                             tags: tuple[Tag, ...]) -> Device:
         now = now_micros()
         async with self._tx() as conn:
-            owner = await statements.device_app(conn, device_id)
-            if owner is not None:
-                where = "" if owner == app_id else " in another application"
-                raise ConflictError(f"device {device_id!r} already exists{where}")
+            plans.check_new_device(device_id, await statements.device_app(conn, device_id),
+                                   app_id)
             await conn.execute(
                 "INSERT INTO devices (id, name, created_at, updated_at, app_id) "
                 "VALUES ($1, $2, $3, $3, $4)", device_id, name, now, app_id)
@@ -300,16 +308,12 @@ class PostgresBackend:
         """Set the name (``...`` leaves it) and replace the tag set (None leaves it)."""
         async with self._tx() as conn:
             before = await statements.load_device(conn, app_id, device_id)
-            renamed = name is not ... and name != before.name
-            retagged = tags is not None and set(tags) != set(before.tags)
-            if renamed:
+            edit = plans.device_edit(before, name, tags)
+            if edit.rename:
                 await conn.execute("UPDATE devices SET name = $1 WHERE id = $2", name, before.id)
-            if tags is not None and retagged:
-                await statements.drop_device_tags(
-                    conn, [(before.id, k, v) for k, v in set(before.tags) - set(tags)])
-                await statements.add_device_tags(
-                    conn, [(before.id, k, v) for k, v in set(tags) - set(before.tags)])
-            if renamed or retagged:
+            await statements.drop_device_tags(conn, edit.drop)
+            await statements.add_device_tags(conn, edit.add)
+            if edit.touched:
                 await statements.touch_device(conn, before.id)
             return await statements.load_device(conn, app_id, before.id)
 
@@ -351,10 +355,7 @@ class PostgresBackend:
                 await conn.execute("SELECT 1 FROM applications WHERE id = $1 FOR UPDATE", app_id)
                 existing = await conn.fetchval(
                     "SELECT count(*) FROM access_keys WHERE app_id = $1", app_id)
-                if existing + len(specs) > max_keys:
-                    raise LimitError(
-                        f"key limit of {max_keys} reached: {existing} keys exist in the "
-                        f"application, cannot create {len(specs)} more")
+                plans.check_key_limit(max_keys, existing, len(specs))
             missing = await statements.missing_devices(
                 conn, app_id, tuple(dict.fromkeys(d for s in specs for d in s.device_ids)))
             if missing:
@@ -523,11 +524,7 @@ class PostgresBackend:
         rows = await self._fetch(DEVICE_TOKEN_SQL, token_id)
         if not rows:
             return None
-        row = rows[0]
-        expires = from_micros(row[4])
-        assert expires is not None
-        return DeviceTokenRow(int(row[0]), row_to_key(row[5:]), row[1], row[2], row[3],
-                              expires)
+        return to_device_token_row(rows[0])
 
     async def prune_device_tokens(self, before: datetime, batch: int) -> int:
         async with self._tx() as conn:

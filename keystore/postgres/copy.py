@@ -72,7 +72,7 @@ async def copy_keystore(sqlite_path: str | os.PathLike[str], url: str) -> CopyRe
 
 
 async def _copy(reader: sqlite3.Connection, target: PostgresBackend) -> dict[str, int]:
-    async with target._tx(feed=True) as conn:
+    async with target.transaction(feed=True) as conn:
         found = {table: int(await conn.fetchval(f"SELECT count(*) FROM {table}"))
                  for table, _ in TABLES}
         apps = await conn.fetch("SELECT name FROM applications")

@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 
 from keystore import plans
-from keystore.errors import ConflictError, NotFoundError
+from keystore.errors import NotFoundError
 from keystore.keyspec import KeySpec
 from keystore.models import AccessKey, Application, Device, Tag
 from keystore.postgres.db import DEVICE_COLUMNS, KEY_COLUMNS
@@ -114,19 +114,12 @@ async def upsert_batch(
     now: int,
 ) -> int:
     """Diff one batch against what is stored and write only the differences."""
-    names: dict[str, str | None] = {}
-    tags: dict[str, set[Tag]] = {}
     ids = list(batch)
-    for dev_id, name, owner in await conn.fetch(
-            "SELECT id, name, app_id FROM devices WHERE id = ANY($1::text[])", ids):
-        if owner != app_id:
-            raise ConflictError(f"device {dev_id!r} exists in another application")
-        names[dev_id] = name
-        tags[dev_id] = set()
-    for dev_id, k, v in await conn.fetch(
-            "SELECT device_id, key, value FROM device_tags WHERE device_id = ANY($1::text[])",
-            ids):
-        tags[dev_id].add((k, v))
+    names, tags = plans.existing_devices(
+        app_id,
+        await conn.fetch("SELECT id, name, app_id FROM devices WHERE id = ANY($1::text[])", ids),
+        await conn.fetch("SELECT device_id, key, value FROM device_tags "
+                         "WHERE device_id = ANY($1::text[])", ids))
     plan = plans.plan_upsert(batch, wanted, names, tags, now)
     if plan.new_devices:
         await conn.execute(

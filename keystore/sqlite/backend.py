@@ -32,7 +32,7 @@ import aiosqlite
 
 from keystore import credentials, plans
 from keystore.backend import ConnectRow, DeviceTokenRow, Page, UntagSpec
-from keystore.errors import ConflictError, LimitError, NotFoundError, ValidationError
+from keystore.errors import ConflictError, NotFoundError, ValidationError
 from keystore.keyspec import KeySpec
 from keystore.models import AccessKey, ApiToken, Application, Change, Device, KeyStatus, Tag
 from keystore.query import compile_query, like_to_glob
@@ -50,6 +50,7 @@ from keystore.rows import (
     row_to_device,
     row_to_key,
     row_to_token,
+    to_device_token_row,
     to_micros,
 )
 from keystore.sqlite import statements
@@ -197,10 +198,8 @@ class SqliteBackend:
                             tags: tuple[Tag, ...]) -> Device:
         now = now_micros()
         async with self._write() as conn:
-            owner = await statements.device_app(conn, device_id)
-            if owner is not None:
-                where = "" if owner == app_id else " in another application"
-                raise ConflictError(f"device {device_id!r} already exists{where}")
+            plans.check_new_device(device_id, await statements.device_app(conn, device_id),
+                                   app_id)
             await conn.execute(
                 "INSERT INTO devices (id, name, created_at, updated_at, app_id) "
                 "VALUES (?, ?, ?, ?, ?)",
@@ -271,17 +270,15 @@ class SqliteBackend:
         """Set the name (``...`` leaves it) and replace the tag set (None leaves it)."""
         async with self._write() as conn:
             before = await statements.load_device(conn, app_id, device_id)
-            if name is not ... and name != before.name:
+            edit = plans.device_edit(before, name, tags)
+            if edit.rename:
                 await conn.execute("UPDATE devices SET name = ? WHERE id = ?", (name, before.id))
-            if tags is not None and set(tags) != set(before.tags):
-                await conn.executemany(
-                    "DELETE FROM device_tags WHERE device_id = ? AND key = ? AND value = ?",
-                    [(before.id, k, v) for k, v in set(before.tags) - set(tags)])
-                await conn.executemany(
-                    "INSERT INTO device_tags (device_id, key, value) VALUES (?, ?, ?)",
-                    [(before.id, k, v) for k, v in set(tags) - set(before.tags)])
-            if (name is not ... and name != before.name) or \
-                    (tags is not None and set(tags) != set(before.tags)):
+            await conn.executemany(
+                "DELETE FROM device_tags WHERE device_id = ? AND key = ? AND value = ?",
+                edit.drop)
+            await conn.executemany(
+                "INSERT INTO device_tags (device_id, key, value) VALUES (?, ?, ?)", edit.add)
+            if edit.touched:
                 await statements.touch_device(conn, before.id)
             return await statements.load_device(conn, app_id, before.id)
 
@@ -322,10 +319,7 @@ class SqliteBackend:
             if max_keys:
                 existing = await statements.count(
                     conn, "SELECT count(*) FROM access_keys WHERE app_id = ?", (app_id,))
-                if existing + len(specs) > max_keys:
-                    raise LimitError(
-                        f"key limit of {max_keys} reached: {existing} keys exist in the "
-                        f"application, cannot create {len(specs)} more")
+                plans.check_key_limit(max_keys, existing, len(specs))
             missing = await statements.missing_devices(
                 conn, app_id, tuple(dict.fromkeys(d for s in specs for d in s.device_ids)))
             if missing:
@@ -543,11 +537,7 @@ class SqliteBackend:
         rows = await self._fetchall(DEVICE_TOKEN_SQL, (token_id,))
         if not rows:
             return None
-        row = rows[0]
-        expires = from_micros(row[4])
-        assert expires is not None
-        return DeviceTokenRow(int(row[0]), row_to_key(row[5:]), row[1], row[2], row[3],
-                              expires)
+        return to_device_token_row(rows[0])
 
     async def prune_device_tokens(self, before: datetime, batch: int) -> int:
         async with self._write() as conn:

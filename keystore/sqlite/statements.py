@@ -16,7 +16,7 @@ from typing import Any
 import aiosqlite
 
 from keystore import plans
-from keystore.errors import ConflictError, NotFoundError
+from keystore.errors import NotFoundError
 from keystore.keyspec import KeySpec
 from keystore.models import AccessKey, Application, Device, Tag
 from keystore.rows import (
@@ -111,21 +111,15 @@ async def upsert_batch(
     now: int,
 ) -> int:
     """Diff one batch against what is stored and write only the differences."""
-    names: dict[str, str | None] = {}
-    tags: dict[str, set[Tag]] = {}
+    devices: list[Any] = []
+    tag_rows: list[Any] = []
     for part in chunks(batch):
         marks = placeholders(len(part))
-        for dev_id, name, owner in await conn.execute_fetchall(
-            f"SELECT id, name, app_id FROM devices WHERE id IN ({marks})", part
-        ):
-            if owner != app_id:
-                raise ConflictError(f"device {dev_id!r} exists in another application")
-            names[dev_id] = name
-            tags[dev_id] = set()
-        for dev_id, k, v in await conn.execute_fetchall(
-            f"SELECT device_id, key, value FROM device_tags WHERE device_id IN ({marks})", part
-        ):
-            tags[dev_id].add((k, v))
+        devices += await conn.execute_fetchall(
+            f"SELECT id, name, app_id FROM devices WHERE id IN ({marks})", part)
+        tag_rows += await conn.execute_fetchall(
+            f"SELECT device_id, key, value FROM device_tags WHERE device_id IN ({marks})", part)
+    names, tags = plans.existing_devices(app_id, devices, tag_rows)
     plan = plans.plan_upsert(batch, wanted, names, tags, now)
     await conn.executemany(
         "INSERT INTO devices (id, name, created_at, updated_at, app_id) VALUES (?, ?, ?, ?, ?)",
