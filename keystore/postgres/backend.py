@@ -124,6 +124,9 @@ class PostgresBackend:
             if isinstance(exc, LOST):
                 raise UnavailableError(
                     f"cannot reach the PostgreSQL keystore {shown}: {reason(exc)}") from None
+            if isinstance(exc, asyncpg.PostgresError):  # e.g. no right to create tables
+                raise KeybrokerError(
+                    f"cannot migrate the PostgreSQL keystore {shown}: {reason(exc)}") from None
             raise
         return cls(pool, url, statement_timeout)
 
@@ -254,7 +257,8 @@ class PostgresBackend:
             await conn.execute(
                 "INSERT INTO devices (id, name, created_at, updated_at, app_id) "
                 "VALUES ($1, $2, $3, $3, $4)", device_id, name, now, app_id)
-            await statements.add_device_tags(conn, [(device_id, k, v) for k, v in tags])
+            await statements.add_device_tags(conn, app_id,
+                                             [(device_id, k, v) for k, v in tags])
             return await statements.load_device(conn, app_id, device_id)
 
     async def upsert_devices(
@@ -283,7 +287,8 @@ class PostgresBackend:
             before = await statements.load_device(conn, app_id, device_id)
             added = [p for p in tags if p not in before.tags]
             if added:
-                await statements.add_device_tags(conn, [(before.id, k, v) for k, v in added])
+                await statements.add_device_tags(conn, app_id,
+                                                 [(before.id, k, v) for k, v in added])
                 await statements.touch_device(conn, before.id)
             return await statements.load_device(conn, app_id, before.id)
 
@@ -312,7 +317,7 @@ class PostgresBackend:
             if edit.rename:
                 await conn.execute("UPDATE devices SET name = $1 WHERE id = $2", name, before.id)
             await statements.drop_device_tags(conn, edit.drop)
-            await statements.add_device_tags(conn, edit.add)
+            await statements.add_device_tags(conn, app_id, edit.add)
             if edit.touched:
                 await statements.touch_device(conn, before.id)
             return await statements.load_device(conn, app_id, before.id)

@@ -30,7 +30,7 @@ CHUNK = 10_000  # rows per COPY
 TABLES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("applications", ("id", "name", "description", "max_keys", "created_at", "updated_at")),
     ("devices", ("id", "name", "created_at", "updated_at", "connected", "last_seen", "app_id")),
-    ("device_tags", ("device_id", "key", "value")),
+    ("device_tags", ("device_id", "key", "value", "app_id")),
     ("access_keys", ("key", "salt", "secret_hash", "name", "description", "status",
                      "expires_at", "all_devices", "address_mode", "addresses", "topic_mode",
                      "pub_topics", "sub_topics", "created_at", "updated_at", "last_used",

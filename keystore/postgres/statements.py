@@ -22,16 +22,15 @@ from keystore.models import AccessKey, Application, Device, Tag
 from keystore.postgres.db import DEVICE_COLUMNS, KEY_COLUMNS
 from keystore.rows import APP_COLUMNS, now_micros, row_to_app, row_to_device, row_to_key
 
-# Scope of a restricted key (see the SQLite twin): from the key's few rows to devices by
-# their id, index-only (device_tags_by_pair, devices_app_of).
+# Scope of a restricted key (see the SQLite twin): listed ids through devices_app_of, and
+# each listed tag pair as one range of device_tags_by_app_pair, index-only.
 SCOPE_SQL = """
     SELECT d.id FROM key_devices kd JOIN devices d ON d.id = kd.device_id
      WHERE kd.key = $1 AND d.app_id = $2
     UNION ALL
     SELECT dt.device_id FROM key_tags kt
       JOIN device_tags dt ON dt.key = kt.tkey AND dt.value = kt.tvalue
-      JOIN devices d ON d.id = dt.device_id
-     WHERE kt.key = $1 AND d.app_id = $2
+     WHERE kt.key = $1 AND dt.app_id = $2
 """
 # One round trip for CONNECT: the auth generation, the key, its salt and hash.
 CONNECT_SQL = (
@@ -85,11 +84,14 @@ async def touch_device(conn: asyncpg.Connection, device_id: str) -> None:
                        device_id)
 
 
-async def add_device_tags(conn: asyncpg.Connection, rows: Sequence[tuple[str, str, str]]) -> None:
+async def add_device_tags(conn: asyncpg.Connection, app_id: str,
+                          rows: Sequence[tuple[str, str, str]]) -> None:
+    """Tag rows (device id, key, value) of devices of ``app_id``."""
     if rows:
         await conn.execute(
-            "INSERT INTO device_tags (device_id, key, value) "
-            "SELECT * FROM unnest($1::text[], $2::text[], $3::text[])", *_columns(rows, 3))
+            "INSERT INTO device_tags (device_id, key, value, app_id) "
+            "SELECT t.*, $4 FROM unnest($1::text[], $2::text[], $3::text[]) AS t",
+            *_columns(rows, 3), app_id)
 
 
 async def drop_device_tags(conn: asyncpg.Connection,
@@ -132,7 +134,7 @@ async def upsert_batch(
             "FROM unnest($1::text[], $2::bigint[], $3::text[]) AS c(name, at, id) "
             "WHERE d.id = c.id", *_columns(plan.changed, 3))
     await drop_device_tags(conn, plan.drop_tags)
-    await add_device_tags(conn, plan.add_tags)
+    await add_device_tags(conn, app_id, plan.add_tags)
     return plan.touched
 
 

@@ -205,10 +205,7 @@ class SqliteBackend:
                 "VALUES (?, ?, ?, ?, ?)",
                 (device_id, name, now, now, app_id),
             )
-            await conn.executemany(
-                "INSERT INTO device_tags (device_id, key, value) VALUES (?, ?, ?)",
-                [(device_id, k, v) for k, v in tags],
-            )
+            await statements.add_device_tags(conn, app_id, [(device_id, k, v) for k, v in tags])
             return await statements.load_device(conn, app_id, device_id)
 
     async def upsert_devices(
@@ -236,10 +233,8 @@ class SqliteBackend:
             before = await statements.load_device(conn, app_id, device_id)
             added = [p for p in tags if p not in before.tags]
             if added:
-                await conn.executemany(
-                    "INSERT INTO device_tags (device_id, key, value) VALUES (?, ?, ?)",
-                    [(before.id, k, v) for k, v in added],
-                )
+                await statements.add_device_tags(conn, app_id,
+                                                 [(before.id, k, v) for k, v in added])
                 await statements.touch_device(conn, before.id)
             return await statements.load_device(conn, app_id, before.id)
 
@@ -248,10 +243,7 @@ class SqliteBackend:
             before = await statements.load_device(conn, app_id, device_id)
             doomed = plans.doomed_tags(before, specs)
             if doomed:
-                await conn.executemany(
-                    "DELETE FROM device_tags WHERE device_id = ? AND key = ? AND value = ?",
-                    [(before.id, k, v) for k, v in doomed],
-                )
+                await statements.drop_device_tags(conn, [(before.id, k, v) for k, v in doomed])
                 await statements.touch_device(conn, before.id)
             return await statements.load_device(conn, app_id, before.id)
 
@@ -273,11 +265,8 @@ class SqliteBackend:
             edit = plans.device_edit(before, name, tags)
             if edit.rename:
                 await conn.execute("UPDATE devices SET name = ? WHERE id = ?", (name, before.id))
-            await conn.executemany(
-                "DELETE FROM device_tags WHERE device_id = ? AND key = ? AND value = ?",
-                edit.drop)
-            await conn.executemany(
-                "INSERT INTO device_tags (device_id, key, value) VALUES (?, ?, ?)", edit.add)
+            await statements.drop_device_tags(conn, edit.drop)
+            await statements.add_device_tags(conn, app_id, edit.add)
             if edit.touched:
                 await statements.touch_device(conn, before.id)
             return await statements.load_device(conn, app_id, before.id)

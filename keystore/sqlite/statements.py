@@ -34,7 +34,8 @@ from keystore.sqlite.db import (
 )
 
 # Scope of a restricted key: listed ids that exist, plus devices carrying a listed tag
-# pair. Both halves walk primary keys / the (key, value, device_id) covering index.
+# pair. Both halves walk primary keys / the (app_id, key, value, device_id) covering
+# index: the tag half is one index range per listed pair, with no lookup per device.
 # UNION ALL: the caller builds a frozenset anyway, so SQLite need not sort to dedupe.
 # CROSS JOIN fixes the join order (SQLite does not reorder it): from the key's few rows
 # to devices by primary key, never a walk over an application's devices.
@@ -44,8 +45,7 @@ SCOPE_SQL = """
     UNION ALL
     SELECT dt.device_id FROM key_tags kt
       CROSS JOIN device_tags dt ON dt.key = kt.tkey AND dt.value = kt.tvalue
-      CROSS JOIN devices d ON d.id = dt.device_id
-     WHERE kt.key = ? AND d.app_id = ?
+     WHERE kt.key = ? AND dt.app_id = ?
 """
 async def count(conn: aiosqlite.Connection, sql: str, params: tuple[Any, ...] = ()) -> int:
     rows = list(await conn.execute_fetchall(sql, params))
@@ -99,6 +99,20 @@ async def load_device(conn: aiosqlite.Connection, app_id: str, device_id: str) -
     return row_to_device(rows[0])
 
 
+async def add_device_tags(conn: aiosqlite.Connection, app_id: str,
+                          rows: Sequence[tuple[str, str, str]]) -> None:
+    """Tag rows (device id, key, value) of devices of ``app_id``."""
+    await conn.executemany(
+        "INSERT INTO device_tags (device_id, key, value, app_id) VALUES (?, ?, ?, ?)",
+        [(*row, app_id) for row in rows])
+
+
+async def drop_device_tags(conn: aiosqlite.Connection,
+                           rows: Sequence[tuple[str, str, str]]) -> None:
+    await conn.executemany(
+        "DELETE FROM device_tags WHERE device_id = ? AND key = ? AND value = ?", rows)
+
+
 async def touch_device(conn: aiosqlite.Connection, device_id: str) -> None:
     await conn.execute("UPDATE devices SET updated_at = ? WHERE id = ?", (now_micros(), device_id))
 
@@ -127,12 +141,8 @@ async def upsert_batch(
     )
     await conn.executemany("UPDATE devices SET name = ?, updated_at = ? WHERE id = ?",
                            plan.changed)
-    await conn.executemany(
-        "DELETE FROM device_tags WHERE device_id = ? AND key = ? AND value = ?", plan.drop_tags
-    )
-    await conn.executemany(
-        "INSERT INTO device_tags (device_id, key, value) VALUES (?, ?, ?)", plan.add_tags
-    )
+    await drop_device_tags(conn, plan.drop_tags)
+    await add_device_tags(conn, app_id, plan.add_tags)
     return plan.touched
 
 

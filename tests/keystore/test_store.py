@@ -69,7 +69,7 @@ async def test_fresh_file_is_migrated_and_reopening_is_idempotent(db_path: Path)
     with contextlib.closing(sqlite3.connect(db_path)) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
-        assert "device_tags_by_pair" in indexes
+        assert "device_tags_by_app_pair" in indexes
     async with KeyStore.open(db_path) as store:
         assert (await store.get_device("d1")).tags == (("a", "1"),)
     assert dump(db_path) == first
@@ -301,7 +301,7 @@ async def test_scope_lookups_use_indexes(db_path: Path) -> None:
     scans = [d for d in details if d.startswith("SCAN") and d != "SCAN CONSTANT ROW"
              and not d.startswith("SCAN (subquery")]
     assert not scans, details
-    assert any("device_tags_by_pair" in d for d in details), details
+    assert any("device_tags_by_app_pair" in d for d in details), details
 
 
 @pytest.mark.parametrize("prefix", ["", "a/b", "+", "#", "$dev"])
