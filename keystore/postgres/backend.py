@@ -25,15 +25,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import datetime
 from typing import Any
 
 import asyncpg
 
 from keystore import credentials, plans
-from keystore.backend import ConnectRow, DeviceTokenRow, Page, UntagSpec
+from keystore.backend import ConnectRow, DeviceTokenRow, Page
 from keystore.errors import (
     ConflictError,
     KeybrokerError,
@@ -73,6 +73,7 @@ from keystore.rows import (
     to_device_token_row,
     to_micros,
 )
+from keystore.sharedops import SharedOps
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,9 @@ def _affected(status: str) -> int:
     return int(last) if last.isdigit() else 0
 
 
-class PostgresBackend:
+class PostgresBackend(SharedOps):
+    statements = statements
+
     def __init__(self, pool: asyncpg.Pool, url: str, statement_timeout: float) -> None:
         self._pool = pool
         self._url = url
@@ -175,6 +178,12 @@ class PostgresBackend:
         except self._HANDLED as exc:
             raise self._failed(exc) from None
 
+    def _write(self) -> AbstractAsyncContextManager[asyncpg.Connection]:
+        return self._tx()
+
+    def _read(self) -> AbstractAsyncContextManager[asyncpg.Connection]:
+        return self._tx(snapshot=True)
+
     def transaction(self, *, feed: bool = False) -> Any:
         """One write transaction (``async with``), for whole-keystore work in this package
         (keystore.postgres.copy); ``feed``: it writes change-feed rows."""
@@ -248,19 +257,6 @@ class PostgresBackend:
 
     # --- devices --------------------------------------------------------------------------
 
-    async def insert_device(self, app_id: str, device_id: str, name: str | None,
-                            tags: tuple[Tag, ...]) -> Device:
-        now = now_micros()
-        async with self._tx() as conn:
-            plans.check_new_device(device_id, await statements.device_app(conn, device_id),
-                                   app_id)
-            await conn.execute(
-                "INSERT INTO devices (id, name, created_at, updated_at, app_id) "
-                "VALUES ($1, $2, $3, $3, $4)", device_id, name, now, app_id)
-            await statements.add_device_tags(conn, app_id,
-                                             [(device_id, k, v) for k, v in tags])
-            return await statements.load_device(conn, app_id, device_id)
-
     async def upsert_devices(
         self, app_id: str, wanted: Mapping[str, tuple[str | None, frozenset[Tag]]]
     ) -> int:
@@ -282,45 +278,12 @@ class PostgresBackend:
             f"SELECT {DEVICE_COLUMNS} FROM devices d WHERE d.app_id = $1 ORDER BY d.id", app_id)
         return [row_to_device(r) for r in rows]
 
-    async def add_tags(self, app_id: str, device_id: str, tags: tuple[Tag, ...]) -> Device:
-        async with self._tx() as conn:
-            before = await statements.load_device(conn, app_id, device_id)
-            added = [p for p in tags if p not in before.tags]
-            if added:
-                await statements.add_device_tags(conn, app_id,
-                                                 [(before.id, k, v) for k, v in added])
-                await statements.touch_device(conn, before.id)
-            return await statements.load_device(conn, app_id, before.id)
-
-    async def remove_tags(self, app_id: str, device_id: str, specs: list[UntagSpec]) -> Device:
-        async with self._tx() as conn:
-            before = await statements.load_device(conn, app_id, device_id)
-            doomed = plans.doomed_tags(before, specs)
-            if doomed:
-                await statements.drop_device_tags(conn, [(before.id, k, v) for k, v in doomed])
-                await statements.touch_device(conn, before.id)
-            return await statements.load_device(conn, app_id, before.id)
-
     async def delete_devices(self, app_id: str, device_ids: tuple[str, ...]) -> None:
         async with self._tx(feed=True) as conn:
             missing = await statements.missing_devices(conn, app_id, device_ids)
             if missing:
                 raise NotFoundError(f"no device {missing[0]!r} (nothing removed)")
             await conn.execute("DELETE FROM devices WHERE id = ANY($1::text[])", list(device_ids))
-
-    async def change_device(self, app_id: str, device_id: str, name: Any,
-                            tags: tuple[Tag, ...] | None) -> Device:
-        """Set the name (``...`` leaves it) and replace the tag set (None leaves it)."""
-        async with self._tx() as conn:
-            before = await statements.load_device(conn, app_id, device_id)
-            edit = plans.device_edit(before, name, tags)
-            if edit.rename:
-                await conn.execute("UPDATE devices SET name = $1 WHERE id = $2", name, before.id)
-            await statements.drop_device_tags(conn, edit.drop)
-            await statements.add_device_tags(conn, app_id, edit.add)
-            if edit.touched:
-                await statements.touch_device(conn, before.id)
-            return await statements.load_device(conn, app_id, before.id)
 
     async def page_devices(self, app_id: str, name_glob: str | None, sort: str,
                            descending: bool, offset: int, limit: int) -> Page:
@@ -373,11 +336,6 @@ class PostgresBackend:
                     raise ConflictError(f"key name {taken!r} is already used by another key")
             return await statements.insert_keys(conn, app_id, specs, minted, now)
 
-    async def load_key(self, app_id: str, key_or_prefix: str) -> AccessKey:
-        async with self._tx(snapshot=True) as conn:
-            key = await statements.resolve_key(conn, app_id, key_or_prefix)
-            return (await statements.load_keys(conn, [key]))[key]
-
     async def load_key_by_id(self, app_id: str, key_id: str) -> AccessKey:
         rows = await self._fetch(
             f"SELECT {KEY_COLUMNS} FROM access_keys k WHERE k.id = $1 AND k.app_id = $2",
@@ -398,10 +356,6 @@ class PostgresBackend:
                 f"SELECT {KEY_COLUMNS} FROM access_keys k WHERE k.app_id = $1 AND ({where}) "
                 f"ORDER BY {order} LIMIT ${n + 1} OFFSET ${n + 2}", *params, limit, offset)
         return [row_to_key(r) for r in rows], int(total)
-
-    async def keys_by_id(self, keys: Iterable[str]) -> dict[str, AccessKey]:
-        async with self._tx(snapshot=True) as conn:
-            return await statements.load_keys(conn, list(dict.fromkeys(keys)))
 
     async def query_keys(self, app_id: str,
                          query: Mapping[str, Any] | str | None) -> list[AccessKey]:

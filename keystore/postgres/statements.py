@@ -84,6 +84,16 @@ async def touch_device(conn: asyncpg.Connection, device_id: str) -> None:
                        device_id)
 
 
+async def insert_device(conn: asyncpg.Connection, app_id: str, device_id: str,
+                        name: str | None, now: int) -> None:
+    await conn.execute("INSERT INTO devices (id, name, created_at, updated_at, app_id) "
+                       "VALUES ($1, $2, $3, $3, $4)", device_id, name, now, app_id)
+
+
+async def rename_device(conn: asyncpg.Connection, device_id: str, name: str | None) -> None:
+    await conn.execute("UPDATE devices SET name = $1 WHERE id = $2", name, device_id)
+
+
 async def add_device_tags(conn: asyncpg.Connection, app_id: str,
                           rows: Sequence[tuple[str, str, str]]) -> None:
     """Tag rows (device id, key, value) of devices of ``app_id``."""

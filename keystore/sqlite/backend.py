@@ -31,7 +31,7 @@ from typing import Any
 import aiosqlite
 
 from keystore import credentials, plans
-from keystore.backend import ConnectRow, DeviceTokenRow, Page, UntagSpec
+from keystore.backend import ConnectRow, DeviceTokenRow, Page
 from keystore.errors import ConflictError, NotFoundError, ValidationError
 from keystore.keyspec import KeySpec
 from keystore.models import AccessKey, ApiToken, Application, Change, Device, KeyStatus, Tag
@@ -53,6 +53,7 @@ from keystore.rows import (
     to_device_token_row,
     to_micros,
 )
+from keystore.sharedops import SharedOps
 from keystore.sqlite import statements
 from keystore.sqlite.db import (
     DEVICE_COLUMNS,
@@ -78,7 +79,9 @@ DEVICE_TOKEN_SQL = (
     "t.secret_hash, t.expires_at, " + KEY_COLUMNS
     + " FROM device_tokens t JOIN access_keys k ON k.key = t.key WHERE t.id = ?"
 )
-class SqliteBackend:
+class SqliteBackend(SharedOps):
+    statements = statements
+
     def __init__(self, conn: aiosqlite.Connection, path: str) -> None:
         self._conn = conn
         self.path = path
@@ -194,20 +197,6 @@ class SqliteBackend:
 
     # --- devices --------------------------------------------------------------------------
 
-    async def insert_device(self, app_id: str, device_id: str, name: str | None,
-                            tags: tuple[Tag, ...]) -> Device:
-        now = now_micros()
-        async with self._write() as conn:
-            plans.check_new_device(device_id, await statements.device_app(conn, device_id),
-                                   app_id)
-            await conn.execute(
-                "INSERT INTO devices (id, name, created_at, updated_at, app_id) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (device_id, name, now, now, app_id),
-            )
-            await statements.add_device_tags(conn, app_id, [(device_id, k, v) for k, v in tags])
-            return await statements.load_device(conn, app_id, device_id)
-
     async def upsert_devices(
         self, app_id: str, wanted: Mapping[str, tuple[str | None, frozenset[Tag]]]
     ) -> int:
@@ -228,25 +217,6 @@ class SqliteBackend:
             (app_id,))
         return [row_to_device(r) for r in rows]
 
-    async def add_tags(self, app_id: str, device_id: str, tags: tuple[Tag, ...]) -> Device:
-        async with self._write() as conn:
-            before = await statements.load_device(conn, app_id, device_id)
-            added = [p for p in tags if p not in before.tags]
-            if added:
-                await statements.add_device_tags(conn, app_id,
-                                                 [(before.id, k, v) for k, v in added])
-                await statements.touch_device(conn, before.id)
-            return await statements.load_device(conn, app_id, before.id)
-
-    async def remove_tags(self, app_id: str, device_id: str, specs: list[UntagSpec]) -> Device:
-        async with self._write() as conn:
-            before = await statements.load_device(conn, app_id, device_id)
-            doomed = plans.doomed_tags(before, specs)
-            if doomed:
-                await statements.drop_device_tags(conn, [(before.id, k, v) for k, v in doomed])
-                await statements.touch_device(conn, before.id)
-            return await statements.load_device(conn, app_id, before.id)
-
     async def delete_devices(self, app_id: str, device_ids: tuple[str, ...]) -> None:
         async with self._write() as conn:
             missing = await statements.missing_devices(conn, app_id, device_ids)
@@ -256,20 +226,6 @@ class SqliteBackend:
                 await conn.execute(
                     f"DELETE FROM devices WHERE id IN ({placeholders(len(batch))})", batch
                 )
-
-    async def change_device(self, app_id: str, device_id: str, name: Any,
-                            tags: tuple[Tag, ...] | None) -> Device:
-        """Set the name (``...`` leaves it) and replace the tag set (None leaves it)."""
-        async with self._write() as conn:
-            before = await statements.load_device(conn, app_id, device_id)
-            edit = plans.device_edit(before, name, tags)
-            if edit.rename:
-                await conn.execute("UPDATE devices SET name = ? WHERE id = ?", (name, before.id))
-            await statements.drop_device_tags(conn, edit.drop)
-            await statements.add_device_tags(conn, app_id, edit.add)
-            if edit.touched:
-                await statements.touch_device(conn, before.id)
-            return await statements.load_device(conn, app_id, before.id)
 
     async def page_devices(self, app_id: str, name_glob: str | None, sort: str,
                            descending: bool, offset: int, limit: int) -> Page:
@@ -322,11 +278,6 @@ class SqliteBackend:
                     raise ConflictError(f"key name {taken!r} is already used by another key")
             return await statements.insert_keys(conn, app_id, specs, minted, now)
 
-    async def load_key(self, app_id: str, key_or_prefix: str) -> AccessKey:
-        async with self._read() as conn:
-            key = await statements.resolve_key(conn, app_id, key_or_prefix)
-            return (await statements.load_keys(conn, [key]))[key]
-
     async def load_key_by_id(self, app_id: str, key_id: str) -> AccessKey:
         rows = await self._fetchall(
             f"SELECT {KEY_COLUMNS} FROM access_keys k WHERE k.id = ? AND k.app_id = ?",
@@ -347,10 +298,6 @@ class SqliteBackend:
                 f"SELECT {KEY_COLUMNS} FROM access_keys k WHERE k.app_id = ? AND ({where}) "
                 f"ORDER BY {order} LIMIT ? OFFSET ?", (app_id, *params, limit, offset))
         return [row_to_key(r) for r in rows], total
-
-    async def keys_by_id(self, keys: Iterable[str]) -> dict[str, AccessKey]:
-        async with self._read() as conn:
-            return await statements.load_keys(conn, list(dict.fromkeys(keys)))
 
     async def query_keys(self, app_id: str,
                          query: Mapping[str, Any] | str | None) -> list[AccessKey]:

@@ -99,6 +99,17 @@ async def load_device(conn: aiosqlite.Connection, app_id: str, device_id: str) -
     return row_to_device(rows[0])
 
 
+async def insert_device(conn: aiosqlite.Connection, app_id: str, device_id: str,
+                        name: str | None, now: int) -> None:
+    await conn.execute(
+        "INSERT INTO devices (id, name, created_at, updated_at, app_id) VALUES (?, ?, ?, ?, ?)",
+        (device_id, name, now, now, app_id))
+
+
+async def rename_device(conn: aiosqlite.Connection, device_id: str, name: str | None) -> None:
+    await conn.execute("UPDATE devices SET name = ? WHERE id = ?", (name, device_id))
+
+
 async def add_device_tags(conn: aiosqlite.Connection, app_id: str,
                           rows: Sequence[tuple[str, str, str]]) -> None:
     """Tag rows (device id, key, value) of devices of ``app_id``."""
