@@ -78,7 +78,8 @@ class PostgresServer:
     def _run(self, *args: str | Path) -> None:
         cmd = [str(a) for a in args]
         if self.as_root:
-            cmd = ["runuser", "-u", RUN_AS, "--", *cmd]
+            runuser = shutil.which("runuser") or "/usr/sbin/runuser"  # sbin may be off PATH
+            cmd = [runuser, "-u", RUN_AS, "--", *cmd]
         # cwd: the postgres user may not be allowed into the caller's directory.
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False,
                               cwd=self.base)
