@@ -184,7 +184,7 @@ class PostgresBackend(SharedOps):
     def _read(self) -> AbstractAsyncContextManager[asyncpg.Connection]:
         return self._tx(snapshot=True)
 
-    def transaction(self, *, feed: bool = False) -> Any:
+    def transaction(self, *, feed: bool = False) -> AbstractAsyncContextManager[asyncpg.Connection]:
         """One write transaction (``async with``), for whole-keystore work in this package
         (keystore.postgres.copy); ``feed``: it writes change-feed rows."""
         return self._tx(feed=feed)
