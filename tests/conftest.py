@@ -33,8 +33,9 @@ async def _migrate(url: str) -> None:
 def postgres() -> Iterator[PostgresServer]:
     """One throwaway PostgreSQL server for the whole session (skipped, or failed under
     KEYBROKER_REQUIRE_SERVICES=1, when its binaries are missing)."""
-    server = PostgresServer().init()
+    server = PostgresServer()
     try:
+        server.init()
         server.start()
         server.make_template(_migrate)
         yield server

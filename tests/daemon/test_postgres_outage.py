@@ -29,8 +29,9 @@ STATE = "losant/dev-a/state"
 def own_server(postgres: PostgresServer) -> Iterator[PostgresServer]:
     """A server of this test's own (it is stopped and started; the session's one is
     shared). Requesting ``postgres`` first skips or fails the same way without binaries."""
-    server = PostgresServer().init()
+    server = PostgresServer()
     try:
+        server.init()
         server.start()
         server.admin("CREATE DATABASE ks")
         yield server
