@@ -73,13 +73,7 @@ class BrokerServer:
             raise ValueError("no listener configured")
         raise_open_files_limit(settings.max_connections)
         try:
-            self.keystore = await self._stack.enter_async_context(
-                KeyStore.open(
-                    settings.db_path,
-                    device_prefix=settings.device_prefix,
-                    max_keys=settings.max_keys,
-                )
-            )
+            self.keystore = await self._stack.enter_async_context(settings.open_keystore())
             self.audit = AuditLog(settings.audit_path)
             self._stack.callback(self.audit.close)
             guard = BruteForceGuard(settings.guard) if settings.guard.enabled else None
@@ -134,7 +128,7 @@ class BrokerServer:
             addresses += f" api={self.api.url}"
         state = f", state {self.state.store.location}" if self.state is not None else ""
         logger.info("keybroker listening: %s (keystore %s%s)", addresses,
-                    settings.db_path.absolute(), state)
+                    settings.keystore_shown, state)
 
     def _watched_change_id(self) -> int:
         return self.watcher.applied_change_id if self.watcher is not None else 0

@@ -16,7 +16,6 @@ from broker.server import BrokerServer
 from broker.settings import ANY_HOST, Listener, Settings, check_listeners, load_settings
 from broker.state.sqlite import reset_state_file
 from broker.state.store import state_file
-from keystore import KeyStore
 
 DEMO_DEVICE = "demo-device"
 DEMO_DASHBOARD = "demo-dashboard"
@@ -37,7 +36,7 @@ def _with_listener(settings: Settings, name: str, **fields: object) -> Settings:
 
 def build_settings(
     config: Path | None,
-    db: Path | None,
+    db: str | None,
     host: str | None,
     port: int | None,
     ws_port: int | None,
@@ -50,8 +49,8 @@ def build_settings(
     api_port: int | None = None,
     no_api: bool = False,
 ) -> Settings:
-    settings = load_settings(config).with_overrides(db_path=db, audit_path=audit_log,
-                                                    api_host=api_host, api_port=api_port)
+    settings = load_settings(config).with_db(db).with_overrides(
+        audit_path=audit_log, api_host=api_host, api_port=api_port)
     if no_api:
         settings = replace(settings, api_enabled=False)
     if (tls_port is not None or wss_port is not None) and not (certfile and keyfile):
@@ -83,8 +82,7 @@ def build_settings(
 async def create_demo_if_empty(settings: Settings) -> tuple[str, str] | None:
     """On an empty keystore: a demo device, a demo dashboard and one key for both, so the
     dashboard can watch the device's state. Returns (key, secret)."""
-    async with KeyStore.open(settings.db_path, device_prefix=settings.device_prefix,
-                             max_keys=settings.max_keys) as ks:
+    async with settings.open_keystore() as ks:
         if await ks.count_devices() or await ks.count_keys():
             return None
         await ks.add_device(DEMO_DEVICE, name="Demo device", tags=[("kind", "demo")])
@@ -201,7 +199,10 @@ def serve(config: Path | None, host: str | None, port: int | None, ws_port: int 
     # keep the daemon's log about keybroker.
     for chatty in ("amqtt", "transitions", "websockets"):
         logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))
-    settings.db_path.parent.mkdir(parents=True, exist_ok=True)
+    if settings.db_url is None:
+        settings.db_path.parent.mkdir(parents=True, exist_ok=True)
+    if settings.persistence:  # beside the keystore file, which a PostgreSQL URL has not
+        state_file(settings).parent.mkdir(parents=True, exist_ok=True)
     if reset_state:
         path = state_file(settings)
         backup = reset_state_file(path)

@@ -261,7 +261,17 @@ _V6 = [
     "CREATE INDEX device_tokens_by_device ON device_tokens (device_id)",
 ]
 
-MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6]
+# Tag resolution without a probe per device: a tag row carries its device's application
+# (which never changes), so the devices of an application carrying a tag pair are one
+# range of one covering index, however many devices other applications hold.
+_V7 = [
+    "ALTER TABLE device_tags ADD COLUMN app_id TEXT NOT NULL DEFAULT ''",
+    "UPDATE device_tags SET app_id = (SELECT app_id FROM devices WHERE id = device_id)",
+    "DROP INDEX device_tags_by_pair",
+    "CREATE INDEX device_tags_by_app_pair ON device_tags (app_id, key, value, device_id)",
+]
+
+MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7]
 SCHEMA_VERSION = len(MIGRATIONS)
 # Steps that rebuild a table others reference: foreign keys are off while they run (a
 # PRAGMA that only works outside a transaction), and checked before they commit.

@@ -22,13 +22,12 @@ from selenium.webdriver.remote.webelement import WebElement
 from tests.support.harness import RunningBroker, broker_settings
 from tests.support.services import require_binary
 
-INSTALL = "apt-get install chromium chromium-driver"
+WHY = "the console tests drive a real browser (apt-get install chromium chromium-driver)"
 
 
 def chrome(downloads: Path, width: int = 1440, height: int = 1000) -> WebDriver:
-    driver_path = require_binary(["chromedriver"], "chromedriver (Debian chromium-driver)",
-                                 INSTALL)
-    browser = require_binary(["chromium", "chromium-browser"], "Chromium", INSTALL)
+    driver_path = require_binary("chromedriver", WHY)
+    browser = require_binary("chromium", WHY)
     options = webdriver.ChromeOptions()
     options.binary_location = str(browser)
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
