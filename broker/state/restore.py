@@ -20,10 +20,11 @@ Whatever is not restored is marked removed, so the next flush deletes it from th
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 
 from broker.mqtt.outbox import OutMessage
@@ -42,6 +43,8 @@ from keystore import KeyStore
 from keystore.models import AccessKey
 
 logger = logging.getLogger(__name__)
+
+PREFETCH = 256  # scope lookups in flight at once while restoring
 
 
 async def open_store(settings: Settings) -> StateStore:
@@ -137,6 +140,21 @@ class _Restore:
             return "key_expired"
         return None
 
+    async def prefetch(self, keys: Iterable[AccessKey]) -> None:
+        """Resolve the scopes of ``keys`` ``PREFETCH`` at a time: the keystore answers a
+        batch back to back instead of one round trip per session (18,000 devices with a
+        key each restore in a fraction of the time)."""
+        pending = list({key.key: key for key in keys if key.key not in self._policies}.values())
+        for start in range(0, len(pending), PREFETCH):
+            chunk = pending[start:start + PREFETCH]
+            scopes = await asyncio.gather(*(self.keystore.resolve_scope(k) for k in chunk))
+            for key, scope in zip(chunk, scopes, strict=True):
+                self._policies[key.key] = scope, SessionPolicy.build(
+                    key, scope, self.settings.device_prefix)
+
+    def admits(self, key: AccessKey, apps: set[str], now: float) -> bool:
+        return self._refusal(mount_of(key.app_id), key, apps, now) is None
+
     async def _policy(self, key: AccessKey) -> tuple[frozenset[str] | None, SessionPolicy]:
         """The key's scope now and its session policy, once per key."""
         known = self._policies.get(key.key)
@@ -178,6 +196,8 @@ async def restore(snapshot: Snapshot, keystore: KeyStore, router: Router,
     apps = {mount_of(app.id) for app in await keystore.list_apps()}
     work.retained(snapshot, apps)
     keys = await keystore.keys_by_id({stored.row.key for stored in snapshot.sessions})
+    await work.prefetch(key for key in keys.values()
+                        if work.admits(key, apps, now))
     for stored in snapshot.sessions:
         await work.session(stored, keys.get(stored.row.key), apps, now)
     if settings.session_expiry:  # offline for too long, also while the daemon was down

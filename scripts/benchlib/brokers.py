@@ -176,12 +176,12 @@ def _stop(broker: RunningBroker, timeout: float = 10.0) -> None:
 @contextlib.contextmanager
 def running(kind: str, workdir: Path, *, keystore: Path | None = None, config: str = "",
             log_level: str = "WARNING", api_settings: str = "",
-            limits: str = "") -> Iterator[RunningBroker]:
-    """Start broker ``kind`` on a free loopback port; always stopped on exit. keybroker:
-    ``limits`` lines go into [limits], ``api_settings`` into [api], and ``config`` is
-    appended to its config file (e.g. a [persistence] section)."""
-    port = free_port()
-    api_port: int | None = None
+            limits: str = "", port: int | None = None,
+            api_port: int | None = None) -> Iterator[RunningBroker]:
+    """Start broker ``kind`` on a loopback port (``port``, else a free one); always stopped
+    on exit. keybroker: ``limits`` lines go into [limits], ``api_settings`` into [api], and
+    ``config`` is appended to its config file (e.g. a [persistence] section)."""
+    port = free_port() if port is None else port
     log_path = workdir / f"{kind}-{port}.log"
     notes: list[str] = []
     if kind == "amqtt":
@@ -198,7 +198,7 @@ def running(kind: str, workdir: Path, *, keystore: Path | None = None, config: s
         if keystore is None:
             raise ValueError("keybroker needs a keystore path")
         conf = workdir / f"keybroker-{port}.toml"
-        api_port = free_port()
+        api_port = free_port() if api_port is None else api_port
         # Default limits except: the fleet workload's idle client holds up to 100,000
         # filters, and every load-generator connection comes from 127.0.0.1 (0 = no limit).
         conf.write_text(

@@ -55,3 +55,24 @@ def test_bench_quick_api_rows(tmp_path: Path) -> None:
     loaded = results["api_qos0_loaded"]["details"]["keybroker"]
     assert loaded["api_req_per_s"] > 0 and loaded["api_errors"] == 0
     assert results["api_list_page_p99"]["target"] == "p99 <= 30 ms"
+
+
+def test_bench_quick_storm_brings_every_session_back(tmp_path: Path) -> None:
+    """The reconnect storm: persistent sessions with a subscription each, a daemon restart
+    (SIGTERM), every device back at once, with its session and unbanned."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(  # noqa: S603 - our own interpreter and script
+        [sys.executable, str(BENCH), "--quick", "--only", "storm", "--brokers", "keybroker",
+         "--json-out", str(out)],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    detail = results["storm_back"]["details"]["keybroker"]
+    assert detail["subscribe_refused"] == 0
+    assert detail["first"]["connections"] == detail["storm"]["connections"] == 3000
+    assert detail["first"]["session_present"] == 0
+    assert results["storm_missing"]["values"]["keybroker"] == 0  # all 3,000 session_present
+    assert results["storm_bans"]["values"]["keybroker"] == 0
+    assert any("restored 0 retained messages and 3000 persistent sessions" in line
+               for line in detail["daemon_log"])
