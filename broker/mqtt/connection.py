@@ -14,7 +14,7 @@ import logging
 
 from broker.framing import FramedReader, PacketError
 from broker.mqtt import codec
-from broker.mqtt.inbound import Inbound
+from broker.mqtt.inbound import Inbound, released
 from broker.mqtt.link import Link
 from broker.mqtt.plugins import audit_fields
 from broker.mqtt.session import ConnectionInfo, KeySession
@@ -82,9 +82,7 @@ class MqttConnection:
             router.pubrec(session, codec.packet_id_of(body))
         elif kind == codec.PUBREL:
             packet_id = codec.packet_id_of(body)
-            session.inflight_in.discard(packet_id)
-            if session.journal is not None:
-                session.journal.saved(session)
+            released(session, packet_id)
             self.inbound.acknowledge(self.link, codec.ack_packet(codec.PUBCOMP, packet_id))
         elif kind == codec.PUBCOMP:
             router.pubcomp(session, codec.packet_id_of(body))

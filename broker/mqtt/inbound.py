@@ -51,8 +51,12 @@ class Inbound:
         """An incoming PUBLISH and its acknowledgement; False ends the connection."""
         qos, packet_id = packet.qos, packet.packet_id
         if qos == 2 and packet_id in session.inflight_in:  # seen: not passed on twice
-            self.acknowledge(link, codec.ack_packet(codec.PUBREC, packet_id))
-            return True
+            if packet.dup or packet_id not in session.restored_in:
+                self.acknowledge(link, codec.ack_packet(codec.PUBREC, packet_id))
+                return True
+            # A restored id the client reuses without DUP: it had its PUBCOMP before the
+            # daemon died and the release was not saved; this is a new message.
+            released(session, packet_id)
         if qos == 2 and len(session.inflight_in) >= self.settings.max_queued_messages:
             # amqtt kept every unreleased QoS 2 message without limit.
             self.audit.event("bad_packet", reason="too many unacknowledged QoS 2 messages "
@@ -143,3 +147,12 @@ class Inbound:
     def _topic_limit(self, topic: str) -> str | None:
         return topic_limit_problem(topic, self.settings.max_topic_length,
                                    self.settings.max_topic_levels)
+
+
+def released(session: KeySession, packet_id: int) -> None:
+    """An incoming QoS 2 packet id is free again (PUBREL, or see ``publish_packet``)."""
+    session.inflight_in.discard(packet_id)
+    if packet_id in session.restored_in:
+        session.restored_in = session.restored_in - {packet_id}
+    if session.journal is not None:
+        session.journal.saved(session)

@@ -67,11 +67,14 @@ class SessionJournal(OutboxJournal, Protocol):
         """The session is forgotten, with everything held for it."""
 
 
+NO_IDS: frozenset[int] = frozenset()
+
+
 class KeySession:
     __slots__ = (
         "client_id", "clean_session", "conn", "will", "keep_alive", "username", "password",
         "grant", "mount", "refusal", "auth_started", "link", "kicked", "suppress_will",
-        "outbox", "inflight_in", "present", "bucket", "denials", "disconnected_at",
+        "outbox", "inflight_in", "restored_in", "present", "bucket", "denials", "disconnected_at",
         "retained_filters", "retained_sending", "journal",
     )
 
@@ -97,6 +100,9 @@ class KeySession:
         self.journal = journal  # persistent sessions, when the broker state is kept
         self.outbox = Outbox(journal)  # outgoing QoS 1/2: in flight and waiting
         self.inflight_in: set[int] = set()  # QoS 2 packet ids received, PUBREL pending
+        # Those of them read back from the broker state after a restart: a crash may have
+        # lost the PUBREL that released one, so a new PUBLISH (DUP 0) reusing it is new.
+        self.restored_in: frozenset[int] = NO_IDS
         self.present = False  # CONNACK session-present: a stored session was resumed
         self.bucket: tuple[float, float] | None = None  # publish-rate token bucket
         self.denials: tuple[float, int, int] | None = None  # audit throttle (start, n, dropped)

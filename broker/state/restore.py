@@ -111,6 +111,7 @@ class _Restore:
         session.grant = grant
         session.mount = row.mount
         session.inflight_in = {int(t) for t in row.inflight_in.split() if t.isdigit()}
+        session.restored_in = frozenset(session.inflight_in)
         session.disconnected_at = row.disconnected_at
         if session.disconnected_at is None:  # online when the daemon died: offline since now
             session.disconnected_at = now

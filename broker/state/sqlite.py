@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import sqlite3
 import time
@@ -98,10 +99,12 @@ def unusable(path: str, reason: str) -> StateError:
 
 
 class SqliteStateStore:
-    def __init__(self, path: str, conn: sqlite3.Connection, executor: ThreadPoolExecutor) -> None:
+    def __init__(self, path: str, conn: sqlite3.Connection, executor: ThreadPoolExecutor,
+                 lock: int | None = None) -> None:
         self.location = path
         self._conn = conn
         self._executor = executor
+        self._lock = lock  # held while open: one daemon per state file
 
     @classmethod
     async def open(cls, path: str | os.PathLike[str], *, sync: bool = False) -> SqliteStateStore:
@@ -114,7 +117,13 @@ class SqliteStateStore:
         except BaseException:
             executor.shutdown(wait=False)
             raise
-        return cls(location, conn, executor)
+        try:
+            lock = None if location == IN_MEMORY else _lock(location)
+        except BaseException:
+            conn.close()
+            executor.shutdown(wait=False)
+            raise
+        return cls(location, conn, executor, lock)
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, self._conn)
@@ -135,6 +144,22 @@ class SqliteStateStore:
             await self._run(lambda conn: conn.close())
         finally:
             self._executor.shutdown(wait=True)
+            if self._lock is not None:
+                os.close(self._lock)  # releases the flock
+                self._lock = None
+
+
+def _lock(path: str) -> int:
+    """An exclusive flock on the state file (independent of SQLite's own POSIX locks): two
+    daemons writing one state file would each overwrite the other's sessions."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StateError(f"broker state file {path}: in use by another keybroker daemon "
+                         "(give each daemon its own [persistence] path)") from None
+    return fd
 
 
 # --- on the store's thread ---------------------------------------------------------------

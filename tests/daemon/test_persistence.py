@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -173,6 +174,37 @@ def test_unacknowledged_deliveries_are_resent_after_a_crash(daemon: DaemonProces
             assert watcher.get(0.5) is None  # not delivered a second time
 
 
+def test_a_restored_qos2_id_reused_without_dup_is_a_new_message(daemon: DaemonProcess) -> None:
+    """A crash after the client's PUBREL was answered but before it was saved leaves the id
+    in the state: the client, which had its PUBCOMP, may reuse the id for a new message
+    (DUP 0), which must be delivered, not taken for the old one."""
+    creds = seed_devices(daemon.db, "a", "b")
+    port = daemon.start()
+    sock, _ = raw.session(port, "a", *creds, clean=False)
+    sock.close()
+    assert daemon.stop() == 0
+    with sqlite3.connect(daemon.state) as db:  # what the crash left: 7 and 8 pending
+        assert db.execute("UPDATE sessions SET inflight_in = '7 8' WHERE client_id = 'a'"
+                          ).rowcount == 1
+
+    port = daemon.start()
+    sock, connack = raw.session(port, "a", *creds, clean=False)
+    with sock, Client(port, "b", *creds) as watcher:
+        assert connack.body == SESSION_PRESENT
+        assert watcher.connect() == 0
+        assert watcher.subscribe("losant/a/up", 2) == 2
+        sock.sendall(raw.publish_qos("losant/a/up", b"old", 2, 8, dup=True))  # a re-send
+        sock.sendall(raw.publish_qos("losant/a/up", b"new", 2, 7))
+        acks = packets(sock, 2)
+        assert [(p.kind, p.packet_id) for p in acks] == [(PUBREC, 8), (PUBREC, 7)]
+        message = watcher.get(2.0)
+        assert message is not None and message.payload == b"new"
+        assert watcher.get(0.5) is None  # the re-sent 8 was not passed on
+        sock.sendall(raw.publish_qos("losant/a/up", b"new", 2, 7))  # now a duplicate
+        assert [(p.kind, p.packet_id) for p in packets(sock, 1)] == [(PUBREC, 7)]
+        assert watcher.get(0.5) is None
+
+
 def test_with_sync_an_acknowledged_message_survives_a_crash(tmp_path: Path) -> None:
     """sync = true: PUBACK only once saved, so a crash right after it loses nothing, even
     with a flush interval far longer than the test."""
@@ -216,3 +248,23 @@ def test_an_unusable_state_file_stops_the_start_until_reset(daemon: DaemonProces
     assert len(backups) == 1 and backups[0].read_bytes() == garbage
     assert daemon.stop() == 0
     assert daemon.state.read_bytes() != garbage
+
+
+def test_a_second_daemon_on_the_same_state_file_refuses_to_start(
+        daemon: DaemonProcess, tmp_path: Path) -> None:
+    creds = seed_devices(daemon.db, "a")
+    port = daemon.start()
+    (tmp_path / "other").mkdir()
+    other = DaemonProcess(tmp_path / "other", f'[persistence]\npath = "{daemon.state}"\n')
+    try:
+        other.spawn()
+        assert other.wait() == 1
+    finally:
+        other.kill()
+    errors = [line for line in other.lines if line.startswith("Error:")]
+    assert len(errors) == 1 and "Traceback" not in other.log()
+    assert str(daemon.state) in errors[0] and "in use by another keybroker daemon" in errors[0]
+    with Client(port, "a", *creds) as device:  # the first one is unharmed
+        assert device.connect() == 0
+    assert daemon.stop() == 0
+    daemon.start()  # and the lock went with it
