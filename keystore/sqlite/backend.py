@@ -37,6 +37,7 @@ from keystore.keyspec import KeySpec
 from keystore.models import AccessKey, ApiToken, Application, Change, Device, KeyStatus, Tag
 from keystore.query import compile_query, like_to_glob
 from keystore.sqlite import statements
+from keystore.sqlite.connections import SqliteConnections
 from keystore.sqlite.db import (
     APP_COLUMNS,
     DEVICE_COLUMNS,
@@ -87,7 +88,7 @@ def _order(columns: dict[str, str], sort: str, descending: bool, tie: str) -> st
     return f"{columns[sort]} {direction}, {tie} {direction}"
 
 
-class SqliteBackend:
+class SqliteBackend(SqliteConnections):
     def __init__(self, conn: aiosqlite.Connection, path: str) -> None:
         self._conn = conn
         self.path = path
@@ -446,7 +447,7 @@ class SqliteBackend:
     # --- CONNECT ----------------------------------------------------------------------
 
     async def connect_row(self, key: str) -> ConnectRow:
-        rows = self._read_now(key)
+        rows = self._read_now(CONNECT_SQL, (key,))
         if rows is None:
             rows = await self._fetchall(CONNECT_SQL, (key,))
         row = rows[0]
@@ -455,8 +456,9 @@ class SqliteBackend:
         return ConnectRow(int(row[0]), self._key_from_row(row[1 : 1 + KEY_COLUMN_COUNT]),
                           row[-2], row[-1])
 
-    def _read_now(self, key: str) -> list[Any] | None:
-        """The lookup row from the read-only connection, or None to use the async path."""
+    def _read_now(self, sql: str, params: tuple[Any, ...]) -> list[Any] | None:
+        """A primary-key lookup on the read-only connection, or None to use the async
+        path."""
         if self.path == ":memory:":
             return None
         try:
@@ -465,10 +467,9 @@ class SqliteBackend:
                 self._ro = sqlite3.connect(uri, uri=True, isolation_level=None,
                                            check_same_thread=False)
                 self._ro.execute("PRAGMA busy_timeout = 0")
-            return self._ro.execute(CONNECT_SQL, (key,)).fetchall()
+            return self._ro.execute(sql, params).fetchall()
         except sqlite3.Error as exc:
-            log.debug("read-only CONNECT lookup unavailable (%s); using the shared connection",
-                      exc)
+            log.debug("read-only lookup unavailable (%s); using the shared connection", exc)
             return None
 
     def _key_from_row(self, row: tuple[Any, ...]) -> AccessKey:

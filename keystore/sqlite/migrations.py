@@ -261,7 +261,38 @@ _V6 = [
     "CREATE INDEX device_tokens_by_device ON device_tokens (device_id)",
 ]
 
-MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6]
+# Connection snapshots for external MQTT engines (keybroker authsvc, docs/cluster.md): what
+# a connection was granted at CONNECT, written by the replica that admitted it and read by
+# whichever replica answers the connection's later requests. One row per client id (an
+# engine holds one connection per client id, and the client id is a device id); it goes
+# with its key and with its device. A scope is stored once per distinct device list, by
+# digest, so a CONNECT writes a short row and a request reads one; scopes no connection
+# refers to are deleted after a day (broker.prune). Keys are also found by expiry, so the
+# service can disconnect the connections of a key the moment it expires.
+_V7 = [
+    """
+    CREATE TABLE scope_snapshots (
+        digest     TEXT PRIMARY KEY,
+        devices    TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    ) WITHOUT ROWID
+    """,
+    """
+    CREATE TABLE connection_snapshots (
+        client_id  TEXT PRIMARY KEY REFERENCES devices(id) ON DELETE CASCADE,
+        key        TEXT NOT NULL REFERENCES access_keys(key) ON DELETE CASCADE,
+        scope      TEXT REFERENCES scope_snapshots(digest),
+        policy     TEXT NOT NULL,
+        client_ip  TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    ) WITHOUT ROWID
+    """,
+    "CREATE INDEX connection_snapshots_by_key ON connection_snapshots (key)",
+    "CREATE INDEX connection_snapshots_by_scope ON connection_snapshots (scope)",
+    "CREATE INDEX keys_by_expiry ON access_keys (expires_at) WHERE expires_at IS NOT NULL",
+]
+
+MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7]
 SCHEMA_VERSION = len(MIGRATIONS)
 # Steps that rebuild a table others reference: foreign keys are off while they run (a
 # PRAGMA that only works outside a transaction), and checked before they commit.

@@ -1,0 +1,111 @@
+"""Connection snapshots (keystore.connections): what an external engine's connection was
+granted at CONNECT, written by one replica and read back by another."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from keystore import KeyStore, ValidationError
+from keystore.connections import scope_digest
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+async def test_a_snapshot_written_by_one_replica_is_read_by_another(tmp_path: Path) -> None:
+    path = tmp_path / "k.db"
+    async with KeyStore.open(path) as first, KeyStore.open(path) as second:
+        await first.add_device("a", tags=[("site", "n")])
+        await first.add_device("b", tags=[("site", "n")])
+        key, secret = await first.create_key(device_tags=[("site", "n")])
+        facts = await first.connect_lookup(key.key, secret, "a")
+        snapshot, previous = await first.record_connection("a", key.key, facts.scope, "p1",
+                                                           "10.0.0.7", NOW)
+        assert previous is None
+        assert snapshot.scope == scope_digest(frozenset({"a", "b"}))
+        row = await second.connection("a")
+        assert row is not None
+        assert (row.snapshot, row.key.key, row.device_app) == (snapshot, key.key, key.app_id)
+        assert await second.connection_scope(row.snapshot) == {"a", "b"}
+        # A tag change after CONNECT does not move the recorded scope.
+        await second.untag_device("b", ["site"])
+        assert await second.connection_scope((await second.connection("a")).snapshot) == \
+            {"a", "b"}  # type: ignore[union-attr]
+
+
+async def test_the_replaced_snapshot_is_returned(tmp_path: Path) -> None:
+    async with KeyStore.open(tmp_path / "k.db") as ks:
+        await ks.add_device("a")
+        one, _ = await ks.create_key(device_ids=["a"])
+        two, _ = await ks.create_key()
+        first, _ = await ks.record_connection("a", one.key, frozenset({"a"}), "p", "1.1.1.1", NOW)
+        again, previous = await ks.record_connection("a", one.key, frozenset({"a"}), "p",
+                                                     "2.2.2.2", NOW)
+        assert previous == first and previous.same_grant(again)
+        other, previous = await ks.record_connection("a", two.key, None, "p", "2.2.2.2", NOW)
+        assert previous == again and not previous.same_grant(other)
+        changed, previous = await ks.record_connection("a", two.key, None, "q", "2.2.2.2", NOW)
+        assert not previous.same_grant(changed)  # type: ignore[union-attr]
+
+
+async def test_snapshots_go_with_their_key_and_their_device(tmp_path: Path) -> None:
+    async with KeyStore.open(tmp_path / "k.db") as ks:
+        await ks.add_device("a")
+        await ks.add_device("b")
+        key, _ = await ks.create_key()
+        for device in ("a", "b"):
+            await ks.record_connection(device, key.key, None, "p", "1.1.1.1", NOW)
+        assert [s.client_id for s in await ks.connections_of_key(key.key)] == ["a", "b"]
+        await ks.remove_devices(["a"])
+        assert await ks.connection("a") is None
+        await ks.delete_keys([key.key])
+        assert await ks.connection("b") is None
+        assert await ks.connections_of_key(key.key) == []
+
+
+async def test_a_snapshot_needs_a_device_and_a_policy(tmp_path: Path) -> None:
+    async with KeyStore.open(tmp_path / "k.db") as ks:
+        key, _ = await ks.create_key()
+        with pytest.raises(ValidationError, match="invalid device id 'a/b'"):
+            await ks.record_connection("a/b", key.key, None, "p", "1.1.1.1", NOW)
+        with pytest.raises(ValidationError, match="invalid policy digest"):
+            await ks.record_connection("a", key.key, None, "", "1.1.1.1", NOW)
+        with pytest.raises(Exception, match="FOREIGN KEY"):  # no such device
+            await ks.record_connection("ghost", key.key, None, "p", "1.1.1.1", NOW)
+
+
+async def test_verified_lookup_reads_the_key_without_its_secret(tmp_path: Path) -> None:
+    async with KeyStore.open(tmp_path / "k.db") as ks:
+        await ks.add_device("a")
+        await ks.add_device("b")
+        key, _ = await ks.create_key(device_ids=["a"])
+        found = await ks.verified_lookup(key.key, "a")
+        assert found.key is not None and (found.device_in_scope, found.scope) == (True, {"a"})
+        assert (await ks.verified_lookup(key.key, "b")).device_in_scope is False
+        assert (await ks.verified_lookup("0" * 32, "a")).key is None
+
+
+async def test_keys_are_found_by_expiry(tmp_path: Path) -> None:
+    async with KeyStore.open(tmp_path / "k.db") as ks:
+        soon, _ = await ks.create_key(expires_at=NOW + timedelta(seconds=10))
+        await ks.create_key(expires_at=NOW + timedelta(hours=1))
+        await ks.create_key()
+        assert await ks.keys_expiring(NOW, NOW + timedelta(seconds=10)) == [soon.key]
+        assert await ks.keys_expiring(NOW + timedelta(seconds=10), NOW + timedelta(minutes=1)) \
+            == []
+
+
+async def test_pruning_keeps_the_scopes_connections_refer_to(tmp_path: Path) -> None:
+    async with KeyStore.open(tmp_path / "k.db") as ks:
+        await ks.add_device("a")
+        await ks.add_device("b")
+        key, _ = await ks.create_key(device_ids=["a", "b"])
+        await ks.record_connection("a", key.key, frozenset({"a"}), "p", "1.1.1.1", NOW)
+        await ks.record_connection("b", key.key, frozenset({"a", "b"}), "p", "1.1.1.1", NOW)
+        await ks.record_connection("b", key.key, frozenset({"b"}), "p", "1.1.1.1", NOW)
+        assert await ks.prune_connections(NOW) == 0  # not older than the cut-off
+        assert await ks.prune_connections(NOW + timedelta(days=1)) == 1  # {"a", "b"}
+        assert await ks.backend.scope_devices(scope_digest(frozenset({"a", "b"}))) is None
+        assert await ks.backend.scope_devices(scope_digest(frozenset({"b"}))) == {"b"}
