@@ -31,6 +31,12 @@ class Periodic:
         self.interval = interval
         self._task: asyncio.Task[None] | None = None
 
+    async def start(self) -> None:
+        self.start_ticking()
+
+    async def stop(self) -> None:
+        await self.stop_ticking()
+
     def start_ticking(self) -> None:
         self._task = asyncio.create_task(self._run(), name=self.name)
 

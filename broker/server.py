@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +16,7 @@ from broker.api.callers import Callers
 from broker.api.context import Api
 from broker.api.server import ApiServer
 from broker.audit import AuditLog
+from broker.lifecycle import serve_until_signalled
 from broker.live import ChangeWatcher, StatusRecorder
 from broker.mqtt.broker import KeyBroker
 from broker.policy.guard import BruteForceGuard
@@ -150,24 +150,7 @@ class BrokerServer:
         on_started: Callable[[BrokerServer], None] | None = None,
     ) -> None:
         """Run until SIGINT/SIGTERM (or ``stop`` is set), then shut down cleanly."""
-        stop = stop or asyncio.Event()
-        loop = asyncio.get_running_loop()
-        installed = []
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, stop.set)
-                installed.append(sig)
-        await self.start()
-        try:
-            if on_started is not None:
-                on_started(self)
-            await stop.wait()
-            logger.info("shutting down")
-        finally:
-            for sig in installed:
-                loop.remove_signal_handler(sig)
-            await self.stop()
-        logger.info("stopped")
+        await serve_until_signalled(self, stop, on_started)
 
 
 def _scheme(server: BrokerServer, name: str) -> str:

@@ -20,6 +20,7 @@ Topic classes with device prefix ``P`` and scope ``S``:
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -129,15 +130,21 @@ class SessionPolicy:
         )
 
 
+PolicyBuilder = Callable[[AccessKey, frozenset[str] | None, str], SessionPolicy]
+
+
 class PolicyCache:
     """``SessionPolicy.build``, reused while the key's row and the resolved scope object
     are the same (the keystore keeps one scope object per generation): sessions of one
     key share one immutable policy instead of compiling the topic lists per CONNECT.
-    Bounded; least recently used dropped first."""
+    Bounded; least recently used dropped first. ``build`` compiles a policy (another form
+    of the key's lists, e.g. keybroker.authsvc's AMQP form, gets a cache of its own)."""
 
-    def __init__(self, device_prefix: str, size: int = 4096) -> None:
+    def __init__(self, device_prefix: str, size: int = 4096,
+                 build: PolicyBuilder | None = None) -> None:
         self.device_prefix = device_prefix
         self.size = size
+        self.build: PolicyBuilder = build or SessionPolicy.build
         self._items: OrderedDict[tuple[str, datetime, int], SessionPolicy] = OrderedDict()
 
     def get(self, key: AccessKey, scope: frozenset[str] | None) -> SessionPolicy:
@@ -147,7 +154,7 @@ class PolicyCache:
         if cached is not None and cached.scope is scope:
             self._items.move_to_end(identity)
             return cached
-        built = SessionPolicy.build(key, scope, self.device_prefix)
+        built = self.build(key, scope, self.device_prefix)
         self._items[identity] = built
         if len(self._items) > self.size:
             self._items.popitem(last=False)

@@ -1,0 +1,87 @@
+"""The service's listener itself: every answer leaves in one TCP write on a TCP_NODELAY
+socket (a reply split in two waits for the peer's delayed ACK: 40 ms per request through
+Nagle's algorithm), and a failing request is denied, never allowed."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker.authsvc.server import AuthServer
+from broker.settings import Settings
+from keystore import KeyStore
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> Any:
+    db = tmp_path / "k.db"
+    async with KeyStore.open(db):
+        pass
+    running = AuthServer(replace(Settings(), db_path=db, authsvc_port=0, audit_path=None))
+    await running.start()
+    try:
+        yield running
+    finally:
+        await running.stop()
+
+
+async def exchange(port: int, request: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(65536), 5)
+    finally:
+        writer.close()
+
+
+async def test_each_answer_is_one_write_on_a_nodelay_socket(server: AuthServer,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    writes: list[bytes] = []
+    options: list[int] = []
+    real = asyncio.selector_events._SelectorSocketTransport.write  # type: ignore[attr-defined]
+
+    def counting(transport: Any, data: bytes) -> None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.getsockname()[1] == server.port:
+            writes.append(bytes(data))
+            options.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        real(transport, data)
+
+    monkeypatch.setattr(asyncio.selector_events._SelectorSocketTransport,  # type: ignore[attr-defined]
+                        "write", counting)
+    body = b"username=k&password=p&vhost=%2F&client_id=d"
+    answer = await exchange(server.port, b"POST /auth/user HTTP/1.1\r\nHost: x\r\n"
+                            b"Content-Type: application/x-www-form-urlencoded\r\n"
+                            b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"\r\n\r\ndeny")
+    assert len(writes) == 1 and writes[0] == answer
+    assert options == [1]
+
+
+async def test_a_request_that_fails_inside_is_denied(server: AuthServer,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    assert server.service is not None
+
+    async def broken(*_args: object) -> object:
+        raise RuntimeError("keystore unreachable")
+
+    monkeypatch.setattr(server.service.keystore, "connect_lookup", broken)
+    body = b"username=k&password=p&vhost=%2F&client_id=d"
+    answer = await exchange(server.port, b"POST /auth/user HTTP/1.1\r\nHost: x\r\n"
+                            b"Content-Type: application/x-www-form-urlencoded\r\n"
+                            b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    assert answer.startswith(b"HTTP/1.1 500") and answer.endswith(b"deny")
+    json_body = b'{"username": "k", "password": "p", "clientid": "d", "peerhost": "1.2.3.4"}'
+    answer = await exchange(server.port, b"POST /emqx/authn HTTP/1.1\r\nHost: x\r\n"
+                            b"Content-Type: application/json\r\n"
+                            b"Content-Length: %d\r\n\r\n" % len(json_body) + json_body)
+    # EMQX reads an error status as "ask the next source": a failure answers 200 + deny.
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b'{"result": "deny", '
+                                                                  b'"is_superuser": false}')
