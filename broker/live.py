@@ -184,6 +184,10 @@ class StatusRecorder(Periodic):
         self._devices[device_id] = (True, now)
         self._keys[grant.key.key] = now
 
+    def key_used(self, key: str) -> None:
+        """A key authenticated a connection elsewhere (keybroker.authsvc): its last use."""
+        self._keys[key] = datetime.now(UTC)
+
     def session_ended(self, device_id: str) -> None:
         self._devices[device_id] = (False, datetime.now(UTC))
 

@@ -17,7 +17,7 @@ from datetime import datetime
 
 from keystore.backend import Backend, ConnectionRow
 from keystore.connect import ConnectLookup, ConnectResolver, Lru
-from keystore.errors import ValidationError
+from keystore.errors import NotFoundError, ValidationError
 from keystore.models import ConnectionSnapshot
 from keystore.validation import validate_device_id
 
@@ -35,6 +35,7 @@ class ConnectionOps:
     _resolver: ConnectResolver
     _scopes: Lru[str, frozenset[str]]  # digest -> scope (KeyStore makes both)
     _digests: Lru[int, tuple[frozenset[str], str]]  # id(scope) -> (scope, digest)
+    _stored: Lru[str, bool]  # digests of scopes this process has seen stored
 
     async def verified_lookup(self, key: str, device_id: str) -> ConnectLookup:
         """CONNECT facts (see ``connect_lookup``) of a key whose secret was checked by an
@@ -55,16 +56,29 @@ class ConnectionOps:
         self, client_id: str, key: str, scope: frozenset[str] | None, policy: str,
         client_ip: str, now: datetime,
     ) -> tuple[ConnectionSnapshot, ConnectionSnapshot | None]:
-        """Store what the connection of ``client_id`` was granted; returns the new
-        snapshot and the one it replaced (None for the first)."""
+        """Store what the connection of ``client_id`` was granted; returns the snapshot in
+        force and the one it replaced (None for the first). A device reconnecting under
+        the same grant from the same address writes nothing: its snapshot stands."""
         validate_device_id(client_id)
         if not policy:
             raise ValidationError("invalid policy digest '': must not be empty")
         digest = None if scope is None else self.digest_of(scope)
         snapshot = ConnectionSnapshot(client_id=client_id, key=key, scope=digest,
                                       policy=policy, client_ip=client_ip, created_at=now)
-        devices = None if scope is None else tuple(scope)
-        return snapshot, await self.backend.put_connection(snapshot, devices)
+        current = await self.backend.connection_snapshot(client_id)
+        if current is not None and current.same_grant(snapshot) and \
+                current.client_ip == client_ip:
+            return current, current
+        # A scope's list is sent only when this process has not seen it stored.
+        known = digest is not None and self._stored.get(digest) is not None
+        try:
+            previous = await self.backend.put_connection(
+                snapshot, None if scope is None or known else tuple(scope))
+        except NotFoundError:  # deleted since (no connection referred to it for a day)
+            previous = await self.backend.put_connection(snapshot, tuple(scope or ()))
+        if digest is not None:
+            self._stored.put(digest, True)
+        return snapshot, previous
 
     async def connection(self, client_id: str) -> ConnectionRow | None:
         """The snapshot of ``client_id`` with its key as it is now (None: no connection

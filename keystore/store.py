@@ -37,6 +37,7 @@ class KeyStore(DeviceOps, KeyOps, TokenOps, FeedOps, ConnectionOps):
         self._resolver = ConnectResolver(backend)
         self._scopes = Lru(SCOPE_CACHE)
         self._digests = Lru(SCOPE_CACHE)
+        self._stored = Lru(SCOPE_CACHE)
 
     @property
     def location(self) -> str:

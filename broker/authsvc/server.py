@@ -27,6 +27,7 @@ from broker.authsvc.rabbitmq import DENY_TEXT, RabbitHandlers
 from broker.authsvc.revoker import Revoker
 from broker.authsvc.service import EMQX, RABBITMQ, AuthService
 from broker.lifecycle import serve_until_signalled
+from broker.live import StatusRecorder
 from broker.periodic import Periodic
 from broker.policy.addresses import contains, network_set, normalize_ip
 from broker.policy.guard import BruteForceGuard
@@ -99,12 +100,14 @@ class AuthServer:
             for engine in engines.values():
                 await engine.start()
                 stack.push_async_callback(engine.close)
+            status = StatusRecorder(keystore)
             self.service = AuthService(keystore, audit, guard, settings.device_prefix,
-                                       settings.rabbitmq_exchange, engines)
+                                       settings.rabbitmq_exchange, engines, status)
             self.revoker = Revoker(keystore, engines, audit, settings.change_poll_interval)
             pruner = ChangePruner(keystore, settings.change_retention,
                                   consumed=self._applied_change_id)
-            services: tuple[Periodic, ...] = (self.revoker, Housekeeping(audit, guard), pruner)
+            services: tuple[Periodic, ...] = (status, self.revoker, Housekeeping(audit, guard),
+                                               pruner)
             for service in services:
                 await service.start()
                 stack.push_async_callback(service.stop)

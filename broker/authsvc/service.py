@@ -37,7 +37,9 @@ from broker.authsvc.decisions import (
     policy_digest,
 )
 from broker.authsvc.engines import EngineApi, EngineError
+from broker.live import StatusRecorder
 from broker.policy import Decision, PolicyCache, SessionPolicy
+from broker.policy.addresses import normalize_ip
 from broker.policy.decisions import ALLOW
 from broker.policy.guard import BruteForceGuard
 from keystore import KeyStore
@@ -76,10 +78,12 @@ class Connection:
 class AuthService:
     def __init__(self, keystore: KeyStore, audit: AuditLog, guard: BruteForceGuard | None,
                  device_prefix: str, exchange: str,
-                 engines: Mapping[str, EngineApi] | None = None) -> None:
+                 engines: Mapping[str, EngineApi] | None = None,
+                 status: StatusRecorder | None = None) -> None:
         self.keystore = keystore
         self.audit = audit
         self.guard = guard
+        self.status = status
         self.exchange = exchange
         self.engines = dict(engines or {})
         self._policies = {EMQX: PolicyCache(device_prefix),
@@ -107,6 +111,7 @@ class AuthService:
                            client_id: str, client_ip: str, app: str) -> Decision:
         """Credentials and admission in one request (EMQX: the client address comes with
         the credentials, so the guard sees every refusal)."""
+        client_ip = normalize_ip(client_ip) or client_ip
         if self._banned(asker, client_id, client_ip):
             return DENY_BANNED
         if not username or password is None:
@@ -121,6 +126,7 @@ class AuthService:
         """The CONNECT checks after the credentials, for a key whose secret an earlier
         request of this CONNECT checked (RabbitMQ: ``app`` is the application of the
         virtual host ``vhost``)."""
+        client_ip = normalize_ip(client_ip) or client_ip
         if self._banned(asker, client_id, client_ip):
             return DENY_BANNED
         early = DENY_NOT_MQTT if not client_id else \
@@ -160,6 +166,8 @@ class AuthService:
                 return self._refused(asker, DENY_RESET_FAILED, key.key, client_id, client_ip)
         self.audit.event("connect_ok", key=key.key, app=key.app_id, client_id=client_id,
                          client_ip=client_ip, peer_ip=asker.node, listener=asker.engine)
+        if self.status is not None:
+            self.status.key_used(key.key)
         return ALLOW
 
     def _banned(self, asker: Asker, client_id: str, client_ip: str) -> bool:

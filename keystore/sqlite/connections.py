@@ -16,6 +16,7 @@ from typing import Any
 import aiosqlite
 
 from keystore.backend import ConnectionRow
+from keystore.errors import NotFoundError
 from keystore.models import AccessKey, ConnectionSnapshot
 from keystore.sqlite.db import KEY_COLUMN_COUNT, KEY_COLUMNS, from_micros, to_micros
 
@@ -51,17 +52,27 @@ class SqliteConnections:
     def _key_from_row(self, row: tuple[Any, ...]) -> AccessKey:
         raise NotImplementedError
 
+    async def connection_snapshot(self, client_id: str) -> ConnectionSnapshot | None:
+        sql = f"SELECT {SNAPSHOT_COLUMNS} FROM connection_snapshots s WHERE s.client_id = ?"
+        rows = self._read_now(sql, (client_id,))
+        if rows is None:
+            rows = await self._fetchall(sql, (client_id,))
+        return row_to_snapshot(rows[0]) if rows else None
+
     async def put_connection(self, snapshot: ConnectionSnapshot,
                              devices: tuple[str, ...] | None) -> ConnectionSnapshot | None:
-        """Store the snapshot of ``snapshot.client_id`` (and its scope's device list, if
-        not stored yet); returns the one it replaces."""
+        """Store the snapshot of ``snapshot.client_id``, and its scope's device list when
+        ``devices`` is given (None: stored already, else NotFoundError); returns the
+        snapshot it replaces."""
         async with self._write() as conn:
-            if snapshot.scope is not None:
+            if snapshot.scope is not None and devices is not None:
                 await conn.execute(
                     "INSERT INTO scope_snapshots (digest, devices, created_at) VALUES (?, ?, ?) "
                     "ON CONFLICT (digest) DO NOTHING",
-                    (snapshot.scope, json.dumps(sorted(devices or ())),
-                     to_micros(snapshot.created_at)))
+                    (snapshot.scope, json.dumps(sorted(devices)), to_micros(snapshot.created_at)))
+            elif snapshot.scope is not None and not await conn.execute_fetchall(
+                    "SELECT 1 FROM scope_snapshots WHERE digest = ?", (snapshot.scope,)):
+                raise NotFoundError(f"no stored scope {snapshot.scope!r}")
             rows = list(await conn.execute_fetchall(
                 f"SELECT {SNAPSHOT_COLUMNS} FROM connection_snapshots s WHERE s.client_id = ?",
                 (snapshot.client_id,)))

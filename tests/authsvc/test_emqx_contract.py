@@ -13,6 +13,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -246,3 +247,46 @@ def test_a_changed_grant_discards_the_stored_session(
     store(db, lambda ks: ks.untag_device("es-2", ["site"]))
     assert authn(replica, key.key, secret, "es-1")[1]["result"] == "allow"
     assert stand_in.deleted.count("es-1") == 1
+
+
+def test_every_revoking_change_kicks(emqx: tuple[Replica, EmqxApiStandIn, Path]) -> None:
+    """Expiry (found by time, no change row), a narrower address rule (only the clients
+    it no longer allows), new topic lists, an application deleted, `devices kick`."""
+    replica, stand_in, db = emqx
+    expiring, expiring_secret = keyed(db, ["rk-exp"], expires_at=datetime.now(UTC)
+                                      + timedelta(seconds=2))
+    addressed, addressed_secret = keyed(db, ["rk-ip1", "rk-ip2"])
+    listed, listed_secret = keyed(db, ["rk-top"], topic_mode=TopicMode.ALL)
+    kicked, kicked_secret = keyed(db, ["rk-op"])
+
+    async def tenant(ks: KeyStore) -> tuple[AccessKey, str]:
+        await ks.create_app("doomed")
+        await ks.add_device("rk-app", app="doomed")
+        return await ks.create_key(app="doomed")
+
+    doomed, doomed_secret = store(db, tenant)  # type: ignore[misc]
+    sessions = [(expiring, expiring_secret, "rk-exp", "127.0.0.1"),
+                (addressed, addressed_secret, "rk-ip1", "198.51.100.1"),
+                (addressed, addressed_secret, "rk-ip2", "198.51.100.2"),
+                (listed, listed_secret, "rk-top", "127.0.0.1"),
+                (kicked, kicked_secret, "rk-op", "127.0.0.1")]
+    for key, secret, client_id, ip in sessions:
+        assert authn(replica, key.key, secret, client_id, ip)[1]["result"] == "allow"
+        stand_in.clients[client_id] = key.key
+    stand_in.clients["rk-app"] = doomed.key  # (another EMQX serves that application)
+    wait_for(lambda: "rk-exp" in stand_in.deleted, timeout=6)
+    store(db, lambda ks: ks.update_key(addressed.key, address_mode="only",
+                                       addresses=["198.51.100.1/32"]))
+    wait_for(lambda: "rk-ip2" in stand_in.deleted)
+    assert "rk-ip1" not in stand_in.deleted
+    store(db, lambda ks: ks.update_key(listed.key, pub_topics=["only/this"],
+                                       topic_mode="only"))
+    wait_for(lambda: "rk-top" in stand_in.deleted)
+    store(db, lambda ks: ks.delete_apps(["doomed"]))
+    wait_for(lambda: "rk-app" in stand_in.deleted)
+    store(db, lambda ks: ks.request_kick("rk-op"))
+    wait_for(lambda: "rk-op" in stand_in.deleted)
+    reasons = {e["client_id"]: e["reason"] for e in map(json.loads, (
+        db.parent / "audit.jsonl").read_text().splitlines()) if e["event"] == "kick"}
+    assert {reasons[c] for c in ("rk-exp", "rk-ip2", "rk-top", "rk-app", "rk-op")} == {
+        "key_expired", "ip_denied", "key_updated", "key_deleted", "operator_kick"}

@@ -6,6 +6,7 @@ tests/rabbitmq drives the same through a real RabbitMQ cluster."""
 from __future__ import annotations
 
 import json
+import time
 
 from keystore import KeyStore
 from keystore.models import AccessKey, AddressMode, TopicMode
@@ -268,3 +269,13 @@ def test_the_guard_bans_a_source_after_refused_admissions(replicas: Replicas) ->
 
 def test_health(replicas: Replicas) -> None:
     assert ask(replicas.a.url, "/health", {}, method="GET") == (200, "ok")
+
+
+def test_an_admitted_connection_records_the_keys_last_use(replicas: Replicas) -> None:
+    key, secret = make_key(replicas, ["lu-1"])
+    assert replicas.store(lambda ks: ks.get_key(key.key)).last_used is None
+    assert connect(replicas, key.key, secret, "lu-1") == ALLOW
+    deadline = time.monotonic() + 5
+    while replicas.store(lambda ks: ks.get_key(key.key)).last_used is None:
+        assert time.monotonic() < deadline, "lastUsed not written within 5 s"
+        time.sleep(0.1)

@@ -109,3 +109,31 @@ async def test_pruning_keeps_the_scopes_connections_refer_to(tmp_path: Path) -> 
         assert await ks.prune_connections(NOW + timedelta(days=1)) == 1  # {"a", "b"}
         assert await ks.backend.scope_devices(scope_digest(frozenset({"a", "b"}))) is None
         assert await ks.backend.scope_devices(scope_digest(frozenset({"b"}))) == {"b"}
+
+
+async def test_reconnecting_under_the_same_grant_writes_nothing(tmp_path: Path) -> None:
+    async with KeyStore.open(tmp_path / "k.db") as ks:
+        await ks.add_device("a")
+        key, _ = await ks.create_key(device_ids=["a"])
+        first, _ = await ks.record_connection("a", key.key, frozenset({"a"}), "p", "1.1.1.1", NOW)
+        marker = await ks.change_marker()
+        later = NOW + timedelta(hours=1)
+        same, previous = await ks.record_connection("a", key.key, frozenset({"a"}), "p",
+                                                    "1.1.1.1", later)
+        assert same == previous == first and same.created_at == NOW
+        assert await ks.change_marker() == marker  # no commit at all
+
+
+async def test_a_scope_pruned_meanwhile_is_stored_again(tmp_path: Path) -> None:
+    path = tmp_path / "k.db"
+    async with KeyStore.open(path) as ks, KeyStore.open(path) as other:
+        await ks.add_device("a")
+        await ks.add_device("b")
+        key, _ = await ks.create_key(device_ids=["a", "b"])
+        scope = frozenset({"a", "b"})
+        await ks.record_connection("a", key.key, scope, "p", "1.1.1.1", NOW)
+        await other.record_connection("a", key.key, frozenset({"a"}), "p", "1.1.1.1", NOW)
+        assert await other.prune_connections(NOW + timedelta(days=2)) == 1  # {"a", "b"}
+        # This process saw {"a", "b"} stored: it sends the list again only when told.
+        snapshot, _ = await ks.record_connection("b", key.key, scope, "p", "1.1.1.1", NOW)
+        assert await other.connection_scope(snapshot) == scope

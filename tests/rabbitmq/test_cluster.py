@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import time
+from datetime import UTC, datetime, timedelta
 
 from keystore.models import TopicMode
 from tests.rabbitmq.conftest import ClusterEnv, refused, wait_for
@@ -121,6 +122,16 @@ def test_a_deactivated_key_is_disconnected_on_both_nodes_and_cannot_reconnect(
         assert env.client(node, device, key, secret).connect() == 5
     kicks = {(e["key"], e["reason"]) for e in env.events() if e["event"] == "kick"}
     assert (key, "key_inactive") in kicks
+
+
+def test_a_key_expiring_while_connected_is_disconnected(env: ClusterEnv) -> None:
+    expires = datetime.now(UTC) + timedelta(seconds=2)
+    key, secret = env.key(["xp-1"], expires_at=expires)
+    session = env.client(1, "xp-1", key, secret)
+    assert session.connect() == 0
+    assert session.disconnected.wait(2 + 5.0)
+    assert datetime.now(UTC) >= expires
+    assert env.client(0, "xp-1", key, secret).connect() == 5
 
 
 def test_a_deleted_key_is_disconnected(env: ClusterEnv) -> None:

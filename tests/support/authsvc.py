@@ -25,14 +25,16 @@ def toml_list(items: Sequence[str]) -> str:
     return "[" + ", ".join(json.dumps(item) for item in items) + "]"
 
 
-def authsvc_config(db: Path, audit: Path, *, management: Sequence[str] = (),
+def authsvc_config(db: Path | str, audit: Path, *, management: Sequence[str] = (),
                    user: str = "", password_file: Path | None = None,
                    emqx_api: Sequence[str] = (), emqx_key: str = "",
                    emqx_secret_file: Path | None = None, max_failures: int = 20,
                    allowed_peers: Sequence[str] = ("127.0.0.0/8", "::1/128")) -> str:
+    # A postgresql:// URL is [keystore] url (the PostgreSQL backend), a path is a file.
+    where = "url" if str(db).startswith("postgresql://") else "path"
     return f"""\
 [keystore]
-path = {json.dumps(str(db))}
+{where} = {json.dumps(str(db))}
 [audit]
 path = {json.dumps(str(audit))}
 [security]
