@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 from broker import policy
@@ -25,7 +26,7 @@ from broker.periodic import Periodic
 from broker.policy import SessionPolicy
 from broker.sessions import SessionRegistry
 from keystore import KeyStore
-from keystore.models import AccessKey
+from keystore.models import AccessKey, Change
 
 logger = logging.getLogger(__name__)
 
@@ -34,21 +35,17 @@ RECENT = 60.0  # seconds a processed change is remembered for CONNECTs in flight
 DEVICE = "\x00device:"  # prefix for device entries in _applied (a key never has a NUL)
 
 
-class ChangeWatcher(Periodic):
-    name = "keybroker-change-watcher"
+class FeedReader(Periodic):
+    """Reads the keystore's change feed from where it started (the daemon's ChangeWatcher,
+    keybroker.authsvc's Revoker): ``new_changes`` looks at the change marker and, only when
+    it moved, yields every row written since the last one, however many a bulk operation
+    made, in pages."""
 
-    def __init__(self, sessions: SessionRegistry, keystore: KeyStore,
-                 interval: float = 0.25) -> None:
+    def __init__(self, keystore: KeyStore, interval: float) -> None:
         super().__init__(interval)
-        self.sessions = sessions
         self.keystore = keystore
-        self._expiries: list[tuple[float, int, str, Grant]] = []
-        self._serial = 0
-        self.compact_slack = 1000  # stale heap entries tolerated before compacting
-        # When this watcher applied a change to a key (or DEVICE + device id): a CONNECT
-        # that read the key before then is re-checked once registered.
-        self._applied: dict[str, float] = {}
         self._last_id = 0
+        self._marker: tuple[int, int] | None = None
 
     @property
     def applied_change_id(self) -> int:
@@ -60,8 +57,33 @@ class ChangeWatcher(Periodic):
         self._marker = await self.keystore.change_marker()
         self.start_ticking()
 
-    async def stop(self) -> None:
-        await self.stop_ticking()
+    async def new_changes(self) -> AsyncIterator[Change]:
+        marker = await self.keystore.change_marker()
+        if marker == self._marker:
+            return
+        self._marker = marker
+        while True:
+            changes = await self.keystore.changes_since(self._last_id, limit=FEED_PAGE)
+            for change in changes:
+                self._last_id = change.id
+                yield change
+            if len(changes) < FEED_PAGE:
+                return
+
+
+class ChangeWatcher(FeedReader):
+    name = "keybroker-change-watcher"
+
+    def __init__(self, sessions: SessionRegistry, keystore: KeyStore,
+                 interval: float = 0.25) -> None:
+        super().__init__(keystore, interval)
+        self.sessions = sessions
+        self._expiries: list[tuple[float, int, str, Grant]] = []
+        self._serial = 0
+        self.compact_slack = 1000  # stale heap entries tolerated before compacting
+        # When this watcher applied a change to a key (or DEVICE + device id): a CONNECT
+        # that read the key before then is re-checked once registered.
+        self._applied: dict[str, float] = {}
 
     def session_started(self, client_id: str, grant: Grant, auth_started: float) -> None:
         """A session was registered; ``auth_started`` is when its CONNECT read the key.
@@ -80,19 +102,11 @@ class ChangeWatcher(Periodic):
             asyncio.get_running_loop().create_task(self._apply_key(grant.key.key, [client_id]))
 
     async def tick(self) -> None:
-        marker = await self.keystore.change_marker()
-        if marker != self._marker:
-            self._marker = marker
-            while True:  # the whole feed, however many changes a bulk operation made
-                changes = await self.keystore.changes_since(self._last_id, limit=FEED_PAGE)
-                for change in changes:
-                    self._last_id = change.id
-                    try:
-                        await self._apply(change.kind, change.subject)
-                    except Exception:  # one bad change must not stop the others
-                        logger.exception("applying change %s failed", change)
-                if len(changes) < FEED_PAGE:
-                    break
+        async for change in self.new_changes():
+            try:
+                await self._apply(change.kind, change.subject)
+            except Exception:  # one bad change must not stop the others
+                logger.exception("applying change %s failed", change)
         now = asyncio.get_running_loop().time()
         for name in [n for n, at in self._applied.items() if now - at > RECENT]:
             del self._applied[name]

@@ -25,7 +25,7 @@ from urllib.parse import quote
 
 import aiohttp
 
-from broker.authsvc.decisions import session_queues
+from broker.authsvc.decisions import QUEUE_PREFIX, session_queues
 from keystore.errors import KeybrokerError
 
 logger = logging.getLogger(__name__)
@@ -136,22 +136,17 @@ class RabbitApi(EngineApi):
         for item in found or ():
             client_id = (item.get("client_properties") or {}).get("client_id")
             if client_id in client_ids:
-                kicked = await self._close(item["name"], reason, item.get("user"), client_id,
-                                           item.get("peer_host"))
-                if kicked is not None:
-                    out.append(kicked)
+                status, _ = await self.call("DELETE", f"/api/connections/{_part(item['name'])}",
+                                            headers={"X-Reason": f"keybroker: {reason}"})
+                if status != 404:
+                    out.append(Kicked(item["name"], item.get("user"), client_id,
+                                      item.get("peer_host")))
         return out
-
-    async def _close(self, name: str, reason: str, key: str | None,
-                     client_id: str | None = None, ip: str | None = None) -> Kicked | None:
-        status, _ = await self.call("DELETE", f"/api/connections/{_part(name)}",
-                                    headers={"X-Reason": f"keybroker: {reason}"})
-        return None if status == 404 else Kicked(name, key, client_id, ip)
 
     async def reset_session(self, client_id: str, vhost: str | None) -> int:
         # The subscriptions are the bindings of the client's queues: they go with them.
         if vhost is None:
-            pattern = "^" + re.escape(session_queues(client_id)[0])[:-1] + "[01]$"
+            pattern = "^" + re.escape(QUEUE_PREFIX + client_id) + "qos[01]$"
             _, found = await self.call("GET", "/api/queues", params={
                 "columns": "name,vhost", "name": pattern, "use_regex": "true"})
             places = [(item["vhost"], item["name"]) for item in found or ()]

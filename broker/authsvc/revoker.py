@@ -32,49 +32,35 @@ from datetime import UTC, datetime, timedelta
 from broker.audit import AuditLog
 from broker.authsvc.decisions import policy_digest
 from broker.authsvc.engines import EngineApi, EngineError, Kicked
-from broker.periodic import Periodic
+from broker.live import FeedReader
 from broker.policy import check_key_address
 from keystore import KeyStore
 from keystore.models import KeyStatus
 
 logger = logging.getLogger(__name__)
 
-FEED_PAGE = 10_000
 REKICK = 3.0  # seconds a revoked key's connections are closed again
 SEARCH = 10.0  # seconds a client id's connection is looked for
 CATCH_UP = 60.0  # seconds of expiries looked at when the service starts
 KEY_CHANGES = frozenset({"key_status", "key_expiry", "key_deleted", "key_updated"})
 
 
-class Revoker(Periodic):
+class Revoker(FeedReader):
     name = "keybroker-authsvc-revoker"
 
     def __init__(self, keystore: KeyStore, engines: Mapping[str, EngineApi], audit: AuditLog,
                  interval: float = 0.25) -> None:
-        super().__init__(interval)
-        self.keystore = keystore
+        super().__init__(keystore, interval)
         self.engines = dict(engines)
         self.audit = audit
-        self._last_id = 0
-        self._marker: tuple[int, int] | None = None
         self._expired_until = datetime.now(UTC)
         self._keys: dict[str, tuple[str, float]] = {}  # key -> (reason, kick until)
         self._clients: dict[str, tuple[str, float]] = {}  # client id -> (reason, search until)
         self._resets: set[str] = set()  # removed devices whose stored subscriptions go
 
-    @property
-    def applied_change_id(self) -> int:
-        """The last change-feed row applied (rows up to it may be pruned)."""
-        return self._last_id
-
     async def start(self) -> None:
-        self._last_id = await self.keystore.latest_change_id()
-        self._marker = await self.keystore.change_marker()
         self._expired_until = datetime.now(UTC) - timedelta(seconds=CATCH_UP)
-        self.start_ticking()
-
-    async def stop(self) -> None:
-        await self.stop_ticking()
+        await super().start()
 
     async def tick(self) -> None:
         now = asyncio.get_running_loop().time()
@@ -86,25 +72,16 @@ class Revoker(Periodic):
         await self._kick(now)
 
     async def _read_feed(self, now: float) -> None:
-        marker = await self.keystore.change_marker()
-        if marker == self._marker:
-            return
-        self._marker = marker
         keys: set[str] = set()
-        while True:  # the whole feed, however many changes a bulk operation made
-            changes = await self.keystore.changes_since(self._last_id, limit=FEED_PAGE)
-            for change in changes:
-                self._last_id = change.id
-                if change.kind in KEY_CHANGES:
-                    keys.add(change.subject)
-                elif change.kind == "device_deleted":
-                    self._clients[change.subject] = ("device_deleted", now + SEARCH)
-                    self._resets.add(change.subject)
-                elif change.kind == "kick":
-                    self._clients[change.subject] = ("operator_kick", now + SEARCH)
-                # app_deleted: its keys' and devices' own deletions are in the feed too.
-            if len(changes) < FEED_PAGE:
-                break
+        async for change in self.new_changes():
+            if change.kind in KEY_CHANGES:
+                keys.add(change.subject)
+            elif change.kind == "device_deleted":
+                self._clients[change.subject] = ("device_deleted", now + SEARCH)
+                self._resets.add(change.subject)
+            elif change.kind == "kick":
+                self._clients[change.subject] = ("operator_kick", now + SEARCH)
+            # app_deleted: its keys' and devices' own deletions are in the feed too.
         if keys:
             await self._check_keys(keys, now)
 

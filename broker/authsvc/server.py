@@ -120,21 +120,13 @@ class AuthServer:
             logger.warning("no [rabbitmq] api nor [emqx] api: revoked keys keep their live "
                            "connections, and subscriptions outlive scope changes")
         logger.info("keybroker authsvc listening: %s (keystore %s; engine APIs: %s)",
-                    self.url, settings.db_path.absolute(), ", ".join(
+                    self.listener.url, settings.db_path.absolute(), ", ".join(
                         f"{name} {' '.join(api.urls)}" for name, api in engines.items())
                     or "none")
 
     def _applied_change_id(self) -> int:
         """The last change-feed row the revoker applied: rows up to it may be pruned."""
         return self.revoker.applied_change_id if self.revoker is not None else 0
-
-    @property
-    def url(self) -> str:
-        return self.listener.url
-
-    @property
-    def port(self) -> int:
-        return self.listener.port
 
     async def stop(self) -> None:
         await self._stack.aclose()

@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 from broker import policy
 from broker.audit import AuditLog
@@ -112,7 +111,7 @@ class AuthService:
         """Credentials and admission in one request (EMQX: the client address comes with
         the credentials, so the guard sees every refusal)."""
         client_ip = normalize_ip(client_ip) or client_ip
-        if self._banned(asker, client_id, client_ip):
+        if self._banned(client_ip):
             return DENY_BANNED
         if not username or password is None:
             return self._refused(asker, DENY_NO_CREDENTIALS, None, client_id, client_ip)
@@ -127,7 +126,7 @@ class AuthService:
         request of this CONNECT checked (RabbitMQ: ``app`` is the application of the
         virtual host ``vhost``)."""
         client_ip = normalize_ip(client_ip) or client_ip
-        if self._banned(asker, client_id, client_ip):
+        if self._banned(client_ip):
             return DENY_BANNED
         early = DENY_NOT_MQTT if not client_id else \
             check_client_id(client_id) if asker.engine == RABBITMQ else ALLOW
@@ -170,7 +169,7 @@ class AuthService:
             self.status.key_used(key.key)
         return ALLOW
 
-    def _banned(self, asker: Asker, client_id: str, client_ip: str) -> bool:
+    def _banned(self, client_ip: str) -> bool:
         guard = self.guard
         if guard is None or not guard.banned_until(client_ip, time.monotonic()):
             return False
@@ -217,50 +216,41 @@ class AuthService:
 
     async def may_publish(self, asker: Asker, username: str, client_id: str,
                           topic: str) -> Decision:
-        found = await self.connection(asker, username, client_id)
-        if isinstance(found, Decision):
-            return self._denied(asker, "publish_denied", found, username, client_id, topic)
-        decision = policy.check_publish(found.policy, topic)
-        if not decision.allowed:
-            self._denied(asker, "publish_denied", decision, username, client_id, topic, found)
-        return decision
+        return await self._decide(asker, username, client_id, "publish_denied",
+                                  lambda policy_: policy.check_publish(policy_, topic),
+                                  topic=topic)
 
     async def may_subscribe(self, asker: Asker, username: str, client_id: str,
                             topic_filter: str) -> Decision:
-        found = await self.connection(asker, username, client_id)
-        if isinstance(found, Decision):
-            return self._denied(asker, "subscribe_denied", found, username, client_id,
-                                topic_filter)
-        decision = policy.check_subscribe_within(found.policy, topic_filter)
-        if not decision.allowed:
-            self._denied(asker, "subscribe_denied", decision, username, client_id,
-                         topic_filter, found)
-        return decision
+        return await self._decide(
+            asker, username, client_id, "subscribe_denied",
+            lambda policy_: policy.check_subscribe_within(policy_, topic_filter),
+            topic=topic_filter)
 
     async def may_use(self, asker: Asker, username: str, client_id: str, resource: str,
                       name: str, permission: str) -> Decision:
         """RabbitMQ resources (queues, exchanges) of an MQTT connection."""
+        return await self._decide(
+            asker, username, client_id, "resource_denied",
+            lambda _: check_resource(resource, name, permission, client_id, self.exchange),
+            resource=f"{resource} {name} {permission}")
+
+    async def _decide(self, asker: Asker, username: str, client_id: str, event: str,
+                      decide: Callable[[SessionPolicy], Decision], **audited: str) -> Decision:
+        """A later request: the connection must still stand, then ``decide`` on its
+        policy; a refusal is audited as ``event``."""
         found = await self.connection(asker, username, client_id)
-        decision = found if isinstance(found, Decision) else \
-            check_resource(resource, name, permission, client_id, self.exchange)
+        decision = found if isinstance(found, Decision) else decide(found.policy)
         if not decision.allowed:
-            self._denied(asker, "resource_denied", decision, username, client_id, None,
-                         None if isinstance(found, Decision) else found,
-                         resource=f"{resource} {name} {permission}")
+            self._denied(asker, event, decision, username, client_id,
+                         None if isinstance(found, Decision) else found, **audited)
         return decision
 
     def _denied(self, asker: Asker, event: str, decision: Decision, username: str,
-                client_id: str, topic: str | None, found: Connection | None = None,
-                **extra: Any) -> Decision:
+                client_id: str, found: Connection | None, **audited: str) -> None:
         row = found.row if found is not None else None
-        fields: dict[str, Any] = {
-            "key": row.key.key if row is not None else username,
-            "app": row.key.app_id if row is not None else None,
-            "client_id": client_id,
-            "client_ip": row.snapshot.client_ip if row is not None else None,
-            "peer_ip": asker.node, "listener": asker.engine, "reason": decision.reason,
-        }
-        if topic is not None:
-            fields["topic"] = topic
-        self.audit.from_source(event, **fields, **extra)
-        return decision
+        self.audit.from_source(
+            event, key=row.key.key if row is not None else username,
+            app=row.key.app_id if row is not None else None, client_id=client_id,
+            client_ip=row.snapshot.client_ip if row is not None else None,
+            peer_ip=asker.node, listener=asker.engine, reason=decision.reason, **audited)

@@ -22,35 +22,24 @@ from broker.policy.decisions import (
     ALLOW_IN_LIST,
     ALLOW_NOT_IN_EXCEPT,
     DENY_DEVICE_PREFIX,
-    DENY_DOLLAR,
     DENY_IN_EXCEPT,
-    DENY_INVALID_FILTER,
-    DENY_INVALID_TOPIC,
     DENY_MODE_NONE,
     DENY_NOT_IN_LIST,
     DENY_NOT_IN_SCOPE,
     Decision,
     SessionPolicy,
-    check_receive,
+    filter_levels,
 )
-from broker.topics import HASH, PLUS, is_system, parse_filter
-from keystore.errors import ValidationError
+from broker.topics import HASH, PLUS
 from keystore.models import TopicMode
 
 
 def check_subscribe_within(policy: SessionPolicy, topic_filter: str) -> Decision:
     """Grant ``topic_filter`` iff every topic it can match that can carry a message is
     readable by this session (see the module docstring)."""
-    if is_system(topic_filter):
-        return DENY_DOLLAR
-    if "+" not in topic_filter and "#" not in topic_filter:
-        # One topic: contained iff that topic is readable.
-        decision = check_receive(policy, topic_filter)
-        return DENY_INVALID_FILTER if decision is DENY_INVALID_TOPIC else decision
-    try:
-        levels = parse_filter(topic_filter)
-    except ValidationError:
-        return DENY_INVALID_FILTER
+    levels = filter_levels(policy, topic_filter)  # no wildcard: contained iff readable
+    if isinstance(levels, Decision):
+        return levels
     device = _device_part(policy, levels)
     if device is not None and not device.allowed:
         return device

@@ -271,6 +271,21 @@ def _custom_subscribe(
     return ALLOW_NOT_IN_EXCEPT
 
 
+def filter_levels(policy: SessionPolicy, topic_filter: str) -> Decision | tuple[str, ...]:
+    """What every SUBSCRIBE rule starts with: the decision for a ``$`` filter, an invalid
+    one or one without wildcards (it matches exactly one topic, readable or not: that is
+    check_receive, and much cheaper), else the filter's levels."""
+    if is_system(topic_filter):
+        return DENY_DOLLAR
+    if "+" not in topic_filter and "#" not in topic_filter:
+        decision = check_receive(policy, topic_filter)
+        return DENY_INVALID_FILTER if decision is DENY_INVALID_TOPIC else decision
+    try:
+        return parse_filter(topic_filter)
+    except ValidationError:
+        return DENY_INVALID_FILTER
+
+
 def check_subscribe(policy: SessionPolicy, topic_filter: str) -> Decision:
     """Grant ``topic_filter`` iff it can match at least one topic this session may read.
 
@@ -278,17 +293,9 @@ def check_subscribe(policy: SessionPolicy, topic_filter: str) -> Decision:
     ``check_receive``, so ``#`` granted for device topics still never carries another
     scope's data.
     """
-    if is_system(topic_filter):
-        return DENY_DOLLAR
-    if "+" not in topic_filter and "#" not in topic_filter:
-        # A filter without wildcards matches exactly one topic: it can match a readable
-        # topic iff that topic is readable, which is check_receive (and much cheaper).
-        decision = check_receive(policy, topic_filter)
-        return DENY_INVALID_FILTER if decision is DENY_INVALID_TOPIC else decision
-    try:
-        levels = parse_filter(topic_filter)
-    except ValidationError:
-        return DENY_INVALID_FILTER
+    levels = filter_levels(policy, topic_filter)
+    if isinstance(levels, Decision):
+        return levels
     device = _device_part(policy, levels)
     if device is ALLOW_DEVICE:
         return device

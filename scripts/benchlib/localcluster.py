@@ -10,7 +10,6 @@ tests (tests/support/rabbitmq.py, tests/support/authsvc.py).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import importlib.util
 import os
@@ -22,8 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from keystore import KeyStore
-from tests.support.authsvc import Replica, authsvc_config
+from tests.support.authsvc import Replica, authsvc_config, create_keystore
 from tests.support.rabbitmq import ADMIN, RabbitCluster, free_port
 
 PG_BINDIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
@@ -120,7 +118,7 @@ class LocalCluster:
             self.log(f"PostgreSQL keystore: {server.url}")
         elif not self.keystore:
             self.keystore = str(self.base / "keystore.db")
-        asyncio.run(_create(self.keystore))  # made (and migrated) before any replica opens it
+        create_keystore(self.keystore)  # made (and migrated) before any replica opens it
         rabbit = RabbitCluster(self.base / "rabbitmq", self.nodes,
                                stats_interval_ms=self.stats_interval_ms)
         self.rabbit = rabbit
@@ -140,8 +138,3 @@ class LocalCluster:
     def mqtt_ports(self) -> list[int]:
         assert self.rabbit is not None
         return self.rabbit.mqtt_ports()
-
-
-async def _create(target: str) -> None:
-    async with KeyStore.open(target):
-        pass

@@ -4,7 +4,6 @@ ones RabbitMQ 3.10 and EMQX 5 send)."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any, TypeVar
 import pytest
 
 from keystore import KeyStore
-from tests.support.authsvc import Replica, authsvc_config
+from tests.support.authsvc import Replica, authsvc_config, create_keystore, on_keystore
 
 T = TypeVar("T")
 # The shared replicas refuse many CONNECTs from 127.0.0.1 on purpose: the guard must not
@@ -30,12 +29,7 @@ class Replicas:
 
     def store(self, action: Callable[[KeyStore], Awaitable[T]]) -> T:
         """Run ``action`` on the shared keystore (another process, as the CLI would)."""
-
-        async def run() -> T:
-            async with KeyStore.open(self.db) as ks:
-                return await action(ks)
-
-        return asyncio.run(run())
+        return on_keystore(self.db, action)
 
     def texts(self) -> str:
         """Everything the replicas wrote: logs and audit trails."""
@@ -48,7 +42,7 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
     work = tmp_path_factory.mktemp("authsvc")
     db = work / "keystore.db"
     audit = [work / "a-audit.jsonl", work / "b-audit.jsonl"]
-    asyncio.run(_create(db))
+    create_keystore(db)
     a = Replica(work, "a", authsvc_config(db, audit[0], max_failures=MAX_FAILURES))
     b = Replica(work, "b", authsvc_config(db, audit[1], max_failures=MAX_FAILURES))
     try:
@@ -59,10 +53,6 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
         a.stop()
         b.stop()
 
-
-async def _create(db: Path) -> None:
-    async with KeyStore.open(db):
-        pass
 
 
 def fields(**values: Any) -> dict[str, str]:

@@ -21,7 +21,7 @@ from aiohttp import BasicAuth, web
 
 from keystore import KeyStore
 from keystore.models import AccessKey, TopicMode
-from tests.support.authsvc import Replica, ask, authsvc_config
+from tests.support.authsvc import Replica, ask, authsvc_config, create_keystore, on_keystore
 
 API_KEY, API_SECRET = "kb-kicker", "emqx-api-secret-for-tests"
 ALLOW = (200, {"result": "allow"})
@@ -86,7 +86,7 @@ def emqx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Replica, Em
                                                                       Path]]:
     work = tmp_path_factory.mktemp("emqx")
     db = work / "keystore.db"
-    asyncio.run(_create(db))
+    create_keystore(db)
     stand_in = EmqxApiStandIn().start()
     secret_file = work / "emqx-secret"
     secret_file.write_text(API_SECRET + "\n")
@@ -100,17 +100,9 @@ def emqx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Replica, Em
         stand_in.stop()
 
 
-async def _create(db: Path) -> None:
-    async with KeyStore.open(db):
-        pass
-
 
 def store(db: Path, action: object) -> object:
-    async def run() -> object:
-        async with KeyStore.open(db) as ks:
-            return await action(ks)  # type: ignore[operator]
-
-    return asyncio.run(run())
+    return on_keystore(db, action)  # type: ignore[arg-type]
 
 
 def authn(replica: Replica, key: str, secret: str, client_id: str,

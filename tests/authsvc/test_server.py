@@ -49,7 +49,7 @@ async def test_each_answer_is_one_write_on_a_nodelay_socket(server: AuthServer,
 
     def counting(transport: Any, data: bytes) -> None:
         sock = transport.get_extra_info("socket")
-        if sock is not None and sock.getsockname()[1] == server.port:
+        if sock is not None and sock.getsockname()[1] == server.listener.port:
             writes.append(bytes(data))
             options.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
         real(transport, data)
@@ -57,7 +57,7 @@ async def test_each_answer_is_one_write_on_a_nodelay_socket(server: AuthServer,
     monkeypatch.setattr(asyncio.selector_events._SelectorSocketTransport,  # type: ignore[attr-defined]
                         "write", counting)
     body = b"username=k&password=p&vhost=%2F&client_id=d"
-    answer = await exchange(server.port, b"POST /auth/user HTTP/1.1\r\nHost: x\r\n"
+    answer = await exchange(server.listener.port, b"POST /auth/user HTTP/1.1\r\nHost: x\r\n"
                             b"Content-Type: application/x-www-form-urlencoded\r\n"
                             b"Content-Length: %d\r\n\r\n" % len(body) + body)
     assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"\r\n\r\ndeny")
@@ -74,12 +74,12 @@ async def test_a_request_that_fails_inside_is_denied(server: AuthServer,
 
     monkeypatch.setattr(server.service.keystore, "connect_lookup", broken)
     body = b"username=k&password=p&vhost=%2F&client_id=d"
-    answer = await exchange(server.port, b"POST /auth/user HTTP/1.1\r\nHost: x\r\n"
+    answer = await exchange(server.listener.port, b"POST /auth/user HTTP/1.1\r\nHost: x\r\n"
                             b"Content-Type: application/x-www-form-urlencoded\r\n"
                             b"Content-Length: %d\r\n\r\n" % len(body) + body)
     assert answer.startswith(b"HTTP/1.1 500") and answer.endswith(b"deny")
     json_body = b'{"username": "k", "password": "p", "clientid": "d", "peerhost": "1.2.3.4"}'
-    answer = await exchange(server.port, b"POST /emqx/authn HTTP/1.1\r\nHost: x\r\n"
+    answer = await exchange(server.listener.port, b"POST /emqx/authn HTTP/1.1\r\nHost: x\r\n"
                             b"Content-Type: application/json\r\n"
                             b"Content-Length: %d\r\n\r\n" % len(json_body) + json_body)
     # EMQX reads an error status as "ask the next source": a failure answers 200 + deny.

@@ -6,7 +6,6 @@ installed (a failure under KEYBROKER_REQUIRE_SERVICES=1, as in CI)."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import time
@@ -20,7 +19,7 @@ import pytest
 
 from keystore import KeyStore
 from keystore.models import AccessKey
-from tests.support.authsvc import Replica, authsvc_config
+from tests.support.authsvc import Replica, authsvc_config, create_keystore, on_keystore
 from tests.support.harness import Client
 from tests.support.rabbitmq import ADMIN, BIN, RabbitCluster, installed
 from tests.support.services import missing
@@ -41,11 +40,7 @@ class ClusterEnv:
         return self.rabbit.mqtt_ports()
 
     def store(self, action: Any) -> Any:
-        async def run() -> Any:
-            async with KeyStore.open(self.db) as ks:
-                return await action(ks)
-
-        return asyncio.run(run())
+        return on_keystore(self.db, action)
 
     def key(self, devices: list[str], **options: Any) -> tuple[str, str]:
         """Devices tagged ``site=<first device>`` and a key restricted to that tag."""
@@ -93,25 +88,34 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterEnv]:
                 "apt-get install rabbitmq-server")
     work = tmp_path_factory.mktemp("cluster")
     db = work / "keystore.db"
-    asyncio.run(_create(db))
-    rabbit = RabbitCluster(work / "rabbitmq")
+    create_keystore(db)
     audit = (work / "a-audit.jsonl", work / "b-audit.jsonl")
-    # Many refusals from 127.0.0.1 on purpose: the guard must not ban it here.
-    replicas = tuple(Replica(work, name, authsvc_config(
-        db, path, management=rabbit.management_urls, user=ADMIN,
-        password_file=rabbit.password_file, max_failures=10_000))
-        for name, path in zip("ab", audit, strict=True))
-    env = ClusterEnv(db, rabbit, (replicas[0], replicas[1]), audit)
-    try:
-        for replica in replicas:
-            replica.start()
-        rabbit.start([replica.url for replica in replicas])
-        yield env
-    finally:
-        close_clients(env)
-        rabbit.stop()
-        for replica in replicas:
-            replica.stop()
+    for attempt in (1, 2):  # a node that lost a port to another process: once more
+        rabbit = RabbitCluster(work / f"rabbitmq-{attempt}")
+        # Many refusals from 127.0.0.1 on purpose: the guard must not ban it here.
+        replicas = tuple(Replica(work, f"{name}{attempt}", authsvc_config(
+            db, path, management=rabbit.management_urls, user=ADMIN,
+            password_file=rabbit.password_file, max_failures=10_000))
+            for name, path in zip("ab", audit, strict=True))
+        env = ClusterEnv(db, rabbit, (replicas[0], replicas[1]), audit)
+        try:
+            for replica in replicas:
+                replica.start()
+            rabbit.start([replica.url for replica in replicas])
+        except RuntimeError:
+            for replica in replicas:
+                replica.stop()
+            if attempt == 2:
+                raise
+            continue
+        try:
+            yield env
+        finally:
+            close_clients(env)
+            rabbit.stop()
+            for replica in replicas:
+                replica.stop()
+        return
 
 
 @pytest.fixture
@@ -135,7 +139,3 @@ def close_clients(env: ClusterEnv) -> None:
     with ThreadPoolExecutor(max_workers=8) as pool:
         list(pool.map(close, clients))
 
-
-async def _create(db: Path) -> None:
-    async with KeyStore.open(db):
-        pass

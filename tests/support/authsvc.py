@@ -5,6 +5,7 @@ its URL is read from the start-up line. ``ask`` sends one request the way Rabbit
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -14,8 +15,13 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
+
+from keystore import KeyStore
+
+T = TypeVar("T")
 
 START_TIMEOUT = 30.0
 LISTENING = re.compile(r"keybroker authsvc listening: (http://\S+)")
@@ -115,3 +121,22 @@ def ask(url: str, path: str, fields: Mapping[str, str], *, json_body: bool = Fal
             return response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
+
+
+def on_keystore(target: Path | str, action: Callable[[KeyStore], Awaitable[T]]) -> T:
+    """Run ``action`` on the keystore at ``target`` (as another process would, the CLI)."""
+
+    async def run() -> T:
+        async with KeyStore.open(target) as ks:
+            return await action(ks)
+
+    return asyncio.run(run())
+
+
+def create_keystore(target: Path | str) -> None:
+    """Make (and migrate) a keystore before replicas open it: authsvc never creates one."""
+    on_keystore(target, _nothing)
+
+
+async def _nothing(_ks: KeyStore) -> None:
+    return None
