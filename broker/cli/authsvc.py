@@ -21,8 +21,8 @@ from keystore.errors import NotFoundError
 @click.option("--host", help="Bind the service to this address (default 127.0.0.1).")
 @click.option("--port", type=click.IntRange(0, 65535),
               help="Service port (default 8081; 0 = any free port).")
-@click.option("--db", metavar="PATH|URL",
-              help="Keystore (overrides `keybroker --db`, $KEYBROKER_DB and the config).")
+@click.option("--db", metavar="PATH",
+              help="Keystore file (overrides `keybroker --db`, $KEYBROKER_DB and the config).")
 @click.option("--audit-log", type=click.Path(dir_okay=False, path_type=Path),
               help="Append the JSON-lines audit trail here.")
 @click.option("--log-level", default="INFO", show_default=True,
