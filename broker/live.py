@@ -1,11 +1,16 @@
 """Live changes (docs/live-changes.md) and connection status, off the message path.
 
 * ``ChangeWatcher`` polls the keystore's change marker every ``interval`` seconds
-  (``PRAGMA data_version`` for other processes such as the CLI, plus a counter for our own
-  connection); only when it moves does it read the ``changes`` rows written by triggers
-  since the last one seen. Work is proportional to the number of changes, never to the
-  number of keys or sessions. Deactivated, deleted or expired keys and deleted devices
-  get their sessions kicked; operators' ``devices kick`` requests arrive the same way.
+  (SQLite: ``PRAGMA data_version`` for other processes such as the CLI, plus a counter
+  for our own connection; PostgreSQL: the newest change id); only when it moves does it
+  read the ``changes`` rows written by triggers since the last one seen. PostgreSQL also
+  pushes: its NOTIFY wakes the watcher as soon as a change commits, and so does the
+  keystore coming back after an outage, when the watcher catches up from the last row
+  it applied (a key revoked meanwhile still kicks its sessions). Polling goes on all
+  the while, so a lost notification connection only costs latency. Work is proportional
+  to the number of changes, never to the number of keys or sessions. Deactivated,
+  deleted or expired keys and deleted devices get their sessions kicked; operators'
+  ``devices kick`` requests arrive the same way.
 * Expiry of a connected key is a heap of (expires_at, client id, grant) checked on the
   same tick, so a key expiring while connected is kicked within one interval.
 * ``StatusRecorder`` batches device connected/last-seen and key last-used writes and
@@ -46,6 +51,7 @@ class FeedReader(Periodic):
         self.keystore = keystore
         self._last_id = 0
         self._marker: tuple[int, int] | None = None
+        self.pushed = False  # whether the keystore wakes us on each change (PostgreSQL)
 
     @property
     def applied_change_id(self) -> int:
@@ -55,6 +61,7 @@ class FeedReader(Periodic):
     async def start(self) -> None:
         self._last_id = await self.keystore.latest_change_id()
         self._marker = await self.keystore.change_marker()
+        self.pushed = await self.keystore.watch_changes(self.wake)
         self.start_ticking()
 
     async def new_changes(self) -> AsyncIterator[Change]:

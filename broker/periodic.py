@@ -1,4 +1,5 @@
-"""One shape for the daemon's background services: call ``tick()`` every ``interval``."""
+"""One shape for the daemon's background services: call ``tick()`` every ``interval``, or
+sooner when woken."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import contextlib
 import logging
 from collections.abc import Coroutine
 from typing import Any
+
+from keystore.errors import UnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -22,14 +25,21 @@ def spawn(coro: Coroutine[Any, Any, Any]) -> None:
 
 
 class Periodic:
-    """Runs ``tick()`` every ``interval`` seconds from ``start()`` until ``stop()``.
-    A failing tick is logged and the next one runs: a service never dies of one error."""
+    """Runs ``tick()`` every ``interval`` seconds from ``start()`` until ``stop()``, and
+    at once after ``wake()``. A failing tick is logged and the next one runs: a service
+    never dies of one error. An unreachable keystore is not logged per tick: the
+    keystore logs the outage once, and its end."""
 
     name = "keybroker-periodic"
 
     def __init__(self, interval: float) -> None:
         self.interval = interval
         self._task: asyncio.Task[None] | None = None
+        self._woken = asyncio.Event()
+
+    def wake(self) -> None:
+        """Run the next tick now rather than at the end of the interval."""
+        self._woken.set()
 
     async def start(self) -> None:
         self.start_ticking()
@@ -52,8 +62,12 @@ class Periodic:
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self.interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._woken.wait(), self.interval)
+            self._woken.clear()
             try:
                 await self.tick()
+            except UnavailableError as exc:
+                logger.debug("%s: %s", self.name, exc)
             except Exception:
                 logger.exception("%s: tick failed; continuing", self.name)

@@ -65,13 +65,7 @@ class BrokerServer:
         if not settings.listeners:
             raise ValueError("no listener configured")
         try:
-            self.keystore = await self._stack.enter_async_context(
-                KeyStore.open(
-                    settings.db_path,
-                    device_prefix=settings.device_prefix,
-                    max_keys=settings.max_keys,
-                )
-            )
+            self.keystore = await self._stack.enter_async_context(settings.open_keystore())
             self.audit = AuditLog(settings.audit_path)
             self._stack.callback(self.audit.close)
             guard = BruteForceGuard(settings.guard) if settings.guard.enabled else None
@@ -109,7 +103,7 @@ class BrokerServer:
         if self.api is not None:
             addresses += f" api={self.api.url}"
         logger.info("keybroker listening: %s (keystore %s)", addresses,
-                    settings.db_path.absolute())
+                    settings.keystore_shown)
 
     def _api_server(self, guard: BruteForceGuard | None) -> ApiServer:
         """The HTTP API on this daemon's keystore, broker and guard (one copy of state)."""

@@ -21,7 +21,10 @@ from typing import Any
 from netaddr import AddrFormatError, IPNetwork
 
 from broker.policy.guard import GuardSettings
+from keystore import KeyStore
 from keystore.errors import ConfigError
+from keystore.location import check_postgres_url, is_url, redact
+from keystore.store import Opener
 
 ENV_DB = "KEYBROKER_DB"
 ENV_CONFIG = "KEYBROKER_CONFIG"
@@ -56,6 +59,10 @@ DEFAULT_LISTENERS = (
 @dataclass(frozen=True, slots=True)
 class Settings:
     db_path: Path = Path("data/keybroker.db")
+    # A postgresql:// URL: the keystore is that PostgreSQL database instead of db_path.
+    db_url: str | None = None
+    db_pool_size: int = 10  # connections to PostgreSQL at most (per process)
+    db_statement_timeout: float = 5.0  # seconds before PostgreSQL cancels a statement
     max_keys: int = 0
     device_prefix: str = "losant"
     denied_publish: str = "drop"
@@ -118,11 +125,41 @@ class Settings:
     def with_overrides(self, **changes: Any) -> Settings:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
+    def with_db(self, db: str | os.PathLike[str] | None) -> Settings:
+        """``--db`` / KEYBROKER_DB: a postgresql:// URL, or a plain path (an SQLite file);
+        either replaces both [keystore] url and path."""
+        if db is None:
+            return self
+        text = os.fspath(db)
+        if is_url(text):
+            return replace(self, db_url=check_postgres_url(text))
+        return replace(self, db_path=Path(text).expanduser(), db_url=None)
+
+    @property
+    def keystore_target(self) -> str:
+        """What KeyStore.open is given: the URL if one is set, else the file path."""
+        return self.db_url if self.db_url is not None else str(self.db_path)
+
+    @property
+    def keystore_shown(self) -> str:
+        """The keystore as named to operators: an absolute path, or the URL without its
+        password."""
+        return redact(self.db_url) if self.db_url is not None else str(self.db_path.absolute())
+
+    def open_keystore(self) -> Opener:
+        """``KeyStore.open`` on this keystore with its settings (``async with`` it)."""
+        return KeyStore.open(self.keystore_target, device_prefix=self.device_prefix,
+                             max_keys=self.max_keys, pool_size=self.db_pool_size,
+                             statement_timeout=self.db_statement_timeout)
+
 
 # Where a field lives in the TOML file: (section, key). Every other field is a
 # [limits] key of its own name; `listeners` is [listeners.NAME], `guard` is [security].
 PLACES: dict[str, tuple[str, str]] = {
     "db_path": ("keystore", "path"),
+    "db_url": ("keystore", "url"),
+    "db_pool_size": ("keystore", "pool_size"),
+    "db_statement_timeout": ("keystore", "statement_timeout"),
     "max_keys": ("keystore", "max_keys"),
     "device_prefix": ("mqtt", "device_prefix"),
     "denied_publish": ("mqtt", "denied_publish"),
@@ -155,7 +192,8 @@ CIDR_LISTS = frozenset({"trusted_proxies", "authsvc_allowed_peers"})
 URL_LISTS = frozenset({"rabbitmq_api", "emqx_api"})
 CHOICES = {"denied_publish": ("drop", "disconnect"), "type": ("tcp", "ws")}
 POSITIVE = frozenset({"keepalive_factor", "change_poll_interval", "api_device_token_ttl",
-                      "api_max_device_token_ttl"})  # 0 makes no sense
+                      "api_max_device_token_ttl", "db_pool_size",
+                      "db_statement_timeout"})  # 0 makes no sense
 LISTENER_KEYS = ("type", "host", "port", "certfile", "keyfile", "proxy_protocol", "enabled")
 
 
@@ -232,6 +270,11 @@ def _checked(where: str, name: str, value: Any) -> Any:
             if not url.startswith(("http://", "https://")):
                 raise ConfigError(f"{where}: invalid URL {url!r}: must start with http:// "
                                   "or https://")
+    if name == "db_url" and value is not None:
+        try:
+            return check_postgres_url(value)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
     return value
 
 
@@ -406,13 +449,17 @@ def _toml(value: Any) -> str:
 
 
 def settings_to_toml(settings: Settings) -> str:
-    """The effective settings as a config file (paths absolute); it loads back equal."""
+    """The effective settings as a config file (paths absolute); it loads back equal,
+    but for a password in the keystore URL, which is never written."""
     lines: list[str] = []
     by_section: dict[str, list[tuple[str, Any]]] = {}
     for f in fields(Settings):
         if f.name not in ("listeners", "guard"):
             section, key = place(f.name)
-            by_section.setdefault(section, []).append((key, getattr(settings, f.name)))
+            value = getattr(settings, f.name)
+            if f.name == "db_url" and value is not None:
+                value = redact(value)
+            by_section.setdefault(section, []).append((key, value))
     by_section["security"] = [(f.name, getattr(settings.guard, f.name))
                               for f in fields(GuardSettings)]
     for section in SECTIONS:

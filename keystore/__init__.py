@@ -1,6 +1,7 @@
-"""keybroker's keystore: devices and access keys in one SQLite file (no MQTT here).
+"""keybroker's keystore: applications, devices, access keys and tokens in one SQLite file or
+one PostgreSQL database (no MQTT here).
 
-async with KeyStore.open(path) as ks:
+async with KeyStore.open(path_or_postgresql_url) as ks:
     key, secret = await ks.create_key(device_tags=["floor=1"])
 """
 

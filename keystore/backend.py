@@ -4,7 +4,8 @@
 stores and reads, atomically, and raises the keystore's errors (NotFoundError,
 ConflictError, LimitError, ValidationError for what only the database can know, such as
 an unknown device id in a key's restriction). The SQLite backend (keystore.sqlite) is
-the embedded default; a server backend (PostgreSQL) fulfils the same protocol.
+the embedded default; the PostgreSQL backend (keystore.postgres) fulfils the same
+protocol for a shared server, and raises UnavailableError while it cannot reach it.
 """
 
 from __future__ import annotations
@@ -156,3 +157,5 @@ class Backend(Protocol):
     async def changes_since(self, change_id: int, limit: int) -> list[Change]: ...
     async def add_change(self, kind: str, subject: str) -> None: ...
     async def prune_changes(self, before: datetime, up_to: int | None, batch: int) -> int: ...
+    # Call ``wake`` when changes are committed (if the backend can push): True if it will.
+    async def watch_changes(self, wake: Callable[[], None]) -> bool: ...

@@ -74,7 +74,10 @@ class ConnectionOps:
         try:
             previous = await self.backend.put_connection(
                 snapshot, None if scope is None or known else tuple(scope))
-        except NotFoundError:  # deleted since (no connection referred to it for a day)
+        except NotFoundError:
+            if not known:  # its list was sent: the device is what is missing
+                raise
+            # The scope was deleted since (no connection referred to it for a day).
             previous = await self.backend.put_connection(snapshot, tuple(scope or ()))
         if digest is not None:
             self._stored.put(digest, True)

@@ -28,3 +28,8 @@ class LimitError(KeybrokerError):
 
 class ConfigError(KeybrokerError):
     """A bad setting (config file, environment or flags); the CLI exits with code 2."""
+
+
+class UnavailableError(KeybrokerError):
+    """The keystore's database cannot be reached now (a PostgreSQL server that is down or
+    not answering): nothing was decided, try again later."""

@@ -3,7 +3,7 @@ and writes besides the operators' changes (docs/live-changes.md)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 
 from keystore.backend import Backend
@@ -24,6 +24,11 @@ class FeedOps:
     async def change_marker(self) -> tuple[int, int]:
         """Moves whenever anyone (this process or another) commits a change."""
         return await self.backend.change_marker()
+
+    async def watch_changes(self, wake: Callable[[], None]) -> bool:
+        """Have ``wake()`` called as soon as a change is committed, where the backend can
+        push (PostgreSQL's LISTEN/NOTIFY); False if it cannot (SQLite: poll the marker)."""
+        return await self.backend.watch_changes(wake)
 
     async def latest_change_id(self) -> int:
         return await self.backend.latest_change_id()

@@ -33,9 +33,13 @@ is in the list (both hold for an empty list). ``{"pubTopics": []}`` matches an e
 list and ``{"pubTopics": {"$ne": []}}`` a non-empty one.
 
 Safety: field names map through a fixed whitelist to SQL text written here; every
-value reaches SQLite only as a ``?`` parameter. Pattern operators use GLOB (which,
-unlike LIKE, is case-sensitive like $eq), with the user's text escaped so that ``*``,
-``?`` and ``[`` in a $startsWith/$endsWith/$contains value are literal characters.
+value reaches the database only as a bound parameter. Pattern operators are
+case-sensitive like $eq, with the user's text escaped so that wildcards in a
+$startsWith/$endsWith/$contains value are literal characters.
+
+Dialects: the same query compiles for SQLite (``?`` parameters, GLOB, ``json_each``) and
+PostgreSQL (``$n`` parameters, LIKE with backslash escapes, ``jsonb_array_elements_text``
+in the "C" collation, so text compares by code point as in SQLite).
 """
 
 # SQL text in this module is assembled only from constants, whitelisted names and
@@ -51,7 +55,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from keystore.errors import ValidationError
-from keystore.sqlite.db import to_micros
+from keystore.rows import to_micros
 
 MAX_DEPTH = 16
 MAX_PARAMS = 10_000
@@ -64,9 +68,57 @@ ALL_OPERATORS = (*_COMPARE, *_SET, *_PATTERN)
 
 
 @dataclass(frozen=True, slots=True)
+class Dialect:
+    """How one database spells what the compiler writes."""
+
+    name: str
+    placeholder: Callable[[int], str]  # the n-th parameter (1-based)
+    pattern_op: str  # a case-sensitive wildcard match
+    pattern: Callable[[str, str], str]  # (operator, user text) -> pattern
+    like: Callable[[str], str]  # a $like pattern (* and ? wildcards) -> pattern
+    json_elements: str  # SELECT yielding column "v" for each element of JSON array {}
+
+
+def like_to_glob(text: str) -> str:
+    """A ``$like`` pattern as an SQLite GLOB (or fnmatch) pattern: only ``*`` and ``?``
+    are wildcards, so ``[`` is made literal."""
+    return text.replace("[", "[[]")
+
+
+def _glob(op: str, text: str) -> str:
+    if op == "$like":
+        return like_to_glob(text)
+    literal = "".join(f"[{c}]" if c in "*?[" else c for c in text)
+    return {"$startsWith": f"{literal}*", "$endsWith": f"*{literal}",
+            "$contains": f"*{literal}*"}[op]
+
+
+def _escape_like(text: str) -> str:
+    return "".join("\\" + c if c in "\\%_" else c for c in text)
+
+
+def _pg_like(text: str) -> str:
+    return "".join({"*": "%", "?": "_"}.get(c, _escape_like(c)) for c in text)
+
+
+def _pg_pattern(op: str, text: str) -> str:
+    if op == "$like":
+        return _pg_like(text)
+    literal = _escape_like(text)
+    return {"$startsWith": f"{literal}%", "$endsWith": f"%{literal}",
+            "$contains": f"%{literal}%"}[op]
+
+
+SQLITE = Dialect("sqlite", lambda n: "?", "GLOB", _glob, like_to_glob,
+                 "SELECT value AS v FROM json_each({})")
+POSTGRES = Dialect("postgresql", lambda n: f"${n}", "LIKE", _pg_pattern, _pg_like,
+                   'SELECT jsonb_array_elements_text({}) COLLATE "C" AS v')
+
+
+@dataclass(frozen=True, slots=True)
 class _Field:
-    kind: str  # text | enum | bool | date | list
-    sql: str  # column expression, or for lists a SELECT yielding one column "v"
+    kind: str  # text | enum | bool | date | list | json
+    sql: str  # column expression; for lists a SELECT yielding one column "v"
     operators: tuple[str, ...]
     values: Mapping[str, str] | None = None  # enum: accepted value -> stored value
 
@@ -108,31 +160,47 @@ FIELDS: dict[str, _Field] = {
     "deviceTags": _Field(
         "list", "SELECT tkey || '=' || tvalue AS v FROM key_tags WHERE key = k.key", _TEXT_OPS
     ),
-    "pubTopics": _Field("list", "SELECT value AS v FROM json_each(k.pub_topics)", _TEXT_OPS),
-    "subTopics": _Field("list", "SELECT value AS v FROM json_each(k.sub_topics)", _TEXT_OPS),
-    "addresses": _Field("list", "SELECT value AS v FROM json_each(k.addresses)", _TEXT_OPS),
+    # JSON arrays: the dialect's element SELECT over the column (see Dialect).
+    "pubTopics": _Field("json", "k.pub_topics", _TEXT_OPS),
+    "subTopics": _Field("json", "k.sub_topics", _TEXT_OPS),
+    "addresses": _Field("json", "k.addresses", _TEXT_OPS),
 }
 
 
-def compile_query(query: Mapping[str, Any] | str | None) -> tuple[str, list[Any]]:
-    """Return (SQL condition over access_keys aliased ``k``, parameters)."""
+class _Params(list[Any]):
+    """The bound values, each added where its placeholder is written."""
+
+    def __init__(self, dialect: Dialect, before: list[Any]) -> None:
+        super().__init__(before)
+        self.dialect = dialect
+
+    def add(self, value: Any) -> str:
+        self.append(value)
+        return self.dialect.placeholder(len(self))
+
+
+def compile_query(query: Mapping[str, Any] | str | None, dialect: Dialect = SQLITE,
+                  before: list[Any] | None = None) -> tuple[str, list[Any]]:
+    """Return (SQL condition over access_keys aliased ``k``, parameters). ``before`` are
+    parameters of the statement that come ahead of the condition (PostgreSQL numbers
+    them); the returned list starts with them."""
+    params = _Params(dialect, before or [])
     if query is None:
-        return "1", []
+        return "TRUE", list(params)
     if isinstance(query, str):
         if not query.strip():
-            return "1", []
+            return "TRUE", list(params)
         try:
             query = json.loads(query)
         except json.JSONDecodeError as exc:
             raise ValidationError(f"invalid query JSON: {exc.msg} at position {exc.pos}") from None
-    params: list[Any] = []
     sql = _compile_object(query, params, depth=0)
     if len(params) > MAX_PARAMS:
         raise ValidationError(f"query too large: more than {MAX_PARAMS} values")
-    return sql, params
+    return sql, list(params)
 
 
-def _compile_object(query: Any, params: list[Any], depth: int) -> str:
+def _compile_object(query: Any, params: _Params, depth: int) -> str:
     if not isinstance(query, Mapping):
         raise ValidationError(f"invalid query {_show(query)}: expected a JSON object")
     if depth > MAX_DEPTH:
@@ -151,10 +219,10 @@ def _compile_object(query: Any, params: list[Any], depth: int) -> str:
             raise ValidationError(
                 f"unknown query field {member!r}: known fields are {', '.join(FIELDS)}"
             )
-    return "(" + " AND ".join(parts) + ")" if parts else "1"
+    return "(" + " AND ".join(parts) + ")" if parts else "TRUE"
 
 
-def _compile_logical(op: str, value: Any, params: list[Any], depth: int) -> str:
+def _compile_logical(op: str, value: Any, params: _Params, depth: int) -> str:
     if not isinstance(value, list) or not value:
         raise ValidationError(f"invalid {op} {_show(value)}: expected a non-empty list of queries")
     subs = [_compile_object(sub, params, depth + 1) for sub in value]
@@ -164,7 +232,7 @@ def _compile_logical(op: str, value: Any, params: list[Any], depth: int) -> str:
     return joined if op == "$or" else f"(NOT {joined})"
 
 
-def _compile_field(name: str, value: Any, params: list[Any]) -> str:
+def _compile_field(name: str, value: Any, params: _Params) -> str:
     field = FIELDS[name]
     if isinstance(value, Mapping):
         if not value:
@@ -180,9 +248,12 @@ def _compile_field(name: str, value: Any, params: list[Any]) -> str:
     return _condition(name, field, "$eq", value, params)
 
 
-def _condition(name: str, field: _Field, op: str, operand: Any, params: list[Any]) -> str:
+def _condition(name: str, field: _Field, op: str, operand: Any, params: _Params) -> str:
     if field.kind == "list":
-        return _list_condition(name, field, op, operand, params)
+        return _list_condition(name, field.sql, op, operand, params)
+    if field.kind == "json":
+        return _list_condition(name, params.dialect.json_elements.format(field.sql), op,
+                               operand, params)
     encode = _encoder(name, field)
     return _scalar_condition(field.sql, op, operand, encode, name, params)
 
@@ -193,7 +264,7 @@ def _scalar_condition(
     operand: Any,
     encode: Callable[[Any, str], Any],
     name: str,
-    params: list[Any],
+    params: _Params,
 ) -> str:
     if op in _SET:
         if not isinstance(operand, list):
@@ -203,28 +274,28 @@ def _scalar_condition(
         values = [encode(v, op) for v in operand if v is not None]
         tests = []
         if values:
-            tests.append(f"{column} IN ({','.join('?' * len(values))})")
-            params.extend(values)
+            tests.append(f"{column} IN ({','.join(params.add(v) for v in values)})")
         if any(v is None for v in operand):
             tests.append(f"{column} IS NULL")
-        found = "(" + " OR ".join(tests) + ")" if tests else "0"
+        found = "(" + " OR ".join(tests) + ")" if tests else "FALSE"
         # coalesce: "NULL IN (...)" is NULL, and a missing value is "not in" the list.
-        return found if op == "$in" else f"(NOT coalesce({found}, 0))"
+        return found if op == "$in" else f"(NOT coalesce({found}, FALSE))"
     if op in ("$eq", "$ne") and operand is None:
         return f"({column} IS {'' if op == '$eq' else 'NOT '}NULL)"
     if op == "$ne":
-        params.append(encode(operand, op))
-        return f"({column} IS NOT ?)"  # null-safe: a missing value is "not equal"
+        # null-safe: a missing value is "not equal"
+        return f"({column} IS DISTINCT FROM {params.add(encode(operand, op))})"
     if op in _COMPARE:
-        params.append(encode(operand, op))
-        return f"({column} {_COMPARE[op]} ?)"
-    params.append(_glob(op, _text(operand, op, name)))
-    return f"({column} GLOB ?)"
+        return f"({column} {_COMPARE[op]} {params.add(encode(operand, op))})"
+    dialect = params.dialect
+    pattern = dialect.pattern(op, _text(operand, op, name))
+    return f"({column} {dialect.pattern_op} {params.add(pattern)})"
 
 
-def _list_condition(name: str, field: _Field, op: str, operand: Any, params: list[Any]) -> str:
+def _list_condition(name: str, elements: str, op: str, operand: Any, params: _Params) -> str:
+    """``elements`` is a SELECT yielding one column "v" per element."""
     if op in ("$eq", "$ne") and operand == []:
-        empty = f"NOT EXISTS ({field.sql})"
+        empty = f"NOT EXISTS ({elements})"
         return f"({empty})" if op == "$eq" else f"(NOT {empty})"
     # Any element satisfies the positive form; $ne / $nin negate "any element equals / is in".
     positive = {"$ne": "$eq", "$nin": "$in"}.get(op, op)
@@ -240,7 +311,7 @@ def _list_condition(name: str, field: _Field, op: str, operand: Any, params: lis
     elif operand is None:
         raise ValidationError(f"invalid {op} value null for list field {name!r}")
     inner = _scalar_condition("v", positive, operand, element, name, params)
-    exists = f"EXISTS (SELECT 1 FROM ({field.sql}) WHERE {inner})"
+    exists = f"EXISTS (SELECT 1 FROM ({elements}) AS elements WHERE {inner})"
     return f"(NOT {exists})" if positive != op else f"({exists})"
 
 
@@ -292,21 +363,6 @@ def _date(value: Any, op: str, name: str) -> int:
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return to_micros(when)
-
-
-def like_to_glob(text: str) -> str:
-    """A ``$like`` pattern as an SQLite GLOB (or fnmatch) pattern: only ``*`` and ``?``
-    are wildcards, so ``[`` is made literal."""
-    return text.replace("[", "[[]")
-
-
-def _glob(op: str, text: str) -> str:
-    if op == "$like":
-        return like_to_glob(text)
-    literal = "".join(f"[{c}]" if c in "*?[" else c for c in text)
-    return {"$startsWith": f"{literal}*", "$endsWith": f"*{literal}", "$contains": f"*{literal}*"}[
-        op
-    ]
 
 
 def _show(value: Any) -> str:

@@ -1,5 +1,6 @@
 """KeyStore: the keystore's API, by resource (applications, devices, keys, change feed), over one
-backend (keystore.backend: SQLite by default, keystore.sqlite).
+backend (keystore.backend): an SQLite file (keystore.sqlite, the default) or, named by a
+``postgresql://`` URL, a PostgreSQL database (keystore.postgres).
 
 Every public operation is one backend transaction and validates its whole input first,
 so a refused call writes nothing.
@@ -23,6 +24,12 @@ from keystore.devices import DeviceOps
 from keystore.errors import ValidationError
 from keystore.feed import FeedOps
 from keystore.keys import KeyOps
+from keystore.location import is_url
+from keystore.postgres.backend import (
+    DEFAULT_POOL_SIZE,
+    DEFAULT_STATEMENT_TIMEOUT,
+    PostgresBackend,
+)
 from keystore.sqlite.backend import SqliteBackend
 from keystore.tokens import TokenOps
 from keystore.topics import validate_device_prefix
@@ -41,15 +48,18 @@ class KeyStore(DeviceOps, KeyOps, TokenOps, FeedOps, ConnectionOps):
 
     @property
     def location(self) -> str:
-        """Where the keystore lives (a file path), as shown to operators."""
+        """Where the keystore lives (a file path, or a URL without its password)."""
         return self.backend.location
 
     @classmethod
     def open(
-        cls, path: str | os.PathLike[str], *, device_prefix: str = "losant", max_keys: int = 0
-    ) -> _Opener:
-        """Open (creating and migrating if needed) the keystore file at `path`."""
-        return _Opener(os.fspath(path), device_prefix, max_keys)
+        cls, target: str | os.PathLike[str], *, device_prefix: str = "losant", max_keys: int = 0,
+        pool_size: int = DEFAULT_POOL_SIZE, statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT,
+    ) -> Opener:
+        """Open (creating and migrating if needed) the keystore at ``target``: an SQLite
+        file path, or a ``postgresql://user@host:port/dbname`` URL (then ``pool_size``
+        connections at most, each statement cancelled after ``statement_timeout`` s)."""
+        return Opener(os.fspath(target), device_prefix, max_keys, pool_size, statement_timeout)
 
     async def close(self) -> None:
         await self.backend.close()
@@ -61,20 +71,26 @@ class KeyStore(DeviceOps, KeyOps, TokenOps, FeedOps, ConnectionOps):
         await self.close()
 
 
-class _Opener:
+class Opener:
     """Result of KeyStore.open: use ``async with`` (closes on exit) or ``await`` it
     (then call ``await ks.close()``)."""
 
-    def __init__(self, path: str, device_prefix: str, max_keys: int) -> None:
-        self._args = (path, device_prefix, max_keys)
+    def __init__(self, target: str, device_prefix: str, max_keys: int, pool_size: int,
+                 statement_timeout: float) -> None:
+        self._args = (target, device_prefix, max_keys, pool_size, statement_timeout)
         self._store: KeyStore | None = None
 
     async def _open(self) -> KeyStore:
-        path, device_prefix, max_keys = self._args
+        target, device_prefix, max_keys, pool_size, statement_timeout = self._args
         if not isinstance(max_keys, int) or max_keys < 0:
             raise ValidationError(f"invalid max_keys {max_keys!r}: must be 0 (no limit) or more")
         validate_device_prefix(device_prefix)
-        backend = await SqliteBackend.open(path)
+        backend: Backend
+        if is_url(target):
+            backend = await PostgresBackend.open(target, pool_size=pool_size,
+                                                 statement_timeout=statement_timeout)
+        else:
+            backend = await SqliteBackend.open(target)
         return KeyStore(backend, device_prefix=device_prefix, max_keys=max_keys)
 
     def __await__(self) -> Generator[Any, None, KeyStore]:

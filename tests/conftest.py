@@ -7,7 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from keystore import KeyStore
 from tests.support.harness import RunningBroker, broker_settings
+from tests.support.postgres import PostgresServer
+
+BACKENDS = ["sqlite", "postgresql"]
 
 
 @pytest.fixture
@@ -18,3 +22,55 @@ def broker(tmp_path: Path) -> Iterator[RunningBroker]:
         yield running
     finally:
         running.stop()
+
+
+async def _migrate(url: str) -> None:
+    async with KeyStore.open(url):
+        pass
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One throwaway PostgreSQL server for the whole session (skipped, or failed under
+    KEYBROKER_REQUIRE_SERVICES=1, when its binaries are missing)."""
+    server = PostgresServer()
+    try:
+        server.init()
+        server.start()
+        server.make_template(_migrate)
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture
+def pg_url(postgres: PostgresServer) -> Iterator[str]:
+    """A fresh, migrated PostgreSQL keystore database of its own for this test."""
+    name = postgres.new_database()
+    try:
+        yield postgres.url(name)
+    finally:
+        if postgres.running:
+            postgres.drop_database(name)
+
+
+@pytest.fixture(params=BACKENDS)
+def broker_on_each_backend(request: pytest.FixtureRequest,
+                           tmp_path: Path) -> Iterator[RunningBroker]:
+    """Like ``broker``, once on an SQLite file and once on a PostgreSQL database (modules
+    whose tests should run on both name it ``broker`` with ``broker = ...``)."""
+    url = request.getfixturevalue("pg_url") if request.param == "postgresql" else None
+    running = RunningBroker(broker_settings(tmp_path, db_url=url)).start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture(params=BACKENDS)
+def keystore_target(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where a fresh keystore lives, once per backend: an SQLite file path, then a
+    PostgreSQL URL."""
+    if request.param == "sqlite":
+        return str(tmp_path / "keystore.db")
+    return str(request.getfixturevalue("pg_url"))

@@ -10,6 +10,7 @@ from keystore.errors import (
     KeybrokerError,
     LimitError,
     NotFoundError,
+    UnavailableError,
     ValidationError,
 )
 
@@ -53,6 +54,7 @@ _STATUS: list[tuple[type[KeybrokerError], int, str]] = [
     (LimitError, 400, "LimitExceeded"),
     (NotFoundError, 404, "NotFound"),
     (ConflictError, 409, "Conflict"),
+    (UnavailableError, 503, "ServiceUnavailable"),
 ]
 
 

@@ -18,6 +18,7 @@ from broker.cli.common import CliState, KeybrokerGroup
 from broker.cli.config import config_cmd
 from broker.cli.devices import devices
 from broker.cli.keys import keys
+from broker.cli.migrate import migrate_cmd
 from broker.cli.seed import seed
 from broker.cli.serve import serve
 from broker.cli.tokens import tokens
@@ -27,11 +28,12 @@ from broker.settings import ENV_CONFIG, ENV_DB
 @click.group(cls=KeybrokerGroup)
 @click.option(
     "--db",
-    type=click.Path(path_type=Path, dir_okay=False),
     envvar=ENV_DB,
     default=None,
-    help=f"SQLite keystore file (env {ENV_DB}; default: [keystore] path of the config, "
-    "else data/keybroker.db in the current directory).",
+    metavar="PATH|URL",
+    help=f"Keystore: an SQLite file, or postgresql://user@host:port/dbname (env {ENV_DB}; "
+    "default: [keystore] url or path of the config, else data/keybroker.db in the current "
+    "directory).",
 )
 @click.option(
     "--config",
@@ -41,10 +43,10 @@ from broker.settings import ENV_CONFIG, ENV_DB
     help=f"TOML config file (env {ENV_CONFIG}; default: none, built-in defaults). "
     "See `keybroker config example`.",
 )
-@click.option("-v", "--verbose", is_flag=True, help="Say which keystore file is used (stderr).")
+@click.option("-v", "--verbose", is_flag=True, help="Say which keystore is used (stderr).")
 @click.version_option(package_name="keybroker", prog_name="keybroker")
 @click.pass_context
-def main(ctx: click.Context, db: Path | None, config: Path | None, verbose: bool) -> None:
+def main(ctx: click.Context, db: str | None, config: Path | None, verbose: bool) -> None:
     """keybroker: an MQTT broker whose only way in is an access key."""
     ctx.obj = CliState(db, config, verbose)
 
@@ -57,6 +59,7 @@ main.add_command(tokens)
 main.add_command(serve)
 main.add_command(authsvc)
 main.add_command(backup_cmd)
+main.add_command(migrate_cmd)
 main.add_command(config_cmd)
 
 

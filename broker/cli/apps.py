@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from broker.cli.common import confirm_or_abort, keystore_file, run_store
+from broker.cli.common import confirm_or_abort, keystore_shown, run_store
 from broker.cli.output import echo_json, table
 from keystore import KeyStore
 from keystore.models import Application
@@ -62,7 +62,7 @@ def list_(as_json: bool) -> None:
     if as_json:
         echo_json(docs)
         return
-    click.echo(f"keystore: {keystore_file()}")
+    click.echo(f"keystore: {keystore_shown()}")
     click.echo(table(("ID", "NAME", "DEVICES", "KEYS", "MAX KEYS"), [
         (d["id"], d["name"], str(d["devices"]), str(d["keys"]), _limit(d)) for d in docs]))
 

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import asyncpg
 import click
 
 from broker.settings import Settings, load_settings
@@ -34,7 +35,7 @@ class CliState:
     """What the top-level group knows: --db, --config and --verbose; settings load lazily."""
 
     def __init__(
-        self, db_override: Path | None = None, config: Path | None = None, verbose: bool = False
+        self, db_override: str | None = None, config: Path | None = None, verbose: bool = False
     ) -> None:
         self.db_override = db_override
         self.config = config
@@ -44,7 +45,7 @@ class CliState:
     @functools.cached_property
     def settings(self) -> Settings:
         # Loaded on first use so that --help and --version work even with a broken config.
-        return load_settings(self.config).with_overrides(db_path=self.db_override)
+        return load_settings(self.config).with_db(self.db_override)
 
 
 def current_state() -> CliState:
@@ -72,7 +73,7 @@ def translate_errors() -> Iterator[None]:
         raise ConfigException(one_line(exc)) from None
     except KeybrokerError as exc:
         raise click.ClickException(one_line(exc)) from None
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, asyncpg.PostgresError) as exc:
         raise click.ClickException(f"database error: {one_line(exc)}") from None
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
@@ -92,36 +93,42 @@ CREATE_HINT = (
 )
 
 
-def keystore_file() -> Path:
-    """The keystore file the command works on, absolute (it is named in messages)."""
-    return current_state().settings.db_path.absolute()
+def keystore_shown() -> str:
+    """The keystore the command works on as named in messages: a file's absolute path, or
+    a URL without its password."""
+    return current_state().settings.keystore_shown
 
 
-def keystore_path(*, create: bool = False) -> Path:
-    """``keystore_file()``, checked before use (and named on stderr with --verbose).
+def keystore_location(*, create: bool = False) -> str:
+    """The keystore the command works on, checked before use (and named on stderr with
+    --verbose): an SQLite file's absolute path, or a PostgreSQL URL.
 
-    Only commands that add something pass ``create=True`` (the parent directory is then
-    made). Any other command on a missing file is an error saying where it looked: a
-    listing run from the wrong directory must not create an empty keystore there."""
-    path = keystore_file()
+    Only commands that add something pass ``create=True`` (a file's parent directory is
+    then made). Any other command on a missing file is an error saying where it looked: a
+    listing run from the wrong directory must not create an empty keystore there. (A
+    PostgreSQL database is made by its administrator; keybroker creates its tables.)"""
+    settings = current_state().settings
     if current_state().verbose:
-        click.echo(f"keystore: {path}", err=True)
+        click.echo(f"keystore: {settings.keystore_shown}", err=True)
+    if settings.db_url is not None:
+        return settings.db_url
+    path = settings.db_path.absolute()
     if create:
         path.parent.mkdir(parents=True, exist_ok=True)
     elif not path.exists():
         raise NotFoundError(f"no keystore at {str(path)!r} ({CREATE_HINT})")
-    return path
+    return str(path)
 
 
 def run_store(action: Callable[[KeyStore], Awaitable[T]], *, create: bool = False) -> T:
     """Open the configured keystore, run ``action`` on it in a fresh event loop, close it."""
-    path = keystore_path(create=create)
+    target = keystore_location(create=create)
     settings = current_state().settings
+    if settings.db_url is None:
+        settings = settings.with_db(target)  # the absolute path
 
     async def go() -> T:
-        async with KeyStore.open(
-            str(path), device_prefix=settings.device_prefix, max_keys=settings.max_keys
-        ) as ks:
+        async with settings.open_keystore() as ks:
             app = current_state().app
             if app is not None:
                 ks.default_app = app

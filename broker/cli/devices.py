@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from broker.cli.common import app_option, confirm_or_abort, keystore_file, parse_tags, run_store
+from broker.cli.common import app_option, confirm_or_abort, keystore_shown, parse_tags, run_store
 from broker.cli.output import device_details, device_table, echo_json, report_created, secret_file
 from keystore import KeyStore
 from keystore.models import Device, TopicMode
@@ -47,7 +47,7 @@ def list_(as_json: bool) -> None:
     if as_json:
         echo_json([d.to_json() for d in found])
         return
-    click.echo(f"keystore: {keystore_file()}")
+    click.echo(f"keystore: {keystore_shown()}")
     click.echo(device_table(found) if found else "no devices")
 
 

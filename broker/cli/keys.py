@@ -12,7 +12,7 @@ from broker.cli.common import (
     address_restriction,
     app_option,
     confirm_or_abort,
-    keystore_file,
+    keystore_shown,
     parse_tags,
     run_store,
     short_key,
@@ -168,7 +168,7 @@ def list_(query: str | None, as_json: bool, full: bool) -> None:
     if as_json:
         echo_json([k.to_losant() for k in found])
         return
-    click.echo(f"keystore: {keystore_file()}")
+    click.echo(f"keystore: {keystore_shown()}")
     click.echo(key_table(found, full) if found else "no keys")
 
 

@@ -14,7 +14,6 @@ import click
 from broker.cli.common import current_state
 from broker.server import BrokerServer
 from broker.settings import ANY_HOST, Listener, Settings, check_listeners, load_settings
-from keystore import KeyStore
 
 DEMO_DEVICE = "demo-device"
 DEMO_DASHBOARD = "demo-dashboard"
@@ -35,7 +34,7 @@ def _with_listener(settings: Settings, name: str, **fields: object) -> Settings:
 
 def build_settings(
     config: Path | None,
-    db: Path | None,
+    db: str | None,
     host: str | None,
     port: int | None,
     ws_port: int | None,
@@ -48,8 +47,8 @@ def build_settings(
     api_port: int | None = None,
     no_api: bool = False,
 ) -> Settings:
-    settings = load_settings(config).with_overrides(db_path=db, audit_path=audit_log,
-                                                    api_host=api_host, api_port=api_port)
+    settings = load_settings(config).with_db(db).with_overrides(
+        audit_path=audit_log, api_host=api_host, api_port=api_port)
     if no_api:
         settings = replace(settings, api_enabled=False)
     if (tls_port is not None or wss_port is not None) and not (certfile and keyfile):
@@ -81,8 +80,7 @@ def build_settings(
 async def create_demo_if_empty(settings: Settings) -> tuple[str, str] | None:
     """On an empty keystore: a demo device, a demo dashboard and one key for both, so the
     dashboard can watch the device's state. Returns (key, secret)."""
-    async with KeyStore.open(settings.db_path, device_prefix=settings.device_prefix,
-                             max_keys=settings.max_keys) as ks:
+    async with settings.open_keystore() as ks:
         if await ks.count_devices() or await ks.count_keys():
             return None
         await ks.add_device(DEMO_DEVICE, name="Demo device", tags=[("kind", "demo")])
@@ -195,7 +193,8 @@ def serve(config: Path | None, host: str | None, port: int | None, ws_port: int 
     # keep the daemon's log about keybroker.
     for chatty in ("amqtt", "transitions", "websockets"):
         logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))
-    settings.db_path.parent.mkdir(parents=True, exist_ok=True)
+    if settings.db_url is None:
+        settings.db_path.parent.mkdir(parents=True, exist_ok=True)
     created = asyncio.run(create_demo_if_empty(settings)) if demo_if_empty else None
 
     def started(server: BrokerServer) -> None:

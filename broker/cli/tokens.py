@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from broker.cli.common import keystore_file, run_store
+from broker.cli.common import keystore_shown, run_store
 from broker.cli.output import echo_json, table
 from keystore.models import ApiToken
 from keystore.scopes import ACTIONS, ALL, ALL_READ, DEFAULT_SCOPES
@@ -52,7 +52,7 @@ def list_(as_json: bool) -> None:
     if as_json:
         echo_json([row.to_json() for row in rows])
         return
-    click.echo(f"keystore: {keystore_file()}")
+    click.echo(f"keystore: {keystore_shown()}")
     click.echo(table(("ID", "NAME", "APPLICATION", "SCOPES", "STATUS", "EXPIRES"), [
         (r.id, r.name, _app_text(r), ",".join(r.scopes), r.status,
          r.to_json()["expirationDate"] or "never") for r in rows]))

@@ -26,6 +26,7 @@ from broker import policy
 from broker.mqtt.session import ConnectionInfo, Grant, KeySession, Refusal
 from broker.policy import Decision, PolicyCache, SessionPolicy
 from broker.policy.guard import BruteForceGuard
+from keystore.errors import UnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,11 @@ class AccessKeyAuthPlugin(BaseAuthPlugin):
         else:
             try:
                 outcome = await self._decide(session, conn)
+            except UnavailableError:
+                # The keystore cannot answer (logged once by it): "server unavailable",
+                # never a session let in unchecked, and no mark against the client.
+                outcome = Refusal("keystore_unavailable",
+                                  policy.CONNACK_CODE["keystore_unavailable"], None)
             except Exception:
                 # A keystore failure must refuse this client, not crash the daemon.
                 logger.exception("authentication failed with an internal error")
@@ -95,7 +101,7 @@ class AccessKeyAuthPlugin(BaseAuthPlugin):
         if audit is not None:
             audit.from_source("connect_refused", reason=outcome.reason,
                               **audit_fields(session, outcome.key))
-        if guard is not None:
+        if guard is not None and outcome.reason != "keystore_unavailable":
             until = guard.record_failure(conn.client_ip, now)
             if until is not None:
                 self._audit("ban", session, None, f"banned for {until - now:.0f}s")

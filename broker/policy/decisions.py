@@ -78,11 +78,14 @@ DENY_IP_NOT_LISTED = Decision(False, "ip_not_in_list")
 DENY_IP_EXCEPTED = Decision(False, "ip_in_except_list")
 DENY_IP_INVALID = Decision(False, "ip_invalid")
 
-# CONNACK return codes (MQTT 3.1.1 §3.2.2.3) by refusal reason: 4 = bad user name or
-# password, 5 = not authorized. Steps 1–2 of docs/access.md#connect are decided by the caller.
+# CONNACK return codes (MQTT 3.1.1 §3.2.2.3) by refusal reason: 3 = server unavailable,
+# 4 = bad user name or password, 5 = not authorized. Steps 0–2 of docs/access.md#connect
+# are decided by the caller.
+CONNACK_SERVER_UNAVAILABLE = 3
 CONNACK_BAD_CREDENTIALS = 4
 CONNACK_NOT_AUTHORIZED = 5
 CONNACK_CODE: dict[str, int] = {
+    "keystore_unavailable": CONNACK_SERVER_UNAVAILABLE,
     "no_credentials": CONNACK_BAD_CREDENTIALS,
     "unknown_key": CONNACK_BAD_CREDENTIALS,
     "bad_secret": CONNACK_BAD_CREDENTIALS,

@@ -30,37 +30,43 @@ from typing import Any
 
 import aiosqlite
 
-from keystore import credentials
-from keystore.backend import ConnectRow, DeviceTokenRow, Page, UntagSpec
-from keystore.errors import ConflictError, LimitError, NotFoundError, ValidationError
+from keystore import credentials, plans
+from keystore.backend import ConnectRow, DeviceTokenRow, Page
+from keystore.errors import ConflictError, NotFoundError, ValidationError
 from keystore.keyspec import KeySpec
 from keystore.models import AccessKey, ApiToken, Application, Change, Device, KeyStatus, Tag
 from keystore.query import compile_query, like_to_glob
-from keystore.sqlite import statements
-from keystore.sqlite.connections import SqliteConnections
-from keystore.sqlite.db import (
+from keystore.rows import (
     APP_COLUMNS,
-    DEVICE_COLUMNS,
+    DEVICE_SORT,
     KEY_COLUMN_COUNT,
-    KEY_COLUMNS,
+    KEY_SORT,
+    LAST_USED,
     TOKEN_COLUMNS,
-    chunks,
-    connect,
     from_micros,
     now_micros,
-    placeholders,
+    order_by,
     row_to_app,
     row_to_device,
     row_to_key,
     row_to_token,
+    to_device_token_row,
     to_micros,
+)
+from keystore.sharedops import SharedConnections, SharedOps
+from keystore.sqlite import connections, statements
+from keystore.sqlite.db import (
+    DEVICE_COLUMNS,
+    KEY_COLUMNS,
+    chunks,
+    connect,
+    placeholders,
 )
 from keystore.sqlite.migrations import migrate
 from keystore.sqlite.statements import SCOPE_SQL
 
 log = logging.getLogger(__name__)
 
-LAST_USED = 13  # position of last_used in KEY_COLUMNS
 # KEY_COLUMNS is our own constant; the key is a bound parameter.
 CONNECT_SQL = (
     "SELECT (SELECT value FROM meta WHERE name = 'auth_generation'), "
@@ -73,22 +79,12 @@ DEVICE_TOKEN_SQL = (
     "t.secret_hash, t.expires_at, " + KEY_COLUMNS
     + " FROM device_tokens t JOIN access_keys k ON k.key = t.key WHERE t.id = ?"
 )
-# Sortable fields of the API's lists (Losant names) -> column; ties go by the primary key.
-KEY_SORT = {"key": "k.key", "id": "k.id", "status": "k.status", "name": "k.name",
-            "creationDate": "k.created_at", "lastUpdated": "k.updated_at"}
-DEVICE_SORT = {"deviceId": "d.id", "id": "d.id", "name": "d.name",
-               "creationDate": "d.created_at", "lastUpdated": "d.updated_at"}
 
 
-def _order(columns: dict[str, str], sort: str, descending: bool, tie: str) -> str:
-    """ORDER BY text from whitelisted names only."""
-    if sort not in columns:
-        raise ValidationError(f"invalid sortField {sort!r}: use one of {', '.join(columns)}")
-    direction = "DESC" if descending else "ASC"
-    return f"{columns[sort]} {direction}, {tie} {direction}"
+class SqliteBackend(SharedOps, SharedConnections):
+    statements = statements
+    connections = connections
 
-
-class SqliteBackend(SqliteConnections):
     def __init__(self, conn: aiosqlite.Connection, path: str) -> None:
         self._conn = conn
         self.path = path
@@ -204,25 +200,6 @@ class SqliteBackend(SqliteConnections):
 
     # --- devices --------------------------------------------------------------------------
 
-    async def insert_device(self, app_id: str, device_id: str, name: str | None,
-                            tags: tuple[Tag, ...]) -> Device:
-        now = now_micros()
-        async with self._write() as conn:
-            owner = await statements.device_app(conn, device_id)
-            if owner is not None:
-                where = "" if owner == app_id else " in another application"
-                raise ConflictError(f"device {device_id!r} already exists{where}")
-            await conn.execute(
-                "INSERT INTO devices (id, name, created_at, updated_at, app_id) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (device_id, name, now, now, app_id),
-            )
-            await conn.executemany(
-                "INSERT INTO device_tags (device_id, key, value) VALUES (?, ?, ?)",
-                [(device_id, k, v) for k, v in tags],
-            )
-            return await statements.load_device(conn, app_id, device_id)
-
     async def upsert_devices(
         self, app_id: str, wanted: Mapping[str, tuple[str | None, frozenset[Tag]]]
     ) -> int:
@@ -243,36 +220,6 @@ class SqliteBackend(SqliteConnections):
             (app_id,))
         return [row_to_device(r) for r in rows]
 
-    async def add_tags(self, app_id: str, device_id: str, tags: tuple[Tag, ...]) -> Device:
-        async with self._write() as conn:
-            before = await statements.load_device(conn, app_id, device_id)
-            added = [p for p in tags if p not in before.tags]
-            if added:
-                await conn.executemany(
-                    "INSERT INTO device_tags (device_id, key, value) VALUES (?, ?, ?)",
-                    [(before.id, k, v) for k, v in added],
-                )
-                await statements.touch_device(conn, before.id)
-            return await statements.load_device(conn, app_id, before.id)
-
-    async def remove_tags(self, app_id: str, device_id: str, specs: list[UntagSpec]) -> Device:
-        async with self._write() as conn:
-            before = await statements.load_device(conn, app_id, device_id)
-            doomed: set[Tag] = set()
-            for tag_key, tag_value, spec in specs:
-                hits = {t for t in before.tags
-                        if t[0] == tag_key and (tag_value is None or t[1] == tag_value)}
-                if not hits:
-                    raise NotFoundError(f"device {before.id!r} has no tag matching {spec!r}")
-                doomed |= hits
-            if doomed:
-                await conn.executemany(
-                    "DELETE FROM device_tags WHERE device_id = ? AND key = ? AND value = ?",
-                    [(before.id, k, v) for k, v in doomed],
-                )
-                await statements.touch_device(conn, before.id)
-            return await statements.load_device(conn, app_id, before.id)
-
     async def delete_devices(self, app_id: str, device_ids: tuple[str, ...]) -> None:
         async with self._write() as conn:
             missing = await statements.missing_devices(conn, app_id, device_ids)
@@ -283,28 +230,9 @@ class SqliteBackend(SqliteConnections):
                     f"DELETE FROM devices WHERE id IN ({placeholders(len(batch))})", batch
                 )
 
-    async def change_device(self, app_id: str, device_id: str, name: Any,
-                            tags: tuple[Tag, ...] | None) -> Device:
-        """Set the name (``...`` leaves it) and replace the tag set (None leaves it)."""
-        async with self._write() as conn:
-            before = await statements.load_device(conn, app_id, device_id)
-            if name is not ... and name != before.name:
-                await conn.execute("UPDATE devices SET name = ? WHERE id = ?", (name, before.id))
-            if tags is not None and set(tags) != set(before.tags):
-                await conn.executemany(
-                    "DELETE FROM device_tags WHERE device_id = ? AND key = ? AND value = ?",
-                    [(before.id, k, v) for k, v in set(before.tags) - set(tags)])
-                await conn.executemany(
-                    "INSERT INTO device_tags (device_id, key, value) VALUES (?, ?, ?)",
-                    [(before.id, k, v) for k, v in set(tags) - set(before.tags)])
-            if (name is not ... and name != before.name) or \
-                    (tags is not None and set(tags) != set(before.tags)):
-                await statements.touch_device(conn, before.id)
-            return await statements.load_device(conn, app_id, before.id)
-
     async def page_devices(self, app_id: str, name_glob: str | None, sort: str,
                            descending: bool, offset: int, limit: int) -> Page:
-        order = _order(DEVICE_SORT, sort, descending, "d.id")
+        order = order_by(DEVICE_SORT, sort, descending, "d.id")
         where, params = "d.app_id = ?", [app_id]
         if name_glob is not None:
             where += " AND d.name GLOB ?"
@@ -339,10 +267,7 @@ class SqliteBackend(SqliteConnections):
             if max_keys:
                 existing = await statements.count(
                     conn, "SELECT count(*) FROM access_keys WHERE app_id = ?", (app_id,))
-                if existing + len(specs) > max_keys:
-                    raise LimitError(
-                        f"key limit of {max_keys} reached: {existing} keys exist in the "
-                        f"application, cannot create {len(specs)} more")
+                plans.check_key_limit(max_keys, existing, len(specs))
             missing = await statements.missing_devices(
                 conn, app_id, tuple(dict.fromkeys(d for s in specs for d in s.device_ids)))
             if missing:
@@ -356,11 +281,6 @@ class SqliteBackend(SqliteConnections):
                     raise ConflictError(f"key name {taken!r} is already used by another key")
             return await statements.insert_keys(conn, app_id, specs, minted, now)
 
-    async def load_key(self, app_id: str, key_or_prefix: str) -> AccessKey:
-        async with self._read() as conn:
-            key = await statements.resolve_key(conn, app_id, key_or_prefix)
-            return (await statements.load_keys(conn, [key]))[key]
-
     async def load_key_by_id(self, app_id: str, key_id: str) -> AccessKey:
         rows = await self._fetchall(
             f"SELECT {KEY_COLUMNS} FROM access_keys k WHERE k.id = ? AND k.app_id = ?",
@@ -371,7 +291,7 @@ class SqliteBackend(SqliteConnections):
 
     async def page_keys(self, app_id: str, query: Mapping[str, Any] | str | None, sort: str,
                         descending: bool, offset: int, limit: int) -> Page:
-        order = _order(KEY_SORT, sort, descending, "k.key")
+        order = order_by(KEY_SORT, sort, descending, "k.key")
         where, params = compile_query(query)
         async with self._read() as conn:
             total = await statements.count(
@@ -381,10 +301,6 @@ class SqliteBackend(SqliteConnections):
                 f"SELECT {KEY_COLUMNS} FROM access_keys k WHERE k.app_id = ? AND ({where}) "
                 f"ORDER BY {order} LIMIT ? OFFSET ?", (app_id, *params, limit, offset))
         return [row_to_key(r) for r in rows], total
-
-    async def keys_by_id(self, keys: Iterable[str]) -> dict[str, AccessKey]:
-        async with self._read() as conn:
-            return await statements.load_keys(conn, list(dict.fromkeys(keys)))
 
     async def query_keys(self, app_id: str,
                          query: Mapping[str, Any] | str | None) -> list[AccessKey]:
@@ -447,14 +363,18 @@ class SqliteBackend(SqliteConnections):
     # --- CONNECT ----------------------------------------------------------------------
 
     async def connect_row(self, key: str) -> ConnectRow:
-        rows = self._read_now(CONNECT_SQL, (key,))
-        if rows is None:
-            rows = await self._fetchall(CONNECT_SQL, (key,))
-        row = rows[0]
+        row = (await self._lookup(CONNECT_SQL, key))[0]
         if row[1] is None:
             return ConnectRow(int(row[0]), None, None, None)
         return ConnectRow(int(row[0]), self._key_from_row(row[1 : 1 + KEY_COLUMN_COUNT]),
                           row[-2], row[-1])
+
+    async def _lookup(self, sql: str, *params: Any) -> list[Any]:
+        rows = self._read_now(sql, params)
+        return rows if rows is not None else await self._fetchall(sql, params)
+
+    async def _rows(self, sql: str, *params: Any) -> list[Any]:
+        return await self._fetchall(sql, params)
 
     def _read_now(self, sql: str, params: tuple[Any, ...]) -> list[Any] | None:
         """A primary-key lookup on the read-only connection, or None to use the async
@@ -560,11 +480,7 @@ class SqliteBackend(SqliteConnections):
         rows = await self._fetchall(DEVICE_TOKEN_SQL, (token_id,))
         if not rows:
             return None
-        row = rows[0]
-        expires = from_micros(row[4])
-        assert expires is not None
-        return DeviceTokenRow(int(row[0]), row_to_key(row[5:]), row[1], row[2], row[3],
-                              expires)
+        return to_device_token_row(rows[0])
 
     async def prune_device_tokens(self, before: datetime, batch: int) -> int:
         async with self._write() as conn:
@@ -625,3 +541,7 @@ class SqliteBackend(SqliteConnections):
                 (oldest, last, to_micros(before)),
             )
             return max(cursor.rowcount, 0)
+
+    async def watch_changes(self, wake: Callable[[], None]) -> bool:
+        """Nothing to push: a file has no notifications (the marker is polled)."""
+        return False

@@ -261,6 +261,16 @@ _V6 = [
     "CREATE INDEX device_tokens_by_device ON device_tokens (device_id)",
 ]
 
+# Tag resolution without a probe per device: a tag row carries its device's application
+# (which never changes), so the devices of an application carrying a tag pair are one
+# range of one covering index, however many devices other applications hold.
+_V7 = [
+    "ALTER TABLE device_tags ADD COLUMN app_id TEXT NOT NULL DEFAULT ''",
+    "UPDATE device_tags SET app_id = (SELECT app_id FROM devices WHERE id = device_id)",
+    "DROP INDEX device_tags_by_pair",
+    "CREATE INDEX device_tags_by_app_pair ON device_tags (app_id, key, value, device_id)",
+]
+
 # Connection snapshots for external MQTT engines (keybroker authsvc, docs/cluster.md): what
 # a connection was granted at CONNECT, written by the replica that admitted it and read by
 # whichever replica answers the connection's later requests. One row per client id (an
@@ -269,7 +279,7 @@ _V6 = [
 # digest, so a CONNECT writes a short row and a request reads one; scopes no connection
 # refers to are deleted after a day (broker.prune). Keys are also found by expiry, so the
 # service can disconnect the connections of a key the moment it expires.
-_V7 = [
+_V8 = [
     """
     CREATE TABLE scope_snapshots (
         digest     TEXT PRIMARY KEY,
@@ -292,7 +302,7 @@ _V7 = [
     "CREATE INDEX keys_by_expiry ON access_keys (expires_at) WHERE expires_at IS NOT NULL",
 ]
 
-MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7]
+MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8]
 SCHEMA_VERSION = len(MIGRATIONS)
 # Steps that rebuild a table others reference: foreign keys are off while they run (a
 # PRAGMA that only works outside a transaction), and checked before they commit.

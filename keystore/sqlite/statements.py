@@ -10,35 +10,32 @@ and, for writes, an open ``BEGIN IMMEDIATE`` transaction.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import aiosqlite
 
-from keystore import credentials
-from keystore.errors import ConflictError, NotFoundError, ValidationError
+from keystore import plans
+from keystore.errors import NotFoundError
 from keystore.keyspec import KeySpec
-from keystore.models import AccessKey, Application, Device, KeyStatus, Tag
-from keystore.sqlite.db import (
+from keystore.models import AccessKey, Application, Device, Tag
+from keystore.rows import (
     APP_COLUMNS,
-    DEVICE_COLUMNS,
-    KEY_COLUMNS,
-    chunks,
-    from_micros,
     now_micros,
-    placeholders,
     row_to_app,
     row_to_device,
     row_to_key,
-    to_micros,
 )
-from keystore.validation import MIN_PREFIX_LEN
-
-_HEX = frozenset("0123456789abcdef")
+from keystore.sqlite.db import (
+    DEVICE_COLUMNS,
+    KEY_COLUMNS,
+    chunks,
+    placeholders,
+)
 
 # Scope of a restricted key: listed ids that exist, plus devices carrying a listed tag
-# pair. Both halves walk primary keys / the (key, value, device_id) covering index.
+# pair. Both halves walk primary keys / the (app_id, key, value, device_id) covering
+# index: the tag half is one index range per listed pair, with no lookup per device.
 # UNION ALL: the caller builds a frozenset anyway, so SQLite need not sort to dedupe.
 # CROSS JOIN fixes the join order (SQLite does not reorder it): from the key's few rows
 # to devices by primary key, never a walk over an application's devices.
@@ -48,8 +45,7 @@ SCOPE_SQL = """
     UNION ALL
     SELECT dt.device_id FROM key_tags kt
       CROSS JOIN device_tags dt ON dt.key = kt.tkey AND dt.value = kt.tvalue
-      CROSS JOIN devices d ON d.id = dt.device_id
-     WHERE kt.key = ? AND d.app_id = ?
+     WHERE kt.key = ? AND dt.app_id = ?
 """
 async def count(conn: aiosqlite.Connection, sql: str, params: tuple[Any, ...] = ()) -> int:
     rows = list(await conn.execute_fetchall(sql, params))
@@ -103,6 +99,31 @@ async def load_device(conn: aiosqlite.Connection, app_id: str, device_id: str) -
     return row_to_device(rows[0])
 
 
+async def insert_device(conn: aiosqlite.Connection, app_id: str, device_id: str,
+                        name: str | None, now: int) -> None:
+    await conn.execute(
+        "INSERT INTO devices (id, name, created_at, updated_at, app_id) VALUES (?, ?, ?, ?, ?)",
+        (device_id, name, now, now, app_id))
+
+
+async def rename_device(conn: aiosqlite.Connection, device_id: str, name: str | None) -> None:
+    await conn.execute("UPDATE devices SET name = ? WHERE id = ?", (name, device_id))
+
+
+async def add_device_tags(conn: aiosqlite.Connection, app_id: str,
+                          rows: Sequence[tuple[str, str, str]]) -> None:
+    """Tag rows (device id, key, value) of devices of ``app_id``."""
+    await conn.executemany(
+        "INSERT INTO device_tags (device_id, key, value, app_id) VALUES (?, ?, ?, ?)",
+        [(*row, app_id) for row in rows])
+
+
+async def drop_device_tags(conn: aiosqlite.Connection,
+                           rows: Sequence[tuple[str, str, str]]) -> None:
+    await conn.executemany(
+        "DELETE FROM device_tags WHERE device_id = ? AND key = ? AND value = ?", rows)
+
+
 async def touch_device(conn: aiosqlite.Connection, device_id: str) -> None:
     await conn.execute("UPDATE devices SET updated_at = ? WHERE id = ?", (now_micros(), device_id))
 
@@ -115,80 +136,42 @@ async def upsert_batch(
     now: int,
 ) -> int:
     """Diff one batch against what is stored and write only the differences."""
-    names: dict[str, str | None] = {}
-    tags: dict[str, set[Tag]] = {}
+    devices: list[Any] = []
+    tag_rows: list[Any] = []
     for part in chunks(batch):
         marks = placeholders(len(part))
-        for dev_id, name, owner in await conn.execute_fetchall(
-            f"SELECT id, name, app_id FROM devices WHERE id IN ({marks})", part
-        ):
-            if owner != app_id:
-                raise ConflictError(f"device {dev_id!r} exists in another application")
-            names[dev_id] = name
-            tags[dev_id] = set()
-        for dev_id, k, v in await conn.execute_fetchall(
-            f"SELECT device_id, key, value FROM device_tags WHERE device_id IN ({marks})", part
-        ):
-            tags[dev_id].add((k, v))
-    new_devices: list[tuple[str, str | None, int, int]] = []
-    changed: list[tuple[str | None, int, str]] = []
-    add_tags: list[tuple[str, str, str]] = []
-    drop_tags: list[tuple[str, str, str]] = []
-    for dev_id in batch:
-        name, want_tags = wanted[dev_id]
-        if dev_id not in names:
-            new_devices.append((dev_id, name, now, now))
-            add_tags.extend((dev_id, k, v) for k, v in want_tags)
-            continue
-        have = tags[dev_id]
-        if names[dev_id] == name and have == want_tags:
-            continue
-        changed.append((name, now, dev_id))
-        add_tags.extend((dev_id, k, v) for k, v in want_tags - have)
-        drop_tags.extend((dev_id, k, v) for k, v in have - want_tags)
+        devices += await conn.execute_fetchall(
+            f"SELECT id, name, app_id FROM devices WHERE id IN ({marks})", part)
+        tag_rows += await conn.execute_fetchall(
+            f"SELECT device_id, key, value FROM device_tags WHERE device_id IN ({marks})", part)
+    names, tags = plans.existing_devices(app_id, devices, tag_rows)
+    plan = plans.plan_upsert(batch, wanted, names, tags, now)
     await conn.executemany(
         "INSERT INTO devices (id, name, created_at, updated_at, app_id) VALUES (?, ?, ?, ?, ?)",
-        [(*row, app_id) for row in new_devices],
+        [(*row, app_id) for row in plan.new_devices],
     )
-    await conn.executemany("UPDATE devices SET name = ?, updated_at = ? WHERE id = ?", changed)
-    await conn.executemany(
-        "DELETE FROM device_tags WHERE device_id = ? AND key = ? AND value = ?", drop_tags
-    )
-    await conn.executemany(
-        "INSERT INTO device_tags (device_id, key, value) VALUES (?, ?, ?)", add_tags
-    )
-    return len(new_devices) + len(changed)
+    await conn.executemany("UPDATE devices SET name = ?, updated_at = ? WHERE id = ?",
+                           plan.changed)
+    await drop_device_tags(conn, plan.drop_tags)
+    await add_device_tags(conn, app_id, plan.add_tags)
+    return plan.touched
 
 
 async def resolve_key(conn: aiosqlite.Connection, app_id: str, key_or_prefix: str) -> str:
     """The full id of this application's key named by its id or a unique prefix."""
-    if not isinstance(key_or_prefix, str):
-        raise ValidationError(f"invalid key {key_or_prefix!r}: must be a string")
-    ref = key_or_prefix.strip().lower()
-    if len(ref) < MIN_PREFIX_LEN:
-        raise ValidationError(
-            f"key prefix {key_or_prefix!r} is too short: give at least {MIN_PREFIX_LEN} characters"
-        )
-    if len(ref) >= credentials.KEY_HEX_LEN or not set(ref) <= _HEX:
+    ref, prefix = plans.key_ref(key_or_prefix)
+    if not prefix:
         rows = list(await conn.execute_fetchall(
             "SELECT key FROM access_keys WHERE key = ? AND app_id = ?", (ref, app_id)))
     else:
-        # Keys are lowercase hex, so [prefix, prefix + 'g') is exactly "starts with prefix"
-        # and is a range scan on the primary key.
+        # A range scan on the primary key.
         rows = list(
             await conn.execute_fetchall(
                 "SELECT key FROM access_keys WHERE key >= ? AND key < ? AND app_id = ? LIMIT 2",
                 (ref, ref + "g", app_id),
             )
         )
-    if not rows:
-        raise NotFoundError(f"no access key {key_or_prefix!r}")
-    if len(rows) > 1:
-        raise NotFoundError(
-            f"key prefix {key_or_prefix!r} is ambiguous: several keys start with it; "
-            "give more characters"
-        )
-    return str(rows[0][0])
+    return plans.one_key(key_or_prefix, [r[0] for r in rows])
 
 
 async def load_keys(conn: aiosqlite.Connection, keys: Iterable[str]) -> dict[str, AccessKey]:
@@ -208,89 +191,20 @@ async def insert_keys(
     conn: aiosqlite.Connection, app_id: str, specs: list[KeySpec],
     minted: list[tuple[str, str]], now: int
 ) -> dict[str, AccessKey]:
-    """Insert validated keys; returns them as stored, built here rather than read back
-    (reading 100k keys back would cost more than inserting them)."""
-    stamp = from_micros(now)
-    assert stamp is not None
-    created: dict[str, AccessKey] = {}
-    key_rows: list[tuple[Any, ...]] = []
-    id_rows: list[tuple[str, str]] = []
-    tag_rows: list[tuple[str, str, str]] = []
-    for spec, (key, secret) in zip(specs, minted, strict=True):
-        salt, digest = credentials.hash_secret(secret)
-        key_rows.append(
-            (
-                key,
-                salt,
-                digest,
-                spec.name,
-                spec.description,
-                KeyStatus.ACTIVE.value,
-                to_micros(spec.expires_at) if spec.expires_at else None,
-                int(spec.all_devices),
-                spec.address_mode.value,
-                json.dumps(spec.addresses),
-                spec.topic_mode.value,
-                json.dumps(spec.pub_topics),
-                json.dumps(spec.sub_topics),
-                now,
-                now,
-                app_id,
-                key_id := credentials.new_object_id(),
-            )
-        )
-        id_rows.extend((key, d) for d in spec.device_ids)
-        tag_rows.extend((key, k, v) for k, v in spec.device_tags)
-        created[key] = AccessKey(
-            key=key,
-            name=spec.name,
-            description=spec.description,
-            status=KeyStatus.ACTIVE,
-            expires_at=spec.expires_at,
-            all_devices=spec.all_devices,
-            device_ids=tuple(sorted(spec.device_ids)),  # as row_to_key returns them
-            device_tags=spec.device_tags,
-            address_mode=spec.address_mode,
-            addresses=spec.addresses,
-            topic_mode=spec.topic_mode,
-            pub_topics=spec.pub_topics,
-            sub_topics=spec.sub_topics,
-            created_at=stamp,
-            updated_at=stamp,
-            app_id=app_id,
-            id=key_id,
-        )
+    """Insert validated keys; returns them as stored (keystore.plans.key_rows)."""
+    rows = plans.key_rows(app_id, specs, minted, now)
     await conn.executemany(
-        """INSERT INTO access_keys (key, salt, secret_hash, name, description, status,
-               expires_at, all_devices, address_mode, addresses, topic_mode, pub_topics,
-               sub_topics, created_at, updated_at, app_id, id)
-           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-        key_rows,
-    )
-    await conn.executemany("INSERT INTO key_devices (key, device_id) VALUES (?, ?)", id_rows)
-    await conn.executemany("INSERT INTO key_tags (key, tkey, tvalue) VALUES (?, ?, ?)", tag_rows)
-    return created
-
-
-# Column each update_key field writes to, and how its value is stored.
-KEY_UPDATE_COLUMNS: dict[str, tuple[str, Any]] = {
-    "name": ("name", lambda v: v),
-    "description": ("description", lambda v: v),
-    "expires_at": ("expires_at", lambda v: to_micros(v) if v is not None else None),
-    "address_mode": ("address_mode", lambda v: v.value),
-    "addresses": ("addresses", json.dumps),
-    "topic_mode": ("topic_mode", lambda v: v.value),
-    "pub_topics": ("pub_topics", json.dumps),
-    "sub_topics": ("sub_topics", json.dumps),
-}
+        f"INSERT INTO access_keys ({', '.join(plans.KEY_INSERT_COLUMNS)}) "
+        f"VALUES ({placeholders(len(plans.KEY_INSERT_COLUMNS))})", rows.keys)
+    await conn.executemany("INSERT INTO key_devices (key, device_id) VALUES (?, ?)",
+                           rows.device_ids)
+    await conn.executemany("INSERT INTO key_tags (key, tkey, tvalue) VALUES (?, ?, ?)",
+                           rows.tags)
+    return rows.created
 
 
 async def apply_key_changes(conn: aiosqlite.Connection, key: str, changes: dict[str, Any]) -> None:
-    assigns, params = [], []
-    for field, value in changes.items():
-        column, encode = KEY_UPDATE_COLUMNS[field]
-        assigns.append(f"{column} = ?")
-        params.append(encode(value))
-    assigns.append("updated_at = ?")
-    params.append(now_micros())
-    await conn.execute(f"UPDATE access_keys SET {', '.join(assigns)} WHERE key = ?", (*params, key))
+    assigns = plans.key_changes(changes)
+    await conn.execute(
+        f"UPDATE access_keys SET {', '.join(f'{c} = ?' for c, _ in assigns)} WHERE key = ?",
+        (*(v for _, v in assigns), key))

@@ -11,8 +11,8 @@ from tests.support.cli_helpers import Invoke, cli_on, fails, ok
 
 
 @pytest.fixture
-def cli(tmp_path: Path) -> Invoke:
-    return cli_on(tmp_path / "k.db")
+def cli(cli_db: str) -> Invoke:
+    return cli_on(cli_db)
 
 
 def as_json(result: object) -> object:

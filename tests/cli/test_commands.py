@@ -1,5 +1,6 @@
-"""The `keybroker` CLI end to end: a real SQLite file in tmp_path, click's CliRunner, and
-one run of the real console entry point in a subprocess."""
+"""The `keybroker` CLI end to end on each backend (a real SQLite file in tmp_path, a real
+PostgreSQL database): click's CliRunner, and one run of the real console entry point in a
+subprocess."""
 
 from __future__ import annotations
 
@@ -19,15 +20,16 @@ import broker.cli.common
 import keystore.credentials
 from broker.cli import main
 from tests.support.cli_helpers import Invoke, cli_on, fails, no_keys_stored, ok
+from tests.support.dbdump import dump_text
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Path:
-    return tmp_path / "data" / "keys.db"  # the parent directory does not exist yet
+def db(cli_db: str) -> str:
+    return cli_db
 
 
 @pytest.fixture
-def cli(db: Path, monkeypatch: pytest.MonkeyPatch) -> Invoke:
+def cli(db: str, monkeypatch: pytest.MonkeyPatch) -> Invoke:
     monkeypatch.delenv("KEYBROKER_DB", raising=False)
     return cli_on(db)
 
@@ -36,8 +38,8 @@ def as_json(result: Result) -> Any:
     return json.loads(ok(result).stdout)
 
 
-def db_bytes(db: Path) -> bytes:
-    return b"".join(p.read_bytes() for p in db.parent.iterdir() if p.name.startswith(db.name))
+def db_bytes(db: str) -> bytes:
+    return dump_text(db)
 
 
 @pytest.fixture
@@ -69,7 +71,7 @@ def test_db_parent_is_created_and_env_var_is_honoured(
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
 
 
-def test_subprocess_console_entry_point(db: Path) -> None:
+def test_subprocess_console_entry_point(db: str) -> None:
     env = {k: v for k, v in os.environ.items() if k != "KEYBROKER_DB"}
     cmd = [sys.executable, "-m", "broker.cli", "--db", str(db)]
     run = subprocess.run(  # noqa: S603 - our own interpreter and arguments
@@ -184,7 +186,7 @@ def test_expired_expiry_is_accepted_with_a_warning(cli: Invoke) -> None:
     assert "warning" not in ok(cli("keys", "update", key, "--expires", "2999-01-01")).stderr
 
 
-def test_secret_is_shown_once_and_stored_nowhere(cli: Invoke, db: Path, fleet: None) -> None:
+def test_secret_is_shown_once_and_stored_nowhere(cli: Invoke, db: str, fleet: None) -> None:
     text = ok(cli("keys", "create", "--name", "once", "--device", "s-1")).output
     secret = text.split("secret:")[1].split()[0]
     key = text.split("key:")[1].split()[0]
@@ -205,7 +207,7 @@ def test_secret_is_shown_once_and_stored_nowhere(cli: Invoke, db: Path, fleet: N
     assert key.encode() in db_bytes(db)  # the check above looks at the right files
 
 
-def test_list_table_shows_short_keys_unless_full(cli: Invoke, db: Path, fleet: None) -> None:
+def test_list_table_shows_short_keys_unless_full(cli: Invoke, db: str, fleet: None) -> None:
     key = create(cli, "--name", "tbl", "--tag", "site=lyon", "--deny-ip", "10.0.0.1")["key"]
     table = ok(cli("keys", "list")).output
     assert table.splitlines()[0] == f"keystore: {db}"
@@ -271,7 +273,7 @@ def test_output_file_is_removed_when_creation_fails(cli: Invoke, tmp_path: Path)
     ],
 )
 def test_bad_input_is_one_clear_line(
-    cli: Invoke, db: Path, args: tuple[str, ...], needle: str
+    cli: Invoke, db: str, args: tuple[str, ...], needle: str
 ) -> None:
     ok(cli("devices", "add", "present"))  # a keystore to look into
     fails(cli(*args), needle)

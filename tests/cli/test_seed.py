@@ -61,9 +61,9 @@ SEED_JSON = {
 
 
 @pytest.fixture
-def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Invoke:
+def cli(cli_db: str, monkeypatch: pytest.MonkeyPatch) -> Invoke:
     monkeypatch.delenv("KEYBROKER_DB", raising=False)
-    return cli_on(tmp_path / "data" / "keys.db")
+    return cli_on(cli_db)
 
 
 def listing(cli: Invoke, what: str) -> list[dict[str, Any]]:
@@ -125,13 +125,14 @@ def test_seed_without_output_prints_secrets_once_on_stdout(cli: Invoke, tmp_path
         assert doc["secret"] not in ok(cli("keys", "list", "--json")).output
 
 
-def test_seed_output_file_is_never_overwritten(cli: Invoke, tmp_path: Path) -> None:
+def test_seed_output_file_is_never_overwritten(cli: Invoke, tmp_path: Path,
+                                              cli_db: str) -> None:
     seed, out = tmp_path / "seed.toml", tmp_path / "out.jsonl"
     seed.write_text(SEED_TOML)
     out.write_text("keep me\n")
     fails(cli("seed", str(seed), "--output", str(out)), str(out))
     assert out.read_text() == "keep me\n"
-    assert no_keys_stored(cli, tmp_path / "data" / "keys.db")
+    assert no_keys_stored(cli, cli_db)
 
 
 def test_example_seed_file_is_valid(cli: Invoke, tmp_path: Path) -> None:
@@ -180,12 +181,12 @@ def test_large_seed_shows_progress_on_stderr(cli: Invoke, tmp_path: Path) -> Non
     ],
 )
 def test_bad_seed_is_one_clear_line(
-    cli: Invoke, tmp_path: Path, content: str, suffix: str, needle: str
+    cli: Invoke, tmp_path: Path, cli_db: str, content: str, suffix: str, needle: str
 ) -> None:
     seed = tmp_path / f"bad{suffix}"
     seed.write_text(content)
     fails(cli("seed", str(seed)), needle)
-    assert no_keys_stored(cli, tmp_path / "data" / "keys.db")
+    assert no_keys_stored(cli, cli_db)
 
 
 def test_missing_seed_file(cli: Invoke, tmp_path: Path) -> None:

@@ -157,6 +157,11 @@ def test_relative_paths_resolve_against_the_config_files_directory(
         ("[network]\ntrusted_proxies = [\"10.0.0.0/33\"]\n", ["trusted_proxies", "10.0.0.0/33"]),
         ("[network]\ntrusted_proxies = \"10.0.0.0/8\"\n", ["trusted_proxies", "list"]),
         ("[keystore]\npath = 3\n", ["[keystore] path", "3"]),
+        ("[keystore]\nurl = \"mysql://u:pw@db/ks\"\n",
+         ["[keystore] url", "'mysql://u@db/ks'", "unsupported scheme 'mysql'"]),
+        ("[keystore]\nurl = \"postgresql://db:5432\"\n", ["[keystore] url", "no database name"]),
+        ("[keystore]\npool_size = 0\n", ["[keystore] pool_size", "more than 0"]),
+        ("[keystore]\nstatement_timeout = -1\n", ["statement_timeout", "more than 0"]),
         ("[security]\nmax_ban = \"1h\"\n", ["max_ban", "'1h'"]),
         ("[listeners.tcp]\nport = 70000\n", ["port", "70000"]),
         ("[listeners.tcp]\ntype = \"udp\"\n", ["type", "'udp'"]),
@@ -246,3 +251,16 @@ def test_config_show_holds_no_secret(tmp_path: Path) -> None:
     created = ok(run("--db", str(db), "keys", "create", "--json")).stdout
     secret = created.split('"secret": "')[1].split('"')[0]
     assert secret not in ok(run("--db", str(db), "config", "show")).stdout
+
+
+def test_config_show_never_prints_the_keystore_password(tmp_path: Path) -> None:
+    url = "postgresql://keybroker:hunter2@db.example.com:5432/keys"
+    shown = ok(run("--db", url, "config", "show")).stdout
+    assert 'url = "postgresql://keybroker@db.example.com:5432/keys"' in shown
+    assert "hunter2" not in shown
+    config = tmp_path / "pg.toml"
+    config.write_text(f'[keystore]\nurl = "{url}"\npool_size = 4\n')
+    loaded = load_settings(config)
+    assert (loaded.db_url, loaded.db_pool_size, loaded.keystore_target) == (url, 4, url)
+    assert loaded.keystore_shown == "postgresql://keybroker@db.example.com:5432/keys"
+    assert loaded.with_db(str(tmp_path / "k.db")).keystore_target == str(tmp_path / "k.db")

@@ -5,20 +5,20 @@ from __future__ import annotations
 import asyncio
 import json
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 
 from keystore import KeyStore
 from tests.support.cli_helpers import Invoke, cli_on, fails, ok
+from tests.support.dbdump import dump_text
 
 
 @pytest.fixture
-def cli(tmp_path: Path) -> Invoke:
-    return cli_on(tmp_path / "k.db")
+def cli(cli_db: str) -> Invoke:
+    return cli_on(cli_db)
 
 
-def _check(db: Path, token: str) -> object:
+def _check(db: str, token: str) -> object:
     async def go() -> object:
         async with KeyStore.open(db) as ks:
             return await ks.check_token(token, datetime.now(UTC))
@@ -27,21 +27,21 @@ def _check(db: Path, token: str) -> object:
 
 
 def test_create_prints_the_token_once_and_stores_only_a_hash(cli: Invoke,
-                                                             tmp_path: Path) -> None:
+                                                             cli_db: str) -> None:
     out = ok(cli("tokens", "create", "--name", "ops")).stdout
     token = next(line.split("token: ")[1] for line in out.splitlines()
                  if line.startswith("token: "))
     assert token.startswith("kba.") and "shown this once" in out
-    row = _check(tmp_path / "k.db", token)
+    row = _check(cli_db, token)
     assert row is not None and row.name == "ops" and row.scopes == ("all.Application",)
     for listing in (cli("tokens", "list"), cli("tokens", "list", "--json"),
                     cli("tokens", "show", "ops"), cli("tokens", "show", "ops", "--json")):
         assert token.split(".")[2] not in ok(listing).stdout
-    raw = b"".join(p.read_bytes() for p in tmp_path.glob("k.db*"))
+    raw = dump_text(cli_db)
     assert token.split(".")[2].encode() not in raw  # not in the database in clear
 
 
-def test_scopes_application_expiry_and_revoke(cli: Invoke, tmp_path: Path) -> None:
+def test_scopes_application_expiry_and_revoke(cli: Invoke, cli_db: str) -> None:
     ok(cli("apps", "create", "acme"))
     made = json.loads(ok(cli("tokens", "create", "--name", "reader", "--app", "acme",
                              "--scope", "all.Application.read", "--scope", "devices.*",
@@ -50,13 +50,13 @@ def test_scopes_application_expiry_and_revoke(cli: Invoke, tmp_path: Path) -> No
     assert made["expirationDate"] == "2099-01-01T00:00:00.000Z"
     assert made["applicationId"] == json.loads(ok(cli("apps", "show", "acme",
                                                        "--json")).stdout)["id"]
-    assert _check(tmp_path / "k.db", made["token"]) is not None
+    assert _check(cli_db, made["token"]) is not None
     fails(cli("tokens", "create", "--name", "reader"), "'reader'", "already used")
     fails(cli("tokens", "create", "--name", "x", "--scope", "everything"), "'everything'")
     fails(cli("tokens", "create", "--name", "x", "--expires", "2001-01-01"), "in the past")
     fails(cli("tokens", "create", "--name", "x", "--app", "nope"), "'nope'")
     assert "revoked token reader" in ok(cli("tokens", "revoke", "reader")).stdout
-    assert _check(tmp_path / "k.db", made["token"]) is None
+    assert _check(cli_db, made["token"]) is None
     shown = json.loads(ok(cli("tokens", "show", made["id"], "--json")).stdout)
     assert shown["status"] == "revoked"
     fails(cli("tokens", "revoke", "reader", "ghost"), "'ghost'")

@@ -26,9 +26,8 @@ INSTALL = "apt-get install chromium chromium-driver"
 
 
 def chrome(downloads: Path, width: int = 1440, height: int = 1000) -> WebDriver:
-    driver_path = require_binary(["chromedriver"], "chromedriver (Debian chromium-driver)",
-                                 INSTALL)
-    browser = require_binary(["chromium", "chromium-browser"], "Chromium", INSTALL)
+    driver_path = require_binary("chromedriver", f"the console tests ({INSTALL})")
+    browser = require_binary(("chromium", "chromium-browser"), f"the console tests ({INSTALL})")
     options = webdriver.ChromeOptions()
     options.binary_location = str(browser)
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",

@@ -13,6 +13,12 @@ import pytest
 
 from tests.support.harness import Client, RunningBroker
 
+
+@pytest.fixture
+def broker(broker_on_each_backend: RunningBroker) -> RunningBroker:
+    """The daemon on an SQLite file, then on a PostgreSQL database."""
+    return broker_on_each_backend
+
 ACCEPTED, BAD_CREDENTIALS, NOT_AUTHORIZED = 0, 4, 5
 
 

@@ -11,8 +11,16 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
+
 from broker.policy.guard import GuardSettings
 from tests.support.harness import Client, RunningBroker, broker_settings
+
+
+@pytest.fixture
+def broker(broker_on_each_backend: RunningBroker) -> RunningBroker:
+    """The daemon on an SQLite file, then on a PostgreSQL database."""
+    return broker_on_each_backend
 
 REVOKE_BOUND = 2.0  # docs/live-changes.md: sessions are disconnected within 2 s
 
@@ -25,8 +33,8 @@ def connected_client(broker: RunningBroker, device: str, **options: object) -> t
 
 
 def cli(broker: RunningBroker, *args: str) -> subprocess.CompletedProcess[str]:
-    """The real `keybroker` CLI in another process, against the daemon's database file."""
-    env = {**os.environ, "KEYBROKER_DB": str(broker.settings.db_path)}
+    """The real `keybroker` CLI in another process, against the daemon's keystore."""
+    env = {**os.environ, "KEYBROKER_DB": broker.settings.keystore_target}
     return subprocess.run([sys.executable, "-m", "broker.cli", *args], env=env,
                           capture_output=True, text=True, timeout=60, check=False)
 

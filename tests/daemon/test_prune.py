@@ -14,7 +14,7 @@ import pytest
 
 from broker.prune import ChangePruner
 from keystore import KeyStore
-from keystore.sqlite.db import to_micros
+from keystore.rows import to_micros
 from tests.support.harness import Client, RunningBroker, broker_settings, seed
 
 DAY = 86_400.0

@@ -1,4 +1,5 @@
-"""KeyStore.connect_lookup: one round trip per CONNECT, cached scopes that never go stale."""
+"""KeyStore.connect_lookup on each backend: one round trip per CONNECT, cached scopes that
+never go stale."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ async def generation(ks: KeyStore) -> int:
     return (await ks.backend.connect_row("nobody")).generation
 
 
-async def test_lookup_answers_every_connect_fact(tmp_path: Path) -> None:
-    async with KeyStore.open(tmp_path / "k.db") as ks:
+async def test_lookup_answers_every_connect_fact(keystore_target: str) -> None:
+    async with KeyStore.open(keystore_target) as ks:
         await ks.add_device("a", tags=[("site", "n")])
         await ks.add_device("b", tags=[("site", "s")])
         key, secret = await ks.create_key(device_tags=[("site", "n")])
@@ -32,7 +33,7 @@ async def test_lookup_answers_every_connect_fact(tmp_path: Path) -> None:
         assert (anywhere.device_in_scope, anywhere.scope) == (True, None)
 
 
-async def test_unknown_key_and_wrong_secret_cost_one_hash_each(tmp_path: Path,
+async def test_unknown_key_and_wrong_secret_cost_one_hash_each(keystore_target: str,
                                                                monkeypatch: object) -> None:
     calls: list[str] = []
     real = credentials._digest
@@ -42,7 +43,7 @@ async def test_unknown_key_and_wrong_secret_cost_one_hash_each(tmp_path: Path,
         return real(salt, secret)
 
     monkeypatch.setattr(credentials, "_digest", counting)  # type: ignore[attr-defined]
-    async with KeyStore.open(tmp_path / "k.db") as ks:
+    async with KeyStore.open(keystore_target) as ks:
         await ks.add_device("a")
         key, _ = await ks.create_key()
         for name in (key.key, "0" * 32):
@@ -51,8 +52,8 @@ async def test_unknown_key_and_wrong_secret_cost_one_hash_each(tmp_path: Path,
             assert calls == ["wrong"]
 
 
-async def test_tag_and_device_changes_are_seen_at_the_next_lookup(tmp_path: Path) -> None:
-    path = tmp_path / "k.db"
+async def test_tag_and_device_changes_are_seen_at_the_next_lookup(keystore_target: str) -> None:
+    path = keystore_target
     async with KeyStore.open(path) as daemon, KeyStore.open(path) as cli:
         await daemon.add_device("a", tags=[("site", "n")])
         key, secret = await daemon.create_key(device_tags=[("site", "n")])
@@ -69,8 +70,8 @@ async def test_tag_and_device_changes_are_seen_at_the_next_lookup(tmp_path: Path
         assert (await daemon.connect_lookup(key.key, secret, "c")).device_registered is False
 
 
-async def test_status_writes_do_not_invalidate_the_cache(tmp_path: Path) -> None:
-    async with KeyStore.open(tmp_path / "k.db") as ks:
+async def test_status_writes_do_not_invalidate_the_cache(keystore_target: str) -> None:
+    async with KeyStore.open(keystore_target) as ks:
         await ks.add_device("a")
         key, _ = await ks.create_key(device_ids=["a"])
         before = await generation(ks)
@@ -82,8 +83,8 @@ async def test_status_writes_do_not_invalidate_the_cache(tmp_path: Path) -> None
         assert await generation(ks) > before
 
 
-async def test_key_status_is_read_fresh_on_every_lookup(tmp_path: Path) -> None:
-    path = tmp_path / "k.db"
+async def test_key_status_is_read_fresh_on_every_lookup(keystore_target: str) -> None:
+    path = keystore_target
     async with KeyStore.open(path) as daemon, KeyStore.open(path) as cli:
         await daemon.add_device("a")
         key, secret = await daemon.create_key(device_ids=["a"])
@@ -106,10 +107,10 @@ async def test_lookup_uses_the_read_only_connection_and_sees_fresh_commits(tmp_p
         assert found.key is not None and found.key.status.value == "inactive"
 
 
-async def test_a_result_read_before_a_change_is_not_cached_after_it(tmp_path: Path) -> None:
+async def test_a_result_read_before_a_change_is_not_cached_after_it(keystore_target: str) -> None:
     """Lookup A resolves a scope; meanwhile a tag change lands and lookup B resets the
     caches for the new generation. A's older result must not be stored in the new cache."""
-    path = tmp_path / "k.db"
+    path = keystore_target
     async with KeyStore.open(path) as daemon, KeyStore.open(path) as cli:
         await daemon.add_device("a", tags=[("site", "n")])
         key, secret = await daemon.create_key(device_tags=[("site", "n")])

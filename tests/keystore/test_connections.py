@@ -1,21 +1,21 @@
 """Connection snapshots (keystore.connections): what an external engine's connection was
-granted at CONNECT, written by one replica and read back by another."""
+granted at CONNECT, written by one replica and read back by another; on an SQLite file
+and on a PostgreSQL database (``keystore_target``)."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
-from keystore import KeyStore, ValidationError
+from keystore import KeyStore, NotFoundError, ValidationError
 from keystore.connections import scope_digest
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 
-async def test_a_snapshot_written_by_one_replica_is_read_by_another(tmp_path: Path) -> None:
-    path = tmp_path / "k.db"
+async def test_a_snapshot_written_by_one_replica_is_read_by_another(keystore_target: str) -> None:
+    path = keystore_target
     async with KeyStore.open(path) as first, KeyStore.open(path) as second:
         await first.add_device("a", tags=[("site", "n")])
         await first.add_device("b", tags=[("site", "n")])
@@ -35,8 +35,8 @@ async def test_a_snapshot_written_by_one_replica_is_read_by_another(tmp_path: Pa
             {"a", "b"}  # type: ignore[union-attr]
 
 
-async def test_the_replaced_snapshot_is_returned(tmp_path: Path) -> None:
-    async with KeyStore.open(tmp_path / "k.db") as ks:
+async def test_the_replaced_snapshot_is_returned(keystore_target: str) -> None:
+    async with KeyStore.open(keystore_target) as ks:
         await ks.add_device("a")
         one, _ = await ks.create_key(device_ids=["a"])
         two, _ = await ks.create_key()
@@ -50,8 +50,8 @@ async def test_the_replaced_snapshot_is_returned(tmp_path: Path) -> None:
         assert not previous.same_grant(changed)  # type: ignore[union-attr]
 
 
-async def test_snapshots_go_with_their_key_and_their_device(tmp_path: Path) -> None:
-    async with KeyStore.open(tmp_path / "k.db") as ks:
+async def test_snapshots_go_with_their_key_and_their_device(keystore_target: str) -> None:
+    async with KeyStore.open(keystore_target) as ks:
         await ks.add_device("a")
         await ks.add_device("b")
         key, _ = await ks.create_key()
@@ -65,19 +65,22 @@ async def test_snapshots_go_with_their_key_and_their_device(tmp_path: Path) -> N
         assert await ks.connections_of_key(key.key) == []
 
 
-async def test_a_snapshot_needs_a_device_and_a_policy(tmp_path: Path) -> None:
-    async with KeyStore.open(tmp_path / "k.db") as ks:
+async def test_a_snapshot_needs_a_device_and_a_policy(keystore_target: str) -> None:
+    async with KeyStore.open(keystore_target) as ks:
         key, _ = await ks.create_key()
         with pytest.raises(ValidationError, match="invalid device id 'a/b'"):
             await ks.record_connection("a/b", key.key, None, "p", "1.1.1.1", NOW)
         with pytest.raises(ValidationError, match="invalid policy digest"):
             await ks.record_connection("a", key.key, None, "", "1.1.1.1", NOW)
-        with pytest.raises(Exception, match="FOREIGN KEY"):  # no such device
+        with pytest.raises(NotFoundError, match="no device 'ghost'"):
             await ks.record_connection("ghost", key.key, None, "p", "1.1.1.1", NOW)
+        with pytest.raises(NotFoundError, match="no device 'ghost'"):  # with a scope too
+            await ks.record_connection("ghost", key.key, frozenset({"a"}), "p", "1.1.1.1", NOW)
+        assert await ks.connection("ghost") is None
 
 
-async def test_verified_lookup_reads_the_key_without_its_secret(tmp_path: Path) -> None:
-    async with KeyStore.open(tmp_path / "k.db") as ks:
+async def test_verified_lookup_reads_the_key_without_its_secret(keystore_target: str) -> None:
+    async with KeyStore.open(keystore_target) as ks:
         await ks.add_device("a")
         await ks.add_device("b")
         key, _ = await ks.create_key(device_ids=["a"])
@@ -87,8 +90,8 @@ async def test_verified_lookup_reads_the_key_without_its_secret(tmp_path: Path) 
         assert (await ks.verified_lookup("0" * 32, "a")).key is None
 
 
-async def test_keys_are_found_by_expiry(tmp_path: Path) -> None:
-    async with KeyStore.open(tmp_path / "k.db") as ks:
+async def test_keys_are_found_by_expiry(keystore_target: str) -> None:
+    async with KeyStore.open(keystore_target) as ks:
         soon, _ = await ks.create_key(expires_at=NOW + timedelta(seconds=10))
         await ks.create_key(expires_at=NOW + timedelta(hours=1))
         await ks.create_key()
@@ -97,8 +100,8 @@ async def test_keys_are_found_by_expiry(tmp_path: Path) -> None:
             == []
 
 
-async def test_pruning_keeps_the_scopes_connections_refer_to(tmp_path: Path) -> None:
-    async with KeyStore.open(tmp_path / "k.db") as ks:
+async def test_pruning_keeps_the_scopes_connections_refer_to(keystore_target: str) -> None:
+    async with KeyStore.open(keystore_target) as ks:
         await ks.add_device("a")
         await ks.add_device("b")
         key, _ = await ks.create_key(device_ids=["a", "b"])
@@ -111,8 +114,8 @@ async def test_pruning_keeps_the_scopes_connections_refer_to(tmp_path: Path) -> 
         assert await ks.backend.scope_devices(scope_digest(frozenset({"b"}))) == {"b"}
 
 
-async def test_reconnecting_under_the_same_grant_writes_nothing(tmp_path: Path) -> None:
-    async with KeyStore.open(tmp_path / "k.db") as ks:
+async def test_reconnecting_under_the_same_grant_writes_nothing(keystore_target: str) -> None:
+    async with KeyStore.open(keystore_target) as ks:
         await ks.add_device("a")
         key, _ = await ks.create_key(device_ids=["a"])
         first, _ = await ks.record_connection("a", key.key, frozenset({"a"}), "p", "1.1.1.1", NOW)
@@ -124,8 +127,8 @@ async def test_reconnecting_under_the_same_grant_writes_nothing(tmp_path: Path) 
         assert await ks.change_marker() == marker  # no commit at all
 
 
-async def test_a_scope_pruned_meanwhile_is_stored_again(tmp_path: Path) -> None:
-    path = tmp_path / "k.db"
+async def test_a_scope_pruned_meanwhile_is_stored_again(keystore_target: str) -> None:
+    path = keystore_target
     async with KeyStore.open(path) as ks, KeyStore.open(path) as other:
         await ks.add_device("a")
         await ks.add_device("b")

@@ -1,13 +1,9 @@
-"""Access keys on a real SQLite file: creation rules, secrets, authentication, updates."""
-
-# Table names below come from sqlite_master, not from input.
-# ruff: noqa: S608
+"""Access keys on each backend (a real SQLite file, a real PostgreSQL database): creation
+rules, secrets, authentication, updates."""
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,19 +24,14 @@ from keystore import (
     ValidationError,
     credentials,
 )
+from tests.support.dbdump import dump, dump_text
 
 
 @pytest.fixture
-async def ks(db_path: Path) -> AsyncIterator[KeyStore]:
-    async with KeyStore.open(db_path) as store:
+async def ks(keystore_target: str) -> AsyncIterator[KeyStore]:
+    async with KeyStore.open(keystore_target) as store:
         await store.upsert_devices([("d1", None, ["floor=1"]), ("d2", None, ["floor=2"])])
         yield store
-
-
-def dump(path: Path) -> dict[str, list[tuple[Any, ...]]]:
-    with contextlib.closing(sqlite3.connect(path)) as conn:
-        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
-        return {t: sorted(conn.execute(f"SELECT * FROM {t}").fetchall()) for t in tables}
 
 
 # --- creation -----------------------------------------------------------------------------
@@ -76,14 +67,10 @@ async def test_create_key_normalises_and_accepts_mode_strings(ks: KeyStore) -> N
     assert key.expires_at == datetime(2029, 12, 31, 22, tzinfo=UTC)
 
 
-async def test_secret_is_never_stored(ks: KeyStore, db_path: Path) -> None:
+async def test_secret_is_never_stored(ks: KeyStore, keystore_target: str) -> None:
     created = [await ks.create_key(name=f"k{i}") for i in range(5)]
     created += await ks.create_keys([{"device_ids": ["d1"]} for _ in range(20)])
-    raw = b"".join(
-        Path(f"{db_path}{suffix}").read_bytes()
-        for suffix in ("", "-wal")
-        if Path(f"{db_path}{suffix}").exists()
-    )
+    raw = dump_text(keystore_target)
     for key, secret in created:
         assert key.key.encode() in raw  # sanity: we are reading the right bytes
         assert secret.encode() not in raw
@@ -131,11 +118,11 @@ async def test_unknown_key_costs_one_hash_like_a_wrong_secret(
     assert len(calls) == 2 and calls[1] == credentials._DUMMY_SALT
 
 
-async def test_unknown_device_id_in_restriction(ks: KeyStore, db_path: Path) -> None:
-    before = dump(db_path)
+async def test_unknown_device_id_in_restriction(ks: KeyStore, keystore_target: str) -> None:
+    before = dump(keystore_target)
     with pytest.raises(ValidationError, match="unknown device id 'ghost'"):
         await ks.create_key(device_ids=["d1", "ghost"])
-    assert dump(db_path) == before
+    assert dump(keystore_target) == before
 
 
 @pytest.mark.parametrize(
@@ -164,13 +151,13 @@ async def test_unknown_device_id_in_restriction(ks: KeyStore, db_path: Path) -> 
     ],
 )
 async def test_invalid_key_writes_nothing(
-    ks: KeyStore, db_path: Path, fields: dict[str, Any], message: str
+    ks: KeyStore, keystore_target: str, fields: dict[str, Any], message: str
 ) -> None:
-    before = dump(db_path)
+    before = dump(keystore_target)
     with pytest.raises(ValidationError, match=message) as info:
         await ks.create_key(**fields)
     assert "\n" not in str(info.value)
-    assert dump(db_path) == before
+    assert dump(keystore_target) == before
 
 
 async def test_custom_device_prefix_is_protected(tmp_path: Path) -> None:
@@ -181,20 +168,20 @@ async def test_custom_device_prefix_is_protected(tmp_path: Path) -> None:
         assert key.pub_topics == ("losant/x",)
 
 
-async def test_duplicate_name_is_a_conflict(ks: KeyStore, db_path: Path) -> None:
+async def test_duplicate_name_is_a_conflict(ks: KeyStore, keystore_target: str) -> None:
     await ks.create_key(name="gateway")
-    before = dump(db_path)
+    before = dump(keystore_target)
     with pytest.raises(ConflictError, match="key name 'gateway' is already used"):
         await ks.create_key(name="gateway")
     with pytest.raises(ConflictError, match="key name 'twin' is given to more than one"):
         await ks.create_keys([{"name": "twin"}, {"name": "twin"}])
     with pytest.raises(ConflictError, match="'gateway'"):
         await ks.create_keys([{"name": "new"}, {"name": "gateway"}])
-    assert dump(db_path) == before
+    assert dump(keystore_target) == before
 
 
-async def test_max_keys(tmp_path: Path) -> None:
-    path = tmp_path / "limited.db"
+async def test_max_keys(keystore_target: str) -> None:
+    path = keystore_target
     async with KeyStore.open(path, max_keys=2) as store:
         await store.create_key()
         before = dump(path)
@@ -207,13 +194,13 @@ async def test_max_keys(tmp_path: Path) -> None:
         assert await store.count_keys() == 2
 
 
-async def test_create_keys_is_all_or_nothing(ks: KeyStore, db_path: Path) -> None:
-    before = dump(db_path)
+async def test_create_keys_is_all_or_nothing(ks: KeyStore, keystore_target: str) -> None:
+    before = dump(keystore_target)
     with pytest.raises(ValidationError, match="unknown access key field 'colour'"):
         await ks.create_keys([{"name": "a"}, {"colour": "red"}])
     with pytest.raises(ValidationError, match="unknown device id 'd9'"):
         await ks.create_keys([{"name": "a"}, {"device_ids": ["d9"]}])
-    assert dump(db_path) == before
+    assert dump(keystore_target) == before
     made = await ks.create_keys([{"name": f"k{i}", "device_ids": ["d1"]} for i in range(30)])
     assert [k.name for k, _ in made] == [f"k{i}" for i in range(30)]
     assert len({s for _, s in made}) == 30
@@ -277,23 +264,23 @@ async def test_update_key_changes_only_given_fields(ks: KeyStore) -> None:
     ],
 )
 async def test_device_restriction_is_immutable(
-    ks: KeyStore, db_path: Path, restriction: dict[str, Any]
+    ks: KeyStore, keystore_target: str, restriction: dict[str, Any]
 ) -> None:
     key, _ = await ks.create_key(device_ids=["d1"])
-    before = dump(db_path)
+    before = dump(keystore_target)
     with pytest.raises(ConflictError) as info:
         await ks.update_key(key.key, name="x", **restriction)
     assert str(info.value) == (
         f"device restriction of key {key.key[:8]} cannot be changed after creation; "
         "create a new key"
     )
-    assert dump(db_path) == before
+    assert dump(keystore_target) == before
 
 
-async def test_invalid_update_writes_nothing(ks: KeyStore, db_path: Path) -> None:
+async def test_invalid_update_writes_nothing(ks: KeyStore, keystore_target: str) -> None:
     await ks.create_key(name="taken")
     key, _ = await ks.create_key(name="mine", topic_mode="only", pub_topics=["a"])
-    before = dump(db_path)
+    before = dump(keystore_target)
     with pytest.raises(ConflictError, match="key name 'taken' is already used"):
         await ks.update_key(key.key, name="taken", description="new")
     with pytest.raises(ValidationError, match="'losant/x'"):
@@ -302,7 +289,7 @@ async def test_invalid_update_writes_nothing(ks: KeyStore, db_path: Path) -> Non
         await ks.update_key(key.key, topic_mode="all")  # lists would be silently ignored
     with pytest.raises(NotFoundError):
         await ks.update_key("0" * 32, description="new")
-    assert dump(db_path) == before
+    assert dump(keystore_target) == before
     assert (await ks.update_key(key.key, name="mine")).name == "mine"  # own name is fine
     switched = await ks.update_key(key.key, topic_mode="all", pub_topics=[])
     assert switched.topic_mode is TopicMode.ALL and switched.pub_topics == ()
@@ -325,7 +312,7 @@ async def test_set_status(ks: KeyStore) -> None:
     assert (await ks.set_status([a.key], "active"))[0].status is KeyStatus.ACTIVE
 
 
-async def test_delete_keys_all_or_nothing(ks: KeyStore, db_path: Path) -> None:
+async def test_delete_keys_all_or_nothing(ks: KeyStore, keystore_target: str) -> None:
     a, _ = await ks.create_key(device_ids=["d1"], device_tags=["floor=1"])
     b, _ = await ks.create_key()
     with pytest.raises(NotFoundError, match="no access key"):
@@ -333,7 +320,7 @@ async def test_delete_keys_all_or_nothing(ks: KeyStore, db_path: Path) -> None:
     assert await ks.count_keys() == 2
     assert await ks.delete_keys([a.key[:8], b.key]) == [a.key, b.key]
     assert await ks.count_keys() == 0
-    tables = dump(db_path)
+    tables = dump(keystore_target)
     assert tables["key_devices"] == [] and tables["key_tags"] == []  # restriction rows cascade
     assert (await ks.connect_lookup(a.key, "x", "d1")).key is None
 

@@ -1,30 +1,34 @@
-"""The advanced key query (list_keys), compiled to SQL and run on a real SQLite file."""
+"""The advanced key query (list_keys), compiled to SQL and run on each backend (a real SQLite
+file, a real PostgreSQL database)."""
 
 # ruff: noqa: S608
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from keystore import KeyStore, ValidationError, compile_query
-from keystore.query import ALL_OPERATORS, FIELDS
+from keystore.postgres.db import KEY_COLUMNS as PG_KEY_COLUMNS
+from keystore.query import ALL_OPERATORS, FIELDS, POSTGRES
 from keystore.sqlite.db import KEY_COLUMNS
 from keystore.sqlite.migrations import MIGRATIONS
+from tests.support.postgres import PostgresServer
 
 
 @pytest.fixture
-async def ks(tmp_path: Path) -> AsyncIterator[KeyStore]:
+async def ks(keystore_target: str) -> AsyncIterator[KeyStore]:
     """Five keys with distinct attributes, named alpha..echo."""
-    async with KeyStore.open(tmp_path / "q.db") as store:
+    async with KeyStore.open(keystore_target) as store:
         await store.upsert_devices(
             [("d1", None, ["floor=1"]), ("d2", None, []), ("gw-9", None, [])]
         )
@@ -237,6 +241,8 @@ def test_query_depth_and_size_are_bounded() -> None:
 def test_compiled_sql_uses_only_whitelisted_text() -> None:
     sql, params = compile_query(json.dumps({"deviceTags": {"$startsWith": "a*"}}))
     assert "GLOB ?" in sql and params == ["a[*]*"]
+    sql, params = compile_query({"name": {"$contains": "5%_\\"}}, POSTGRES, ["app"])
+    assert "LIKE $2" in sql and params == ["app", "%5\\%\\_\\\\%"]
 
 
 # --- fuzz: any JSON either compiles to SQL SQLite accepts, or is a ValidationError -------
@@ -286,3 +292,41 @@ def test_any_query_compiles_to_valid_sql_or_is_refused(
         assert "\n" not in str(exc)
         return
     schema_conn.execute(f"SELECT {KEY_COLUMNS} FROM access_keys k WHERE {where}", params).fetchall()
+
+
+@settings(max_examples=300, deadline=None)
+@given(query=st.dictionaries(st.one_of(_fields, _ops), _json, max_size=3))
+def test_any_query_compiles_to_valid_postgresql_or_is_refused(
+    pg_schema: PgSchema, query: dict[str, Any]
+) -> None:
+    try:
+        where, params = compile_query(query, POSTGRES)
+    except ValidationError:
+        return
+    pg_schema.run(f"SELECT {PG_KEY_COLUMNS} FROM access_keys k WHERE {where}", params)
+
+
+class PgSchema:
+    """A PostgreSQL keystore database and one connection to it, on a loop of its own."""
+
+    def __init__(self, url: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.conn: asyncpg.Connection = self.loop.run_until_complete(asyncpg.connect(url))
+
+    def run(self, sql: str, params: list[Any]) -> None:
+        self.loop.run_until_complete(self.conn.fetch(sql, *params))
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.conn.close())
+        self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def pg_schema(postgres: PostgresServer) -> Iterator[PgSchema]:
+    name = postgres.new_database()
+    schema = PgSchema(postgres.url(name))
+    try:
+        yield schema
+    finally:
+        schema.close()
+        postgres.drop_database(name)

@@ -1,4 +1,5 @@
-"""KeyStore on a real SQLite file: file safety, migrations, devices, scope resolution."""
+"""KeyStore: SQLite file safety and migrations; devices and scope resolution on each backend
+(a real SQLite file, a real PostgreSQL database)."""
 
 # Table names below come from sqlite_master, not from input.
 # ruff: noqa: S608
@@ -28,19 +29,13 @@ from keystore import (
 from keystore.sqlite.backend import CONNECT_SQL
 from keystore.sqlite.migrations import SCHEMA_VERSION
 from keystore.sqlite.statements import SCOPE_SQL
+from tests.support.dbdump import dump
 
 
 @pytest.fixture
-async def ks(db_path: Path) -> AsyncIterator[KeyStore]:
-    async with KeyStore.open(db_path) as store:
+async def ks(keystore_target: str) -> AsyncIterator[KeyStore]:
+    async with KeyStore.open(keystore_target) as store:
         yield store
-
-
-def dump(path: Path) -> dict[str, list[tuple[Any, ...]]]:
-    """Every row of every table, read by a separate plain sqlite3 connection."""
-    with contextlib.closing(sqlite3.connect(path)) as conn:
-        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
-        return {t: sorted(conn.execute(f"SELECT * FROM {t}").fetchall()) for t in tables}
 
 
 @contextlib.contextmanager
@@ -74,7 +69,7 @@ async def test_fresh_file_is_migrated_and_reopening_is_idempotent(db_path: Path)
     with contextlib.closing(sqlite3.connect(db_path)) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
-        assert "device_tags_by_pair" in indexes
+        assert "device_tags_by_app_pair" in indexes
     async with KeyStore.open(db_path) as store:
         assert (await store.get_device("d1")).tags == (("a", "1"),)
     assert dump(db_path) == first
@@ -99,13 +94,13 @@ async def test_unopenable_path_is_a_clear_error(tmp_path: Path) -> None:
             pass
 
 
-async def test_open_can_be_awaited_and_closed(db_path: Path) -> None:
-    store = await KeyStore.open(db_path)
+async def test_open_can_be_awaited_and_closed(keystore_target: str) -> None:
+    store = await KeyStore.open(keystore_target)
     try:
         await store.add_device("d1")
     finally:
         await store.close()
-    async with KeyStore.open(db_path) as again:
+    async with KeyStore.open(keystore_target) as again:
         assert await again.device_exists("d1")
 
 
@@ -154,12 +149,12 @@ async def test_duplicate_device_is_a_conflict(ks: KeyStore) -> None:
     ],
 )
 async def test_invalid_device_writes_nothing(
-    ks: KeyStore, db_path: Path, device_id: str, tags: Any, message: str
+    ks: KeyStore, keystore_target: str, device_id: str, tags: Any, message: str
 ) -> None:
-    before = dump(db_path)
+    before = dump(keystore_target)
     with pytest.raises(ValidationError, match=message):
         await ks.add_device(device_id, tags=tags)
-    assert dump(db_path) == before
+    assert dump(keystore_target) == before
 
 
 async def test_get_unknown_device(ks: KeyStore) -> None:
@@ -205,13 +200,13 @@ async def test_upsert_devices_inserts_updates_and_is_idempotent(ks: KeyStore) ->
     assert (await ks.get_device("old")).updated_at == old.updated_at
 
 
-async def test_upsert_validates_everything_first(ks: KeyStore, db_path: Path) -> None:
-    before = dump(db_path)
+async def test_upsert_validates_everything_first(ks: KeyStore, keystore_target: str) -> None:
+    before = dump(keystore_target)
     with pytest.raises(ValidationError, match="invalid device id 'b#'"):
         await ks.upsert_devices([("a", None, ()), ("b#", None, ())])
     with pytest.raises(ValidationError, match="device 'a' appears more than once"):
         await ks.upsert_devices([("a", None, ()), ("a", "x", ())])
-    assert dump(db_path) == before
+    assert dump(keystore_target) == before
 
 
 async def test_connection_status_is_recorded(ks: KeyStore) -> None:
@@ -291,9 +286,12 @@ async def test_scope_follows_tag_changes_and_deletions(fleet: KeyStore) -> None:
     assert (await fleet.get_key(key.key)).device_ids == ("d5",)
 
 
-async def test_scope_lookups_use_indexes(fleet: KeyStore, db_path: Path) -> None:
-    """No full scan of devices or device_tags when resolving a scope."""
-    key, _ = await fleet.create_key(device_ids=["d1"], device_tags=["floor=1"])
+async def test_scope_lookups_use_indexes(db_path: Path) -> None:
+    """No full scan of devices or device_tags when resolving a scope (SQLite; the
+    PostgreSQL plans: tests/keystore/test_postgres.py)."""
+    async with KeyStore.open(db_path) as store:
+        await store.upsert_devices([("d1", None, ["floor=1"]), ("d2", None, ["floor=1"])])
+        key, _ = await store.create_key(device_ids=["d1"], device_tags=["floor=1"])
     with contextlib.closing(sqlite3.connect(db_path)) as conn:
         plan = conn.execute(f"EXPLAIN QUERY PLAN {SCOPE_SQL}",
                             (key.key, key.app_id, key.key, key.app_id)).fetchall()
@@ -303,7 +301,7 @@ async def test_scope_lookups_use_indexes(fleet: KeyStore, db_path: Path) -> None
     scans = [d for d in details if d.startswith("SCAN") and d != "SCAN CONSTANT ROW"
              and not d.startswith("SCAN (subquery")]
     assert not scans, details
-    assert any("device_tags_by_pair" in d for d in details), details
+    assert any("device_tags_by_app_pair" in d for d in details), details
 
 
 @pytest.mark.parametrize("prefix", ["", "a/b", "+", "#", "$dev"])

@@ -22,7 +22,7 @@ from keystore.models import AccessKey
 from tests.support.authsvc import Replica, authsvc_config, create_keystore, on_keystore
 from tests.support.harness import Client
 from tests.support.rabbitmq import ADMIN, BIN, RabbitCluster, installed
-from tests.support.services import missing
+from tests.support.services import unavailable
 
 
 @dataclass
@@ -84,8 +84,8 @@ def wait_for(condition: Any, timeout: float) -> bool:
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterEnv]:
     if not installed():  # Debian's layout: the tests run the nodes from /usr/lib/rabbitmq/bin
-        missing(f"{BIN / 'rabbitmq-server'} (the RabbitMQ cluster tests)",
-                "apt-get install rabbitmq-server")
+        unavailable(f"{BIN / 'rabbitmq-server'} or epmd not found: the RabbitMQ cluster "
+                    "tests (apt-get install rabbitmq-server)")
     work = tmp_path_factory.mktemp("cluster")
     db = work / "keystore.db"
     create_keystore(db)

@@ -9,11 +9,12 @@ from pathlib import Path
 from click.testing import CliRunner, Result
 
 from broker.cli import main
+from keystore.location import is_url
 
 Invoke = Callable[..., Result]
 
 
-def cli_on(db: Path) -> Invoke:
+def cli_on(db: Path | str) -> Invoke:
     """`keybroker --db DB ARGS...` in-process; exceptions propagate (no hidden tracebacks)."""
     runner = CliRunner()
 
@@ -28,9 +29,11 @@ def ok(result: Result) -> Result:
     return result
 
 
-def no_keys_stored(cli: Invoke, db: Path) -> bool:
-    """Nothing was written: the keystore was not even created, or it holds no key."""
-    return not db.exists() or json.loads(ok(cli("keys", "list", "--json")).stdout) == []
+def no_keys_stored(cli: Invoke, db: Path | str) -> bool:
+    """Nothing was written: the keystore file was not even created, or it holds no key."""
+    if not is_url(str(db)) and not Path(db).exists():
+        return True
+    return bool(json.loads(ok(cli("keys", "list", "--json")).stdout) == [])
 
 
 def fails(result: Result, *needles: str) -> str:

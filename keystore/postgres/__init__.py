@@ -1,0 +1,1 @@
+"""The PostgreSQL keystore backend (asyncpg): keystore.postgres.backend."""
