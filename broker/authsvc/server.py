@@ -35,6 +35,7 @@ from broker.prune import ChangePruner
 from broker.settings import Settings
 from broker.weblistener import SECURITY_HEADERS, WebListener
 from keystore import KeyStore
+from keystore.errors import UnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -91,9 +92,8 @@ class AuthServer:
         stack = self._stack
         try:
             engines = engine_apis(settings)
-            self.keystore = keystore = await stack.enter_async_context(KeyStore.open(
-                settings.db_path, device_prefix=settings.device_prefix,
-                max_keys=settings.max_keys))
+            self.keystore = keystore = await stack.enter_async_context(
+                settings.open_keystore())
             audit = AuditLog(settings.audit_path)
             stack.callback(audit.close)
             guard = BruteForceGuard(settings.guard) if settings.guard.enabled else None
@@ -120,7 +120,7 @@ class AuthServer:
             logger.warning("no [rabbitmq] api nor [emqx] api: revoked keys keep their live "
                            "connections, and subscriptions outlive scope changes")
         logger.info("keybroker authsvc listening: %s (keystore %s; engine APIs: %s)",
-                    self.listener.url, settings.db_path.absolute(), ", ".join(
+                    self.listener.url, settings.keystore_shown, ", ".join(
                         f"{name} {' '.join(api.urls)}" for name, api in engines.items())
                     or "none")
 
@@ -164,11 +164,21 @@ class AuthServer:
                 response = await handler(request)
             except web.HTTPException as exc:  # no such route, wrong method
                 response = web.Response(status=exc.status, text=DENY_TEXT)
+            except UnavailableError as exc:  # the keystore logs the outage once
+                logger.debug("%s denied: %s", request.path, exc)
+                response = _failed(request.path, 503)
             except Exception:
                 logger.exception("%s failed: denied", request.path)
-                response = emqx_deny(request.path) if request.path in (AUTHN_PATH, AUTHZ_PATH) \
-                    else web.Response(status=500, text=DENY_TEXT)
+                response = _failed(request.path, 500)
         for name, value in SECURITY_HEADERS.items():
             response.headers.setdefault(name, value)
         response.headers["Server"] = "keybroker"
         return response
+
+
+def _failed(path: str, status: int) -> web.Response:
+    """The denial of a request that could not be decided: EMQX's deny body, else the
+    status (RabbitMQ denies on any answer but 200)."""
+    if path in (AUTHN_PATH, AUTHZ_PATH):
+        return emqx_deny(path)
+    return web.Response(status=status, text=DENY_TEXT)

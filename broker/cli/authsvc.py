@@ -21,8 +21,9 @@ from keystore.errors import NotFoundError
 @click.option("--host", help="Bind the service to this address (default 127.0.0.1).")
 @click.option("--port", type=click.IntRange(0, 65535),
               help="Service port (default 8081; 0 = any free port).")
-@click.option("--db", metavar="PATH",
-              help="Keystore file (overrides `keybroker --db`, $KEYBROKER_DB and the config).")
+@click.option("--db", metavar="PATH|URL",
+              help="Keystore: an SQLite file, or postgresql://user@host:port/dbname "
+              "(overrides `keybroker --db`, $KEYBROKER_DB and the config).")
 @click.option("--audit-log", type=click.Path(dir_okay=False, path_type=Path),
               help="Append the JSON-lines audit trail here.")
 @click.option("--log-level", default="INFO", show_default=True,
@@ -32,13 +33,12 @@ def authsvc(config: Path | None, host: str | None, port: int | None, db: str | N
     """Answer a RabbitMQ or EMQX cluster's authentication and authorisation requests
     with this keystore's access keys, until SIGINT/SIGTERM."""
     state = current_state()
-    target = db if db is not None else state.db_override
-    settings = load_settings(config or state.config).with_overrides(
-        db_path=Path(target) if target is not None else None, audit_path=audit_log,
-        authsvc_host=host, authsvc_port=port)
+    settings = load_settings(config or state.config).with_db(
+        db if db is not None else state.db_override).with_overrides(
+        audit_path=audit_log, authsvc_host=host, authsvc_port=port)
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     path = settings.db_path.absolute()
-    if not path.exists():  # the service adds nothing: it never creates a keystore
+    if settings.db_url is None and not path.exists():  # the service never creates one
         raise NotFoundError(f"no keystore at {str(path)!r} ({CREATE_HINT})")
     asyncio.run(AuthServer(settings).serve())

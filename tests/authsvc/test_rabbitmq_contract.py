@@ -234,7 +234,7 @@ def test_get_is_refused_so_no_password_travels_in_a_url(replicas: Replicas) -> N
 
 
 def test_only_allowed_peers_may_ask(replicas: Replicas) -> None:
-    work = replicas.db.parent
+    work = replicas.work
     closed = Replica(work, "closed", authsvc_config(replicas.db, work / "closed.jsonl",
                                                     allowed_peers=["10.0.0.0/8"])).start()
     try:
@@ -246,7 +246,7 @@ def test_only_allowed_peers_may_ask(replicas: Replicas) -> None:
 
 
 def test_the_guard_bans_a_source_after_refused_admissions(replicas: Replicas) -> None:
-    work = replicas.db.parent
+    work = replicas.work
     audit = work / "guarded.jsonl"
     guarded = Replica(work, "guarded", authsvc_config(replicas.db, audit,
                                                       max_failures=3)).start()

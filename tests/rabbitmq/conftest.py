@@ -1,7 +1,8 @@
 """A real 2-node RabbitMQ cluster (Debian's rabbitmq-server: MQTT, the HTTP auth backend,
-management) whose nodes ask two real `keybroker authsvc` replicas on one SQLite keystore:
-node 1 asks replica a, node 2 asks replica b. Started once for the session (about 20 s on
-2 cores) and always stopped; skipped with a plain message when rabbitmq-server is not
+management) whose nodes ask two real `keybroker authsvc` replicas on one keystore: node 1
+asks replica a, node 2 asks replica b. Started once per keystore backend (an SQLite file,
+then a database of the session's PostgreSQL server; about 20 s each on 2 cores) and
+always stopped; skipped with a plain message when rabbitmq-server is not
 installed (a failure under KEYBROKER_REQUIRE_SERVICES=1, as in CI)."""
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import pytest
 
 from keystore import KeyStore
 from keystore.models import AccessKey
-from tests.support.authsvc import Replica, authsvc_config, create_keystore, on_keystore
+from tests.conftest import BACKENDS, keystore_on
+from tests.support.authsvc import Replica, authsvc_config, on_keystore
 from tests.support.harness import Client
 from tests.support.rabbitmq import ADMIN, BIN, RabbitCluster, installed
 from tests.support.services import unavailable
@@ -27,7 +29,7 @@ from tests.support.services import unavailable
 
 @dataclass
 class ClusterEnv:
-    db: Path
+    db: str  # the keystore: an SQLite file or a PostgreSQL URL
     rabbit: RabbitCluster
     replicas: tuple[Replica, Replica]
     audit: tuple[Path, Path]
@@ -81,14 +83,20 @@ def wait_for(condition: Any, timeout: float) -> bool:
     return True
 
 
-@pytest.fixture(scope="session")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterEnv]:
+@pytest.fixture(scope="session", params=BACKENDS)
+def cluster(request: pytest.FixtureRequest,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterEnv]:
+    """A 2-node RabbitMQ cluster asking two authsvc replicas, once on an SQLite keystore
+    and once on a PostgreSQL one."""
     if not installed():  # Debian's layout: the tests run the nodes from /usr/lib/rabbitmq/bin
         unavailable(f"{BIN / 'rabbitmq-server'} or epmd not found: the RabbitMQ cluster "
                     "tests (apt-get install rabbitmq-server)")
     work = tmp_path_factory.mktemp("cluster")
-    db = work / "keystore.db"
-    create_keystore(db)
+    with keystore_on(request, request.param, work) as db:
+        yield from _cluster(work, db)
+
+
+def _cluster(work: Path, db: str) -> Iterator[ClusterEnv]:
     audit = (work / "a-audit.jsonl", work / "b-audit.jsonl")
     for attempt in (1, 2):  # a node that lost a port to another process: once more
         rabbit = RabbitCluster(work / f"rabbitmq-{attempt}")

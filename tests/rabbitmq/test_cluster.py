@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 from keystore.models import TopicMode
 from tests.rabbitmq.conftest import ClusterEnv, refused, wait_for
+from tests.support.dbdump import dump_text
 
 
 def test_the_access_key_matrix_on_both_nodes(env: ClusterEnv) -> None:
@@ -185,6 +186,7 @@ def test_rabbitmq_asks_with_post_and_no_secret_is_written_anywhere(env: ClusterE
     written += "".join(path.read_text() for path in env.audit if path.exists())
     for node in env.rabbit.nodes:
         written += env.rabbit.log_tail(node, size=10**7)
+    written += dump_text(env.db).decode(errors="replace")  # the keystore (snapshots too)
     assert env.secrets and not [s for s in env.secrets if s in written]
     assert env.rabbit.admin_password not in written
     assert re.search(r'"event":"connect_ok"', written)

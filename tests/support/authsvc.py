@@ -63,9 +63,11 @@ api_secret_file = {json.dumps(str(emqx_secret_file or ""))}
 class Replica:
     """One authsvc process; ``stop()`` always ends it."""
 
-    def __init__(self, workdir: Path, name: str, config: str) -> None:
+    def __init__(self, workdir: Path, name: str, config: str,
+                 args: Sequence[str] = ()) -> None:
         self.workdir = workdir
         self.name = name
+        self.args = tuple(args)  # options of `keybroker authsvc` beside the config
         self.config = workdir / f"{name}.toml"
         self.config.write_text(config)
         self.log = workdir / f"{name}.log"
@@ -76,7 +78,8 @@ class Replica:
         env = {k: v for k, v in os.environ.items() if not k.startswith("KEYBROKER_")}
         with self.log.open("wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "broker.cli", "--config", str(self.config), "authsvc"],
+                [sys.executable, "-m", "broker.cli", "--config", str(self.config), "authsvc",
+                 *self.args],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         deadline = time.monotonic() + START_TIMEOUT
         while not (found := LISTENING.search(self.log.read_text(errors="replace"))):
