@@ -315,6 +315,18 @@ async def user_version(conn: aiosqlite.Connection) -> int:
     return int(row[0]) if row else 0
 
 
+async def _next_step(conn: aiosqlite.Connection, version: int) -> tuple[list[str], int]:
+    """The statements that lead on from ``version``, and the version they reach. A keystore
+    made by keybroker authsvc before the PostgreSQL backend came in numbered its connection
+    snapshots 7 (now step 8): at that 7 it lacks only today's step 7, then it is at 8."""
+    if version == 7:
+        async with conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
+                                "AND name = 'connection_snapshots'") as cursor:
+            if await cursor.fetchone() is not None:
+                return _V7, 8
+    return MIGRATIONS[version], version + 1
+
+
 async def migrate(conn: aiosqlite.Connection, path: str) -> int:
     """Bring the schema to SCHEMA_VERSION; returns the final version.
 
@@ -339,19 +351,20 @@ async def migrate(conn: aiosqlite.Connection, path: str) -> int:
             if version == SCHEMA_VERSION:
                 await conn.execute("COMMIT")
                 return version
-            for statement in MIGRATIONS[version]:
+            statements, reached = await _next_step(conn, version)
+            for statement in statements:
                 await conn.execute(statement)
             if rebuild:
                 async with conn.execute("PRAGMA foreign_key_check") as cursor:
                     broken = list(await cursor.fetchall())
                 if broken:
                     raise KeybrokerError(
-                        f"keystore {path!r}: migration to schema version {version + 1} "
+                        f"keystore {path!r}: migration to schema version {reached} "
                         f"left foreign keys broken ({broken[0]}); nothing was changed")
             # PRAGMA cannot take parameters; the value is our own integer.
-            await conn.execute(f"PRAGMA user_version = {version + 1}")
+            await conn.execute(f"PRAGMA user_version = {reached}")
             await conn.execute("COMMIT")
-            log.info("keystore %s migrated to schema version %d", path, version + 1)
+            log.info("keystore %s migrated to schema version %d", path, reached)
         except BaseException:
             if conn.in_transaction:
                 await conn.execute("ROLLBACK")
