@@ -17,7 +17,7 @@ from broker.settings import Settings
 from keystore import KeyStore
 from tests.support.rabbitmq import ADMIN
 
-from .localcluster import LocalCluster, postgres_supported
+from .localcluster import LocalCluster
 
 
 async def seed(target: str) -> tuple[str, str]:
@@ -37,10 +37,6 @@ def main() -> int:
     parser.add_argument("--replicas", type=int, default=2, help="authsvc replicas (default 2)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args()
-    if not args.sqlite and not postgres_supported():
-        print("this keybroker has no PostgreSQL keystore yet: run scripts/cluster --sqlite",
-              file=sys.stderr)
-        return 2
     base = Path(tempfile.mkdtemp(prefix="keybroker-cluster-"))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -11,7 +11,6 @@ tests (tests/support/rabbitmq.py, tests/support/authsvc.py).
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import pwd
 import shutil
@@ -26,11 +25,6 @@ from tests.support.rabbitmq import ADMIN, RabbitCluster, free_port
 
 PG_BINDIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
 PG_USER = "keybroker"
-
-
-def postgres_supported() -> bool:
-    """Does this keybroker open ``postgresql://`` keystores (the PostgreSQL backend)?"""
-    return importlib.util.find_spec("keystore.postgres") is not None
 
 
 def _pg_tool(name: str) -> str:
@@ -109,9 +103,6 @@ class LocalCluster:
     def _start(self) -> None:
         self.base.mkdir(parents=True, exist_ok=True)
         if self.postgres:
-            if not postgres_supported():
-                raise RuntimeError("this keybroker has no PostgreSQL keystore yet "
-                                   "(keystore.postgres): use an SQLite keystore")
             server = Postgres(self.base / "postgres").start()
             self._stack.callback(server.stop)
             self.keystore = server.url
