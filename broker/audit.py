@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.policy.addresses import source_of
+from broker.policy.guard import BruteForceGuard
 from keystore.files import tighten_mode
 
 _FIELDS = ("key", "app", "client_id", "client_ip", "peer_ip", "listener", "reason")
@@ -96,6 +97,14 @@ class AuditLog:
             return
         state[1] += 1
         self.event(event, **fields)
+
+    def ended_bans(self, guard: BruteForceGuard | None) -> None:
+        """One ``ban_ended`` line per ban that is over, with the CONNECTs it refused
+        (called once a second, with ``flush_suppressed``)."""
+        if guard is not None:
+            for source, _, refused in guard.served_bans(time.monotonic()):
+                self.event("ban_ended", client_ip=source,
+                           reason=f"{refused} CONNECTs refused during the ban")
 
     def flush_suppressed(self) -> None:
         """Write the counts of lines suppressed in windows that are over (called once a

@@ -23,6 +23,7 @@ import asyncio
 import heapq
 import logging
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 from broker import policy
@@ -31,7 +32,7 @@ from broker.periodic import Periodic
 from broker.policy import SessionPolicy
 from broker.sessions import SessionRegistry
 from keystore import KeyStore
-from keystore.models import AccessKey
+from keystore.models import AccessKey, Change
 
 logger = logging.getLogger(__name__)
 
@@ -40,20 +41,15 @@ RECENT = 60.0  # seconds a processed change is remembered for CONNECTs in flight
 DEVICE = "\x00device:"  # prefix for device entries in _applied (a key never has a NUL)
 
 
-class ChangeWatcher(Periodic):
-    name = "keybroker-change-watcher"
+class FeedReader(Periodic):
+    """Reads the keystore's change feed from where it started (the daemon's ChangeWatcher,
+    keybroker.authsvc's Revoker): ``new_changes`` looks at the change marker and, only when
+    it moved, yields every row written since the last one, however many a bulk operation
+    made, in pages."""
 
-    def __init__(self, sessions: SessionRegistry, keystore: KeyStore,
-                 interval: float = 0.25) -> None:
+    def __init__(self, keystore: KeyStore, interval: float) -> None:
         super().__init__(interval)
-        self.sessions = sessions
         self.keystore = keystore
-        self._expiries: list[tuple[float, int, str, Grant]] = []
-        self._serial = 0
-        self.compact_slack = 1000  # stale heap entries tolerated before compacting
-        # When this watcher applied a change to a key (or DEVICE + device id): a CONNECT
-        # that read the key before then is re-checked once registered.
-        self._applied: dict[str, float] = {}
         self._last_id: int | None = None  # None: not started yet
         self._marker: tuple[int, int] | None = None
         self.last_read = time.monotonic()  # when the feed was last read (metrics: lag)
@@ -65,27 +61,63 @@ class ChangeWatcher(Periodic):
         return self._last_id or 0
 
     async def start(self) -> None:
-        """Watch from the newest change, or from where ``catch_up`` got to."""
+        """Read from the newest change, or from where ``catch_up`` got to."""
         if self._last_id is None:
             self._last_id = await self.keystore.latest_change_id()
             self._marker = await self.keystore.change_marker()
         self.pushed = await self.keystore.watch_changes(self.wake)
         self.start_ticking()
 
+    async def new_changes(self) -> AsyncIterator[Change]:
+        marker = await self.keystore.change_marker()
+        self.last_read = time.monotonic()
+        if marker == self._marker:
+            return
+        self._marker = marker
+        while True:
+            changes = await self.keystore.changes_since(self._last_id or 0, limit=FEED_PAGE)
+            for change in changes:
+                self._last_id = change.id
+                yield change
+            if len(changes) < FEED_PAGE:
+                return
+
+
+class ChangeWatcher(FeedReader):
+    name = "keybroker-change-watcher"
+
+    def __init__(self, sessions: SessionRegistry, keystore: KeyStore,
+                 interval: float = 0.25) -> None:
+        super().__init__(keystore, interval)
+        self.sessions = sessions
+        self._expiries: list[tuple[float, int, str, Grant]] = []
+        self._serial = 0
+        self.compact_slack = 1000  # stale heap entries tolerated before compacting
+        # When this watcher applied a change to a key (or DEVICE + device id): a CONNECT
+        # that read the key before then is re-checked once registered.
+        self._applied: dict[str, float] = {}
+
     async def catch_up(self, since: int) -> None:
         """Apply the changes after ``since``: the position a restored broker state was
         saved at, so what changed while the daemon was down (devices and applications
         removed) reaches the restored sessions and retained messages before the listeners
         open. ``start`` goes on from there."""
-        self._marker = await self.keystore.change_marker()
-        self._last_id = since
-        applied = await self._read_feed()
+        self._last_id, self._marker = since, None
+        applied = await self._apply_new()
         if applied:
             logger.info("change feed: applied %d changes made while the daemon was down",
                         applied)
 
-    async def stop(self) -> None:
-        await self.stop_ticking()
+    async def _apply_new(self) -> int:
+        """Apply every change not applied yet; returns how many."""
+        count = 0
+        async for change in self.new_changes():
+            count += 1
+            try:
+                await self._apply(change.kind, change.subject)
+            except Exception:  # one bad change must not stop the others
+                logger.exception("applying change %s failed", change)
+        return count
 
     def session_started(self, client_id: str, grant: Grant, auth_started: float) -> None:
         """A session was registered; ``auth_started`` is when its CONNECT read the key.
@@ -104,31 +136,11 @@ class ChangeWatcher(Periodic):
             asyncio.get_running_loop().create_task(self._apply_key(grant.key.key, [client_id]))
 
     async def tick(self) -> None:
-        marker = await self.keystore.change_marker()
-        self.last_read = time.monotonic()
-        if marker != self._marker:
-            self._marker = marker
-            await self._read_feed()
+        await self._apply_new()
         now = asyncio.get_running_loop().time()
         for name in [n for n, at in self._applied.items() if now - at > RECENT]:
             del self._applied[name]
         await self._expire(datetime.now(UTC).timestamp())
-
-    async def _read_feed(self) -> int:
-        """Apply every change after the last one applied, however many a bulk operation
-        made; returns how many."""
-        count = 0
-        while True:
-            changes = await self.keystore.changes_since(self._last_id or 0, limit=FEED_PAGE)
-            for change in changes:
-                self._last_id = change.id
-                count += 1
-                try:
-                    await self._apply(change.kind, change.subject)
-                except Exception:  # one bad change must not stop the others
-                    logger.exception("applying change %s failed", change)
-            if len(changes) < FEED_PAGE:
-                return count
 
     async def _apply(self, kind: str, subject: str) -> None:
         now = asyncio.get_running_loop().time()
@@ -215,6 +227,10 @@ class StatusRecorder(Periodic):
         now = datetime.now(UTC)
         self._devices[device_id] = (True, now)
         self._keys[grant.key.key] = now
+
+    def key_used(self, key: str) -> None:
+        """A key authenticated a connection elsewhere (keybroker.authsvc): its last use."""
+        self._keys[key] = datetime.now(UTC)
 
     def session_ended(self, device_id: str) -> None:
         self._devices[device_id] = (False, datetime.now(UTC))

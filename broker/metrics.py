@@ -33,8 +33,11 @@ from broker.counters import KICK_CAUSES, Buckets
 from broker.periodic import Periodic
 
 if TYPE_CHECKING:
-    from broker.live import ChangeWatcher
+    from broker.audit import AuditLog
+    from broker.live import ChangeWatcher, FeedReader
     from broker.mqtt.broker import KeyBroker
+    from broker.policy.guard import BruteForceGuard
+    from keystore import KeyStore
 
 class LoopProbe(Periodic):
     """Event-loop lag: how late a timer fires, measured every ``interval`` seconds."""
@@ -48,7 +51,7 @@ class LoopProbe(Periodic):
         self.last_seen = time.monotonic()
         self._due = 0.0
 
-    def start(self) -> None:
+    async def start(self) -> None:
         self._due = asyncio.get_running_loop().time() + self.interval
         self.start_ticking()
 
@@ -81,7 +84,7 @@ class History(Periodic):
         self.collector = collector
         self.samples: deque[Sample] = deque(maxlen=keep)
 
-    def start(self) -> None:
+    async def start(self) -> None:
         self.samples.append(self.collector.sample())
         self.start_ticking()
 
@@ -200,28 +203,34 @@ class BrokerCollector(Collector):
         yield kicks
 
     def _health(self) -> Iterator[Metric]:
-        broker = self.broker
-        guard = broker.guard
-        bans = CounterMetricFamily("keybroker_guard_bans", "Sources banned by the brute-force "
-                                   "guard (MQTT, API and console failures alike)")
-        bans.add_metric([], guard.bans if guard is not None else 0)
-        yield bans
-        banned = GaugeMetricFamily("keybroker_guard_banned_sources", "Sources banned now")
-        banned.add_metric([], guard.banned_count(time.monotonic()) if guard is not None else 0)
-        yield banned
-        suppressed = CounterMetricFamily("keybroker_audit_suppressed",
-                                         "Audit lines not written (per-source and per-session "
-                                         "limits)")
-        suppressed.add_metric([], broker.audit.suppressed)
-        yield suppressed
-        if self.watcher is not None:
-            lag = GaugeMetricFamily("keybroker_change_feed_lag_seconds",
-                                    "Seconds since the change watcher last read the feed")
-            lag.add_metric([], max(0.0, time.monotonic() - self.watcher.last_read))
-            yield lag
-        if self.probe is not None:
-            yield self.probe.lag.family("keybroker_event_loop_lag_seconds",
-                                        "How late a 0.5 s timer fired")
+        yield from health_families(self.broker.guard, self.broker.audit, self.watcher,
+                                   self.probe)
+
+
+def health_families(guard: BruteForceGuard | None, audit: AuditLog,
+                    reader: FeedReader | None, probe: LoopProbe | None) -> Iterator[Metric]:
+    """Guard bans, suppressed audit lines, change-feed and event-loop lag: the families the
+    daemon and ``keybroker authsvc`` share."""
+    bans = CounterMetricFamily("keybroker_guard_bans", "Sources banned by the brute-force "
+                               "guard (MQTT, API and console failures alike)")
+    bans.add_metric([], guard.bans if guard is not None else 0)
+    yield bans
+    banned = GaugeMetricFamily("keybroker_guard_banned_sources", "Sources banned now")
+    banned.add_metric([], guard.banned_count(time.monotonic()) if guard is not None else 0)
+    yield banned
+    suppressed = CounterMetricFamily("keybroker_audit_suppressed",
+                                     "Audit lines not written (per-source and per-session "
+                                     "limits)")
+    suppressed.add_metric([], audit.suppressed)
+    yield suppressed
+    if reader is not None:
+        lag = GaugeMetricFamily("keybroker_change_feed_lag_seconds",
+                                "Seconds since the change feed was last read")
+        lag.add_metric([], max(0.0, time.monotonic() - reader.last_read))
+        yield lag
+    if probe is not None:
+        yield probe.lag.family("keybroker_event_loop_lag_seconds",
+                            "How late a 0.5 s timer fired")
 
 
 @dataclass(slots=True)
@@ -241,9 +250,9 @@ class Observability:
         registry.register(collector)
         return cls(registry, collector, probe, History(collector))
 
-    def start(self) -> None:
-        self.probe.start()
-        self.history.start()
+    async def start(self) -> None:
+        await self.probe.start()
+        await self.history.start()
 
     async def stop(self) -> None:
         await self.history.stop_ticking()
@@ -251,3 +260,15 @@ class Observability:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+READY_TIMEOUT = 2.0  # seconds the keystore has to answer a readiness probe
+
+
+async def keystore_answers(keystore: KeyStore) -> bool:
+    """Does the keystore answer (its change marker) within READY_TIMEOUT?"""
+    try:
+        await asyncio.wait_for(keystore.change_marker(), READY_TIMEOUT)
+    except Exception:  # noqa: BLE001 - any failure means "not ready"
+        return False
+    return True

@@ -41,6 +41,12 @@ class Periodic:
         """Run the next tick now rather than at the end of the interval."""
         self._woken.set()
 
+    async def start(self) -> None:
+        self.start_ticking()
+
+    async def stop(self) -> None:
+        await self.stop_ticking()
+
     def start_ticking(self) -> None:
         self._task = asyncio.create_task(self._run(), name=self.name)
 

@@ -9,7 +9,10 @@ needed by nobody, and ``change_retention`` (default 1 day) is only a margin (e.g
 second daemon started on the same file). Deletion runs in batches of ``BATCH`` rows, one
 short transaction each, yielding to the event loop between them, so a large backlog
 never holds the keystore (or the MQTT loop) for long. Expired device tokens of the HTTP
-API (docs/api.md) are deleted on the same tick, the same way.
+API (docs/api.md) are deleted on the same tick, the same way, and so are the stored
+scopes of connection snapshots (docs/cluster.md) that no connection has referred to for
+the retention window. The access-key service (broker.authsvc) runs the same pruner, with
+its revoker as the feed's reader.
 """
 
 from __future__ import annotations
@@ -55,6 +58,19 @@ class ChangePruner(Periodic):
     async def tick(self) -> None:
         await self.prune()
         await self.prune_device_tokens()
+        await self.prune_scopes()
+
+    async def prune_scopes(self, now: datetime | None = None) -> int:
+        """Delete stored scopes no connection snapshot refers to, older than the retention
+        window; returns how many."""
+        before = (now or datetime.now(UTC)) - self.retention
+        total = 0
+        while deleted := await self.keystore.prune_connections(before, batch=self.batch):
+            total += deleted
+            await asyncio.sleep(0)
+        if total:
+            logger.info("deleted %d stored scopes no connection refers to", total)
+        return total
 
     async def prune_device_tokens(self, now: datetime | None = None) -> int:
         """Delete device tokens that have expired; returns how many."""

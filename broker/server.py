@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import logging
 import resource
-import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -18,8 +17,9 @@ from broker.api.callers import Callers
 from broker.api.context import Api
 from broker.api.server import ApiServer
 from broker.audit import AuditLog
+from broker.lifecycle import serve_until_signalled
 from broker.live import ChangeWatcher, StatusRecorder
-from broker.metrics import Observability
+from broker.metrics import Observability, keystore_answers
 from broker.mqtt.broker import KeyBroker
 from broker.policy.guard import BruteForceGuard
 from broker.prune import ChangePruner
@@ -31,7 +31,6 @@ from keystore import KeyStore
 logger = logging.getLogger(__name__)
 
 AUTH_PLUGIN = "broker.mqtt.plugins.AccessKeyAuthPlugin"
-READY_TIMEOUT = 2.0
 
 
 def amqtt_config(
@@ -110,7 +109,7 @@ class BrokerServer:
             self._stack.push_async_callback(self.pruner.stop)
             if settings.api_enabled and settings.api_metrics:
                 self.observability = Observability.of(self.broker, self.watcher)
-                self.observability.start()
+                await self.observability.start()
                 self._stack.push_async_callback(self.observability.stop)
             if settings.api_enabled:
                 self.api = self._api_server(guard)
@@ -158,12 +157,8 @@ class BrokerServer:
         """Is every configured listener bound, and does the keystore answer (within 2 s)?"""
         bound = self.bound_addresses()
         listeners = bool(bound) and all(bound.get(item.name) for item in self.settings.listeners)
-        try:
-            assert self.keystore is not None
-            await asyncio.wait_for(self.keystore.change_marker(), READY_TIMEOUT)
-            keystore = True
-        except Exception:  # noqa: BLE001 - any failure means "not ready"
-            keystore = False
+        assert self.keystore is not None
+        keystore = await keystore_answers(self.keystore)
         return {"listeners": listeners, "keystore": keystore}
 
     def _applied_change_id(self) -> int:
@@ -196,24 +191,7 @@ class BrokerServer:
         on_started: Callable[[BrokerServer], None] | None = None,
     ) -> None:
         """Run until SIGINT/SIGTERM (or ``stop`` is set), then shut down cleanly."""
-        stop = stop or asyncio.Event()
-        loop = asyncio.get_running_loop()
-        installed = []
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, stop.set)
-                installed.append(sig)
-        await self.start()
-        try:
-            if on_started is not None:
-                on_started(self)
-            await stop.wait()
-            logger.info("shutting down")
-        finally:
-            for sig in installed:
-                loop.remove_signal_handler(sig)
-            await self.stop()
-        logger.info("stopped")
+        await serve_until_signalled(self, stop, on_started)
 
 
 # Descriptors besides client connections: listeners, the keystore and its WAL, the audit

@@ -118,6 +118,22 @@ class Settings:
     api_request_timeout: float = 10.0  # seconds a connection may sit without a request
     api_device_token_ttl: int = 86_400  # seconds, when POST /auth/device gives no tokenTTL
     api_max_device_token_ttl: int = 30 * 86_400
+    # `keybroker authsvc` (docs/cluster.md): the access-key service of a RabbitMQ or EMQX
+    # cluster. Its HTTP listener, and the addresses allowed to ask (the engine's nodes).
+    authsvc_host: str = "127.0.0.1"
+    authsvc_port: int = 8081
+    authsvc_allowed_peers: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    # RabbitMQ: the exchange its MQTT plugin publishes to, and its management API (kicks
+    # on revocation, stale subscriptions dropped); no URL = neither.
+    rabbitmq_exchange: str = "amq.topic"
+    rabbitmq_api: tuple[str, ...] = ()
+    rabbitmq_user: str = ""
+    rabbitmq_password_file: Path | None = None
+    # EMQX: the one application it serves, and its REST API (kicks).
+    emqx_application: str = "default"
+    emqx_api: tuple[str, ...] = ()
+    emqx_api_key: str = ""
+    emqx_api_secret_file: Path | None = None
 
     def with_overrides(self, **changes: Any) -> Settings:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -181,9 +197,22 @@ PLACES: dict[str, tuple[str, str]] = {
     "api_request_timeout": ("api", "request_timeout"),
     "api_device_token_ttl": ("api", "device_token_ttl"),
     "api_max_device_token_ttl": ("api", "max_device_token_ttl"),
+    "authsvc_host": ("authsvc", "host"),
+    "authsvc_port": ("authsvc", "port"),
+    "authsvc_allowed_peers": ("authsvc", "allowed_peers"),
+    "rabbitmq_exchange": ("rabbitmq", "exchange"),
+    "rabbitmq_api": ("rabbitmq", "api"),
+    "rabbitmq_user": ("rabbitmq", "user"),
+    "rabbitmq_password_file": ("rabbitmq", "password_file"),
+    "emqx_application": ("emqx", "application"),
+    "emqx_api": ("emqx", "api"),
+    "emqx_api_key": ("emqx", "api_key"),
+    "emqx_api_secret_file": ("emqx", "api_secret_file"),
 }
 SECTIONS = ("keystore", "mqtt", "listeners", "network", "limits", "audit", "security",
-            "persistence", "api")
+            "persistence", "api", "authsvc", "rabbitmq", "emqx")
+CIDR_LISTS = frozenset({"trusted_proxies", "api_trusted_proxies", "authsvc_allowed_peers"})
+URL_LISTS = frozenset({"rabbitmq_api", "emqx_api"})
 CHOICES = {"denied_publish": ("drop", "disconnect"), "type": ("tcp", "ws")}
 # 0 makes no sense for these
 POSITIVE = frozenset({"keepalive_factor", "change_poll_interval", "flush_interval",
@@ -258,8 +287,13 @@ def _checked(where: str, name: str, value: Any) -> Any:
             raise ConfigError(f"{where}: invalid value {value!r}: must be more than 0")
         if value < 0:
             raise ConfigError(f"{where}: invalid value {value!r}: must be 0 or more")
-    if name in ("trusted_proxies", "api_trusted_proxies"):
+    if name in CIDR_LISTS:
         return tuple(_cidr(where, item) for item in value)
+    if name in URL_LISTS:
+        for url in value:
+            if not url.startswith(("http://", "https://")):
+                raise ConfigError(f"{where}: invalid URL {url!r}: must start with http:// "
+                                  "or https://")
     if name == "db_url" and value is not None:
         try:
             return check_postgres_url(value)
@@ -343,6 +377,7 @@ def settings_from_toml(raw: dict[str, Any], base: Path | None = None) -> Setting
     })
     settings = Settings(**changes)
     check_api(settings)
+    check_authsvc(settings)
     return settings
 
 
@@ -360,6 +395,18 @@ def check_api(settings: Settings) -> None:
         if origin != "*" and not origin.startswith(("http://", "https://")):
             raise ConfigError(f"[api] cors_origins: invalid origin {origin!r}: "
                               "must start with http:// or https://")
+
+
+def check_authsvc(settings: Settings) -> None:
+    """Rules between [authsvc], [rabbitmq] and [emqx] values."""
+    if settings.authsvc_port > 65535:
+        raise ConfigError(f"[authsvc] port: invalid value {settings.authsvc_port!r}: "
+                          "must be 0-65535")
+    if settings.rabbitmq_api and not (settings.rabbitmq_user and settings.rabbitmq_password_file):
+        raise ConfigError("[rabbitmq] api: needs user and password_file (a management user "
+                          "with the administrator tag)")
+    if settings.emqx_api and not (settings.emqx_api_key and settings.emqx_api_secret_file):
+        raise ConfigError("[emqx] api: needs api_key and api_secret_file (an EMQX API key)")
 
 
 def config_path(config: Path | str | None = None) -> Path | None:

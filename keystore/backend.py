@@ -16,7 +16,16 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from keystore.keyspec import KeySpec
-from keystore.models import AccessKey, ApiToken, Application, Change, Device, KeyStatus, Tag
+from keystore.models import (
+    AccessKey,
+    ApiToken,
+    Application,
+    Change,
+    ConnectionSnapshot,
+    Device,
+    KeyStatus,
+    Tag,
+)
 
 # An untag request: (tag key, value or None for every value of the key, the spec as given)
 UntagSpec = tuple[str, str | None, str]
@@ -47,6 +56,16 @@ class DeviceTokenRow:
     salt: bytes
     secret_hash: bytes
     expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionRow:
+    """A connection snapshot with what deciding its requests needs now, in one round trip:
+    its key as it is now, and the application of its device (None: the device is gone)."""
+
+    snapshot: ConnectionSnapshot
+    key: AccessKey
+    device_app: str | None
 
 
 # A page of a sorted list: (items, how many match in all)
@@ -125,6 +144,16 @@ class Backend(Protocol):
     async def mark_keys_used(self, keys: tuple[str, ...], when: datetime) -> None: ...
     async def set_devices_connected(self, ids: tuple[str, ...], connected: bool,
                                     when: datetime) -> None: ...
+
+    # --- connections of external engines (keystore.connections)
+    async def connection_snapshot(self, client_id: str) -> ConnectionSnapshot | None: ...
+    async def put_connection(self, snapshot: ConnectionSnapshot,
+                             devices: tuple[str, ...] | None) -> ConnectionSnapshot | None: ...
+    async def connection_row(self, client_id: str) -> ConnectionRow | None: ...
+    async def scope_devices(self, digest: str) -> frozenset[str] | None: ...
+    async def connections_of_key(self, key: str) -> list[ConnectionSnapshot]: ...
+    async def keys_expiring(self, after: datetime, until: datetime) -> list[str]: ...
+    async def prune_connections(self, before: datetime, batch: int) -> int: ...
 
     # --- change feed
     async def change_marker(self) -> tuple[int, int]: ...

@@ -39,7 +39,7 @@ class TokenLookup:
     expires_at: datetime
 
 
-class _Lru(Generic[K, V]):
+class Lru(Generic[K, V]):
     def __init__(self, size: int) -> None:
         self.size = size
         self.items: OrderedDict[K, V] = OrderedDict()
@@ -62,8 +62,8 @@ class ConnectResolver:
                  max_devices: int = 100_000) -> None:
         self.backend = backend
         self.generation: int | None = None
-        self._scopes: _Lru[str, frozenset[str]] = _Lru(max_scopes)
-        self._devices: _Lru[str, str] = _Lru(max_devices)  # device id -> its application
+        self._scopes: Lru[str, frozenset[str]] = Lru(max_scopes)
+        self._devices: Lru[str, str] = Lru(max_devices)  # device id -> its application
 
     async def lookup(self, key: str, secret: str, device_id: str) -> ConnectLookup:
         if not isinstance(key, str) or not isinstance(secret, str):
@@ -76,6 +76,16 @@ class ConnectResolver:
         if row.listed_scope is not None and self._scopes.get(row.key.key) is None \
                 and self.generation == seen:
             self._scopes.put(row.key.key, row.listed_scope)  # read with the key already
+        return await self._facts(row.key, device_id, seen)
+
+    async def verified_lookup(self, key: str, device_id: str) -> ConnectLookup:
+        """The facts of ``lookup`` for a key whose secret an earlier request of the same
+        CONNECT checked (an external engine asks for credentials and for admission in two
+        requests, keybroker.authsvc): the key is read fresh, the secret is not looked at."""
+        row = await self.backend.connect_row(key)
+        seen = self._observe(row.generation)
+        if row.key is None:
+            return ConnectLookup(None, False, False, None)
         return await self._facts(row.key, device_id, seen)
 
     async def token_lookup(self, token_id: str, secret: str,
@@ -97,8 +107,8 @@ class ConnectResolver:
         """Drop the caches when the generation moved; returns it (see _facts)."""
         if generation != self.generation:
             self.generation = generation
-            self._scopes = _Lru(self._scopes.size)
-            self._devices = _Lru(self._devices.size)
+            self._scopes = Lru(self._scopes.size)
+            self._devices = Lru(self._devices.size)
         return generation
 
     async def _facts(self, access_key: AccessKey, device_id: str, seen: int) -> ConnectLookup:

@@ -191,3 +191,21 @@ class ApiToken:
             "expirationDate": iso(self.expires_at),
             "lastUsed": iso(self.last_used),
         }
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionSnapshot:
+    """What one connection of an external MQTT engine was granted at CONNECT (keybroker
+    authsvc, docs/cluster.md), so that every replica decides its later requests alike.
+    The digests are opaque to the keystore."""
+
+    client_id: str
+    key: str
+    scope: str | None  # digest of the scope's device list; None: every device of the app
+    policy: str  # digest of the key's topic settings the connection was admitted under
+    client_ip: str
+    created_at: datetime
+
+    def same_grant(self, other: ConnectionSnapshot) -> bool:
+        """Admitted under the same key, scope and topic settings (address and time aside)."""
+        return (self.key, self.scope, self.policy) == (other.key, other.scope, other.policy)

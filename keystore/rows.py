@@ -28,6 +28,7 @@ from keystore.models import (
     AddressMode,
     ApiToken,
     Application,
+    ConnectionSnapshot,
     Device,
     KeyStatus,
     Tag,
@@ -151,3 +152,16 @@ def row_to_token(row: Sequence[Any]) -> ApiToken:
     return ApiToken(id=row[0], name=row[1], app_id=row[2], scopes=tuple(as_list(row[3])),
                     status=row[4], created_at=created, expires_at=from_micros(row[6]),
                     last_used=from_micros(row[7]))
+
+
+# A connection snapshot (keystore.connections); both backends' tables of schema 8.
+SNAPSHOT_COLUMNS = "s.client_id, s.key, s.scope, s.policy, s.client_ip, s.created_at"
+SNAPSHOT_COLUMN_COUNT = 6
+
+
+def row_to_snapshot(row: Sequence[Any]) -> ConnectionSnapshot:
+    created = from_micros(row[5])
+    assert created is not None
+    return ConnectionSnapshot(client_id=row[0], key=row[1], scope=row[2], policy=row[3],
+                              client_ip=row[4], created_at=created)
+

@@ -1,19 +1,30 @@
 """Backend operations that are the same steps on either database: a backend provides its
-transactions (``_write``, ``_read``) and its ``statements`` module (the SQL of each step,
-in its dialect), and these run them. What differs between SQLite and PostgreSQL stays in
-the backends; what a step decides lives in keystore.plans.
+transactions (``_write``, ``_read``), its one-statement reads (``_lookup``, ``_rows``) and its
+``statements`` and ``connections`` modules (the SQL of each step, in its dialect), and
+these run them. What differs between SQLite and PostgreSQL stays in the backends; what a
+step decides lives in keystore.plans.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
+from datetime import datetime
 from typing import Any, Protocol
 
 from keystore import plans
-from keystore.backend import UntagSpec
-from keystore.models import AccessKey, Device, Tag
-from keystore.rows import now_micros
+from keystore.backend import ConnectionRow, UntagSpec
+from keystore.errors import NotFoundError
+from keystore.models import AccessKey, ConnectionSnapshot, Device, Tag
+from keystore.rows import (
+    KEY_COLUMN_COUNT,
+    SNAPSHOT_COLUMN_COUNT,
+    as_list,
+    now_micros,
+    row_to_key,
+    row_to_snapshot,
+    to_micros,
+)
 
 
 class Statements(Protocol):
@@ -30,6 +41,24 @@ class Statements(Protocol):
     async def drop_device_tags(self, conn: Any, rows: Sequence[tuple[str, str, str]]) -> None: ...
     async def resolve_key(self, conn: Any, app_id: str, key_or_prefix: str) -> str: ...
     async def load_keys(self, conn: Any, keys: Iterable[str]) -> dict[str, AccessKey]: ...
+
+
+class ConnectionStatements(Protocol):
+    """The connection-snapshot steps of a backend's ``connections`` module: its SQL
+    constants (the parameters of each in the order named) and its write steps."""
+
+    SNAPSHOT_SQL: str  # client id
+    CONNECTION_SQL: str  # client id
+    SCOPE_DEVICES_SQL: str  # digest
+    KEY_CONNECTIONS_SQL: str  # key
+    KEYS_EXPIRING_SQL: str  # after, until (microseconds)
+
+    async def load_snapshot(self, conn: Any, client_id: str) -> ConnectionSnapshot | None: ...
+    async def store_scope(self, conn: Any, digest: str, devices: list[str],
+                          at: int) -> None: ...
+    async def scope_stored(self, conn: Any, digest: str) -> bool: ...
+    async def store_snapshot(self, conn: Any, snapshot: ConnectionSnapshot) -> None: ...
+    async def prune_scopes(self, conn: Any, before: int, batch: int) -> int: ...
 
 
 class SharedOps:
@@ -95,3 +124,74 @@ class SharedOps:
     async def keys_by_id(self, keys: Iterable[str]) -> dict[str, AccessKey]:
         async with self._read() as conn:
             return await self.statements.load_keys(conn, list(dict.fromkeys(keys)))
+
+
+class SharedConnections:
+    """The Backend's connection-snapshot operations (keystore.connections)."""
+
+    statements: Statements
+    connections: ConnectionStatements
+
+    def _write(self) -> AbstractAsyncContextManager[Any]:
+        raise NotImplementedError
+
+    async def _lookup(self, sql: str, *params: Any) -> list[Any]:
+        """The rows of a primary-key read (SQLite runs it on its fast read-only path)."""
+        raise NotImplementedError
+
+    async def _rows(self, sql: str, *params: Any) -> list[Any]:
+        """The rows of any one reading statement."""
+        raise NotImplementedError
+
+    def _key_from_row(self, row: tuple[Any, ...]) -> AccessKey:
+        return row_to_key(row)
+
+    async def connection_snapshot(self, client_id: str) -> ConnectionSnapshot | None:
+        rows = await self._lookup(self.connections.SNAPSHOT_SQL, client_id)
+        return row_to_snapshot(rows[0]) if rows else None
+
+    async def put_connection(self, snapshot: ConnectionSnapshot,
+                             devices: tuple[str, ...] | None) -> ConnectionSnapshot | None:
+        """Store the snapshot of ``snapshot.client_id``, and its scope's device list when
+        ``devices`` is given (None: stored already, else NotFoundError naming the scope);
+        returns the snapshot it replaces. A client id that is no device is NotFoundError."""
+        sql = self.connections
+        async with self._write() as conn:
+            if await self.statements.device_app(conn, snapshot.client_id) is None:
+                raise NotFoundError(f"no device {snapshot.client_id!r}")
+            if snapshot.scope is not None:
+                if devices is not None:
+                    await sql.store_scope(conn, snapshot.scope, sorted(devices),
+                                          to_micros(snapshot.created_at))
+                if not await sql.scope_stored(conn, snapshot.scope):
+                    raise NotFoundError(f"no stored scope {snapshot.scope!r}")
+            previous = await sql.load_snapshot(conn, snapshot.client_id)
+            await sql.store_snapshot(conn, snapshot)
+        return previous
+
+    async def connection_row(self, client_id: str) -> ConnectionRow | None:
+        rows = await self._lookup(self.connections.CONNECTION_SQL, client_id)
+        if not rows:
+            return None
+        row = rows[0]
+        after = SNAPSHOT_COLUMN_COUNT + 1  # the snapshot, then its device's application
+        key = self._key_from_row(tuple(row[after : after + KEY_COLUMN_COUNT]))
+        return ConnectionRow(row_to_snapshot(row), key, row[SNAPSHOT_COLUMN_COUNT])
+
+    async def scope_devices(self, digest: str) -> frozenset[str] | None:
+        rows = await self._rows(self.connections.SCOPE_DEVICES_SQL, digest)
+        return frozenset(as_list(rows[0][0])) if rows else None
+
+    async def connections_of_key(self, key: str) -> list[ConnectionSnapshot]:
+        rows = await self._rows(self.connections.KEY_CONNECTIONS_SQL, key)
+        return [row_to_snapshot(row) for row in rows]
+
+    async def keys_expiring(self, after: datetime, until: datetime) -> list[str]:
+        rows = await self._rows(self.connections.KEYS_EXPIRING_SQL, to_micros(after),
+                                to_micros(until))
+        return [str(row[0]) for row in rows]
+
+    async def prune_connections(self, before: datetime, batch: int) -> int:
+        """Scope lists no connection refers to any more, stored before ``before``."""
+        async with self._write() as conn:
+            return await self.connections.prune_scopes(conn, to_micros(before), batch)

@@ -18,7 +18,8 @@ from typing import Any, Self
 
 from keystore.apps import DEFAULT_APP
 from keystore.backend import Backend
-from keystore.connect import ConnectResolver
+from keystore.connect import ConnectResolver, Lru
+from keystore.connections import SCOPE_CACHE, ConnectionOps
 from keystore.devices import DeviceOps
 from keystore.errors import ValidationError
 from keystore.feed import FeedOps
@@ -34,13 +35,16 @@ from keystore.tokens import TokenOps
 from keystore.topics import validate_device_prefix
 
 
-class KeyStore(DeviceOps, KeyOps, TokenOps, FeedOps):
+class KeyStore(DeviceOps, KeyOps, TokenOps, FeedOps, ConnectionOps):
     def __init__(self, backend: Backend, *, device_prefix: str, max_keys: int) -> None:
         self.backend = backend
         self.device_prefix = device_prefix
         self.max_keys = max_keys  # the key limit of applications that set none
         self.default_app = DEFAULT_APP
         self._resolver = ConnectResolver(backend)
+        self._scopes = Lru(SCOPE_CACHE)
+        self._digests = Lru(SCOPE_CACHE)
+        self._stored = Lru(SCOPE_CACHE)
 
     @property
     def location(self) -> str:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from keystore import KeyStore
+from tests.support.authsvc import create_keystore
 from tests.support.harness import RunningBroker, broker_settings
 from tests.support.postgres import PostgresServer
 
@@ -74,3 +76,22 @@ def keystore_target(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return str(tmp_path / "keystore.db")
     return str(request.getfixturevalue("pg_url"))
+
+
+@contextlib.contextmanager
+def keystore_on(request: pytest.FixtureRequest, backend: str, work: Path) -> Iterator[str]:
+    """A fresh, migrated keystore on ``backend`` for fixtures wider than one test (module,
+    session): an SQLite file in ``work``, or a database of the session's PostgreSQL
+    server, dropped afterwards."""
+    if backend == "sqlite":
+        path = work / "keystore.db"
+        create_keystore(path)
+        yield str(path)
+        return
+    server: PostgresServer = request.getfixturevalue("postgres")
+    name = server.new_database()
+    try:
+        yield server.url(name)
+    finally:
+        if server.running:
+            server.drop_database(name)

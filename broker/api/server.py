@@ -9,7 +9,6 @@ security headers, and answers CORS only for configured origins.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 from urllib.parse import unquote
@@ -25,22 +24,15 @@ from broker.api.routes import ROUTES, endpoint
 from broker.clientip import client_ip_from_forwarded
 from broker.console.routes import add_console
 from broker.console.web import Console
-from broker.listeners import bind_error, ssl_context
+from broker.listeners import ssl_context
 from broker.policy.addresses import TrustedProxies, normalize_ip
 from broker.settings import Settings
+from broker.weblistener import SECURITY_HEADERS, WebListener
 from keystore.errors import KeybrokerError
 
 logger = logging.getLogger(__name__)
 
 MAX_BODY = 1024 * 1024
-SECURITY_HEADERS = {
-    "X-Content-Type-Options": "nosniff",
-    "X-Frame-Options": "DENY",
-    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
-    "Referrer-Policy": "no-referrer",
-    "Cache-Control": "no-store",
-    "Cross-Origin-Resource-Policy": "same-origin",
-}
 CORS_METHODS = "GET, POST, PATCH, DELETE"
 CORS_HEADERS = "Authorization, Content-Type, Accept, Accept-Version"
 HTTP_ERRORS = {
@@ -73,8 +65,8 @@ class ApiServer:
         self.guard = ConnectionGuard(settings.api_max_connections,
                                      settings.api_max_connections_per_source,
                                      settings.api_request_timeout)
-        self._runner: web.AppRunner | None = None
-        self._server: asyncio.Server | None = None
+        self.listener = WebListener("API listener", settings.api_host, settings.api_port,
+                                    guard=self.guard)
 
     def application(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY, middlewares=[self._middleware],
@@ -90,52 +82,25 @@ class ApiServer:
 
     async def start(self) -> None:
         settings = self.settings
-        context = ssl_context(settings.api_certfile, settings.api_keyfile) if self.tls else None
-        runner = web.AppRunner(self.application(), access_log=None, handle_signals=False,
-                               shutdown_timeout=1.0)
-        await runner.setup()
-        assert runner.server is not None
-        try:
-            # Our own server (not web.TCPSite) so that every connection passes the guard.
-            self._server = await asyncio.get_running_loop().create_server(
-                self.guard.factory(runner.server), settings.api_host, settings.api_port,
-                ssl=context, reuse_address=True)
-        except OSError as exc:
-            await runner.cleanup()
-            raise bind_error("API listener", settings.api_host, settings.api_port,
-                             exc) from None
-        self._runner = runner
-        self.guard.start_ticking()
+        if self.tls:
+            self.listener.ssl_context = ssl_context(settings.api_certfile, settings.api_keyfile)
+        await self.listener.start(self.application())
 
     @property
     def url(self) -> str:
         """Where the API is served (port 0 resolved)."""
-        assert self._server is not None
-        host, port = self._server.sockets[0].getsockname()[:2]
-        where = f"[{host}]" if ":" in host else host
-        return f"{'https' if self.tls else 'http'}://{where}:{port}"
+        return self.listener.url
 
     @property
     def port(self) -> int:
-        assert self._server is not None
-        return int(self._server.sockets[0].getsockname()[1])
+        return self.listener.port
 
     def routes(self) -> list[web.AbstractRoute]:
         """The routes the running application serves."""
-        assert self._runner is not None
-        return list(self._runner.app.router.routes())
+        return self.listener.routes()
 
     async def stop(self) -> None:
-        await self.guard.stop_ticking()
-        if self._server is not None:
-            self._server.close()  # no new connections
-            self._server = None
-        if self._runner is not None:
-            await self._runner.cleanup()  # requests in progress get shutdown_timeout to end
-            # A TLS connection's close waits for the peer's close_notify (up to 30 s): the
-            # daemon is stopping, so cut what is left.
-            self.guard.abort_all()
-            self._runner = None
+        await self.listener.stop()
 
     # --- every request ------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from broker.cli.apps import apps
+from broker.cli.authsvc import authsvc
 from broker.cli.backup import backup_cmd
 from broker.cli.common import CliState, KeybrokerGroup
 from broker.cli.config import config_cmd
@@ -56,6 +57,7 @@ main.add_command(keys)
 main.add_command(seed)
 main.add_command(tokens)
 main.add_command(serve)
+main.add_command(authsvc)
 main.add_command(backup_cmd)
 main.add_command(migrate_cmd)
 main.add_command(config_cmd)

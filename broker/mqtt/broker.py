@@ -131,10 +131,7 @@ class KeyBroker(Broker):
             try:
                 if self.settings.session_expiry:
                     self.registry.expire(self.settings.session_expiry, time.time())
-                if self.guard is not None:
-                    for source, _, refused in self.guard.served_bans(time.monotonic()):
-                        self.audit.event("ban_ended", client_ip=source,
-                                         reason=f"{refused} CONNECTs refused during the ban")
+                self.audit.ended_bans(self.guard)
                 self.audit.flush_suppressed()
             except Exception:
                 logger.exception("session monitor failed; continuing")

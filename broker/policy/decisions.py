@@ -20,6 +20,7 @@ Topic classes with device prefix ``P`` and scope ``S``:
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -132,15 +133,21 @@ class SessionPolicy:
         )
 
 
+PolicyBuilder = Callable[[AccessKey, frozenset[str] | None, str], SessionPolicy]
+
+
 class PolicyCache:
     """``SessionPolicy.build``, reused while the key's row and the resolved scope object
     are the same (the keystore keeps one scope object per generation): sessions of one
     key share one immutable policy instead of compiling the topic lists per CONNECT.
-    Bounded; least recently used dropped first."""
+    Bounded; least recently used dropped first. ``build`` compiles a policy (another form
+    of the key's lists, e.g. keybroker.authsvc's AMQP form, gets a cache of its own)."""
 
-    def __init__(self, device_prefix: str, size: int = 4096) -> None:
+    def __init__(self, device_prefix: str, size: int = 4096,
+                 build: PolicyBuilder | None = None) -> None:
         self.device_prefix = device_prefix
         self.size = size
+        self.build: PolicyBuilder = build or SessionPolicy.build
         self._items: OrderedDict[tuple[str, datetime, int], SessionPolicy] = OrderedDict()
 
     def get(self, key: AccessKey, scope: frozenset[str] | None) -> SessionPolicy:
@@ -150,7 +157,7 @@ class PolicyCache:
         if cached is not None and cached.scope is scope:
             self._items.move_to_end(identity)
             return cached
-        built = SessionPolicy.build(key, scope, self.device_prefix)
+        built = self.build(key, scope, self.device_prefix)
         self._items[identity] = built
         if len(self._items) > self.size:
             self._items.popitem(last=False)
@@ -267,6 +274,21 @@ def _custom_subscribe(
     return ALLOW_NOT_IN_EXCEPT
 
 
+def filter_levels(policy: SessionPolicy, topic_filter: str) -> Decision | tuple[str, ...]:
+    """What every SUBSCRIBE rule starts with: the decision for a ``$`` filter, an invalid
+    one or one without wildcards (it matches exactly one topic, readable or not: that is
+    check_receive, and much cheaper), else the filter's levels."""
+    if is_system(topic_filter):
+        return DENY_DOLLAR
+    if "+" not in topic_filter and "#" not in topic_filter:
+        decision = check_receive(policy, topic_filter)
+        return DENY_INVALID_FILTER if decision is DENY_INVALID_TOPIC else decision
+    try:
+        return parse_filter(topic_filter)
+    except ValidationError:
+        return DENY_INVALID_FILTER
+
+
 def check_subscribe(policy: SessionPolicy, topic_filter: str) -> Decision:
     """Grant ``topic_filter`` iff it can match at least one topic this session may read.
 
@@ -274,17 +296,9 @@ def check_subscribe(policy: SessionPolicy, topic_filter: str) -> Decision:
     ``check_receive``, so ``#`` granted for device topics still never carries another
     scope's data.
     """
-    if is_system(topic_filter):
-        return DENY_DOLLAR
-    if "+" not in topic_filter and "#" not in topic_filter:
-        # A filter without wildcards matches exactly one topic: it can match a readable
-        # topic iff that topic is readable, which is check_receive (and much cheaper).
-        decision = check_receive(policy, topic_filter)
-        return DENY_INVALID_FILTER if decision is DENY_INVALID_TOPIC else decision
-    try:
-        levels = parse_filter(topic_filter)
-    except ValidationError:
-        return DENY_INVALID_FILTER
+    levels = filter_levels(policy, topic_filter)
+    if isinstance(levels, Decision):
+        return levels
     device = _device_part(policy, levels)
     if device is ALLOW_DEVICE:
         return device

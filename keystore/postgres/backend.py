@@ -44,12 +44,13 @@ from keystore.errors import (
 from keystore.keyspec import KeySpec
 from keystore.location import check_postgres_url, redact
 from keystore.models import AccessKey, ApiToken, Application, Change, Device, KeyStatus, Tag
-from keystore.postgres import statements
+from keystore.postgres import connections, statements
 from keystore.postgres.db import (
     DEVICE_COLUMNS,
     KEY_COLUMNS,
     LOST,
     Link,
+    affected,
     create_pool,
     reason,
 )
@@ -73,7 +74,7 @@ from keystore.rows import (
     to_device_token_row,
     to_micros,
 )
-from keystore.sharedops import SharedOps
+from keystore.sharedops import SharedConnections, SharedOps
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +84,9 @@ UPSERT_BATCH = 20_000
 CLOSE_TIMEOUT = 5.0  # seconds
 
 
-def _affected(status: str) -> int:
-    """The row count of a command tag such as "DELETE 12"."""
-    last = status.rsplit(" ", 1)[-1]
-    return int(last) if last.isdigit() else 0
-
-
-class PostgresBackend(SharedOps):
+class PostgresBackend(SharedOps, SharedConnections):
     statements = statements
+    connections = connections
 
     def __init__(self, pool: asyncpg.Pool, url: str, statement_timeout: float) -> None:
         self._pool = pool
@@ -201,6 +197,10 @@ class PostgresBackend(SharedOps):
             return rows
         except self._HANDLED as exc:
             raise self._failed(exc) from None
+
+    # keystore.sharedops's reads: both are one statement on the pool.
+    _lookup = _fetch
+    _rows = _fetch
 
     async def _value(self, sql: str, *args: Any) -> int:
         return int((await self._fetch(sql, *args))[0][0])
@@ -496,7 +496,7 @@ class PostgresBackend(SharedOps):
             status = await conn.execute(
                 "DELETE FROM device_tokens WHERE id IN (SELECT id FROM device_tokens "
                 "WHERE expires_at < $1 LIMIT $2)", to_micros(before), batch)
-        return _affected(status)
+        return affected(status)
 
     # --- status -------------------------------------------------------------------------
 
@@ -541,7 +541,7 @@ class PostgresBackend(SharedOps):
             status = await conn.execute(
                 "DELETE FROM changes WHERE id BETWEEN $1 AND $2 AND at < $3",
                 oldest, last, to_micros(before))
-        return _affected(status)
+        return affected(status)
 
     async def watch_changes(self, wake: Callable[[], None]) -> bool:
         """Call ``wake`` as soon as a change-feed row is committed (LISTEN/NOTIFY on a

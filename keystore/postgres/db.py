@@ -50,6 +50,12 @@ DEVICE_COLUMNS = """
 """
 
 
+def affected(status: str) -> int:
+    """The row count of a command tag such as "DELETE 12"."""
+    last = status.rsplit(" ", 1)[-1]
+    return int(last) if last.isdigit() else 0
+
+
 def reason(exc: BaseException) -> str:
     """One line saying why the database could not be used."""
     if isinstance(exc, OSError) and exc.strerror:

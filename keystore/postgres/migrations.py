@@ -254,7 +254,33 @@ _V7 = [
     "CREATE INDEX device_tags_by_app_pair ON device_tags (app_id, key, value, device_id)",
 ]
 
-MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7]
+# Connection snapshots for external MQTT engines (see the SQLite step): one row per client
+# id with its grant, scope lists stored once by digest (the device ids as a JSON array,
+# like every list that is never searched by index), keys found by expiry.
+_V8 = [
+    """
+    CREATE TABLE scope_snapshots (
+        digest     TEXT COLLATE "C" PRIMARY KEY,
+        devices    JSONB NOT NULL,
+        created_at BIGINT NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE connection_snapshots (
+        client_id  TEXT COLLATE "C" PRIMARY KEY REFERENCES devices(id) ON DELETE CASCADE,
+        key        TEXT COLLATE "C" NOT NULL REFERENCES access_keys(key) ON DELETE CASCADE,
+        scope      TEXT COLLATE "C" REFERENCES scope_snapshots(digest),
+        policy     TEXT COLLATE "C" NOT NULL,
+        client_ip  TEXT COLLATE "C" NOT NULL,
+        created_at BIGINT NOT NULL
+    )
+    """,
+    "CREATE INDEX connection_snapshots_by_key ON connection_snapshots (key)",
+    "CREATE INDEX connection_snapshots_by_scope ON connection_snapshots (scope)",
+    "CREATE INDEX keys_by_expiry ON access_keys (expires_at) WHERE expires_at IS NOT NULL",
+]
+
+MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -53,8 +53,8 @@ from keystore.rows import (
     to_device_token_row,
     to_micros,
 )
-from keystore.sharedops import SharedOps
-from keystore.sqlite import statements
+from keystore.sharedops import SharedConnections, SharedOps
+from keystore.sqlite import connections, statements
 from keystore.sqlite.db import (
     DEVICE_COLUMNS,
     KEY_COLUMNS,
@@ -73,8 +73,11 @@ DEVICE_TOKEN_SQL = (
     "t.secret_hash, t.expires_at, " + KEY_COLUMNS
     + " FROM device_tokens t JOIN access_keys k ON k.key = t.key WHERE t.id = ?"
 )
-class SqliteBackend(SharedOps):
+
+
+class SqliteBackend(SharedOps, SharedConnections):
     statements = statements
+    connections = connections
 
     def __init__(self, conn: aiosqlite.Connection, path: str) -> None:
         self._conn = conn
@@ -354,18 +357,23 @@ class SqliteBackend(SharedOps):
     # --- CONNECT ----------------------------------------------------------------------
 
     async def connect_row(self, key: str) -> ConnectRow:
-        rows = self._read_now(key)
-        if rows is None:
-            rows = await self._fetchall(CONNECT_SQL, (key,))
-        row = rows[0]
+        row = (await self._lookup(CONNECT_SQL, key))[0]
         if row[1] is None:
             return ConnectRow(int(row[0]), None, None, None)
         listed = None if row[-1] is None else frozenset(json.loads(row[-1]))
         return ConnectRow(int(row[0]), self._key_from_row(row[1 : 1 + KEY_COLUMN_COUNT]),
                           row[-3], row[-2], listed)
 
-    def _read_now(self, key: str) -> list[Any] | None:
-        """The lookup row from the read-only connection, or None to use the async path."""
+    async def _lookup(self, sql: str, *params: Any) -> list[Any]:
+        rows = self._read_now(sql, params)
+        return rows if rows is not None else await self._fetchall(sql, params)
+
+    async def _rows(self, sql: str, *params: Any) -> list[Any]:
+        return await self._fetchall(sql, params)
+
+    def _read_now(self, sql: str, params: tuple[Any, ...]) -> list[Any] | None:
+        """A primary-key lookup on the read-only connection, or None to use the async
+        path."""
         if self.path == ":memory:":
             return None
         try:
@@ -374,10 +382,9 @@ class SqliteBackend(SharedOps):
                 self._ro = sqlite3.connect(uri, uri=True, isolation_level=None,
                                            check_same_thread=False)
                 self._ro.execute("PRAGMA busy_timeout = 0")
-            return self._ro.execute(CONNECT_SQL, (key,)).fetchall()
+            return self._ro.execute(sql, params).fetchall()
         except sqlite3.Error as exc:
-            log.debug("read-only CONNECT lookup unavailable (%s); using the shared connection",
-                      exc)
+            log.debug("read-only lookup unavailable (%s); using the shared connection", exc)
             return None
 
     def _key_from_row(self, row: tuple[Any, ...]) -> AccessKey:

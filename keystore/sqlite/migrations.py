@@ -271,7 +271,38 @@ _V7 = [
     "CREATE INDEX device_tags_by_app_pair ON device_tags (app_id, key, value, device_id)",
 ]
 
-MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7]
+# Connection snapshots for external MQTT engines (keybroker authsvc, docs/cluster.md): what
+# a connection was granted at CONNECT, written by the replica that admitted it and read by
+# whichever replica answers the connection's later requests. One row per client id (an
+# engine holds one connection per client id, and the client id is a device id); it goes
+# with its key and with its device. A scope is stored once per distinct device list, by
+# digest, so a CONNECT writes a short row and a request reads one; scopes no connection
+# refers to are deleted after a day (broker.prune). Keys are also found by expiry, so the
+# service can disconnect the connections of a key the moment it expires.
+_V8 = [
+    """
+    CREATE TABLE scope_snapshots (
+        digest     TEXT PRIMARY KEY,
+        devices    TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    ) WITHOUT ROWID
+    """,
+    """
+    CREATE TABLE connection_snapshots (
+        client_id  TEXT PRIMARY KEY REFERENCES devices(id) ON DELETE CASCADE,
+        key        TEXT NOT NULL REFERENCES access_keys(key) ON DELETE CASCADE,
+        scope      TEXT REFERENCES scope_snapshots(digest),
+        policy     TEXT NOT NULL,
+        client_ip  TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    ) WITHOUT ROWID
+    """,
+    "CREATE INDEX connection_snapshots_by_key ON connection_snapshots (key)",
+    "CREATE INDEX connection_snapshots_by_scope ON connection_snapshots (scope)",
+    "CREATE INDEX keys_by_expiry ON access_keys (expires_at) WHERE expires_at IS NOT NULL",
+]
+
+MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8]
 SCHEMA_VERSION = len(MIGRATIONS)
 # Steps that rebuild a table others reference: foreign keys are off while they run (a
 # PRAGMA that only works outside a transaction), and checked before they commit.
@@ -282,6 +313,18 @@ async def user_version(conn: aiosqlite.Connection) -> int:
     async with conn.execute("PRAGMA user_version") as cursor:
         row = await cursor.fetchone()
     return int(row[0]) if row else 0
+
+
+async def _next_step(conn: aiosqlite.Connection, version: int) -> tuple[list[str], int]:
+    """The statements that lead on from ``version``, and the version they reach. A keystore
+    made by keybroker authsvc before the PostgreSQL backend came in numbered its connection
+    snapshots 7 (now step 8): at that 7 it lacks only today's step 7, then it is at 8."""
+    if version == 7:
+        async with conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
+                                "AND name = 'connection_snapshots'") as cursor:
+            if await cursor.fetchone() is not None:
+                return _V7, 8
+    return MIGRATIONS[version], version + 1
 
 
 async def migrate(conn: aiosqlite.Connection, path: str) -> int:
@@ -308,19 +351,20 @@ async def migrate(conn: aiosqlite.Connection, path: str) -> int:
             if version == SCHEMA_VERSION:
                 await conn.execute("COMMIT")
                 return version
-            for statement in MIGRATIONS[version]:
+            statements, reached = await _next_step(conn, version)
+            for statement in statements:
                 await conn.execute(statement)
             if rebuild:
                 async with conn.execute("PRAGMA foreign_key_check") as cursor:
                     broken = list(await cursor.fetchall())
                 if broken:
                     raise KeybrokerError(
-                        f"keystore {path!r}: migration to schema version {version + 1} "
+                        f"keystore {path!r}: migration to schema version {reached} "
                         f"left foreign keys broken ({broken[0]}); nothing was changed")
             # PRAGMA cannot take parameters; the value is our own integer.
-            await conn.execute(f"PRAGMA user_version = {version + 1}")
+            await conn.execute(f"PRAGMA user_version = {reached}")
             await conn.execute("COMMIT")
-            log.info("keystore %s migrated to schema version %d", path, version + 1)
+            log.info("keystore %s migrated to schema version %d", path, reached)
         except BaseException:
             if conn.in_transaction:
                 await conn.execute("ROLLBACK")

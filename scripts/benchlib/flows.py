@@ -65,6 +65,7 @@ class FlowSpec:
     subscribe_batch: int = 500
     sub_processes: int = 1  # subscribers are split over this many processes
     sub_clean_session: bool = True  # False: subscribers hold persistent sessions
+    sub_port: int | None = None  # subscribers (and observer, idle) connect here; None: port
 
 
 class _Shared:
@@ -90,8 +91,9 @@ async def _until(event: Any, deadline: float) -> None:
         await asyncio.sleep(0.02)
 
 
-async def _connect(spec: FlowSpec, cred: Cred, clean_session: bool = True) -> Client:
-    client = Client(spec.host, spec.port)
+async def _connect(spec: FlowSpec, cred: Cred, port: int | None = None,
+                   clean_session: bool = True) -> Client:
+    client = Client(spec.host, port or spec.port)
     await client.connect(cred.client_id, cred.username, cred.password,
                          clean_session=clean_session)
     return client
@@ -138,7 +140,7 @@ async def _subscriber_main(spec: FlowSpec, shared: _Shared, conn: Any, part: int
     try:
         if spec.idle is not None and part == 0:
             cred, n = spec.idle
-            idle = await _connect(spec, cred)
+            idle = await _connect(spec, cred, spec.sub_port)
             clients.append(idle)
             started = time.perf_counter()
             codes = await idle.subscribe(idle_filters(n), 0, batch=spec.subscribe_batch,
@@ -148,7 +150,7 @@ async def _subscriber_main(spec: FlowSpec, shared: _Shared, conn: Any, part: int
             info["idle_filters"] = n
         subs = []
         for cred in spec.subscribers[part::spec.sub_processes]:
-            client = await _connect(spec, cred, spec.sub_clean_session)
+            client = await _connect(spec, cred, spec.sub_port, spec.sub_clean_session)
             codes = await client.subscribe([spec.sub_filter], spec.qos, timeout=10)
             info.setdefault("sub_granted", []).extend(codes)
             subs.append(client)
@@ -156,7 +158,7 @@ async def _subscriber_main(spec: FlowSpec, shared: _Shared, conn: Any, part: int
         observer = None
         if spec.observer is not None and part == 0:
             cred, flt = spec.observer
-            observer = await _connect(spec, cred)
+            observer = await _connect(spec, cred, spec.sub_port)
             info["observer_granted"] = await observer.subscribe([flt], 0, timeout=10)
             clients.append(observer)
     except Exception as exc:

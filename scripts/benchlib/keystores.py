@@ -90,10 +90,11 @@ def _device_id(i: int) -> str:
     return f"d{i:07d}"
 
 
-async def _seed_big(path: Path, n: int, tag_matches: int, log: Any) -> BigCreds:
+async def _seed_big(target: str, n: int, tag_matches: int, log: Any) -> BigCreds:
+    """``target``: an SQLite file or (with the PostgreSQL backend) a postgresql:// URL."""
     started = time.perf_counter()
     chunk = 50_000
-    async with KeyStore.open(str(path)) as ks:
+    async with KeyStore.open(target) as ks:
         for lo in range(0, n, chunk):
             await ks.upsert_devices(
                 (_device_id(i), None,
@@ -127,22 +128,49 @@ async def ensure_big_keystore(path: Path, n: int, log: Any) -> tuple[BigCreds, b
     """Return (creds, reused). Reseeds when the file or its sidecar does not match n."""
     sidecar = path.with_suffix(".json")
     tag_matches = min(10_000, n)
-    if path.exists() and sidecar.exists():
-        try:
-            raw = json.loads(sidecar.read_text())
-            creds = BigCreds(**{**raw, "single": tuple(tuple(x) for x in raw["single"]),
-                                "tag_key": tuple(raw["tag_key"]),
-                                "tag_devices": tuple(raw["tag_devices"])})
-            if creds.devices == n and creds.tag_matches == tag_matches:
-                return creds, True
-        except (ValueError, TypeError, KeyError):
-            pass
+    if path.exists() and (known := load_creds(sidecar, n)) is not None:
+        return known, True
     for stale in (path, sidecar, Path(f"{path}-wal"), Path(f"{path}-shm")):
         stale.unlink(missing_ok=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     log(f"seeding {path} with {n:,} devices and {n:,} keys (once; reused on later runs)")
-    creds = await _seed_big(path, n, tag_matches, log)
+    creds = await _seed_big(str(path), n, tag_matches, log)
+    save_creds(sidecar, creds)
+    return creds, False
+
+
+def load_creds(sidecar: Path, n: int) -> BigCreds | None:
+    """The creds a sidecar holds, if it describes a keystore of ``n`` devices."""
+    try:
+        raw = json.loads(sidecar.read_text())
+        creds = BigCreds(**{**raw, "single": tuple(tuple(x) for x in raw["single"]),
+                            "tag_key": tuple(raw["tag_key"]),
+                            "tag_devices": tuple(raw["tag_devices"])})
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return creds if creds.devices == n and creds.tag_matches == min(10_000, n) else None
+
+
+def save_creds(sidecar: Path, creds: BigCreds) -> None:
     fd = os.open(sidecar, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as out:
         json.dump(asdict(creds), out)
+
+
+async def ensure_big_database(url: str, n: int, sidecar: Path, log: Any) -> tuple[BigCreds, bool]:
+    """``ensure_big_keystore`` for a PostgreSQL database (a postgresql:// URL): seeded
+    once when empty, reused while ``sidecar`` matches; a non-empty database that the
+    sidecar does not describe is an error (it is never wiped)."""
+    async with KeyStore.open(url) as ks:
+        existing = await ks.count_keys(every_app=True)
+    creds = load_creds(sidecar, n)
+    if creds is not None and existing == creds.keys:
+        return creds, True
+    if existing:
+        raise RuntimeError(f"{url}: holds {existing:,} keys the bench did not seed; "
+                           "give it an empty database")
+    log(f"seeding {url} with {n:,} devices and {n:,} keys (once; reused on later runs)")
+    creds = await _seed_big(url, n, min(10_000, n), log)
+    sidecar.parent.mkdir(parents=True, exist_ok=True)
+    save_creds(sidecar, creds)
     return creds, False

@@ -173,6 +173,11 @@ def test_relative_paths_resolve_against_the_config_files_directory(
         ("[api]\ndevice_token_ttl = 99999999\n", ["device_token_ttl", "max_device_token_ttl"]),
         ("[api]\ncors_origins = [\"evil.example\"]\n", ["cors_origins", "'evil.example'"]),
         ("[api]\nenabled = \"yes\"\n", ["[api] enabled", "true or false"]),
+        ("[authsvc]\nport = 70000\n", ["[authsvc] port", "70000"]),
+        ("[authsvc]\nallowed_peers = [\"10.0.0.0/33\"]\n", ["allowed_peers", "10.0.0.0/33"]),
+        ("[rabbitmq]\napi = [\"ftp://x\"]\n", ["[rabbitmq] api", "'ftp://x'"]),
+        ("[rabbitmq]\napi = [\"http://x:15672\"]\n", ["[rabbitmq] api", "password_file"]),
+        ("[emqx]\napi = [\"http://x:18083\"]\n", ["[emqx] api", "api_secret_file"]),
         ("[limits\n", ["invalid TOML"]),
     ],
 )

@@ -22,12 +22,12 @@ from selenium.webdriver.remote.webelement import WebElement
 from tests.support.harness import RunningBroker, broker_settings
 from tests.support.services import require_binary
 
-WHY = "the console tests drive a real browser (apt-get install chromium chromium-driver)"
+INSTALL = "apt-get install chromium chromium-driver"
 
 
 def chrome(downloads: Path, width: int = 1440, height: int = 1000) -> WebDriver:
-    driver_path = require_binary("chromedriver", WHY)
-    browser = require_binary("chromium", WHY)
+    driver_path = require_binary("chromedriver", f"the console tests ({INSTALL})")
+    browser = require_binary(("chromium", "chromium-browser"), f"the console tests ({INSTALL})")
     options = webdriver.ChromeOptions()
     options.binary_location = str(browser)
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -103,9 +103,20 @@ class Console:
         raise AssertionError("condition not met in time")
 
     def downloaded(self) -> dict[str, Any]:
-        files = self.wait(lambda: [p for p in self.downloads.iterdir()
-                                   if p.suffix == ".json"])
-        return {"name": files[0].name, **json.loads(files[0].read_text())}
+        """The downloaded JSON file, once Chromium has written all of it (it may create
+        the file empty and fill it a moment later)."""
+
+        def complete() -> tuple[Path, dict[str, Any]] | None:
+            for path in self.downloads.iterdir():
+                if path.suffix == ".json":
+                    try:
+                        return path, json.loads(path.read_text())
+                    except (json.JSONDecodeError, OSError):
+                        return None
+            return None
+
+        path, content = self.wait(complete)
+        return {"name": path.name, **content}
 
 
 @pytest.fixture(scope="module")

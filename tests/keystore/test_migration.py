@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from keystore import ConflictError, KeyStore
-from keystore.sqlite.migrations import SCHEMA_VERSION
+from keystore.sqlite.migrations import MIGRATIONS, SCHEMA_VERSION
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -84,3 +84,25 @@ async def test_existing_keys_get_api_ids_and_the_token_tables_work(old_file: Pat
         device_token, _ = await ks.create_device_token(s1, "s-1", 60)
         found = await ks.device_token_lookup(device_token, row.created_at)
         assert found is not None and found.device_id == "s-1"
+
+
+async def test_a_keystore_of_the_authsvc_preview_schema_7_reaches_8(old_file: Path) -> None:
+    """keybroker authsvc first numbered its connection snapshots 7; today's 7 is the tag
+    rows' application. Such a file gets today's 7 and is then at 8, snapshots kept."""
+    with sqlite3.connect(old_file, isolation_level=None) as conn:
+        for statement in [*MIGRATIONS[4], *MIGRATIONS[5], *MIGRATIONS[7]]:
+            conn.execute(statement)
+        conn.execute("PRAGMA user_version = 7")
+    secrets = json.loads((DATA / "keystore-v4.secrets.json").read_text())
+    site = secrets["site-lyon"]
+    async with KeyStore.open(old_file) as ks:
+        found = await ks.connect_lookup(site["key"], site["secret"], "s-1")
+        assert found.key is not None and found.scope == {"gw-1", "s-1"}
+        await ks.record_connection("s-1", site["key"], found.scope, "p", "10.0.0.1",
+                                   found.key.created_at)
+        row = await ks.connection("s-1")
+        assert row is not None and await ks.connection_scope(row.snapshot) == {"gw-1", "s-1"}
+    with sqlite3.connect(old_file) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 8
+        assert conn.execute("SELECT count(*) FROM device_tags WHERE app_id = ''").fetchone() \
+            == (0,)

@@ -157,12 +157,14 @@ class Client:
         self.client.will_set(topic, payload, qos, retain)
         return self
 
-    def connect(self, keepalive: int = 30) -> int:
-        """Connect and return the CONNACK code (0 accepted, 4 bad credentials, 5 refused)."""
+    def connect(self, keepalive: int = 30, bind_address: str = "") -> int:
+        """Connect and return the CONNACK code (0 accepted, 4 bad credentials, 5 refused);
+        ``bind_address``: the local address to connect from (e.g. another 127.x)."""
         self.client.reconnect_delay_set(60, 120)  # never auto-reconnect inside a test
         # connect_async + loop_start: paho's connect() makes a wake-up socketpair that
         # loop_start() then replaces without closing (a ResourceWarning at GC time).
-        self.client.connect_async("127.0.0.1", self.port, keepalive=keepalive)
+        self.client.connect_async("127.0.0.1", self.port, keepalive=keepalive,
+                                  bind_address=bind_address)
         self.client.loop_start()
         try:
             return self._connack.get(timeout=TIMEOUT)

@@ -1,6 +1,7 @@
-"""Tests that need an outside program (a database server, a browser): skip when it is
-missing, or fail when the run must not skip (CI sets KEYBROKER_REQUIRE_SERVICES=1, so a
-missing install step shows as a failure rather than as tests quietly not run)."""
+"""The one home of "this test needs an outside program" (a database server, a message
+broker, a browser): skip when it is missing, or fail when the run must not skip (CI sets
+KEYBROKER_REQUIRE_SERVICES=1, so a missing install step shows as a failure rather than as
+tests quietly not run)."""
 
 from __future__ import annotations
 
@@ -47,10 +48,14 @@ def _natural(text: str) -> list[Any]:
     return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", text)]
 
 
-def require_binary(name: str, why: str, extra_dirs: Iterable[str] = ()) -> Path:
-    """The program ``name`` (see find_binary), or skip/fail saying ``why`` it is needed."""
-    path = find_binary(name, extra_dirs)
-    if path is None:
-        unavailable(f"{name} not found: {why}")
-        raise AssertionError("unreachable")  # pytest.skip and pytest.fail raise
-    return path
+def require_binary(names: str | tuple[str, ...], why: str,
+                   extra_dirs: Iterable[str] = ()) -> Path:
+    """The first of the programs ``names`` found (see find_binary), or skip/fail saying
+    ``why`` it is needed (name the package to install there)."""
+    options = (names,) if isinstance(names, str) else names
+    for name in options:
+        path = find_binary(name, extra_dirs)
+        if path is not None:
+            return path
+    unavailable(f"{' or '.join(options)} not found: {why}")
+    raise AssertionError("unreachable")  # pytest.skip and pytest.fail raise

@@ -42,3 +42,16 @@ def test_binaries_are_found_off_path_in_the_newest_matching_directory(
     pattern = str(tmp_path / "lib" / "*" / "bin")
     assert find_binary("initdb", [pattern]) == tmp_path / "lib" / "15" / "bin" / "initdb"
     assert require_binary("initdb", "why", [pattern]).parent.parent.name == "15"
+
+
+def test_the_first_of_several_names_found_is_used(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    (tmp_path / "chromium-browser").write_text("#!/bin/sh\n")
+    os.chmod(tmp_path / "chromium-browser", stat.S_IRWXU)
+    assert require_binary(("chromium", "chromium-browser"), "why") == \
+        tmp_path / "chromium-browser"
+    monkeypatch.delenv(REQUIRE, raising=False)
+    with pytest.raises(pytest.skip.Exception, match="chromedriver or driver not found: why"):
+        require_binary(("chromedriver", "driver"), "why")
