@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -32,6 +33,7 @@ from broker.periodic import Periodic
 from broker.policy import SessionPolicy
 from broker.sessions import SessionRegistry
 from keystore import KeyStore
+from keystore.errors import UnavailableError
 from keystore.models import AccessKey, Change
 
 logger = logging.getLogger(__name__)
@@ -69,18 +71,21 @@ class FeedReader(Periodic):
         self.start_ticking()
 
     async def new_changes(self) -> AsyncIterator[Change]:
+        """A change counts as read once the consumer's loop body for it has returned: if
+        the body raises (the keystore went away while it was being applied), or reading
+        the feed fails, the position stays before it and the next tick reads it again."""
         marker = await self.keystore.change_marker()
         self.last_read = time.monotonic()
         if marker == self._marker:
             return
-        self._marker = marker
         while True:
             changes = await self.keystore.changes_since(self._last_id or 0, limit=FEED_PAGE)
             for change in changes:
-                self._last_id = change.id
                 yield change
+                self._last_id = change.id
             if len(changes) < FEED_PAGE:
-                return
+                break
+        self._marker = marker  # only now: everything up to it was applied
 
 
 class ChangeWatcher(FeedReader):
@@ -115,7 +120,9 @@ class ChangeWatcher(FeedReader):
             count += 1
             try:
                 await self._apply(change.kind, change.subject)
-            except Exception:  # one bad change must not stop the others
+            except (UnavailableError, sqlite3.Error):
+                raise  # the keystore is away: this change is applied again next tick
+            except Exception:  # a bug with one change must not stop the others
                 logger.exception("applying change %s failed", change)
         return count
 

@@ -123,6 +123,7 @@ class Settings:
     authsvc_host: str = "127.0.0.1"
     authsvc_port: int = 8081
     authsvc_allowed_peers: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    authsvc_max_connections: int = 4_096  # open HTTP connections; 0 = no limit
     # RabbitMQ: the exchange its MQTT plugin publishes to, and its management API (kicks
     # on revocation, stale subscriptions dropped); no URL = neither.
     rabbitmq_exchange: str = "amq.topic"
@@ -200,6 +201,7 @@ PLACES: dict[str, tuple[str, str]] = {
     "authsvc_host": ("authsvc", "host"),
     "authsvc_port": ("authsvc", "port"),
     "authsvc_allowed_peers": ("authsvc", "allowed_peers"),
+    "authsvc_max_connections": ("authsvc", "max_connections"),
     "rabbitmq_exchange": ("rabbitmq", "exchange"),
     "rabbitmq_api": ("rabbitmq", "api"),
     "rabbitmq_user": ("rabbitmq", "user"),

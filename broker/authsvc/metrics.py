@@ -12,19 +12,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from broker.authsvc.emqx import AUTHN_PATH, AUTHZ_PATH
-from broker.authsvc.service import EMQX, RABBITMQ
+from broker.authsvc.revoker import Revoker
+from broker.authsvc.service import EMQX, RABBITMQ, AuthService
 from broker.counters import Buckets
 from broker.metrics import LoopProbe, health_families
-
-if TYPE_CHECKING:
-    from broker.authsvc.server import AuthServer
 
 ROUTES: dict[str, tuple[str, str]] = {
     "/auth/user": (RABBITMQ, "user"),
@@ -53,8 +51,17 @@ class Decisions:
         self.latency.observe(seconds)
 
 
+class Observed(Protocol):
+    """What the collector reads off the running service (broker.authsvc.server)."""
+
+    decisions: Decisions
+    refused_requests: int
+    revoker: Revoker | None
+    service: AuthService | None
+
+
 class AuthsvcCollector(Collector):
-    def __init__(self, server: AuthServer, probe: LoopProbe) -> None:
+    def __init__(self, server: Observed, probe: LoopProbe) -> None:
         self.server = server
         self.probe = probe
 
@@ -91,7 +98,7 @@ class AuthsvcCollector(Collector):
 class AuthsvcMetrics:
     """The service's registry and loop probe."""
 
-    def __init__(self, server: AuthServer) -> None:
+    def __init__(self, server: Observed) -> None:
         self.probe = LoopProbe()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(AuthsvcCollector(server, self.probe))

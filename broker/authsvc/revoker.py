@@ -57,6 +57,7 @@ class Revoker(FeedReader):
         self._keys: dict[str, tuple[str, float]] = {}  # key -> (reason, kick until)
         self._clients: dict[str, tuple[str, float]] = {}  # client id -> (reason, search until)
         self._resets: set[str] = set()  # removed devices whose stored subscriptions go
+        self._unchecked: set[str] = set()  # keys changed in the feed, not checked yet
         self.kicks: dict[str, int] = {}  # engine -> connections closed (metrics)
         self.kick_failures: dict[str, int] = {}  # engine -> failed revocation rounds
 
@@ -74,7 +75,7 @@ class Revoker(FeedReader):
         await self._kick(now)
 
     async def _read_feed(self, now: float) -> None:
-        keys: set[str] = set()
+        keys = self._unchecked  # kept until checked: a failed check is tried again
         async for change in self.new_changes():
             if change.kind in KEY_CHANGES:
                 keys.add(change.subject)
@@ -85,7 +86,8 @@ class Revoker(FeedReader):
                 self._clients[change.subject] = ("operator_kick", now + SEARCH)
             # app_deleted: its keys' and devices' own deletions are in the feed too.
         if keys:
-            await self._check_keys(keys, now)
+            await self._check_keys(set(keys), now)
+            keys.clear()
 
     async def _check_keys(self, keys: set[str], now: float) -> None:
         """The keys as they are now decide (like the daemon's ChangeWatcher)."""

@@ -21,6 +21,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from broker.api.connections import ConnectionGuard
 from broker.audit import AuditLog
 from broker.authsvc.emqx import AUTHN_PATH, AUTHZ_PATH, EmqxHandlers
 from broker.authsvc.emqx import deny as emqx_deny
@@ -44,6 +45,7 @@ from keystore.errors import UnavailableError
 logger = logging.getLogger(__name__)
 
 MAX_BODY = 64 * 1024  # the engines' requests are a few hundred bytes
+IDLE_TIMEOUT = 60.0  # seconds a connection may sit between requests
 
 
 class Housekeeping(Periodic):
@@ -83,8 +85,11 @@ class AuthServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.allowed = network_set(settings.authsvc_allowed_peers, "allowed peer")
+        # The engines keep pooled keep-alive connections: no per-source cap, a generous
+        # idle timeout, and a total cap so that nobody can hold every descriptor.
+        self.guard = ConnectionGuard(settings.authsvc_max_connections, 0, IDLE_TIMEOUT)
         self.listener = WebListener("authsvc listener", settings.authsvc_host,
-                                    settings.authsvc_port)
+                                    settings.authsvc_port, guard=self.guard)
         self.keystore: KeyStore | None = None
         self.service: AuthService | None = None
         self.revoker: Revoker | None = None
@@ -151,11 +156,14 @@ class AuthServer:
         app = web.Application(client_max_size=MAX_BODY, middlewares=[self._middleware])
         RabbitHandlers(self.service).add_routes(app, peer_of)
         EmqxHandlers(self.service, self.settings.emqx_application).add_routes(app, peer_of)
-        app.router.add_get("/health", self._healthz)
+        app.router.add_get("/health", self._health)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
         return app
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok")
 
     async def _healthz(self, request: web.Request) -> web.Response:
         """Alive: this ran on the service's event loop."""
@@ -175,12 +183,14 @@ class AuthServer:
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         peer = peer_of(request)
         response: web.StreamResponse
+        self.guard.started(request.transport)
         if not contains(self.allowed, peer):
             if peer not in self._refused_peers and len(self._refused_peers) < 1000:
                 self._refused_peers.add(peer)
                 logger.warning("refused a request from %s: not in [authsvc] allowed_peers", peer)
             self.refused_requests += 1
             response = web.Response(status=403, text=DENY_TEXT)
+            response.force_close()  # nothing more from it on this connection
         else:
             started = time.perf_counter()
             try:
@@ -199,6 +209,7 @@ class AuthServer:
         for name, value in SECURITY_HEADERS.items():
             response.headers.setdefault(name, value)
         response.headers["Server"] = "keybroker"
+        self.guard.ended(request.transport)
         return response
 
 

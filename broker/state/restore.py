@@ -184,6 +184,16 @@ class _Restore:
         return len(gone)
 
 
+async def _pruned_after(keystore: KeyStore, position: int, latest: int) -> bool:
+    """Are changes after ``position`` missing from the feed? (Another process pruned it
+    while this daemon was down; on PostgreSQL a rolled-back change also leaves a gap in
+    the ids, which costs a needless look-up, never a missed removal.)"""
+    if latest <= position:
+        return False
+    first = await keystore.changes_since(position, limit=1)
+    return not first or first[0].id > position + 1
+
+
 async def restore(snapshot: Snapshot, keystore: KeyStore, router: Router,
                   registry: SessionRegistry, recorder: StateRecorder,
                   settings: Settings) -> int:
@@ -211,6 +221,11 @@ async def restore(snapshot: Snapshot, keystore: KeyStore, router: Router,
                        position, latest)
         work.dropped["devices removed"] += await work.check_devices()
         position = latest
+    elif await _pruned_after(keystore, position, latest):
+        logger.warning("broker state: saved at change %d, but the change feed no longer "
+                       "holds the changes after it (pruned while the daemon was down): "
+                       "looking up every device", position)
+        work.dropped["devices removed"] += await work.check_devices()
     sessions = len(registry.sessions)  # the broker was idle: all of them are restored ones
     messages = sum(len(session.outbox) for session in registry.sessions.values())
     dropped = ", ".join(f"{what} {count}" for what, count in sorted(work.dropped.items())

@@ -110,18 +110,21 @@ class SqliteStateStore:
     async def open(cls, path: str | os.PathLike[str], *, sync: bool = False) -> SqliteStateStore:
         """Open (creating it, mode 0600, if missing) and check the state file."""
         location = os.fspath(path)
+        lock = None
+        if location != IN_MEMORY:  # one daemon per file, checked before anything is read
+            try:
+                create_private_file(location, "broker state file")
+            except KeybrokerError as exc:
+                raise StateError(str(exc)) from None
+            lock = _lock(location)
         executor = ThreadPoolExecutor(1, thread_name_prefix="keybroker-state")
         try:
             conn = await asyncio.get_running_loop().run_in_executor(
                 executor, _connect, location, sync)
         except BaseException:
             executor.shutdown(wait=False)
-            raise
-        try:
-            lock = None if location == IN_MEMORY else _lock(location)
-        except BaseException:
-            conn.close()
-            executor.shutdown(wait=False)
+            if lock is not None:
+                os.close(lock)
             raise
         return cls(location, conn, executor, lock)
 
@@ -167,11 +170,6 @@ def _lock(path: str) -> int:
 
 def _connect(path: str, sync: bool) -> sqlite3.Connection:
     in_memory = path == IN_MEMORY
-    if not in_memory:
-        try:
-            create_private_file(path, "broker state file")
-        except KeybrokerError as exc:
-            raise StateError(str(exc)) from None
     try:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     except sqlite3.Error as exc:
@@ -289,15 +287,19 @@ def reset_state_file(path: Path) -> Path | None:
     starts with an empty state; returns the copy's path (None: there was no file)."""
     if str(path) == IN_MEMORY or not path.exists():
         return None
-    stamp = time.strftime("%Y%m%dT%H%M%S")
-    backup = path.with_name(f"{path.name}.{stamp}.bak")
-    counter = 1
-    while backup.exists():
-        counter += 1
-        backup = path.with_name(f"{path.name}.{stamp}-{counter}.bak")
-    os.replace(path, backup)
-    wal = Path(f"{path}-wal")
-    if wal.exists():  # the copy opens with its WAL, as the original would have
-        os.replace(wal, Path(f"{backup}-wal"))
-    Path(f"{path}-shm").unlink(missing_ok=True)
+    lock = _lock(str(path))  # never from under a running daemon
+    try:
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        backup = path.with_name(f"{path.name}.{stamp}.bak")
+        counter = 1
+        while backup.exists():
+            counter += 1
+            backup = path.with_name(f"{path.name}.{stamp}-{counter}.bak")
+        os.replace(path, backup)
+        wal = Path(f"{path}-wal")
+        if wal.exists():  # the copy opens with its WAL, as the original would have
+            os.replace(wal, Path(f"{backup}-wal"))
+        Path(f"{path}-shm").unlink(missing_ok=True)
+    finally:
+        os.close(lock)
     return backup

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from broker.policy.guard import GuardSettings
+from keystore.errors import UnavailableError
 from tests.support.harness import Client, RunningBroker, broker_settings
 
 
@@ -258,3 +259,29 @@ def test_expiry_heap_stays_bounded_when_devices_reconnect(broker: RunningBroker)
     # One entry per CONNECT is added and removed lazily; compaction keeps the heap within
     # 2 x live sessions + slack instead of growing with every reconnect.
     assert len(watcher._expiries) <= 2 * len(broker.broker.sessions) + 10 + 1
+
+
+def test_a_revocation_read_while_the_keystore_fails_is_applied_when_it_answers(
+        broker: RunningBroker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The feed position moves only once a change is applied: a key deactivated while the
+    keystore fails to answer the watcher's re-read still kicks its session (next tick)."""
+    broker.ks("add_device", "dev-f")
+    client, _ = connected_client(broker, "dev-f")
+    key = client.client.username
+    watcher = broker.server.watcher
+    assert watcher is not None
+    real = watcher.keystore.keys_by_id
+    failed: list[object] = []
+
+    async def away_once(ids: object) -> object:
+        if not failed:
+            failed.append(ids)
+            raise UnavailableError("keystore away (test)")
+        return await real(ids)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(watcher.keystore, "keys_by_id", away_once)
+    with client:
+        started = time.monotonic()
+        broker.ks("set_status", [key], "inactive")
+        assert_kicked(client, started)
+    assert failed

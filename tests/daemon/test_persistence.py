@@ -268,3 +268,22 @@ def test_a_second_daemon_on_the_same_state_file_refuses_to_start(
         assert device.connect() == 0
     assert daemon.stop() == 0
     daemon.start()  # and the lock went with it
+
+
+def test_reset_state_refuses_while_a_daemon_uses_the_file(daemon: DaemonProcess,
+                                                          tmp_path: Path) -> None:
+    seed_devices(daemon.db, "a")
+    daemon.start()
+    before = daemon.state.read_bytes()
+    (tmp_path / "other").mkdir()
+    other = DaemonProcess(tmp_path / "other", f'[persistence]\npath = "{daemon.state}"\n')
+    try:
+        other.spawn("--reset-state")
+        assert other.wait() == 1
+    finally:
+        other.kill()
+    errors = [line for line in other.lines if line.startswith("Error:")]
+    assert len(errors) == 1 and "in use by another keybroker daemon" in errors[0]
+    assert not list(daemon.workdir.glob("keybroker.state.db.*.bak"))  # nothing moved
+    assert daemon.state.read_bytes()[:100] == before[:100]
+    assert daemon.stop() == 0

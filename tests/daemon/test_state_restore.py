@@ -6,12 +6,15 @@ keystore changed in between as another process would."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 import sqlite3
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from broker.settings import Settings
 from keystore import KeyStore
@@ -241,3 +244,47 @@ def test_with_an_older_keystore_every_device_the_state_names_is_looked_up(
     finally:
         broker.stop()
     assert {row[0] for row in state_rows(settings, "sessions")} == {"w"}
+
+
+def test_a_device_removed_while_down_is_found_when_the_feed_was_pruned_meanwhile(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Another process (authsvc, a second daemon) may prune the change feed while this
+    daemon is down: the removal is then not in the feed, and every device the state names
+    is looked up instead."""
+    caplog.set_level(logging.INFO, logger="broker.state.restore")
+    settings = broker_settings(tmp_path)
+
+    async def setup(ks: KeyStore) -> tuple[str, str]:
+        for device in ("a", "w"):
+            await ks.add_device(device)
+        key, secret = await ks.create_key()
+        return key.key, secret
+
+    creds = seed(settings.db_path, setup)
+    broker = run(settings)
+    try:
+        hold_session(broker, "a", creds, "losant/a/cmd", topic="losant/a/state", payload=b"a")
+        hold_session(broker, "w", creds, "losant/w/cmd", topic="losant/w/state", payload=b"w")
+    finally:
+        broker.stop()
+
+    async def while_down(ks: KeyStore) -> None:
+        await ks.remove_devices(["a"])
+        await ks.request_kick("nobody")  # a later change stays: the feed is not empty
+
+    seed(settings.db_path, while_down)
+    with sqlite3.connect(settings.db_path) as db:  # pruned up to (not including) the last
+        assert db.execute("DELETE FROM changes WHERE id < (SELECT max(id) FROM changes)"
+                          ).rowcount >= 1
+    broker = run(settings)
+    try:
+        assert connack(broker, "a", creds) == bytes([0, 5])  # no such device now
+        assert connack(broker, "w", creds) == SESSION_PRESENT
+        with Client(broker.port(), "w", *creds) as watcher:
+            assert watcher.connect() == 0
+            assert watcher.subscribe("losant/+/state", 1) == 1
+            assert watcher.topics_received() == ["losant/w/state"]  # a's retained went
+    finally:
+        broker.stop()
+    restored = [r.getMessage() for r in caplog.records if "not restored" in r.getMessage()]
+    assert "devices removed 1" in restored[-1] and "pruned" in caplog.text
