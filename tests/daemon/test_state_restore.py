@@ -51,6 +51,36 @@ def state_rows(settings: Settings, table: str) -> list[tuple[Any, ...]]:
         return db.execute(f"SELECT * FROM {table}").fetchall()  # noqa: S608 - test tables
 
 
+def sessions_of_a_and_w(settings: Settings) -> tuple[str, str]:
+    """Devices "a" and "w", one unrestricted key (it covers any device of its application,
+    so only the change feed or a look-up tells a restart that a device was removed), and a
+    persistent session of each with a retained message on its state topic, left offline."""
+
+    async def setup(ks: KeyStore) -> tuple[str, str]:
+        for device in ("a", "w"):
+            await ks.add_device(device)
+        key, secret = await ks.create_key()
+        return key.key, secret
+
+    creds = seed(settings.db_path, setup)
+    broker = run(settings)
+    try:
+        hold_session(broker, "a", creds, "losant/a/cmd", topic="losant/a/state", payload=b"a")
+        hold_session(broker, "w", creds, "losant/w/cmd", topic="losant/w/state", payload=b"w")
+    finally:
+        broker.stop()
+    return creds
+
+
+def assert_only_w_came_back(broker: RunningBroker, creds: tuple[str, str]) -> None:
+    """w's session and retained message are back; a's retained message is not."""
+    assert connack(broker, "w", creds) == SESSION_PRESENT
+    with Client(broker.port(), "w", *creds) as watcher:
+        assert watcher.connect() == 0
+        assert watcher.subscribe("losant/+/state", 1) == 1
+        assert watcher.topics_received() == ["losant/w/state"]
+
+
 def test_keys_revoked_and_applications_deleted_while_down_drop_stored_sessions(
         tmp_path: Path) -> None:
     settings = broker_settings(tmp_path)
@@ -99,20 +129,7 @@ def test_a_device_removed_while_down_takes_its_session_and_retained_messages(
     """An unrestricted key covers any device of its application, so only the change feed
     can tell the restart that device "a" was removed (and then added again)."""
     settings = broker_settings(tmp_path)
-
-    async def setup(ks: KeyStore) -> tuple[str, str]:
-        for device in ("a", "w"):
-            await ks.add_device(device)
-        key, secret = await ks.create_key()
-        return key.key, secret
-
-    creds = seed(settings.db_path, setup)
-    broker = run(settings)
-    try:
-        hold_session(broker, "a", creds, "losant/a/cmd", topic="losant/a/state", payload=b"a")
-        hold_session(broker, "w", creds, "losant/w/cmd", topic="losant/w/state", payload=b"w")
-    finally:
-        broker.stop()
+    creds = sessions_of_a_and_w(settings)
 
     async def while_down(ks: KeyStore) -> None:
         await ks.remove_devices(["a"])
@@ -122,11 +139,7 @@ def test_a_device_removed_while_down_takes_its_session_and_retained_messages(
     broker = run(settings)
     try:
         assert connack(broker, "a", creds) == NO_SESSION
-        assert connack(broker, "w", creds) == SESSION_PRESENT
-        with Client(broker.port(), "w", *creds) as watcher:
-            assert watcher.connect() == 0
-            assert watcher.subscribe("losant/+/state", 1) == 1
-            assert watcher.topics_received() == ["losant/w/state"]
+        assert_only_w_came_back(broker, creds)
     finally:
         broker.stop()
 
@@ -253,20 +266,7 @@ def test_a_device_removed_while_down_is_found_when_the_feed_was_pruned_meanwhile
     is looked up instead."""
     caplog.set_level(logging.INFO, logger="broker.state.restore")
     settings = broker_settings(tmp_path)
-
-    async def setup(ks: KeyStore) -> tuple[str, str]:
-        for device in ("a", "w"):
-            await ks.add_device(device)
-        key, secret = await ks.create_key()
-        return key.key, secret
-
-    creds = seed(settings.db_path, setup)
-    broker = run(settings)
-    try:
-        hold_session(broker, "a", creds, "losant/a/cmd", topic="losant/a/state", payload=b"a")
-        hold_session(broker, "w", creds, "losant/w/cmd", topic="losant/w/state", payload=b"w")
-    finally:
-        broker.stop()
+    creds = sessions_of_a_and_w(settings)
 
     async def while_down(ks: KeyStore) -> None:
         await ks.remove_devices(["a"])
@@ -279,11 +279,7 @@ def test_a_device_removed_while_down_is_found_when_the_feed_was_pruned_meanwhile
     broker = run(settings)
     try:
         assert connack(broker, "a", creds) == bytes([0, 5])  # no such device now
-        assert connack(broker, "w", creds) == SESSION_PRESENT
-        with Client(broker.port(), "w", *creds) as watcher:
-            assert watcher.connect() == 0
-            assert watcher.subscribe("losant/+/state", 1) == 1
-            assert watcher.topics_received() == ["losant/w/state"]  # a's retained went
+        assert_only_w_came_back(broker, creds)
     finally:
         broker.stop()
     restored = [r.getMessage() for r in caplog.records if "not restored" in r.getMessage()]
