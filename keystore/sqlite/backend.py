@@ -16,6 +16,7 @@ busy anyway, it falls back to the shared connection).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -112,10 +113,21 @@ class SqliteBackend(SharedOps, SharedConnections):
 
     # --- transaction plumbing ---------------------------------------------------------
 
+    async def _begin(self, statement: str) -> None:
+        """BEGIN on aiosqlite's thread. A task cancelled while waiting for it (a service
+        stopping) leaves the BEGIN running there: a ROLLBACK queued behind it undoes the
+        transaction, or the next writer would find one already open."""
+        try:
+            await self._conn.execute(statement)
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                await asyncio.shield(self._conn.execute("ROLLBACK"))
+            raise
+
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
         async with self._lock:
-            await self._conn.execute("BEGIN IMMEDIATE")
+            await self._begin("BEGIN IMMEDIATE")
             try:
                 yield self._conn
             except BaseException:
@@ -129,7 +141,7 @@ class SqliteBackend(SharedOps, SharedConnections):
     async def _read(self) -> AsyncIterator[aiosqlite.Connection]:
         """A consistent snapshot for reads of more than one statement."""
         async with self._lock:
-            await self._conn.execute("BEGIN")
+            await self._begin("BEGIN")
             try:
                 yield self._conn
             finally:

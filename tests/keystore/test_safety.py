@@ -428,3 +428,28 @@ def test_documented_restore_brings_back_the_backed_up_keystore(tmp_path: Path) -
     finally:
         restored.stop()
     assert stat.S_IMODE(db.stat().st_mode) == 0o600
+
+
+async def test_a_writer_cancelled_while_its_transaction_begins_leaves_none_open(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A service stopping cancels its tick mid-write: the BEGIN it was waiting for still
+    runs on aiosqlite's thread, and must not leave the next writer inside it."""
+    async with KeyStore.open(tmp_path / "k.db") as ks:
+        conn = ks.backend._conn  # type: ignore[attr-defined]
+        real = conn.execute
+
+        async def slow_begin(sql: str, *args: Any) -> Any:
+            result = await real(sql, *args)
+            if sql.startswith("BEGIN"):  # the BEGIN ran; its caller is still waiting
+                await asyncio.sleep(0.2)
+            return result
+
+        monkeypatch.setattr(conn, "execute", slow_begin)
+        task = asyncio.create_task(ks.add_device("cancelled"))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        monkeypatch.setattr(conn, "execute", real)
+        await ks.add_device("after")  # raised "within a transaction" before
+        assert {d.id for d in await ks.list_devices()} == {"after"}
