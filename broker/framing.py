@@ -48,6 +48,9 @@ class PacketError(Exception):
 class FramedReader:
     """Whole packets from a connection's byte stream, as (first byte, body)."""
 
+    __slots__ = ("_inner", "_prefix", "_max", "_timeout", "_on_violation", "_on_expire",
+                 "idle_limit", "last_packet", "packet_started")
+
     def __init__(
         self,
         inner: ReaderAdapter,

@@ -210,7 +210,7 @@ class Router:
         """A session is gone: its subscriptions and anything held for it."""
         self.subtree.remove_subscriber(session.client_id)
         session.outbox.clear()
-        session.inflight_in.clear()
+        session.inflight_in = None
         session.retained_filters.clear()
         if session.journal is not None:
             session.journal.dropped()

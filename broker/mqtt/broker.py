@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from functools import partial
 from typing import Any
 
 from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, WebSocketsReader, WriterAdapter
@@ -191,7 +192,7 @@ class KeyBroker(Broker):
             reader, max_packet_size=self.settings.max_packet_size,
             packet_timeout=self.settings.packet_timeout,
             idle_limit=self.settings.connect_timeout, prefix=prefix,
-            on_violation=lambda error: self.admission.packet_violation(connection, error),
+            on_violation=partial(self.admission.packet_violation, connection),
             on_expire=connection.expired)
         self.admission.opened(connection)
         self._watchdog.readers.add(connection.reader)

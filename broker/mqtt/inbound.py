@@ -50,14 +50,15 @@ class Inbound:
     def publish_packet(self, session: KeySession, link: Link, packet: codec.Publish) -> bool:
         """An incoming PUBLISH and its acknowledgement; False ends the connection."""
         qos, packet_id = packet.qos, packet.packet_id
-        if qos == 2 and packet_id in session.inflight_in:  # seen: not passed on twice
+        pending = session.inflight_in
+        if qos == 2 and pending and packet_id in pending:  # seen: not passed on twice
             if packet.dup or packet_id not in session.restored_in:
                 self.acknowledge(link, codec.ack_packet(codec.PUBREC, packet_id))
                 return True
             # A restored id the client reuses without DUP: it had its PUBCOMP before the
             # daemon died and the release was not saved; this is a new message.
             released(session, packet_id)
-        if qos == 2 and len(session.inflight_in) >= self.settings.max_queued_messages:
+        if qos == 2 and pending and len(pending) >= self.settings.max_queued_messages:
             # amqtt kept every unreleased QoS 2 message without limit.
             self.audit.event("bad_packet", reason="too many unacknowledged QoS 2 messages "
                              "(no PUBREL)", **audit_fields(session))
@@ -68,6 +69,8 @@ class Inbound:
         if qos == 1:
             self.acknowledge(link, codec.ack_packet(codec.PUBACK, packet_id))
         elif qos == 2:
+            if session.inflight_in is None:
+                session.inflight_in = set()
             session.inflight_in.add(packet_id)
             if session.journal is not None:
                 session.journal.saved(session)
@@ -151,7 +154,10 @@ class Inbound:
 
 def released(session: KeySession, packet_id: int) -> None:
     """An incoming QoS 2 packet id is free again (PUBREL, or see ``publish_packet``)."""
-    session.inflight_in.discard(packet_id)
+    if session.inflight_in:
+        session.inflight_in.discard(packet_id)
+        if not session.inflight_in:
+            session.inflight_in = None
     if packet_id in session.restored_in:
         session.restored_in = session.restored_in - {packet_id}
     if session.journal is not None:

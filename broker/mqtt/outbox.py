@@ -65,7 +65,9 @@ class Outbox:
 
     def __init__(self, journal: OutboxJournal | None = None) -> None:
         self.inflight: dict[int, OutMessage] = {}
-        self.waiting: deque[OutMessage] = deque()
+        # None until a message waits (an empty deque is 600 bytes; most sessions of an
+        # idle fleet never queue anything), and again once the queue drains.
+        self.waiting: deque[OutMessage] | None = None
         self.held_bytes = 0
         self._last_id = 0
         self.journal = journal
@@ -75,11 +77,13 @@ class Outbox:
 
     def __len__(self) -> int:
         """Messages held: in flight plus waiting."""
-        return len(self.inflight) + len(self.waiting)
+        return len(self.inflight) + (len(self.waiting) if self.waiting else 0)
 
     def put(self, message: OutMessage) -> None:
         self.last_seq += 1
         message.seq = self.last_seq
+        if self.waiting is None:
+            self.waiting = deque()
         self.waiting.append(message)
         self.held_bytes += message.size
         if self.journal is not None and not self.added:
@@ -93,6 +97,8 @@ class Outbox:
             self.inflight[message.packet_id] = message
             self._last_id = message.packet_id
         else:
+            if self.waiting is None:
+                self.waiting = deque()
             self.waiting.append(message)
         self.held_bytes += message.size
         self.last_seq = self.saved_seq = message.seq
@@ -102,7 +108,7 @@ class Outbox:
         journal, which saves them from then on). They are the newest: at the end of
         ``waiting``, and of ``inflight`` when every waiting one is new."""
         saved, new = self.saved_seq, []
-        for message in reversed(self.waiting):
+        for message in reversed(self.waiting or ()):
             if message.seq <= saved:
                 break
             new.append(message)
@@ -120,6 +126,8 @@ class Outbox:
         packet id; yields each one to be written (in order)."""
         while self.waiting and len(self.inflight) < window:
             message = self.waiting.popleft()
+            if not self.waiting:
+                self.waiting = None
             message.packet_id = self._new_id()
             self.inflight[message.packet_id] = message
             if message.stored and self.journal is not None:
@@ -182,7 +190,7 @@ class Outbox:
                 self._forget(packet_id, message)
                 dropped += 1
         kept: deque[OutMessage] = deque()
-        for message in self.waiting:
+        for message in self.waiting or ():
             if unreadable(message.topic):
                 self.held_bytes -= message.size
                 dropped += 1
@@ -190,14 +198,14 @@ class Outbox:
                     self.journal.message_removed(message)
             else:
                 kept.append(message)
-        self.waiting = kept
+        self.waiting = kept or None
         return dropped
 
     def clear(self) -> None:
         if self.journal is not None:
-            for message in [*self.inflight.values(), *self.waiting]:
+            for message in [*self.inflight.values(), *(self.waiting or ())]:
                 if message.stored:
                     self.journal.message_removed(message)
         self.inflight.clear()
-        self.waiting.clear()
+        self.waiting = None
         self.held_bytes = 0

@@ -246,4 +246,4 @@ def _session_row(session: KeySession) -> SessionRow:
         session.client_id, session.mount, grant.key.key if grant is not None else "",
         conn.listener, conn.client_ip, conn.peer_ip,
         None if session.link is not None else session.disconnected_at,
-        " ".join(str(packet_id) for packet_id in sorted(session.inflight_in)))
+        " ".join(str(packet_id) for packet_id in sorted(session.inflight_in or ())))

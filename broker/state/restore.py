@@ -110,8 +110,9 @@ class _Restore:
                              ConnectionInfo(row.listener, row.peer_ip, row.client_ip), journal)
         session.grant = grant
         session.mount = row.mount
-        session.inflight_in = {int(t) for t in row.inflight_in.split() if t.isdigit()}
-        session.restored_in = frozenset(session.inflight_in)
+        pending = {int(t) for t in row.inflight_in.split() if t.isdigit()}
+        session.inflight_in = pending or None
+        session.restored_in = frozenset(pending)
         session.disconnected_at = row.disconnected_at
         if session.disconnected_at is None:  # online when the daemon died: offline since now
             session.disconnected_at = now
