@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from broker.cli.common import current_state
-from broker.server import BrokerServer
+from broker.server import BrokerServer, tune_garbage_collector
 from broker.settings import ANY_HOST, Listener, Settings, check_listeners, load_settings
 from broker.state.sqlite import reset_state_file
 from broker.state.store import state_file
@@ -211,6 +211,7 @@ def serve(config: Path | None, host: str | None, port: int | None, ws_port: int 
     created = asyncio.run(create_demo_if_empty(settings)) if demo_if_empty else None
 
     def started(server: BrokerServer) -> None:
+        tune_garbage_collector()  # this process is the daemon's alone
         if created is not None:  # printed once the port is known (port 0 = any free port)
             plain = [item for item in settings.listeners if item.type == "tcp" and not item.tls]
             if plain:
