@@ -16,7 +16,7 @@ import time
 from functools import partial
 from typing import Any
 
-from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, WebSocketsReader, WriterAdapter
+from amqtt.adapters import ReaderAdapter, WebSocketsReader, WriterAdapter
 from amqtt.broker import Broker, Server
 from amqtt.contexts import ListenerConfig
 from amqtt.mqtt.connack import CONNECTION_ACCEPTED, NOT_AUTHORIZED
@@ -173,7 +173,7 @@ class KeyBroker(Broker):
                              proxied: str | None = None) -> None:
         link = StreamLink(writer)
         info = connection_info(listener_name, link.peer(), self._trusted, proxied=proxied)
-        await self._serve_client(StreamReaderAdapter(reader), link, info, prefix)
+        await self._serve_client(reader, link, info, prefix)
 
     async def _accept_websocket(self, websocket: ServerConnection, listener_name: str) -> None:
         request = websocket.request
@@ -182,7 +182,7 @@ class KeyBroker(Broker):
         info = connection_info(listener_name, link.peer(), self._trusted, forwarded=forwarded)
         await self._serve_client(WebSocketsReader(websocket), link, info)
 
-    async def _serve_client(self, reader: ReaderAdapter, link: Link,
+    async def _serve_client(self, reader: ReaderAdapter | asyncio.StreamReader, link: Link,
                             info: ConnectionInfo | None, prefix: bytes = b"") -> None:
         if info is None or self.admission.refusal(info) is not None:
             link.abort()
