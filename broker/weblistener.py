@@ -29,6 +29,14 @@ SECURITY_HEADERS = {
 }
 
 
+def readiness(checks: dict[str, bool]) -> web.Response:
+    """A readiness probe's answer (``GET /readyz``): 200 when every check passed, else
+    503, with the checks in the body."""
+    ready = bool(checks) and all(checks.values())
+    return web.json_response({"status": "ready" if ready else "not ready", "checks": checks},
+                             status=200 if ready else 503)
+
+
 class WebListener:
     def __init__(self, what: str, host: str, port: int,
                  ssl_context: ssl.SSLContext | None = None,

@@ -10,6 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from broker.api.context import Call
 from broker.api.errors import not_found
+from broker.weblistener import readiness
 
 
 async def metrics(call: Call) -> web.Response:
@@ -29,7 +30,4 @@ async def healthz(call: Call) -> dict[str, Any]:
 
 async def readyz(call: Call) -> web.Response:
     """Ready: every listener bound and the keystore answering (503 otherwise)."""
-    checks = await call.api.ready() if call.api.ready is not None else {}
-    ready = bool(checks) and all(checks.values())
-    return web.json_response({"status": "ready" if ready else "not ready", "checks": checks},
-                             status=200 if ready else 503)
+    return readiness(await call.api.ready() if call.api.ready is not None else {})

@@ -10,7 +10,6 @@ never a key, client id or topic.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -71,9 +70,10 @@ class AuthsvcCollector(Collector):
             "keybroker_authsvc_decisions", "Engine requests answered, by engine, contract "
             "route and result (error: could not be decided, denied)",
             labels=["engine", "route", "result"])
-        for (engine, route), result in ((r, x) for r in ROUTES.values() for x in RESULTS):
-            decisions.add_metric([engine, route, result],
-                                 server.decisions.counts.get((engine, route, result), 0))
+        for engine, route in ROUTES.values():
+            for result in RESULTS:
+                decisions.add_metric([engine, route, result],
+                                     server.decisions.counts.get((engine, route, result), 0))
         yield decisions
         yield server.decisions.latency.family("keybroker_authsvc_decision_seconds",
                                               "Engine request received to answer written")
@@ -81,10 +81,10 @@ class AuthsvcCollector(Collector):
         kicks = CounterMetricFamily("keybroker_authsvc_kicks", "Connections closed through "
                                     "an engine's API, and failed attempts",
                                     labels=["engine", "result"])
-        for engine in sorted(revoker.engines if revoker is not None else ()):
-            assert revoker is not None
-            kicks.add_metric([engine, "closed"], revoker.kicks.get(engine, 0))
-            kicks.add_metric([engine, "failed"], revoker.kick_failures.get(engine, 0))
+        if revoker is not None:
+            for engine in sorted(revoker.engines):
+                kicks.add_metric([engine, "closed"], revoker.kicks.get(engine, 0))
+                kicks.add_metric([engine, "failed"], revoker.kick_failures.get(engine, 0))
         yield kicks
         refused = CounterMetricFamily("keybroker_authsvc_refused_peers",
                                       "Requests refused: the peer is not in allowed_peers")
@@ -105,7 +105,3 @@ class AuthsvcMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
-
-
-def elapsed(started: float) -> float:
-    return time.perf_counter() - started

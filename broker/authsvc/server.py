@@ -38,7 +38,7 @@ from broker.policy.addresses import contains, network_set, normalize_ip
 from broker.policy.guard import BruteForceGuard
 from broker.prune import ChangePruner
 from broker.settings import Settings
-from broker.weblistener import SECURITY_HEADERS, WebListener
+from broker.weblistener import SECURITY_HEADERS, WebListener, readiness
 from keystore import KeyStore
 from keystore.errors import UnavailableError
 
@@ -171,9 +171,8 @@ class AuthServer:
 
     async def _readyz(self, request: web.Request) -> web.Response:
         """Ready: the keystore answers (503 otherwise: the engine would be denied)."""
-        ready = self.keystore is not None and await keystore_answers(self.keystore)
-        return web.json_response({"status": "ready" if ready else "not ready",
-                                  "checks": {"keystore": ready}}, status=200 if ready else 503)
+        return readiness({"keystore": self.keystore is not None
+                          and await keystore_answers(self.keystore)})
 
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.exposition(),

@@ -205,12 +205,11 @@ async def delete_key(page: Page) -> web.StreamResponse:
     key = await _key(page)
     form = await _form(page)
     if form.get("confirm") != "yes":
-        page.targets["changed"] = "no"
-        return page.render("confirm.html", title="Delete access key",
-                           question=f"Delete key {key.name or key.key}? Its sessions are "
-                                    "disconnected and it cannot be undone.",
-                           action=page.app_url(f"/keys/{key.id}/delete"), items=[],
-                           cancel=page.app_url(f"/keys/{key.id}"))
+        return page.confirm("Delete access key",
+                            f"Delete key {key.name or key.key}? Its sessions are "
+                            "disconnected and it cannot be undone.",
+                            page.app_url(f"/keys/{key.id}/delete"),
+                            page.app_url(f"/keys/{key.id}"))
     await page.console.keystore.delete_keys([key.key], app=key.app_id)
     return page.back(page.app_url("/keys"), f"Deleted key {key.name or key.key[:8]}.")
 
@@ -226,14 +225,12 @@ async def bulk_keys(page: Page) -> web.StreamResponse:
         return page.render("error.html", 403, message=(
             f"Token {page.token.name!r} lacks a scope for applicationKey.delete."))
     if form.get("confirm") != "yes":
-        page.targets["changed"] = "no"
         verb = "Delete" if action == "delete" else "Deactivate"
-        return page.render("confirm.html", title=f"{verb} {len(chosen)} keys",
-                           question=f"{verb} these {len(chosen)} keys? Their sessions are "
-                                    "disconnected.",
-                           action=page.app_url("/keys/bulk"),
-                           items=[("key", k) for k in chosen] + [("action", action)],
-                           cancel=page.app_url("/keys"))
+        return page.confirm(f"{verb} {len(chosen)} keys",
+                            f"{verb} these {len(chosen)} keys? Their sessions are "
+                            "disconnected.",
+                            page.app_url("/keys/bulk"), page.app_url("/keys"),
+                            items=[("key", k) for k in chosen] + [("action", action)])
     ks, app = page.console.keystore, page.app_id
     page.targets.update(action="applicationKey.delete" if action == "delete" else
                         "applicationKey.patch", keys=str(len(chosen)))
@@ -305,12 +302,11 @@ async def device_delete(page: Page) -> web.StreamResponse:
     device_id = page.request.match_info["deviceId"]
     form = await _form(page)
     if form.get("confirm") != "yes":
-        page.targets["changed"] = "no"
-        return page.render("confirm.html", title="Remove device",
-                           question=f"Remove device {device_id}? Its session is "
-                                    "disconnected and its retained messages dropped.",
-                           action=page.app_url(f"/devices/{device_id}/delete"), items=[],
-                           cancel=page.app_url(f"/devices/{device_id}"))
+        return page.confirm("Remove device",
+                            f"Remove device {device_id}? Its session is "
+                            "disconnected and its retained messages dropped.",
+                            page.app_url(f"/devices/{device_id}/delete"),
+                            page.app_url(f"/devices/{device_id}"))
     await page.console.keystore.remove_devices([device_id], app=page.app_id)
     return page.back(page.app_url("/devices"), f"Removed device {device_id}.")
 

@@ -61,6 +61,14 @@ class Page:
         flash, self.session.flash = self.session.flash, []
         return self.console.render(template, status, page=self, flash=flash, **context)
 
+    def confirm(self, title: str, question: str, action: str, cancel: str,
+                items: list[tuple[str, str]] | None = None) -> web.Response:
+        """The confirmation page of a destructive form (nothing changed yet): yes posts
+        ``items`` and confirm=yes to ``action``."""
+        self.targets["changed"] = "no"
+        return self.render("confirm.html", title=title, question=question, action=action,
+                           items=items or [], cancel=cancel)
+
     def back(self, location: str, message: str | None = None) -> web.Response:
         """303 to ``location``, with a message shown on the next page."""
         if message:

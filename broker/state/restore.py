@@ -151,8 +151,7 @@ class _Restore:
             chunk = pending[start:start + PREFETCH]
             scopes = await asyncio.gather(*(self.keystore.resolve_scope(k) for k in chunk))
             for key, scope in zip(chunk, scopes, strict=True):
-                self._policies[key.key] = scope, SessionPolicy.build(
-                    key, scope, self.settings.device_prefix)
+                self._remember(key, scope)
 
     def admits(self, key: AccessKey, apps: set[str], now: float) -> bool:
         return self._refusal(mount_of(key.app_id), key, apps, now) is None
@@ -160,10 +159,14 @@ class _Restore:
     async def _policy(self, key: AccessKey) -> tuple[frozenset[str] | None, SessionPolicy]:
         """The key's scope now and its session policy, once per key."""
         known = self._policies.get(key.key)
-        if known is None:
-            scope = await self.keystore.resolve_scope(key)
-            known = scope, SessionPolicy.build(key, scope, self.settings.device_prefix)
-            self._policies[key.key] = known
+        if known is None:  # not prefetched
+            known = self._remember(key, await self.keystore.resolve_scope(key))
+        return known
+
+    def _remember(self, key: AccessKey, scope: frozenset[str] | None
+                  ) -> tuple[frozenset[str] | None, SessionPolicy]:
+        known = scope, SessionPolicy.build(key, scope, self.settings.device_prefix)
+        self._policies[key.key] = known
         return known
 
     async def check_devices(self) -> int:

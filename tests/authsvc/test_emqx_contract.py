@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 from aiohttp import BasicAuth, web
-from prometheus_client.parser import text_string_to_metric_families
 
 from keystore import KeyStore
 from keystore.models import AccessKey, TopicMode
 from tests.support.authsvc import Replica, ask, authsvc_config, create_keystore, on_keystore
+from tests.support.metrics import parse_samples
 
 API_KEY, API_SECRET = "kb-kicker", "emqx-api-secret-for-tests"
 ALLOW = (200, {"result": "allow"})
@@ -300,8 +300,7 @@ def test_metrics_count_the_kicks_and_decisions(emqx: tuple[Replica, EmqxApiStand
     time.sleep(0.3)  # the revoker counts after the DELETE's answer
     with urllib.request.urlopen(replica.url + "/metrics", timeout=10) as response:  # noqa: S310
         text = response.read().decode()
-    found = {(s.name, tuple(sorted(s.labels.items()))): s.value
-             for family in text_string_to_metric_families(text) for s in family.samples}
+    found = parse_samples(text)
     closed = found[("keybroker_authsvc_kicks_total", (("engine", "emqx"), ("result", "closed")))]
     audit = [json.loads(line) for line in (db.parent / "audit.jsonl").read_text().splitlines()]
     assert closed == sum(1 for e in audit if e["event"] == "kick") > 0  # one line per close

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from broker.authsvc.server import AuthServer
 from broker.settings import Settings
 from keystore import KeyStore
+from tests.support.metrics import parse_samples
 
 
 @pytest.fixture
@@ -88,15 +88,6 @@ async def test_a_request_that_fails_inside_is_denied(server: AuthServer,
                                                                   b'"is_superuser": false}')
 
 
-def samples(exposition: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """(sample name, sorted labels) -> value, parsed by prometheus-client's own parser."""
-    out = {}
-    for family in text_string_to_metric_families(exposition.decode()):
-        for sample in family.samples:
-            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return out
-
-
 async def get(port: int, path: str) -> tuple[int, bytes]:
     answer = await exchange(port, f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close"
                             "\r\n\r\n".encode())
@@ -127,7 +118,7 @@ async def test_decisions_are_counted_by_engine_route_and_result(
                    b"Content-Length: %d\r\n\r\n" % len(json_body) + json_body)
     status, exposition = await get(port, "/metrics")
     assert status == 200
-    found = samples(exposition)
+    found = parse_samples(exposition.decode())
 
     def decided(engine: str, route: str, result: str) -> float:
         labels = (("engine", engine), ("result", result), ("route", route))

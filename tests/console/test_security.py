@@ -23,12 +23,6 @@ def daemon(tmp_path: Path) -> Iterator[RunningBroker]:
         running.stop()
 
 
-def _url(daemon: RunningBroker) -> str:
-    api = daemon.server.api
-    assert api is not None
-    return api.url
-
-
 def _signed_in(daemon: RunningBroker, name: str = "ops") -> tuple[requests.Session, str]:
     """An HTTP client signed in to the console, and its CSRF token."""
     _row, token = daemon.ks("create_token", name)
@@ -37,13 +31,13 @@ def _signed_in(daemon: RunningBroker, name: str = "ops") -> tuple[requests.Sessi
 
 def _signed_in_with(daemon: RunningBroker, token: str) -> tuple[requests.Session, str]:
     http = requests.Session()
-    form = http.get(_url(daemon) + "/console/signin", timeout=5)
+    form = http.get(daemon.api_url() + "/console/signin", timeout=5)
     nonce = re.search(r'name="nonce" value="([^"]+)"', form.text)
     assert nonce is not None
-    done = http.post(_url(daemon) + "/console/signin", timeout=5,
+    done = http.post(daemon.api_url() + "/console/signin", timeout=5,
                      data={"nonce": nonce.group(1), "token": token})
     assert done.url.endswith("/console/apps"), done.url
-    page = http.get(_url(daemon) + "/console/apps", timeout=5)
+    page = http.get(daemon.api_url() + "/console/apps", timeout=5)
     csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)
     assert csrf is not None
     return http, csrf.group(1)
@@ -53,7 +47,7 @@ def test_state_changes_without_the_csrf_token_are_refused(daemon: RunningBroker)
     key, _ = daemon.ks("create_key", name="target")
     http, csrf = _signed_in(daemon)
     app = daemon.ks("app").id
-    status_url = f"{_url(daemon)}/console/apps/{app}/keys/{key.id}/status"
+    status_url = f"{daemon.api_url()}/console/apps/{app}/keys/{key.id}/status"
     for data in ({}, {"csrf": "forged"}, {"csrf": csrf[:-1]}):
         refused = http.post(status_url, data=data, timeout=5, allow_redirects=False)
         assert refused.status_code == 403 and "CSRF" in refused.text
@@ -69,7 +63,7 @@ def test_state_changes_without_the_csrf_token_are_refused(daemon: RunningBroker)
 
 def test_sign_in_needs_the_forms_own_nonce(daemon: RunningBroker) -> None:
     _row, token = daemon.ks("create_token", "ops")
-    forged = requests.post(_url(daemon) + "/console/signin", timeout=5,
+    forged = requests.post(daemon.api_url() + "/console/signin", timeout=5,
                            data={"nonce": "x", "token": token}, allow_redirects=False)
     assert forged.status_code == 403 and "kb_console=" not in forged.headers.get(
         "Set-Cookie", "")
@@ -78,7 +72,7 @@ def test_sign_in_needs_the_forms_own_nonce(daemon: RunningBroker) -> None:
 def test_cookies_and_headers(daemon: RunningBroker) -> None:
     _row, token = daemon.ks("create_token", "ops")
     http = requests.Session()
-    form = http.get(_url(daemon) + "/console/signin", timeout=5)
+    form = http.get(daemon.api_url() + "/console/signin", timeout=5)
     assert form.headers["X-Frame-Options"] == "DENY"
     csp = form.headers["Content-Security-Policy"]
     assert "script-src 'self'" in csp and "unsafe-inline" not in csp
@@ -88,7 +82,7 @@ def test_cookies_and_headers(daemon: RunningBroker) -> None:
                                                ' defer></script>', "")  # no inline script
     nonce = re.search(r'name="nonce" value="([^"]+)"', form.text)
     assert nonce is not None
-    done = http.post(_url(daemon) + "/console/signin", timeout=5, allow_redirects=False,
+    done = http.post(daemon.api_url() + "/console/signin", timeout=5, allow_redirects=False,
                      data={"nonce": nonce.group(1), "token": token})
     cookie = done.headers["Set-Cookie"]
     assert "kb_console=" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
@@ -98,7 +92,7 @@ def test_cookies_and_headers(daemon: RunningBroker) -> None:
 
 def test_failed_sign_ins_are_banned_by_the_guard(daemon: RunningBroker) -> None:
     http = requests.Session()
-    url = _url(daemon) + "/console/signin"
+    url = daemon.api_url() + "/console/signin"
     statuses = []
     for attempt in range(daemon.settings.guard.max_failures + 1):
         nonce = re.search(r'name="nonce" value="([^"]+)"', http.get(url, timeout=5).text)
@@ -129,22 +123,22 @@ def test_a_token_of_one_application_stays_in_it(daemon: RunningBroker) -> None:
     other = daemon.ks("create_app", "other")
     _row, token = daemon.ks("create_token", "bound", app="other")
     http, csrf = _signed_in_with(daemon, token)
-    made = http.post(_url(daemon) + "/console/apps", timeout=5, allow_redirects=False,
+    made = http.post(daemon.api_url() + "/console/apps", timeout=5, allow_redirects=False,
                      data={"csrf": csrf, "name": "sneaky"})
     assert made.status_code == 403
     assert [a.name for a in daemon.ks("list_apps")] == ["default", "other"]
     default = daemon.ks("app").id
-    assert http.get(f"{_url(daemon)}/console/apps/{default}/keys", timeout=5).status_code == 403
-    assert http.get(f"{_url(daemon)}/console/apps/{other.id}/keys",
+    assert http.get(f"{daemon.api_url()}/console/apps/{default}/keys", timeout=5).status_code == 403
+    assert http.get(f"{daemon.api_url()}/console/apps/{other.id}/keys",
                     timeout=5).status_code == 200
-    assert http.get(f"{_url(daemon)}/console/status", timeout=5).status_code == 403
+    assert http.get(f"{daemon.api_url()}/console/status", timeout=5).status_code == 403
 
 
 def test_console_changes_are_audited_and_checked_before_writing(daemon: RunningBroker) -> None:
     key, _ = daemon.ks("create_key", name="k")
     http, csrf = _signed_in(daemon)
     app = daemon.ks("app").id
-    base = f"{_url(daemon)}/console/apps/{app}/keys/{key.id}"
+    base = f"{daemon.api_url()}/console/apps/{app}/keys/{key.id}"
     bad = http.post(base, timeout=5, data={"csrf": csrf, "name": "renamed", "status": "bogus",
                                            "address_mode": "all", "topic_mode": "none"})
     assert bad.status_code == 400 and "bogus" in bad.text
@@ -164,8 +158,8 @@ def test_odd_list_parameters_are_not_server_errors(daemon: RunningBroker) -> Non
     http, _csrf = _signed_in(daemon)
     app = daemon.ks("app").id
     for params in ({"page": "²"}, {"page": "9" * 40}, {"query": "[" * 3000 + "]" * 3000}):
-        answer = http.get(f"{_url(daemon)}/console/apps/{app}/keys", params=params, timeout=5)
+        answer = http.get(f"{daemon.api_url()}/console/apps/{app}/keys", params=params, timeout=5)
         assert answer.status_code == 200, (params, answer.status_code)
     assert "nested too deeply" in http.get(
-        f"{_url(daemon)}/console/apps/{app}/keys", timeout=5,
+        f"{daemon.api_url()}/console/apps/{app}/keys", timeout=5,
         params={"query": "[" * 3000 + "]" * 3000}).text

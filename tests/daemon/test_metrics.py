@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import requests
-from prometheus_client.parser import text_string_to_metric_families
 
 from broker.policy.guard import GuardSettings
 from tests.support.harness import Client, RunningBroker, broker_settings
+from tests.support.metrics import Samples, parse_samples
 
 
 @pytest.fixture
@@ -27,23 +27,15 @@ def daemon(tmp_path: Path) -> Iterator[RunningBroker]:
         running.stop()
 
 
-def _url(daemon: RunningBroker) -> str:
-    api = daemon.server.api
-    assert api is not None
-    return api.url
-
-
-def scrape(daemon: RunningBroker) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def scrape(daemon: RunningBroker) -> Samples:
     """Every sample of /metrics: (name, sorted labels) -> value."""
-    response = requests.get(_url(daemon) + "/metrics", timeout=5)
+    response = requests.get(daemon.api_url() + "/metrics", timeout=5)
     assert response.status_code == 200
     assert response.headers["Content-Type"].startswith("text/plain")
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(response.text)
-            for sample in family.samples}
+    return parse_samples(response.text)
 
 
-def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str,
+def value(samples: Samples, name: str,
           **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
@@ -120,7 +112,7 @@ def test_labels_never_carry_ids_keys_or_topics(daemon: RunningBroker) -> None:
     with Client(daemon.port(), "secret-device-id", key.key, secret) as device:
         assert device.connect() == 0
         device.publish("losant/secret-device-id/state", "x", qos=1)
-        text = requests.get(_url(daemon) + "/metrics", timeout=5).text
+        text = requests.get(daemon.api_url() + "/metrics", timeout=5).text
     for needle in ("secret-device-id", key.key, "losant/"):
         assert needle not in text
 
@@ -180,24 +172,24 @@ def test_guard_bans_and_suppressed_audit_lines_are_counted(tmp_path: Path) -> No
 
 
 def test_health_and_readiness_follow_the_keystore(daemon: RunningBroker) -> None:
-    health = requests.get(_url(daemon) + "/healthz", timeout=5)
+    health = requests.get(daemon.api_url() + "/healthz", timeout=5)
     assert health.status_code == 200 and health.json()["status"] == "ok"
-    ready = requests.get(_url(daemon) + "/readyz", timeout=5)
+    ready = requests.get(daemon.api_url() + "/readyz", timeout=5)
     assert ready.status_code == 200
     assert ready.json() == {"status": "ready", "checks": {"listeners": True, "keystore": True}}
     keystore = daemon.server.keystore
     assert keystore is not None
     daemon.call(keystore.backend.close)  # the keystore goes away
-    gone = requests.get(_url(daemon) + "/readyz", timeout=5)
+    gone = requests.get(daemon.api_url() + "/readyz", timeout=5)
     assert gone.status_code == 503
     assert gone.json()["checks"] == {"listeners": True, "keystore": False}
-    assert requests.get(_url(daemon) + "/healthz", timeout=5).status_code == 200
+    assert requests.get(daemon.api_url() + "/healthz", timeout=5).status_code == 200
 
 
 def test_metrics_can_require_a_token(tmp_path: Path) -> None:
     daemon = RunningBroker(replace(broker_settings(tmp_path), api_metrics_auth=True)).start()
     try:
-        url = _url(daemon) + "/metrics"
+        url = daemon.api_url() + "/metrics"
         assert requests.get(url, timeout=5).status_code == 401
         _row, reader = daemon.ks("create_token", "prometheus", scopes=["metrics.get"])
         _row, keys_only = daemon.ks("create_token", "keys", scopes=["applicationKeys.*"])

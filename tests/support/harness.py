@@ -56,6 +56,12 @@ class RunningBroker:
     def port(self, listener: str = "tcp") -> int:
         return self.server.port(listener)
 
+    def api_url(self) -> str:
+        """Where the daemon's HTTP listener (API, console, metrics) is served."""
+        api = self.server.api
+        assert api is not None
+        return api.url
+
     def stop(self) -> None:
         try:
             self.call(self.server.stop, timeout=30)
