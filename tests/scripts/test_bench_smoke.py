@@ -8,19 +8,27 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 BENCH = Path(__file__).resolve().parents[2] / "scripts" / "bench"
 
 
-def test_bench_quick_qos0_keybroker(tmp_path: Path) -> None:
+def run_bench(tmp_path: Path, workload: str, *args: str, timeout: float
+              ) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """`scripts/bench --quick` of one workload on keybroker alone: it must succeed; its
+    JSON report."""
     out = tmp_path / "bench.json"
     proc = subprocess.run(  # noqa: S603 - our own interpreter and script
-        [sys.executable, str(BENCH), "--quick", "--only", "qos0", "--brokers", "keybroker",
-         "--measure", "0.5", "--json-out", str(out)],
-        capture_output=True, text=True, timeout=40, cwd=tmp_path,
+        [sys.executable, str(BENCH), "--quick", "--only", workload, "--brokers", "keybroker",
+         *args, "--json-out", str(out)],
+        capture_output=True, text=True, timeout=timeout, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(out.read_text())
+    return proc, json.loads(out.read_text())
+
+
+def test_bench_quick_qos0_keybroker(tmp_path: Path) -> None:
+    proc, report = run_bench(tmp_path, "qos0", "--measure", "0.5", timeout=40)
     assert set(report) >= {"meta", "results", "notes", "table"}
     assert report["meta"]["brokers"] == ["keybroker"]
     assert report["meta"]["workloads"] == ["qos0"]
@@ -38,14 +46,7 @@ def test_bench_quick_qos0_keybroker(tmp_path: Path) -> None:
 
 
 def test_bench_quick_api_rows(tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
-    proc = subprocess.run(  # noqa: S603 - our own interpreter and script
-        [sys.executable, str(BENCH), "--quick", "--only", "api", "--brokers", "keybroker",
-         "--measure", "0.3", "--json-out", str(out)],
-        capture_output=True, text=True, timeout=90, cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(out.read_text())
+    _, report = run_bench(tmp_path, "api", "--measure", "0.3", timeout=90)
     results = report["results"]
     assert "api_create" in results, report["notes"]
     assert results["api_create"]["details"]["keybroker"]["requests"] == 200
@@ -60,14 +61,8 @@ def test_bench_quick_api_rows(tmp_path: Path) -> None:
 def test_bench_quick_storm_brings_every_session_back(tmp_path: Path) -> None:
     """The reconnect storm: persistent sessions with a subscription each, a daemon restart
     (SIGTERM), every device back at once, with its session and unbanned."""
-    out = tmp_path / "bench.json"
-    proc = subprocess.run(  # noqa: S603 - our own interpreter and script
-        [sys.executable, str(BENCH), "--quick", "--only", "storm", "--brokers", "keybroker",
-         "--json-out", str(out)],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    results = json.loads(out.read_text())["results"]
+    _, report = run_bench(tmp_path, "storm", timeout=120)
+    results = report["results"]
     detail = results["storm_back"]["details"]["keybroker"]
     assert detail["subscribe_refused"] == 0
     assert detail["first"]["connections"] == detail["storm"]["connections"] == 3000
