@@ -48,12 +48,8 @@ def postgres() -> Iterator[PostgresServer]:
 @pytest.fixture
 def pg_url(postgres: PostgresServer) -> Iterator[str]:
     """A fresh, migrated PostgreSQL keystore database of its own for this test."""
-    name = postgres.new_database()
-    try:
-        yield postgres.url(name)
-    finally:
-        if postgres.running:
-            postgres.drop_database(name)
+    with fresh_database(postgres) as url:
+        yield url
 
 
 @pytest.fixture(params=BACKENDS)
@@ -88,7 +84,14 @@ def keystore_on(request: pytest.FixtureRequest, backend: str, work: Path) -> Ite
         create_keystore(path)
         yield str(path)
         return
-    server: PostgresServer = request.getfixturevalue("postgres")
+    with fresh_database(request.getfixturevalue("postgres")) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def fresh_database(server: PostgresServer) -> Iterator[str]:
+    """The URL of a new, migrated database on ``server``, dropped afterwards (while the
+    server still runs)."""
     name = server.new_database()
     try:
         yield server.url(name)
