@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from selenium import webdriver
-from selenium.common.exceptions import StaleElementReferenceException
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -84,6 +84,12 @@ class Console:
                 old.tag_name  # noqa: B018 - raises once the old page is gone
             except StaleElementReferenceException:
                 return self.browser.execute_script("return document.readyState") == "complete"
+            except WebDriverException as exc:
+                # Chromium answers for a node detached mid-navigation with an inspector
+                # error instead of a stale reference: the old page is going all the same.
+                if "does not belong to the document" not in str(exc):
+                    raise
+                return False
             return False
 
         self.wait(replaced)
