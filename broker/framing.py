@@ -49,7 +49,7 @@ class FramedReader:
     """Whole packets from a connection's byte stream, as (first byte, body)."""
 
     __slots__ = ("_read", "_prefix", "_max", "_timeout", "_on_violation", "_on_expire",
-                 "idle_limit", "last_packet", "packet_started")
+                 "idle_limit", "last_packet", "packet_started", "held_back")
 
     def __init__(
         self,
@@ -76,6 +76,7 @@ class FramedReader:
         self.idle_limit = idle_limit
         self.last_packet = asyncio.get_running_loop().time()
         self.packet_started: float | None = None  # loop time of the current packet's 1st byte
+        self.held_back = False  # not read by the broker's choice (backpressure): not idle
 
     async def packet(self) -> tuple[int, bytes] | None:
         """The next whole packet, or None at the end of the stream. Raises PacketError
@@ -102,7 +103,7 @@ class FramedReader:
             self.packet_started = None
             reason = "slow_packet"
             self._report(PacketError(reason, f"not completed in {self._timeout:g}s"))
-        elif self.idle_limit and now - self.last_packet > self.idle_limit:
+        elif self.idle_limit and not self.held_back and now - self.last_packet > self.idle_limit:
             reason = "idle"
         else:
             return None

@@ -168,10 +168,27 @@ class BrokerCollector(Collector):
             denied.add_metric([kind], value)
         yield denied
         dropped = CounterMetricFamily("keybroker_messages_dropped",
-                                      "QoS 1/2 messages not queued: an offline session's "
-                                      "queue was full")
-        dropped.add_metric([], traffic.dropped)
+                                      "Messages for a session not kept, by reason",
+                                      labels=["reason"])
+        for reason, value in traffic.dropped.items():
+            dropped.add_metric([reason], value)
         yield dropped
+        flow = self.broker.flow_counters
+        paused = GaugeMetricFamily("keybroker_publishers_paused",
+                                   "Connections paused now: a session they feed is past "
+                                   "its bounds")
+        paused.add_metric([], flow.paused)
+        yield paused
+        counted: tuple[tuple[str, float, str], ...] = (
+                ("keybroker_publisher_pauses", flow.pauses, "Pauses of publishing connections"),
+                ("keybroker_publisher_pause_seconds", flow.pause_seconds,
+                 "Seconds publishing connections spent paused (ended pauses)"),
+                ("keybroker_slow_consumers", flow.slow_consumers,
+                 "Sessions disconnected for draining nothing past their bounds"))
+        for name, amount, what in counted:
+            counter = CounterMetricFamily(name, what)
+            counter.add_metric([], amount)
+            yield counter
 
     def _state(self) -> Iterator[Metric]:
         broker = self.broker

@@ -11,8 +11,9 @@ receiving session's policy (an in-memory lookup), then
 
 Every session is bounded by ``max_queued_messages`` (QoS 1/2 held) and
 ``max_session_bytes`` (bytes held for it: waiting in its connection plus QoS 1/2 in
-flight and queued). An online session past a bound is a slow consumer and is
-disconnected; for an offline persistent session the message is dropped and counted.
+flight and queued). A live session past a bound makes the connections that feed it wait
+(broker.flow: backpressure, and slow consumers); for an offline persistent session the
+message is dropped and counted.
 
 Retained messages live in a trie (a SUBSCRIBE walks only its filter's subtree) with
 quotas: globally, per access key, and a small reserve per device for its own device
@@ -37,6 +38,7 @@ from amqtt.contexts import Action
 
 from broker.audit import AuditLog
 from broker.counters import Traffic
+from broker.flow import FlowControl, Publisher
 from broker.mqtt import codec
 from broker.mqtt.link import LOW_WATER, Link
 from broker.mqtt.outbox import OutMessage
@@ -81,14 +83,14 @@ class _Usage:
 
 class Router:
     def __init__(self, settings: Settings, sessions: dict[str, KeySession], audit: AuditLog,
-                 on_slow_consumer: Callable[[KeySession], None],
-                 state: StateRecorder | None = None, traffic: Traffic | None = None) -> None:
+                 flow: FlowControl, state: StateRecorder | None = None,
+                 traffic: Traffic | None = None) -> None:
         self.settings = settings
         self.state = state  # None: nothing is kept across restarts
         self.traffic = traffic if traffic is not None else Traffic()  # broker.metrics
         self.sessions = sessions
         self.audit = audit
-        self.on_slow_consumer = on_slow_consumer
+        self.flow = flow
         # Subscribers are client ids: a session keeps its subscriptions across connections.
         self.subtree: SubscriptionTree[str] = SubscriptionTree()
         self.retained: RetainedStore[Retained] = RetainedStore()
@@ -97,9 +99,11 @@ class Router:
         self.retained_usage = _Usage()  # every retained message (for metrics)
 
     # ------------------------------------------------------------------ delivery
-    def route(self, mount: str, topic: str, payload: bytes, qos: int) -> None:
+    def route(self, mount: str, topic: str, payload: bytes, qos: int,
+              source: Publisher | None = None) -> None:
         """Deliver to every session of the application (``mount``: its topics' prefix in
-        the trie) whose filters match and whose policy may read topic."""
+        the trie) whose filters match and whose policy may read topic. ``source`` is the
+        publishing connection, paused while a session it fed is past its bounds."""
         packet: bytes | None = None
         sessions = self.sessions
         for client_id, sub_qos in self.subtree.match(mount + topic).items():
@@ -110,7 +114,7 @@ class Router:
                 self.traffic.denied["delivery"] += 1
                 continue
             if qos and sub_qos:
-                self.enqueue(session, OutMessage(topic, payload, min(qos, sub_qos)))
+                self.enqueue(session, OutMessage(topic, payload, min(qos, sub_qos)), source)
                 continue
             link = session.link
             if link is None or session.kicked:
@@ -118,40 +122,66 @@ class Router:
             if packet is None:
                 packet = codec.publish_packet(topic.encode("utf-8", "surrogatepass"), payload,
                                               0, False)
-            self.send_qos0(session, link, packet)
+            self.send_qos0(session, link, packet, source)
 
-    def send_qos0(self, session: KeySession, link: Link, packet: bytes) -> None:
+    def send_qos0(self, session: KeySession, link: Link, packet: bytes,
+                  source: Publisher | None = None) -> None:
+        """At most once: written unless the session already holds twice its byte bound
+        (then dropped and counted); past the bound, ``source`` waits for it."""
         if link.is_closing():
             return
-        if self._over_budget(session, len(packet), link.buffered()):
-            self._slow(session)
-            return
-        link.write(packet)
-        traffic = self.traffic
-        traffic.msgs_out[0] += 1
-        traffic.bytes_out[0] += len(packet)
+        held = session.outbox.held_bytes + link.buffered()
+        dropped = held and held + len(packet) > 2 * self.settings.max_session_bytes
+        if not dropped:
+            link.write(packet)
+            traffic = self.traffic
+            traffic.msgs_out[0] += 1
+            traffic.bytes_out[0] += len(packet)
+        self.flow.delivered(session, source)
+        if dropped:
+            self.traffic.dropped["qos0_past_bounds"] += 1
+            self.flow.qos0_dropped(session)
 
     def _over_budget(self, session: KeySession, size: int, buffered: int) -> bool:
         held = session.outbox.held_bytes + buffered
         return held > 0 and held + size > self.settings.max_session_bytes
 
-    def enqueue(self, session: KeySession, message: OutMessage) -> bool:
-        """Hand a QoS 1/2 message to a session (sent now if it is online and has room)."""
+    def enqueue(self, session: KeySession, message: OutMessage,
+                source: Publisher | None = None) -> bool:
+        """Hand a QoS 1/2 message to a session. A live session takes it whatever it holds
+        (sent now if its in-flight window has room) and past its bounds makes ``source``
+        wait (broker.flow); an offline one queues it within its bounds, else it is
+        dropped and counted. False when dropped."""
         outbox = session.outbox
         link = session.link
-        buffered = link.buffered() if link is not None else 0
-        if len(outbox) >= self.settings.max_queued_messages or \
-                self._over_budget(session, message.size, buffered):
-            if link is not None and not session.kicked:
-                self._slow(session)
-            else:
-                self.traffic.dropped += 1
-                logger.info("queue of offline session %s full: message on %r dropped",
-                            session.client_id, message.topic)
-            return False
+        if link is None or session.kicked:
+            if len(outbox) >= self.settings.max_queued_messages or \
+                    self._over_budget(session, message.size, 0):
+                self._dropped_offline(session, message)
+                return False
+            outbox.put(message)
+            return True
         outbox.put(message)
         self.pump(session)
+        self.flow.delivered(session, source)
         return True
+
+    def _dropped_offline(self, session: KeySession, message: OutMessage) -> None:
+        """Counted each time; logged once per episode (until the session reconnects or
+        its queue has room again), with the count at its end."""
+        self.traffic.dropped["offline_queue_full"] += 1
+        if not session.dropped:
+            logger.info("client %s is offline with its queue full (%d messages, %d bytes): "
+                        "QoS %d messages for it are dropped until it reconnects",
+                        session.client_id, len(session.outbox), session.outbox.held_bytes,
+                        message.qos)
+        session.dropped += 1
+
+    def _end_drop_episode(self, session: KeySession) -> None:
+        if session.dropped:
+            logger.info("client %s: %d QoS 1/2 messages were dropped while it was offline "
+                        "with its queue full", session.client_id, session.dropped)
+            session.dropped = 0
 
     def pump(self, session: KeySession) -> None:
         """Send waiting messages while the session's in-flight window has room."""
@@ -175,6 +205,7 @@ class Router:
         link = session.link
         if link is None:
             return
+        self._end_drop_episode(session)
         self.regranted(session)
         write = link.write
         for packet_id, message in session.outbox.inflight.items():
@@ -185,29 +216,38 @@ class Router:
                                            message.payload, message.qos, message.retain,
                                            packet_id, dup=True))
         self.pump(session)
+        self.flow.delivered(session, None)  # a long queue resumed: past its bounds?
 
     def regranted(self, session: KeySession) -> None:
-        session.outbox.discard(lambda topic: not decide(session, topic, Action.RECEIVE).allowed)
+        dropped = session.outbox.discard(
+            lambda topic: not decide(session, topic, Action.RECEIVE).allowed)
+        self.traffic.dropped["not_readable"] += dropped
+        if session.congestion is not None:
+            self.flow.acknowledged(session)  # fewer held: its publishers may go on
 
     def puback(self, session: KeySession, packet_id: int) -> None:
         if session.outbox.acknowledged(packet_id):
             self.pump(session)
+            if session.congestion is not None:
+                self.flow.acknowledged(session)
 
     def pubrec(self, session: KeySession, packet_id: int) -> None:
         if session.outbox.received(packet_id) and session.link is not None:
             session.link.write(codec.ack_packet(codec.PUBREL, packet_id))
+            if session.congestion is not None:
+                self.flow.acknowledged(session)
 
     def pubcomp(self, session: KeySession, packet_id: int) -> None:
         if session.outbox.completed(packet_id):
             self.pump(session)
-
-    def _slow(self, session: KeySession) -> None:
-        if not session.kicked:
-            self.on_slow_consumer(session)
+            if session.congestion is not None:
+                self.flow.acknowledged(session)
 
     # ------------------------------------------------------------------ subscriptions
     def forget(self, session: KeySession) -> None:
         """A session is gone: its subscriptions and anything held for it."""
+        self.flow.release(session)
+        self._end_drop_episode(session)
         self.subtree.remove_subscriber(session.client_id)
         session.outbox.clear()
         session.inflight_in = None

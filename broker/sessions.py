@@ -117,6 +117,7 @@ class SessionRegistry:
         if self.tasks.get(client_id) is asyncio.current_task():
             del self.tasks[client_id]
         session.link = None
+        self.router.flow.release(session)  # offline sessions make nobody wait
         session.disconnected_at = time.time()
         if session.journal is not None and not session.clean_session:
             session.journal.saved(session)
@@ -189,6 +190,7 @@ class SessionRegistry:
         if session is None or session.link is None or session.kicked:
             return False
         session.kicked = reason
+        self.router.flow.release(session)
         session.suppress_will = not publish_will
         count_into(self.kicks, reason, KICK_CAUSES)
         self.audit.event("kick", reason=reason, **audit_fields(session))

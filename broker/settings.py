@@ -77,6 +77,9 @@ class Settings:
     max_queued_messages: int = 1_000
     max_inflight_messages: int = 100
     max_session_bytes: int = 256 * 1024
+    # Seconds a live session may stay past its bounds draining nothing before it is
+    # disconnected as a slow consumer (its publishers wait meanwhile: broker.flow).
+    slow_consumer_timeout: float = 10.0
     max_publish_rate: float = 0.0  # PUBLISH per second per connection; 0 = no limit
     max_retained_messages: int = 100_000
     max_retained_bytes: int = 256 * 1024 * 1024
@@ -219,7 +222,8 @@ CHOICES = {"denied_publish": ("drop", "disconnect"), "type": ("tcp", "ws")}
 # 0 makes no sense for these
 POSITIVE = frozenset({"keepalive_factor", "change_poll_interval", "flush_interval",
                       "api_device_token_ttl", "api_max_device_token_ttl",
-                      "api_request_timeout", "db_pool_size", "db_statement_timeout"})
+                      "api_request_timeout", "db_pool_size", "db_statement_timeout",
+                      "slow_consumer_timeout"})
 LISTENER_KEYS = ("type", "host", "port", "certfile", "keyfile", "proxy_protocol", "enabled")
 
 

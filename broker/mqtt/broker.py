@@ -25,7 +25,8 @@ from amqtt.session import Session
 from websockets.asyncio.server import ServerConnection
 
 from broker.audit import AuditLog
-from broker.counters import Buckets, Traffic
+from broker.counters import Buckets, FlowCounters, Traffic
+from broker.flow import FlowControl, SlowConsumerSweep
 from broker.framing import FramedReader, PacketWatchdog
 from broker.listeners import ProxyGate, connection_info, start_listener
 from broker.mqtt import codec
@@ -63,12 +64,15 @@ class KeyBroker(Broker):
         self.connects_accepted = 0
         self.connects_refused: dict[tuple[int, str], int] = {}  # (CONNACK code, reason)
         self.connack_latency = Buckets()
-        self.router = Router(settings, {}, audit, self._slow_consumer, state, self.traffic)
+        self.flow_counters = FlowCounters()
+        self.flow = FlowControl(settings, self.flow_counters, self._slow_consumer)
+        self.router = Router(settings, {}, audit, self.flow, state, self.traffic)
         self.registry = SessionRegistry(self.router, audit)
         self.inbound = Inbound(settings, self.router, audit, state)
         self.admission = Admission(settings, audit, guard, state)
         self._sessions = self.registry.sessions  # amqtt's registry is ours
         self._watchdog = PacketWatchdog()
+        self._slow_sweep = SlowConsumerSweep(self.flow)
         self._bound: dict[str, Server] = {}
         self._tasks: dict[MqttConnection, asyncio.Task[Any]] = {}
         auth_plugins = [plugin for plugin in self.plugins_manager.plugins
@@ -98,6 +102,7 @@ class KeyBroker(Broker):
         for client_id, session in restored.items():
             self.registry.sessions.setdefault(client_id, session)
         self._watchdog.start_ticking()
+        self._slow_sweep.start_ticking()
 
     async def _start_listeners(self) -> None:
         """amqtt's listener start rewrote fields equal to its defaults: ours are bound."""
@@ -106,6 +111,7 @@ class KeyBroker(Broker):
     async def shutdown(self) -> None:
         """Also ends connections that have not completed CONNECT (amqtt knew none)."""
         await self._watchdog.stop_ticking()
+        await self._slow_sweep.stop_ticking()
         for server in self._servers.values():
             server.instance.close()  # no new connections while the others end
         for connection in list(self.admission.connections):
@@ -259,8 +265,8 @@ class KeyBroker(Broker):
             logger.exception("auth plugin failed")
             return False
 
-    def _slow_consumer(self, session: KeySession) -> None:
-        self.registry.kick(session.client_id, "slow_consumer", publish_will=True)
+    def _slow_consumer(self, client_id: str) -> None:
+        self.registry.kick(client_id, "slow_consumer", publish_will=True)
 
     # ------------------------------------------------------------------ amqtt entry points
     async def _broadcast_message(

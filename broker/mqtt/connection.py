@@ -6,12 +6,22 @@ futures. Here the connection's own task reads a packet (``FramedReader``: size, 
 string checks done) and handles it in place: PUBLISH is routed, acknowledgements move the
 session's outbox, SUBSCRIBE is answered, all without awaiting; the only waits are for
 the next packet. Packet handling is in ``handle``, the only code that sees packets.
+
+Backpressure (broker.flow): while a session this connection's PUBLISHes feed is past its
+bounds, the connection is *paused*. It keeps reading, and handles acknowledgements and
+PINGREQ at once (so two clients feeding each other cannot deadlock), but holds PUBLISH,
+SUBSCRIBE, UNSUBSCRIBE and DISCONNECT, in order, until it resumes; once the packets held
+reach ``max_session_bytes`` (or a DISCONNECT or the end of the stream is read) it stops
+reading, so the client's own window and TCP slow it down.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections import deque
 
+from broker.counters import FlowCounters
 from broker.framing import FramedReader, PacketError
 from broker.mqtt import codec
 from broker.mqtt.inbound import Inbound, released
@@ -22,6 +32,13 @@ from broker.routing import Router
 
 logger = logging.getLogger(__name__)
 
+# Handled at once even while paused: they drain sessions and never add to them.
+PASS_WHILE_PAUSED = frozenset({codec.PUBACK, codec.PUBREC, codec.PUBREL, codec.PUBCOMP,
+                               codec.PINGREQ})
+
+
+CLOSED_POLL = 0.1  # seconds between looks at the link while waiting to resume
+
 
 class ProtocolViolation(Exception):
     """A packet that MQTT 3.1.1 says ends the connection."""
@@ -29,7 +46,8 @@ class ProtocolViolation(Exception):
 
 class MqttConnection:
     __slots__ = ("inbound", "router", "link", "reader", "info", "session", "clean_exit",
-                 "ended_by")
+                 "ended_by", "waits", "held", "held_bytes", "paused_at", "wake",
+                 "run_scheduled", "over")
 
     def __init__(self, inbound: Inbound, router: Router, link: Link,
                  info: ConnectionInfo) -> None:
@@ -41,6 +59,15 @@ class MqttConnection:
         self.session: KeySession | None = None
         self.clean_exit = False  # the client sent DISCONNECT (its Will is discarded)
         self.ended_by: str | None = None  # why the watchdog ended it ("idle", "slow_packet")
+        self.waits = 0  # congested sessions this connection waits for (paused when > 0)
+        # Packets read while paused, handled in order once it resumes (None: none, and
+        # not paused; an empty deque is 600 bytes).
+        self.held: deque[tuple[int, bytes]] | None = None
+        self.held_bytes = 0
+        self.paused_at = 0.0
+        self.wake: asyncio.Future[None] | None = None  # the task waits for a resume
+        self.run_scheduled = False
+        self.over = False  # serve() has returned
 
     def expired(self, reason: str) -> None:
         """The watchdog's verdict (see FramedReader.expire): end the connection now."""
@@ -52,22 +79,135 @@ class MqttConnection:
         self.session = session
         reader = self.reader
         assert reader is not None
-        while True:
-            try:
-                packet = await reader.packet()
-            except PacketError:
-                return  # audited by the reader's on_violation
-            except (ConnectionError, OSError):
-                return
-            if packet is None:
-                return
-            first, body = packet
-            try:
-                if not self.handle(session, first, body):
+        limit = self.inbound.settings.max_session_bytes
+        try:
+            while True:
+                try:
+                    packet = await reader.packet()
+                except PacketError:
+                    return  # audited by the reader's on_violation
+                except (ConnectionError, OSError):
                     return
-            except (codec.MalformedPacket, ProtocolViolation) as exc:
-                self.inbound.audit.event("bad_packet", reason=str(exc), **audit_fields(session))
-                return
+                if packet is None:  # the end of the stream: what it sent first still counts
+                    if self.held:
+                        await self._until_resumed()
+                    return
+                first, body = packet
+                held = self.held
+                if held is None or first >> 4 in PASS_WHILE_PAUSED:
+                    if not self.dispatch(session, first, body):
+                        return
+                    continue
+                held.append(packet)
+                self.held_bytes += len(body) + 2
+                if not self.waits and not self.run_scheduled:
+                    self._schedule_run()
+                if first >> 4 == codec.DISCONNECT or self.held_bytes >= limit:
+                    if not await self._until_resumed() or self.clean_exit:
+                        return
+        finally:
+            self._ended()
+
+    def dispatch(self, session: KeySession, first: int, body: bytes) -> bool:
+        """``handle``, with a malformed packet audited; False when the connection is to end."""
+        try:
+            return self.handle(session, first, body)
+        except (codec.MalformedPacket, ProtocolViolation) as exc:
+            self.inbound.audit.event("bad_packet", reason=str(exc), **audit_fields(session))
+            return False
+
+    # ------------------------------------------------------------------ backpressure
+    def pause(self) -> None:
+        """A session this connection fed is past its bounds (broker.flow)."""
+        self.waits += 1
+        if self.waits == 1 and not self.over:
+            if self.held is None:
+                self.held = deque()
+            self.paused_at = asyncio.get_running_loop().time()
+            counters = self._counters()
+            counters.paused += 1
+            counters.pauses += 1
+
+    def resume(self) -> None:
+        """One session fewer to wait for; at none, the held packets are handled."""
+        self.waits -= 1
+        if self.waits or self.over:
+            return
+        self._unpaused()
+        if self.wake is not None and not self.wake.done():
+            self.wake.set_result(None)  # the task handles them
+        elif self.held:
+            self._schedule_run()
+        else:
+            self.held = None
+
+    def _unpaused(self) -> None:
+        counters = self._counters()
+        counters.paused -= 1
+        counters.pause_seconds += asyncio.get_running_loop().time() - self.paused_at
+
+    def _counters(self) -> FlowCounters:
+        return self.router.flow.counters
+
+    def _schedule_run(self) -> None:
+        self.run_scheduled = True
+        asyncio.get_running_loop().call_soon(self._run_soon)
+
+    def _run_soon(self) -> None:
+        """Held packets handled outside the task (it is reading meanwhile)."""
+        self.run_scheduled = False
+        if self.over:
+            return
+        if not self._run_held():
+            self.link.abort()  # a bad packet among them, or the session was taken over
+
+    def _run_held(self) -> bool:
+        """Handle held packets in order until none is left or the connection is paused
+        again; False when the connection is to end."""
+        held, session = self.held, self.session
+        assert session is not None
+        while held and not self.waits:
+            first, body = held.popleft()
+            self.held_bytes -= len(body) + 2
+            if session.link is not self.link or not self.dispatch(session, first, body):
+                held.clear()
+                self.held_bytes = 0
+                return False
+        if not held and not self.waits:
+            self.held = None
+        return True
+
+    async def _until_resumed(self) -> bool:
+        """Stop reading until every held packet is handled; False when the connection is
+        to end. The keep-alive watchdog does not count this wait: it is the broker's."""
+        reader = self.reader
+        assert reader is not None
+        reader.held_back = True
+        loop = asyncio.get_running_loop()
+        try:
+            while self.held:
+                if not self.waits:
+                    if not self._run_held():
+                        return False
+                    continue
+                if self.link.is_closing():  # kicked or taken over meanwhile
+                    return False
+                self.wake = loop.create_future()
+                # Woken by resume(); the timeout notices a connection ended meanwhile.
+                await asyncio.wait((self.wake,), timeout=CLOSED_POLL)
+                self.wake = None
+            return True
+        finally:
+            self.wake = None
+            reader.held_back = False
+            reader.last_packet = asyncio.get_running_loop().time()
+
+    def _ended(self) -> None:
+        self.over = True
+        if self.waits:
+            self._unpaused()
+        self.held = None
+        self.held_bytes = 0
 
     def handle(self, session: KeySession, first: int, body: bytes) -> bool:
         """Handle one packet; False when the connection is to end."""
@@ -75,7 +215,7 @@ class MqttConnection:
         router = self.router
         if kind == codec.PUBLISH:
             return self.inbound.publish_packet(session, self.link,
-                                               codec.parse_publish(first, body))
+                                               codec.parse_publish(first, body), self)
         if kind == codec.PUBACK:
             router.puback(session, codec.packet_id_of(body))
         elif kind == codec.PUBREC:

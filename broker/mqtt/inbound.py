@@ -18,6 +18,7 @@ import time
 from amqtt.contexts import Action
 
 from broker.audit import AuditLog
+from broker.flow import Publisher
 from broker.mqtt import codec
 from broker.mqtt.link import Link
 from broker.mqtt.plugins import audit_fields, decide
@@ -47,8 +48,11 @@ class Inbound:
         # Acknowledge once saved: with [persistence] sync only.
         self._saved_first = state if state is not None and state.sync else None
 
-    def publish_packet(self, session: KeySession, link: Link, packet: codec.Publish) -> bool:
-        """An incoming PUBLISH and its acknowledgement; False ends the connection."""
+    def publish_packet(self, session: KeySession, link: Link, packet: codec.Publish,
+                       source: Publisher | None = None) -> bool:
+        """An incoming PUBLISH and its acknowledgement; False ends the connection.
+        ``source``, the connection it came in on, waits while a session it fed is past
+        its bounds (broker.flow)."""
         qos, packet_id = packet.qos, packet.packet_id
         pending = session.inflight_in
         if qos == 2 and pending and packet_id in pending:  # seen: not passed on twice
@@ -63,7 +67,8 @@ class Inbound:
             self.audit.event("bad_packet", reason="too many unacknowledged QoS 2 messages "
                              "(no PUBREL)", **audit_fields(session))
             return False
-        verdict = self.publish(session, packet.topic, packet.payload, qos, packet.retain)
+        verdict = self.publish(session, packet.topic, packet.payload, qos, packet.retain,
+                               source)
         if verdict is Verdict.CLOSE:
             return False
         if qos == 1:
@@ -86,7 +91,7 @@ class Inbound:
             self._saved_first.after_commit(link.write, packet)
 
     def publish(self, session: KeySession, topic: str, data: bytes, qos: int,
-                retain: bool) -> Verdict:
+                retain: bool, source: Publisher | None = None) -> Verdict:
         """Check, route and retain one incoming PUBLISH."""
         if session.kicked:
             return Verdict.CLOSE  # revoked or being disconnected: nothing more from it
@@ -113,7 +118,7 @@ class Inbound:
             if self.settings.denied_publish == "disconnect":
                 return Verdict.CLOSE  # no PUBACK: the client must not think it was accepted
             return Verdict.DROPPED
-        self.router.route(session.mount, topic, data, qos)
+        self.router.route(session.mount, topic, data, qos, source)
         if retain:
             self.retain(session, topic, data, qos)
         traffic = self.router.traffic

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from broker.flow import Congestion
 from broker.mqtt.link import Link
 from broker.mqtt.outbox import Outbox, OutboxJournal
 from broker.policy import SessionPolicy
@@ -75,7 +76,7 @@ class KeySession:
         "client_id", "clean_session", "conn", "will", "keep_alive", "username", "password",
         "grant", "mount", "refusal", "auth_started", "link", "kicked", "suppress_will",
         "outbox", "inflight_in", "restored_in", "present", "bucket", "denials", "disconnected_at",
-        "retained_filters", "retained_sending", "journal",
+        "retained_filters", "retained_sending", "journal", "congestion", "dropped",
     )
 
     def __init__(self, client_id: str, clean_session: bool, conn: ConnectionInfo,
@@ -111,6 +112,9 @@ class KeySession:
         # Filters whose retained messages are still to be sent (paced; see routing).
         self.retained_filters: dict[str, int] = {}
         self.retained_sending = False
+        # Past its bounds while online: who waits for it to drain (broker.flow).
+        self.congestion: Congestion | None = None
+        self.dropped = 0  # messages dropped while offline and full, this episode (logged)
 
     @property
     def online(self) -> bool:

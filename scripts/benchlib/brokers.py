@@ -36,6 +36,27 @@ def cpu_split() -> tuple[set[int], set[int]] | None:
         return None
     return {cpus[0]}, set(cpus[1:])
 BROKERS = ("amqtt", "keybroker", "mosquitto")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def is_keybroker(kind: str) -> bool:
+    """keybroker, this tree's or an earlier commit's (``keybroker@REV``)."""
+    return kind == "keybroker" or kind.startswith("keybroker@")
+
+
+def checkout(rev: str, workdir: Path) -> Path:
+    """The files of commit ``rev`` of this repository, once per run (``git archive``):
+    ``keybroker@REV`` runs them with this venv's packages, for before/after figures
+    measured side by side in one run."""
+    tree = workdir / f"tree-{rev}"
+    if not tree.exists():
+        tree.mkdir()
+        archive = subprocess.run(  # noqa: S603 - git, fixed arguments
+            ["git", "-C", str(ROOT), "archive", "--format=tar", rev, "broker", "keystore"],  # noqa: S607
+            capture_output=True, check=True, timeout=60).stdout
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True,  # noqa: S603,S607
+                       timeout=60)
+    return tree
 START_TIMEOUT = 30.0
 
 # Stock amqtt: anonymous, no ACL, no $SYS plugin, one TCP listener.
@@ -194,7 +215,7 @@ def running(kind: str, workdir: Path, *, keystore: Path | None = None, config: s
         conf.write_text(f"listener {port} {HOST}\nallow_anonymous true\npersistence false\n"
                         "log_dest stderr\nlog_type error\nlog_type warning\n")
         argv = [path, "-c", str(conf)]
-    elif kind == "keybroker":
+    elif is_keybroker(kind):
         if keystore is None:
             raise ValueError("keybroker needs a keystore path")
         conf = workdir / f"keybroker-{port}.toml"
@@ -212,9 +233,14 @@ def running(kind: str, workdir: Path, *, keystore: Path | None = None, config: s
                      "max_subscriptions = 0 (the fleet workload holds up to 100,000 filters) "
                      "and no per-source connection caps (every load connection comes from "
                      "127.0.0.1)")
-        prefix, note = keybroker_command()
-        if note:
-            notes.append(note)
+        if kind == "keybroker":
+            prefix, note = keybroker_command()
+            if note:
+                notes.append(note)
+        else:  # an earlier commit's code, first on the path of its own interpreter
+            tree = checkout(kind.split("@", 1)[1], workdir)
+            prefix = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(tree)!r}); "
+                      "sys.argv[0] = 'keybroker'; from broker.cli import main; main()"]
         argv = [*prefix, "--db", str(keystore), "serve", "--config", str(conf),
                 "--host", HOST, "--port", str(port), "--log-level", log_level]
     else:

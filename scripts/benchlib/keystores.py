@@ -174,3 +174,21 @@ async def ensure_big_database(url: str, n: int, sidecar: Path, log: Any) -> tupl
     sidecar.parent.mkdir(parents=True, exist_ok=True)
     save_creds(sidecar, creds)
     return creds, False
+
+
+@dataclass(frozen=True)
+class BurstCreds:
+    key: str
+    secret: str
+    devices: int
+    subscribers: int
+
+
+async def seed_burst_keystore(path: Path, *, devices: int, subscribers: int) -> BurstCreds:
+    """Devices dev-N (publishers) and sub-N (subscribers), one unrestricted key for all:
+    the burst workload measures flow control, not the policy."""
+    async with KeyStore.open(str(path)) as ks:
+        await ks.upsert_devices([(f"dev-{i}", None, []) for i in range(devices)]
+                                + [(f"sub-{i}", None, []) for i in range(subscribers)])
+        key, secret = await ks.create_key(name="bench-burst")
+    return BurstCreds(key.key, secret, devices, subscribers)

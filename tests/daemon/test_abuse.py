@@ -43,7 +43,7 @@ def start(tmp_path: Path, **overrides: object) -> RunningBroker:
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[RunningBroker]:
-    running = start(tmp_path, max_retained_per_key=0)
+    running = start(tmp_path, max_retained_per_key=0, slow_consumer_timeout=1.0)
     try:
         yield running
     finally:
@@ -180,7 +180,7 @@ def test_an_offline_queue_is_bounded_by_bytes(tmp_path: Path) -> None:
             assert connack.body == bytes([1, 0])
             got = drain_publishes(sock)
         assert [p.payload[0] for p in got] == [0, 1]  # the first ones, in order; 18 dropped
-        assert daemon.broker.router.traffic.dropped == 18
+        assert daemon.broker.router.traffic.dropped["offline_queue_full"] == 18
     finally:
         daemon.stop()
 

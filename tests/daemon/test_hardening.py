@@ -25,6 +25,7 @@ LIMITS = {
     "max_subscriptions": 5,
     "max_queued_messages": 50,
     "max_session_bytes": 64 * 1024,
+    "slow_consumer_timeout": 1.0,
     "max_topic_length": 200,
     "max_topic_levels": 8,
     "max_retained_messages": 3,

@@ -15,7 +15,8 @@ import requests
 
 from broker.policy.guard import GuardSettings
 from tests.support.harness import Client, RunningBroker, broker_settings
-from tests.support.metrics import Samples, parse_samples
+from tests.support.metrics import Samples
+from tests.support.metrics import scrape as scrape_url
 
 
 @pytest.fixture
@@ -29,10 +30,7 @@ def daemon(tmp_path: Path) -> Iterator[RunningBroker]:
 
 def scrape(daemon: RunningBroker) -> Samples:
     """Every sample of /metrics: (name, sorted labels) -> value."""
-    response = requests.get(daemon.api_url() + "/metrics", timeout=5)
-    assert response.status_code == 200
-    assert response.headers["Content-Type"].startswith("text/plain")
-    return parse_samples(response.text)
+    return scrape_url(daemon.api_url())
 
 
 def value(samples: Samples, name: str,

@@ -6,47 +6,19 @@ from __future__ import annotations
 import asyncio
 
 from broker.audit import AuditLog
-from broker.mqtt.link import Link
+from broker.counters import FlowCounters
+from broker.flow import FlowControl
 from broker.mqtt.session import ConnectionInfo, KeySession
 from broker.routing import Retained, Router
 from broker.settings import Settings
-
-
-class FakeLink(Link):
-    __slots__ = ("held", "written", "closing")
-
-    def __init__(self, held: int) -> None:
-        self.held = held
-        self.written: list[bytes] = []
-        self.closing = False
-
-    def write(self, data: bytes) -> None:
-        self.written.append(data)
-        self.held += len(data)
-
-    def buffered(self) -> int:
-        return self.held
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def abort(self) -> None:
-        self.closing = True
-
-    async def close(self) -> None:
-        self.closing = True
-
-    async def writable(self, limit: int = 65536) -> None:
-        while not self.closing and self.held > limit:
-            await asyncio.sleep(0.001)
-
-    def peer(self) -> tuple[str, int] | None:
-        return ("127.0.0.1", 1)
+from tests.support.links import FakeLink
 
 
 async def test_a_large_retained_qos0_message_waits_for_room_not_a_kick() -> None:
     kicked: list[str] = []
-    router = Router(Settings(), {}, AuditLog(None), lambda s: kicked.append(s.client_id))
+    settings = Settings()
+    flow = FlowControl(settings, FlowCounters(), kicked.append)
+    router = Router(settings, {}, AuditLog(None), flow)
     session = KeySession("dev", True, ConnectionInfo("tcp", "127.0.0.1", "127.0.0.1"))
     link = FakeLink(held=60_000)  # the previous message is still leaving
     session.link = link
