@@ -206,9 +206,9 @@ class BrokerCollector(Collector):
                 ("keybroker_queued_messages", queued, "QoS 1/2 messages in flight or waiting"),
                 ("keybroker_queued_bytes", queued_bytes, "Bytes of those messages"),
                 ("keybroker_subscriptions", len(broker.router.subtree), "Subscriptions"),
-                ("keybroker_retained_messages", broker.router.retained_usage.count,
+                ("keybroker_retained_messages", broker.router.retained.usage.count,
                  "Retained messages"),
-                ("keybroker_retained_bytes", broker.router.retained_usage.size,
+                ("keybroker_retained_bytes", broker.router.retained.usage.size,
                  "Bytes of retained messages (topic and payload)")):
             gauge = GaugeMetricFamily(name, what)
             gauge.add_metric([], value)

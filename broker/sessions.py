@@ -78,6 +78,8 @@ class SessionRegistry:
             incoming.present = False
             return incoming
         session = existing
+        if incoming.grant is not None:
+            self.router.rekeyed(session, incoming.grant.key.key)
         session.conn, session.grant, session.will = incoming.conn, incoming.grant, incoming.will
         session.mount = incoming.mount
         session.keep_alive = incoming.keep_alive
@@ -157,7 +159,7 @@ class SessionRegistry:
                 self.drop(session)
             else:
                 self.kick(device_id, "device_deleted")
-        self.router.drop_device_retained(device_id)
+        self.router.retained.drop_device(device_id)
 
     def app_removed(self, app_id: str) -> None:
         """An application was deleted: its sessions go (its keys' and devices' own
@@ -169,7 +171,7 @@ class SessionRegistry:
                 self.drop(session)
             else:
                 self.kick(session.client_id, "app_deleted")
-        self.router.drop_app_retained(mount)
+        self.router.retained.drop_app(mount)
 
     def expire(self, max_age: float, now: float) -> int:
         """Drop persistent sessions offline for longer than ``max_age`` seconds."""

@@ -74,6 +74,11 @@ class Settings:
     packet_timeout: float = 10.0
     max_connections: int = 10_000
     max_subscriptions: int = 1_000
+    # Subscription bytes (the filter and ~400 bytes per level of it in the trie): per
+    # session, per access key (its sessions together), per application.
+    max_subscription_bytes: int = 2 * 1024 * 1024
+    max_subscription_bytes_per_key: int = 64 * 1024 * 1024
+    max_subscription_bytes_per_app: int = 256 * 1024 * 1024
     max_queued_messages: int = 1_000
     max_inflight_messages: int = 100
     max_session_bytes: int = 256 * 1024
@@ -89,6 +94,9 @@ class Settings:
     max_retained_bytes_per_app: int = 64 * 1024 * 1024
     device_retained_reserve: int = 8
     device_retained_reserve_bytes: int = 64 * 1024
+    # The devices' reserves of one application, all together.
+    max_retained_reserve_per_app: int = 100_000
+    max_retained_reserve_bytes_per_app: int = 64 * 1024 * 1024
     max_connections_per_source: int = 1_000
     max_unauthenticated_per_source: int = 32
     session_expiry: int = 86_400  # seconds a disconnected persistent session is kept; 0 = forever

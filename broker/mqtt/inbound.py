@@ -127,7 +127,7 @@ class Inbound:
         return Verdict.ACCEPTED
 
     def retain(self, session: KeySession, topic: str, data: bytes, qos: int) -> None:
-        refusal = self.router.retain(session, topic, data, qos)
+        refusal = self.router.retained.retain(session, topic, data, qos)
         if refusal is not None:
             self.router.audit_denied("retain_refused", session, topic, refusal)
 

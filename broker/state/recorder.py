@@ -33,12 +33,14 @@ logger = logging.getLogger(__name__)
 
 
 class RetainedMessage(Protocol):
-    """What is saved of a retained message (broker.routing.Retained)."""
+    """What is saved of a retained message (broker.retained.Retained)."""
 
     topic: str
     payload: bytes
     qos: int
-    bucket: str
+
+    @property
+    def bucket(self) -> str: ...
 
 
 class Marks:

@@ -83,7 +83,7 @@ class _Restore:
         for row in snapshot.retained:
             if row.mount not in apps:
                 self.dropped["retained: app_deleted"] += 1
-            elif self.router.restore_retained(*row):
+            elif self.router.retained.restore(*row):
                 continue
             else:
                 self.dropped["retained: over quota"] += 1
@@ -177,7 +177,7 @@ class _Restore:
         for session in self.registry.sessions.values():
             if session.grant is not None:
                 named[session.client_id] = session.grant.key.app_id
-        for mounted, message in self.router.retained.items():
+        for mounted, message in self.router.retained.store.items():
             device = device_of(message.topic, prefix)
             if device:
                 named.setdefault(device, mounted[:len(mounted) - len(message.topic) - 1])

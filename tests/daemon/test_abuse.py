@@ -216,7 +216,7 @@ def test_retained_quota_per_key_and_a_reserve_for_a_devices_own_topics(tmp_path:
                 client.publish(f"grab/{i}", b"mine", qos=1, retain=True)
             for i in range(3):  # its own device topics: the reserve of 2, then its quota
                 client.publish(f"losant/att/s{i}", b"own", qos=1, retain=True)
-        retained = daemon.broker.router.retained
+        retained = daemon.broker.router.retained.store
         assert sum(1 for _ in retained.matching("+/grab/#")) == 5  # the key's quota, not 50
         assert sum(1 for _ in retained.matching("+/losant/att/#")) == 2  # reserve; quota full
         with Client(daemon.port(), "feeder", other.key, other_secret) as client:

@@ -116,7 +116,7 @@ def test_deleting_an_application_disconnects_it_and_drops_its_state(
     while "b1" in tenants.broker.sessions and time.monotonic() < deadline:
         time.sleep(0.05)
     assert "b1" not in tenants.broker.sessions  # the persistent session went too
-    assert not list(tenants.broker.router.retained.matching("+/cfg/#"))
+    assert not list(tenants.broker.router.retained.store.matching("+/cfg/#"))
     events = tenants.audit_events()
     assert any(e["event"] == "kick" and e["client_id"] == "b1" for e in events)
 

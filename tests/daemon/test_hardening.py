@@ -339,7 +339,7 @@ def test_retained_messages_are_capped(daemon: RunningBroker, good: Client) -> No
     good.publish("losant/good/r0", b"update", qos=1, retain=True)  # existing topic: fine
     time.sleep(0.3)
     assert len(daemon.broker.router.retained) == LIMITS["max_retained_messages"]
-    ((_, kept),) = daemon.broker.router.retained.matching("+/losant/good/r0")
+    ((_, kept),) = daemon.broker.router.retained.store.matching("+/losant/good/r0")
     assert kept.payload == b"update"
     assert audited(daemon, "retain_refused", "max_retained_messages")
 

@@ -9,7 +9,8 @@ from broker.audit import AuditLog
 from broker.counters import FlowCounters
 from broker.flow import FlowControl
 from broker.mqtt.session import ConnectionInfo, KeySession
-from broker.routing import Retained, Router
+from broker.retained import Retained
+from broker.routing import Router
 from broker.settings import Settings
 from tests.support.links import FakeLink
 
@@ -22,8 +23,8 @@ async def test_a_large_retained_qos0_message_waits_for_room_not_a_kick() -> None
     session = KeySession("dev", True, ConnectionInfo("tcp", "127.0.0.1", "127.0.0.1"))
     link = FakeLink(held=60_000)  # the previous message is still leaving
     session.link = link
-    message = Retained("losant/dev/big", b"x" * 220_000, 0, "d:dev")
-    sending = asyncio.ensure_future(router._send_one_retained(session, link, message, 0))
+    message = Retained("losant/dev/big", b"x" * 220_000, 0, ("d:dev", "r:"))
+    sending = asyncio.ensure_future(router.retained.send_one(session, link, message, 0))
     await asyncio.sleep(0.02)
     assert not link.written and not kicked  # 60 KB + 220 KB would exceed 256 KiB: it waits
     link.held = 10_000  # the reader took most of it
