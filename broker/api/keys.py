@@ -1,5 +1,5 @@
 """``/applications/{applicationId}/keys[/{applicationKeyId}]``: access keys, Losant's
-field names (docs/api.md#access-keys)."""
+field names (docs/api.md#routes)."""
 
 from __future__ import annotations
 
