@@ -45,17 +45,6 @@ def device_key(daemon: RunningBroker, *devices: str) -> tuple[str, str]:
     return key.key, secret
 
 
-def closed(sock: socket.socket) -> bool:
-    """Has the broker closed this socket (EOF or reset waiting)? Does not wait."""
-    sock.setblocking(False)
-    try:
-        return sock.recv(1) == b""
-    except BlockingIOError:
-        return False
-    except ConnectionError:
-        return True
-
-
 def connects(daemon: RunningBroker, device: str, key: str, secret: str) -> int:
     """The CONNACK code of one CONNECT."""
     with raw.open_socket(daemon.port()) as sock:
@@ -79,9 +68,9 @@ def test_half_open_sockets_do_not_lock_out_a_device_of_the_same_address(
     half_open = [raw.open_socket(daemon.port()) for _ in range(200)]
     try:
         # Over the cap of 32 pending: the oldest are closed, down to the cap.
-        wait_until(lambda: sum(map(closed, half_open)) == 200 - 32, what="168 closed")
-        assert all(closed(sock) for sock in half_open[:168])
-        assert not any(closed(sock) for sock in half_open[168:])
+        wait_until(lambda: sum(map(raw.is_closed, half_open)) == 200 - 32, what="168 closed")
+        assert all(raw.is_closed(sock) for sock in half_open[:168])
+        assert not any(raw.is_closed(sock) for sock in half_open[168:])
         with Client(daemon.port(), "site-1", key, secret) as one, \
                 Client(daemon.port(), "site-2", key, secret) as two:
             assert one.connect() == 0 and two.connect() == 0
@@ -131,9 +120,9 @@ def test_the_pending_connection_idle_longest_is_the_one_closed(tmp_path: Path) -
         wait_until(lambda: any(c.reader.packet_started is not None
                                for c in admission.connections))
         extra = raw.open_socket(daemon.port())  # one over the cap
-        wait_until(lambda: closed(others[0]), what="the second opened is closed")
-        assert not closed(first) and not closed(extra)
-        assert not any(closed(sock) for sock in others[1:])
+        wait_until(lambda: raw.is_closed(others[0]), what="the second opened is closed")
+        assert not raw.is_closed(first) and not raw.is_closed(extra)
+        assert not any(raw.is_closed(sock) for sock in others[1:])
         for sock in (first, *others, extra):
             sock.close()
         assert any(e["event"] == "connect_invalid" and e["reason"] == "evicted_unauthenticated"
@@ -153,10 +142,11 @@ def test_a_source_at_its_connection_cap_makes_room_from_its_pending_ones(
         # A 4th: the pending one idle longest makes room (the first opened).
         fourth, connack = raw.session(daemon.port(), "b", key, secret)
         assert connack.body[1] == 0
-        wait_until(lambda: closed(first))
-        assert not closed(second)
+        wait_until(lambda: raw.is_closed(first))
+        assert not raw.is_closed(second)
         fifth, connack = raw.session(daemon.port(), "c", key, secret)
-        assert connack.body[1] == 0 and closed(second)
+        assert connack.body[1] == 0
+        wait_until(lambda: raw.is_closed(second))
         # Every connection of the source is past CONNECT: the newcomer is refused.
         with raw.open_socket(daemon.port()) as refused:
             assert raw.closed_by_peer(refused, within=3)
@@ -175,7 +165,7 @@ def test_evictions_and_silent_timeouts_never_ban_but_garbage_does(tmp_path: Path
     try:
         key, secret = device_key(daemon, "victim")
         silent = [raw.open_socket(daemon.port()) for _ in range(10)]  # 7 evicted, 3 time out
-        wait_until(lambda: all(map(closed, silent)), what="every silent socket closed")
+        wait_until(lambda: all(map(raw.is_closed, silent)), what="every silent socket closed")
         for sock in silent:
             sock.close()
         wait_until(lambda: any(e["event"] == "connect_invalid"
