@@ -44,6 +44,7 @@ def _error(response: requests.Response, status: int, *needles: str) -> None:
     (b'{"name": "x", "extra": true}', "unknown field 'extra'"),
     (b'{"filterType": "whitelist", "pubTopics": ["$SYS/#"]}', "$SYS/#"),
     (b"[" * 5000 + b"]" * 5000, "malformed JSON"),
+    (b'{"name": "x", "description": 1e999999}', "number 1e999999 is out of range"),
 ])
 def test_bad_key_bodies_are_400_and_write_nothing(api: ApiEnv, body: bytes,
                                                   needle: str) -> None:
@@ -51,6 +52,12 @@ def test_bad_key_bodies_are_400_and_write_nothing(api: ApiEnv, body: bytes,
                         headers={"Content-Type": "application/json"})
     _error(response, 400, needle)
     _nothing_written(api)
+
+
+def test_a_query_parameter_with_a_number_json_cannot_carry_is_400(api: ApiEnv) -> None:
+    response = api.http("GET", f"/applications/{api.app_id}/keys",
+                        params={"query": '{"createdAt": {"$gt": -1e999999}}'})
+    _error(response, 400, "malformed query", "-1e999999 is out of range")
 
 
 def test_bodies_over_1_mib_are_413(api: ApiEnv) -> None:
