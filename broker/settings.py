@@ -133,8 +133,11 @@ class Settings:
     # cluster. Its HTTP listener, and the addresses allowed to ask (the engine's nodes).
     authsvc_host: str = "127.0.0.1"
     authsvc_port: int = 8081
-    authsvc_allowed_peers: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    authsvc_allowed_peers: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
     authsvc_max_connections: int = 4_096  # open HTTP connections; 0 = no limit
+    # Seconds RabbitMQ's admission request (/auth/vhost) may follow the /auth/user request
+    # that checked the same client id's secret.
+    authsvc_admission_window: float = 10.0
     # RabbitMQ: the exchange its MQTT plugin publishes to, and its management API (kicks
     # on revocation, stale subscriptions dropped); no URL = neither.
     rabbitmq_exchange: str = "amq.topic"
@@ -213,6 +216,7 @@ PLACES: dict[str, tuple[str, str]] = {
     "authsvc_port": ("authsvc", "port"),
     "authsvc_allowed_peers": ("authsvc", "allowed_peers"),
     "authsvc_max_connections": ("authsvc", "max_connections"),
+    "authsvc_admission_window": ("authsvc", "admission_window"),
     "rabbitmq_exchange": ("rabbitmq", "exchange"),
     "rabbitmq_api": ("rabbitmq", "api"),
     "rabbitmq_user": ("rabbitmq", "user"),
@@ -231,7 +235,7 @@ CHOICES = {"denied_publish": ("drop", "disconnect"), "type": ("tcp", "ws")}
 POSITIVE = frozenset({"keepalive_factor", "change_poll_interval", "flush_interval",
                       "api_device_token_ttl", "api_max_device_token_ttl",
                       "api_request_timeout", "db_pool_size", "db_statement_timeout",
-                      "slow_consumer_timeout"})
+                      "slow_consumer_timeout", "authsvc_admission_window"})
 LISTENER_KEYS = ("type", "host", "port", "certfile", "keyfile", "proxy_protocol", "enabled")
 
 

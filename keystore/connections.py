@@ -7,6 +7,10 @@ it was granted (key, the scope resolved at that moment, the key's topic settings
 digest, the client address); any replica answering a later request reads it back, with
 the key as it is now, in one primary-key read. A scope is stored once per distinct
 device list, addressed by its digest, and cached here by digest (immutable content).
+
+An engine may also check a CONNECT's secret in a request of its own (RabbitMQ's
+/auth/user) before the admission request, which carries no secret: the first records a
+*credential check* (client id, key, time) that the second requires.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from datetime import datetime
 from keystore.backend import Backend, ConnectionRow
 from keystore.connect import ConnectLookup, ConnectResolver, Lru
 from keystore.errors import NotFoundError, ValidationError
-from keystore.models import ConnectionSnapshot
+from keystore.models import ConnectionSnapshot, CredentialCheck
 from keystore.validation import validate_device_id
 
 SCOPE_CACHE = 4096  # scopes (by digest) kept in memory
@@ -108,6 +112,17 @@ class ConnectionOps:
     async def keys_expiring(self, after: datetime, until: datetime) -> list[str]:
         """Keys whose expiry lies in (after, until]."""
         return await self.backend.keys_expiring(after, until)
+
+    async def record_credential_check(self, client_id: str, key: str, now: datetime) -> None:
+        """Remember that ``key``'s secret was checked for a CONNECT of ``client_id`` (an
+        engine's first request; its admission request may follow, on any replica). A
+        client id that is no device is not recorded: it cannot be admitted anyway."""
+        await self.backend.put_credential_check(client_id, key, now)
+
+    async def credential_check(self, client_id: str) -> CredentialCheck | None:
+        """The last check recorded for ``client_id`` (None: none, or its device or key is
+        gone)."""
+        return await self.backend.credential_check(client_id)
 
     async def prune_connections(self, before: datetime, batch: int = 10_000) -> int:
         """Delete stored scopes that no connection refers to, stored before ``before``

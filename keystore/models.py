@@ -209,3 +209,13 @@ class ConnectionSnapshot:
     def same_grant(self, other: ConnectionSnapshot) -> bool:
         """Admitted under the same key, scope and topic settings (address and time aside)."""
         return (self.key, self.scope, self.policy) == (other.key, other.scope, other.policy)
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialCheck:
+    """A CONNECT's secret checked for a client id by an external engine's first request
+    (keybroker authsvc, docs/cluster.md): its admission request may follow."""
+
+    client_id: str
+    key: str
+    checked_at: datetime

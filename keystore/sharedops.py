@@ -15,11 +15,12 @@ from typing import Any, Protocol
 from keystore import plans
 from keystore.backend import ConnectionRow, UntagSpec
 from keystore.errors import NotFoundError
-from keystore.models import AccessKey, ConnectionSnapshot, Device, Tag
+from keystore.models import AccessKey, ConnectionSnapshot, CredentialCheck, Device, Tag
 from keystore.rows import (
     KEY_COLUMN_COUNT,
     SNAPSHOT_COLUMN_COUNT,
     as_list,
+    from_micros,
     now_micros,
     row_to_key,
     row_to_snapshot,
@@ -52,6 +53,7 @@ class ConnectionStatements(Protocol):
     SCOPE_DEVICES_SQL: str  # digest
     KEY_CONNECTIONS_SQL: str  # key
     KEYS_EXPIRING_SQL: str  # after, until (microseconds)
+    CREDENTIAL_CHECK_SQL: str  # client id
 
     async def load_snapshot(self, conn: Any, client_id: str) -> ConnectionSnapshot | None: ...
     async def store_scope(self, conn: Any, digest: str, devices: list[str],
@@ -59,6 +61,8 @@ class ConnectionStatements(Protocol):
     async def scope_stored(self, conn: Any, digest: str) -> bool: ...
     async def store_snapshot(self, conn: Any, snapshot: ConnectionSnapshot) -> None: ...
     async def prune_scopes(self, conn: Any, before: int, batch: int) -> int: ...
+    async def store_credential_check(self, conn: Any, client_id: str, key: str,
+                                     at: int) -> None: ...
 
 
 class SharedOps:
@@ -190,6 +194,19 @@ class SharedConnections:
         rows = await self._rows(self.connections.KEYS_EXPIRING_SQL, to_micros(after),
                                 to_micros(until))
         return [str(row[0]) for row in rows]
+
+    async def put_credential_check(self, client_id: str, key: str, at: datetime) -> None:
+        async with self._write() as conn:
+            await self.connections.store_credential_check(conn, client_id, key,
+                                                          to_micros(at))
+
+    async def credential_check(self, client_id: str) -> CredentialCheck | None:
+        rows = await self._lookup(self.connections.CREDENTIAL_CHECK_SQL, client_id)
+        if not rows:
+            return None
+        checked_at = from_micros(rows[0][1])
+        assert checked_at is not None
+        return CredentialCheck(client_id, str(rows[0][0]), checked_at)
 
     async def prune_connections(self, before: datetime, batch: int) -> int:
         """Scope lists no connection refers to any more, stored before ``before``."""

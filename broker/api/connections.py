@@ -5,6 +5,11 @@ or IPv6 /64), and none may sit without a request in progress for longer than
 itself bounds none of these: without them one client could hold every file descriptor
 the daemon has, and MQTT with it.
 
+A peer at ``max_per_source`` does not lock itself out with idle keep-alive connections (a
+browser, a client library's pool, or anyone else behind the same address): its connection
+idle longest, without a request in progress, is closed to admit the new one, which is
+refused only when every connection of the peer is busy with a request.
+
 ``ConnectionGuard.factory`` wraps aiohttp's protocol factory; a middleware tells the guard
 when a request starts and ends (``busy``); ``sweep`` aborts what has been idle too long.
 """
@@ -21,11 +26,13 @@ from broker.policy.addresses import normalize_ip, source_of
 
 
 class _Connection:
-    __slots__ = ("source", "since", "busy")
+    __slots__ = ("source", "since", "heard", "busy")
 
     def __init__(self, source: str) -> None:
         self.source = source
         self.since = time.monotonic()  # opened, or its last request ended
+        # ... or bytes arrived since (a request on its way): who is idle longest
+        self.heard = self.since
         self.busy = 0  # requests being handled
 
 
@@ -39,35 +46,46 @@ class ConnectionGuard(Periodic):
         self.max_per_source = max_per_source
         self.request_timeout = request_timeout
         self.open: dict[Any, _Connection] = {}  # transport -> its state
-        self._per_source: dict[str, int] = {}
+        self._by_source: dict[str, dict[Any, _Connection]] = {}  # the same, per source
         self.refused = 0  # connections closed at once by a cap (metrics)
+        self.evicted = 0  # idle connections closed to admit another of their source
         self.timed_out = 0  # connections closed for sitting idle
 
     def factory(self, inner: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
         return lambda: _Guarded(self, inner())
 
-    def admit(self, transport: Any) -> bool:
+    def admit(self, transport: Any) -> _Connection | None:
+        """The new connection's state, or None when it is to be closed at once. A source
+        at max_per_source has its connection idle longest closed to make room."""
         peer = transport.get_extra_info("peername")
         address = str(peer[0]) if peer else ""
         source = source_of(normalize_ip(address) or address)
-        if (self.max_connections and len(self.open) >= self.max_connections) or \
-                (self.max_per_source and
-                 self._per_source.get(source, 0) >= self.max_per_source):
+        mine = self._by_source.get(source, {})
+        if self.max_connections and len(self.open) >= self.max_connections:
             self.refused += 1
-            return False
-        self.open[transport] = _Connection(source)
-        self._per_source[source] = self._per_source.get(source, 0) + 1
-        return True
+            return None
+        if self.max_per_source and len(mine) >= self.max_per_source:
+            idle = [other for other, state in mine.items() if not state.busy]
+            if not idle:
+                self.refused += 1
+                return None
+            idlest = min(idle, key=lambda other: mine[other].heard)
+            self.release(idlest)
+            idlest.abort()
+            self.evicted += 1
+        state = _Connection(source)
+        self.open[transport] = state
+        self._by_source.setdefault(source, mine)[transport] = state
+        return state
 
     def release(self, transport: Any) -> None:
         state = self.open.pop(transport, None)
         if state is None:
             return
-        left = self._per_source.get(state.source, 0) - 1
-        if left > 0:
-            self._per_source[state.source] = left
-        else:
-            self._per_source.pop(state.source, None)
+        mine = self._by_source[state.source]
+        del mine[transport]
+        if not mine:
+            del self._by_source[state.source]
 
     def started(self, transport: Any) -> None:
         state = self.open.get(transport)
@@ -78,7 +96,7 @@ class ConnectionGuard(Periodic):
         state = self.open.get(transport)
         if state is not None:
             state.busy -= 1
-            state.since = time.monotonic()
+            state.since = state.heard = time.monotonic()
 
     async def tick(self) -> None:
         self.sweep(time.monotonic())
@@ -104,9 +122,11 @@ class _Guarded(asyncio.Protocol):
         self.guard = guard
         self.inner = inner
         self.transport: Any = None
+        self.state: _Connection | None = None  # set when admitted
 
     def connection_made(self, transport: Any) -> None:
-        if not self.guard.admit(transport):
+        self.state = self.guard.admit(transport)
+        if self.state is None:
             transport.abort()
             return
         self.transport = transport
@@ -118,6 +138,8 @@ class _Guarded(asyncio.Protocol):
             self.inner.connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        assert self.state is not None
+        self.state.heard = time.monotonic()
         self.inner.data_received(data)
 
     def eof_received(self) -> bool | None:

@@ -7,7 +7,7 @@ from typing import Any
 
 from broker.api.applications import application
 from broker.api.context import Call
-from broker.api.params import LIST_PARAMS, as_json, list_query
+from broker.api.params import LIST_PARAMS, list_query, parse_json
 from keystore.keys import UNSET
 from keystore.models import AccessKey, KeyStatus
 from keystore.validation import parse_when
@@ -49,7 +49,7 @@ async def list_keys(call: Call) -> dict[str, Any]:
     app = await application(call)
     query: Any = None
     if "query" in call.query:
-        query = as_json("query", call.query["query"])  # overrides filterField and filter
+        query = parse_json("query", call.query["query"])  # overrides filterField and filter
     elif q.filter is not None and q.filter_field is not None:
         # status is an enum: an exact match; key and name are globs
         query = {q.filter_field: {"$eq" if q.filter_field == "status" else "$like": q.filter}}

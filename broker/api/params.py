@@ -1,4 +1,6 @@
-"""Query parameters as Losant's clients send them, checked before any work is done.
+"""Query parameters as Losant's clients send them, checked before any work is done, and
+``parse_json``, the one reader of JSON a request carries (its body, the ``query``
+parameter).
 
 Losant's REST client sends ``_actions``/``_links``/``_embedded`` on every call (accepted
 and ignored), booleans as ``True``/``true``, numbers as strings and ``query`` as a JSON
@@ -8,6 +10,7 @@ string. Anything else a route does not list is refused, naming the parameter.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -59,13 +62,29 @@ def as_int(name: str, text: str, low: int, high: int | None = None) -> int:
     return value
 
 
-def as_json(name: str, text: str) -> Any:
+def parse_json(what: str, text: str | bytes) -> Any:
+    """JSON that reads back as it was written, or a 400 naming ``what`` and the problem.
+    Python's parser takes NaN and Infinity, and reads a number beyond a double (1e999999)
+    as infinity; passed on, either would be written out as ``NaN``/``Infinity``, which no
+    JSON parser reads (a state message would reach its subscribers as invalid JSON)."""
     try:
-        return json.loads(text)
-    except ValueError as exc:
-        raise bad_request(f"invalid {name}: not JSON ({exc})") from None
+        return json.loads(text, parse_float=_finite, parse_constant=_not_json)
     except RecursionError:
-        raise bad_request(f"invalid {name}: nested too deeply") from None
+        raise bad_request(f"malformed {what}: nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError too
+        raise bad_request(f"malformed {what}: {exc}") from None
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        shown = text if len(text) <= 40 else text[:37] + "..."
+        raise ValueError(f"number {shown} is out of range (beyond a 64-bit float)")
+    return value
+
+
+def _not_json(text: str) -> Any:
+    raise ValueError(f"{text} is not valid JSON")
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,6 @@ an audit line for every change an admin makes.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from broker.api.callers import Admin, Caller, DeviceCaller, admin_refusal
 from broker.api.context import SOURCE, Api, Call
 from broker.api.errors import bad_request, forbidden, not_found, within_body_timeout
 from broker.api.openapi import document
-from broker.api.params import checked_query
+from broker.api.params import checked_query, parse_json
 from broker.api.schemas import check_body
 from keystore.errors import ValidationError
 from keystore.validation import validate_device_id
@@ -149,20 +148,13 @@ def _authorize(route: Route, caller: Caller, path: dict[str, str]) -> None:
         raise forbidden(refusal)
 
 
-def _no_constants(text: str) -> Any:
-    raise ValueError(f"{text} is not valid JSON")
-
-
 async def _body(request: web.Request, schema: str | None) -> Any:
     if schema is None:
         return None
     raw = await within_body_timeout(request.read())  # over client_max_size: 413
     if not raw.strip():
         raise bad_request("missing JSON body")
-    try:
-        body = json.loads(raw, parse_constant=_no_constants)
-    except (ValueError, RecursionError) as exc:
-        raise bad_request(f"malformed JSON body: {exc}") from None
+    body = parse_json("JSON body", raw)
     if schema == "deviceStates":
         return body  # each state is checked by the handler, naming its position
     return check_body(schema, body)

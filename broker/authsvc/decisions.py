@@ -15,6 +15,9 @@ broker.policy. No I/O: the service reads the keystore, these decide.
   way RabbitMQ routes them (``a.b/c`` excepts ``a/b/c``) so nothing slips past them.
 * Resources (RabbitMQ): a connection may use its own subscription queues and read and
   write the MQTT exchange, nothing else.
+* RabbitMQ asks about one CONNECT in two requests: the secret (/auth/user), then the
+  admission (/auth/vhost), which carries none; the second is granted only after a recent
+  success of the first for the same client id and key (``check_credential_check``).
 * Applications: RabbitMQ's virtual host ``/`` is the application named ``default``, any
   other virtual host the application of that name; EMQX serves one configured
   application. Tenants never share a topic space.
@@ -31,13 +34,14 @@ from broker.policy import SessionPolicy, check_key_address
 from broker.policy.decisions import ALLOW, DENY_EXPIRED, DENY_INACTIVE, DENY_IP, Decision
 from keystore.apps import DEFAULT_APP
 from keystore.backend import ConnectionRow
-from keystore.models import AccessKey, KeyStatus, TopicMode
+from keystore.models import AccessKey, CredentialCheck, KeyStatus, TopicMode
 
 DEFAULT_VHOST = "/"
 QUEUE_PREFIX = "mqtt-subscription-"  # RabbitMQ's MQTT plugin: <prefix><client id>qos0|1
 QUEUE_SUFFIXES = ("qos0", "qos1")
 
 DENY_NO_SESSION = Decision(False, "no_session")  # no snapshot, or another key's
+DENY_SECRET_NOT_CHECKED = Decision(False, "secret_not_checked")  # admission without /auth/user
 DENY_DEVICE_GONE = Decision(False, "device_deleted")
 DENY_DOTTED_CLIENT_ID = Decision(False, "dotted_client_id")
 DENY_WRONG_VHOST = Decision(False, "wrong_vhost")
@@ -53,6 +57,18 @@ def policy_digest(key: AccessKey) -> str:
     holds subscriptions the engine granted under them (see docs/cluster.md)."""
     text = json.dumps([key.topic_mode.value, list(key.pub_topics), list(key.sub_topics)])
     return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def check_credential_check(check: CredentialCheck | None, key: str, now: datetime,
+                           window: float) -> Decision:
+    """May an admission request that carries no secret (RabbitMQ's /auth/vhost) admit
+    ``key`` for the client id of ``check``? Only when the key's secret was checked for that
+    client id (/auth/user) within ``window`` seconds, on any replica: otherwise any allowed
+    peer could admit any key, and reset a victim's session, without its secret."""
+    if check is None or check.key != key or \
+            abs((now - check.checked_at).total_seconds()) > window:
+        return DENY_SECRET_NOT_CHECKED
+    return ALLOW
 
 
 def check_connection(row: ConnectionRow | None, username: str, now: datetime) -> Decision:

@@ -114,7 +114,8 @@ class AuthServer:
                 stack.push_async_callback(engine.close)
             status = StatusRecorder(keystore)
             self.service = AuthService(keystore, audit, guard, settings.device_prefix,
-                                       settings.rabbitmq_exchange, engines, status)
+                                       settings.rabbitmq_exchange, engines, status,
+                                       admission_window=settings.authsvc_admission_window)
             self.revoker = Revoker(keystore, engines, audit, settings.change_poll_interval)
             pruner = ChangePruner(keystore, settings.change_retention,
                                   consumed=self._applied_change_id)

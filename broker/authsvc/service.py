@@ -1,10 +1,14 @@
 """The access-key service's answers (docs/cluster.md), the same for every engine.
 
 * ``check_credentials``: the key and its secret (RabbitMQ's first CONNECT request; a
-  refusal there is CONNACK 4).
-* ``admit``: the rest of the CONNECT checks of docs/access.md for a key whose secret was
-  checked, in the daemon's order, then the connection's snapshot (RabbitMQ's second
-  CONNECT request, EMQX's only one after the credentials: a refusal is CONNACK 5).
+  refusal there is CONNACK 4). A success is recorded in the keystore as a credential
+  check of the client id and key, which any replica can read.
+* ``admit``: RabbitMQ's second CONNECT request, which carries no secret: only for a client
+  id and key with a credential check within ``admission_window`` seconds (else any
+  allowed peer could admit any key, and reset a victim client id's session), then the
+  rest of the CONNECT checks of docs/access.md in the daemon's order, then the
+  connection's snapshot (a refusal is CONNACK 5). ``authenticate``: EMQX's one request,
+  credentials and the same admission.
 * ``connection``: what a later request of a connection is answered from: its snapshot,
   its key as it is now, its compiled policy. ``may_publish``, ``may_subscribe`` and
   ``may_use`` decide with broker.policy (containment for SUBSCRIBE) and
@@ -34,6 +38,7 @@ from broker.authsvc.decisions import (
     amqp_policy,
     check_client_id,
     check_connection,
+    check_credential_check,
     check_resource,
     policy_digest,
 )
@@ -82,13 +87,14 @@ class AuthService:
     def __init__(self, keystore: KeyStore, audit: AuditLog, guard: BruteForceGuard | None,
                  device_prefix: str, exchange: str,
                  engines: Mapping[str, EngineApi] | None = None,
-                 status: StatusRecorder | None = None) -> None:
+                 status: StatusRecorder | None = None, *, admission_window: float) -> None:
         self.keystore = keystore
         self.audit = audit
         self.guard = guard
         self.status = status
         self.exchange = exchange
         self.engines = dict(engines or {})
+        self.admission_window = admission_window  # seconds from check_credentials to admit
         self._policies = {EMQX: PolicyCache(device_prefix),
                           RABBITMQ: PolicyCache(device_prefix, build=amqp_policy)}
         self._apps: dict[str, tuple[str | None, float]] = {}
@@ -97,13 +103,17 @@ class AuthService:
 
     async def check_credentials(self, asker: Asker, username: str | None,
                                 password: str | None, client_id: str) -> Decision:
-        """The key and its secret. RabbitMQ sends no client address with them, so these
-        refusals are audited but cannot count against a source in the guard."""
+        """The key and its secret; a success is recorded for ``admit``. RabbitMQ sends no
+        client address with them, so these refusals are audited but cannot count against
+        a source in the guard."""
         if not username or password is None:
             decision = DENY_NO_CREDENTIALS
         else:
             found = await self.keystore.connect_lookup(username, password, client_id)
             decision = ALLOW if found.key is not None else DENY_BAD_CREDENTIALS
+            if found.key is not None and found.device_registered:
+                await self.keystore.record_credential_check(client_id, found.key.key,
+                                                            datetime.now(UTC))
         if not decision.allowed:
             self.audit.from_source("connect_refused", reason=decision.reason,
                                    client_id=client_id, client_ip=None, peer_ip=asker.node,
@@ -122,13 +132,14 @@ class AuthService:
         facts = await self.keystore.connect_lookup(username, password, client_id)
         if facts.key is None:
             return self._refused(asker, DENY_BAD_CREDENTIALS, None, client_id, client_ip)
-        return await self._admit(asker, facts, client_id, client_ip, app, None)
+        return await self._admit(asker, facts, client_id, client_ip, app, None,
+                                 secret_checked=True)
 
     async def admit(self, asker: Asker, username: str, client_id: str, client_ip: str,
                     app: str, vhost: str | None = None) -> Decision:
         """The CONNECT checks after the credentials, for a key whose secret an earlier
-        request of this CONNECT checked (RabbitMQ: ``app`` is the application of the
-        virtual host ``vhost``)."""
+        request of this CONNECT checked (``check_credentials``; RabbitMQ: ``app`` is the
+        application of the virtual host ``vhost``)."""
         client_ip = normalize_ip(client_ip) or client_ip
         if self._banned(client_ip):
             return DENY_BANNED
@@ -139,10 +150,15 @@ class AuthService:
         facts = await self.keystore.verified_lookup(username, client_id)
         if facts.key is None:  # deleted between the two requests
             return self._refused(asker, DENY_BAD_CREDENTIALS, None, client_id, client_ip)
-        return await self._admit(asker, facts, client_id, client_ip, app, vhost)
+        return await self._admit(asker, facts, client_id, client_ip, app, vhost,
+                                 secret_checked=False)
 
     async def _admit(self, asker: Asker, facts: ConnectLookup, client_id: str,
-                     client_ip: str, app: str, vhost: str | None) -> Decision:
+                     client_ip: str, app: str, vhost: str | None, *,
+                     secret_checked: bool) -> Decision:
+        """``secret_checked``: by this very request; else a recorded credential check of
+        the client id and key must be recent (checked after the daemon's CONNECT checks,
+        so that a client id that is no device is refused as such)."""
         key = facts.key
         assert key is not None
         if await self._app_id(app) != key.app_id:
@@ -153,6 +169,9 @@ class AuthService:
             key=key, now=now, device_registered=facts.device_registered,
             device_in_scope=facts.device_in_scope, client_ip=client_ip, will_topic=None,
         ), None)
+        if decision.allowed and not secret_checked:
+            decision = check_credential_check(await self.keystore.credential_check(client_id),
+                                              key.key, now, self.admission_window)
         if not decision.allowed:
             return self._refused(asker, decision, key.key, client_id, client_ip)
         snapshot, previous = await self.keystore.record_connection(

@@ -1,10 +1,12 @@
 """Admission: who may open a connection, and the CONNECT packet up to authentication.
 
-Per-source caps (docs/limits.md) are checked before anything is read; the CONNECT packet
-is read whole (``FramedReader``), parsed by amqtt's ConnectPacket and checked in amqtt's
-order (protocol level -> CONNACK 1, credential flags -> 4, a persistent session without
-client id -> 2). A connection that never sends a valid CONNECT (silence until the timeout,
-garbage first) counts as a failure in the brute-force guard; every such event is audited
+Connection caps are checked before anything is read (per source: ``SourceCaps``, which
+closes a source's idle pending connections rather than refuse its new ones); the CONNECT
+packet is read whole (``FramedReader``), parsed by amqtt's ConnectPacket and checked in
+amqtt's order (protocol level -> CONNACK 1, credential flags -> 4, a persistent session
+without client id -> 2). A connection that sends bytes that are no valid CONNECT (garbage,
+a CONNECT never completed) counts as a failure in the brute-force guard; one that sends
+nothing until the timeout, or is closed by a cap, does not. Every such event is audited
 within the per-source limit.
 """
 
@@ -25,6 +27,7 @@ from amqtt.mqtt.connect import ConnectPacket
 from broker.audit import AuditLog
 from broker.framing import PacketError
 from broker.mqtt import codec
+from broker.mqtt.caps import SourceCaps
 from broker.mqtt.connection import MqttConnection
 from broker.mqtt.plugins import audit_fields
 from broker.mqtt.session import ConnectionInfo, KeySession, Will
@@ -35,6 +38,9 @@ from broker.state.recorder import StateRecorder
 
 logger = logging.getLogger(__name__)
 
+CONNECT_TIMEOUT = "connect_timeout"
+EVICTED = "evicted"  # MqttConnection.ended_by of a connection closed by a per-source cap
+
 
 class Admission:
     def __init__(self, settings: Settings, audit: AuditLog, guard: BruteForceGuard | None,
@@ -44,45 +50,47 @@ class Admission:
         self.guard = guard
         self.state = state  # gives persistent sessions their journal (None: not kept)
         self.connections: set[MqttConnection] = set()  # every open one, CONNECT or not
-        self._pending: set[MqttConnection] = set()  # of those, before CONNECT is accepted
-        self._per_source: dict[str, int] = {}  # open connections per source
-        self._unauthenticated: dict[str, int] = {}  # of those, before CONNECT is accepted
+        self.caps = SourceCaps(settings.max_connections_per_source,
+                               settings.max_unauthenticated_per_source, self._evicted)
         self.invalid: dict[str, int] = {}  # connections without a valid CONNECT, by kind
 
-    def refusal(self, info: ConnectionInfo) -> str | None:
-        """Why a new connection is closed at once (audited), or None."""
-        settings, source = self.settings, source_of(info.client_ip)
-        if len(self.connections) >= settings.max_connections:
+    def admit(self, info: ConnectionInfo) -> str | None:
+        """None when a new connection may open (at its source's max_connections_per_source,
+        once that source's pending connection idle longest is closed); otherwise why it
+        is closed at once (audited)."""
+        if len(self.connections) >= self.settings.max_connections:
             reason = "max_connections"
-        elif settings.max_connections_per_source and \
-                self._per_source.get(source, 0) >= settings.max_connections_per_source:
-            reason = "max_connections_per_source"
-        elif settings.max_unauthenticated_per_source and \
-                self._unauthenticated.get(source, 0) >= settings.max_unauthenticated_per_source:
-            reason = "max_unauthenticated_per_source"
+        elif not self.caps.make_room(source_of(info.client_ip)):
+            reason = "max_connections_per_source"  # every one of them is past CONNECT
         else:
             return None
-        self.invalid[reason] = self.invalid.get(reason, 0) + 1  # metrics: refused unread
-        self.audit.from_source("connect_invalid", client_ip=info.client_ip,
-                               peer_ip=info.peer_ip, listener=info.listener, reason=reason)
+        self._closed_unread(info, reason)
         return reason
 
     def opened(self, connection: MqttConnection) -> None:
-        source = source_of(connection.info.client_ip)
         self.connections.add(connection)
-        self._pending.add(connection)
-        self._per_source[source] = self._per_source.get(source, 0) + 1
-        self._unauthenticated[source] = self._unauthenticated.get(source, 0) + 1
-
-    def authenticated(self, connection: MqttConnection) -> None:
-        if connection in self._pending:
-            self._pending.discard(connection)
-            _decrement(self._unauthenticated, source_of(connection.info.client_ip))
+        self.caps.opened(source_of(connection.info.client_ip), connection)
 
     def closed(self, connection: MqttConnection) -> None:
-        self.authenticated(connection)  # no longer counted as waiting for CONNECT
-        _decrement(self._per_source, source_of(connection.info.client_ip))
+        if connection in self.connections:  # not evicted (then it is counted no more)
+            self.connections.discard(connection)
+            self.caps.closed(source_of(connection.info.client_ip), connection)
+
+    def stop(self) -> None:
+        self.caps.stop()
+
+    def _evicted(self, connection: MqttConnection, reason: str) -> None:
+        """A pending connection closed by a per-source cap (SourceCaps): audited and
+        counted, but no failure of its source's in the guard (else a neighbour's silent
+        sockets would ban the devices behind the same address)."""
         self.connections.discard(connection)
+        self._closed_unread(connection.info, reason)
+        connection.expired(EVICTED)
+
+    def _closed_unread(self, info: ConnectionInfo, reason: str) -> None:
+        self.invalid[reason] = self.invalid.get(reason, 0) + 1  # metrics: no CONNECT read
+        self.audit.from_source("connect_invalid", client_ip=info.client_ip,
+                               peer_ip=info.peer_ip, listener=info.listener, reason=reason)
 
     def packet_violation(self, connection: MqttConnection, error: Exception) -> None:
         """A packet that ended the connection (reported by its FramedReader)."""
@@ -93,14 +101,18 @@ class Admission:
             self._invalid(info, str(error), "bad_packet")
 
     def _invalid(self, info: ConnectionInfo, reason: str, event: str = "connect_invalid") -> None:
-        kind = ("timeout" if reason == "connect_timeout" else "protocol"
+        """A connection without a valid CONNECT: counted, audited, and a failure in the
+        guard when it sent something (bytes that are no valid CONNECT); a silent one that
+        timed out is not (it may be a neighbour's, behind the same address)."""
+        silent = reason == CONNECT_TIMEOUT
+        kind = ("timeout" if silent else "protocol"
                 if reason.startswith("CONNACK") else "bad_packet" if event == "bad_packet"
                 else "malformed")
         self.invalid[kind] = self.invalid.get(kind, 0) + 1
         logger.info("no valid CONNECT from %s on %s: %s", info.peer_ip, info.listener, reason)
         self.audit.from_source(event, client_ip=info.client_ip, peer_ip=info.peer_ip,
                                listener=info.listener, reason=reason)
-        if self.guard is None:
+        if self.guard is None or silent:
             return
         now = time.monotonic()
         until = self.guard.record_failure(info.client_ip, now)
@@ -119,10 +131,12 @@ class Admission:
             return None  # audited by the reader
         if packet is None:
             if connection.ended_by == "idle":
-                self._invalid(info, "connect_timeout")
-            else:  # closed before sending anything: not counted (port checks, probes)
+                self._invalid(info, CONNECT_TIMEOUT)
+            elif connection.ended_by != EVICTED:  # audited when evicted
+                # closed before sending anything: not counted (port checks, probes)
                 logger.debug("connection from %s closed before CONNECT", info.peer_ip)
             return None
+        self.caps.connect_read(source_of(info.client_ip), connection)
         first, body = packet
         if first >> 4 != codec.CONNECT:  # MQTT-3.1.0-1
             self._invalid(info, f"packet type {first >> 4} before CONNECT", "bad_packet")
@@ -170,10 +184,3 @@ def effective_keepalive(keep_alive: int, settings: Settings) -> int:
         return 0
     return max(1, math.ceil(keep_alive * settings.keepalive_factor))
 
-
-def _decrement(counts: dict[str, int], source: str) -> None:
-    left = counts.get(source, 0) - 1
-    if left > 0:
-        counts[source] = left
-    else:
-        counts.pop(source, None)

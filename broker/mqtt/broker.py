@@ -112,6 +112,7 @@ class KeyBroker(Broker):
         """Also ends connections that have not completed CONNECT (amqtt knew none)."""
         await self._watchdog.stop_ticking()
         await self._slow_sweep.stop_ticking()
+        self.admission.stop()
         for server in self._servers.values():
             server.instance.close()  # no new connections while the others end
         for connection in list(self.admission.connections):
@@ -190,7 +191,7 @@ class KeyBroker(Broker):
 
     async def _serve_client(self, reader: ReaderAdapter | asyncio.StreamReader, link: Link,
                             info: ConnectionInfo | None, prefix: bytes = b"") -> None:
-        if info is None or self.admission.refusal(info) is not None:
+        if info is None or self.admission.admit(info) is not None:
             link.abort()
             return
         connection = MqttConnection(self.inbound, self.router, link, info)
@@ -235,7 +236,6 @@ class KeyBroker(Broker):
             counted = (code, refusal.reason if refusal else "no_client_id")
             self.connects_refused[counted] = self.connects_refused.get(counted, 0) + 1
             return
-        self.admission.authenticated(connection)
         async with self.registry.connect_lock(incoming.client_id):
             session = await self.registry.take_over(incoming)
             session.link = link

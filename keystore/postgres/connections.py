@@ -1,6 +1,6 @@
-"""SQL of the connection snapshots (keystore.connections) for PostgreSQL: the tables of
-schema 8. keystore.sharedops.SharedConnections runs these steps; the SQLite twin is
-keystore.sqlite.connections.
+"""SQL of the connection snapshots and credential checks (keystore.connections) for
+PostgreSQL: the tables of schemas 8 and 9. keystore.sharedops.SharedConnections runs these
+steps; the SQLite twin is keystore.sqlite.connections.
 
 Each step takes the connection of an open READ COMMITTED transaction. A snapshot refers
 to its scope by foreign key, so the scope row is locked (FOR KEY SHARE) once seen: a
@@ -34,6 +34,7 @@ KEY_CONNECTIONS_SQL = (f"SELECT {SNAPSHOT_COLUMNS} FROM connection_snapshots s "
                        "WHERE s.key = $1 ORDER BY s.client_id")
 KEYS_EXPIRING_SQL = ("SELECT key FROM access_keys WHERE expires_at > $1 AND expires_at <= $2 "
                      "ORDER BY expires_at")
+CREDENTIAL_CHECK_SQL = "SELECT key, checked_at FROM credential_checks WHERE client_id = $1"
 
 
 async def load_snapshot(conn: asyncpg.Connection,
@@ -65,6 +66,16 @@ async def store_snapshot(conn: asyncpg.Connection, snapshot: ConnectionSnapshot)
         "client_ip = excluded.client_ip, created_at = excluded.created_at",
         snapshot.client_id, snapshot.key, snapshot.scope, snapshot.policy,
         snapshot.client_ip, to_micros(snapshot.created_at))
+
+
+async def store_credential_check(conn: asyncpg.Connection, client_id: str, key: str,
+                                 at: int) -> None:
+    """Record (or renew) the check, when ``client_id`` is a device."""
+    await conn.execute(
+        "INSERT INTO credential_checks (client_id, key, checked_at) SELECT $1, $2, $3 "
+        "WHERE EXISTS (SELECT 1 FROM devices WHERE id = $1) ON CONFLICT (client_id) DO "
+        "UPDATE SET key = excluded.key, checked_at = excluded.checked_at",
+        client_id, key, at)
 
 
 async def prune_scopes(conn: asyncpg.Connection, before: int, batch: int) -> int:

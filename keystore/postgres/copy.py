@@ -7,9 +7,9 @@ device tokens. The source is read in one snapshot and the target written in one
 transaction with COPY, then the row counts of every table are compared inside that
 transaction: a difference rolls everything back. The change feed is not copied (it
 describes the source's past; a daemon on the target starts at its end), nor are
-keybroker authsvc's connection snapshots (they describe live connections of an engine;
-a connection admitted before the move is refused at its next request and records a new
-snapshot when it reconnects).
+keybroker authsvc's connection snapshots and credential checks (they describe live
+connections of an engine; a connection admitted before the move is refused at its next
+request and records a new snapshot when it reconnects).
 """
 
 # Table and column names below are our own constants, never input.

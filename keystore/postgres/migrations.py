@@ -280,7 +280,20 @@ _V8 = [
     "CREATE INDEX keys_by_expiry ON access_keys (expires_at) WHERE expires_at IS NOT NULL",
 ]
 
-MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8]
+# Credential checks for keybroker authsvc (see the SQLite step): a recent successful
+# /auth/user of a client id and key, which /auth/vhost requires.
+_V9 = [
+    """
+    CREATE TABLE credential_checks (
+        client_id  TEXT COLLATE "C" PRIMARY KEY REFERENCES devices(id) ON DELETE CASCADE,
+        key        TEXT COLLATE "C" NOT NULL REFERENCES access_keys(key) ON DELETE CASCADE,
+        checked_at BIGINT NOT NULL
+    )
+    """,
+    "CREATE INDEX credential_checks_by_key ON credential_checks (key)",
+]
+
+MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -1,6 +1,6 @@
-"""SQL of the connection snapshots (keystore.connections) for SQLite: the tables of
-schema 8. keystore.sharedops.SharedConnections runs these steps; the PostgreSQL twin is
-keystore.postgres.connections.
+"""SQL of the connection snapshots and credential checks (keystore.connections) for
+SQLite: the tables of schemas 8 and 9. keystore.sharedops.SharedConnections runs these
+steps; the PostgreSQL twin is keystore.postgres.connections.
 
 Each step takes the connection of an open transaction (the backend holds its lock).
 """
@@ -32,6 +32,7 @@ KEY_CONNECTIONS_SQL = (f"SELECT {SNAPSHOT_COLUMNS} FROM connection_snapshots s "
                        "WHERE s.key = ? ORDER BY s.client_id")
 KEYS_EXPIRING_SQL = ("SELECT key FROM access_keys WHERE expires_at > ? AND expires_at <= ? "
                      "ORDER BY expires_at")
+CREDENTIAL_CHECK_SQL = "SELECT key, checked_at FROM credential_checks WHERE client_id = ?"
 
 
 async def load_snapshot(conn: aiosqlite.Connection,
@@ -63,6 +64,16 @@ async def store_snapshot(conn: aiosqlite.Connection, snapshot: ConnectionSnapsho
         "client_ip = excluded.client_ip, created_at = excluded.created_at",
         (snapshot.client_id, snapshot.key, snapshot.scope, snapshot.policy,
          snapshot.client_ip, to_micros(snapshot.created_at)))
+
+
+async def store_credential_check(conn: aiosqlite.Connection, client_id: str, key: str,
+                                 at: int) -> None:
+    """Record (or renew) the check, when ``client_id`` is a device."""
+    await conn.execute(
+        "INSERT INTO credential_checks (client_id, key, checked_at) SELECT ?, ?, ? "
+        "WHERE EXISTS (SELECT 1 FROM devices WHERE id = ?) ON CONFLICT (client_id) DO "
+        "UPDATE SET key = excluded.key, checked_at = excluded.checked_at",
+        (client_id, key, at, client_id))
 
 
 async def prune_scopes(conn: aiosqlite.Connection, before: int, batch: int) -> int:

@@ -302,7 +302,23 @@ _V8 = [
     "CREATE INDEX keys_by_expiry ON access_keys (expires_at) WHERE expires_at IS NOT NULL",
 ]
 
-MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8]
+# Credential checks for keybroker authsvc: RabbitMQ checks a CONNECT's secret in one request
+# (/auth/user) and admits it in another (/auth/vhost), which carries no secret and may
+# reach another replica. The first records here that the key's secret was checked for the
+# client id; the second admits only a client id with a recent record of the same key. One
+# row per client id that is a device, so the table is as large as the device list at most.
+_V9 = [
+    """
+    CREATE TABLE credential_checks (
+        client_id  TEXT PRIMARY KEY REFERENCES devices(id) ON DELETE CASCADE,
+        key        TEXT NOT NULL REFERENCES access_keys(key) ON DELETE CASCADE,
+        checked_at INTEGER NOT NULL
+    ) WITHOUT ROWID
+    """,
+    "CREATE INDEX credential_checks_by_key ON credential_checks (key)",
+]
+
+MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9]
 SCHEMA_VERSION = len(MIGRATIONS)
 # Steps that rebuild a table others reference: foreign keys are off while they run (a
 # PRAGMA that only works outside a transaction), and checked before they commit.

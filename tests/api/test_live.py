@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import pytest
 import requests
 
 from tests.api.conftest import ApiEnv, refused
@@ -96,6 +97,38 @@ def test_state_and_commands_over_http_reach_mqtt_subscribers(api: ApiEnv) -> Non
         assert command is not None and command.topic == "losant/thermo/command"
         body = json.loads(command.payload)
         assert body["name"] == "reboot" and body["payload"] == {"in": 3}
+
+
+def _strict_json(payload: bytes) -> Any:
+    """What any JSON parser reads: no NaN or Infinity."""
+    def refuse(text: str) -> Any:
+        raise AssertionError(f"{text} in {payload!r}: not JSON")
+
+    return json.loads(payload, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("number", ["1e999999", "-1e999999", "NaN", "Infinity", "-Infinity"])
+def test_state_with_a_number_json_cannot_carry_is_400_and_not_published(
+    api: ApiEnv, number: str,
+) -> None:
+    api.daemon.ks("add_device", "meter")
+    key, secret = api.daemon.ks("create_key", device_ids=["meter"])
+    state = f"/applications/{api.app_id}/devices/meter/state"
+    with Client(api.daemon.port(), "meter", key.key, secret) as watcher:
+        assert watcher.connect() == 0
+        assert watcher.subscribe("losant/meter/state", qos=1) == 1
+        refused = api.http("POST", state, data=f'{{"data": {{"x": {number}}}}}',
+                           headers={"Content-Type": "application/json"})
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["type"] == "Validation"
+        assert number in refused.json()["message"]
+        # The largest double is fine, and reaches subscribers as JSON.
+        accepted = api.http("POST", state, json={"data": {"x": 1.7976931348623157e308}})
+        assert accepted.status_code == 200, accepted.text
+        message = watcher.get()
+        assert message is not None
+        assert _strict_json(message.payload)["data"] == {"x": 1.7976931348623157e308}
+        assert watcher.get(0.3) is None  # the refused state was never published
 
 
 def test_a_device_token_publishes_only_in_its_keys_scope(api: ApiEnv) -> None:

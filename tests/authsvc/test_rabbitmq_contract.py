@@ -12,6 +12,7 @@ from keystore import KeyStore
 from keystore.models import AccessKey, AddressMode, TopicMode
 from tests.authsvc.conftest import Replicas, fields
 from tests.support.authsvc import Replica, ask, authsvc_config
+from tests.support.waiting import wait_until
 
 ALLOW, DENY = (200, "allow"), (200, "deny")
 
@@ -81,6 +82,43 @@ def test_credentials_are_checked_at_user_and_the_rest_at_vhost(replicas: Replica
     assert {("cr-1", "bad_credentials"), (outsider.id, "device_not_in_scope"),
             ("cr-ghost", "unknown_device")} <= refused
     assert secret not in replicas.texts()
+
+
+def test_admission_needs_a_secret_checked_for_that_client_id_and_key(
+        replicas: Replicas) -> None:
+    """/auth/vhost carries no secret: an allowed peer asking it alone, or after checking
+    another client id's or another key's secret, admits nothing and records nothing."""
+    key, secret = make_key(replicas, ["vb-1", "vb-2"])
+    other, other_secret = make_key(replicas, ["vb-3"])  # same application, another key
+    assert vhost(replicas.a, key.key, "vb-1") == DENY  # no /auth/user at all
+    assert user(replicas.a, key.key, secret, "vb-2") == ALLOW
+    assert vhost(replicas.b, key.key, "vb-1") == DENY  # the secret was checked for vb-2
+    assert user(replicas.a, other.key, other_secret, "vb-1") == ALLOW
+    assert vhost(replicas.b, key.key, "vb-1") == DENY  # ... and for vb-1 under another key
+    assert replicas.store(lambda ks: ks.connection("vb-1")) is None  # no snapshot written
+    assert user(replicas.a, key.key, secret, "vb-1") == ALLOW
+    assert vhost(replicas.b, key.key, "vb-1") == ALLOW  # the real sequence, any replica
+    events = [json.loads(line) for path in replicas.audit if path.exists()
+              for line in path.read_text().splitlines()]
+    refused = [e["reason"] for e in events
+               if e["event"] == "connect_refused" and e["client_id"] == "vb-1"]
+    assert refused == ["secret_not_checked"] * 3
+
+
+def test_a_secret_check_admits_only_within_the_admission_window(replicas: Replicas) -> None:
+    work = replicas.work
+    brief = Replica(work, "brief", authsvc_config(replicas.db, work / "brief.jsonl",
+                                                  admission_window=0.5)).start()
+    try:
+        key, secret = make_key(replicas, ["aw-1"])
+        assert user(brief, key.key, secret, "aw-1") == ALLOW
+        assert vhost(brief, key.key, "aw-1") == ALLOW
+        wait_until(lambda: vhost(brief, key.key, "aw-1") == DENY, timeout=10,
+                   what="admission refused once the check is older than the window")
+        assert user(brief, key.key, secret, "aw-1") == ALLOW  # the next CONNECT
+        assert vhost(brief, key.key, "aw-1") == ALLOW
+    finally:
+        brief.stop()
 
 
 def test_inactive_and_expired_keys_are_refused_at_vhost(replicas: Replicas) -> None:
@@ -251,11 +289,14 @@ def test_the_guard_bans_a_source_after_refused_admissions(replicas: Replicas) ->
     guarded = Replica(work, "guarded", authsvc_config(replicas.db, audit,
                                                       max_failures=3)).start()
     try:
-        key, _ = make_key(replicas, ["gd-1"], address_mode="only", addresses=["192.0.2.0/24"])
+        key, secret = make_key(replicas, ["gd-1"], address_mode="only",
+                               addresses=["192.0.2.0/24"])
+        assert user(guarded, key.key, secret, "gd-1") == ALLOW
         assert vhost(guarded, key.key, "gd-1", ip="192.0.2.9") == ALLOW
         for _ in range(3):
             assert vhost(guarded, key.key, "gd-1", ip="203.0.113.9") == DENY  # ip_denied
-        key2, _ = make_key(replicas, ["gd-2"])
+        key2, secret2 = make_key(replicas, ["gd-2"])
+        assert user(guarded, key2.key, secret2, "gd-2") == ALLOW
         # Banned: refused before anything is looked up, even for a key that would pass.
         assert vhost(guarded, key2.key, "gd-2", ip="203.0.113.9") == DENY
         assert vhost(guarded, key2.key, "gd-2", ip="203.0.113.10") == ALLOW

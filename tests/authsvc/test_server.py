@@ -149,6 +149,21 @@ async def test_health_and_readiness(server: AuthServer, monkeypatch: pytest.Monk
     assert status == 503 and b'"keystore": false' in body
 
 
+async def test_by_default_only_127_0_0_1_and_ipv6_loopback_may_ask(server: AuthServer) -> None:
+    """Not all of 127.0.0.0/8: any local process can connect from 127.0.0.2."""
+    port = server.listener.port
+    assert (await get(port, "/metrics"))[0] == 200
+    reader, writer = await asyncio.open_connection("127.0.0.1", port,
+                                                   local_addr=("127.0.0.2", 0))
+    try:
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(65536), 5)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 403") and answer.endswith(b"deny")
+    assert server.refused_requests == 1
+
+
 async def test_peers_not_allowed_get_nothing_and_are_counted(tmp_path: Path) -> None:
     db = tmp_path / "k.db"
     async with KeyStore.open(db):

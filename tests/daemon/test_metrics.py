@@ -14,6 +14,7 @@ import pytest
 import requests
 
 from broker.policy.guard import GuardSettings
+from tests.support import mqtt_raw as raw
 from tests.support.harness import Client, RunningBroker, broker_settings
 from tests.support.metrics import Samples
 from tests.support.metrics import scrape as scrape_url
@@ -115,17 +116,26 @@ def test_labels_never_carry_ids_keys_or_topics(daemon: RunningBroker) -> None:
         assert needle not in text
 
 
-def test_connections_refused_by_a_cap_are_counted(tmp_path: Path) -> None:
+def test_connections_closed_by_a_cap_are_counted(tmp_path: Path) -> None:
     daemon = RunningBroker(replace(broker_settings(tmp_path),
                                    max_connections_per_source=1)).start()
     try:
+        daemon.ks("add_device", "d1")
+        key, secret = daemon.ks("create_key", device_ids=["d1"])
         before = scrape(daemon)
         with socket.create_connection(("127.0.0.1", daemon.port())) as first:
             with socket.create_connection(("127.0.0.1", daemon.port())) as second:
+                first.settimeout(3)
+                assert first.recv(1) == b""  # the source's pending one makes room
                 second.settimeout(3)
-                assert second.recv(1) == b""  # closed at once
-            first.sendall(b"\xe0\x00")
+                second.sendall(raw.connect("d1", key.key, secret))
+                assert second.recv(4) == bytes([0x20, 2, 0, 0])
+                with socket.create_connection(("127.0.0.1", daemon.port())) as third:
+                    third.settimeout(3)
+                    assert third.recv(1) == b""  # none pending: refused at once
         after = scrape(daemon)
+        assert moved(before, after, "keybroker_connects_refused_total", code="none",
+                     reason="evicted_per_source") == 1
         assert moved(before, after, "keybroker_connects_refused_total", code="none",
                      reason="max_connections_per_source") == 1
     finally:

@@ -140,3 +140,38 @@ async def test_a_scope_pruned_meanwhile_is_stored_again(keystore_target: str) ->
         # This process saw {"a", "b"} stored: it sends the list again only when told.
         snapshot, _ = await ks.record_connection("b", key.key, scope, "p", "1.1.1.1", NOW)
         assert await other.connection_scope(snapshot) == scope
+
+
+async def test_a_credential_check_written_by_one_replica_is_read_by_another(
+    keystore_target: str,
+) -> None:
+    async with KeyStore.open(keystore_target) as first, \
+            KeyStore.open(keystore_target) as second:
+        await first.add_device("a")
+        one, _ = await first.create_key()
+        two, _ = await first.create_key()
+        assert await second.credential_check("a") is None
+        await first.record_credential_check("a", one.key, NOW)
+        check = await second.credential_check("a")
+        assert check is not None and (check.key, check.checked_at) == (one.key, NOW)
+        later = NOW + timedelta(seconds=3)
+        await first.record_credential_check("a", two.key, later)  # one row per client id
+        check = await second.credential_check("a")
+        assert check is not None and (check.key, check.checked_at) == (two.key, later)
+
+
+async def test_credential_checks_go_with_their_key_and_their_device(
+    keystore_target: str,
+) -> None:
+    async with KeyStore.open(keystore_target) as ks:
+        for device in ("a", "b"):
+            await ks.add_device(device)
+        key, _ = await ks.create_key()
+        await ks.record_credential_check("ghost", key.key, NOW)  # no device: not kept
+        assert await ks.credential_check("ghost") is None
+        for device in ("a", "b"):
+            await ks.record_credential_check(device, key.key, NOW)
+        await ks.remove_devices(["a"])
+        assert await ks.credential_check("a") is None
+        await ks.delete_keys([key.key])
+        assert await ks.credential_check("b") is None

@@ -86,9 +86,10 @@ async def test_existing_keys_get_api_ids_and_the_token_tables_work(old_file: Pat
         assert found is not None and found.device_id == "s-1"
 
 
-async def test_a_keystore_of_the_authsvc_preview_schema_7_reaches_8(old_file: Path) -> None:
+async def test_a_keystore_of_the_authsvc_preview_schema_7_is_migrated(old_file: Path) -> None:
     """keybroker authsvc first numbered its connection snapshots 7; today's 7 is the tag
-    rows' application. Such a file gets today's 7 and is then at 8, snapshots kept."""
+    rows' application. Such a file gets today's 7 and is then at 8, snapshots kept (and
+    then at today's version)."""
     with sqlite3.connect(old_file, isolation_level=None) as conn:
         for statement in [*MIGRATIONS[4], *MIGRATIONS[5], *MIGRATIONS[7]]:
             conn.execute(statement)
@@ -103,6 +104,6 @@ async def test_a_keystore_of_the_authsvc_preview_schema_7_reaches_8(old_file: Pa
         row = await ks.connection("s-1")
         assert row is not None and await ks.connection_scope(row.snapshot) == {"gw-1", "s-1"}
     with sqlite3.connect(old_file) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 8
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 9
         assert conn.execute("SELECT count(*) FROM device_tags WHERE app_id = ''").fetchone() \
             == (0,)

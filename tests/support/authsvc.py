@@ -35,9 +35,15 @@ def authsvc_config(db: Path | str, audit: Path, *, management: Sequence[str] = (
                    user: str = "", password_file: Path | None = None,
                    emqx_api: Sequence[str] = (), emqx_key: str = "",
                    emqx_secret_file: Path | None = None, max_failures: int = 20,
-                   allowed_peers: Sequence[str] = ("127.0.0.0/8", "::1/128")) -> str:
+                   allowed_peers: Sequence[str] | None = None,
+                   admission_window: float | None = None) -> str:
+    """A replica's config; ``allowed_peers`` and ``admission_window`` are the defaults
+    (an engine on loopback) unless given."""
     # A postgresql:// URL is [keystore] url (the PostgreSQL backend), a path is a file.
     where = "url" if str(db).startswith("postgresql://") else "path"
+    optional = "".join(f"{name} = {value}\n" for name, value in (
+        ("allowed_peers", None if allowed_peers is None else toml_list(allowed_peers)),
+        ("admission_window", admission_window)) if value is not None)
     return f"""\
 [keystore]
 {where} = {json.dumps(str(db))}
@@ -48,8 +54,7 @@ max_failures = {max_failures}
 [authsvc]
 host = "127.0.0.1"
 port = 0
-allowed_peers = {toml_list(allowed_peers)}
-[rabbitmq]
+{optional}[rabbitmq]
 api = {toml_list(management)}
 user = {json.dumps(user)}
 password_file = {json.dumps(str(password_file or ""))}

@@ -61,6 +61,18 @@ def closed_by_peer(sock: socket.socket, within: float) -> bool:
         return False
 
 
+def is_closed(sock: socket.socket) -> bool:
+    """Has the peer closed this socket (EOF or reset waiting)? Does not wait; leaves the
+    socket non-blocking."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionError:
+        return True
+
+
 def connect_packet(client_id: str, key: str, secret: str, *, clean: bool = True,
                    keepalive: int = 30) -> bytes:
     """CONNECT with credentials; clean=False asks for a persistent session."""
