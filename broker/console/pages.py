@@ -88,7 +88,9 @@ def _list_query(filter_text: str, advanced: str) -> Any:
             raise ValidationError("invalid advanced query: nested too deeply") from None
     if filter_text:
         glob = filter_text if any(c in filter_text for c in "*?") else f"*{filter_text}*"
-        return {"$or": [{"name": {"$like": glob}}, {"key": {"$like": glob}}]}
+        # Keys and ids are lowercase hex, so they are found whatever the case typed.
+        return {"$or": [{"name": {"$like": glob}}, {"key": {"$like": glob.lower()}},
+                        {"id": filter_text.lower()}]}
     return None
 
 

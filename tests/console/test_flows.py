@@ -87,6 +87,18 @@ def test_generate_a_restricted_key_and_see_its_secret_exactly_once(console: Cons
     assert switch.get_attribute("aria-checked") == "false"
 
 
+def test_the_key_filter_finds_a_key_by_name_key_or_id(console: Console) -> None:
+    wanted, _ = console.daemon.ks("create_key", name="lyon-gw")
+    console.daemon.ks("create_key", name="paris-gw")
+    console.sign_in()
+    for text in ("lyon", wanted.key[:10].upper(), wanted.id, wanted.id.upper()):
+        console.go(f"/console/apps/{console.app_id}/keys")
+        console.fill({"#filter": text})
+        console.submit(".filters button")
+        rows = [row.get_attribute("data-key") for row in console.all("tr[data-key]")]
+        assert rows == [wanted.key], text
+
+
 def test_invalid_input_is_shown_next_to_its_field_with_the_values_kept(
         console: Console) -> None:
     console.sign_in()
