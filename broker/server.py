@@ -142,6 +142,9 @@ class BrokerServer:
             session = broker.registry.get(device_id)
             return session is not None and session.online
 
+        def live_connections(key: str) -> int:
+            return len(broker.registry.sessions_of_key(key))
+
         def publish(mount: str, topic: str, payload: bytes, qos: int) -> None:
             broker.router.route(mount, topic, payload, qos)
             traffic = broker.traffic  # counted like an MQTT PUBLISH
@@ -151,7 +154,8 @@ class BrokerServer:
         callers = Callers(self.keystore, guard, self.audit, settings.device_prefix)
         api = Api(settings=settings, keystore=self.keystore, audit=self.audit,
                   callers=callers, publish=publish, online=online,
-                  ready=self.readiness, observability=self.observability)
+                  live_connections=live_connections, ready=self.readiness,
+                  observability=self.observability)
         return ApiServer(api, settings)
 
     async def readiness(self) -> dict[str, bool]:

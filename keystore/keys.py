@@ -115,10 +115,11 @@ class KeyOps(AppOps):
         log.info("created %d access keys", len(minted))
         return [(loaded[key], secret) for key, secret in minted]
 
-    async def get_key(self, key_or_prefix: str, *, app: str | None = None) -> AccessKey:
-        """The application's key with this id, or its only key whose id starts with this
-        prefix (at least 8 characters)."""
-        return await self.backend.load_key((await self.app(app)).id, key_or_prefix)
+    async def get_key(self, ref: str, *, app: str | None = None) -> AccessKey:
+        """The application's key that ``ref`` names: its key, its id, its name, or a
+        prefix of its key of at least 8 characters that no other key shares
+        (keystore.lookup; every operation below that takes a key takes the same)."""
+        return await self.backend.load_key((await self.app(app)).id, ref)
 
     async def get_key_by_id(self, key_id: str, *, app: str | None = None) -> AccessKey:
         """The application's key with this ``id`` (24 hex; the API's applicationKeyId)."""
@@ -149,7 +150,7 @@ class KeyOps(AppOps):
 
     async def update_key(
         self,
-        key_or_prefix: str,
+        ref: str,
         *,
         name: str | None | Unset = UNSET,
         description: str | None | Unset = UNSET,
@@ -203,8 +204,7 @@ class KeyOps(AppOps):
                 changes.get("sub_topics", current.sub_topics),
             )
 
-        return await self.backend.change_key((await self.app(app)).id, key_or_prefix, changes,
-                                             check)
+        return await self.backend.change_key((await self.app(app)).id, ref, changes, check)
 
     async def set_status(self, keys: Iterable[str], status: KeyStatus | str, *,
                          app: str | None = None) -> list[AccessKey]:

@@ -1,8 +1,8 @@
 """What a write will change, worked out in Python before any backend runs SQL for it.
 
 Both backends call these with what they read inside their transaction, so the rules
-(what an upsert rewrites, which tags an untag removes, how a key row is stored, what a
-key prefix may look like) exist once; the backends only differ in how they send rows.
+(what an upsert rewrites, which tags an untag removes, how a key row is stored) exist
+once; the backends only differ in how they send rows.
 """
 
 from __future__ import annotations
@@ -14,13 +14,10 @@ from typing import Any
 
 from keystore import credentials
 from keystore.backend import UntagSpec
-from keystore.errors import ConflictError, LimitError, NotFoundError, ValidationError
+from keystore.errors import ConflictError, LimitError, NotFoundError
 from keystore.keyspec import KeySpec
 from keystore.models import AccessKey, Device, KeyStatus, Tag
 from keystore.rows import from_micros, now_micros, to_micros
-from keystore.validation import MIN_PREFIX_LEN
-
-_HEX = frozenset("0123456789abcdef")
 
 
 @dataclass(slots=True)
@@ -121,31 +118,6 @@ def doomed_tags(device: Device, specs: list[UntagSpec]) -> set[Tag]:
             raise NotFoundError(f"device {device.id!r} has no tag matching {spec!r}")
         doomed |= hits
     return doomed
-
-
-def key_ref(key_or_prefix: Any) -> tuple[str, bool]:
-    """A key named by its id or a prefix of it: (normalised text, whether it is a
-    prefix). Keys are lowercase hex, so a prefix ``p`` is the range [p, p + 'g')."""
-    if not isinstance(key_or_prefix, str):
-        raise ValidationError(f"invalid key {key_or_prefix!r}: must be a string")
-    ref = key_or_prefix.strip().lower()
-    if len(ref) < MIN_PREFIX_LEN:
-        raise ValidationError(
-            f"key prefix {key_or_prefix!r} is too short: give at least {MIN_PREFIX_LEN} characters"
-        )
-    return ref, len(ref) < credentials.KEY_HEX_LEN and set(ref) <= _HEX
-
-
-def one_key(key_or_prefix: str, found: Sequence[Any]) -> str:
-    """The single key a reference found (at most two rows are read)."""
-    if not found:
-        raise NotFoundError(f"no access key {key_or_prefix!r}")
-    if len(found) > 1:
-        raise NotFoundError(
-            f"key prefix {key_or_prefix!r} is ambiguous: several keys start with it; "
-            "give more characters"
-        )
-    return str(found[0])
 
 
 @dataclass(slots=True)

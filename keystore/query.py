@@ -7,7 +7,7 @@ operators. Unknown fields, unknown operators and wrongly typed values are a
 ValidationError naming them.
 
 Fields (Losant REST names) and what they compare:
-  key, name, description         text (null = no value)
+  id, key, name, description     text (null = no value)
   status                         active / inactive
   filterType                     topic mode: all / none / whitelist (= only) / blacklist (= except)
   addressFilterType              all / whitelist (= only) / blacklist (= except)
@@ -143,6 +143,7 @@ _ADDRESS_MODES = {
 }
 
 FIELDS: dict[str, _Field] = {
+    "id": _Field("text", "k.id", _TEXT_OPS),
     "key": _Field("text", "k.key", _TEXT_OPS),
     "name": _Field("text", "k.name", _TEXT_OPS),
     "description": _Field("text", "k.description", _TEXT_OPS),

@@ -40,7 +40,7 @@ class Statements(Protocol):
     async def add_device_tags(self, conn: Any, app_id: str,
                               rows: Sequence[tuple[str, str, str]]) -> None: ...
     async def drop_device_tags(self, conn: Any, rows: Sequence[tuple[str, str, str]]) -> None: ...
-    async def resolve_key(self, conn: Any, app_id: str, key_or_prefix: str) -> str: ...
+    async def resolve_key(self, conn: Any, app_id: str, ref: str) -> str: ...
     async def load_keys(self, conn: Any, keys: Iterable[str]) -> dict[str, AccessKey]: ...
 
 
@@ -119,10 +119,10 @@ class SharedOps:
                 await sql.touch_device(conn, before.id)
             return await sql.load_device(conn, app_id, before.id)
 
-    async def load_key(self, app_id: str, key_or_prefix: str) -> AccessKey:
+    async def load_key(self, app_id: str, ref: str) -> AccessKey:
         sql = self.statements
         async with self._read() as conn:
-            key = await sql.resolve_key(conn, app_id, key_or_prefix)
+            key = await sql.resolve_key(conn, app_id, ref)
             return (await sql.load_keys(conn, [key]))[key]
 
     async def keys_by_id(self, keys: Iterable[str]) -> dict[str, AccessKey]:

@@ -31,6 +31,9 @@ class Api:
     # payload, qos). Synchronous, like the broker's own routing.
     publish: Callable[[str, str, bytes, int], None]
     online: Callable[[str], bool]  # is this device id connected over MQTT now?
+    # How many MQTT connections a key (its public key) holds now: what deactivating or
+    # deleting it would end.
+    live_connections: Callable[[str], int]
     # Readiness checks by name (GET /readyz): every listener bound, the keystore answering.
     ready: Callable[[], Awaitable[dict[str, bool]]] | None = None
     observability: Observability | None = None  # metrics and the loop probe (broker.metrics)

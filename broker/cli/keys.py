@@ -37,7 +37,11 @@ TOPIC_MODES = click.Choice([m.value for m in TopicMode])
 
 @click.group()
 def keys() -> None:
-    """Manage access keys (MQTT username = key, password = secret)."""
+    """Manage access keys (MQTT username = key, password = secret).
+
+    KEY names one key of the application: its key, its id, its name, or a prefix of its
+    key of at least 8 characters; a KEY that could name several keys is refused with
+    them listed."""
 
 
 def ip_options(update: bool) -> Callable[[F], F]:
@@ -177,7 +181,7 @@ def list_(query: str | None, as_json: bool, full: bool) -> None:
 @click.argument("key", metavar="KEY")
 @click.option("--json", "as_json", is_flag=True, help="Print the key document as JSON.")
 def show(key: str, as_json: bool) -> None:
-    """Show one key (KEY or a unique prefix of at least 8 characters)."""
+    """Show one key (KEY: its key, id, name or a unique key prefix)."""
     print_key(run_store(lambda ks: ks.get_key(key)), as_json)
 
 
@@ -251,7 +255,8 @@ def update(
     tags: tuple[str, ...],
     as_json: bool,
 ) -> None:
-    """Change a key. Its device restriction cannot be changed: create a new key instead."""
+    """Change a key (KEY: its key, id, name or a unique key prefix). Its device
+    restriction cannot be changed: create a new key instead."""
     address = address_restriction(allow_ips, deny_ips, any_ip)
     changes = update_changes(name, description, address, topics, pub, sub, expires, no_expiry)
     if device_ids or tags:
@@ -274,7 +279,7 @@ def set_status(keys_: tuple[str, ...], status: KeyStatus) -> None:
 @app_option
 @click.argument("keys_", nargs=-1, required=True, metavar="KEY...")
 def activate(keys_: tuple[str, ...]) -> None:
-    """Reactivate keys."""
+    """Reactivate keys (each KEY: its key, id, name or a unique key prefix)."""
     set_status(keys_, KeyStatus.ACTIVE)
 
 
@@ -282,7 +287,8 @@ def activate(keys_: tuple[str, ...]) -> None:
 @app_option
 @click.argument("keys_", nargs=-1, required=True, metavar="KEY...")
 def deactivate(keys_: tuple[str, ...]) -> None:
-    """Deactivate keys without deleting them (their sessions are disconnected)."""
+    """Deactivate keys without deleting them (their sessions are disconnected; each
+    KEY: its key, id, name or a unique key prefix)."""
     set_status(keys_, KeyStatus.INACTIVE)
 
 
@@ -291,7 +297,8 @@ def deactivate(keys_: tuple[str, ...]) -> None:
 @click.argument("keys_", nargs=-1, required=True, metavar="KEY...")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def delete(keys_: tuple[str, ...], yes: bool) -> None:
-    """Delete keys for good (their sessions are disconnected)."""
+    """Delete keys for good (their sessions are disconnected; each KEY: its key, id,
+    name or a unique key prefix)."""
 
     async def resolve(ks: KeyStore) -> list[AccessKey]:
         return [await ks.get_key(k) for k in keys_]

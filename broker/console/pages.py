@@ -88,7 +88,9 @@ def _list_query(filter_text: str, advanced: str) -> Any:
             raise ValidationError("invalid advanced query: nested too deeply") from None
     if filter_text:
         glob = filter_text if any(c in filter_text for c in "*?") else f"*{filter_text}*"
-        return {"$or": [{"name": {"$like": glob}}, {"key": {"$like": glob}}]}
+        # Keys and ids are lowercase hex, so they are found whatever the case typed.
+        return {"$or": [{"name": {"$like": glob}}, {"key": {"$like": glob.lower()}},
+                        {"id": filter_text.lower()}]}
     return None
 
 
@@ -183,12 +185,34 @@ async def edit_key(page: Page) -> web.StreamResponse:
     return page.render("key.html", 400, key=key, form=form, summary=restriction_summary(key))
 
 
+def _ending(page: Page, keys: list[str]) -> str:
+    """What deactivating or deleting these keys ends, from the broker's live sessions."""
+    live = sum(page.console.api.live_connections(k) for k in keys)
+    if not live:
+        return f"No device is connected with {'it' if len(keys) == 1 else 'them'} now."
+    return f"This ends {live} live connection{'' if live == 1 else 's'} now."
+
+
 async def key_status(page: Page) -> web.StreamResponse:
+    """The list's status switch: the form names the status it asks for (a stale page
+    cannot flip a key the other way); activating takes one click, deactivating a
+    confirmation that says how many live connections it ends."""
     key = await _key(page)
     form = await _form(page)
-    status = KeyStatus.INACTIVE if key.status is KeyStatus.ACTIVE else KeyStatus.ACTIVE
+    back, wanted = str(form.get("back", "")), str(form.get("status", ""))
+    if wanted not in (KeyStatus.ACTIVE.value, KeyStatus.INACTIVE.value):
+        raise ValidationError(f"invalid status {wanted[:40]!r}: active or inactive")
+    status = KeyStatus(wanted)
+    if status is KeyStatus.INACTIVE and key.status is KeyStatus.ACTIVE and \
+            form.get("confirm") != "yes":
+        return page.confirm("Deactivate access key",
+                            f"Deactivate key {key.name or key.key}? {_ending(page, [key.key])} "
+                            "Its devices cannot connect with it until it is activated again.",
+                            page.app_url(f"/keys/{key.id}/status"),
+                            page.app_url("/keys" + _list_state(back)),
+                            items=[("status", status.value), ("back", back)])
     await page.console.keystore.set_status([key.key], status, app=key.app_id)
-    return page.back(page.app_url("/keys" + _list_state(str(form.get("back", "")))),
+    return page.back(page.app_url("/keys" + _list_state(back)),
                      f"Key {key.name or key.key[:8]} is now {status.value}.")
 
 
@@ -206,8 +230,8 @@ async def delete_key(page: Page) -> web.StreamResponse:
     form = await _form(page)
     if form.get("confirm") != "yes":
         return page.confirm("Delete access key",
-                            f"Delete key {key.name or key.key}? Its sessions are "
-                            "disconnected and it cannot be undone.",
+                            f"Delete key {key.name or key.key}? {_ending(page, [key.key])} "
+                            "It cannot be undone.",
                             page.app_url(f"/keys/{key.id}/delete"),
                             page.app_url(f"/keys/{key.id}"))
     await page.console.keystore.delete_keys([key.key], app=key.app_id)
@@ -227,8 +251,7 @@ async def bulk_keys(page: Page) -> web.StreamResponse:
     if form.get("confirm") != "yes":
         verb = "Delete" if action == "delete" else "Deactivate"
         return page.confirm(f"{verb} {len(chosen)} keys",
-                            f"{verb} these {len(chosen)} keys? Their sessions are "
-                            "disconnected.",
+                            f"{verb} these {len(chosen)} keys? {_ending(page, chosen)}",
                             page.app_url("/keys/bulk"), page.app_url("/keys"),
                             items=[("key", k) for k in chosen] + [("action", action)])
     ks, app = page.console.keystore, page.app_id

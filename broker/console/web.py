@@ -132,12 +132,9 @@ class Console:
                 self.sessions.drop(session.id)
                 return redirect("/console/signin")
             if request.method == "POST":
-                form = await within_body_timeout(request.post())
-                sent = form.get("csrf")
-                if not isinstance(sent, str) or not hmac.compare_digest(sent, session.csrf):
-                    return self.render("error.html", 403, page=None, flash=[],
-                                       message="The form was not sent by this console "
-                                               "(missing or wrong CSRF token).")
+                refused = await self._csrf_refusal(request, session)
+                if refused is not None:
+                    return refused
             page = Page(self, request, session, token, None)
             refusal = admin_refusal(token, resource, action,
                                     request.match_info.get("applicationId"))
@@ -157,6 +154,18 @@ class Console:
                 return page.render("error.html", status, message=message)
 
         return run
+
+    async def _csrf_refusal(self, request: web.Request, session: Session,
+                            ) -> web.Response | None:
+        """403 for a form that does not carry this session's CSRF token (compared in
+        constant time), else None."""
+        form = await within_body_timeout(request.post())
+        sent = form.get("csrf")
+        if isinstance(sent, str) and hmac.compare_digest(sent, session.csrf):
+            return None
+        return self.render("error.html", 403, page=None, flash=[],
+                           message="The form was not sent by this console (missing or wrong "
+                                   "CSRF token); nothing changed.")
 
     def _audit(self, page: Page, action: str) -> None:
         """Every change made in the console is an audit line, as over the API."""
@@ -226,11 +235,16 @@ class Console:
         return response
 
     async def signout(self, request: web.Request) -> web.StreamResponse:
+        """End the session. Like every other form, sign-out needs the session's CSRF
+        token: without it nothing changes, in the browser or here (the cookie is kept, so
+        the two never disagree), because the console's own Sign out always sends it and
+        a page of another port on this host (the same site for SameSite cookies) must not
+        sign an operator out."""
         session = self.sessions.get(request.cookies.get(COOKIE))
-        form = await within_body_timeout(request.post())
-        sent = form.get("csrf")
-        if session is not None and isinstance(sent, str) and \
-                hmac.compare_digest(sent, session.csrf):
+        if session is not None:
+            refused = await self._csrf_refusal(request, session)
+            if refused is not None:
+                return refused
             self.sessions.drop(session.id)
         response = redirect("/console/signin")
         response.del_cookie(COOKIE, path="/console")

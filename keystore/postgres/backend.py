@@ -32,7 +32,7 @@ from typing import Any
 
 import asyncpg
 
-from keystore import credentials, plans
+from keystore import credentials, lookup, plans
 from keystore.backend import ConnectRow, DeviceTokenRow, Page
 from keystore.errors import (
     ConflictError,
@@ -370,10 +370,10 @@ class PostgresBackend(SharedOps, SharedConnections):
             return await self._value("SELECT count(*) FROM access_keys")
         return await self._value("SELECT count(*) FROM access_keys WHERE app_id = $1", app_id)
 
-    async def change_key(self, app_id: str, key_or_prefix: str, changes: dict[str, Any],
+    async def change_key(self, app_id: str, ref: str, changes: dict[str, Any],
                          check: Callable[[AccessKey], None]) -> AccessKey:
         async with self._tx(feed=True) as conn:
-            key = await statements.resolve_key(conn, app_id, key_or_prefix)
+            key = await statements.resolve_key(conn, app_id, ref)
             current = (await statements.load_keys(conn, [key]))[key]
             check(current)
             if changes.get("name") is not None and await conn.fetchval(
@@ -435,12 +435,8 @@ class PostgresBackend(SharedOps, SharedConnections):
 
     @staticmethod
     async def _token(conn: asyncpg.Connection, ref: str) -> ApiToken:
-        row = await conn.fetchrow(
-            f"SELECT {TOKEN_COLUMNS} FROM api_tokens t WHERE t.id = $1 OR t.name = $1 "
-            "ORDER BY t.id = $1 DESC LIMIT 1", ref)
-        if row is None:
-            raise NotFoundError(f"no API token {ref!r}")
-        return row_to_token(row)
+        return row_to_token(await statements.named(conn, lookup.API_TOKEN,
+                                                   statements.TOKEN_LOOKUP_SQL, ref))
 
     async def all_api_tokens(self) -> list[ApiToken]:
         rows = await self._fetch(

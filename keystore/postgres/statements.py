@@ -15,12 +15,19 @@ from typing import Any
 
 import asyncpg
 
-from keystore import plans
+from keystore import lookup, plans
 from keystore.errors import NotFoundError
 from keystore.keyspec import KeySpec
 from keystore.models import AccessKey, Application, Device, Tag
 from keystore.postgres.db import DEVICE_COLUMNS, KEY_COLUMNS
-from keystore.rows import APP_COLUMNS, now_micros, row_to_app, row_to_device, row_to_key
+from keystore.rows import (
+    APP_COLUMNS,
+    TOKEN_COLUMNS,
+    now_micros,
+    row_to_app,
+    row_to_device,
+    row_to_key,
+)
 
 # Scope of a restricted key (see the SQLite twin): listed ids through devices_app_of, and
 # each listed tag pair as one range of device_tags_by_app_pair, index-only.
@@ -48,15 +55,21 @@ DEVICE_TOKEN_SQL = (
     + " FROM device_tokens t JOIN access_keys k ON k.key = t.key WHERE t.id = $1"
 )
 
+APP_LOOKUP_SQL = lookup.APPLICATION.sql("$", APP_COLUMNS)
+KEY_LOOKUP_SQL = lookup.ACCESS_KEY.sql("$", "k.key")
+TOKEN_LOOKUP_SQL = lookup.API_TOKEN.sql("$", TOKEN_COLUMNS)
+
 
 async def load_app(conn: asyncpg.Connection, ref: str) -> Application:
-    """An application by id or by name."""
-    row = await conn.fetchrow(
-        f"SELECT {APP_COLUMNS} FROM applications a WHERE a.id = $1 OR a.name = $1 "
-        "ORDER BY a.id = $1 DESC LIMIT 1", ref)
-    if row is None:
-        raise NotFoundError(f"no application {ref!r}")
-    return row_to_app(row)
+    """An application by id or by name (keystore.lookup)."""
+    return row_to_app(await named(conn, lookup.APPLICATION, APP_LOOKUP_SQL, ref))
+
+
+async def named(conn: asyncpg.Connection, what: lookup.Lookup, sql: str, ref: str,
+                scope: str | None = None) -> Sequence[Any]:
+    """The row of the one thing ``ref`` names (``sql``: ``what.sql`` in this dialect)."""
+    params = what.params(ref, scope)
+    return what.pick(ref, await conn.fetch(sql, *params))
 
 
 async def device_app(conn: asyncpg.Connection, device_id: str) -> str | None:
@@ -152,17 +165,10 @@ async def upsert_batch(
     return plan.touched
 
 
-async def resolve_key(conn: asyncpg.Connection, app_id: str, key_or_prefix: str) -> str:
-    """The full id of this application's key named by its id or a unique prefix."""
-    ref, prefix = plans.key_ref(key_or_prefix)
-    if not prefix:
-        rows = await conn.fetch("SELECT key FROM access_keys WHERE key = $1 AND app_id = $2",
-                                ref, app_id)
-    else:  # a range scan on the primary key
-        rows = await conn.fetch(
-            "SELECT key FROM access_keys WHERE key >= $1 AND key < $2 AND app_id = $3 LIMIT 2",
-            ref, ref + "g", app_id)
-    return plans.one_key(key_or_prefix, [r[0] for r in rows])
+async def resolve_key(conn: asyncpg.Connection, app_id: str, ref: str) -> str:
+    """The key of this application's key that ``ref`` names: its key, id, a unique
+    prefix of its key or its name (keystore.lookup)."""
+    return str((await named(conn, lookup.ACCESS_KEY, KEY_LOOKUP_SQL, ref, app_id))[0])
 
 
 async def load_keys(conn: asyncpg.Connection, keys: Iterable[str]) -> dict[str, AccessKey]:

@@ -31,7 +31,7 @@ from typing import Any
 
 import aiosqlite
 
-from keystore import credentials, plans
+from keystore import credentials, lookup, plans
 from keystore.backend import ConnectRow, DeviceTokenRow, Page
 from keystore.errors import ConflictError, NotFoundError, ValidationError
 from keystore.keyspec import KeySpec
@@ -325,10 +325,10 @@ class SqliteBackend(SharedOps, SharedConnections):
                                     (app_id,))
         return int(rows[0][0])
 
-    async def change_key(self, app_id: str, key_or_prefix: str, changes: dict[str, Any],
+    async def change_key(self, app_id: str, ref: str, changes: dict[str, Any],
                          check: Callable[[AccessKey], None]) -> AccessKey:
         async with self._write() as conn:
-            key = await statements.resolve_key(conn, app_id, key_or_prefix)
+            key = await statements.resolve_key(conn, app_id, ref)
             current = (await statements.load_keys(conn, [key]))[key]
             check(current)
             if changes.get("name") is not None:
@@ -438,12 +438,8 @@ class SqliteBackend(SharedOps, SharedConnections):
 
     @staticmethod
     async def _token(conn: aiosqlite.Connection, ref: str) -> ApiToken:
-        rows = list(await conn.execute_fetchall(
-            f"SELECT {TOKEN_COLUMNS} FROM api_tokens t WHERE t.id = ? OR t.name = ? "
-            "ORDER BY t.id = ? DESC LIMIT 1", (ref, ref, ref)))
-        if not rows:
-            raise NotFoundError(f"no API token {ref!r}")
-        return row_to_token(rows[0])
+        return row_to_token(await statements.named(conn, lookup.API_TOKEN,
+                                                   statements.TOKEN_LOOKUP_SQL, ref))
 
     async def all_api_tokens(self) -> list[ApiToken]:
         rows = await self._fetchall(

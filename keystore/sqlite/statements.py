@@ -15,12 +15,13 @@ from typing import Any
 
 import aiosqlite
 
-from keystore import plans
+from keystore import lookup, plans
 from keystore.errors import NotFoundError
 from keystore.keyspec import KeySpec
 from keystore.models import AccessKey, Application, Device, Tag
 from keystore.rows import (
     APP_COLUMNS,
+    TOKEN_COLUMNS,
     now_micros,
     row_to_app,
     row_to_device,
@@ -61,19 +62,26 @@ CONNECT_SQL = (
 )
 
 
+APP_LOOKUP_SQL = lookup.APPLICATION.sql("?", APP_COLUMNS)
+KEY_LOOKUP_SQL = lookup.ACCESS_KEY.sql("?", "k.key")
+TOKEN_LOOKUP_SQL = lookup.API_TOKEN.sql("?", TOKEN_COLUMNS)
+
+
 async def count(conn: aiosqlite.Connection, sql: str, params: tuple[Any, ...] = ()) -> int:
     rows = list(await conn.execute_fetchall(sql, params))
     return int(rows[0][0])
 
 
 async def load_app(conn: aiosqlite.Connection, ref: str) -> Application:
-    """An application by id or by name."""
-    rows = list(await conn.execute_fetchall(
-        f"SELECT {APP_COLUMNS} FROM applications a WHERE a.id = ? OR a.name = ? "
-        "ORDER BY a.id = ? DESC LIMIT 1", (ref, ref, ref)))
-    if not rows:
-        raise NotFoundError(f"no application {ref!r}")
-    return row_to_app(rows[0])
+    """An application by id or by name (keystore.lookup)."""
+    return row_to_app(await named(conn, lookup.APPLICATION, APP_LOOKUP_SQL, ref))
+
+
+async def named(conn: aiosqlite.Connection, what: lookup.Lookup, sql: str, ref: str,
+                scope: str | None = None) -> Sequence[Any]:
+    """The row of the one thing ``ref`` names (``sql``: ``what.sql`` in this dialect)."""
+    params = what.params(ref, scope)
+    return what.pick(ref, list(await conn.execute_fetchall(sql, params)))
 
 
 async def device_app(conn: aiosqlite.Connection, device_id: str) -> str | None:
@@ -171,21 +179,10 @@ async def upsert_batch(
     return plan.touched
 
 
-async def resolve_key(conn: aiosqlite.Connection, app_id: str, key_or_prefix: str) -> str:
-    """The full id of this application's key named by its id or a unique prefix."""
-    ref, prefix = plans.key_ref(key_or_prefix)
-    if not prefix:
-        rows = list(await conn.execute_fetchall(
-            "SELECT key FROM access_keys WHERE key = ? AND app_id = ?", (ref, app_id)))
-    else:
-        # A range scan on the primary key.
-        rows = list(
-            await conn.execute_fetchall(
-                "SELECT key FROM access_keys WHERE key >= ? AND key < ? AND app_id = ? LIMIT 2",
-                (ref, ref + "g", app_id),
-            )
-        )
-    return plans.one_key(key_or_prefix, [r[0] for r in rows])
+async def resolve_key(conn: aiosqlite.Connection, app_id: str, ref: str) -> str:
+    """The key of this application's key that ``ref`` names: its key, id, a unique
+    prefix of its key or its name (keystore.lookup)."""
+    return str((await named(conn, lookup.ACCESS_KEY, KEY_LOOKUP_SQL, ref, app_id))[0])
 
 
 async def load_keys(conn: aiosqlite.Connection, keys: Iterable[str]) -> dict[str, AccessKey]:

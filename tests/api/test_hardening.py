@@ -98,6 +98,16 @@ def test_unknown_routes_and_methods_answer_in_losants_shape(api: ApiEnv) -> None
     assert ok.status_code == 200
 
 
+def test_key_paths_take_only_the_keys_id_as_losants_do(api: ApiEnv) -> None:
+    key, _ = api.daemon.ks("create_key", name="lyon-gw")
+    for ref in ("lyon-gw", key.key, key.key[:8]):
+        _error(api.http("PATCH", f"/applications/{api.app_id}/keys/{ref}",
+                        data=json.dumps({"status": "inactive"})), 404, ref)
+    assert api.daemon.ks("get_key", key.key).status.value == "active"
+    by_id = api.http("GET", f"/applications/{api.app_id}/keys/{key.id}")
+    assert by_id.json()["name"] == "lyon-gw"
+
+
 def test_every_response_carries_the_security_headers(api: ApiEnv) -> None:
     for response in (api.http("GET", "/applications"), api.http("GET", "/nowhere"),
                      api.http("GET", "/applications", token="")):

@@ -376,6 +376,32 @@ def test_ambiguous_prefix_is_refused(cli: Invoke, monkeypatch: pytest.MonkeyPatc
     assert len(as_json(cli("keys", "list", "--json"))) == 2
 
 
+def test_every_key_command_takes_a_key_name_or_id(cli: Invoke) -> None:
+    gateway = create(cli, "--name", "lyon-gw", "--allow-ip", "10.0.0.0/8")
+    create(cli, "--name", "all-topics", "--topics", "all")
+    assert ok(cli("keys", "update", "lyon-gw", "--any-ip", "--json")).stdout
+    assert as_json(cli("keys", "show", "lyon-gw", "--json"))["addressFilterType"] == "all"
+    assert "inactive" in ok(cli("keys", "deactivate", "all-topics")).output
+    assert as_json(cli("keys", "show", "all-topics", "--json"))["status"] == "inactive"
+    ok(cli("keys", "activate", "all-topics"))
+    assert as_json(cli("keys", "show", gateway["id"], "--json"))["key"] == gateway["key"]
+    ok(cli("keys", "delete", "lyon-gw", "--yes"))
+    fails(cli("keys", "show", "lyon-gw"), "'lyon-gw'")
+    assert [k["name"] for k in as_json(cli("keys", "list", "--json"))] == ["all-topics"]
+
+
+def test_an_ambiguous_key_name_lists_the_candidates(cli: Invoke,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    counter = itertools.count()
+    monkeypatch.setattr(keystore.credentials, "new_key", lambda: f"cafebabe{next(counter):024x}")
+    by_prefix = create(cli)["key"]
+    by_name = create(cli, "--name", "cafebabe")["key"]
+    line = fails(cli("keys", "deactivate", "cafebabe"), "ambiguous", by_prefix,
+                 f"{by_name} (cafebabe)")
+    assert "'cafebabe'" in line
+    assert {k["status"] for k in as_json(cli("keys", "list", "--json"))} == {"active"}
+
+
 def test_delete_confirmation(cli: Invoke, monkeypatch: pytest.MonkeyPatch) -> None:
     key = create(cli, "--name", "keep")["key"]
     fails(cli("keys", "delete", key), "--yes")  # stdin is not a terminal

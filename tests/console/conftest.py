@@ -25,7 +25,10 @@ from tests.support.services import require_binary
 INSTALL = "apt-get install chromium chromium-driver"
 
 
-def chrome(downloads: Path, width: int = 1440, height: int = 1000) -> WebDriver:
+def chrome(downloads: Path, width: int = 1440, height: int = 1000,
+           prompts: bool = False) -> WebDriver:
+    """Headless Chromium. ``prompts``: over WebDriver BiDi, with leave-page prompts left
+    open for the test (``watch_prompts``) instead of accepted by the driver."""
     driver_path = require_binary("chromedriver", f"the console tests ({INSTALL})")
     browser = require_binary(("chromium", "chromium-browser"), f"the console tests ({INSTALL})")
     options = webdriver.ChromeOptions()
@@ -36,6 +39,10 @@ def chrome(downloads: Path, width: int = 1440, height: int = 1000) -> WebDriver:
                  f"--window-size={width},{height}",
                  f"--user-data-dir={downloads.parent / ('profile-' + str(width))}"):
         options.add_argument(flag)
+    if prompts:
+        options.enable_bidi = True
+        options.set_capability("unhandledPromptBehavior",
+                               {"beforeUnload": "ignore", "default": "dismiss and notify"})
     options.add_experimental_option("prefs", {
         "download.default_directory": str(downloads),
         "download.prompt_for_download": False,

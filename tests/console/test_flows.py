@@ -79,12 +79,44 @@ def test_generate_a_restricted_key_and_see_its_secret_exactly_once(console: Cons
         console.go(f"/console/apps/{console.app_id}/keys")
         switch = console.find(f"tr[data-key='{key}'] button[role=switch]")
         assert switch.get_attribute("aria-checked") == "true"
-        started = time.monotonic()
         console.submit(f"tr[data-key='{key}'] button[role=switch]")
+        assert "This ends 1 live connection now." in console.find("main").text
+        assert console.daemon.ks("get_key", key).status.value == "active"  # not yet
+        assert not device.disconnected.is_set()
+        started = time.monotonic()
+        console.submit("#confirm")
         assert device.disconnected.wait(3), "deactivated key's session still connected"
         assert time.monotonic() - started <= 2.0
     switch = console.find(f"tr[data-key='{key}'] button[role=switch]")
     assert switch.get_attribute("aria-checked") == "false"
+    console.submit(f"tr[data-key='{key}'] button[role=switch]")  # activating: one click
+    assert console.daemon.ks("get_key", key).status.value == "active"
+    switch = console.find(f"tr[data-key='{key}'] button[role=switch]")
+    assert switch.get_attribute("aria-checked") == "true"
+
+
+def test_the_status_switch_asks_before_deactivating(console: Console) -> None:
+    key, _ = console.daemon.ks("create_key", name="idle")
+    console.sign_in()
+    console.go(f"/console/apps/{console.app_id}/keys?filter=idl")
+    console.submit(f"tr[data-key='{key.key}'] button[role=switch]")
+    assert "Deactivate key idle? No device is connected with it now." in \
+        console.find("main").text
+    console.find("form a").click()  # Cancel: back to the list as it was
+    console.wait(lambda: "/keys?filter=idl" in console.browser.current_url)
+    assert console.daemon.ks("get_key", key.key).status.value == "active"
+
+
+def test_the_key_filter_finds_a_key_by_name_key_or_id(console: Console) -> None:
+    wanted, _ = console.daemon.ks("create_key", name="lyon-gw")
+    console.daemon.ks("create_key", name="paris-gw")
+    console.sign_in()
+    for text in ("lyon", wanted.key[:10].upper(), wanted.id, wanted.id.upper()):
+        console.go(f"/console/apps/{console.app_id}/keys")
+        console.fill({"#filter": text})
+        console.submit(".filters button")
+        rows = [row.get_attribute("data-key") for row in console.all("tr[data-key]")]
+        assert rows == [wanted.key], text
 
 
 def test_invalid_input_is_shown_next_to_its_field_with_the_values_kept(

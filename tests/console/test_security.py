@@ -52,13 +52,32 @@ def test_state_changes_without_the_csrf_token_are_refused(daemon: RunningBroker)
         refused = http.post(status_url, data=data, timeout=5, allow_redirects=False)
         assert refused.status_code == 403 and "CSRF" in refused.text
     assert daemon.ks("get_key", key.key).status.value == "active"
-    accepted = http.post(status_url, data={"csrf": csrf}, timeout=5, allow_redirects=False)
+    deactivate = {"csrf": csrf, "status": "inactive", "confirm": "yes"}
+    accepted = http.post(status_url, data=deactivate, timeout=5, allow_redirects=False)
     assert accepted.status_code == 303
     assert daemon.ks("get_key", key.key).status.value == "inactive"
     # Another signed-in operator's token does not work in this session either.
     _other, other_csrf = _signed_in(daemon, "ops-2")
-    assert http.post(status_url, data={"csrf": other_csrf}, timeout=5,
+    assert http.post(status_url, data={**deactivate, "csrf": other_csrf}, timeout=5,
                      allow_redirects=False).status_code == 403
+
+
+def test_sign_out_without_the_csrf_token_changes_nothing(daemon: RunningBroker) -> None:
+    http, csrf = _signed_in(daemon)
+    apps_url, signout_url = (daemon.api_url() + path
+                             for path in ("/console/apps", "/console/signout"))
+    for data in ({}, {"csrf": "forged"}):
+        refused = http.post(signout_url, data=data, timeout=5, allow_redirects=False)
+        assert refused.status_code == 403 and "CSRF" in refused.text
+        assert "kb_console" not in refused.headers.get("Set-Cookie", "")  # cookie kept
+        assert http.get(apps_url, timeout=5, allow_redirects=False).status_code == 200
+    stolen = http.cookies.get("kb_console")
+    assert stolen
+    done = http.post(signout_url, data={"csrf": csrf}, timeout=5, allow_redirects=False)
+    assert done.status_code == 303 and done.headers["Location"] == "/console/signin"
+    replay = requests.get(apps_url, cookies={"kb_console": stolen}, timeout=5,
+                          allow_redirects=False)
+    assert replay.status_code == 303 and replay.headers["Location"] == "/console/signin"
 
 
 def test_sign_in_needs_the_forms_own_nonce(daemon: RunningBroker) -> None:
@@ -144,7 +163,8 @@ def test_console_changes_are_audited_and_checked_before_writing(daemon: RunningB
     assert bad.status_code == 400 and "bogus" in bad.text
     assert daemon.ks("get_key", key.key).name == "k"  # nothing written
     flipped = http.post(base + "/status", timeout=5, allow_redirects=False,
-                        data={"csrf": csrf, "back": "page=2&evil=1\r\nX-Injected: yes"})
+                        data={"csrf": csrf, "status": "inactive", "confirm": "yes",
+                              "back": "page=2&evil=1\r\nX-Injected: yes"})
     assert flipped.status_code == 303
     assert flipped.headers["Location"].endswith("/keys?page=2")
     assert "X-Injected" not in flipped.headers

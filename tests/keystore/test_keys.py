@@ -220,12 +220,75 @@ async def test_get_key_by_prefix(ks: KeyStore, monkeypatch: pytest.MonkeyPatch) 
     assert (await ks.get_key(first.key)).key == first.key
     with pytest.raises(NotFoundError, match="ambiguous"):
         await ks.get_key("abcdef01")
-    with pytest.raises(ValidationError, match="too short"):
-        await ks.get_key("abcdef0")
+    with pytest.raises(NotFoundError, match="'abcdef0' .*at least 8 characters"):
+        await ks.get_key("abcdef0")  # too short for a prefix, and no key is named so
     with pytest.raises(NotFoundError, match="no access key 'ffffffff'"):
         await ks.get_key("ffffffff")
     with pytest.raises(NotFoundError, match="no access key"):
         await ks.get_key("abcdef01%")  # not hex: exact match only, never a pattern
+
+
+# --- lookup by name, id or prefix -----------------------------------------------------------
+
+
+async def test_every_operation_names_a_key_by_key_id_prefix_or_name(ks: KeyStore) -> None:
+    gateway, _ = await ks.create_key(name="lyon-gw")
+    ci, _ = await ks.create_key(name="ci")  # shorter than a prefix may be: still a name
+    assert (await ks.get_key("lyon-gw")).key == gateway.key
+    assert (await ks.get_key(gateway.id)).key == gateway.key
+    assert (await ks.get_key(gateway.key.upper())).key == gateway.key
+    assert (await ks.get_key(gateway.key[:9])).key == gateway.key
+    assert (await ks.get_key("ci")).key == ci.key
+    assert (await ks.update_key("lyon-gw", description="Lyon")).description == "Lyon"
+    (changed,) = await ks.set_status(["lyon-gw", gateway.id], KeyStatus.INACTIVE)
+    assert changed.key == gateway.key and changed.status is KeyStatus.INACTIVE
+    assert await ks.delete_keys(["ci"]) == [ci.key]
+    with pytest.raises(NotFoundError, match="no access key 'ci'"):
+        await ks.get_key("ci")
+    with pytest.raises(NotFoundError, match="no access key 'Lyon-gw'"):
+        await ks.get_key("Lyon-gw")  # names are exact
+
+
+async def test_key_names_are_looked_up_in_their_application(ks: KeyStore) -> None:
+    await ks.create_app("plant-2")
+    here, _ = await ks.create_key(name="gw")
+    there, _ = await ks.create_key(name="gw", app="plant-2")
+    assert (await ks.get_key("gw")).key == here.key
+    assert (await ks.get_key("gw", app="plant-2")).key == there.key
+    with pytest.raises(NotFoundError, match="no access key"):
+        await ks.get_key(there.id)  # another application's key by id
+    with pytest.raises(NotFoundError, match="no access key"):
+        await ks.set_status([there.key[:10]], KeyStatus.INACTIVE)
+    assert (await ks.get_key("gw", app="plant-2")).status is KeyStatus.ACTIVE
+
+
+async def test_an_ambiguous_key_reference_is_refused_listing_the_candidates(
+        ks: KeyStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    fixed = iter(["abcdef0111111111111111111111111a", "abcdef0122222222222222222222222b",
+                  "0123456789abcdef0123456789abcdef"])
+    monkeypatch.setattr(credentials, "new_key", lambda: next(fixed))
+    first, _ = await ks.create_key(name="north")
+    second, _ = await ks.create_key()
+    named_like_a_prefix, _ = await ks.create_key(name="abcdef01")
+    with pytest.raises(NotFoundError) as refused:
+        await ks.delete_keys(["abcdef01"])  # a name, and the prefix of two other keys
+    message = str(refused.value)
+    assert "\n" not in message and "ambiguous" in message
+    for candidate in (f"{first.key} (north)", second.key,
+                      f"{named_like_a_prefix.key} (abcdef01)"):
+        assert candidate in message
+    assert await ks.count_keys() == 3  # nothing deleted
+    assert (await ks.get_key(named_like_a_prefix.key)).name == "abcdef01"  # whole: no doubt
+
+
+async def test_a_whole_id_wins_over_a_name(ks: KeyStore) -> None:
+    target, _ = await ks.create_key()
+    impostor, _ = await ks.create_key(name=target.id)
+    assert (await ks.get_key(target.id)).key == target.key
+    assert (await ks.get_key(impostor.key)).key == impostor.key
+    other = await ks.create_app("other")
+    await ks.create_app(other.id)  # an application named like another's id
+    assert (await ks.app(other.id)).name == "other"
 
 
 # --- updates ----------------------------------------------------------------------------

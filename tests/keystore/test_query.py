@@ -163,6 +163,7 @@ async def test_query(ks: KeyStore, query: Any, expected: list[str | None]) -> No
 async def test_query_on_key_and_dates_relative_to_now(ks: KeyStore) -> None:
     alpha = (await ks.list_keys({"name": "alpha"}))[0]
     assert await names(ks, {"key": {"$startsWith": alpha.key[:8]}}) == ["alpha"]
+    assert await names(ks, {"id": alpha.id}) == ["alpha"]
     soon = (datetime.now(UTC) + timedelta(minutes=5)).isoformat()
     assert await names(ks, {"creationDate": {"$lt": soon}}) == ALL
     assert await names(ks, {"lastUpdated": {"$gte": alpha.updated_at.isoformat()}}) != []

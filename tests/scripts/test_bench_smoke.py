@@ -4,11 +4,15 @@ No assertion on speed (tests never assert on wall-clock figures)."""
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 BENCH = Path(__file__).resolve().parents[2] / "scripts" / "bench"
 
@@ -43,6 +47,34 @@ def test_bench_quick_qos0_keybroker(tmp_path: Path) -> None:
     assert detail["subscribers"]["first_topic"] == "bench/load"
     assert "keybroker/amqtt" in row["ratios"]
     assert "1 pub -> 1 sub, QoS 0" in proc.stdout
+
+
+def test_a_quick_run_shows_figures_and_judges_no_target(tmp_path: Path) -> None:
+    proc, report = run_bench(tmp_path, "policy", timeout=60)
+    rows = report["results"]
+    assert rows and all(row["values"]["keybroker"] > 0 for row in rows.values())
+    assert all(row["target"] == "<= 2000 ns" for row in rows.values())  # kept, for reference
+    assert all(row["target_met"] is None for row in rows.values())
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("workload"))
+    assert [cell.strip() for cell in header.split("|")] == ["workload", "unit", "keybroker"]
+    assert "| NO" not in proc.stdout and "| yes" not in proc.stdout
+    assert "quick run: a look, not a verdict" in proc.stdout
+
+
+def test_quick_runs_the_scale_workloads_only_when_named(monkeypatch: pytest.MonkeyPatch
+                                                        ) -> None:
+    loader = importlib.machinery.SourceFileLoader("bench_script", str(BENCH))
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    assert spec is not None
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, loader.name, bench)  # its dataclasses look it up
+    monkeypatch.setattr(sys, "path", list(sys.path))  # it puts scripts/ on the path
+    loader.exec_module(bench)
+    scale = {"burst", "many", "storm", "api", "metrics"}
+    quick = bench.workloads_to_run(None, quick=True)
+    assert quick and scale.isdisjoint(quick)
+    assert scale <= set(bench.workloads_to_run(None, quick=False))
+    assert bench.workloads_to_run(["storm"], quick=True) == ["storm"]
 
 
 def test_bench_quick_api_rows(tmp_path: Path) -> None:
