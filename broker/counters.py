@@ -13,9 +13,10 @@ KICK_CAUSES = ("slow_consumer", "operator_kick", "key_deleted", "key_inactive", 
                "ip_denied", "device_deleted", "app_deleted")
 # Why a message for a session was not kept (keybroker_messages_dropped_total{reason}):
 # QoS 1/2 for an offline session past its bounds; QoS 0 for a live session past twice its
-# byte bound; QoS 1/2 held for a session that may no longer read their topic (its key
-# changed).
-DROP_REASONS = ("offline_queue_full", "qos0_past_bounds", "not_readable")
+# byte bound; QoS 1/2 that could not wait (HTTP API, Will) for a live session past four
+# times its bounds; QoS 1/2 held for a session that may no longer read their topic (its
+# key changed).
+DROP_REASONS = ("offline_queue_full", "qos0_past_bounds", "live_queue_full", "not_readable")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -37,10 +38,11 @@ class FlowCounters:
     """Flow control (broker.flow): publishers paused now and in all, for how long, and
     the slow consumers disconnected."""
 
-    __slots__ = ("paused", "pauses", "pause_seconds", "slow_consumers")
+    __slots__ = ("paused", "pauses", "pause_seconds", "slow_consumers", "held")
 
     def __init__(self) -> None:
         self.paused = 0  # connections paused now
+        self.held = 0  # bytes of packets paused connections hold, all together
         self.pauses = 0
         self.pause_seconds = 0.0  # of pauses that have ended
         self.slow_consumers = 0

@@ -37,9 +37,17 @@ from broker.settings import Settings
 
 logger = logging.getLogger(__name__)
 
+# Times its bounds a live session may hold before messages that cannot wait are dropped.
+CEILING = 4
+
 
 class Publisher(Protocol):
     """The side that is paused: a connection whose PUBLISHes feed congested sessions."""
+
+    @property
+    def pausable(self) -> bool:
+        """False while it may not be paused (what it delivers is bounded by the
+        sessions' ceiling instead)."""
 
     def pause(self) -> None:
         """One more congested session to wait for."""
@@ -60,7 +68,8 @@ class KeySession(Protocol):
 class Congestion:
     """A session past its bounds: since when, its last progress, who waits for it."""
 
-    __slots__ = ("since", "last_progress", "buffered", "waiters", "watching", "qos0_dropped")
+    __slots__ = ("since", "last_progress", "buffered", "waiters", "watching", "qos0_dropped",
+                 "live_dropped")
 
     def __init__(self, now: float, buffered: int) -> None:
         self.since = now
@@ -69,6 +78,7 @@ class Congestion:
         self.waiters: set[Publisher] = set()
         self.watching = False  # a task waits for its send buffer to drain
         self.qos0_dropped = 0  # QoS 0 messages dropped in this episode (logged at its end)
+        self.live_dropped = 0  # QoS 1/2 dropped past the ceiling in this episode
 
 
 class FlowControl:
@@ -103,9 +113,20 @@ class FlowControl:
             congestion = session.congestion = Congestion(loop_time, buffered)
             self.congested.add(session)
             self._watch_buffer(session, congestion)
-        if source is not None and source not in congestion.waiters:
+        if source is not None and source.pausable and source not in congestion.waiters:
             congestion.waiters.add(source)
             source.pause()
+
+    def past_ceiling(self, session: KeySession) -> bool:
+        """Holding CEILING times its bounds: what cannot be paused for it (state over the
+        HTTP API, a Will, a connection breaking a cycle of waits) is dropped past this."""
+        return (len(session.outbox) >= CEILING * self.max_messages
+                or self.held_bytes(session) >= CEILING * self.max_bytes)
+
+    def live_dropped(self, session: KeySession) -> None:
+        congestion = session.congestion
+        if congestion is not None:
+            congestion.live_dropped += 1
 
     def acknowledged(self, session: KeySession) -> None:
         """An acknowledgement from a congested session: progress, and its publishers go
@@ -163,6 +184,10 @@ class FlowControl:
         if congestion.qos0_dropped:
             logger.info("client %s: %d QoS 0 messages dropped while it was past its bounds",
                         session.client_id, congestion.qos0_dropped)
+        if congestion.live_dropped:
+            logger.warning("client %s: %d QoS 1/2 messages that could not wait (HTTP API, "
+                           "Will, a cycle of publishers) dropped past %d times its bounds",
+                           session.client_id, congestion.live_dropped, CEILING)
         for publisher in congestion.waiters:
             publisher.resume()
 

@@ -136,10 +136,11 @@ class Router:
 
     def enqueue(self, session: KeySession, message: OutMessage,
                 source: Publisher | None = None) -> bool:
-        """Hand a QoS 1/2 message to a session. A live session takes it whatever it holds
-        (sent now if its in-flight window has room) and past its bounds makes ``source``
-        wait (broker.flow); an offline one queues it within its bounds, else it is
-        dropped and counted. False when dropped."""
+        """Hand a QoS 1/2 message to a session. A live session takes it (sent now if its
+        in-flight window has room) and past its bounds makes ``source`` wait
+        (broker.flow); what cannot wait (no ``source``: the HTTP API, a Will) is dropped
+        and counted past the session's ceiling. An offline session queues it within its
+        bounds, else it is dropped and counted. False when dropped."""
         outbox = session.outbox
         link = session.link
         if link is None or session.kicked:
@@ -149,6 +150,10 @@ class Router:
                 return False
             outbox.put(message)
             return True
+        if (source is None or not source.pausable) and self.flow.past_ceiling(session):
+            self.traffic.dropped["live_queue_full"] += 1
+            self.flow.live_dropped(session)
+            return False
         outbox.put(message)
         self.pump(session)
         self.flow.delivered(session, source)
@@ -178,7 +183,9 @@ class Router:
             return
         write = link.write
         traffic = self.traffic
-        for message in session.outbox.sendable(self.settings.max_inflight_messages):
+        settings = self.settings
+        for message in session.outbox.sendable(settings.max_inflight_messages,
+                                               settings.max_session_bytes):
             packet = codec.publish_packet(message.topic.encode("utf-8", "surrogatepass"),
                                           message.payload, message.qos, message.retain,
                                           message.packet_id)
@@ -206,11 +213,23 @@ class Router:
         self.pump(session)
         self.flow.delivered(session, None)  # a long queue resumed: past its bounds?
 
+    def went_offline(self, session: KeySession) -> None:
+        """A persistent session's connection ended: it queues within its bounds from now
+        on, and what a live session held past them (backpressure lets it) is trimmed,
+        newest first, counted as offline drops."""
+        trimmed = session.outbox.trim(self.settings.max_queued_messages,
+                                      self.settings.max_session_bytes)
+        if trimmed:
+            self.traffic.dropped["offline_queue_full"] += trimmed
+            session.dropped += trimmed
+            logger.info("client %s went offline holding more than its bounds: %d queued "
+                        "messages dropped, newest first", session.client_id, trimmed)
+
     def regranted(self, session: KeySession) -> None:
         dropped = session.outbox.discard(
             lambda topic: not decide(session, topic, Action.RECEIVE).allowed)
         self.traffic.dropped["not_readable"] += dropped
-        if session.congestion is not None:
+        if dropped and session.congestion is not None:
             self.flow.acknowledged(session)  # fewer held: its publishers may go on
 
     def puback(self, session: KeySession, packet_id: int) -> None:
@@ -220,9 +239,11 @@ class Router:
                 self.flow.acknowledged(session)
 
     def pubrec(self, session: KeySession, packet_id: int) -> None:
+        held = session.outbox.held_bytes
         if session.outbox.received(packet_id) and session.link is not None:
             session.link.write(codec.ack_packet(codec.PUBREL, packet_id))
-            if session.congestion is not None:
+            # Progress only when the payload was let go (a repeated PUBREC drains nothing).
+            if session.congestion is not None and session.outbox.held_bytes < held:
                 self.flow.acknowledged(session)
 
     def pubcomp(self, session: KeySession, packet_id: int) -> None:
@@ -287,7 +308,8 @@ class Router:
                 decided[topic_filter] = codec.SUBACK_FAILURE
                 continue
             tree.add(mount + topic_filter, client_id, qos)
-            self._charge_subscriptions(session, cost)
+            if cost:  # a filter already held is replaced, not counted again
+                self._charge_subscriptions(session, cost)
             decided[topic_filter] = granted[topic_filter] = qos
         for count, reason in ((over_limit, f"max_subscriptions {limit}"),
                               (len(over_bytes), over_bytes[0] if over_bytes else "")):

@@ -121,8 +121,10 @@ class SessionRegistry:
         session.link = None
         self.router.flow.release(session)  # offline sessions make nobody wait
         session.disconnected_at = time.time()
-        if session.journal is not None and not session.clean_session:
-            session.journal.saved(session)
+        if not session.clean_session:
+            self.router.went_offline(session)
+            if session.journal is not None:
+                session.journal.saved(session)
         if session.grant is not None:
             self._unindex(session.grant.key.key, client_id)
         for callback in self.on_ended:

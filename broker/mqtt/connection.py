@@ -9,10 +9,14 @@ the next packet. Packet handling is in ``handle``, the only code that sees packe
 
 Backpressure (broker.flow): while a session this connection's PUBLISHes feed is past its
 bounds, the connection is *paused*. It keeps reading, and handles acknowledgements and
-PINGREQ at once (so two clients feeding each other cannot deadlock), but holds PUBLISH,
-SUBSCRIBE, UNSUBSCRIBE and DISCONNECT, in order, until it resumes; once the packets held
-reach ``max_session_bytes`` (or a DISCONNECT or the end of the stream is read) it stops
-reading, so the client's own window and TCP slow it down.
+PINGREQ at once, but holds PUBLISH, SUBSCRIBE, UNSUBSCRIBE and DISCONNECT, in order,
+until it resumes; once the packets held reach ``max_session_bytes`` (or a DISCONNECT or
+the end of the stream is read) it stops reading, so the client's own window and TCP slow
+it down. A client whose own session is past its bounds is waited for by others: its
+acknowledgements must be read, so its connection holds up to 16 times as much (a whole
+window of a client publishing to itself or to a client feeding it back), and past that
+what it holds goes through at once (bounded by the sessions' ceiling) rather than the
+connection stop being read: clients feeding each other never deadlock.
 """
 
 from __future__ import annotations
@@ -38,6 +42,14 @@ PASS_WHILE_PAUSED = frozenset({codec.PUBACK, codec.PUBREC, codec.PUBREL, codec.P
 
 
 CLOSED_POLL = 0.1  # seconds between looks at the link while waiting to resume
+# What a held packet costs beyond its body (the tuple, the bytes object, the deque slot).
+HELD_OVERHEAD = 100
+# Times max_session_bytes a connection holds before what it holds is forced through,
+# while its own session is past its bounds (others wait for the acknowledgements it sends
+# behind them: a client's whole window of 1,000 PUBLISHes of 4 KiB fits), as long as all
+# connections together hold less than HELD_IN_ALL.
+HOLD_WHILE_WAITED_ON = 16
+HELD_IN_ALL = 256 * 1024 * 1024
 
 
 class ProtocolViolation(Exception):
@@ -47,7 +59,7 @@ class ProtocolViolation(Exception):
 class MqttConnection:
     __slots__ = ("inbound", "router", "link", "reader", "info", "session", "clean_exit",
                  "ended_by", "waits", "held", "held_bytes", "paused_at", "wake",
-                 "run_scheduled", "over")
+                 "run_scheduled", "over", "forcing")
 
     def __init__(self, inbound: Inbound, router: Router, link: Link,
                  info: ConnectionInfo) -> None:
@@ -68,6 +80,7 @@ class MqttConnection:
         self.wake: asyncio.Future[None] | None = None  # the task waits for a resume
         self.run_scheduled = False
         self.over = False  # serve() has returned
+        self.forcing = False  # held packets are being forced through (see _run_held)
 
     def expired(self, reason: str) -> None:
         """The watchdog's verdict (see FramedReader.expire): end the connection now."""
@@ -93,20 +106,46 @@ class MqttConnection:
                         await self._until_resumed()
                     return
                 first, body = packet
+                kind = first >> 4
+                if kind == codec.PUBLISH and self.inbound.rate_exceeded(session, first, body):
+                    return  # counted when read: a pause must not make a burst of it
                 held = self.held
-                if held is None or first >> 4 in PASS_WHILE_PAUSED:
+                if held is None or kind in PASS_WHILE_PAUSED:
                     if not self.dispatch(session, first, body):
                         return
                     continue
+                if kind == codec.DISCONNECT:
+                    self.clean_exit = True  # the Will is discarded now (MQTT-3.14.4-3)
                 held.append(packet)
-                self.held_bytes += len(body) + 2
+                self._held(len(body) + HELD_OVERHEAD)
                 if not self.waits and not self.run_scheduled:
                     self._schedule_run()
-                if first >> 4 == codec.DISCONNECT or self.held_bytes >= limit:
+                if kind == codec.DISCONNECT or self.held_bytes >= self._hold_limit(limit):
+                    if session.congestion is not None and kind != codec.DISCONNECT:
+                        # Others wait for this client's acknowledgements, which follow
+                        # what it holds: stopping to read could deadlock (two clients
+                        # feeding each other). What it holds goes through now instead.
+                        if not self._run_held(force=True):
+                            return
+                        continue
                     if not await self._until_resumed() or self.clean_exit:
                         return
         finally:
             self._ended()
+
+    def _hold_limit(self, limit: int) -> int:
+        """Bytes held before the connection stops being read: more while its own session
+        is congested, so that its acknowledgements behind a full window are reached."""
+        session = self.session
+        if session is not None and session.congestion is not None and \
+                self._counters().held < HELD_IN_ALL:
+            return limit * HOLD_WHILE_WAITED_ON
+        return limit
+
+    def _held(self, size: int) -> None:
+        """``size`` bytes more held (negative: fewer), here and in all."""
+        self.held_bytes += size
+        self._counters().held += size
 
     def dispatch(self, session: KeySession, first: int, body: bytes) -> bool:
         """``handle``, with a malformed packet audited; False when the connection is to end."""
@@ -158,21 +197,38 @@ class MqttConnection:
         self.run_scheduled = False
         if self.over:
             return
-        if not self._run_held():
+        try:
+            ended = not self._run_held()
+        except Exception:  # noqa: BLE001 - one client's packets never kill the daemon
+            logger.exception("client %s: handling held packets failed",
+                             self.session.client_id if self.session else "?")
+            ended = True
+        if ended:
             self.link.abort()  # a bad packet among them, or the session was taken over
 
-    def _run_held(self) -> bool:
+    @property
+    def pausable(self) -> bool:
+        """False while held packets are forced through (broker.flow: not paused for them,
+        and what they deliver is bounded by the sessions' ceiling instead)."""
+        return not self.forcing
+
+    def _run_held(self, force: bool = False) -> bool:
         """Handle held packets in order until none is left or the connection is paused
-        again; False when the connection is to end."""
+        again (``force``: until none is left); False when the connection is to end."""
         held, session = self.held, self.session
         assert session is not None
-        while held and not self.waits:
-            first, body = held.popleft()
-            self.held_bytes -= len(body) + 2
-            if session.link is not self.link or not self.dispatch(session, first, body):
-                held.clear()
-                self.held_bytes = 0
-                return False
+        self.forcing = force
+        try:
+            while held and (force or not self.waits):
+                first, body = held.popleft()
+                self._held(-len(body) - HELD_OVERHEAD)
+                if session.link is not self.link or self.link.is_closing() or \
+                        not self.dispatch(session, first, body):
+                    held.clear()
+                    self._held(-self.held_bytes)
+                    return False
+        finally:
+            self.forcing = False
         if not held and not self.waits:
             self.held = None
         return True
@@ -192,6 +248,10 @@ class MqttConnection:
                     continue
                 if self.link.is_closing():  # kicked or taken over meanwhile
                     return False
+                session = self.session
+                if session is not None and session.congestion is not None:
+                    # Others now wait for this client's acknowledgements: read on.
+                    return self._run_held(force=True) and not self.clean_exit
                 self.wake = loop.create_future()
                 # Woken by resume(); the timeout notices a connection ended meanwhile.
                 await asyncio.wait((self.wake,), timeout=CLOSED_POLL)
@@ -207,7 +267,7 @@ class MqttConnection:
         if self.waits:
             self._unpaused()
         self.held = None
-        self.held_bytes = 0
+        self._held(-self.held_bytes)
 
     def handle(self, session: KeySession, first: int, body: bytes) -> bool:
         """Handle one packet; False when the connection is to end."""

@@ -1,8 +1,9 @@
 """What a session sends in: PUBLISH (with its acknowledgement), the Will, SUBSCRIBE checks.
 
-Each PUBLISH is checked in order — the session is not being kicked, its publish rate,
-the topic's syntax and limits, the session's policy — then routed and retained, all
-synchronously (no await between the packet and the subscribers' connections). QoS 2 is
+Each PUBLISH is checked in order — its publish rate (when read: ``rate_exceeded``), the
+session is not being kicked, the topic's syntax and limits, the session's policy — then
+routed and retained, all synchronously (no await between the packet and the
+subscribers' connections). QoS 2 is
 MQTT's "method B" (§4.3.3): the message is passed on when it arrives and only its packet
 id is kept until PUBREL, so a re-sent PUBLISH (DUP, also after a persistent session
 reconnects) is recognised and not delivered twice (docs/delivery.md). With
@@ -82,6 +83,22 @@ class Inbound:
             self.acknowledge(link, codec.ack_packet(codec.PUBREC, packet_id))
         return True
 
+    def rate_exceeded(self, session: KeySession, first: int, body: bytes) -> bool:
+        """A PUBLISH just read is past ``max_publish_rate`` (audited; the connection
+        ends). Counted as the client sends, not when a paused connection handles it."""
+        rate = self.settings.max_publish_rate
+        if not rate:
+            return False
+        allowed, session.bucket = take_token(session.bucket, rate, time.monotonic())
+        if allowed:
+            return False
+        try:
+            topic = codec.parse_publish(first, body).topic
+        except codec.MalformedPacket:
+            topic = ""
+        self.router.audit_denied("publish_denied", session, topic, "rate_limited")
+        return True
+
     def acknowledge(self, link: Link, packet: bytes) -> None:
         """PUBACK, PUBREC or PUBCOMP: at once, or with ``sync`` once what the packet
         changed is saved (the acknowledgements keep their order either way)."""
@@ -95,12 +112,6 @@ class Inbound:
         """Check, route and retain one incoming PUBLISH."""
         if session.kicked:
             return Verdict.CLOSE  # revoked or being disconnected: nothing more from it
-        rate = self.settings.max_publish_rate
-        if rate:
-            allowed, session.bucket = take_token(session.bucket, rate, time.monotonic())
-            if not allowed:
-                self.router.audit_denied("publish_denied", session, topic, "rate_limited")
-                return Verdict.CLOSE
         try:
             validate_topic_name(topic)
         except ValidationError as exc:

@@ -60,8 +60,8 @@ class OutMessage:
 
 
 class Outbox:
-    __slots__ = ("inflight", "waiting", "held_bytes", "_last_id", "journal", "last_seq",
-                 "saved_seq", "added")
+    __slots__ = ("inflight", "waiting", "held_bytes", "inflight_bytes", "_last_id", "journal",
+                 "last_seq", "saved_seq", "added")
 
     def __init__(self, journal: OutboxJournal | None = None) -> None:
         self.inflight: dict[int, OutMessage] = {}
@@ -69,6 +69,7 @@ class Outbox:
         # idle fleet never queue anything), and again once the queue drains.
         self.waiting: deque[OutMessage] | None = None
         self.held_bytes = 0
+        self.inflight_bytes = 0  # of held_bytes, those of the messages in flight
         self._last_id = 0
         self.journal = journal
         self.last_seq = 0  # of the newest message put
@@ -95,6 +96,7 @@ class Outbox:
         packet id."""
         if message.packet_id:
             self.inflight[message.packet_id] = message
+            self.inflight_bytes += message.size
             self._last_id = message.packet_id
         else:
             if self.waiting is None:
@@ -121,15 +123,19 @@ class Outbox:
         self.saved_seq, self.added = self.last_seq, False
         return new
 
-    def sendable(self, window: int) -> Iterator[OutMessage]:
-        """Move waiting messages into flight while the window has room, giving each a
-        packet id; yields each one to be written (in order)."""
-        while self.waiting and len(self.inflight) < window:
+    def sendable(self, window: int, max_bytes: int = 0) -> Iterator[OutMessage]:
+        """Move waiting messages into flight while the window has room (``window``
+        messages, and ``max_bytes`` unless nothing is in flight), giving each a packet
+        id; yields each one to be written (in order)."""
+        while self.waiting and len(self.inflight) < window and not (
+                max_bytes and self.inflight
+                and self.inflight_bytes + self.waiting[0].size > max_bytes):
             message = self.waiting.popleft()
             if not self.waiting:
                 self.waiting = None
             message.packet_id = self._new_id()
             self.inflight[message.packet_id] = message
+            self.inflight_bytes += message.size
             if message.stored and self.journal is not None:
                 self.journal.message_changed(message)
             yield message
@@ -160,6 +166,7 @@ class Outbox:
             message.released = True
             # The payload is no longer needed: only the PUBREL may have to be re-sent.
             self.held_bytes -= message.size - len(message.topic)
+            self.inflight_bytes -= message.size - len(message.topic)
             message.size = len(message.topic)
             message.payload = b""
             if message.stored and self.journal is not None:
@@ -177,6 +184,7 @@ class Outbox:
     def _forget(self, packet_id: int, message: OutMessage) -> None:
         del self.inflight[packet_id]
         self.held_bytes -= message.size
+        self.inflight_bytes -= message.size
         if message.stored and self.journal is not None:
             self.journal.message_removed(message)
 
@@ -201,6 +209,24 @@ class Outbox:
         self.waiting = kept or None
         return dropped
 
+    def trim(self, max_messages: int, max_bytes: int) -> int:
+        """Drop waiting messages, newest first, until at most ``max_messages`` are held
+        and ``max_bytes`` (one message fits whatever its size); in-flight ones stay (the
+        client may have them; the window keeps them within the bounds too). Returns how
+        many were dropped."""
+        dropped = 0
+        waiting = self.waiting
+        while waiting and (len(self) > max_messages or (
+                self.held_bytes > max_bytes and len(self) > 1)):
+            message = waiting.pop()
+            self.held_bytes -= message.size
+            dropped += 1
+            if message.stored and self.journal is not None:
+                self.journal.message_removed(message)
+        if not waiting:
+            self.waiting = None
+        return dropped
+
     def clear(self) -> None:
         if self.journal is not None:
             for message in [*self.inflight.values(), *(self.waiting or ())]:
@@ -208,4 +234,4 @@ class Outbox:
                     self.journal.message_removed(message)
         self.inflight.clear()
         self.waiting = None
-        self.held_bytes = 0
+        self.held_bytes = self.inflight_bytes = 0

@@ -6,14 +6,20 @@ them only up to slow_consumer_timeout."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import requests
 
+from broker.mqtt.connection import HELD_OVERHEAD
 from tests.support import mqtt_raw as raw
+from tests.support.harness import Client as HarnessClient
 from tests.support.harness import RunningBroker, broker_settings
 from tests.support.load import BurstSpec, Client, Cred, Device, run_burst
 from tests.support.metrics import scrape
@@ -86,55 +92,68 @@ def test_fan_in_from_fifty_addresses_to_one_wildcard_subscriber_loses_nothing(
     assert daemon.broker.registry.kicks.get("slow_consumer", 0) == 0
 
 
-def test_two_clients_feeding_each_other_do_not_deadlock(daemon: RunningBroker) -> None:
+async def feed(port: int, me: str, key: str, secret: str, own: str, other: str,
+               count: int, size: int, window: int = 1000) -> tuple[int, int]:
+    """A client subscribed to ``own`` (QoS 1, acknowledging at once) that publishes
+    ``count`` messages to ``other`` with ``window`` in flight; (acknowledged, received)."""
+    client = Client("127.0.0.1", port)
+    await client.connect(me, key, secret)
+    await client.subscribe([own], 1)
+    ids = iter(range(1 << 30))
+
+    def publish() -> bytes:
+        return raw.publish_qos(other, bytes(size), 1, next(ids) % 65535 + 1)
+
+    sent = min(window, count)
+    client.write(b"".join(publish() for _ in range(sent)))
+    acked = received = 0
+    while acked < count or received < count:
+        replies = []
+        for ptype, _, body in await client.read_frames(timeout=10):
+            if ptype == 4:  # PUBACK for one of ours
+                acked += 1
+                if sent < count:
+                    replies.append(publish())
+                    sent += 1
+            elif ptype == 3:  # theirs (or its own): acknowledge at once
+                received += 1
+                tlen = int.from_bytes(body[:2], "big")
+                replies.append(b"\x40\x02" + body[2 + tlen:4 + tlen])
+        if replies:
+            client.write(b"".join(replies))
+    await client.disconnect()
+    return acked, received
+
+
+@pytest.mark.parametrize("size", [64, 1024])
+def test_two_clients_feeding_each_other_do_not_deadlock(daemon: RunningBroker,
+                                                        size: int) -> None:
     """Each publishes to the other with 1,000 in flight and acknowledges at once: a paused
-    connection still reads the PUBACKs that drain its own session."""
+    connection still reads the PUBACKs that drain its own session, also when its window
+    holds more than max_session_bytes."""
     fleet(daemon, devices=2, subscribers=0)
     key, secret = daemon.ks("create_key", device_ids=["dev-0", "dev-1"])
 
-    async def peer(me: int, count: int) -> tuple[int, int]:
-        client = Client("127.0.0.1", daemon.port())
-        await client.connect(f"dev-{me}", key.key, secret)
-        await client.subscribe([f"losant/dev-{me}/command"], 1)
-        payload = bytes(64)
-        other = f"losant/dev-{1 - me}/command"
-        maker = raw_publisher(other, payload)
-        sent = acked = received = 0
-        window = 1000
-        client.write(b"".join(maker() for _ in range(window)))
-        sent = window
-        while acked < count or received < count:
-            replies = []
-            for ptype, _, body in await client.read_frames(timeout=10):
-                if ptype == 4:  # PUBACK for one of ours
-                    acked += 1
-                    if sent < count:
-                        replies.append(maker())
-                        sent += 1
-                elif ptype == 3:  # theirs: acknowledge at once
-                    received += 1
-                    tlen = int.from_bytes(body[:2], "big")
-                    replies.append(b"\x40\x02" + body[2 + tlen:4 + tlen])
-            if replies:
-                client.write(b"".join(replies))
-        await client.disconnect()
-        return acked, received
-
     async def both() -> list[tuple[int, int]]:
-        return list(await asyncio.wait_for(asyncio.gather(peer(0, 15_000), peer(1, 15_000)),
-                                           60))
+        peers = (feed(daemon.port(), f"dev-{me}", key.key, secret, f"losant/dev-{me}/cmd",
+                      f"losant/dev-{1 - me}/cmd", 5_000, size) for me in (0, 1))
+        return list(await asyncio.wait_for(asyncio.gather(*peers), 60))
 
-    assert asyncio.run(both()) == [(15_000, 15_000), (15_000, 15_000)]
+    assert asyncio.run(both()) == [(5_000, 5_000), (5_000, 5_000)]
     assert daemon.broker.registry.kicks.get("slow_consumer", 0) == 0
+    assert sum(daemon.broker.traffic.dropped.values()) == 0
 
 
-def raw_publisher(topic: str, payload: bytes) -> object:
-    ids = iter(range(1, 1 << 30))
-
-    def make() -> bytes:
-        return raw.publish_qos(topic, payload, 1, next(ids) % 65535 + 1)
-
-    return make
+def test_a_client_publishing_to_itself_with_a_wide_window_loses_nothing(
+        daemon: RunningBroker) -> None:
+    fleet(daemon, devices=1, subscribers=0)
+    key, secret = daemon.ks("create_key", device_ids=["dev-0"])
+    topic = "losant/dev-0/echo"
+    got = asyncio.run(asyncio.wait_for(
+        feed(daemon.port(), "dev-0", key.key, secret, topic, topic, 5_000, 1024), 60))
+    assert got == (5_000, 5_000)
+    assert daemon.broker.registry.kicks.get("slow_consumer", 0) == 0
+    assert sum(daemon.broker.traffic.dropped.values()) == 0
 
 
 def test_a_stalled_subscriber_holds_the_publisher_only_until_the_timeout(
@@ -215,3 +234,140 @@ def test_drops_for_an_offline_session_are_logged_once_per_episode_with_a_count(
     sock.close()
     wait_until(lambda: len(lines()) == 2)
     assert "250 QoS 1/2 messages were dropped" in lines()[1]
+
+
+def connect_with_will(client_id: str, key: str, secret: str, topic: str,
+                      payload: str) -> bytes:
+    flags = 0x02 | 0x04 | 0x80 | 0x40  # clean session, Will at QoS 0, user name, password
+    body = (raw.field("MQTT") + bytes([4, flags]) + struct.pack("!H", 0) + raw.field(client_id)
+            + raw.field(topic) + raw.field(payload) + raw.field(key) + raw.field(secret))
+    return raw.packet(0x10, body)
+
+
+def steady(value: Callable[[], int], over: float = 0.3) -> int | None:
+    """The value, if it did not change for ``over`` seconds."""
+    first = value()
+    time.sleep(over)
+    return first if value() == first else None
+
+
+def stalled_subscriber(daemon: RunningBroker, key: str, secret: str, client_id: str,
+                       topic_filter: str) -> socket.socket:
+    """Subscribed at QoS 1; it never reads nor acknowledges."""
+    sock, _ = raw.session(daemon.port(), client_id, key, secret)
+    sock.sendall(raw.subscribe(topic_filter, 1, 1))
+    assert raw.read_packet(sock) is not None  # SUBACK
+    return sock
+
+
+def test_a_disconnect_held_by_a_paused_connection_still_discards_the_will(
+        daemon: RunningBroker) -> None:
+    key, secret = fleet(daemon, devices=1, subscribers=2)
+    with HarnessClient(daemon.port(), "sub-0", key, secret) as watcher:
+        assert watcher.connect() == 0
+        assert watcher.subscribe("losant/dev-0/will") == 0
+        stall = stalled_subscriber(daemon, key, secret, "sub-1", "losant/dev-0/state")
+        with stall:
+            pub = raw.open_socket(daemon.port())
+            pub.sendall(connect_with_will("dev-0", key, secret, "losant/dev-0/will", "gone"))
+            assert raw.read_packet(pub) is not None  # CONNACK
+            # Past max_queued_messages of the stalled one: the rest is held.
+            pub.sendall(b"".join(raw.publish_qos("losant/dev-0/state", b"x", 1, n + 1)
+                                 for n in range(1200)))
+            counters = daemon.broker.flow_counters
+            one = len(raw.publish_qos("losant/dev-0/state", b"x", 1, 1)) - 2 + HELD_OVERHEAD
+            wait_until(lambda: counters.paused == 1 and counters.held // one >= 150)
+            before = wait_until(lambda: steady(lambda: counters.held))
+            pub.sendall(b"\xe0\x00")  # DISCONNECT, held behind the PUBLISHes
+            wait_until(lambda: counters.held == before + HELD_OVERHEAD)
+            # Closed with its PUBACKs unread: a reset, before the connection resumes.
+            pub.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            pub.close()
+            wait_until(lambda: "dev-0" not in daemon.broker.sessions)
+        assert watcher.get(timeout=1) is None  # MQTT-3.14.4-3: no Will after DISCONNECT
+
+
+def test_what_cannot_wait_is_bounded_by_the_sessions_ceiling(daemon: RunningBroker) -> None:
+    """State over the HTTP API has no connection to pause: past four times its bounds, a
+    live session is not given more of it (dropped and counted)."""
+    key, secret = fleet(daemon, devices=1, subscribers=1)
+    stall = stalled_subscriber(daemon, key, secret, "sub-0", "losant/dev-0/state")
+    with stall:
+        url = daemon.api_url()
+        token = requests.post(url + "/auth/device", timeout=5, json={
+            "deviceId": "dev-0", "key": key, "secret": secret}).json()["token"]
+        app = daemon.ks("app").id
+        for _ in range(5):
+            reply = requests.post(f"{url}/applications/{app}/devices/dev-0/state", timeout=10,
+                                  json=[{"data": {"n": 1}}] * 1000,
+                                  headers={"Authorization": f"Bearer {token}"})
+            assert reply.status_code == 200
+        session = daemon.broker.sessions["sub-0"]
+        assert len(session.outbox) == 4 * daemon.settings.max_queued_messages
+        assert daemon.broker.traffic.dropped["live_queue_full"] == 1000
+
+
+def test_a_slow_consumer_gone_offline_keeps_its_queue_within_its_bounds(
+        daemon: RunningBroker) -> None:
+    """Live, a session may pass its bounds (its publishers wait); offline it queues
+    within them like any offline session: what it held past them is dropped, counted."""
+    key, secret = fleet(daemon, devices=30, subscribers=1)
+    sock, _ = raw.session(daemon.port(), "sub-0", key, secret, clean=False)
+    sock.sendall(raw.subscribe("losant/+/state", 1, 1))
+    publishers = []
+    with sock:
+        for i in range(30):  # each QoS 1, until paused; the subscriber never acknowledges
+            pub, _ = raw.session(daemon.port(), f"dev-{i}", key, secret)
+            pub.sendall(b"".join(raw.publish_qos(f"losant/dev-{i}/state", bytes(4000), 1,
+                                                 n + 1) for n in range(200)))
+            publishers.append(pub)
+        wait_until(lambda: daemon.broker.registry.kicks.get("slow_consumer") == 1, 20)
+        session = daemon.broker.sessions["sub-0"]
+        wait_until(lambda: not session.online)
+        assert session.outbox.held_bytes <= daemon.settings.max_session_bytes
+        assert len(session.outbox) <= daemon.settings.max_queued_messages
+        assert daemon.broker.traffic.dropped["offline_queue_full"] > 0
+    for pub in publishers:
+        pub.close()
+
+
+def test_held_publishes_count_against_the_rate_when_they_are_sent(tmp_path: Path) -> None:
+    """A publisher within max_publish_rate whose PUBLISHes were held while it was paused
+    is not taken for a fast one when they are handled all at once."""
+    settings = broker_settings(tmp_path, max_publish_rate=50.0, max_queued_messages=20,
+                               max_inflight_messages=10)
+    daemon = RunningBroker(settings).start()
+    try:
+        key, secret = fleet(daemon, devices=1, subscribers=1)
+        sub = stalled_subscriber(daemon, key, secret, "sub-0", "losant/dev-0/state")
+        pub, _ = raw.session(daemon.port(), "dev-0", key, secret)
+        with sub, pub:
+            for n in range(60):  # 20 a second for 3 s: paused after 20
+                pub.sendall(raw.publish_qos("losant/dev-0/state", b"x", 1, n + 1))
+                time.sleep(0.05)  # the pace is what is under test
+            assert daemon.broker.flow_counters.paused == 1
+            while (packet := raw.read_packet(sub, 1.0)) is not None:  # catches up
+                if packet.kind == 3:
+                    sub.sendall(raw.ack(4, packet.packet_id))
+        assert not [e for e in daemon.audit_events() if e["event"] == "publish_denied"]
+        assert daemon.broker.traffic.msgs_in[1] == 60
+    finally:
+        daemon.stop()
+
+
+def test_a_paused_connection_counts_what_it_holds_with_its_overhead(
+        daemon: RunningBroker) -> None:
+    """Tiny PUBLISHes cost more than their bytes: a paused connection stops reading once
+    what it holds, overhead included, reaches max_session_bytes."""
+    key, secret = fleet(daemon, devices=1, subscribers=1)
+    stall = stalled_subscriber(daemon, key, secret, "sub-0", "losant/dev-0/state")
+    pub, _ = raw.session(daemon.port(), "dev-0", key, secret)
+    with stall, pub:
+        pub.setblocking(False)
+        one = raw.publish_qos("losant/dev-0/state", b"", 1, 1)
+        for _ in range(400):  # QoS 1, 22 bytes each, as fast as the socket takes them
+            with contextlib.suppress(BlockingIOError):
+                pub.send(one * 100)
+        limit = daemon.settings.max_session_bytes
+        wait_until(lambda: daemon.broker.flow_counters.held >= limit)
+        assert daemon.broker.flow_counters.held < limit + 200

@@ -73,6 +73,22 @@ def test_one_session_holds_at_most_its_subscription_bytes(daemon: RunningBroker)
     assert "80 filters refused" in refused[0]["reason"]
 
 
+def test_subscribing_again_to_a_filter_held_counts_it_once(daemon: RunningBroker) -> None:
+    key, secret = daemon.ks("create_key", device_ids=["dev-0"])
+    sock, _ = raw.session(daemon.port(), "dev-0", key.key, secret)
+    topic_filter = "losant/dev-0/command"
+    with sock:
+        for packet_id in (1, 2, 3):
+            assert subscribe(sock, [topic_filter], packet_id) == b"\x00"
+        quotas = daemon.broker.router.subscription_quotas
+        usage = quotas.get("s:dev-0")
+        assert usage is not None
+        assert (usage.count, usage.size) == (1, subscription_cost(topic_filter))
+        sock.sendall(raw.packet(0xA2, struct.pack("!H", 4) + raw.field(topic_filter)))
+        assert raw.read_packet(sock) is not None  # UNSUBACK
+        wait_until(lambda: quotas.get("s:dev-0") is None)  # nothing left behind
+
+
 def test_the_sessions_of_one_key_share_its_subscription_bytes(daemon: RunningBroker) -> None:
     """Persistent sessions keep their subscriptions offline: they still count."""
     key, secret = daemon.ks("create_key")

@@ -28,6 +28,7 @@ class Source:
 
     def __init__(self) -> None:
         self.waits = 0
+        self.pausable = True
 
     def pause(self) -> None:
         self.waits += 1
@@ -174,3 +175,21 @@ async def test_a_session_that_goes_offline_or_is_forgotten_releases_its_publishe
     setup.router.forget(session)
     assert source.waits == 0
     assert not setup.flow.congested
+
+
+async def test_a_repeated_pubrec_drains_nothing_and_is_not_progress() -> None:
+    setup = Setup()
+    session, link = setup.session("stalled")
+    source = Source()
+    for _ in range(10):
+        setup.router.enqueue(session, OutMessage("t", b"x" * 10, 2), source)
+    congestion = session.congestion
+    assert congestion is not None and source.waits == 1
+    first = next(iter(session.outbox.inflight))
+    setup.router.pubrec(session, first)  # the first PUBREC lets the payload go: progress
+    progressed = congestion.last_progress
+    assert progressed > congestion.since
+    for _ in range(5):
+        setup.router.pubrec(session, first)  # the same again: nothing drains
+    assert congestion.last_progress == progressed
+    assert setup.flow.sweep(progressed + 5.01) == [session]
