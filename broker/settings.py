@@ -20,14 +20,13 @@ from typing import Any
 
 from netaddr import AddrFormatError, IPNetwork
 
+from broker.environment import ENV_CONFIG
 from broker.policy.guard import GuardSettings
 from keystore import KeyStore
 from keystore.errors import ConfigError
 from keystore.location import check_postgres_url, is_url, redact
 from keystore.store import Opener
 
-ENV_DB = "KEYBROKER_DB"
-ENV_CONFIG = "KEYBROKER_CONFIG"
 EXAMPLE_CONFIG = "keybroker.example.toml"  # package data of `broker`
 
 

@@ -25,11 +25,7 @@ from keystore.errors import ValidationError
 from keystore.feed import FeedOps
 from keystore.keys import KeyOps
 from keystore.location import is_url
-from keystore.postgres.backend import (
-    DEFAULT_POOL_SIZE,
-    DEFAULT_STATEMENT_TIMEOUT,
-    PostgresBackend,
-)
+from keystore.postgres import DEFAULT_POOL_SIZE, DEFAULT_STATEMENT_TIMEOUT
 from keystore.sqlite.backend import SqliteBackend
 from keystore.tokens import TokenOps
 from keystore.topics import validate_device_prefix
@@ -87,6 +83,9 @@ class Opener:
         validate_device_prefix(device_prefix)
         backend: Backend
         if is_url(target):
+            # Imported here: asyncpg costs every SQLite user (each CLI call) its load time.
+            from keystore.postgres.backend import PostgresBackend
+
             backend = await PostgresBackend.open(target, pool_size=pool_size,
                                                  statement_timeout=statement_timeout)
         else:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import click
 
-from broker.authsvc.server import AuthServer
 from broker.cli.common import CREATE_HINT, current_state
 from broker.settings import load_settings
 from keystore.errors import NotFoundError
@@ -41,4 +40,6 @@ def authsvc(config: Path | None, host: str | None, port: int | None, db: str | N
     path = settings.db_path.absolute()
     if settings.db_url is None and not path.exists():  # the service never creates one
         raise NotFoundError(f"no keystore at {str(path)!r} ({CREATE_HINT})")
+    from broker.authsvc.server import AuthServer  # aiohttp loads here, not with the CLI
+
     asyncio.run(AuthServer(settings).serve())

@@ -17,9 +17,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-import asyncpg
 import click
 
+from broker.environment import ENV_APP
 from broker.settings import Settings, load_settings
 from keystore import KeyStore
 from keystore.errors import ConfigError, KeybrokerError, NotFoundError, ValidationError
@@ -28,7 +28,6 @@ from keystore.validation import parse_tag
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
-ENV_APP = "KEYBROKER_APP"
 
 
 class CliState:
@@ -73,19 +72,23 @@ def translate_errors() -> Iterator[None]:
         raise ConfigException(one_line(exc)) from None
     except KeybrokerError as exc:
         raise click.ClickException(one_line(exc)) from None
-    except (sqlite3.Error, asyncpg.PostgresError) as exc:
+    except sqlite3.Error as exc:
         raise click.ClickException(f"database error: {one_line(exc)}") from None
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
         raise click.ClickException(f"{where}{exc.strerror or one_line(exc)}") from None
+    except Exception as exc:
+        if not is_postgres_error(exc):
+            raise
+        raise click.ClickException(f"database error: {one_line(exc)}") from None
 
 
-class KeybrokerGroup(click.Group):
-    """A click group whose commands (sub-groups included) get ``translate_errors``."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        with translate_errors():
-            return super().invoke(ctx)
+def is_postgres_error(exc: BaseException) -> bool:
+    """An error PostgreSQL reported. asyncpg is only loaded when a command opens a
+    PostgreSQL keystore (it costs every other CLI call its load time): until then no
+    error can be one of its."""
+    asyncpg = sys.modules.get("asyncpg")
+    return asyncpg is not None and isinstance(exc, asyncpg.PostgresError)
 
 
 CREATE_HINT = (

@@ -11,7 +11,6 @@ from pathlib import Path
 import click
 
 from keystore.location import check_postgres_url
-from keystore.postgres.copy import copy_keystore
 
 
 @click.command("migrate")
@@ -29,6 +28,8 @@ def migrate_cmd(source: Path, target: str, as_json: bool) -> None:
     is left as it was (apart from a schema upgrade); keys and secrets keep working.
     """
     check_postgres_url(target)
+    from keystore.postgres.copy import copy_keystore  # asyncpg loads here, not with the CLI
+
     report = asyncio.run(copy_keystore(source.absolute(), target))
     if as_json:
         click.echo(json.dumps(asdict(report)))

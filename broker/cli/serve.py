@@ -12,7 +12,6 @@ from pathlib import Path
 import click
 
 from broker.cli.common import current_state
-from broker.server import BrokerServer, tune_garbage_collector
 from broker.settings import ANY_HOST, Listener, Settings, check_listeners, load_settings
 from broker.state.sqlite import reset_state_file
 from broker.state.store import state_file
@@ -189,6 +188,9 @@ def serve(config: Path | None, host: str | None, port: int | None, ws_port: int 
           api_port: int | None, no_api: bool, log_level: str, demo_if_empty: bool,
           reset_state: bool) -> None:
     """Run the MQTT broker (and its HTTP API) until SIGINT/SIGTERM."""
+    # The daemon's modules (amqtt, aiohttp, the console...) load here, not with the CLI.
+    from broker.server import BrokerServer, tune_garbage_collector
+
     state = current_state()
     settings = build_settings(config or state.config, state.db_override, host, port, ws_port,
                               tls_port, wss_port, certfile, keyfile, audit_log, api_host,

@@ -44,7 +44,7 @@ from keystore.errors import (
 from keystore.keyspec import KeySpec
 from keystore.location import check_postgres_url, redact
 from keystore.models import AccessKey, ApiToken, Application, Change, Device, KeyStatus, Tag
-from keystore.postgres import connections, statements
+from keystore.postgres import DEFAULT_POOL_SIZE, DEFAULT_STATEMENT_TIMEOUT, connections, statements
 from keystore.postgres.db import (
     DEVICE_COLUMNS,
     KEY_COLUMNS,
@@ -78,8 +78,6 @@ from keystore.sharedops import SharedConnections, SharedOps
 
 log = logging.getLogger(__name__)
 
-DEFAULT_POOL_SIZE = 10
-DEFAULT_STATEMENT_TIMEOUT = 5.0  # seconds
 UPSERT_BATCH = 20_000
 CLOSE_TIMEOUT = 5.0  # seconds
 

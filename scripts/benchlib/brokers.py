@@ -117,9 +117,11 @@ def mosquitto_version() -> str | None:
 
 def keybroker_command() -> tuple[list[str], str | None]:
     """argv prefix for `keybroker` (before `--db`), and a note when a shim is needed."""
+    import click
+
     from broker.cli import main  # the bench runs in the project's venv
 
-    if "serve" in main.commands:
+    if main.get_command(click.Context(main), "serve") is not None:  # commands load on use
         return [sys.executable, "-m", "broker.cli"], None
     try:
         import broker.cli.serve  # noqa: F401
