@@ -173,11 +173,12 @@ class Settings:
         password."""
         return redact(self.db_url) if self.db_url is not None else str(self.db_path.absolute())
 
-    def open_keystore(self) -> Opener:
-        """``KeyStore.open`` on this keystore with its settings (``async with`` it)."""
+    def open_keystore(self, *, create: bool = True) -> Opener:
+        """``KeyStore.open`` on this keystore with its settings (``async with`` it);
+        ``create=False`` for a command that must not make a new one."""
         return KeyStore.open(self.keystore_target, device_prefix=self.device_prefix,
                              max_keys=self.max_keys, pool_size=self.db_pool_size,
-                             statement_timeout=self.db_statement_timeout)
+                             statement_timeout=self.db_statement_timeout, create=create)
 
 
 # Where a field lives in the TOML file: (section, key). Every other field is a

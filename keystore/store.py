@@ -51,11 +51,16 @@ class KeyStore(DeviceOps, KeyOps, TokenOps, FeedOps, ConnectionOps):
     def open(
         cls, target: str | os.PathLike[str], *, device_prefix: str = "losant", max_keys: int = 0,
         pool_size: int = DEFAULT_POOL_SIZE, statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT,
+        create: bool = True,
     ) -> Opener:
         """Open (creating and migrating if needed) the keystore at ``target``: an SQLite
         file path, or a ``postgresql://user@host:port/dbname`` URL (then ``pool_size``
-        connections at most, each statement cancelled after ``statement_timeout`` s)."""
-        return Opener(os.fspath(target), device_prefix, max_keys, pool_size, statement_timeout)
+        connections at most, each statement cancelled after ``statement_timeout`` s).
+        ``create=False``: a missing or empty SQLite file is a NotFoundError, not a new
+        keystore (a PostgreSQL database is made by its administrator; keybroker creates
+        its tables). A file that is not a keystore is refused either way, unchanged."""
+        return Opener(os.fspath(target), device_prefix, max_keys, pool_size, statement_timeout,
+                      create)
 
     async def close(self) -> None:
         await self.backend.close()
@@ -72,12 +77,12 @@ class Opener:
     (then call ``await ks.close()``)."""
 
     def __init__(self, target: str, device_prefix: str, max_keys: int, pool_size: int,
-                 statement_timeout: float) -> None:
-        self._args = (target, device_prefix, max_keys, pool_size, statement_timeout)
+                 statement_timeout: float, create: bool) -> None:
+        self._args = (target, device_prefix, max_keys, pool_size, statement_timeout, create)
         self._store: KeyStore | None = None
 
     async def _open(self) -> KeyStore:
-        target, device_prefix, max_keys, pool_size, statement_timeout = self._args
+        target, device_prefix, max_keys, pool_size, statement_timeout, create = self._args
         if not isinstance(max_keys, int) or max_keys < 0:
             raise ValidationError(f"invalid max_keys {max_keys!r}: must be 0 (no limit) or more")
         validate_device_prefix(device_prefix)
@@ -89,7 +94,7 @@ class Opener:
             backend = await PostgresBackend.open(target, pool_size=pool_size,
                                                  statement_timeout=statement_timeout)
         else:
-            backend = await SqliteBackend.open(target)
+            backend = await SqliteBackend.open(target, create=create)
         return KeyStore(backend, device_prefix=device_prefix, max_keys=max_keys)
 
     def __await__(self) -> Generator[Any, None, KeyStore]:

@@ -105,7 +105,7 @@ class AuthServer:
         try:
             engines = engine_apis(settings)
             self.keystore = keystore = await stack.enter_async_context(
-                settings.open_keystore())
+                settings.open_keystore(create=False))
             audit = AuditLog(settings.audit_path)
             stack.callback(audit.close)
             guard = BruteForceGuard(settings.guard) if settings.guard.enabled else None

@@ -131,7 +131,7 @@ def run_store(action: Callable[[KeyStore], Awaitable[T]], *, create: bool = Fals
         settings = settings.with_db(target)  # the absolute path
 
     async def go() -> T:
-        async with settings.open_keystore() as ks:
+        async with settings.open_keystore(create=create) as ks:
             app = current_state().app
             if app is not None:
                 ks.default_app = app

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shlex
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import click
@@ -14,7 +15,10 @@ import click
 from broker.cli.common import current_state
 from broker.settings import ANY_HOST, Listener, Settings, check_listeners, load_settings
 from broker.state.sqlite import reset_state_file
-from broker.state.store import state_file
+from broker.state.store import IN_MEMORY, state_file
+from keystore.sqlite.db import holds_database
+
+logger = logging.getLogger(__name__)
 
 DEMO_DEVICE = "demo-device"
 DEMO_DASHBOARD = "demo-dashboard"
@@ -73,6 +77,42 @@ def build_settings(
 
 
 # --- start-up checks ---------------------------------------------------------------------
+
+SQLITE_SIDECARS = ("-wal", "-shm", "-journal")
+
+
+@dataclass(frozen=True)
+class NewKeystore:
+    """A keystore this start creates, because none is at the configured path (often a
+    mistyped --db): said loudly once the daemon is up; a start that fails (a port in use)
+    removes it again with the files and folders made for it, so the next start still
+    finds no keystore there and says so."""
+
+    path: Path
+    new_files: tuple[Path, ...]  # the keystore, the state file and their sidecars
+    new_folders: tuple[Path, ...]  # deepest first
+
+    def remove(self) -> None:
+        for path in self.new_files:
+            path.unlink(missing_ok=True)
+        for folder in self.new_folders:
+            with contextlib.suppress(OSError):  # not empty: something else lives there
+                folder.rmdir()
+
+
+def new_keystore(settings: Settings) -> NewKeystore | None:
+    """The keystore file this start would create, or None (one is there, or PostgreSQL).
+    A file that is not a keystore is refused here, before anything is made."""
+    if settings.db_url is not None or str(settings.db_path) == IN_MEMORY:
+        return None
+    path = settings.db_path.absolute()
+    if holds_database(str(path)):
+        return None
+    bases = [path] + ([state_file(settings).absolute()] if settings.persistence else [])
+    files = [Path(f"{base}{suffix}") for base in bases for suffix in ("", *SQLITE_SIDECARS)]
+    folders = {folder for base in bases for folder in base.parents if not folder.exists()}
+    return NewKeystore(path, tuple(item for item in files if not item.exists()),
+                       tuple(sorted(folders, key=lambda item: len(item.parts), reverse=True)))
 
 
 # --- the first-run demo --------------------------------------------------------------------
@@ -201,6 +241,7 @@ def serve(config: Path | None, host: str | None, port: int | None, ws_port: int 
     # keep the daemon's log about keybroker.
     for chatty in ("amqtt", "transitions", "websockets"):
         logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))
+    fresh = new_keystore(settings)
     if settings.db_url is None:
         settings.db_path.parent.mkdir(parents=True, exist_ok=True)
     if settings.persistence:  # beside the keystore file, which a PostgreSQL URL has not
@@ -210,10 +251,16 @@ def serve(config: Path | None, host: str | None, port: int | None, ws_port: int 
         backup = reset_state_file(path)
         click.echo(f"broker state {path} moved to {backup}: starting with an empty state"
                    if backup is not None else f"no broker state file {path} to reset", err=True)
-    created = asyncio.run(create_demo_if_empty(settings)) if demo_if_empty else None
+    created: tuple[str, str] | None = None
+    up = False
 
     def started(server: BrokerServer) -> None:
+        nonlocal up
+        up = True
         tune_garbage_collector()  # this process is the daemon's alone
+        if fresh is not None:
+            logger.warning("created a new empty keystore at %s: there was none (check --db, "
+                           "KEYBROKER_DB or [keystore] path if you expected one)", fresh.path)
         if created is not None:  # printed once the port is known (port 0 = any free port)
             plain = [item for item in settings.listeners if item.type == "tcp" and not item.tls]
             if plain:
@@ -223,4 +270,11 @@ def serve(config: Path | None, host: str | None, port: int | None, ws_port: int 
                 click.echo(f"demo key {created[0]} (secret {created[1]}): "
                            "no plain MQTT listener to print example commands for")
 
-    asyncio.run(BrokerServer(settings).serve(on_started=started))
+    try:
+        if demo_if_empty:
+            created = asyncio.run(create_demo_if_empty(settings))
+        asyncio.run(BrokerServer(settings).serve(on_started=started))
+    except BaseException:
+        if fresh is not None and not up:
+            fresh.remove()
+        raise

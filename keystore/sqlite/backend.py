@@ -92,9 +92,10 @@ class SqliteBackend(SharedOps, SharedConnections):
         self._parsed: OrderedDict[tuple[Any, ...], AccessKey] = OrderedDict()
 
     @classmethod
-    async def open(cls, path: str) -> SqliteBackend:
-        """Open (creating with mode 0600 and migrating if needed) the file at ``path``."""
-        conn = await connect(path)
+    async def open(cls, path: str, *, create: bool = True) -> SqliteBackend:
+        """Open (migrating if needed) the keystore file at ``path``; ``create``: a missing
+        or empty file becomes a new keystore (mode 0600), else it is a NotFoundError."""
+        conn = await connect(path, create=create)
         try:
             await migrate(conn, path)
         except BaseException:

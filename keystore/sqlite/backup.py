@@ -17,7 +17,7 @@ import sqlite3
 from dataclasses import dataclass
 
 from keystore.errors import KeybrokerError
-from keystore.sqlite.db import BUSY_TIMEOUT_MS
+from keystore.sqlite.db import BUSY_TIMEOUT_MS, check_keystore_schema, holds_database
 from keystore.sqlite.migrations import SCHEMA_VERSION
 
 
@@ -43,7 +43,7 @@ async def backup(
 
 
 def _backup(src: str, dest: str) -> BackupReport:
-    if not os.path.isfile(src):
+    if not os.path.isfile(src) or not holds_database(src):
         # Checked first: sqlite3.connect would silently create an empty source.
         raise KeybrokerError(f"no keystore at {src!r}: nothing to back up")
     _create_new_private_file(dest)
@@ -72,8 +72,10 @@ def _copy(src: str, dest: str) -> tuple[int, int, int]:
     timeout = BUSY_TIMEOUT_MS / 1000
     with contextlib.closing(sqlite3.connect(src, timeout=timeout, isolation_level=None)) as source:
         version = _user_version(source)
-        if version == 0:
-            raise KeybrokerError(f"{src!r} is not a keybroker keystore (no schema)")
+        tables = [name for name, in source.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")]
+        if not check_keystore_schema(src, version, tables):
+            raise KeybrokerError(f"no keystore at {src!r}: an empty SQLite database")
         if version > SCHEMA_VERSION:
             raise KeybrokerError(
                 f"keystore {src!r} has schema version {version}, newer than this keybroker "

@@ -8,11 +8,13 @@ One aiosqlite connection in autocommit mode; transactions are explicit
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import aiosqlite
 
+from keystore.errors import KeybrokerError, NotFoundError
 from keystore.files import create_private_file, tighten_mode
 
 log = logging.getLogger(__name__)
@@ -31,13 +33,68 @@ def _tighten_sidecars(path: str) -> None:
         tighten_mode(path + suffix)
 
 
-async def connect(path: str) -> aiosqlite.Connection:
-    """Open (creating with mode 0600 if needed) and configure the keystore connection."""
+# The first 16 bytes of every SQLite 3 database file.
+SQLITE_HEADER = b"SQLite format 3\x00"
+# Tables every keybroker keystore has had since schema version 1.
+KEYSTORE_TABLES = frozenset({"devices", "access_keys"})
+
+
+def holds_database(path: str) -> bool:
+    """Whether the file at ``path`` holds an SQLite database (False: no file, or an empty
+    one). A file that holds anything else (a mistyped ``--db notes.txt``) is refused,
+    named, before anything opens it, so nothing about it changes, its mode included."""
+    try:
+        with open(path, "rb") as file:
+            header = file.read(len(SQLITE_HEADER))
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise KeybrokerError(f"cannot open keystore {path!r}: {exc.strerror}") from None
+    if header and header != SQLITE_HEADER:
+        raise KeybrokerError(f"{path!r} is not a keybroker keystore: not an SQLite database")
+    return bool(header)
+
+
+def check_keystore_schema(path: str, version: int, tables: Iterable[str]) -> bool:
+    """Whether the SQLite database at ``path`` (``PRAGMA user_version``, its tables) is a
+    keystore: True; False when it is empty (a new keystore may go there). Another
+    program's database is refused, named, so it is never migrated into a keystore."""
+    tables = set(tables)
+    if version == 0 and not tables:
+        return False
+    if version == 0 or not KEYSTORE_TABLES <= tables:
+        shown = ", ".join(sorted(tables)[:3]) + (", ..." if len(tables) > 3 else "")
+        raise KeybrokerError(f"{path!r} is not a keybroker keystore: an SQLite database "
+                             f"with other tables ({shown or 'none'})")
+    return True
+
+
+async def _schema(conn: aiosqlite.Connection) -> tuple[int, list[str]]:
+    async with conn.execute("PRAGMA user_version") as cursor:
+        row = await cursor.fetchone()
+    async with conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'") as cursor:
+        tables = [str(name) for name, in await cursor.fetchall()]
+    return (int(row[0]) if row else 0), tables
+
+
+async def connect(path: str, *, create: bool = True) -> aiosqlite.Connection:
+    """Open and configure the keystore connection. With ``create`` a missing or empty file
+    becomes a new keystore (a new file is made with mode 0600); without it, that is a
+    NotFoundError. A file that is not a keystore is refused before anything changes it."""
     in_memory = path == ":memory:"
-    if not in_memory:
+    existing = not in_memory and holds_database(path)
+    if not in_memory and not existing:
+        if not create:
+            what = "an empty file" if os.path.exists(path) else "no file"
+            raise NotFoundError(f"no keystore at {path!r} ({what})")
         create_private_file(path, "keystore")
     conn = await aiosqlite.connect(path, isolation_level=None)
     try:
+        # Read before the PRAGMAs below: journal_mode = WAL rewrites the file's header.
+        if existing and not check_keystore_schema(path, *await _schema(conn)) and not create:
+            raise NotFoundError(f"no keystore at {path!r} (an empty SQLite database)")
+        if existing:
+            tighten_mode(path)
         await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         if not in_memory:
             await conn.execute("PRAGMA journal_mode = WAL")

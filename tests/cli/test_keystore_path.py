@@ -3,7 +3,10 @@ others say where they looked; listings and --verbose name the file."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
+import stat
 from pathlib import Path
 
 import pytest
@@ -93,3 +96,48 @@ def test_secret_sent_to_a_file_is_not_said_to_be_shown(in_empty_dir: Path) -> No
         assert secret not in text
         assert f"written to {out} (mode 0600), not shown" in text
         assert "shown only this once" not in text and "only copy" in text
+
+
+READ_ONLY = [("devices", "list"), ("keys", "list", "--json"), ("apps", "list"),
+             ("tokens", "list"), ("backup", "copy.db")]
+
+
+def another_programs_database(path: Path) -> None:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("CREATE TABLE notes (body TEXT)")
+        conn.execute("INSERT INTO notes VALUES ('keep me')")
+        conn.commit()
+
+
+@pytest.mark.parametrize("args", [*READ_ONLY, ("devices", "add", "d1"), ("keys", "create")])
+def test_a_file_that_is_not_a_keystore_is_named_and_left_unchanged(
+    in_empty_dir: Path, args: tuple[str, ...]
+) -> None:
+    """A mistyped --db: one line naming the file and why, and the file keeps its bytes
+    and its mode (a command never tightens, migrates or extends someone else's file)."""
+    notes = in_empty_dir / "notes.txt"
+    notes.write_text("shopping: milk, eggs\n")
+    other = in_empty_dir / "other.sqlite"
+    another_programs_database(other)
+    for path, why in ((notes, "not an SQLite database"),
+                      (other, "an SQLite database with other tables (notes)")):
+        path.chmod(0o644)
+        before = path.read_bytes()
+        fails(run("--db", str(path), *args), f"'{path}' is not a keybroker keystore: {why}")
+        assert path.read_bytes() == before
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+        assert not Path(f"{path}-wal").exists() and not Path(f"{path}-shm").exists()
+    assert not (in_empty_dir / "copy.db").exists()
+
+
+@pytest.mark.parametrize("args", READ_ONLY)
+def test_an_empty_file_is_no_keystore_to_a_command_that_adds_nothing(
+    in_empty_dir: Path, args: tuple[str, ...]
+) -> None:
+    empty = in_empty_dir / "empty.db"
+    empty.touch(mode=0o644)
+    empty.chmod(0o644)
+    fails(run("--db", str(empty), *args), f"no keystore at '{empty}'")
+    assert empty.read_bytes() == b"" and stat.S_IMODE(empty.stat().st_mode) == 0o644
+    ok(run("--db", str(empty), "devices", "add", "d1"))  # a command that adds makes one
+    assert "d1" in ok(run("--db", str(empty), "devices", "list")).stdout

@@ -221,3 +221,72 @@ def test_no_api_serves_mqtt_only(tmp_path: Path, busy_port: int) -> None:
         proc.wait(15)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+# --- a keystore that was not there ----------------------------------------------------------
+
+
+def test_a_new_keystore_is_announced_with_its_absolute_path(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        keybroker("--db", "typo/k.db", "serve", "--host", "127.0.0.1", "--port", "0",
+                  "--ws-port", "0", "--api-port", "0"),
+        cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        lines: list[str] = []
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline and not any("keybroker listening" in x for x in lines):
+            lines.append(proc.stdout.readline())
+            assert lines[-1] or proc.poll() is None, "daemon exited"
+    finally:
+        proc.terminate()
+        rest, _ = proc.communicate(timeout=15)  # what it logged up to its exit
+    warnings = [x for x in lines + rest.splitlines() if " WARNING " in x]
+    assert len(warnings) == 1, lines
+    assert f"created a new empty keystore at {tmp_path / 'typo' / 'k.db'}:" in warnings[0]
+    assert (tmp_path / "typo" / "k.db").exists()  # a start that worked keeps it
+
+
+def test_a_start_that_cannot_bind_leaves_no_new_keystore_behind(
+    tmp_path: Path, busy_port: int
+) -> None:
+    args = ("serve", "--port", str(busy_port), "--ws-port", "0", "--api-port", "0")
+    proc = subprocess.run(keybroker("--db", "typo/k.db", *args), cwd=tmp_path,
+                          env=clean_env(), capture_output=True, text=True, timeout=TIMEOUT,
+                          check=False)
+    assert proc.returncode != 0 and "address already in use" in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # no keystore, state file, sidecar or folder
+    assert "created a new empty keystore" not in proc.stderr
+
+    # A keystore that was there stays, whatever the start does.
+    kept = tmp_path / "kept.db"
+    made = subprocess.run(keybroker("--db", str(kept), "devices", "add", "d1"), cwd=tmp_path,
+                          env=clean_env(), capture_output=True, text=True, timeout=TIMEOUT,
+                          check=False)
+    assert made.returncode == 0, made.stderr
+    proc = subprocess.run(keybroker("--db", str(kept), *args), cwd=tmp_path, env=clean_env(),
+                          capture_output=True, text=True, timeout=TIMEOUT, check=False)
+    assert proc.returncode != 0 and "address already in use" in proc.stderr
+    listed = subprocess.run(keybroker("--db", str(kept), "devices", "list"), cwd=tmp_path,
+                            env=clean_env(), capture_output=True, text=True, timeout=TIMEOUT,
+                            check=False)
+    assert "d1" in listed.stdout
+
+
+def test_serve_on_a_file_that_is_not_a_keystore_changes_nothing(tmp_path: Path) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a keystore\n")
+    notes.chmod(0o644)
+    proc = subprocess.run(
+        keybroker("--db", str(notes), "serve", "--port", "0", "--ws-port", "0",
+                  "--api-port", "0"),
+        cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=TIMEOUT,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"Error: '{notes}' is not a keybroker keystore: not an SQLite database")
+    assert notes.read_text() == "not a keystore\n" and notes.stat().st_mode & 0o777 == 0o644
+    assert sorted(item.name for item in tmp_path.iterdir()) == ["notes.txt"]

@@ -390,7 +390,7 @@ async def test_backup_of_a_file_that_is_not_a_keystore_removes_its_partial_copy(
 ) -> None:
     src, dest = tmp_path / "notes.txt", tmp_path / "out.bak"
     src.write_text("not a database at all, just some text " * 100)
-    with pytest.raises(sqlite3.DatabaseError):
+    with pytest.raises(KeybrokerError, match="not a keybroker keystore: not an SQLite database"):
         await backup(src, dest)
     assert not dest.exists()
 

@@ -88,6 +88,30 @@ async def test_newer_schema_is_refused(db_path: Path) -> None:
             pass
 
 
+async def test_without_create_a_missing_or_empty_file_is_not_made_a_keystore(
+    db_path: Path,
+) -> None:
+    with pytest.raises(NotFoundError, match="no keystore at .* \\(no file\\)"):
+        async with KeyStore.open(db_path, create=False):
+            pass
+    assert not db_path.exists()
+    db_path.touch()
+    with pytest.raises(NotFoundError, match="no keystore at .* \\(an empty file\\)"):
+        async with KeyStore.open(db_path, create=False):
+            pass
+    assert db_path.read_bytes() == b""
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        conn.executescript("CREATE TABLE t (x); DROP TABLE t")  # SQLite, holding nothing
+    assert db_path.read_bytes().startswith(b"SQLite format 3")
+    with pytest.raises(NotFoundError, match="an empty SQLite database"):
+        async with KeyStore.open(db_path, create=False):
+            pass
+    async with KeyStore.open(db_path) as store:  # create (the default) makes it one
+        await store.add_device("d1")
+    async with KeyStore.open(db_path, create=False) as store:
+        assert [d.id for d in await store.list_devices()] == ["d1"]
+
+
 async def test_unopenable_path_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(KeybrokerError, match="cannot open keystore"):
         async with KeyStore.open(tmp_path / "missing-dir" / "ks.db"):
