@@ -26,18 +26,12 @@ from broker.framing import read_proxy_header
 from broker.mqtt.session import ConnectionInfo
 from broker.policy.addresses import TrustedProxies, normalize_ip
 from broker.settings import Listener, Settings
+from broker.tls import ssl_context
 from keystore.errors import KeybrokerError, ValidationError
 
 StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, str, bytes,
                           str | None], Awaitable[None]]
 WebSocketHandler = Callable[..., Awaitable[None]]
-
-
-def ssl_context(certfile: object, keyfile: object) -> ssl.SSLContext:
-    """A server-side TLS context from PEM files (the MQTT listeners and the API)."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(str(certfile), str(keyfile))
-    return context
 
 
 async def start_listener(listener: Listener, settings: Settings, on_stream: StreamHandler,

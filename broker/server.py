@@ -27,6 +27,7 @@ from broker.prune import ChangePruner
 from broker.settings import Settings
 from broker.state.recorder import StateRecorder
 from broker.state.restore import load_state, restore
+from broker.tls import check_tls_files
 from keystore import KeyStore
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class BrokerServer:
         settings = self.settings
         if not settings.listeners:
             raise ValueError("no listener configured")
+        check_tls_files(settings)  # before anything is opened, created or bound
         raise_open_files_limit(settings.max_connections)
         try:
             self.keystore = await self._stack.enter_async_context(settings.open_keystore())

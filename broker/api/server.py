@@ -24,9 +24,9 @@ from broker.api.routes import ROUTES, endpoint
 from broker.clientip import client_ip_from_forwarded
 from broker.console.routes import add_console
 from broker.console.web import Console
-from broker.listeners import ssl_context
 from broker.policy.addresses import TrustedProxies, normalize_ip
 from broker.settings import Settings
+from broker.tls import ssl_context
 from broker.weblistener import SECURITY_HEADERS, WebListener
 from keystore.errors import KeybrokerError
 
