@@ -3,9 +3,10 @@
 Events: connect_ok, connect_refused, connect_invalid, publish_denied, subscribe_denied,
 retain_refused, kick, ban, bad_packet, audit_suppressed; from the HTTP API (listener
 "api"): api (an admin token's change: token name, action, target ids), api_refused,
-device_auth_ok, device_auth_refused. Fields: time, event, key (public
-id only), client_id, client_ip, peer_ip, listener, reason; topic on publish_denied,
-subscribe_denied and retain_refused (the filter for a SUBSCRIBE).
+device_auth_ok, device_auth_refused. Fields: time, event, key (public id only; on
+connect_refused the key that was tried), client_id, client_ip, peer_ip, listener,
+reason; topic on publish_denied, subscribe_denied and retain_refused (the filter for a
+SUBSCRIBE).
 A secret or password is never passed here, so it can never be written.
 WatchedFileHandler reopens the file when logrotate moves it away.
 """
@@ -18,6 +19,7 @@ import logging.handlers
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,47 @@ from keystore.files import tighten_mode
 _FIELDS = ("key", "app", "client_id", "client_ip", "peer_ip", "listener", "reason")
 PER_SOURCE_PER_SECOND = 20
 MAX_SOURCES = 10_000  # sources throttled at once; beyond that the oldest is dropped
+
+
+class PerSourceLimit:
+    """At most ``per_second`` events per source in each one-second window (a source: an
+    IPv4 address or an IPv6 /64, broker.policy.addresses.source_of). The events beyond
+    are counted and handed to ``report(source, count)`` once their window is over: at the
+    source's next event, when the source is dropped to stay within ``max_sources``, or
+    at ``flush`` (called once a second, so a source that went quiet is reported too)."""
+
+    def __init__(self, report: Callable[[str, int], None],
+                 per_second: int = PER_SOURCE_PER_SECOND, max_sources: int = MAX_SOURCES) -> None:
+        self.report = report
+        self.per_second = per_second
+        self.max_sources = max_sources
+        # source -> [window start, events let through, events held back]
+        self._windows: OrderedDict[str, list[float]] = OrderedDict()
+
+    def allow(self, source: str, now: float) -> bool:
+        window = self._windows.get(source)
+        if window is None or now - window[0] >= 1.0:
+            if window is not None and window[2]:
+                self.report(source, int(window[2]))
+            window = [now, 0, 0]
+            self._windows[source] = window
+            self._windows.move_to_end(source)
+            if len(self._windows) > self.max_sources:
+                old, dropped = self._windows.popitem(last=False)
+                if dropped[2]:
+                    self.report(old, int(dropped[2]))
+        if window[1] >= self.per_second:
+            window[2] += 1
+            return False
+        window[1] += 1
+        return True
+
+    def flush(self, now: float) -> None:
+        for source, window in list(self._windows.items()):
+            if now - window[0] >= 1.0:
+                if window[2]:
+                    self.report(source, int(window[2]))
+                del self._windows[source]
 
 
 class _PrivateWatchedFileHandler(logging.handlers.WatchedFileHandler):
@@ -47,8 +90,7 @@ class AuditLog:
         self._logger.propagate = False
         self._logger.setLevel(logging.INFO)
         self._handler: logging.Handler | None = None
-        # source -> [window start, lines written, lines suppressed] (see from_source)
-        self._sources: OrderedDict[str, list[float]] = OrderedDict()
+        self._per_source = PerSourceLimit(self._suppressed)  # see from_source
         self.suppressed = 0  # lines not written because of the limits (metrics)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -79,24 +121,8 @@ class AuditLog:
         (see above)."""
         if self._handler is None:
             return
-        source = source_of(str(fields.get("client_ip")))
-        now = time.monotonic()
-        state = self._sources.get(source)
-        if state is None or now - state[0] >= 1.0:
-            if state is not None and state[2]:
-                self._suppressed(source, state)
-            state = [now, 0, 0]
-            self._sources[source] = state
-            self._sources.move_to_end(source)
-            if len(self._sources) > MAX_SOURCES:
-                old, dropped = self._sources.popitem(last=False)
-                if dropped[2]:
-                    self._suppressed(old, dropped)
-        if state[1] >= PER_SOURCE_PER_SECOND:
-            state[2] += 1
-            return
-        state[1] += 1
-        self.event(event, **fields)
+        if self._per_source.allow(source_of(str(fields.get("client_ip"))), time.monotonic()):
+            self.event(event, **fields)
 
     def ended_bans(self, guard: BruteForceGuard | None) -> None:
         """One ``ban_ended`` line per ban that is over, with the CONNECTs it refused
@@ -109,17 +135,12 @@ class AuditLog:
     def flush_suppressed(self) -> None:
         """Write the counts of lines suppressed in windows that are over (called once a
         second by the daemon, so a source that went quiet is still reported)."""
-        now = time.monotonic()
-        for source, state in list(self._sources.items()):
-            if now - state[0] >= 1.0:
-                if state[2]:
-                    self._suppressed(source, state)
-                del self._sources[source]
+        self._per_source.flush(time.monotonic())
 
-    def _suppressed(self, source: str, state: list[float]) -> None:
-        self.suppressed += int(state[2])
+    def _suppressed(self, source: str, count: int) -> None:
+        self.suppressed += count
         self.event("audit_suppressed", client_ip=source,
-                   reason=f"{int(state[2])} events from this source not logged in 1 s")
+                   reason=f"{count} events from this source not logged in 1 s")
 
     def close(self) -> None:
         if self._handler is not None:

@@ -104,8 +104,8 @@ class AuthService:
     async def check_credentials(self, asker: Asker, username: str | None,
                                 password: str | None, client_id: str) -> Decision:
         """The key and its secret; a success is recorded for ``admit``. RabbitMQ sends no
-        client address with them, so these refusals are audited but cannot count against
-        a source in the guard."""
+        client address with them, so these refusals are audited (with the key tried:
+        public, never the secret) but cannot count against a source in the guard."""
         if not username or password is None:
             decision = DENY_NO_CREDENTIALS
         else:
@@ -115,7 +115,7 @@ class AuthService:
                 await self.keystore.record_credential_check(client_id, found.key.key,
                                                             datetime.now(UTC))
         if not decision.allowed:
-            self.audit.from_source("connect_refused", reason=decision.reason,
+            self.audit.from_source("connect_refused", reason=decision.reason, key=username or None,
                                    client_id=client_id, client_ip=None, peer_ip=asker.node,
                                    listener=asker.engine)
         return decision
@@ -128,10 +128,11 @@ class AuthService:
         if self._banned(client_ip):
             return DENY_BANNED
         if not username or password is None:
-            return self._refused(asker, DENY_NO_CREDENTIALS, None, client_id, client_ip)
+            return self._refused(asker, DENY_NO_CREDENTIALS, username or None, client_id,
+                                 client_ip)
         facts = await self.keystore.connect_lookup(username, password, client_id)
         if facts.key is None:
-            return self._refused(asker, DENY_BAD_CREDENTIALS, None, client_id, client_ip)
+            return self._refused(asker, DENY_BAD_CREDENTIALS, username, client_id, client_ip)
         return await self._admit(asker, facts, client_id, client_ip, app, None,
                                  secret_checked=True)
 
@@ -149,7 +150,7 @@ class AuthService:
             return self._refused(asker, early, username, client_id, client_ip)
         facts = await self.keystore.verified_lookup(username, client_id)
         if facts.key is None:  # deleted between the two requests
-            return self._refused(asker, DENY_BAD_CREDENTIALS, None, client_id, client_ip)
+            return self._refused(asker, DENY_BAD_CREDENTIALS, username, client_id, client_ip)
         return await self._admit(asker, facts, client_id, client_ip, app, vhost,
                                  secret_checked=False)
 

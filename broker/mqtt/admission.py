@@ -7,7 +7,9 @@ amqtt's order (protocol level -> CONNACK 1, credential flags -> 4, a persistent 
 without client id -> 2). A connection that sends bytes that are no valid CONNECT (garbage,
 a CONNECT never completed) counts as a failure in the brute-force guard; one that sends
 nothing until the timeout, or is closed by a cap, does not. Every such event is audited
-within the per-source limit.
+within the per-source limit. Every refused or invalid CONNECT is also one INFO line of the
+daemon's log (client id, key tried, source address, CONNACK code and reason; never the
+secret), within the same per-source limit, so one source cannot flood the log.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from amqtt.mqtt.connack import (
 )
 from amqtt.mqtt.connect import ConnectPacket
 
-from broker.audit import AuditLog
+from broker.audit import AuditLog, PerSourceLimit
 from broker.framing import PacketError
 from broker.mqtt import codec
 from broker.mqtt.caps import SourceCaps
@@ -40,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = "connect_timeout"
 EVICTED = "evicted"  # MqttConnection.ended_by of a connection closed by a per-source cap
+SHOWN_CHARS = 64  # of a client id or key in the log: both come from an unauthenticated client
 
 
 class Admission:
@@ -53,6 +56,7 @@ class Admission:
         self.caps = SourceCaps(settings.max_connections_per_source,
                                settings.max_unauthenticated_per_source, self._evicted)
         self.invalid: dict[str, int] = {}  # connections without a valid CONNECT, by kind
+        self._logged = PerSourceLimit(self._log_suppressed)  # log lines about CONNECTs
 
     def admit(self, info: ConnectionInfo) -> str | None:
         """None when a new connection may open (at its source's max_connections_per_source,
@@ -100,6 +104,25 @@ class Admission:
         else:
             self._invalid(info, str(error), "bad_packet")
 
+    def refused(self, info: ConnectionInfo, client_id: str, key: str | None, code: int,
+                reason: str) -> None:
+        """Log a CONNECT answered with a refusing CONNACK, like the SUBSCRIBE and PUBLISH
+        denials (``event: client ...: reason``), within the per-source limit."""
+        self._log("connect_refused: client %s key %s from %s on %s: CONNACK %d %s", info,
+                  _shown(client_id), _shown(key), info.client_ip, info.listener, code, reason)
+
+    def flush_log(self) -> None:
+        """Log the counts of lines held back in windows that are over (once a second)."""
+        self._logged.flush(time.monotonic())
+
+    def _log(self, message: str, info: ConnectionInfo, *args: object) -> None:
+        if self._logged.allow(source_of(info.client_ip), time.monotonic()):
+            logger.info(message, *args)
+
+    def _log_suppressed(self, source: str, count: int) -> None:
+        logger.info("%d more refused or invalid CONNECTs from %s not logged in 1 s", count,
+                    source)
+
     def _invalid(self, info: ConnectionInfo, reason: str, event: str = "connect_invalid") -> None:
         """A connection without a valid CONNECT: counted, audited, and a failure in the
         guard when it sent something (bytes that are no valid CONNECT); a silent one that
@@ -109,7 +132,9 @@ class Admission:
                 if reason.startswith("CONNACK") else "bad_packet" if event == "bad_packet"
                 else "malformed")
         self.invalid[kind] = self.invalid.get(kind, 0) + 1
-        logger.info("no valid CONNECT from %s on %s: %s", info.peer_ip, info.listener, reason)
+        if kind != "protocol":  # those are refused with a CONNACK: logged by the caller
+            self._log("no valid CONNECT from %s on %s: %s", info, info.client_ip,
+                      info.listener, reason)
         self.audit.from_source(event, client_ip=info.client_ip, peer_ip=info.peer_ip,
                                listener=info.listener, reason=reason)
         if self.guard is None or silent:
@@ -164,6 +189,11 @@ class Admission:
             code = IDENTIFIER_REJECTED  # [MQTT-3.1.3-8] [MQTT-3.1.3-9]
         if code is not None:
             self._invalid(info, f"CONNACK {code}")
+            given = "" if payload.client_id_is_random else connect.client_id or ""
+            self.refused(info, given, connect.username, code, {
+                UNACCEPTABLE_PROTOCOL_VERSION: f"protocol level {connect.proto_level}",
+                BAD_USERNAME_PASSWORD: "malformed user name or password",
+                IDENTIFIER_REJECTED: "persistent session without client id"}[code])
             connection.link.write(codec.connack_packet(False, code))
             return None
         client_id, clean = connect.client_id or "", bool(connect.clean_session_flag)
@@ -184,3 +214,9 @@ def effective_keepalive(keep_alive: int, settings: Settings) -> int:
         return 0
     return max(1, math.ceil(keep_alive * settings.keepalive_factor))
 
+
+def _shown(text: str | None) -> str:
+    """A client-chosen string as the log shows it: quoted, escaped, cut to SHOWN_CHARS."""
+    if text is None:
+        return "none"
+    return repr(text[:SHOWN_CHARS]) + ("..." if len(text) > SHOWN_CHARS else "")

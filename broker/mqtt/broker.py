@@ -141,6 +141,7 @@ class KeyBroker(Broker):
                     self.registry.expire(self.settings.session_expiry, time.time())
                 self.audit.ended_bans(self.guard)
                 self.audit.flush_suppressed()
+                self.admission.flush_log()
             except Exception:
                 logger.exception("session monitor failed; continuing")
 
@@ -235,6 +236,8 @@ class KeyBroker(Broker):
             self.connack_latency.observe(loop.time() - incoming.auth_started)
             counted = (code, refusal.reason if refusal else "no_client_id")
             self.connects_refused[counted] = self.connects_refused.get(counted, 0) + 1
+            self.admission.refused(connection.info, incoming.client_id,
+                                   refusal.key if refusal else None, *counted)
             return
         async with self.registry.connect_lock(incoming.client_id):
             session = await self.registry.take_over(incoming)

@@ -112,8 +112,11 @@ class AccessKeyAuthPlugin(BaseAuthPlugin):
     async def _decide(self, session: KeySession, conn: ConnectionInfo) -> Grant | Refusal:
         ks = self.config.keystore
         username, password = session.username, session.password
+        # A refusal names the key that was tried (public, and what the operator needs to
+        # answer "why can't my device connect?"); never the secret.
         if not username or password is None:
-            return Refusal("no_credentials", policy.CONNACK_CODE["no_credentials"], None)
+            return Refusal("no_credentials", policy.CONNACK_CODE["no_credentials"],
+                           username or None)
         # One keystore round trip in the usual case; an unknown key costs the same as a
         # wrong secret (docs/access.md#connect). The scope is the one matching at this moment.
         device_id = session.client_id
@@ -121,8 +124,8 @@ class AccessKeyAuthPlugin(BaseAuthPlugin):
         found = await ks.connect_lookup(username, password, device_id)
         self.lookup_latency.observe(time.perf_counter() - started)
         key = found.key
-        if key is None:
-            return Refusal("bad_credentials", policy.CONNACK_CODE["bad_secret"], None)
+        if key is None:  # an unknown key or a wrong secret (one cost, one answer)
+            return Refusal("bad_credentials", policy.CONNACK_CODE["bad_secret"], username)
         session_policy: SessionPolicy | None = None
         if found.device_in_scope:
             session_policy = self._policies.get(key, found.scope)

@@ -78,9 +78,11 @@ def test_credentials_are_checked_at_user_and_the_rest_at_vhost(replicas: Replica
     assert connect(replicas, key.key, secret, "cr-2") == ALLOW
     events = [json.loads(line) for path in replicas.audit if path.exists()
               for line in path.read_text().splitlines()]
-    refused = {(e["client_id"], e["reason"]) for e in events if e["event"] == "connect_refused"}
-    assert {("cr-1", "bad_credentials"), (outsider.id, "device_not_in_scope"),
-            ("cr-ghost", "unknown_device")} <= refused
+    refused = {(e["client_id"], e["reason"], e["key"]) for e in events
+               if e["event"] == "connect_refused"}
+    assert {("cr-1", "bad_credentials", "0" * 32), ("cr-1", "bad_credentials", key.key),
+            (outsider.id, "device_not_in_scope", key.key),
+            ("cr-ghost", "unknown_device", key.key)} <= refused
     assert secret not in replicas.texts()
 
 

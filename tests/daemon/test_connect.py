@@ -142,6 +142,12 @@ def test_refusals_are_audited_with_reason_and_never_the_secret(fleet: RunningBro
     assert ("connect_refused", "bad_credentials", "dev-a") in reasons
     assert ("connect_refused", "device_not_in_scope", "dev-b") in reasons
     assert ("connect_ok", None, "dev-a") in reasons
+    # The key that was tried is named (it is public), for an unknown key too.
+    assert connect(fleet, "dev-a", "no-such-key", secret) == BAD_CREDENTIALS
+    time.sleep(0.2)
+    events = fleet.audit_events()
+    tried = [e["key"] for e in events if e["reason"] == "bad_credentials"]
+    assert tried == [key, "no-such-key"]
     ok = next(e for e in events if e["event"] == "connect_ok")
     assert ok["key"] == key and ok["client_ip"] == "127.0.0.1" and ok["listener"] == "tcp"
     text = fleet.settings.audit_path.read_text()  # type: ignore[union-attr]
