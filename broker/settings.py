@@ -9,10 +9,12 @@ The documented example config (``broker/keybroker.example.toml``, printed by
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import tomllib
 import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields, replace
 from importlib import resources
 from pathlib import Path
@@ -250,6 +252,18 @@ def config_keys() -> set[tuple[str, str]]:
     return out | {("security", f.name) for f in fields(GuardSettings)}
 
 
+def did_you_mean(key: str, here: Iterable[str], elsewhere: Mapping[str, str] | None = None,
+                 ) -> str:
+    """" (did you mean 'KEY'?)" naming the known key of this table closest to a mistyped
+    one, else the closest of ``elsewhere`` (key -> its section: a key put in the wrong
+    table, " (did you mean [mqtt] device_prefix?)"); "" when none is close."""
+    close = difflib.get_close_matches(key, list(here), n=1)
+    if close:
+        return f" (did you mean {close[0]!r}?)"
+    close = difflib.get_close_matches(key, list(elsewhere or {}), n=1)
+    return f" (did you mean [{(elsewhere or {})[close[0]]}] {close[0]}?)" if close else ""
+
+
 # --- reading values ------------------------------------------------------------------
 
 
@@ -339,7 +353,8 @@ def _listener(name: str, raw: Any, base: Path | None) -> Listener | None:
     raw = _table(where, raw)
     unknown = sorted(set(raw) - set(LISTENER_KEYS))
     if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r}")
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}"
+                          f"{did_you_mean(unknown[0], LISTENER_KEYS)}")
     hints = _hints(Listener)
     values: dict[str, Any] = {"name": name}
     for key in ("type", "host", "port", "proxy_protocol"):
@@ -365,7 +380,10 @@ def settings_from_toml(raw: dict[str, Any], base: Path | None = None) -> Setting
     file's directory). Keys the file leaves out keep their default."""
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
-        raise ConfigError(f"unknown section [{unknown[0]}] (expected {', '.join(SECTIONS)})")
+        close = difflib.get_close_matches(unknown[0], SECTIONS, n=1)
+        hint = f" (did you mean [{close[0]}]?)" if close else ""
+        raise ConfigError(f"unknown section [{unknown[0]}]{hint} (expected "
+                          f"{', '.join(SECTIONS)})")
     sections = {name: _table(f"[{name}]", raw.get(name, {})) for name in SECTIONS}
     known = config_keys()
     for section in SECTIONS:
@@ -373,7 +391,10 @@ def settings_from_toml(raw: dict[str, Any], base: Path | None = None) -> Setting
             continue
         for key in sections[section]:
             if (section, key) not in known:
-                raise ConfigError(f"[{section}]: unknown key {key!r}")
+                here = [name for where, name in known if where == section]
+                elsewhere = {name: where for where, name in known if where != section}
+                raise ConfigError(f"[{section}]: unknown key {key!r}"
+                                  f"{did_you_mean(key, here, elsewhere)}")
     hints = _hints(Settings)
     changes: dict[str, Any] = {}
     for f in fields(Settings):

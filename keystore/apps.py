@@ -1,10 +1,18 @@
 """Applications (tenants): every device and key belongs to exactly one; an operation on
-devices or keys names its application (id or name; None = the one named "default")."""
+devices or keys names its application (id or name; None = the one named "default").
+
+An application's key limit (``max_keys``, ``maxKeys`` in JSON) is one integer, 0 for no
+limit, as Losant's schemas type their numbers (never null): an application made without
+one gets the configured ``[keystore] max_keys``. Only the ``default`` application of a
+keystore from before applications stores none (NULL), and follows the configured limit:
+every application this module returns carries the limit in force.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 from keystore.backend import Backend
@@ -25,10 +33,8 @@ def validate_app_name(name: object) -> str:
     return checked
 
 
-def validate_max_keys(value: object) -> int | None:
-    """None (the keystore's configured limit), 0 (no limit) or a positive count."""
-    if value is None:
-        return None
+def validate_max_keys(value: object) -> int:
+    """0 (no limit) or a positive count."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValidationError(f"invalid max_keys {value!r}: must be 0 (no limit) or more")
     return value
@@ -43,7 +49,8 @@ class AppOps:
         """An application by id or name; None is ``default_app``."""
         if ref is not None and not isinstance(ref, str):
             raise ValidationError(f"invalid application {ref!r}: must be a name or an id")
-        return await self.backend.load_app(self.default_app if ref is None else ref)
+        return self._in_force(
+            await self.backend.load_app(self.default_app if ref is None else ref))
 
     async def create_app(self, name: str, *, description: str | None = None,
                          max_keys: int | None | Any = ...) -> Application:
@@ -52,10 +59,10 @@ class AppOps:
         app = await self.backend.insert_app(validate_app_name(name),
                                             validate_description(description), limit)
         log.info("created application %s (%s)", app.name, app.id)
-        return app
+        return self._in_force(app)
 
     async def list_apps(self) -> list[Application]:
-        return await self.backend.all_apps()
+        return [self._in_force(app) for app in await self.backend.all_apps()]
 
     async def update_app(self, ref: str, *, name: Any = ..., description: Any = ...,
                          max_keys: Any = ...) -> Application:
@@ -67,14 +74,18 @@ class AppOps:
             changes["description"] = validate_description(description)
         if max_keys is not ...:
             changes["max_keys"] = validate_max_keys(max_keys)
-        return await self.backend.change_app(ref, changes)
+        return self._in_force(await self.backend.change_app(ref, changes))
 
     async def delete_apps(self, refs: Iterable[str]) -> list[Application]:
         """Delete applications with every key and device they hold (all, or none if one
         does not exist); a running daemon disconnects their sessions (change feed)."""
         apps = await self.backend.delete_apps(dedupe(as_str_list(refs, "applications")))
         log.info("deleted %d applications", len(apps))
-        return apps
+        return [self._in_force(app) for app in apps]
 
     def key_limit(self, app: Application) -> int:
         return self.max_keys if app.max_keys is None else app.max_keys
+
+    def _in_force(self, app: Application) -> Application:
+        """``app`` with the key limit that applies to it (see the module's docstring)."""
+        return app if app.max_keys is not None else replace(app, max_keys=self.max_keys)

@@ -72,7 +72,9 @@ class Application:
     id: str  # 24 hex characters, like Losant's ids
     name: str
     description: str | None
-    max_keys: int | None  # None: the keystore's configured limit; 0: no limit
+    # 0: no limit. None only as stored for an old keystore's "default": the configured
+    # limit, which KeyStore puts in its place (keystore.apps).
+    max_keys: int | None
     created_at: datetime
     updated_at: datetime
 

@@ -1,5 +1,5 @@
 """Seed files: devices and keys in bulk from a TOML or JSON document (the format is
-documented in config/seed.example.toml).
+documented in broker/seed.example.toml, printed by `keybroker seed --example`).
 
 The file's shape is checked before the first write (``read_seed``); values are validated
 by the keystore, one batch (one transaction) at a time (``apply_seed``). Devices are

@@ -81,12 +81,12 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     # --- requests
     "applicationPost": _object(
         {"name": _NAME, "description": _KEY_FIELDS["description"],
-         "maxKeys": {"type": ["integer", "null"], "minimum": 0,
-                     "description": "null: the daemon's [keystore] max_keys; 0: no limit"}},
+         "maxKeys": {"type": "integer", "minimum": 0,
+                     "description": "0: no limit; left out: the daemon's [keystore] max_keys"}},
         ("name",)),
     "applicationPatch": _object(
         {"name": _NAME, "description": _KEY_FIELDS["description"],
-         "maxKeys": {"type": ["integer", "null"], "minimum": 0}}),
+         "maxKeys": {"type": "integer", "minimum": 0}}),
     "applicationKeyPost": _object(
         {**_KEY_FIELDS, "deviceIds": _STRINGS, "deviceTags": _TAGS},
         description="No deviceIds and no deviceTags: the key is for every device of the "
@@ -115,7 +115,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "success": _open({"success": {"const": True}}, ("success",)),
     "application": _open({
         "id": _ID, "applicationId": _ID, "name": {"type": "string"},
-        "description": {"type": ["string", "null"]}, "maxKeys": {"type": ["integer", "null"]},
+        "description": {"type": ["string", "null"]}, "maxKeys": {"type": "integer"},
         "creationDate": _DATE_OUT, "lastUpdated": _DATE_OUT,
     }, ("id", "applicationId", "name")),
     "applications": _collection("application"),

@@ -22,14 +22,11 @@ async def _with_counts(ks: KeyStore, app: Application) -> dict[str, Any]:
     doc = app.to_json()
     doc["devices"] = await ks.count_devices(app=app.id)
     doc["keys"] = await ks.count_keys(app=app.id)
-    doc["effectiveMaxKeys"] = ks.key_limit(app)
     return doc
 
 
 def _limit(doc: dict[str, Any]) -> str:
-    limit = doc["effectiveMaxKeys"]
-    text = str(limit) if limit else "none"
-    return text + (" (from config)" if doc["maxKeys"] is None else "")
+    return str(doc["maxKeys"]) if doc["maxKeys"] else "none"
 
 
 @apps.command("create")

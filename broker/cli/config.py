@@ -30,5 +30,6 @@ def show() -> None:
     state = current_state()
     source = config_path(state.config)
     origin = f"config file {source.absolute()}" if source else "built-in defaults (no config file)"
+    shown = settings_to_toml(state.settings)  # a bad config: its one-line error, nothing else
     click.echo(f"# keybroker settings in effect: {origin}")
-    click.echo(settings_to_toml(state.settings), nl=False)
+    click.echo(shown, nl=False)

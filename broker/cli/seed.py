@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -15,6 +16,7 @@ from broker.cli.output import FILED_NOTICE, SECRET_NOTICE, SecretSink, secret_fi
 from keystore.seed import SeedResult, apply_seed, read_seed
 
 PROGRESS_THRESHOLD = 1000
+SEED_EXAMPLE = "seed.example.toml"  # package data of `broker`: the format, documented
 
 
 class Progress(Protocol):
@@ -64,18 +66,30 @@ def report(result: SeedResult, sink: SecretSink | None) -> None:
 
 @click.command("seed")
 @app_option
-@click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=False), required=False)
 @click.option(
     "--output",
     type=click.Path(dir_okay=False),
     help="Write new secrets to this new file (mode 0600, JSON lines) instead of stdout.",
 )
-def seed(file: Path, output: str | None) -> None:
-    """Create devices and keys in bulk from a TOML or JSON FILE (see config/seed.example.toml).
+@click.option("--example", is_flag=True,
+              help="Print a documented example seed file (every field explained) and exit.")
+def seed(file: Path | None, output: str | None, example: bool) -> None:
+    """Create devices and keys in bulk from a TOML or JSON FILE (`keybroker seed
+    --example` prints a documented one).
 
     Idempotent for devices and named keys; new secrets go to stdout as JSON lines
     {"key","name","secret"}, or to --output.
     """
+    if example:
+        if file is not None or output is not None:
+            raise click.ClickException("--example takes no FILE and no --output")
+        text = resources.files("broker").joinpath(SEED_EXAMPLE).read_text(encoding="utf-8")
+        click.echo(text, nl=False)
+        return
+    if file is None:
+        raise click.ClickException(
+            "missing FILE: a seed file (`keybroker seed --example` prints a documented one)")
     plan = read_seed(file)
     devices = sum(map(len, plan.devices.values()))
     keys = sum(map(len, plan.keys.values()))

@@ -108,7 +108,7 @@ def new_keystore(settings: Settings) -> NewKeystore | None:
     path = settings.db_path.absolute()
     if holds_database(str(path)):
         return None
-    bases = [path] + ([state_file(settings).absolute()] if settings.persistence else [])
+    bases = [path] + ([state_file(settings)] if settings.persistence else [])
     files = [Path(f"{base}{suffix}") for base in bases for suffix in ("", *SQLITE_SIDECARS)]
     folders = {folder for base in bases for folder in base.parents if not folder.exists()}
     return NewKeystore(path, tuple(item for item in files if not item.exists()),
@@ -146,7 +146,9 @@ def _tool(name: str) -> str:
 
 def demo_commands(settings: Settings, key: str, secret: str, host: str,
                   port: int) -> dict[str, tuple[str, str]]:
-    """Shell commands for the demo round trip: tool -> (subscriber, publisher)."""
+    """Shell commands for the demo round trip: tool -> (subscriber, publisher). amqtt's
+    clients log at INFO on stderr, with no option to quiet them: 2>/dev/null keeps the
+    terminal to the message (each one printed on its own line)."""
     topic = f"{settings.device_prefix}/{DEMO_DEVICE}/state"
     q = shlex.quote
     url_host = f"[{host}]" if ":" in host else host
@@ -154,9 +156,9 @@ def demo_commands(settings: Settings, key: str, secret: str, host: str,
     return {
         "amqtt": (
             f"{q(_tool('amqtt_sub'))} --url {q(url)} -i {DEMO_DASHBOARD} --clean-session"
-            f" -t {q(topic)}",
+            f" -t {q(topic)} 2>/dev/null",
             f"{q(_tool('amqtt_pub'))} --url {q(url)} -i {DEMO_DEVICE} --clean-session"
-            f" -t {q(topic)} -m {q(DEMO_PAYLOAD)}",
+            f" -t {q(topic)} -m {q(DEMO_PAYLOAD)} 2>/dev/null",
         ),
         "mosquitto": (
             f"mosquitto_sub -h {host} -p {port} -i {DEMO_DASHBOARD} -u {key} -P {q(secret)}"
@@ -181,7 +183,8 @@ def demo_instructions(settings: Settings, key: str, secret: str, host: str, port
         "",
         "Try a round trip: in one terminal the dashboard watches the device's state,",
         "in another the device publishes it (the dashboard prints the message).",
-        "With amqtt's clients (installed with keybroker):",
+        "With amqtt's clients (installed with keybroker; 2>/dev/null hides their INFO logging,",
+        "drop it to see why one fails):",
         f"  {amqtt_sub}",
         f"  {amqtt_pub}",
         "Or with mosquitto-clients:",

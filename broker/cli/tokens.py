@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from broker.cli.common import keystore_shown, run_store
 from broker.cli.output import echo_json, table
+from keystore import KeyStore
 from keystore.models import ApiToken
 from keystore.scopes import ACTIONS, ALL, ALL_READ, DEFAULT_SCOPES
 from keystore.validation import parse_when
@@ -16,8 +19,21 @@ def tokens() -> None:
     """Manage the admin tokens of the HTTP API (Authorization: Bearer TOKEN)."""
 
 
-def _app_text(token: ApiToken) -> str:
-    return token.app_id or "all"
+def _app_text(token: ApiToken, names: dict[str, str]) -> str:
+    """The token's application by name ("all" for every one; the id of one since deleted)."""
+    if token.app_id is None:
+        return "all"
+    return names.get(token.app_id, token.app_id)
+
+
+def _doc(token: ApiToken, names: dict[str, str]) -> dict[str, Any]:
+    """--json: the token's row (Losant's fields) with its application's name beside its id."""
+    name = names.get(token.app_id) if token.app_id is not None else None
+    return {**token.to_json(), "applicationName": name}
+
+
+async def _app_names(ks: KeyStore) -> dict[str, str]:
+    return {app.id: app.name for app in await ks.list_apps()}
 
 
 @tokens.command("create")
@@ -32,14 +48,18 @@ def _app_text(token: ApiToken) -> str:
 def create(name: str, app_ref: str | None, scopes: tuple[str, ...], expires: str | None,
            as_json: bool) -> None:
     """Create an admin token. It is printed this once: only its hash is stored."""
-    row, token = run_store(lambda ks: ks.create_token(
-        name, app=app_ref, scopes=scopes or DEFAULT_SCOPES,
-        expires_at=parse_when(expires) if expires is not None else None), create=True)
+    async def make(ks: KeyStore) -> tuple[tuple[ApiToken, str], dict[str, str]]:
+        made = await ks.create_token(
+            name, app=app_ref, scopes=scopes or DEFAULT_SCOPES,
+            expires_at=parse_when(expires) if expires is not None else None)
+        return made, await _app_names(ks)
+
+    (row, token), names = run_store(make, create=True)
     if as_json:
-        echo_json({**row.to_json(), "token": token})
+        echo_json({**_doc(row, names), "token": token})
         return
     click.echo(f"created token {row.name} (id {row.id}) for application(s) "
-               f"{_app_text(row)}, scopes {', '.join(row.scopes)}")
+               f"{_app_text(row, names)}, scopes {', '.join(row.scopes)}")
     click.echo(f"token: {token}")
     click.echo("The token is shown this once; it is not stored and cannot be recovered.")
 
@@ -48,13 +68,16 @@ def create(name: str, app_ref: str | None, scopes: tuple[str, ...], expires: str
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
 def list_(as_json: bool) -> None:
     """List admin tokens (never the tokens themselves)."""
-    rows = run_store(lambda ks: ks.list_tokens())
+    async def gather(ks: KeyStore) -> tuple[list[ApiToken], dict[str, str]]:
+        return await ks.list_tokens(), await _app_names(ks)
+
+    rows, names = run_store(gather)
     if as_json:
-        echo_json([row.to_json() for row in rows])
+        echo_json([_doc(row, names) for row in rows])
         return
     click.echo(f"keystore: {keystore_shown()}")
     click.echo(table(("ID", "NAME", "APPLICATION", "SCOPES", "STATUS", "EXPIRES"), [
-        (r.id, r.name, _app_text(r), ",".join(r.scopes), r.status,
+        (r.id, r.name, _app_text(r, names), ",".join(r.scopes), r.status,
          r.to_json()["expirationDate"] or "never") for r in rows]))
 
 
@@ -63,12 +86,15 @@ def list_(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the token's row as JSON.")
 def show(ref: str, as_json: bool) -> None:
     """Show admin token TOKEN (name or id)."""
-    row = run_store(lambda ks: ks.get_token(ref))
-    doc = row.to_json()
+    async def gather(ks: KeyStore) -> tuple[ApiToken, dict[str, str]]:
+        return await ks.get_token(ref), await _app_names(ks)
+
+    row, names = run_store(gather)
+    doc = _doc(row, names)
     if as_json:
         echo_json(doc)
         return
-    fields = [("id", row.id), ("name", row.name), ("application", _app_text(row)),
+    fields = [("id", row.id), ("name", row.name), ("application", _app_text(row, names)),
               ("scopes", ", ".join(row.scopes)), ("status", row.status),
               ("created", doc["creationDate"]), ("expires", doc["expirationDate"] or "never")]
     click.echo("\n".join(f"{label + ':':<13}{value}" for label, value in fields))

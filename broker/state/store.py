@@ -34,11 +34,13 @@ class StateStore(Protocol):
 
 def state_file(settings: Settings) -> Path:
     """``[persistence] path``, else beside the keystore: ``data/keybroker.db`` ->
-    ``data/keybroker.state.db`` (an in-memory keystore gets an in-memory state)."""
+    ``data/keybroker.state.db`` (an in-memory keystore gets an in-memory state). Absolute,
+    like the keystore's path in messages and the start-up line."""
     if settings.state_path is not None:
-        return settings.state_path
+        path = settings.state_path
+        return path if str(path) == IN_MEMORY else path.absolute()
     db = settings.db_path
     if str(db) == IN_MEMORY:
         return db
-    return db.with_name(f"{db.stem}.state.db")
+    return db.with_name(f"{db.stem}.state.db").absolute()
 

@@ -26,14 +26,28 @@ def test_applications_list_create_get_patch_delete(api: ApiEnv) -> None:
     got = c.application.get(applicationId=created["id"])
     assert got["description"] == "north"
     patched = c.application.patch(applicationId=created["id"],
-                                  application={"name": "plant-two", "maxKeys": None})
-    assert patched["name"] == "plant-two" and patched["maxKeys"] is None
+                                  application={"name": "plant-two", "maxKeys": 0})
+    assert patched["name"] == "plant-two" and patched["maxKeys"] == 0
     page = c.applications.get(sortField="name", sortDirection="desc", perPage=1, page=0,
                               filterField="name", filter="plant-*")
     assert [a["name"] for a in page["items"]] == ["plant-two"] and page["totalCount"] == 1
 
     assert c.application.delete(applicationId=created["id"]) == {"success": True}
     refused(lambda: c.application.get(applicationId=created["id"]), 404, created["id"])
+
+
+def test_every_application_has_an_integer_key_limit(api: ApiEnv) -> None:
+    """One representation, typed as Losant types its numbers: the limit in force, 0 for
+    none; `default` (which follows the daemon's [keystore] max_keys) included."""
+    c = api.client()
+    made = c.applications.post(application={"name": "plant-3"})
+    limits = {a["name"]: a["maxKeys"] for a in c.applications.get()["items"]}
+    assert limits == {"default": 0, "plant-3": 0}
+    assert c.application.get(applicationId=made["id"])["maxKeys"] == 0
+    refused(lambda: c.applications.post(application={"name": "x", "maxKeys": None}), 400,
+            "maxKeys")
+    refused(lambda: c.application.patch(applicationId=made["id"],
+                                        application={"maxKeys": None}), 400, "maxKeys")
 
 
 def test_application_errors(api: ApiEnv) -> None:

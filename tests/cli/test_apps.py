@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner, Result
 
+from broker.cli import main
 from tests.support.cli_helpers import Invoke, cli_on, fails, ok
 
 
@@ -86,3 +88,27 @@ def test_seed_places_devices_and_keys_in_applications(cli: Invoke, tmp_path: Pat
     assert [k["name"] for k in plant] == ["pk"] and [k["name"] for k in default] == ["pk"]
     assert plant[0]["deviceIds"] == ["p1"]
     assert "keys created: 0" in ok(cli("seed", str(seed))).stderr  # re-running is safe
+
+
+def test_every_application_shows_its_key_limit_as_one_integer(
+    cli_db: str, tmp_path: Path
+) -> None:
+    """`default` (stored without a limit: it follows the config) and an application made
+    here show the limit in force the same way: an integer, 0 for no limit."""
+    config = tmp_path / "kb.toml"
+    config.write_text("[keystore]\nmax_keys = 5\n")
+
+    def with_config(*args: str) -> Result:
+        return CliRunner().invoke(main, ["--db", cli_db, "--config", str(config), *args],
+                                  catch_exceptions=False)
+
+    ok(with_config("apps", "create", "plant"))
+    ok(with_config("apps", "create", "open", "--max-keys", "0"))
+    limits = {a["name"]: a["maxKeys"] for a in as_json(with_config("apps", "list", "--json"))}
+    assert limits == {"default": 5, "plant": 5, "open": 0}
+    plain = cli_on(cli_db)  # no config: [keystore] max_keys = 0, no limit
+    limits = {a["name"]: a["maxKeys"] for a in as_json(plain("apps", "list", "--json"))}
+    assert limits == {"default": 0, "plant": 5, "open": 0}
+    assert as_json(plain("apps", "show", "default", "--json"))["maxKeys"] == 0
+    listing = ok(plain("apps", "list")).stdout
+    assert "from config" not in listing and listing.count(" none") == 2

@@ -141,6 +141,15 @@ def test_example_seed_file_is_valid(cli: Invoke, tmp_path: Path) -> None:
     assert {k["name"] for k in listing(cli, "keys")} == {"gw-lyon-01", "lyon-fleet", "ops-console"}
 
 
+def test_seed_example_prints_the_documented_file_and_needs_no_keystore(
+    cli: Invoke, cli_db: str
+) -> None:
+    assert ok(cli("seed", "--example")).stdout == EXAMPLE.read_text(encoding="utf-8")
+    assert no_keys_stored(cli, cli_db)
+    line = fails(cli("seed"), "missing FILE")
+    assert "keybroker seed --example" in line
+
+
 def test_large_seed_shows_progress_on_stderr(cli: Invoke, tmp_path: Path) -> None:
     doc = {
         "devices": [{"id": f"dev-{i:05d}", "tags": {"batch": str(i % 7)}} for i in range(3000)],

@@ -63,11 +63,12 @@ def demo(tmp_path: Path) -> Iterator[dict[str, str]]:
 
 def round_trip(subscriber: str, publisher: str, cwd: Path) -> str:
     """Run the subscriber as printed; run the publisher as printed until the subscriber
-    prints something (it needs a moment to subscribe). Returns what it printed."""
+    prints something (it needs a moment to subscribe). Returns what it printed, on
+    stdout and stderr both: what a terminal would show."""
     out = cwd / "sub.out"
     with out.open("w") as sink:
         sub = subprocess.Popen(subscriber, shell=True, cwd=cwd, stdout=sink,  # noqa: S602 - the printed command, run as a user would
-                               stderr=subprocess.DEVNULL, env=clean_env(), start_new_session=True)
+                               stderr=subprocess.STDOUT, env=clean_env(), start_new_session=True)
         try:
             deadline = time.monotonic() + TIMEOUT
             while time.monotonic() < deadline and DEMO_PAYLOAD not in out.read_text():
@@ -86,6 +87,8 @@ def test_demo_round_trip_with_amqtt_clients_as_printed(demo: dict[str, str],
     assert "-i demo-dashboard" in demo["amqtt_sub"] and "-i demo-device" in demo["amqtt_pub"]
     received = round_trip(demo["amqtt_sub"], demo["amqtt_pub"], tmp_path)
     assert DEMO_PAYLOAD in received
+    # Nothing but the messages, each on its own line: amqtt's INFO logging stays out.
+    assert set(received.splitlines()) == {DEMO_PAYLOAD} and received.endswith("\n")
 
 
 def test_demo_round_trip_with_mosquitto_clients_as_printed(demo: dict[str, str],
@@ -226,7 +229,9 @@ def test_no_api_serves_mqtt_only(tmp_path: Path, busy_port: int) -> None:
 # --- a keystore that was not there ----------------------------------------------------------
 
 
-def test_a_new_keystore_is_announced_with_its_absolute_path(tmp_path: Path) -> None:
+def test_a_new_keystore_is_announced_and_the_start_up_line_has_absolute_paths(
+    tmp_path: Path,
+) -> None:
     proc = subprocess.Popen(
         keybroker("--db", "typo/k.db", "serve", "--host", "127.0.0.1", "--port", "0",
                   "--ws-port", "0", "--api-port", "0"),
@@ -247,6 +252,9 @@ def test_a_new_keystore_is_announced_with_its_absolute_path(tmp_path: Path) -> N
     assert len(warnings) == 1, lines
     assert f"created a new empty keystore at {tmp_path / 'typo' / 'k.db'}:" in warnings[0]
     assert (tmp_path / "typo" / "k.db").exists()  # a start that worked keeps it
+    # The start-up line names both files by their absolute paths, though --db was relative.
+    assert (f"(keystore {tmp_path / 'typo' / 'k.db'}, state {tmp_path / 'typo' / 'k.state.db'})"
+            in lines[-1]), lines[-1]
 
 
 def test_a_start_that_cannot_bind_leaves_no_new_keystore_behind(

@@ -145,9 +145,14 @@ def test_relative_paths_resolve_against_the_config_files_directory(
 @pytest.mark.parametrize(
     ("content", "needles"),
     [
-        ("[limits]\nmax_packet_sise = 10\n", ["max_packet_sise", "unknown key"]),
-        ("[limit]\nmax_packet_size = 10\n", ["[limit]", "unknown section"]),
-        ("[listeners.tcp]\nprot = 1883\n", ["[listeners.tcp]", "'prot'"]),
+        ("[limits]\nmax_packet_sise = 10\n",
+         ["max_packet_sise", "unknown key", "(did you mean 'max_packet_size'?)"]),
+        ("[limits]\ndevice_prefix = \"x\"\n",
+         ["[limits]: unknown key 'device_prefix' (did you mean [mqtt] device_prefix?)"]),
+        ("[limit]\nmax_packet_size = 10\n",
+         ["[limit]", "unknown section", "(did you mean [limits]?)"]),
+        ("[listeners.tcp]\nprot = 1883\n",
+         ["[listeners.tcp]", "'prot'", "(did you mean 'port'?)"]),
         ("[limits]\nmax_packet_size = \"big\"\n", ["max_packet_size", "'big'", "integer"]),
         ("[limits]\nmax_packet_size = 1.5\n", ["max_packet_size", "1.5", "integer"]),
         ("[limits]\nconnect_timeout = true\n", ["connect_timeout", "True", "number"]),
@@ -189,7 +194,9 @@ def test_a_bad_config_is_one_line_and_exit_code_2(
     with pytest.raises(ConfigError) as caught:
         load_settings(config)
     assert "\n" not in str(caught.value)
-    config_error(run("--config", str(config), "config", "show"), "bad.toml", *needles)
+    shown = run("--config", str(config), "config", "show")
+    config_error(shown, "bad.toml", *needles)
+    assert shown.stdout == ""  # the error alone, no header before it
     config_error(run("serve", "--config", str(config)), "bad.toml", *needles)
 
 

@@ -60,3 +60,24 @@ def test_scopes_application_expiry_and_revoke(cli: Invoke, cli_db: str) -> None:
     shown = json.loads(ok(cli("tokens", "show", made["id"], "--json")).stdout)
     assert shown["status"] == "revoked"
     fails(cli("tokens", "revoke", "reader", "ghost"), "'ghost'")
+
+
+def test_tokens_name_their_application(cli: Invoke) -> None:
+    ok(cli("apps", "create", "acme"))
+    app_id = json.loads(ok(cli("apps", "show", "acme", "--json")).stdout)["id"]
+    made = json.loads(ok(cli("tokens", "create", "--name", "reader", "--app", "acme",
+                             "--json")).stdout)
+    assert (made["applicationId"], made["applicationName"]) == (app_id, "acme")
+    ok(cli("tokens", "create", "--name", "ops"))
+    rows = ok(cli("tokens", "list")).stdout.splitlines()[2:]  # keystore line, header
+    by_name = {row.split()[1]: row.split()[2] for row in rows}
+    assert by_name == {"reader": "acme", "ops": "all"}
+    assert app_id not in ok(cli("tokens", "list")).stdout
+    listed = {t["name"]: t for t in json.loads(ok(cli("tokens", "list", "--json")).stdout)}
+    assert (listed["reader"]["applicationId"], listed["reader"]["applicationName"]) == (
+        app_id, "acme")
+    assert (listed["ops"]["applicationId"], listed["ops"]["applicationName"]) == (None, None)
+    shown = ok(cli("tokens", "show", "reader")).stdout
+    assert "application: acme" in shown and app_id not in shown
+    created = ok(cli("tokens", "create", "--name", "writer", "--app", "acme")).stdout
+    assert "for application(s) acme," in created and app_id not in created

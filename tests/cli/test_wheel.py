@@ -54,6 +54,11 @@ def test_installed_wheel_runs_from_any_directory(tmp_path: Path) -> None:
     example = run([keybroker, "config", "example"], work, env)
     assert example == (REPO / "config" / "keybroker.toml").read_text(encoding="utf-8")
     assert "[limits]" in run([keybroker, "config", "show"], work, env)
+    seed_example = run([keybroker, "seed", "--example"], work, env)
+    assert seed_example == (REPO / "config" / "seed.example.toml").read_text(encoding="utf-8")
+    (work / "seed.toml").write_text(seed_example, encoding="utf-8")
+    run([keybroker, "--db", "seeded.db", "seed", "seed.toml", "--output", "s.jsonl"], work, env)
+    assert (work / "s.jsonl").read_text().count('"secret"') >= 1  # the example works as is
 
     daemon = subprocess.Popen(
         [keybroker, "--db", "k.db", "serve", "--host", "127.0.0.1", "--port", "0",

@@ -28,10 +28,10 @@ def old_file(tmp_path: Path) -> Path:
 
 async def test_a_pre_application_keystore_moves_into_default(old_file: Path) -> None:
     secrets = json.loads((DATA / "keystore-v4.secrets.json").read_text())
-    async with KeyStore.open(old_file) as ks:
+    async with KeyStore.open(old_file, max_keys=7) as ks:
         (default,) = await ks.list_apps()
         assert default.name == "default" and len(default.id) == 24
-        assert default.max_keys is None  # the configured limit applies, as before
+        assert default.max_keys == 7  # the configured limit applies, as before
         devices = await ks.list_devices()
         assert [(d.id, d.app_id) for d in devices] == [
             ("gw-1", default.id), ("s-1", default.id), ("s-2", default.id)]
