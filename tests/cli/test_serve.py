@@ -30,24 +30,39 @@ def clean_env() -> dict[str, str]:
     return {**env, "PYTHONUNBUFFERED": "1"}
 
 
+def started(cwd: Path, *args: str) -> subprocess.Popen[str]:
+    """`keybroker ARGS...` as a process in ``cwd``, its stdout and stderr in one pipe."""
+    return subprocess.Popen(keybroker(*args), cwd=cwd, env=clean_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def lines_until(proc: subprocess.Popen[str], marker: str) -> list[str]:
+    """What the process printed up to the first line holding ``marker`` (TIMEOUT at most)."""
+    assert proc.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline and not any(marker in line for line in lines):
+        lines.append(proc.stdout.readline())
+        assert lines[-1] or proc.poll() is None, "".join(lines)
+    return lines
+
+
+def ran(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`keybroker ARGS...` run to its end in ``cwd``."""
+    return subprocess.run(keybroker(*args), cwd=cwd, env=clean_env(), capture_output=True,
+                          text=True, timeout=TIMEOUT, check=False)
+
+
 # --- the first-run demo ------------------------------------------------------------------
 
 
 @pytest.fixture
 def demo(tmp_path: Path) -> Iterator[dict[str, str]]:
     """`serve --demo-if-empty` on an empty keystore: the printed commands by tool."""
-    proc = subprocess.Popen(
-        keybroker("serve", "--demo-if-empty", "--host", "127.0.0.1", "--port", "0",
-                  "--ws-port", "0", "--api-port", "0"),
-        cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = started(tmp_path, "serve", "--demo-if-empty", "--host", "127.0.0.1", "--port", "0",
+                   "--ws-port", "0", "--api-port", "0")
     try:
-        assert proc.stdout is not None
-        lines: list[str] = []
-        deadline = time.monotonic() + TIMEOUT
-        while time.monotonic() < deadline and not any("mosquitto_pub" in x for x in lines):
-            lines.append(proc.stdout.readline())
+        lines = lines_until(proc, "mosquitto_pub")
         text = "".join(lines)
         assert "created devices 'demo-device' and 'demo-dashboard'" in text, text
         commands = {line.split()[0].rsplit("/", 1)[-1]: line.strip() for line in lines
@@ -232,19 +247,10 @@ def test_no_api_serves_mqtt_only(tmp_path: Path, busy_port: int) -> None:
 def test_a_new_keystore_is_announced_and_the_start_up_line_has_absolute_paths(
     tmp_path: Path,
 ) -> None:
-    proc = subprocess.Popen(
-        keybroker("--db", "typo/k.db", "serve", "--host", "127.0.0.1", "--port", "0",
-                  "--ws-port", "0", "--api-port", "0"),
-        cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = started(tmp_path, "--db", "typo/k.db", "serve", "--host", "127.0.0.1", "--port",
+                   "0", "--ws-port", "0", "--api-port", "0")
     try:
-        assert proc.stdout is not None
-        lines: list[str] = []
-        deadline = time.monotonic() + TIMEOUT
-        while time.monotonic() < deadline and not any("keybroker listening" in x for x in lines):
-            lines.append(proc.stdout.readline())
-            assert lines[-1] or proc.poll() is None, "daemon exited"
+        lines = lines_until(proc, "keybroker listening")
     finally:
         proc.terminate()
         rest, _ = proc.communicate(timeout=15)  # what it logged up to its exit
@@ -261,38 +267,26 @@ def test_a_start_that_cannot_bind_leaves_no_new_keystore_behind(
     tmp_path: Path, busy_port: int
 ) -> None:
     args = ("serve", "--port", str(busy_port), "--ws-port", "0", "--api-port", "0")
-    proc = subprocess.run(keybroker("--db", "typo/k.db", *args), cwd=tmp_path,
-                          env=clean_env(), capture_output=True, text=True, timeout=TIMEOUT,
-                          check=False)
+    proc = ran(tmp_path, "--db", "typo/k.db", *args)
     assert proc.returncode != 0 and "address already in use" in proc.stderr
     assert list(tmp_path.iterdir()) == []  # no keystore, state file, sidecar or folder
     assert "created a new empty keystore" not in proc.stderr
 
     # A keystore that was there stays, whatever the start does.
     kept = tmp_path / "kept.db"
-    made = subprocess.run(keybroker("--db", str(kept), "devices", "add", "d1"), cwd=tmp_path,
-                          env=clean_env(), capture_output=True, text=True, timeout=TIMEOUT,
-                          check=False)
+    made = ran(tmp_path, "--db", str(kept), "devices", "add", "d1")
     assert made.returncode == 0, made.stderr
-    proc = subprocess.run(keybroker("--db", str(kept), *args), cwd=tmp_path, env=clean_env(),
-                          capture_output=True, text=True, timeout=TIMEOUT, check=False)
+    proc = ran(tmp_path, "--db", str(kept), *args)
     assert proc.returncode != 0 and "address already in use" in proc.stderr
-    listed = subprocess.run(keybroker("--db", str(kept), "devices", "list"), cwd=tmp_path,
-                            env=clean_env(), capture_output=True, text=True, timeout=TIMEOUT,
-                            check=False)
-    assert "d1" in listed.stdout
+    assert "d1" in ran(tmp_path, "--db", str(kept), "devices", "list").stdout
 
 
 def test_serve_on_a_file_that_is_not_a_keystore_changes_nothing(tmp_path: Path) -> None:
     notes = tmp_path / "notes.txt"
     notes.write_text("not a keystore\n")
     notes.chmod(0o644)
-    proc = subprocess.run(
-        keybroker("--db", str(notes), "serve", "--port", "0", "--ws-port", "0",
-                  "--api-port", "0"),
-        cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=TIMEOUT,
-        check=False,
-    )
+    proc = ran(tmp_path, "--db", str(notes), "serve", "--port", "0", "--ws-port", "0",
+               "--api-port", "0")
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1] == (
         f"Error: '{notes}' is not a keybroker keystore: not an SQLite database")
