@@ -3,9 +3,9 @@ devices or keys names its application (id or name; None = the one named "default
 
 An application's key limit (``max_keys``, ``maxKeys`` in JSON) is one integer, 0 for no
 limit, as Losant's schemas type their numbers (never null): an application made without
-one gets the configured ``[keystore] max_keys``. Only the ``default`` application of a
-keystore from before applications stores none (NULL), and follows the configured limit:
-every application this module returns carries the limit in force.
+one gets the configured ``[keystore] max_keys``. Only the ``default`` application, made
+by the migrations, stores none (NULL) and follows the configured limit: every application
+this module returns carries the limit in force.
 """
 
 from __future__ import annotations
@@ -88,4 +88,4 @@ class AppOps:
 
     def _in_force(self, app: Application) -> Application:
         """``app`` with the key limit that applies to it (see the module's docstring)."""
-        return app if app.max_keys is not None else replace(app, max_keys=self.max_keys)
+        return app if app.max_keys is not None else replace(app, max_keys=self.key_limit(app))
