@@ -6,8 +6,10 @@ certificate, an encrypted key; on an MQTT listener and on the API alike."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import trustme
 from cryptography.hazmat.primitives import serialization
 
 from broker.settings import Listener, Settings
+from broker.tls import check_tls_files
 from keystore.errors import KeybrokerError
 from tests.support.harness import RunningBroker, broker_settings
 from tests.support.tls import server_certificate
@@ -102,13 +105,42 @@ def test_a_file_with_no_pem_in_it_is_named(tmp_path: Path, pem: Pem) -> None:
         f"listener 'tls': keyfile {tmp_path}: cannot be read: Is a directory")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file: run as another user")
 def test_an_unreadable_keyfile_is_named(tmp_path: Path, pem: Pem) -> None:
-    locked = tmp_path / "locked-key.pem"
+    # In a folder anyone may enter (pytest's own are private to their user), a readable
+    # certificate beside a key nobody but root may read.
+    shared = Path(tempfile.mkdtemp())
+    shared.chmod(0o755)
+    cert, locked = shared / "cert.pem", shared / "locked-key.pem"
+    cert.write_bytes(Path(pem.cert).read_bytes())
+    cert.chmod(0o644)
     locked.write_bytes(Path(pem.key).read_bytes())
     locked.chmod(0)
-    assert start_fails(with_tls_listener(tmp_path, pem.cert, str(locked))) == (
-        f"listener 'tls': keyfile {locked}: not readable (permission denied)")
+    settings = with_tls_listener(tmp_path, str(cert), str(locked))
+    expected = f"listener 'tls': keyfile {locked}: not readable (permission denied)"
+    if os.geteuid() != 0:
+        assert start_fails(settings) == expected
+        shutil.rmtree(shared)
+        return
+    # Root reads any file: the check runs in a child that has become nobody.
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports through the pipe
+        os.close(reader)
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            check_tls_files(settings)
+            message = "no error"
+        except Exception as exc:  # noqa: BLE001 - reported to the parent
+            message = str(exc)
+        os.write(writer, message.encode())
+        os._exit(0)
+    os.close(writer)
+    with os.fdopen(reader, "rb") as pipe:
+        message = pipe.read().decode()
+    os.waitpid(child, 0)
+    shutil.rmtree(shared)
+    assert message == expected
 
 
 def test_the_apis_files_are_checked_too(tmp_path: Path, pem: Pem) -> None:
