@@ -47,7 +47,7 @@ class FeedOps:
         """Delete the oldest change rows written before ``before`` (and with an id of at
         most ``up_to``, the last one every reader has applied): at most ``batch`` of them,
         in one short transaction. Returns how many; 0 means nothing (more) to prune.
-        Callers loop, yielding between batches (broker.prune); ids keep increasing."""
+        Callers loop, yielding between batches (broker.services.prune); ids keep increasing."""
         if batch < 1:
             raise ValidationError(f"invalid prune batch {batch!r}: must be 1 or more")
         return await self.backend.prune_changes(before, up_to, batch)

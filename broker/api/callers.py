@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 
 from broker import policy
 from broker.api.errors import ApiError, too_many, unauthorized
-from broker.audit import AuditLog
+from broker.core.audit import AuditLog
 from broker.policy import PolicyCache, SessionPolicy
 from broker.policy.guard import BruteForceGuard
 from broker.policy.limits import take_token

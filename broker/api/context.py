@@ -11,9 +11,9 @@ from aiohttp import web
 
 from broker.api.callers import Admin, Caller, Callers, DeviceCaller, Source
 from broker.api.errors import forbidden
-from broker.audit import AuditLog
-from broker.metrics import Observability
-from broker.settings import Settings
+from broker.core.audit import AuditLog
+from broker.core.settings import Settings
+from broker.services.metrics import Observability
 from keystore import KeyStore
 
 SOURCE = web.RequestKey("source", Source)  # set by the server's middleware
@@ -36,7 +36,8 @@ class Api:
     live_connections: Callable[[str], int]
     # Readiness checks by name (GET /readyz): every listener bound, the keystore answering.
     ready: Callable[[], Awaitable[dict[str, bool]]] | None = None
-    observability: Observability | None = None  # metrics and the loop probe (broker.metrics)
+    # Metrics and the loop probe (broker.services.metrics).
+    observability: Observability | None = None
 
 
 @dataclass(slots=True)

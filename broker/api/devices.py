@@ -18,8 +18,8 @@ from broker.api.context import Call
 from broker.api.errors import ApiError, bad_request, forbidden
 from broker.api.params import LIST_PARAMS, as_bool, list_query
 from broker.api.schemas import check_body
-from broker.mqtt.plugins import mount_of
 from broker.policy.limits import topic_limit_problem
+from broker.topics.mounts import mount_of
 from keystore import credentials
 from keystore.models import Device, iso
 

@@ -10,7 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from broker.api.context import Call
 from broker.api.errors import not_found
-from broker.weblistener import readiness
+from broker.http.listener import readiness
 
 
 async def metrics(call: Call) -> web.Response:

@@ -10,6 +10,7 @@ security headers, and answers CORS only for configured origins.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import unquote
 
@@ -17,17 +18,15 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from broker.api.callers import Source
-from broker.api.connections import ConnectionGuard
 from broker.api.context import SOURCE, Api
 from broker.api.errors import ApiError, bad_request, from_keystore
 from broker.api.routes import ROUTES, endpoint
-from broker.clientip import client_ip_from_forwarded
-from broker.console.routes import add_console
-from broker.console.web import Console
+from broker.core.clientip import client_ip_from_forwarded
+from broker.core.settings import Settings
+from broker.core.tls import ssl_context
+from broker.http.connections import ConnectionGuard
+from broker.http.listener import SECURITY_HEADERS, WebListener
 from broker.policy.addresses import TrustedProxies, normalize_ip
-from broker.settings import Settings
-from broker.tls import ssl_context
-from broker.weblistener import SECURITY_HEADERS, WebListener
 from keystore.errors import KeybrokerError
 
 logger = logging.getLogger(__name__)
@@ -56,9 +55,11 @@ def check_path(raw_path: str) -> None:
 
 
 class ApiServer:
-    def __init__(self, api: Api, settings: Settings) -> None:
+    def __init__(self, api: Api, settings: Settings,
+                 mounts: Sequence[Callable[[web.Application], None]] = ()) -> None:
         self.api = api
         self.settings = settings
+        self.mounts = mounts  # more routes on the same application (the console)
         self.trusted = TrustedProxies(settings.api_trusted_proxies)
         self.cors = frozenset(settings.api_cors_origins)
         self.tls = settings.api_certfile is not None
@@ -76,8 +77,8 @@ class ApiServer:
             # with one, so "//applications" must find the same route.
             app.router.add_route(route.method, "/{_lead:/?}" + route.path[1:],
                                  endpoint(self.api, route))
-        if self.settings.api_console:
-            add_console(app, Console(self.api, self.tls))
+        for mount in self.mounts:
+            mount(app)
         return app
 
     async def start(self) -> None:

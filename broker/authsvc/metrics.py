@@ -20,8 +20,8 @@ from prometheus_client.registry import Collector
 from broker.authsvc.emqx import AUTHN_PATH, AUTHZ_PATH
 from broker.authsvc.revoker import Revoker
 from broker.authsvc.service import EMQX, RABBITMQ, AuthService
-from broker.counters import Buckets
-from broker.metrics import LoopProbe, health_families
+from broker.core.counters import Buckets
+from broker.services.metrics import LoopProbe, health_families
 
 ROUTES: dict[str, tuple[str, str]] = {
     "/auth/user": (RABBITMQ, "user"),

@@ -29,11 +29,11 @@ import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 
-from broker.audit import AuditLog
 from broker.authsvc.decisions import policy_digest
 from broker.authsvc.engines import EngineApi, EngineError, Kicked
-from broker.live import FeedReader
+from broker.core.audit import AuditLog
 from broker.policy import check_key_address
+from broker.services.live import FeedReader
 from keystore import KeyStore
 from keystore.models import KeyStatus
 

@@ -1,7 +1,7 @@
 """`keybroker authsvc`: the access-key service of a RabbitMQ or EMQX cluster
 (docs/cluster.md). Stateless: every replica on the same keystore answers alike.
 
-Shape of broker.server: ``start()`` opens the keystore, the audit log, the engines' APIs,
+Shape of broker.daemon.server: ``start()`` opens the keystore, the audit log, the engines' APIs,
 starts the revoker, the change-feed pruner and the HTTP listener; ``stop()`` undoes it in
 reverse; ``serve()`` runs until SIGINT/SIGTERM. Only the engine's nodes may ask
 (``[authsvc] allowed_peers``; anyone else gets 403). A request that fails inside is
@@ -21,8 +21,6 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from broker.api.connections import ConnectionGuard
-from broker.audit import AuditLog
 from broker.authsvc.emqx import AUTHN_PATH, AUTHZ_PATH, EmqxHandlers
 from broker.authsvc.emqx import deny as emqx_deny
 from broker.authsvc.engines import EmqxApi, EngineApi, RabbitApi, read_secret
@@ -30,15 +28,17 @@ from broker.authsvc.metrics import AuthsvcMetrics, Decisions
 from broker.authsvc.rabbitmq import DENY_TEXT, RabbitHandlers
 from broker.authsvc.revoker import Revoker
 from broker.authsvc.service import DECIDED, EMQX, RABBITMQ, AuthService
-from broker.lifecycle import serve_until_signalled
-from broker.live import StatusRecorder
-from broker.metrics import keystore_answers
-from broker.periodic import Periodic
+from broker.core.audit import AuditLog
+from broker.core.lifecycle import serve_until_signalled
+from broker.core.periodic import Periodic
+from broker.core.settings import Settings
+from broker.http.connections import ConnectionGuard
+from broker.http.listener import SECURITY_HEADERS, WebListener, readiness
 from broker.policy.addresses import contains, network_set, normalize_ip
 from broker.policy.guard import BruteForceGuard
-from broker.prune import ChangePruner
-from broker.settings import Settings
-from broker.weblistener import SECURITY_HEADERS, WebListener, readiness
+from broker.services.live import StatusRecorder
+from broker.services.metrics import keystore_answers
+from broker.services.prune import ChangePruner
 from keystore import KeyStore
 from keystore.errors import UnavailableError
 

@@ -30,7 +30,6 @@ from datetime import UTC, datetime
 from aiohttp import web
 
 from broker import policy
-from broker.audit import AuditLog
 from broker.authsvc.decisions import (
     DENY_NOT_MQTT,
     DENY_WRONG_APPLICATION,
@@ -43,11 +42,12 @@ from broker.authsvc.decisions import (
     policy_digest,
 )
 from broker.authsvc.engines import EngineApi, EngineError
-from broker.live import StatusRecorder
+from broker.core.audit import AuditLog
 from broker.policy import Decision, PolicyCache, SessionPolicy
 from broker.policy.addresses import normalize_ip
 from broker.policy.decisions import ALLOW
 from broker.policy.guard import BruteForceGuard
+from broker.services.live import StatusRecorder
 from keystore import KeyStore
 from keystore.backend import ConnectionRow
 from keystore.connect import ConnectLookup

@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from broker.environment import ENV_CONFIG, ENV_DB
+from broker.core.environment import ENV_CONFIG, ENV_DB
 
 # Command name -> "module:attribute" of its click command, imported when it runs.
 COMMANDS = {

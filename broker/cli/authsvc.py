@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from broker.cli.common import CREATE_HINT, current_state
-from broker.settings import load_settings
+from broker.core.settings import load_settings
 from keystore.errors import NotFoundError
 
 

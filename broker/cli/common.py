@@ -19,8 +19,8 @@ from typing import Any, TypeVar
 
 import click
 
-from broker.environment import ENV_APP
-from broker.settings import Settings, load_settings
+from broker.core.environment import ENV_APP
+from broker.core.settings import Settings, load_settings
 from keystore import KeyStore
 from keystore.errors import ConfigError, KeybrokerError, NotFoundError, ValidationError
 from keystore.models import AddressMode, Tag, TopicMode

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from broker.cli.common import current_state
-from broker.settings import config_path, example_config, settings_to_toml
+from broker.core.settings import config_path, example_config, settings_to_toml
 
 
 @click.group("config")

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from broker.cli.common import current_state
-from broker.settings import ANY_HOST, Listener, Settings, check_listeners, load_settings
+from broker.core.settings import ANY_HOST, Listener, Settings, check_listeners, load_settings
 from broker.state.sqlite import reset_state_file
 from broker.state.store import IN_MEMORY, state_file
 from keystore.sqlite.db import holds_database
@@ -232,7 +232,7 @@ def serve(config: Path | None, host: str | None, port: int | None, ws_port: int 
           reset_state: bool) -> None:
     """Run the MQTT broker (and its HTTP API) until SIGINT/SIGTERM."""
     # The daemon's modules (amqtt, aiohttp, the console...) load here, not with the CLI.
-    from broker.server import BrokerServer, tune_garbage_collector
+    from broker.daemon.server import BrokerServer, tune_garbage_collector
 
     state = current_state()
     settings = build_settings(config or state.config, state.db_override, host, port, ws_port,

@@ -20,7 +20,7 @@ from broker.console.forms import (
 )
 from broker.console.sessions import Reveal, reveal_later
 from broker.console.web import Page
-from broker.metrics import Observability
+from broker.services.metrics import Observability
 from keystore.errors import KeybrokerError, ValidationError
 from keystore.models import AccessKey, KeyStatus
 from keystore.validation import parse_tag

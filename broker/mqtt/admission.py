@@ -26,17 +26,16 @@ from amqtt.mqtt.connack import (
 )
 from amqtt.mqtt.connect import ConnectPacket
 
-from broker.audit import AuditLog, PerSourceLimit
-from broker.framing import PacketError
+from broker.core.audit import AuditLog, PerSourceLimit
+from broker.core.settings import Settings
 from broker.mqtt import codec
 from broker.mqtt.caps import SourceCaps
 from broker.mqtt.connection import MqttConnection
-from broker.mqtt.plugins import audit_fields
+from broker.mqtt.framing import PacketError
+from broker.mqtt.keeper import StateKeeper
 from broker.mqtt.session import ConnectionInfo, KeySession, Will
 from broker.policy.addresses import source_of
 from broker.policy.guard import BruteForceGuard
-from broker.settings import Settings
-from broker.state.recorder import StateRecorder
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +46,7 @@ SHOWN_CHARS = 64  # of a client id or key in the log: both come from an unauthen
 
 class Admission:
     def __init__(self, settings: Settings, audit: AuditLog, guard: BruteForceGuard | None,
-                 state: StateRecorder | None = None) -> None:
+                 state: StateKeeper | None = None) -> None:
         self.settings = settings
         self.audit = audit
         self.guard = guard
@@ -100,7 +99,7 @@ class Admission:
         """A packet that ended the connection (reported by its FramedReader)."""
         session, info = connection.session, connection.info
         if session is not None:
-            self.audit.event("bad_packet", reason=str(error), **audit_fields(session))
+            self.audit.event("bad_packet", reason=str(error), **session.audit_fields())
         else:
             self._invalid(info, str(error), "bad_packet")
 

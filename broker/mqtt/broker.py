@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -24,24 +25,23 @@ from amqtt.plugins.base import BaseAuthPlugin
 from amqtt.session import Session
 from websockets.asyncio.server import ServerConnection
 
-from broker.audit import AuditLog
-from broker.counters import Buckets, FlowCounters, Traffic
-from broker.flow import FlowControl, SlowConsumerSweep
-from broker.framing import FramedReader, PacketWatchdog
-from broker.listeners import ProxyGate, connection_info, start_listener
+from broker.core.audit import AuditLog
+from broker.core.counters import Buckets, FlowCounters, Traffic
+from broker.core.settings import Settings
 from broker.mqtt import codec
 from broker.mqtt.admission import Admission
 from broker.mqtt.connection import MqttConnection
+from broker.mqtt.flow import FlowControl, SlowConsumerSweep
+from broker.mqtt.framing import FramedReader, PacketWatchdog
 from broker.mqtt.inbound import Inbound
+from broker.mqtt.keeper import StateKeeper
 from broker.mqtt.link import Link, StreamLink, WebSocketLink
+from broker.mqtt.listeners import ProxyGate, connection_info, start_listener
 from broker.mqtt.plugins import AccessKeyAuthPlugin
 from broker.mqtt.session import ConnectionInfo, KeySession
+from broker.mqtt.sessions import SessionObserver, SessionRegistry
 from broker.policy.addresses import TrustedProxies
 from broker.policy.guard import BruteForceGuard
-from broker.routing import Router
-from broker.sessions import SessionRegistry
-from broker.settings import Settings
-from broker.state.recorder import StateRecorder
 
 logger = logging.getLogger(__name__)
 
@@ -53,21 +53,23 @@ class KeyBroker(Broker):
 
     def __init__(self, config: dict[str, Any], settings: Settings, audit: AuditLog,
                  guard: BruteForceGuard | None = None,
-                 state: StateRecorder | None = None) -> None:
+                 state: StateKeeper | None = None,
+                 observers: Sequence[SessionObserver] = ()) -> None:
         super().__init__(config)
         self.settings = settings
         self.audit = audit
         self.guard = guard
         self._trusted = TrustedProxies(settings.trusted_proxies)
         self._gate = ProxyGate(self._trusted, settings, audit)
-        self.traffic = Traffic()  # broker.metrics: counted where the events happen
+        self.traffic = Traffic()  # broker.services.metrics: counted where the events happen
         self.connects_accepted = 0
         self.connects_refused: dict[tuple[int, str], int] = {}  # (CONNACK code, reason)
         self.connack_latency = Buckets()
         self.flow_counters = FlowCounters()
         self.flow = FlowControl(settings, self.flow_counters, self._slow_consumer)
-        self.router = Router(settings, {}, audit, self.flow, state, self.traffic)
-        self.registry = SessionRegistry(self.router, audit)
+        self.registry = SessionRegistry(settings, audit, self.flow, state, self.traffic,
+                                        observers)
+        self.router = self.registry.router
         self.inbound = Inbound(settings, self.router, audit, state)
         self.admission = Admission(settings, audit, guard, state)
         self._sessions = self.registry.sessions  # amqtt's registry is ours
@@ -132,13 +134,15 @@ class KeyBroker(Broker):
         broker state saves them for the next start; without it they end with the process)."""
 
     async def _session_monitor(self) -> None:
-        """Once a second: expire offline persistent sessions, report ended bans, write the
-        counts of suppressed audit lines."""
+        """Once a second: end sessions whose key expired, expire offline persistent
+        sessions, report ended bans, write the counts of suppressed audit lines."""
         while True:
             await asyncio.sleep(1)
             try:
+                now = time.time()
+                self.registry.expire_keys(now)
                 if self.settings.session_expiry:
-                    self.registry.expire(self.settings.session_expiry, time.time())
+                    self.registry.expire(self.settings.session_expiry, now)
                 self.audit.ended_bans(self.guard)
                 self.audit.flush_suppressed()
                 self.admission.flush_log()

@@ -7,7 +7,7 @@ string checks done) and handles it in place: PUBLISH is routed, acknowledgements
 session's outbox, SUBSCRIBE is answered, all without awaiting; the only waits are for
 the next packet. Packet handling is in ``handle``, the only code that sees packets.
 
-Backpressure (broker.flow): while a session this connection's PUBLISHes feed is past its
+Backpressure (broker.mqtt.flow): while a session this connection's PUBLISHes feed is past its
 bounds, the connection is *paused*. It keeps reading, and handles acknowledgements and
 PINGREQ at once, but holds PUBLISH, SUBSCRIBE, UNSUBSCRIBE and DISCONNECT, in order,
 until it resumes; once the packets held reach ``max_session_bytes`` (or a DISCONNECT or
@@ -25,14 +25,13 @@ import asyncio
 import logging
 from collections import deque
 
-from broker.counters import FlowCounters
-from broker.framing import FramedReader, PacketError
+from broker.core.counters import FlowCounters
 from broker.mqtt import codec
+from broker.mqtt.framing import FramedReader, PacketError
 from broker.mqtt.inbound import Inbound, released
 from broker.mqtt.link import Link
-from broker.mqtt.plugins import audit_fields
+from broker.mqtt.routing import Router
 from broker.mqtt.session import ConnectionInfo, KeySession
-from broker.routing import Router
 
 logger = logging.getLogger(__name__)
 
@@ -152,12 +151,12 @@ class MqttConnection:
         try:
             return self.handle(session, first, body)
         except (codec.MalformedPacket, ProtocolViolation) as exc:
-            self.inbound.audit.event("bad_packet", reason=str(exc), **audit_fields(session))
+            self.inbound.audit.event("bad_packet", reason=str(exc), **session.audit_fields())
             return False
 
     # ------------------------------------------------------------------ backpressure
     def pause(self) -> None:
-        """A session this connection fed is past its bounds (broker.flow)."""
+        """A session this connection fed is past its bounds (broker.mqtt.flow)."""
         self.waits += 1
         if self.waits == 1 and not self.over:
             if self.held is None:
@@ -208,7 +207,7 @@ class MqttConnection:
 
     @property
     def pausable(self) -> bool:
-        """False while held packets are forced through (broker.flow: not paused for them,
+        """False while held packets are forced through (broker.mqtt.flow: not paused for them,
         and what they deliver is bounded by the sessions' ceiling instead)."""
         return not self.forcing
 

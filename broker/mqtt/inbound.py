@@ -18,16 +18,15 @@ import time
 
 from amqtt.contexts import Action
 
-from broker.audit import AuditLog
-from broker.flow import Publisher
+from broker.core.audit import AuditLog
+from broker.core.settings import Settings
 from broker.mqtt import codec
+from broker.mqtt.flow import Publisher
+from broker.mqtt.keeper import StateKeeper
 from broker.mqtt.link import Link
-from broker.mqtt.plugins import audit_fields, decide
+from broker.mqtt.routing import Router
 from broker.mqtt.session import KeySession, Will
 from broker.policy.limits import take_token, topic_limit_problem
-from broker.routing import Router
-from broker.settings import Settings
-from broker.state.recorder import StateRecorder
 from broker.topics import validate_topic_name
 from keystore.errors import ValidationError
 
@@ -42,7 +41,7 @@ class Verdict(enum.Enum):
 
 class Inbound:
     def __init__(self, settings: Settings, router: Router, audit: AuditLog,
-                 state: StateRecorder | None = None) -> None:
+                 state: StateKeeper | None = None) -> None:
         self.settings = settings
         self.router = router
         self.audit = audit
@@ -53,7 +52,7 @@ class Inbound:
                        source: Publisher | None = None) -> bool:
         """An incoming PUBLISH and its acknowledgement; False ends the connection.
         ``source``, the connection it came in on, waits while a session it fed is past
-        its bounds (broker.flow)."""
+        its bounds (broker.mqtt.flow)."""
         qos, packet_id = packet.qos, packet.packet_id
         pending = session.inflight_in
         if qos == 2 and pending and packet_id in pending:  # seen: not passed on twice
@@ -66,7 +65,7 @@ class Inbound:
         if qos == 2 and pending and len(pending) >= self.settings.max_queued_messages:
             # amqtt kept every unreleased QoS 2 message without limit.
             self.audit.event("bad_packet", reason="too many unacknowledged QoS 2 messages "
-                             "(no PUBREL)", **audit_fields(session))
+                             "(no PUBREL)", **session.audit_fields())
             return False
         verdict = self.publish(session, packet.topic, packet.payload, qos, packet.retain,
                                source)
@@ -123,7 +122,7 @@ class Inbound:
             self.router.audit_denied("publish_denied", session, topic,
                                      f"invalid_topic: {problem}")
             return Verdict.CLOSE
-        decision = decide(session, topic, Action.PUBLISH)
+        decision = session.decide(topic, Action.PUBLISH)
         if not decision.allowed:
             self.router.audit_denied("publish_denied", session, topic, decision.reason)
             if self.settings.denied_publish == "disconnect":
@@ -146,7 +145,7 @@ class Inbound:
         """The Will of a connection that ended without DISCONNECT, checked like a PUBLISH
         of the session that set it."""
         problem = self._topic_limit(will.topic)
-        decision = decide(session, will.topic, Action.PUBLISH)
+        decision = session.decide(will.topic, Action.PUBLISH)
         if problem is not None or not decision.allowed:
             reason = f"limit: {problem}" if problem is not None else decision.reason
             self.router.audit_denied("publish_denied", session, will.topic, reason, will=True)
@@ -160,7 +159,7 @@ class Inbound:
         problem = self._topic_limit(topic_filter)
         if problem is not None:
             return f"limit: {problem}"
-        decision = decide(session, topic_filter, Action.SUBSCRIBE)
+        decision = session.decide(topic_filter, Action.SUBSCRIBE)
         return None if decision.allowed else decision.reason
 
     def _topic_limit(self, topic: str) -> str | None:

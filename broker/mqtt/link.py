@@ -23,7 +23,7 @@ from typing import Any
 import websockets
 from websockets.asyncio.server import ServerConnection
 
-from broker.periodic import spawn
+from broker.core.periodic import spawn
 
 logger = logging.getLogger(__name__)
 

@@ -19,48 +19,26 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from amqtt.contexts import Action
 from amqtt.plugins.base import BaseAuthPlugin
 
 from broker import policy
-from broker.counters import Buckets
+from broker.core.counters import Buckets
 from broker.mqtt.session import ConnectionInfo, Grant, KeySession, Refusal
-from broker.policy import Decision, PolicyCache, SessionPolicy
+from broker.policy import PolicyCache, SessionPolicy
 from broker.policy.guard import BruteForceGuard
+from broker.topics.mounts import mount_of
 from keystore.errors import UnavailableError
 
 logger = logging.getLogger(__name__)
-
-NO_GRANT = Decision(False, "not_authenticated")
-
-
-def mount_of(app_id: str) -> str:
-    """The prefix of an application's topics inside the broker (never seen on the wire)."""
-    return app_id + "/"
-
-
-def audit_fields(session: KeySession, key: str | None = None) -> dict[str, Any]:
-    """The audit fields identifying a session's connection (public key id, never a secret);
-    ``key`` names the key when the session has no grant yet (a refused CONNECT)."""
-    conn, grant = session.conn, session.grant
-    return {
-        "key": key if key is not None else (grant.key.key if grant else None),
-        "app": grant.key.app_id if grant else None,
-        "client_id": session.client_id,
-        "client_ip": conn.client_ip,
-        "peer_ip": conn.peer_ip,
-        "listener": conn.listener,
-    }
-
 
 class AccessKeyAuthPlugin(BaseAuthPlugin):
     """CONNECT: username = access key, password = secret, client id = device id."""
 
     @dataclass
     class Config:
-        keystore: Any = None  # keystore.KeyStore, opened by broker.server
+        keystore: Any = None  # keystore.KeyStore, opened by broker.daemon.server
         device_prefix: str = "losant"
-        audit: Any = None  # broker.audit.AuditLog
+        audit: Any = None  # broker.core.audit.AuditLog
         guard: Any = None  # broker.policy.guard.BruteForceGuard (None = off)
 
     def __init__(self, context: Any) -> None:
@@ -102,7 +80,7 @@ class AccessKeyAuthPlugin(BaseAuthPlugin):
         audit = self.config.audit
         if audit is not None:
             audit.from_source("connect_refused", reason=outcome.reason,
-                              **audit_fields(session, outcome.key))
+                              **session.audit_fields(outcome.key))
         if guard is not None and outcome.reason != "keystore_unavailable":
             until = guard.record_failure(conn.client_ip, now)
             if until is not None:
@@ -149,15 +127,4 @@ class AccessKeyAuthPlugin(BaseAuthPlugin):
         audit = self.config.audit
         if audit is None:
             return
-        audit.event(event, reason=reason, **audit_fields(session, key))
-
-
-def decide(session: KeySession, topic: str, action: Action) -> Decision:
-    grant = session.grant
-    if grant is None:
-        return NO_GRANT
-    if action is Action.RECEIVE:
-        return policy.check_receive(grant.policy, topic)
-    if action is Action.PUBLISH:
-        return policy.check_publish(grant.policy, topic)
-    return policy.check_subscribe(grant.policy, topic)
+        audit.event(event, reason=reason, **session.audit_fields(key))

@@ -12,12 +12,15 @@ queues and a dict of extension attributes per connection; keybroker needs none o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
-from broker.flow import Congestion
+from amqtt.contexts import Action
+
+from broker import policy
+from broker.mqtt.flow import Congestion
 from broker.mqtt.link import Link
 from broker.mqtt.outbox import Outbox, OutboxJournal
-from broker.policy import SessionPolicy
+from broker.policy import Decision, SessionPolicy
 from keystore.models import AccessKey
 
 
@@ -69,6 +72,7 @@ class SessionJournal(OutboxJournal, Protocol):
 
 
 NO_IDS: frozenset[int] = frozenset()
+NO_GRANT = Decision(False, "not_authenticated")
 
 
 class KeySession:
@@ -112,13 +116,38 @@ class KeySession:
         # Filters whose retained messages are still to be sent (paced; see routing).
         self.retained_filters: dict[str, int] = {}
         self.retained_sending = False
-        # Past its bounds while online: who waits for it to drain (broker.flow).
+        # Past its bounds while online: who waits for it to drain (broker.mqtt.flow).
         self.congestion: Congestion | None = None
         self.dropped = 0  # messages dropped while offline and full, this episode (logged)
 
     @property
     def online(self) -> bool:
         return self.link is not None
+
+    def decide(self, topic: str, action: Action) -> Decision:
+        """May this session publish to, subscribe to or receive ``topic``? An in-memory
+        answer from its grant (docs/access.md)."""
+        grant = self.grant
+        if grant is None:
+            return NO_GRANT
+        if action is Action.RECEIVE:
+            return policy.check_receive(grant.policy, topic)
+        if action is Action.PUBLISH:
+            return policy.check_publish(grant.policy, topic)
+        return policy.check_subscribe(grant.policy, topic)
+
+    def audit_fields(self, key: str | None = None) -> dict[str, Any]:
+        """The audit fields identifying its connection (public key id, never a secret);
+        ``key`` names the key when it has no grant yet (a refused CONNECT)."""
+        conn, grant = self.conn, self.grant
+        return {
+            "key": key if key is not None else (grant.key.key if grant else None),
+            "app": grant.key.app_id if grant else None,
+            "client_id": self.client_id,
+            "client_ip": conn.client_ip,
+            "peer_ip": conn.peer_ip,
+            "listener": conn.listener,
+        }
 
     def __repr__(self) -> str:
         state = "online" if self.link is not None else "offline"

@@ -22,25 +22,14 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
 
+from broker.mqtt.keeper import RetainedMessage
 from broker.mqtt.outbox import Outbox, OutMessage
 from broker.mqtt.session import KeySession
 from broker.state.model import Batch, MessageRow, RetainedRow, SessionRow, SubscriptionRow
 from broker.state.store import StateStore
 
 logger = logging.getLogger(__name__)
-
-
-class RetainedMessage(Protocol):
-    """What is saved of a retained message (broker.retained.Retained)."""
-
-    topic: str
-    payload: bytes
-    qos: int
-
-    @property
-    def bucket(self) -> str: ...
 
 
 class Marks:

@@ -2,7 +2,7 @@
 
 A store keeps a ``Snapshot`` (broker.state.model) and applies ``Batch``es to it, each
 atomically. The embedded implementation is one SQLite file beside the keystore
-(broker.state.sqlite; broker.state.restore opens the configured one); a server database
+(broker.state.sqlite; broker.daemon.restore opens the configured one); a server database
 (PostgreSQL, with a keystore there) would implement the same three calls.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from broker.settings import Settings
+from broker.core.settings import Settings
 from broker.state.model import Batch, Snapshot
 from keystore.errors import KeybrokerError
 

@@ -5,7 +5,7 @@ Notifications carry nothing but "something changed": the reader then reads the
 ``changes`` rows after the last one it applied, so a notification lost with its
 connection costs nothing. When the connection is lost the listener reconnects with
 backoff, and wakes the reader once it listens again (catching up on what it missed).
-The reader keeps polling meanwhile (broker.live), so changes still arrive without it.
+The reader keeps polling meanwhile (broker.services.live), so changes still arrive without it.
 """
 
 from __future__ import annotations

@@ -108,7 +108,7 @@ def _change_trigger(name: str, event: str, table: str, when: str, kind: str,
 
 
 _V2 = [
-    # BIGSERIAL ids keep increasing after the daemon deletes applied rows (broker.prune).
+    # BIGSERIAL ids keep increasing after the daemon deletes applied rows (broker.services.prune).
     """
     CREATE TABLE changes (
         id      BIGSERIAL PRIMARY KEY,

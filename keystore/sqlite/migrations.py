@@ -87,7 +87,7 @@ _V1 = [
 # A change feed for the daemon (docs/live-changes.md). Triggers write it, so every
 # writer — the daemon, the CLI in another process, a future API — feeds it without
 # knowing. AUTOINCREMENT keeps ids increasing after the daemon deletes applied rows
-# (broker.prune): a reader's position stays valid.
+# (broker.services.prune): a reader's position stays valid.
 _NOW_MICROS = "CAST((julianday('now') - 2440587.5) * 86400000000 AS INTEGER)"
 _V2 = [
     """
@@ -277,7 +277,7 @@ _V7 = [
 # engine holds one connection per client id, and the client id is a device id); it goes
 # with its key and with its device. A scope is stored once per distinct device list, by
 # digest, so a CONNECT writes a short row and a request reads one; scopes no connection
-# refers to are deleted after a day (broker.prune). Keys are also found by expiry, so the
+# refers to are deleted after a day (broker.services.prune). Keys are also found by expiry, so the
 # service can disconnect the connections of a key the moment it expires.
 _V8 = [
     """

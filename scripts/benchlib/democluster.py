@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 
 from broker.cli.serve import DEMO_DASHBOARD, DEMO_DEVICE, demo_commands
-from broker.settings import Settings
+from broker.core.settings import Settings
 from keystore import KeyStore
 from tests.support.rabbitmq import ADMIN
 

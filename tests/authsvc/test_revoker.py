@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from broker.audit import AuditLog
 from broker.authsvc.engines import EngineApi, Kicked
 from broker.authsvc.revoker import Revoker
+from broker.core.audit import AuditLog
 from keystore import KeyStore
 from keystore.errors import UnavailableError
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from broker.authsvc.server import AuthServer
-from broker.settings import Settings
+from broker.core.settings import Settings
 from keystore import KeyStore
 from tests.support.metrics import parse_samples
 

@@ -13,8 +13,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from broker.cli import main
-from broker.policy.guard import GuardSettings
-from broker.settings import (
+from broker.core.settings import (
     ANY_HOST,
     DEFAULT_LISTENERS,
     Settings,
@@ -24,6 +23,7 @@ from broker.settings import (
     place,
     settings_from_toml,
 )
+from broker.policy.guard import GuardSettings
 from keystore.errors import ConfigError
 from tests.support.cli_helpers import fails, ok
 

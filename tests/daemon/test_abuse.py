@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.audit import AuditLog
+from broker.core.audit import AuditLog
 from broker.policy.guard import GuardSettings
 from keystore import KeyStore
 from tests.support import mqtt_raw as raw

@@ -220,14 +220,14 @@ def test_drops_for_an_offline_session_are_logged_once_per_episode_with_a_count(
     sock.close()
     wait_until(lambda: not daemon.broker.sessions["sub-0"].online)
     limit = daemon.settings.max_queued_messages
-    caplog.set_level(logging.INFO, logger="broker.routing")
+    caplog.set_level(logging.INFO, logger="broker.mqtt.routing")
     _, result = burst(daemon, key, secret, devices=1, messages=limit + 250, inflight=50,
                       subscribers=0, topic="losant/dev-0/state")
     assert result.sent == limit + 250
     assert daemon.broker.traffic.dropped["offline_queue_full"] == 250
     def lines() -> list[str]:
         return [r.getMessage() for r in caplog.records
-                if r.name == "broker.routing" and "sub-0" in r.getMessage()]
+                if r.name == "broker.mqtt.routing" and "sub-0" in r.getMessage()]
 
     assert len(lines()) == 1 and "offline with its queue full" in lines()[0]
     sock, connack = raw.session(daemon.port(), "sub-0", key, secret, clean=False)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from broker.clientip import PROXY_V2_SIGNATURE
-from broker.settings import Listener
+from broker.core.clientip import PROXY_V2_SIGNATURE
+from broker.core.settings import Listener
 from tests.support import mqtt_raw as raw
 from tests.support.harness import Client, RunningBroker, broker_settings
 

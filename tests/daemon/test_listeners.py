@@ -17,7 +17,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from broker.settings import Listener
+from broker.core.settings import Listener
 from tests.support.harness import Client, RunningBroker, broker_settings
 from tests.support.tls import server_certificate
 
@@ -204,7 +204,7 @@ def test_the_daemon_raises_its_open_files_limit(tmp_path: Path) -> None:
             "import resource, asyncio, logging, sys; logging.basicConfig();"
             "resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit("
             "resource.RLIMIT_NOFILE)[1]));"
-            "from broker.server import raise_open_files_limit;"
+            "from broker.daemon.server import raise_open_files_limit;"
             "got = raise_open_files_limit(int(sys.argv[1]));"
             "print(got, resource.getrlimit(resource.RLIMIT_NOFILE)[0])"), str(hard * 2)],
         capture_output=True, text=True, timeout=30, check=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.prune import ChangePruner
+from broker.services.prune import ChangePruner
 from keystore import KeyStore
 from keystore.rows import to_micros
 from tests.support.harness import Client, RunningBroker, broker_settings, seed

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.routing import subscription_cost
+from broker.mqtt.routing import subscription_cost
 from tests.support import mqtt_raw as raw
 from tests.support.harness import Client, RunningBroker, broker_settings
 from tests.support.waiting import wait_until

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from broker.settings import Settings
+from broker.core.settings import Settings
 from keystore import KeyStore
 from keystore.sqlite.backup import backup as keystore_backup
 from tests.support import mqtt_raw as raw
@@ -264,7 +264,7 @@ def test_a_device_removed_while_down_is_found_when_the_feed_was_pruned_meanwhile
     """Another process (authsvc, a second daemon) may prune the change feed while this
     daemon is down: the removal is then not in the feed, and every device the state names
     is looked up instead."""
-    caplog.set_level(logging.INFO, logger="broker.state.restore")
+    caplog.set_level(logging.INFO, logger="broker.daemon.restore")
     settings = broker_settings(tmp_path)
     creds = sessions_of_a_and_w(settings)
 

@@ -17,8 +17,8 @@ import pytest
 import trustme
 from cryptography.hazmat.primitives import serialization
 
-from broker.settings import Listener, Settings
-from broker.tls import check_tls_files
+from broker.core.settings import Listener, Settings
+from broker.core.tls import check_tls_files
 from keystore.errors import KeybrokerError
 from tests.support.harness import RunningBroker, broker_settings
 from tests.support.tls import server_certificate

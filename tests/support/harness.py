@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from broker.server import BrokerServer
-from broker.settings import Listener, Settings, load_settings
+from broker.core.settings import Listener, Settings, load_settings
+from broker.daemon.server import BrokerServer
 from keystore import KeyStore
 
 T = TypeVar("T")

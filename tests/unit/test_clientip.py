@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broker.clientip import (
+from broker.core.clientip import (
     PROXY_V2_SIGNATURE,
     ProxyInfo,
     client_ip_from_forwarded,

@@ -1,4 +1,4 @@
-"""Flow control (broker.flow) with links whose buffers the test controls: who is paused,
+"""Flow control (broker.mqtt.flow) with links whose buffers the test controls: who is paused,
 when they go on, what is dropped, and when a session is a slow consumer."""
 
 from __future__ import annotations
@@ -9,13 +9,13 @@ from dataclasses import replace
 
 import pytest
 
-from broker.audit import AuditLog
-from broker.counters import FlowCounters
-from broker.flow import FlowControl
+from broker.core.audit import AuditLog
+from broker.core.counters import FlowCounters
+from broker.core.settings import Settings
+from broker.mqtt.flow import FlowControl
 from broker.mqtt.outbox import OutMessage
+from broker.mqtt.routing import Router
 from broker.mqtt.session import ConnectionInfo, KeySession
-from broker.routing import Router
-from broker.settings import Settings
 from tests.support.links import FakeLink
 
 SETTINGS = replace(Settings(), max_queued_messages=10, max_inflight_messages=4,
@@ -111,7 +111,7 @@ async def test_bytes_waiting_in_the_socket_pause_publishers_until_the_client_rea
 
 async def test_qos0_past_twice_the_byte_bound_is_dropped_counted_and_logged_once(
         caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="broker.flow")
+    caplog.set_level(logging.INFO, logger="broker.mqtt.flow")
     setup = Setup()
     session, link = setup.session("sub", held=19_950)
     for _ in range(5):
@@ -119,7 +119,7 @@ async def test_qos0_past_twice_the_byte_bound_is_dropped_counted_and_logged_once
     assert len(link.written) == 0
     assert setup.router.traffic.dropped["qos0_past_bounds"] == 5
     setup.flow.release(session)
-    lines = [r.getMessage() for r in caplog.records if r.name == "broker.flow"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "broker.mqtt.flow"]
     assert lines == ["client sub: 5 QoS 0 messages dropped while it was past its bounds"]
 
 

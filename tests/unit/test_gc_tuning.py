@@ -1,5 +1,5 @@
 """The daemon's process tunes CPython's cyclic garbage collector once it is up
-(broker.server.tune_garbage_collector): start-up objects frozen, young collections
+(broker.daemon.server.tune_garbage_collector): start-up objects frozen, young collections
 rarer. Run in a subprocess: it changes process-wide state."""
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from broker.server import GC_YOUNG_THRESHOLD
+from broker.daemon.server import GC_YOUNG_THRESHOLD
 
 PROBE = """
 import gc
-from broker.server import tune_garbage_collector
+from broker.daemon.server import tune_garbage_collector
 before = gc.get_freeze_count()
 tune_garbage_collector()
 print(gc.get_threshold()[0], before, gc.get_freeze_count())

@@ -97,3 +97,51 @@ def test_the_keystore_does_not_depend_on_the_broker() -> None:
     for name, path in known.items():
         if name.startswith("keystore"):
             assert not any(m.startswith("broker") for m in imports_of(name, path, known)), name
+
+
+# The packages from the bottom up (docs/architecture.md): each imports only from those
+# below it (and itself). The keystore knows nothing of the broker; the rules (topics,
+# policy) are pure; core is what every part uses (settings, audit log, counters,
+# background services); http serves HTTP for the API and authsvc; mqtt is the MQTT
+# engine; state keeps the engine's state across restarts; services run beside the
+# engine (change watcher, pruning, metrics); then the management plane (HTTP API, the
+# console mounted on it, the cluster service), the daemon that puts them together, and
+# the CLI.
+LAYERS = ("keystore", "broker.topics", "broker.policy", "broker.core", "broker.http",
+          "broker.mqtt", "broker.state", "broker.services", "broker.api", "broker.console",
+          "broker.authsvc", "broker.daemon", "broker.cli")
+
+
+def layer_of(module: str) -> int | None:
+    for index, package in enumerate(LAYERS):
+        if module == package or module.startswith(package + "."):
+            return index
+    return None
+
+
+def test_every_module_lives_in_a_layer() -> None:
+    unplaced = [name for name in modules() if name != "broker" and layer_of(name) is None]
+    assert unplaced == []
+
+
+def upward(graph: dict[str, set[str]]) -> list[str]:
+    """Imports of a module in a higher layer than the importer's."""
+    found = []
+    for name, targets in sorted(graph.items()):
+        low = layer_of(name)
+        for target in sorted(targets):
+            high = layer_of(target)
+            if low is not None and high is not None and high > low:
+                found.append(f"{name} -> {target}")
+    return found
+
+
+def test_no_package_imports_one_above_it() -> None:
+    known = modules()
+    assert upward({name: imports_of(name, path, known) for name, path in known.items()}) == []
+
+
+def test_the_layer_check_sees_an_upward_import() -> None:
+    assert upward({"broker.mqtt.routing": {"broker.api.server", "broker.core.audit"},
+                   "keystore.store": {"broker.core.settings"}}) == [
+        "broker.mqtt.routing -> broker.api.server", "keystore.store -> broker.core.settings"]

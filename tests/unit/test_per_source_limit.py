@@ -4,7 +4,7 @@ over; sources apart from each other; the number of sources tracked bounded."""
 
 from __future__ import annotations
 
-from broker.audit import PerSourceLimit
+from broker.core.audit import PerSourceLimit
 
 
 def limit(max_sources: int = 10) -> tuple[PerSourceLimit, list[tuple[str, int]]]:

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import asyncio
 
-from broker.audit import AuditLog
-from broker.counters import FlowCounters
-from broker.flow import FlowControl
+from broker.core.audit import AuditLog
+from broker.core.counters import FlowCounters
+from broker.core.settings import Settings
+from broker.mqtt.flow import FlowControl
+from broker.mqtt.retained import Retained
+from broker.mqtt.routing import Router
 from broker.mqtt.session import ConnectionInfo, KeySession
-from broker.retained import Retained
-from broker.routing import Router
-from broker.settings import Settings
 from tests.support.links import FakeLink
 
 

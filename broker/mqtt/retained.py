@@ -25,15 +25,14 @@ from typing import Protocol
 
 from amqtt.contexts import Action
 
+from broker.core.periodic import spawn
+from broker.core.settings import Settings
 from broker.mqtt import codec
+from broker.mqtt.keeper import StateKeeper
 from broker.mqtt.link import LOW_WATER, Link
 from broker.mqtt.outbox import OutMessage
-from broker.mqtt.plugins import decide
+from broker.mqtt.quotas import Limit, Quotas, Usage
 from broker.mqtt.session import KeySession
-from broker.periodic import spawn
-from broker.quotas import Limit, Quotas, Usage
-from broker.settings import Settings
-from broker.state.recorder import StateRecorder
 from broker.topics import RetainedStore, device_of, device_topic
 
 RETAINED_BATCH = 64  # retained messages sent between two yields to the event loop
@@ -75,7 +74,7 @@ class Delivery(Protocol):
 
 class RetainedMessages:
     def __init__(self, settings: Settings, delivery: Delivery,
-                 state: StateRecorder | None = None) -> None:
+                 state: StateKeeper | None = None) -> None:
         self.settings = settings
         self.delivery = delivery
         self.state = state
@@ -222,7 +221,7 @@ class RetainedMessages:
                 for _, message in self.store.matching(session.mount + topic_filter):
                     if session.link is not link or session.kicked:
                         return
-                    if not decide(session, message.topic, Action.RECEIVE).allowed:
+                    if not session.decide(message.topic, Action.RECEIVE).allowed:
                         continue
                     await self.send_one(session, link, message, min(qos, message.qos))
                     sent += 1

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 
 from amqtt.adapters import ReaderAdapter
 
-from broker.clientip import (
+from broker.core.clientip import (
     PROXY_V1_MAX,
     PROXY_V2_SIGNATURE,
     ProxyInfo,
@@ -32,8 +32,8 @@ from broker.clientip import (
     parse_proxy_v2,
     proxy_v2_length,
 )
+from broker.core.periodic import Periodic
 from broker.mqtt.codec import REQUIRED_FLAGS
-from broker.periodic import Periodic
 from keystore.errors import ValidationError
 
 

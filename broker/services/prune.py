@@ -22,7 +22,7 @@ import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-from broker.periodic import Periodic
+from broker.core.periodic import Periodic
 from keystore import KeyStore
 
 logger = logging.getLogger(__name__)

@@ -10,7 +10,6 @@ TCP peer, except from a trusted proxy: then the PROXY header (TCP/TLS listeners 
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -20,14 +19,15 @@ from typing import Any
 import websockets
 from amqtt.broker import Server
 
-from broker.audit import AuditLog
-from broker.clientip import client_ip_from_forwarded
-from broker.framing import read_proxy_header
+from broker.core.audit import AuditLog
+from broker.core.bind import bind_error
+from broker.core.clientip import client_ip_from_forwarded
+from broker.core.settings import Listener, Settings
+from broker.core.tls import ssl_context
+from broker.mqtt.framing import read_proxy_header
 from broker.mqtt.session import ConnectionInfo
 from broker.policy.addresses import TrustedProxies, normalize_ip
-from broker.settings import Listener, Settings
-from broker.tls import ssl_context
-from keystore.errors import KeybrokerError, ValidationError
+from keystore.errors import ValidationError
 
 StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, str, bytes,
                           str | None], Awaitable[None]]
@@ -43,18 +43,6 @@ async def start_listener(listener: Listener, settings: Settings, on_stream: Stre
     except OSError as exc:
         raise bind_error(f"listener {listener.name!r}", listener.host, listener.port,
                          exc) from None
-
-
-def bind_error(what: str, host: str, port: int, exc: OSError) -> KeybrokerError:
-    """One line naming the listener, its address and the reason it could not start."""
-    where = f"[{host}]" if ":" in host else host
-    # asyncio's bind error repeats the address in strerror: the errno's text is enough.
-    reason = (os.strerror(exc.errno) if exc.errno and not isinstance(exc, socket.gaierror)
-              else exc.strerror or str(exc)).lower()
-    if isinstance(exc, socket.gaierror):
-        reason = f"unknown host ({reason})"
-    verb = "use certificate" if isinstance(exc, ssl.SSLError) else "bind"
-    return KeybrokerError(f"{what} cannot {verb} {where}:{port}: {reason}")
 
 
 async def _start(listener: Listener, settings: Settings, on_stream: StreamHandler,

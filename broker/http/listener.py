@@ -15,8 +15,8 @@ import ssl
 
 from aiohttp import web
 
-from broker.api.connections import ConnectionGuard
-from broker.listeners import bind_error
+from broker.core.bind import bind_error
+from broker.http.connections import ConnectionGuard
 
 # Headers every response gets (a handler may set its own first, e.g. the console's CSP).
 SECURITY_HEADERS = {

@@ -12,11 +12,11 @@ receiving session's policy (an in-memory lookup), then
 Every session is bounded by ``max_queued_messages`` (QoS 1/2 held) and
 ``max_session_bytes`` (bytes held for it: waiting in its connection plus QoS 1/2 in
 flight and queued). A live session past a bound makes the connections that feed it wait
-(broker.flow: backpressure, and slow consumers); for an offline persistent session the
+(broker.mqtt.flow: backpressure, and slow consumers); for an offline persistent session the
 message is dropped and counted.
 
 Retained messages (kept within quotas, sent paced after a SUBSCRIBE) are
-broker.retained's, which the router owns as ``retained``.
+broker.mqtt.retained's, which the router owns as ``retained``.
 
 With a broker state kept (broker.state), every change to a persistent session's
 subscriptions is marked for the next write-behind flush, and a saved state comes back
@@ -31,18 +31,17 @@ from collections.abc import Callable
 
 from amqtt.contexts import Action
 
-from broker.audit import AuditLog
-from broker.counters import Traffic
-from broker.flow import FlowControl, Publisher
+from broker.core.audit import AuditLog
+from broker.core.counters import Traffic
+from broker.core.settings import Settings
 from broker.mqtt import codec
+from broker.mqtt.flow import FlowControl, Publisher
+from broker.mqtt.keeper import StateKeeper
 from broker.mqtt.link import Link
 from broker.mqtt.outbox import OutMessage
-from broker.mqtt.plugins import audit_fields, decide
+from broker.mqtt.quotas import Limit, Quotas
+from broker.mqtt.retained import RetainedMessages
 from broker.mqtt.session import KeySession
-from broker.quotas import Limit, Quotas
-from broker.retained import RetainedMessages
-from broker.settings import Settings
-from broker.state.recorder import StateRecorder
 from broker.topics import SubscriptionTree
 
 logger = logging.getLogger(__name__)
@@ -60,17 +59,17 @@ def subscription_cost(topic_filter: str) -> int:
             + SUBSCRIPTION_LEVEL_BYTES * (topic_filter.count("/") + 1))
 
 
-# Audit event of a denial -> the kind it is counted as (broker.metrics)
+# Audit event of a denial -> the kind it is counted as (broker.services.metrics)
 DENIAL_OF = {"publish_denied": "publish", "subscribe_denied": "subscribe",
              "retain_refused": "retain"}
 
 class Router:
     def __init__(self, settings: Settings, sessions: dict[str, KeySession], audit: AuditLog,
-                 flow: FlowControl, state: StateRecorder | None = None,
+                 flow: FlowControl, state: StateKeeper | None = None,
                  traffic: Traffic | None = None) -> None:
         self.settings = settings
         self.state = state  # None: nothing is kept across restarts
-        self.traffic = traffic if traffic is not None else Traffic()  # broker.metrics
+        self.traffic = traffic if traffic is not None else Traffic()  # broker.services.metrics
         self.sessions = sessions
         self.audit = audit
         self.flow = flow
@@ -98,7 +97,7 @@ class Router:
             session = sessions.get(client_id)
             if session is None:
                 continue
-            if not decide(session, topic, Action.RECEIVE).allowed:
+            if not session.decide(topic, Action.RECEIVE).allowed:
                 self.traffic.denied["delivery"] += 1
                 continue
             if qos and sub_qos:
@@ -138,7 +137,7 @@ class Router:
                 source: Publisher | None = None) -> bool:
         """Hand a QoS 1/2 message to a session. A live session takes it (sent now if its
         in-flight window has room) and past its bounds makes ``source`` wait
-        (broker.flow); what cannot wait (no ``source``: the HTTP API, a Will) is dropped
+        (broker.mqtt.flow); what cannot wait (no ``source``: the HTTP API, a Will) is dropped
         and counted past the session's ceiling. An offline session queues it within its
         bounds, else it is dropped and counted. False when dropped."""
         outbox = session.outbox
@@ -227,7 +226,7 @@ class Router:
 
     def regranted(self, session: KeySession) -> None:
         dropped = session.outbox.discard(
-            lambda topic: not decide(session, topic, Action.RECEIVE).allowed)
+            lambda topic: not session.decide(topic, Action.RECEIVE).allowed)
         self.traffic.dropped["not_readable"] += dropped
         if dropped and session.congestion is not None:
             self.flow.acknowledged(session)  # fewer held: its publishers may go on
@@ -316,7 +315,7 @@ class Router:
             if count:
                 self.traffic.denied["subscribe"] += count
                 self.audit.event("subscribe_denied", reason=f"{reason}: {count} filters "
-                                 "refused", **audit_fields(session))
+                                 "refused", **session.audit_fields())
         if granted:
             if session.journal is not None:
                 for topic_filter, qos in granted.items():
@@ -411,7 +410,7 @@ class Router:
         if now - start >= 1.0:
             if suppressed:
                 self.audit.suppressed += suppressed
-                self.audit.event("audit_suppressed", **audit_fields(session),
+                self.audit.event("audit_suppressed", **session.audit_fields(),
                                  reason=f"{suppressed} denials not logged in 1 s")
             start, count, suppressed = now, 0, 0
         if count >= DENIALS_AUDITED_PER_SECOND:
@@ -419,4 +418,4 @@ class Router:
             return
         session.denials = (start, count + 1, suppressed)
         logger.info("%s: client %s topic %r: %s", event, session.client_id, topic, reason)
-        self.audit.event(event, reason=reason, topic=topic, **audit_fields(session), **extra)
+        self.audit.event(event, reason=reason, topic=topic, **session.audit_fields(), **extra)

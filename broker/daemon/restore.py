@@ -27,18 +27,18 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 
+from broker.core.settings import Settings
 from broker.mqtt.outbox import OutMessage
-from broker.mqtt.plugins import mount_of
+from broker.mqtt.routing import Router
 from broker.mqtt.session import ConnectionInfo, Grant, KeySession
+from broker.mqtt.sessions import SessionRegistry
 from broker.policy import SessionPolicy
-from broker.routing import Router
-from broker.sessions import SessionRegistry
-from broker.settings import Settings
 from broker.state.model import Snapshot, StoredSession
 from broker.state.recorder import StateRecorder
 from broker.state.sqlite import SqliteStateStore
 from broker.state.store import StateStore, state_file
 from broker.topics import device_of
+from broker.topics.mounts import mount_of
 from keystore import KeyStore
 from keystore.models import AccessKey
 

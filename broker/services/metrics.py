@@ -29,14 +29,14 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from broker.counters import KICK_CAUSES, Buckets
-from broker.periodic import Periodic
+from broker.core.counters import KICK_CAUSES, Buckets
+from broker.core.periodic import Periodic
 
 if TYPE_CHECKING:
-    from broker.audit import AuditLog
-    from broker.live import ChangeWatcher, FeedReader
+    from broker.core.audit import AuditLog
     from broker.mqtt.broker import KeyBroker
     from broker.policy.guard import BruteForceGuard
+    from broker.services.live import ChangeWatcher, FeedReader
     from keystore import KeyStore
 
 class LoopProbe(Periodic):

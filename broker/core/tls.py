@@ -13,7 +13,7 @@ import os
 import re
 import ssl
 
-from broker.settings import Settings
+from broker.core.settings import Settings
 from keystore.errors import KeybrokerError
 
 MAX_PEM_BYTES = 1 << 20  # a certificate chain is a few KiB; anything larger is not one

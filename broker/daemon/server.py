@@ -12,22 +12,25 @@ import gc
 import logging
 import resource
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from broker.api.callers import Callers
 from broker.api.context import Api
 from broker.api.server import ApiServer
-from broker.audit import AuditLog
-from broker.lifecycle import serve_until_signalled
-from broker.live import ChangeWatcher, StatusRecorder
-from broker.metrics import Observability, keystore_answers
+from broker.console.routes import add_console
+from broker.console.web import Console
+from broker.core.audit import AuditLog
+from broker.core.lifecycle import serve_until_signalled
+from broker.core.settings import Settings
+from broker.core.tls import check_tls_files
+from broker.daemon.restore import load_state, restore
 from broker.mqtt.broker import KeyBroker
 from broker.policy.guard import BruteForceGuard
-from broker.prune import ChangePruner
-from broker.settings import Settings
+from broker.services.live import ChangeWatcher, StatusRecorder
+from broker.services.metrics import Observability, keystore_answers
+from broker.services.prune import ChangePruner
 from broker.state.recorder import StateRecorder
-from broker.state.restore import load_state, restore
-from broker.tls import check_tls_files
 from keystore import KeyStore
 
 logger = logging.getLogger(__name__)
@@ -84,12 +87,11 @@ class BrokerServer:
                 self.state, snapshot = await load_state(settings, self._watched_change_id)
                 self._stack.push_async_callback(self.state.store.close)
             config = amqtt_config(settings, self.keystore, self.audit, guard)
-            self.broker = KeyBroker(config, settings, self.audit, guard, self.state)
-            registry = self.broker.registry
             self.status = StatusRecorder(self.keystore)
+            self.broker = KeyBroker(config, settings, self.audit, guard, self.state,
+                                    observers=(self.status,))
+            registry = self.broker.registry
             self.watcher = ChangeWatcher(registry, self.keystore, settings.change_poll_interval)
-            registry.on_started += [self.watcher.session_started, self.status.session_started]
-            registry.on_ended.append(self.status.session_ended)
             # The stack unwinds in reverse: watcher stops, broker shuts down, then the
             # status recorder flushes what the shutdown recorded.
             await self.status.start()
@@ -158,7 +160,11 @@ class BrokerServer:
                   callers=callers, publish=publish, online=online,
                   live_connections=live_connections, ready=self.readiness,
                   observability=self.observability)
-        return ApiServer(api, settings)
+        mounts = []
+        if settings.api_console:
+            console = Console(api, settings.api_certfile is not None)
+            mounts.append(partial(add_console, console=console))
+        return ApiServer(api, settings, mounts)
 
     async def readiness(self) -> dict[str, bool]:
         """Is every configured listener bound, and does the keystore answer (within 2 s)?"""

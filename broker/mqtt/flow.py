@@ -29,11 +29,11 @@ import logging
 from collections.abc import Callable
 from typing import Protocol
 
-from broker.counters import FlowCounters
+from broker.core.counters import FlowCounters
+from broker.core.periodic import Periodic, spawn
+from broker.core.settings import Settings
 from broker.mqtt.link import Link
 from broker.mqtt.outbox import Outbox
-from broker.periodic import Periodic, spawn
-from broker.settings import Settings
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The counting primitives of broker.metrics, kept apart so that the parts that count
+"""The counting primitives of broker.services.metrics, kept apart so that the parts that count
 (routing, sessions, the auth plugin, the broker) import nothing else of it: plain ints on
 the hot path, fixed latency buckets, bounded label sets."""
 
@@ -35,7 +35,7 @@ class Traffic:
 
 
 class FlowCounters:
-    """Flow control (broker.flow): publishers paused now and in all, for how long, and
+    """Flow control (broker.mqtt.flow): publishers paused now and in all, for how long, and
     the slow consumers disconnected."""
 
     __slots__ = ("paused", "pauses", "pause_seconds", "slow_consumers", "held")

@@ -1,5 +1,5 @@
 """Run a server until SIGINT/SIGTERM: the one place signals are handled, for the daemon
-(broker.server) and the access-key service (broker.authsvc.server)."""
+(broker.daemon.server) and the access-key service (broker.authsvc.server)."""
 
 from __future__ import annotations
 

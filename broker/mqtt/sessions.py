@@ -1,41 +1,94 @@
 """The session registry: one session per client id, who authenticated it, and the one
 place sessions are taken over, kicked, expired and forgotten.
 
-The change watcher (broker.live) talks to the broker only through this interface:
-``sessions_of_key``, ``kick``, ``regrant``, ``device_removed``, ``get``.
+It owns the sessions (the router it builds reads them to deliver; amqtt's broker sees
+them as its registry). The change watcher (broker.services.live) talks to the broker
+only through this interface: ``sessions_of_key``, ``kick``, ``regrant``,
+``device_removed``, ``app_removed``, ``get``, and ``rechecks`` (CONNECTs that raced a
+change); observers given to the constructor hear of sessions going online and offline
+(the status recorder). A key that expires while its sessions are connected ends them
+(``expire_keys``, once a second).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Sequence
+from typing import Protocol
 
-from broker.audit import AuditLog
-from broker.counters import KICK_CAUSES, count_into
-from broker.mqtt.plugins import audit_fields, mount_of
+from broker.core.audit import AuditLog
+from broker.core.counters import KICK_CAUSES, Traffic, count_into
+from broker.core.settings import Settings
+from broker.mqtt.flow import FlowControl
+from broker.mqtt.keeper import StateKeeper
+from broker.mqtt.routing import Router
 from broker.mqtt.session import Grant, KeySession
-from broker.routing import Router
+from broker.topics.mounts import mount_of
 
 logger = logging.getLogger(__name__)
 
 TAKE_OVER_WAIT = 2.0  # seconds an old connection gets to end before its task is cancelled
 
 
+# A device's entry in Rechecks (a key id never holds a NUL).
+DEVICE = "\x00device:"
+RECENT = 60.0  # seconds a change applied is remembered for CONNECTs in flight
+
+
+class SessionObserver(Protocol):
+    def session_started(self, client_id: str, grant: Grant) -> None: ...
+
+    def session_ended(self, client_id: str) -> None: ...
+
+
+class Rechecks:
+    """The keys (and removed devices) the change watcher applied a change to lately, and
+    the sessions that went online afterwards with a CONNECT that had read the key before
+    it: the watcher checks those again on its next tick."""
+
+    def __init__(self) -> None:
+        self._applied: dict[str, float] = {}  # key id, or DEVICE + device id -> loop time
+        self.pending: list[tuple[str, str, bool]] = []  # (client id, key id, device gone)
+
+    def applied(self, subject: str, now: float, device: bool = False) -> None:
+        self._applied[DEVICE + subject if device else subject] = now
+
+    def went_online(self, client_id: str, key: str, auth_started: float) -> None:
+        if self._applied.get(DEVICE + client_id, -1.0) >= auth_started:
+            self.pending.append((client_id, key, True))
+        elif self._applied.get(key, -1.0) >= auth_started:
+            self.pending.append((client_id, key, False))
+
+    def take(self, now: float) -> list[tuple[str, str, bool]]:
+        """The sessions to check again; changes older than RECENT are forgotten."""
+        for name in [n for n, at in self._applied.items() if now - at > RECENT]:
+            del self._applied[name]
+        pending, self.pending = self.pending, []
+        return pending
+
+
 class SessionRegistry:
-    def __init__(self, router: Router, audit: AuditLog) -> None:
-        self.sessions: dict[str, KeySession] = router.sessions
-        self.router = router
+    def __init__(self, settings: Settings, audit: AuditLog, flow: FlowControl,
+                 state: StateKeeper | None = None, traffic: Traffic | None = None,
+                 observers: Sequence[SessionObserver] = ()) -> None:
+        self.sessions: dict[str, KeySession] = {}
+        self.router = Router(settings, self.sessions, audit, flow, state, traffic)
         self.audit = audit
+        self.observers = tuple(observers)
+        self.rechecks = Rechecks()
         self.by_key: dict[str, set[str]] = {}  # key -> client ids it authenticated
         self.tasks: dict[str, asyncio.Task[object]] = {}  # client id -> its connection task
         self._connect_locks: dict[str, tuple[asyncio.Lock, int]] = {}
-        # Called with (client id, grant, auth start) for every session that goes online.
-        self.on_started: list[Callable[[str, Grant, float], None]] = []
-        self.on_ended: list[Callable[[str], None]] = []
-        self.kicks: dict[str, int] = {}  # by cause (broker.metrics.KICK_CAUSES)
+        self.kicks: dict[str, int] = {}  # by cause (broker.services.metrics.KICK_CAUSES)
+        # (expires at, serial, client id, grant) of live sessions whose key expires;
+        # stale entries (session gone, re-granted) are skipped, and compacted away.
+        self._expiries: list[tuple[float, int, str, Grant]] = []
+        self._serial = 0
+        self.compact_slack = 1000  # stale entries tolerated before compacting
 
     def __len__(self) -> int:
         return len(self.sessions)
@@ -109,8 +162,10 @@ class SessionRegistry:
         grant = session.grant
         if grant is not None:
             self.by_key.setdefault(grant.key.key, set()).add(client_id)
-            for callback in self.on_started:
-                callback(client_id, grant, session.auth_started)
+            self._expires(client_id, grant)
+            self.rechecks.went_online(client_id, grant.key.key, session.auth_started)
+            for observer in self.observers:
+                observer.session_started(client_id, grant)
 
     def went_offline(self, session: KeySession) -> None:
         """The session's connection ended: a clean session is forgotten, a persistent one
@@ -127,8 +182,8 @@ class SessionRegistry:
                 session.journal.saved(session)
         if session.grant is not None:
             self._unindex(session.grant.key.key, client_id)
-        for callback in self.on_ended:
-            callback(client_id)
+        for observer in self.observers:
+            observer.session_ended(client_id)
         if session.clean_session:
             self.drop(session)
 
@@ -136,10 +191,39 @@ class SessionRegistry:
         """Give a live session a new grant (its key changed); what it queued and may no
         longer read is dropped (every later delivery is checked against the new grant)."""
         session.grant = grant
+        self._expires(session.client_id, grant)
         self.router.regranted(session)
 
+    # ------------------------------------------------------------------ key expiry
+    def _expires(self, client_id: str, grant: Grant) -> None:
+        expires = grant.key.expires_at
+        if expires is not None:
+            self._serial += 1
+            heapq.heappush(self._expiries, (expires.timestamp(), self._serial, client_id, grant))
+
+    def expire_keys(self, now: float) -> int:
+        """End the live sessions whose key has expired by ``now`` (wall clock); how many."""
+        if len(self._expiries) > 2 * len(self.sessions) + self.compact_slack:
+            self._compact_expiries()
+        heap, ended = self._expiries, 0
+        while heap and heap[0][0] <= now:
+            _, _, client_id, grant = heapq.heappop(heap)
+            session = self.sessions.get(client_id)
+            if session is not None and session.grant is grant:
+                ended += self.kick(client_id, "key_expired")
+        return ended
+
+    def _compact_expiries(self) -> None:
+        """Entries are removed lazily, so a key far from expiry whose device reconnects
+        often would otherwise leave one per CONNECT until that (distant) expiry."""
+        sessions = self.sessions
+        live = [entry for entry in self._expiries
+                if (s := sessions.get(entry[2])) is not None and s.grant is entry[3]]
+        heapq.heapify(live)
+        self._expiries = live
+
     def restored(self, session: KeySession) -> None:
-        """An offline persistent session of a saved state (broker.state.restore)."""
+        """An offline persistent session of a saved state (broker.daemon.restore)."""
         self.sessions[session.client_id] = session
 
     # ------------------------------------------------------------------ removal
@@ -197,7 +281,7 @@ class SessionRegistry:
         self.router.flow.release(session)
         session.suppress_will = not publish_will
         count_into(self.kicks, reason, KICK_CAUSES)
-        self.audit.event("kick", reason=reason, **audit_fields(session))
+        self.audit.event("kick", reason=reason, **session.audit_fields())
         session.link.abort()
         return True
 

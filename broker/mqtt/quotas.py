@@ -1,6 +1,6 @@
 """Counted quotas: how many things, and how many bytes, each bucket holds (an access key,
 an application, a device's reserve), and whether one more fits. Retained messages
-(broker.retained) and subscriptions (broker.routing) are bounded this way."""
+(broker.mqtt.retained) and subscriptions (broker.mqtt.routing) are bounded this way."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from netaddr import AddrFormatError, IPNetwork
 
-from broker.environment import ENV_CONFIG
+from broker.core.environment import ENV_CONFIG
 from broker.policy.guard import GuardSettings
 from keystore import KeyStore
 from keystore.errors import ConfigError
@@ -84,7 +84,7 @@ class Settings:
     max_inflight_messages: int = 100
     max_session_bytes: int = 256 * 1024
     # Seconds a live session may stay past its bounds draining nothing before it is
-    # disconnected as a slow consumer (its publishers wait meanwhile: broker.flow).
+    # disconnected as a slow consumer (its publishers wait meanwhile: broker.mqtt.flow).
     slow_consumer_timeout: float = 10.0
     max_publish_rate: float = 0.0  # PUBLISH per second per connection; 0 = no limit
     max_retained_messages: int = 100_000

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from broker.periodic import Periodic
+from broker.core.periodic import Periodic
 from broker.policy.addresses import normalize_ip, source_of
 
 

@@ -11,8 +11,9 @@
   to the number of changes, never to the number of keys or sessions. Deactivated,
   deleted or expired keys and deleted devices get their sessions kicked; operators'
   ``devices kick`` requests arrive the same way.
-* Expiry of a connected key is a heap of (expires_at, client id, grant) checked on the
-  same tick, so a key expiring while connected is kicked within one interval.
+* A CONNECT that read its key before a change to it was applied here, and went online
+  after, is checked again on the next tick (the registry's ``rechecks``). A key that
+  expires while its sessions are connected is the registry's to end.
 * ``StatusRecorder`` batches device connected/last-seen and key last-used writes and
   flushes them once per interval, so CONNECT never waits on a write.
 """
@@ -20,7 +21,6 @@
 from __future__ import annotations
 
 import asyncio
-import heapq
 import logging
 import sqlite3
 import time
@@ -28,10 +28,10 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 from broker import policy
+from broker.core.periodic import Periodic
 from broker.mqtt.session import Grant
-from broker.periodic import Periodic
+from broker.mqtt.sessions import SessionRegistry
 from broker.policy import SessionPolicy
-from broker.sessions import SessionRegistry
 from keystore import KeyStore
 from keystore.errors import UnavailableError
 from keystore.models import AccessKey, Change
@@ -39,8 +39,6 @@ from keystore.models import AccessKey, Change
 logger = logging.getLogger(__name__)
 
 FEED_PAGE = 10_000
-RECENT = 60.0  # seconds a processed change is remembered for CONNECTs in flight
-DEVICE = "\x00device:"  # prefix for device entries in _applied (a key never has a NUL)
 
 
 class FeedReader(Periodic):
@@ -95,12 +93,6 @@ class ChangeWatcher(FeedReader):
                  interval: float = 0.25) -> None:
         super().__init__(keystore, interval)
         self.sessions = sessions
-        self._expiries: list[tuple[float, int, str, Grant]] = []
-        self._serial = 0
-        self.compact_slack = 1000  # stale heap entries tolerated before compacting
-        # When this watcher applied a change to a key (or DEVICE + device id): a CONNECT
-        # that read the key before then is re-checked once registered.
-        self._applied: dict[str, float] = {}
 
     async def catch_up(self, since: int) -> None:
         """Apply the changes after ``since``: the position a restored broker state was
@@ -126,33 +118,22 @@ class ChangeWatcher(FeedReader):
                 logger.exception("applying change %s failed", change)
         return count
 
-    def session_started(self, client_id: str, grant: Grant, auth_started: float) -> None:
-        """A session was registered; ``auth_started`` is when its CONNECT read the key.
-
-        A change applied by this watcher after that moment may have missed the session
-        (it was not registered yet): such a session is checked again now."""
-        expires = grant.key.expires_at
-        if expires is not None:
-            self._serial += 1
-            heapq.heappush(self._expiries, (expires.timestamp(), self._serial, client_id, grant))
-        key_changed = self._applied.get(grant.key.key, -1.0) >= auth_started
-        device_gone = self._applied.get(DEVICE + client_id, -1.0) >= auth_started
-        if device_gone:
-            self.sessions.device_removed(client_id)
-        elif key_changed:
-            asyncio.get_running_loop().create_task(self._apply_key(grant.key.key, [client_id]))
-
     async def tick(self) -> None:
         await self._apply_new()
-        now = asyncio.get_running_loop().time()
-        for name in [n for n, at in self._applied.items() if now - at > RECENT]:
-            del self._applied[name]
-        await self._expire(datetime.now(UTC).timestamp())
+        for client_id, key, device_gone in self.sessions.rechecks.take(self._now()):
+            if device_gone:
+                self.sessions.device_removed(client_id)
+            else:
+                await self._apply_key(key, [client_id])
+
+    @staticmethod
+    def _now() -> float:
+        return asyncio.get_running_loop().time()
 
     async def _apply(self, kind: str, subject: str) -> None:
-        now = asyncio.get_running_loop().time()
+        rechecks = self.sessions.rechecks
         if kind == "device_deleted":
-            self._applied[DEVICE + subject] = now
+            rechecks.applied(subject, self._now(), device=True)
             self.sessions.device_removed(subject)
             return
         if kind == "app_deleted":
@@ -161,7 +142,7 @@ class ChangeWatcher(FeedReader):
         if kind == "kick":
             self.sessions.kick(subject, "operator_kick")
             return
-        self._applied[subject] = now
+        rechecks.applied(subject, self._now())
         # A key change: re-read the key once for all its sessions.
         client_ids = self.sessions.sessions_of_key(subject)
         if client_ids:
@@ -195,28 +176,6 @@ class ChangeWatcher(FeedReader):
         old = grant.policy
         new = Grant(key=key, policy=SessionPolicy.build(key, old.scope, old.device_prefix))
         self.sessions.regrant(session, new)
-        self.session_started(client_id, new, float("inf"))  # no re-check: this is one
-
-    def _compact(self) -> None:
-        """Drop entries of sessions that ended or were re-granted. Entries are removed
-        lazily, so a key far from expiry whose device reconnects often would otherwise
-        leave one entry per CONNECT until that (possibly distant) expiry."""
-        sessions = self.sessions.sessions
-        live = [entry for entry in self._expiries
-                if (s := sessions.get(entry[2])) is not None and s.grant is entry[3]]
-        heapq.heapify(live)
-        self._expiries = live
-
-    async def _expire(self, now: float) -> None:
-        if len(self._expiries) > 2 * len(self.sessions) + self.compact_slack:
-            self._compact()
-        heap = self._expiries
-        while heap and heap[0][0] <= now:
-            _, _, client_id, grant = heapq.heappop(heap)
-            session = self.sessions.get(client_id)
-            # Stale entries (session gone, reconnected or re-granted) are skipped.
-            if session is not None and session.grant is grant:
-                self.sessions.kick(client_id, "key_expired")
 
 
 class StatusRecorder(Periodic):
@@ -230,7 +189,7 @@ class StatusRecorder(Periodic):
         self._devices: dict[str, tuple[bool, datetime]] = {}
         self._keys: dict[str, datetime] = {}
 
-    def session_started(self, device_id: str, grant: Grant, _auth_started: float) -> None:
+    def session_started(self, device_id: str, grant: Grant) -> None:
         now = datetime.now(UTC)
         self._devices[device_id] = (True, now)
         self._keys[grant.key.key] = now
