@@ -52,10 +52,17 @@ def _check_string(value: object, what: str) -> str:
     return value
 
 
+def is_topic_name(topic: str) -> bool:
+    """The grammar of a PUBLISH topic name (MQTT-4.7.1-1, MQTT-4.7.3-1/2): not empty, no
+    wildcard character, no NUL. Cheap enough for every message; the length limits are
+    checked apart (``validate_topic_name``, and the broker's limits)."""
+    return bool(topic) and PLUS not in topic and HASH not in topic and "\x00" not in topic
+
+
 def validate_topic_name(topic: object) -> str:
     """Return ``topic`` if it is a valid PUBLISH topic name, else raise ValidationError."""
     checked = _check_string(topic, "topic")
-    if PLUS in checked or HASH in checked:
+    if not is_topic_name(checked):
         raise ValidationError(
             f"invalid topic {_shown(checked)!r}: wildcards '+' and '#' not allowed")
     return checked

@@ -22,11 +22,13 @@ from collections import OrderedDict
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from broker.policy.addresses import source_of
 from broker.policy.guard import BruteForceGuard
 from keystore.files import tighten_mode
+
+logger = logging.getLogger(__name__)
 
 _FIELDS = ("key", "app", "client_id", "client_ip", "peer_ip", "listener", "reason")
 PER_SOURCE_PER_SECOND = 20
@@ -72,6 +74,19 @@ class PerSourceLimit:
                 if window[2]:
                     self.report(source, int(window[2]))
                 del self._windows[source]
+
+
+DENIALS_PER_SECOND = 20  # audit lines for one session's denials
+
+
+class Audited(Protocol):
+    """A session whose denials are audited: who it is, and its throttle's state (start of
+    the current second, lines written in it, lines suppressed)."""
+
+    client_id: str
+    denials: tuple[float, int, int] | None
+
+    def audit_fields(self, key: str | None = None) -> dict[str, Any]: ...
 
 
 class _PrivateWatchedFileHandler(logging.handlers.WatchedFileHandler):
@@ -123,6 +138,27 @@ class AuditLog:
             return
         if self._per_source.allow(source_of(str(fields.get("client_ip"))), time.monotonic()):
             self.event(event, **fields)
+
+    def denied(self, event: str, session: Audited, topic: str, reason: str,
+               **extra: object) -> None:
+        """A session's denial (a PUBLISH, a SUBSCRIBE filter, a retained message): written
+        at most DENIALS_PER_SECOND times a second per session, so a client flooding denied
+        PUBLISHes can neither fill the disk nor stall the loop with writes; the excess is
+        counted in one ``audit_suppressed`` line. Also one line in the daemon's log."""
+        now = time.monotonic()
+        start, count, suppressed = session.denials or (now, 0, 0)
+        if now - start >= 1.0:
+            if suppressed:
+                self.suppressed += suppressed
+                self.event("audit_suppressed", **session.audit_fields(),
+                           reason=f"{suppressed} denials not logged in 1 s")
+            start, count, suppressed = now, 0, 0
+        if count >= DENIALS_PER_SECOND:
+            session.denials = (start, count, suppressed + 1)
+            return
+        session.denials = (start, count + 1, suppressed)
+        logger.info("%s: client %s topic %r: %s", event, session.client_id, topic, reason)
+        self.event(event, reason=reason, topic=topic, **session.audit_fields(), **extra)
 
     def ended_bans(self, guard: BruteForceGuard | None) -> None:
         """One ``ban_ended`` line per ban that is over, with the CONNECTs it refused

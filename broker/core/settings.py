@@ -20,14 +20,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from netaddr import AddrFormatError, IPNetwork
-
 from broker.core.environment import ENV_CONFIG
 from broker.policy.guard import GuardSettings
 from keystore import KeyStore
-from keystore.errors import ConfigError
+from keystore.errors import ConfigError, ValidationError
 from keystore.location import check_postgres_url, is_url, redact
 from keystore.store import Opener
+from keystore.validation import validate_address
 
 EXAMPLE_CONFIG = "keybroker.example.toml"  # package data of `broker`
 
@@ -238,6 +237,8 @@ POSITIVE = frozenset({"keepalive_factor", "change_poll_interval", "flush_interva
                       "api_device_token_ttl", "api_max_device_token_ttl",
                       "api_request_timeout", "db_pool_size", "db_statement_timeout",
                       "slow_consumer_timeout", "authsvc_admission_window"})
+PORTS = frozenset({"port", "api_port", "authsvc_port"})  # "port": a listener's
+MAX_PORT = 65535
 LISTENER_KEYS = ("type", "host", "port", "certfile", "keyfile", "proxy_protocol", "enabled")
 
 
@@ -315,6 +316,8 @@ def _checked(where: str, name: str, value: Any) -> Any:
         allowed = " or ".join(repr(c) for c in CHOICES[name])
         raise ConfigError(f"{where}: invalid value {value!r}: must be {allowed}")
     if isinstance(value, int | float) and not isinstance(value, bool):
+        if name in PORTS and value > MAX_PORT:
+            raise ConfigError(f"{where}: invalid value {value!r}: must be 0-{MAX_PORT}")
         if name in POSITIVE and value <= 0:
             raise ConfigError(f"{where}: invalid value {value!r}: must be more than 0")
         if value < 0:
@@ -336,9 +339,9 @@ def _checked(where: str, name: str, value: Any) -> Any:
 
 def _cidr(where: str, value: str) -> str:
     try:
-        return str(IPNetwork(value))
-    except (AddrFormatError, ValueError, TypeError) as exc:
-        raise ConfigError(f"{where}: invalid CIDR {value!r}: {exc}") from None
+        return validate_address(value)
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def _table(where: str, value: Any) -> dict[str, Any]:
@@ -368,8 +371,6 @@ def _listener(name: str, raw: Any, base: Path | None) -> Listener | None:
     if not _typed(f"{where} enabled", bool, raw.get("enabled", True), None):
         return None
     listener = Listener(**values)
-    if listener.port > 65535:
-        raise ConfigError(f"{where} port: invalid value {listener.port!r}: must be 0-65535")
     if (listener.certfile is None) != (listener.keyfile is None):
         raise ConfigError(f"{where}: certfile and keyfile go together")
     return listener
@@ -422,8 +423,6 @@ def settings_from_toml(raw: dict[str, Any], base: Path | None = None) -> Setting
 
 def check_api(settings: Settings) -> None:
     """Rules between [api] values (each value's own type and range is checked on reading)."""
-    if settings.api_port > 65535:
-        raise ConfigError(f"[api] port: invalid value {settings.api_port!r}: must be 0-65535")
     if (settings.api_certfile is None) != (settings.api_keyfile is None):
         raise ConfigError("[api]: certfile and keyfile go together")
     if settings.api_device_token_ttl > settings.api_max_device_token_ttl:
@@ -438,9 +437,6 @@ def check_api(settings: Settings) -> None:
 
 def check_authsvc(settings: Settings) -> None:
     """Rules between [authsvc], [rabbitmq] and [emqx] values."""
-    if settings.authsvc_port > 65535:
-        raise ConfigError(f"[authsvc] port: invalid value {settings.authsvc_port!r}: "
-                          "must be 0-65535")
     if settings.rabbitmq_api and not (settings.rabbitmq_user and settings.rabbitmq_password_file):
         raise ConfigError("[rabbitmq] api: needs user and password_file (a management user "
                           "with the administrator tag)")

@@ -149,15 +149,9 @@ class BrokerServer:
         def live_connections(key: str) -> int:
             return len(broker.registry.sessions_of_key(key))
 
-        def publish(mount: str, topic: str, payload: bytes, qos: int) -> None:
-            broker.router.route(mount, topic, payload, qos)
-            traffic = broker.traffic  # counted like an MQTT PUBLISH
-            traffic.msgs_in[qos] += 1
-            traffic.bytes_in[qos] += len(payload)
-
         callers = Callers(self.keystore, guard, self.audit, settings.device_prefix)
         api = Api(settings=settings, keystore=self.keystore, audit=self.audit,
-                  callers=callers, publish=publish, online=online,
+                  callers=callers, publish=broker.inbound.accepted, online=online,
                   live_connections=live_connections, ready=self.readiness,
                   observability=self.observability)
         mounts = []

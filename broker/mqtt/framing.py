@@ -35,6 +35,7 @@ from broker.core.clientip import (
 from broker.core.periodic import Periodic
 from broker.mqtt.codec import REQUIRED_FLAGS
 from keystore.errors import ValidationError
+from keystore.topics import is_topic_name
 
 
 class PacketError(Exception):
@@ -191,7 +192,7 @@ def packet_problem(first: int, body: bytes) -> str | None:
             if (first >> 1) & 3 == 3:
                 return "PUBLISH with QoS 3"
             topic, _ = _string_at(body, 0)
-            if not topic or "+" in topic or "#" in topic:
+            if not is_topic_name(topic):
                 return f"invalid_topic {topic!r} in PUBLISH"
         elif kind in (8, 10):  # SUBSCRIBE, UNSUBSCRIBE: packet id, then filters
             offset = 2

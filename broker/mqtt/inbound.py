@@ -128,13 +128,19 @@ class Inbound:
             if self.settings.denied_publish == "disconnect":
                 return Verdict.CLOSE  # no PUBACK: the client must not think it was accepted
             return Verdict.DROPPED
-        self.router.route(session.mount, topic, data, qos, source)
+        self.accepted(session.mount, topic, data, qos, source)
         if retain:
             self.retain(session, topic, data, qos)
+        return Verdict.ACCEPTED
+
+    def accepted(self, mount: str, topic: str, data: bytes, qos: int,
+                 source: Publisher | None = None) -> None:
+        """A message let in (a PUBLISH that passed its checks, or device state over the
+        HTTP API): routed to the application's subscribers and counted."""
+        self.router.route(mount, topic, data, qos, source)
         traffic = self.router.traffic
         traffic.msgs_in[qos] += 1
         traffic.bytes_in[qos] += len(data)
-        return Verdict.ACCEPTED
 
     def retain(self, session: KeySession, topic: str, data: bytes, qos: int) -> None:
         refusal = self.router.retained.retain(session, topic, data, qos)

@@ -26,7 +26,6 @@ through the ``restore_*`` methods, within the same bounds.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 
 from amqtt.contexts import Action
@@ -46,7 +45,6 @@ from broker.topics import SubscriptionTree
 
 logger = logging.getLogger(__name__)
 
-DENIALS_AUDITED_PER_SECOND = 20
 # What one level of a subscription may cost in the trie and its indexes (a node, its
 # children's dict, the level's string; measured: 1,000 filters of 31 distinct levels
 # took 12.4 MiB, about 410 bytes a level). Shared levels cost less: an upper bound.
@@ -401,21 +399,6 @@ class Router:
     # ------------------------------------------------------------------ audit
     def audit_denied(self, event: str, session: KeySession, topic: str, reason: str,
                      **extra: object) -> None:
-        """Audit a denial; at most DENIALS_AUDITED_PER_SECOND per session, so a client
-        flooding denied PUBLISHes cannot fill the disk or stall the loop with writes
-        (the excess is counted in an ``audit_suppressed`` event)."""
+        """A denial, counted (metrics) and audited (throttled per session: AuditLog)."""
         self.traffic.denied[DENIAL_OF[event]] += 1
-        now = time.monotonic()
-        start, count, suppressed = session.denials or (now, 0, 0)
-        if now - start >= 1.0:
-            if suppressed:
-                self.audit.suppressed += suppressed
-                self.audit.event("audit_suppressed", **session.audit_fields(),
-                                 reason=f"{suppressed} denials not logged in 1 s")
-            start, count, suppressed = now, 0, 0
-        if count >= DENIALS_AUDITED_PER_SECOND:
-            session.denials = (start, count, suppressed + 1)
-            return
-        session.denials = (start, count + 1, suppressed)
-        logger.info("%s: client %s topic %r: %s", event, session.client_id, topic, reason)
-        self.audit.event(event, reason=reason, topic=topic, **session.audit_fields(), **extra)
+        self.audit.denied(event, session, topic, reason, **extra)

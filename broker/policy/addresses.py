@@ -17,6 +17,7 @@ from functools import lru_cache
 from netaddr import AddrFormatError, IPAddress, IPNetwork, IPSet
 
 from keystore.errors import ValidationError
+from keystore.validation import validate_address
 
 
 def parse_ip(text: object) -> IPAddress | None:
@@ -45,14 +46,16 @@ def normalize_ip(text: str) -> str | None:
 
 
 def network_set(cidrs: Iterable[str], what: str = "address") -> IPSet:
-    """An IPSet of IPs/CIDRs; IPv4-mapped IPv6 networks (``::ffff:a.b.c.d/n``, n >= 96)
-    are added in their IPv4 form too. ValidationError names a bad entry."""
+    """An IPSet of IPs/CIDRs, each checked by the keystore's one rule
+    (``validate_address``: a CIDR with host bits set is refused); IPv4-mapped IPv6
+    networks (``::ffff:a.b.c.d/n``, n >= 96) are added in their IPv4 form too.
+    ValidationError names a bad entry and what it is."""
     networks: list[IPNetwork] = []
     for text in cidrs:
         try:
-            network = IPNetwork(text)
-        except (AddrFormatError, ValueError, TypeError):
-            raise ValidationError(f"invalid {what} {text!r}: not an IP or CIDR") from None
+            network = IPNetwork(validate_address(text))
+        except ValidationError as exc:
+            raise ValidationError(f"{what}: {exc}") from None
         networks.append(network)
         if network.version == 6 and network.prefixlen >= 96 and network.ip.is_ipv4_mapped():
             networks.append(network.ipv4())

@@ -33,6 +33,7 @@ from broker.topics import (
     FilterSet,
     device_of,
     is_system,
+    is_topic_name,
     parse_filter,
     validate_device_prefix,
 )
@@ -166,7 +167,7 @@ class PolicyCache:
 
 def _classify_topic(policy: SessionPolicy, topic: str) -> Decision | None:
     """Decision for device-prefix, ``$`` and malformed topics; None for custom topics."""
-    if not topic or "+" in topic or "#" in topic or "\x00" in topic:
+    if not is_topic_name(topic):
         return DENY_INVALID_TOPIC
     if is_system(topic):
         return DENY_DOLLAR
