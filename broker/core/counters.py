@@ -15,8 +15,10 @@ KICK_CAUSES = ("slow_consumer", "operator_kick", "key_deleted", "key_inactive", 
 # QoS 1/2 for an offline session past its bounds; QoS 0 for a live session past twice its
 # byte bound; QoS 1/2 that could not wait (HTTP API, Will) for a live session past four
 # times its bounds; QoS 1/2 held for a session that may no longer read their topic (its
-# key changed).
-DROP_REASONS = ("offline_queue_full", "qos0_past_bounds", "live_queue_full", "not_readable")
+# key changed); an MQTT 5 message whose Message Expiry Interval passed before it was sent,
+# or larger than the Maximum Packet Size its subscriber takes.
+DROP_REASONS = ("offline_queue_full", "qos0_past_bounds", "live_queue_full", "not_readable",
+                "expired", "too_large_for_client")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 

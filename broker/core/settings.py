@@ -66,6 +66,13 @@ class Settings:
     max_keys: int = 0
     device_prefix: str = "losant"
     denied_publish: str = "drop"
+    # MQTT 5 (docs/mqtt5.md): what the broker announces in CONNACK and holds clients to.
+    receive_maximum: int = 100  # QoS 1/2 PUBLISHes a client may leave unacknowledged
+    topic_alias_maximum: int = 16  # Topic Aliases a client may set (0: none)
+    max_keepalive: int = 0  # Server Keep Alive when a client asks for more (0: the client's)
+    reason_strings: bool = True  # refusals name their rule class (never a key's lists)
+    shared_subscriptions: bool = True  # $share/GROUP/FILTER (MQTT 3.1.1 clients too)
+    wildcard_subscriptions: bool = True
     listeners: tuple[Listener, ...] = DEFAULT_LISTENERS
     trusted_proxies: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     max_packet_size: int = 262144
@@ -192,6 +199,12 @@ PLACES: dict[str, tuple[str, str]] = {
     "max_keys": ("keystore", "max_keys"),
     "device_prefix": ("mqtt", "device_prefix"),
     "denied_publish": ("mqtt", "denied_publish"),
+    "receive_maximum": ("mqtt", "receive_maximum"),
+    "topic_alias_maximum": ("mqtt", "topic_alias_maximum"),
+    "max_keepalive": ("mqtt", "max_keepalive"),
+    "reason_strings": ("mqtt", "reason_strings"),
+    "shared_subscriptions": ("mqtt", "shared_subscriptions"),
+    "wildcard_subscriptions": ("mqtt", "wildcard_subscriptions"),
     "trusted_proxies": ("network", "trusted_proxies"),
     "audit_path": ("audit", "path"),
     "persistence": ("persistence", "enabled"),

@@ -18,22 +18,21 @@ import logging
 import math
 import time
 
-from amqtt.adapters import BufferReader
 from amqtt.mqtt.connack import (
     BAD_USERNAME_PASSWORD,
     IDENTIFIER_REJECTED,
     UNACCEPTABLE_PROTOCOL_VERSION,
 )
-from amqtt.mqtt.connect import ConnectPacket
 
 from broker.core.audit import AuditLog, PerSourceLimit
 from broker.core.settings import Settings
 from broker.mqtt import codec
+from broker.mqtt import props as properties
 from broker.mqtt.caps import SourceCaps
-from broker.mqtt.connection import MqttConnection
+from broker.mqtt.connection import MqttConnection, message_props
 from broker.mqtt.framing import PacketError
 from broker.mqtt.keeper import StateKeeper
-from broker.mqtt.session import ConnectionInfo, KeySession, Will
+from broker.mqtt.session import ClientLimits, ConnectionInfo, KeySession, Will, session_expiry
 from broker.policy.addresses import source_of
 from broker.policy.guard import BruteForceGuard
 
@@ -166,45 +165,105 @@ class Admission:
             self._invalid(info, f"packet type {first >> 4} before CONNECT", "bad_packet")
             return None
         try:
-            raw = bytes((first,)) + codec.remaining_length(len(body)) + body
-            connect = await ConnectPacket.from_stream(BufferReader(raw))
-        except Exception as exc:  # noqa: BLE001 - malformed CONNECT
-            self._invalid(info, type(exc).__name__)
+            connect = codec.parse_connect(body)
+        except codec.MalformedPacket as exc:
+            self._invalid(info, f"malformed CONNECT: {exc}")
             return None
-        header, payload = connect.variable_header, connect.payload
-        if header is None or payload is None or connect.proto_name != "MQTT" or \
-                header.reserved_flag or (header.will_flag and (
-                    payload.will_topic is None or payload.will_message is None)):
+        if connect.protocol != "MQTT":
             self._invalid(info, "malformed CONNECT")
             return None
-        code = None
-        if connect.proto_level != 4:  # only MQTT 3.1.1
-            code = UNACCEPTABLE_PROTOCOL_VERSION
-        elif (not connect.username_flag and connect.password_flag) or (
-                connect.username_flag and connect.username is None) or (
-                connect.password_flag and connect.password is None):
-            code = BAD_USERNAME_PASSWORD  # [MQTT-3.1.2-22]
-        elif not connect.clean_session_flag and payload.client_id_is_random:
-            code = IDENTIFIER_REJECTED  # [MQTT-3.1.3-8] [MQTT-3.1.3-9]
-        if code is not None:
+        refusal = self._connect_refusal(connect)
+        if refusal is not None:
+            code, why = refusal
             self._invalid(info, f"CONNACK {code}")
-            given = "" if payload.client_id_is_random else connect.client_id or ""
-            self.refused(info, given, connect.username, code, {
-                UNACCEPTABLE_PROTOCOL_VERSION: f"protocol level {connect.proto_level}",
-                BAD_USERNAME_PASSWORD: "malformed user name or password",
-                IDENTIFIER_REJECTED: "persistent session without client id"}[code])
-            connection.link.write(codec.connack_packet(False, code))
+            self.refused(info, connect.client_id, connect.username, code, why)
+            connection.link.write(
+                codec.connack5(False, code, self._reason(why)) if connect.level == 5
+                else codec.connack_packet(False, code))
             return None
-        client_id, clean = connect.client_id or "", bool(connect.clean_session_flag)
-        journal = self.state.journal(client_id) if self.state is not None and not clean else None
-        session = KeySession(client_id, clean, info, journal)
-        if header.will_flag and connect.will_topic is not None:
-            session.will = Will(connect.will_topic, bytes(connect.will_message or b""),
-                                connect.will_qos or 0, bool(connect.will_retain_flag))
+        return self._session(connect, info)
+
+    def _connect_refusal(self, connect: codec.Connect) -> tuple[int, str] | None:
+        """A CONNACK code for what is wrong with the CONNECT itself (before any key is
+        looked at), in its version's codes, and why; None when it may go on."""
+        v5 = connect.level == 5
+        if connect.level not in (4, 5):  # MQTT 3.1.1 and 5.0 only
+            return UNACCEPTABLE_PROTOCOL_VERSION, f"protocol level {connect.level}"
+        if not v5 and connect.password is not None and connect.username is None:
+            return BAD_USERNAME_PASSWORD, "password without user name"  # MQTT-3.1.2-22
+        if not connect.client_id and (v5 or not connect.clean_start):
+            # [MQTT-3.1.3-8]; a device must name itself: no identifier is assigned
+            return ((properties.CLIENT_ID_NOT_VALID, "client id is empty") if v5 else
+                    (IDENTIFIER_REJECTED, "persistent session without client id"))
+        if v5 and properties.AUTH_METHOD in connect.props:
+            return properties.BAD_AUTH_METHOD, "enhanced authentication is not offered"
+        if v5 and (connect.props.get(properties.RECEIVE_MAXIMUM) == 0
+                   or connect.props.get(properties.MAXIMUM_PACKET_SIZE) == 0):
+            return properties.PROTOCOL_ERROR, "receive maximum or packet size 0"
+        return None
+
+    def _reason(self, why: str) -> bytes:
+        if not self.settings.reason_strings:
+            return properties.EMPTY
+        return properties.encode([(properties.REASON_STRING, why)])
+
+    def _session(self, connect: codec.Connect, info: ConnectionInfo) -> KeySession:
+        """The session a valid CONNECT asks for, credentials kept until authenticated."""
+        settings = self.settings
+        v5 = connect.level == 5
+        props = connect.props
+        if v5:
+            requested = props.get(properties.SESSION_EXPIRY, 0)
+            expiry: float | None = session_expiry(requested, settings.session_expiry)
+            ends = not expiry
+        else:
+            expiry, ends = None, connect.clean_start
+        client_id = connect.client_id
+        journal = self.state.journal(client_id) if self.state is not None and not ends else None
+        session = KeySession(client_id, ends, info, journal)
+        session.clean_start = connect.clean_start
+        session.version = connect.level
+        session.expiry = expiry
+        will = connect.will
+        if will is not None:
+            session.will = Will(will.topic, will.payload, will.qos, will.retain,
+                                message_props(will.props),
+                                will.props.get(properties.WILL_DELAY, 0))
         session.username = connect.username
-        session.password = connect.password
-        session.keep_alive = effective_keepalive(connect.keep_alive, self.settings)
+        password = connect.password
+        session.password = None if password is None else password.decode("utf-8", "replace")
+        keep_alive = connect.keep_alive
+        server_keep_alive = None
+        if v5 and settings.max_keepalive and not 0 < keep_alive <= settings.max_keepalive:
+            keep_alive = server_keep_alive = settings.max_keepalive
+        session.keep_alive = effective_keepalive(keep_alive, settings)
+        if v5:
+            session.limits = ClientLimits(props.get(properties.RECEIVE_MAXIMUM, 65535),
+                                          props.get(properties.MAXIMUM_PACKET_SIZE, 0),
+                                          bool(props.get(properties.REQUEST_PROBLEM_INFO, 1)))
+            session.limits.connack = self._connack_props(requested, expiry, server_keep_alive)
         return session
+
+    def _connack_props(self, requested: int, expiry: float | None,
+                       server_keep_alive: int | None) -> bytes:
+        """What an accepting MQTT 5 CONNACK tells the client of the broker's limits
+        (§3.2.2.3): only what differs from the standard's defaults."""
+        settings = self.settings
+        out: list[tuple[int, object]] = []
+        if expiry is not None and expiry != requested and expiry != float("inf"):
+            out.append((properties.SESSION_EXPIRY, int(expiry)))
+        if settings.receive_maximum < 65535:
+            out.append((properties.RECEIVE_MAXIMUM, settings.receive_maximum))
+        out.append((properties.MAXIMUM_PACKET_SIZE, settings.max_packet_size))
+        if settings.topic_alias_maximum:
+            out.append((properties.TOPIC_ALIAS_MAXIMUM, settings.topic_alias_maximum))
+        if not settings.wildcard_subscriptions:
+            out.append((properties.WILDCARD_SUB_AVAILABLE, 0))
+        if not settings.shared_subscriptions:
+            out.append((properties.SHARED_SUB_AVAILABLE, 0))
+        if server_keep_alive is not None:
+            out.append((properties.SERVER_KEEP_ALIVE, server_keep_alive))
+        return properties.encode(out)
 
 
 def effective_keepalive(keep_alive: int, settings: Settings) -> int:

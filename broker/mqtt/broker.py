@@ -28,7 +28,7 @@ from websockets.asyncio.server import ServerConnection
 from broker.core.audit import AuditLog
 from broker.core.counters import Buckets, FlowCounters, Traffic
 from broker.core.settings import Settings
-from broker.mqtt import codec
+from broker.mqtt import codec, props
 from broker.mqtt.admission import Admission
 from broker.mqtt.connection import MqttConnection
 from broker.mqtt.flow import FlowControl, SlowConsumerSweep
@@ -63,6 +63,7 @@ class KeyBroker(Broker):
         self._gate = ProxyGate(self._trusted, settings, audit)
         self.traffic = Traffic()  # broker.services.metrics: counted where the events happen
         self.connects_accepted = 0
+        self.connects_by_version: dict[int, int] = {}  # accepted, by protocol level
         self.connects_refused: dict[tuple[int, str], int] = {}  # (CONNACK code, reason)
         self.connack_latency = Buckets()
         self.flow_counters = FlowCounters()
@@ -141,8 +142,7 @@ class KeyBroker(Broker):
             try:
                 now = time.time()
                 self.registry.expire_keys(now)
-                if self.settings.session_expiry:
-                    self.registry.expire(self.settings.session_expiry, now)
+                self.registry.expire(self.settings.session_expiry, now)
                 self.audit.ended_bans(self.guard)
                 self.audit.flush_suppressed()
                 self.admission.flush_log()
@@ -233,12 +233,20 @@ class KeyBroker(Broker):
         accepted = await self._authenticate(incoming, ListenerConfig(bind=None))
         incoming.username = incoming.password = None  # the secret is not kept
         loop = asyncio.get_running_loop()
+        v5 = incoming.version == 5
         if not accepted or not incoming.client_id:
             refusal = incoming.refusal
             code = refusal.connack if refusal else NOT_AUTHORIZED
-            link.write(codec.connack_packet(False, code))
+            reason = refusal.reason if refusal else "no_client_id"
+            if v5:
+                code = connack5_code(reason, code)
+                link.write(codec.connack5(False, code,
+                                          self.inbound.reason_props(incoming, reason)
+                                          or props.EMPTY))
+            else:
+                link.write(codec.connack_packet(False, code))
             self.connack_latency.observe(loop.time() - incoming.auth_started)
-            counted = (code, refusal.reason if refusal else "no_client_id")
+            counted = (code, reason)
             self.connects_refused[counted] = self.connects_refused.get(counted, 0) + 1
             self.admission.refused(connection.info, incoming.client_id,
                                    refusal.key if refusal else None, *counted)
@@ -247,18 +255,27 @@ class KeyBroker(Broker):
             session = await self.registry.take_over(incoming)
             session.link = link
             self.registry.went_online(session)
-            link.write(codec.connack_packet(session.present, CONNECTION_ACCEPTED))
+            if v5:
+                limits = session.limits
+                assert limits is not None
+                link.write(codec.connack5(session.present, 0, limits.connack))
+                limits.connack = b""
+            else:
+                link.write(codec.connack_packet(session.present, CONNECTION_ACCEPTED))
             self.connack_latency.observe(loop.time() - incoming.auth_started)
             self.connects_accepted += 1
+            self.connects_by_version[session.version] = (
+                self.connects_by_version.get(session.version, 0) + 1)
             reader.idle_limit = session.keep_alive
+            reader.version = session.version
             self.router.resume(session)
         try:
             await connection.serve(session)
         finally:
             if session.link is link:  # not taken over meanwhile
-                if not connection.clean_exit and session.will is not None \
-                        and not session.suppress_will:
-                    self.inbound.publish_will(session, session.will)
+                will = session.will
+                if not connection.clean_exit and will is not None and not session.suppress_will:
+                    self.registry.will_due(session, will, self.inbound.publish_will)
                 self.registry.went_offline(session)
 
     async def _authenticate(self, session: Session, _: ListenerConfig) -> bool:
@@ -308,4 +325,29 @@ class KeyBroker(Broker):
         """amqtt's plugin API for subscribing: checked like a SUBSCRIBE."""
         if not isinstance(session, KeySession):
             return codec.SUBACK_FAILURE
-        return self.router.subscribe(session, [subscription], self.inbound.subscribe_refusal)[0]
+        topic_filter, qos = subscription
+        codes, _ = self.router.subscribe(
+            session, [codec.Subscription(topic_filter, qos, False, False, 0)],
+            self.inbound.subscribe_refusal)
+        return min(codes[0], codec.SUBACK_FAILURE)
+
+
+# MQTT 5 CONNACK reason codes of the refusals (docs/mqtt5.md): a wrong secret and an
+# unknown key alike, so neither tells a key exists.
+CONNACK5 = {"bad_credentials": props.BAD_USERNAME_OR_PASSWORD,
+            "no_credentials": props.BAD_USERNAME_OR_PASSWORD, "banned": props.BANNED,
+            "no_client_id": props.CLIENT_ID_NOT_VALID,
+            "keystore_unavailable": props.SERVER_UNAVAILABLE}
+
+
+def connack5_code(reason: str, v3_code: int) -> int:
+    """The MQTT 5 CONNACK code of a refusal: its own, or 0x87 Not authorized for every
+    rule of the key (inactive, expired, not a device, out of scope, address, Will)."""
+    code = CONNACK5.get(reason)
+    if code is not None:
+        return code
+    if v3_code == 3:  # server unavailable (the keystore does not answer)
+        return props.SERVER_UNAVAILABLE
+    if v3_code == 4:
+        return props.BAD_USERNAME_OR_PASSWORD
+    return props.NOT_AUTHORIZED

@@ -23,15 +23,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 
 from broker.core.counters import FlowCounters
 from broker.mqtt import codec
+from broker.mqtt import props as properties
 from broker.mqtt.framing import FramedReader, PacketError
 from broker.mqtt.inbound import Inbound, released
 from broker.mqtt.link import Link
+from broker.mqtt.outbox import MessageProps
 from broker.mqtt.routing import Router
-from broker.mqtt.session import ConnectionInfo, KeySession
+from broker.mqtt.session import ConnectionInfo, KeySession, session_expiry
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +61,7 @@ class ProtocolViolation(Exception):
 class MqttConnection:
     __slots__ = ("inbound", "router", "link", "reader", "info", "session", "clean_exit",
                  "ended_by", "waits", "held", "held_bytes", "paused_at", "wake",
-                 "run_scheduled", "over", "forcing")
+                 "run_scheduled", "over", "forcing", "held_qos", "ending", "handler")
 
     def __init__(self, inbound: Inbound, router: Router, link: Link,
                  info: ConnectionInfo) -> None:
@@ -80,10 +83,17 @@ class MqttConnection:
         self.run_scheduled = False
         self.over = False  # serve() has returned
         self.forcing = False  # held packets are being forced through (see _run_held)
+        self.held_qos = 0  # of the packets held, QoS 1/2 PUBLISHes (not acknowledged yet)
+        self.ending: tuple[int, str] | None = None  # why the broker ends it (MQTT 5 code)
+        self.handler = self.handle
 
     def expired(self, reason: str) -> None:
-        """The watchdog's verdict (see FramedReader.expire): end the connection now."""
+        """The watchdog's verdict (see FramedReader.expire): end the connection now (an
+        MQTT 5 client silent past its keep-alive is told so, if it still reads)."""
         self.ended_by = reason
+        session = self.session
+        if reason == "idle" and session is not None and session.version == 5:
+            self.link.write(codec.disconnect5(properties.KEEP_ALIVE_TIMEOUT))
         self.link.abort()
 
     async def serve(self, session: KeySession) -> None:
@@ -91,13 +101,18 @@ class MqttConnection:
         self.session = session
         reader = self.reader
         assert reader is not None
-        limit = self.inbound.settings.max_session_bytes
+        settings = self.inbound.settings
+        limit = settings.max_session_bytes
+        v5 = session.version == 5
+        self.handler = self.handle5 if v5 else self.handle
         try:
             while True:
                 try:
                     packet = await reader.packet()
-                except PacketError:
-                    return  # audited by the reader's on_violation
+                except PacketError as exc:  # audited by the reader's on_violation
+                    self.end(properties.PACKET_TOO_LARGE if exc.reason == "packet_too_large"
+                             else properties.MALFORMED_PACKET)
+                    return
                 except (ConnectionError, OSError):
                     return
                 if packet is None:  # the end of the stream: what it sent first still counts
@@ -106,8 +121,15 @@ class MqttConnection:
                     return
                 first, body = packet
                 kind = first >> 4
-                if kind == codec.PUBLISH and self.inbound.rate_exceeded(session, first, body):
-                    return  # counted when read: a pause must not make a burst of it
+                if kind == codec.PUBLISH:
+                    if self.inbound.rate_exceeded(session, first, body):
+                        # counted when read: a pause must not make a burst of it
+                        self.end(properties.MESSAGE_RATE_TOO_HIGH, "rate_limited")
+                        return
+                    if v5 and first & 6 and self.held_qos + len(session.inflight_in or ()) \
+                            >= settings.receive_maximum:  # MQTT-3.3.4-7
+                        self.end(properties.RECEIVE_MAXIMUM_EXCEEDED, "receive maximum")
+                        return
                 held = self.held
                 if held is None or kind in PASS_WHILE_PAUSED:
                     if not self.dispatch(session, first, body):
@@ -117,6 +139,8 @@ class MqttConnection:
                     self.clean_exit = True  # the Will is discarded now (MQTT-3.14.4-3)
                 held.append(packet)
                 self._held(len(body) + HELD_OVERHEAD)
+                if kind == codec.PUBLISH and first & 6:
+                    self.held_qos += 1
                 if not self.waits and not self.run_scheduled:
                     self._schedule_run()
                 if kind == codec.DISCONNECT or self.held_bytes >= self._hold_limit(limit):
@@ -130,6 +154,7 @@ class MqttConnection:
                     if not await self._until_resumed() or self.clean_exit:
                         return
         finally:
+            self.goodbye()
             self._ended()
 
     def _hold_limit(self, limit: int) -> int:
@@ -147,12 +172,15 @@ class MqttConnection:
         self._counters().held += size
 
     def dispatch(self, session: KeySession, first: int, body: bytes) -> bool:
-        """``handle``, with a malformed packet audited; False when the connection is to end."""
+        """``handle`` (or ``handle5``), with a malformed packet audited; False when the
+        connection is to end."""
         try:
-            return self.handle(session, first, body)
+            return self.handler(session, first, body)
         except (codec.MalformedPacket, ProtocolViolation) as exc:
             self.inbound.audit.event("bad_packet", reason=str(exc), **session.audit_fields())
-            return False
+            malformed = isinstance(exc, codec.MalformedPacket)
+            return self.end(properties.MALFORMED_PACKET if malformed
+                            else properties.PROTOCOL_ERROR)
 
     # ------------------------------------------------------------------ backpressure
     def pause(self) -> None:
@@ -221,10 +249,13 @@ class MqttConnection:
             while held and (force or not self.waits):
                 first, body = held.popleft()
                 self._held(-len(body) - HELD_OVERHEAD)
+                if first >> 4 == codec.PUBLISH and first & 6:
+                    self.held_qos -= 1
                 if session.link is not self.link or self.link.is_closing() or \
                         not self.dispatch(session, first, body):
                     held.clear()
                     self._held(-self.held_bytes)
+                    self.held_qos = 0
                     return False
         finally:
             self.forcing = False
@@ -267,14 +298,15 @@ class MqttConnection:
             self._unpaused()
         self.held = None
         self._held(-self.held_bytes)
+        self.held_qos = 0
 
     def handle(self, session: KeySession, first: int, body: bytes) -> bool:
-        """Handle one packet; False when the connection is to end."""
+        """Handle one MQTT 3.1.1 packet; False when the connection is to end."""
         kind = first >> 4
         router = self.router
         if kind == codec.PUBLISH:
-            return self.inbound.publish_packet(session, self.link,
-                                               codec.parse_publish(first, body), self)
+            return not self.inbound.publish_packet(session, self.link,
+                                                   codec.parse_publish(first, body), self)
         if kind == codec.PUBACK:
             router.puback(session, codec.packet_id_of(body))
         elif kind == codec.PUBREC:
@@ -287,8 +319,10 @@ class MqttConnection:
             router.pubcomp(session, codec.packet_id_of(body))
         elif kind == codec.SUBSCRIBE:
             packet_id, requests = codec.parse_subscribe(body)
-            codes = router.subscribe(session, requests, self.inbound.subscribe_refusal)
-            self.link.write(codec.suback_packet(packet_id, codes))
+            codes, _ = router.subscribe(
+                session, [codec.Subscription(f, qos, False, False, 0) for f, qos in requests],
+                self.inbound.subscribe_refusal)
+            self.link.write(codec.suback_packet(packet_id, [min(c, 0x80) for c in codes]))
         elif kind == codec.UNSUBSCRIBE:
             packet_id, filters = codec.parse_unsubscribe(body)
             router.unsubscribe(session, filters)
@@ -303,3 +337,106 @@ class MqttConnection:
         else:
             raise ProtocolViolation(f"packet type {kind} is not sent by clients")
         return True
+
+    def handle5(self, session: KeySession, first: int, body: bytes) -> bool:
+        """Handle one MQTT 5 packet; False when the connection is to end (with the reason
+        code to say in a DISCONNECT left in ``ending``)."""
+        kind = first >> 4
+        router = self.router
+        if kind == codec.PUBLISH:
+            return self._publish5(session, first, body)
+        if kind in (codec.PUBACK, codec.PUBREC, codec.PUBCOMP):
+            packet_id, reason = codec.parse_ack5(body)
+            if kind == codec.PUBACK:
+                router.puback(session, packet_id)
+            elif kind == codec.PUBCOMP:
+                router.pubcomp(session, packet_id)
+            elif reason >= 0x80:  # the client refuses the QoS 2 message: the flow ends
+                router.pubrec_refused(session, packet_id)
+            else:
+                router.pubrec(session, packet_id)
+        elif kind == codec.PUBREL:
+            packet_id, _ = codec.parse_ack5(body)
+            known = bool(session.inflight_in and packet_id in session.inflight_in)
+            released(session, packet_id)
+            self.inbound.acknowledge(self.link, codec.ack5(
+                codec.PUBCOMP, packet_id, 0 if known else properties.PACKET_ID_NOT_FOUND))
+        elif kind == codec.SUBSCRIBE:
+            packet_id, sub_id, requests = codec.parse_subscribe5(body)
+            codes, refusal = router.subscribe(session, requests,
+                                              self.inbound.subscribe_refusal, sub_id)
+            self.link.write(codec.suback5(packet_id, codes, self.inbound.reason_props(
+                session, refusal or "") or properties.EMPTY))
+        elif kind == codec.UNSUBSCRIBE:
+            packet_id, filters = codec.parse_unsubscribe5(body)
+            self.link.write(codec.unsuback5(packet_id, router.unsubscribe(session, filters)))
+        elif kind == codec.PINGREQ:
+            self.link.write(codec.PINGRESP_PACKET)
+        elif kind == codec.DISCONNECT:
+            return self._disconnect5(session, body)
+        elif kind == codec.CONNECT:
+            raise ProtocolViolation("second CONNECT")  # MQTT-3.1.0-2
+        elif kind == codec.AUTH:
+            raise ProtocolViolation("AUTH without an authentication method")  # MQTT-4.12.0-1
+        else:
+            raise ProtocolViolation(f"packet type {kind} is not sent by clients")
+        return True
+
+    def _publish5(self, session: KeySession, first: int, body: bytes) -> bool:
+        packet, props = codec.parse_publish5(first, body)
+        limits = session.limits
+        assert limits is not None
+        alias = props.get(properties.TOPIC_ALIAS)
+        topic = packet.topic
+        if alias is not None:
+            if not 0 < alias <= self.inbound.settings.topic_alias_maximum:
+                return self.end(properties.TOPIC_ALIAS_INVALID, "topic alias out of range")
+            if topic:
+                limits.aliases[alias] = topic  # bounded: topic_alias_maximum of them
+            else:
+                known = limits.aliases.get(alias)
+                if known is None:
+                    return self.end(properties.PROTOCOL_ERROR, "unknown topic alias")
+                topic = known
+        elif not topic:
+            return self.end(properties.PROTOCOL_ERROR, "no topic and no topic alias")
+        message = message_props(props)
+        code = self.inbound.publish_packet(session, self.link, packet._replace(topic=topic),
+                                           self, message)
+        return not code or self.end(code)
+
+    def _disconnect5(self, session: KeySession, body: bytes) -> bool:
+        """The client's DISCONNECT: 0x04 keeps its Will; a Session Expiry Interval may
+        change the one of CONNECT, but not from 0 (MQTT-3.14.2-2)."""
+        reason, props = codec.parse_disconnect5(body)
+        expiry = props.get(properties.SESSION_EXPIRY)
+        if expiry is not None:
+            if session.clean_session and expiry:
+                return self.end(properties.PROTOCOL_ERROR, "session expiry set after 0")
+            session.expiry = session_expiry(expiry, self.inbound.settings.session_expiry)
+            session.clean_session = not session.expiry
+        self.clean_exit = reason != properties.DISCONNECT_WITH_WILL
+        return False
+
+    def end(self, code: int, reason: str = "") -> bool:
+        """The connection ends (handling returns False); an MQTT 5 client is told why."""
+        self.ending = (code, reason)
+        return False
+
+    def goodbye(self) -> None:
+        """The MQTT 5 DISCONNECT that says why the broker ends the connection (written
+        before it closes; the client may be reading it or not)."""
+        session = self.session
+        if session is None or session.version != 5 or self.ending is None:
+            return
+        code, reason = self.ending
+        self.link.write(codec.disconnect5(code, self.inbound.reason_props(session, reason)))
+
+
+def message_props(props: properties.Props) -> MessageProps | None:
+    """What of a PUBLISH's (or Will's) properties its subscribers get: None for none."""
+    forward = properties.forwarded(props) if props else b""
+    expiry = props.get(properties.MESSAGE_EXPIRY) if props else None
+    if not forward and expiry is None:
+        return None
+    return MessageProps(forward, time.time() + expiry if expiry is not None else None)

@@ -50,7 +50,7 @@ class FramedReader:
     """Whole packets from a connection's byte stream, as (first byte, body)."""
 
     __slots__ = ("_read", "_prefix", "_max", "_timeout", "_on_violation", "_on_expire",
-                 "idle_limit", "last_packet", "packet_started", "held_back")
+                 "idle_limit", "last_packet", "packet_started", "held_back", "version")
 
     def __init__(
         self,
@@ -78,6 +78,7 @@ class FramedReader:
         self.last_packet = asyncio.get_running_loop().time()
         self.packet_started: float | None = None  # loop time of the current packet's 1st byte
         self.held_back = False  # not read by the broker's choice (backpressure): not idle
+        self.version = 4  # the connection's protocol level, once its CONNECT is accepted
 
     async def packet(self) -> tuple[int, bytes] | None:
         """The next whole packet, or None at the end of the stream. Raises PacketError
@@ -145,7 +146,7 @@ class FramedReader:
         body = await self._raw(length) if length else b""
         if len(body) < length:
             return None
-        problem = packet_problem(first, body)
+        problem = packet_problem(first, body, self.version)
         if problem is not None:
             self._violation(PacketError("malformed_packet", problem))
         return first, body
@@ -173,7 +174,7 @@ def _string_at(body: bytes, offset: int) -> tuple[str, int]:
     return text, end
 
 
-def packet_problem(first: int, body: bytes) -> str | None:
+def packet_problem(first: int, body: bytes, version: int = 4) -> str | None:
     """What makes a complete packet unacceptable before it is parsed, or None.
 
     amqtt discarded a PUBLISH with a wildcard topic *after* reading only its topic (the
@@ -183,11 +184,15 @@ def packet_problem(first: int, body: bytes) -> str | None:
     """
     kind = first >> 4
     try:
-        if kind in (0, 15):
+        if kind == 0 or (kind == 15 and version != 5):
             return f"reserved packet type {kind}"
         required = REQUIRED_FLAGS.get(kind)
         if required is not None and first & 0x0F != required:
             return f"invalid flags {first & 0x0F:#06b} on packet type {kind}"
+        if version == 5:
+            # MQTT 5 packets carry properties between their fields (and a PUBLISH topic
+            # may be empty, with a Topic Alias): their own parser checks every string.
+            return "PUBLISH with QoS 3" if kind == 3 and (first >> 1) & 3 == 3 else None
         if kind == 3:  # PUBLISH
             if (first >> 1) & 3 == 3:
                 return "PUBLISH with QoS 3"
@@ -204,16 +209,7 @@ def packet_problem(first: int, body: bytes) -> str | None:
                     offset += 1
             if offset == 2:
                 return "no topic filter"
-        elif kind == 1:  # CONNECT: strings after the 10-byte variable header
-            if len(body) < 10:
-                return "truncated CONNECT"
-            flags, offset = body[7], 10
-            _, offset = _string_at(body, offset)  # client id
-            if flags & 0x04:
-                _, offset = _string_at(body, offset)  # will topic
-                offset += 2 + int.from_bytes(body[offset : offset + 2], "big")  # will message
-            if flags & 0x80:
-                _, offset = _string_at(body, offset)  # username (password is binary)
+        # CONNECT (3.1.1 or 5.0) is checked whole by its parser (codec.parse_connect).
     except (ValueError, UnicodeDecodeError) as exc:
         return f"bad string: {exc}"
     return None

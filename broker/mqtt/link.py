@@ -55,6 +55,13 @@ class Link:
         """Close after sending what is buffered (aborting if the peer takes nothing)."""
         raise NotImplementedError
 
+    def end(self, packet: bytes) -> None:
+        """Write a last packet (an MQTT 5 DISCONNECT saying why) and close: nothing more
+        is read, what is buffered goes out, and a peer that takes nothing is aborted
+        after CLOSE_GRACE."""
+        self.write(packet)
+        spawn(self.close())
+
     async def writable(self, limit: int = LOW_WATER) -> None:
         """Return once at most ``limit`` bytes are waiting (or the link is closing)."""
         raise NotImplementedError

@@ -39,20 +39,41 @@ class OutboxJournal(Protocol):
         """A saved message is no longer held."""
 
 
+class MessageProps:
+    """What an MQTT 5 message carries beside its topic and payload: the properties its
+    subscribers get as they came (encoded: Payload Format Indicator, Content Type,
+    Response Topic, Correlation Data, User Properties) and when it expires (wall clock;
+    None: never). One per published message, shared by every copy of it."""
+
+    __slots__ = ("forward", "expires")
+
+    def __init__(self, forward: bytes, expires: float | None = None) -> None:
+        self.forward = forward
+        self.expires = expires
+
+    def __repr__(self) -> str:
+        return f"MessageProps({len(self.forward)} bytes, expires={self.expires})"
+
+
 class OutMessage:
     __slots__ = ("topic", "payload", "qos", "retain", "packet_id", "released", "size", "seq",
-                 "stored")
+                 "stored", "props", "sub_ids", "share")
 
-    def __init__(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> None:
+    def __init__(self, topic: str, payload: bytes, qos: int, retain: bool = False,
+                 props: MessageProps | None = None, sub_ids: tuple[int, ...] = (),
+                 share: str | None = None) -> None:
         self.topic = topic
         self.payload = payload
         self.qos = qos
         self.retain = retain
         self.packet_id = 0
         self.released = False  # QoS 2: PUBREC received and PUBREL sent, PUBCOMP awaited
-        self.size = len(topic) + len(payload)
+        self.size = len(topic) + len(payload) + (len(props.forward) if props else 0)
         self.seq = 0  # order of arrival in its outbox
         self.stored = False  # in the saved state (or being saved): changes are saved too
+        self.props = props  # MQTT 5 properties, None for most
+        self.sub_ids = sub_ids  # MQTT 5 subscription identifiers it matched
+        self.share = share  # the shared subscription it came through (broker.mqtt.shared)
 
     def __repr__(self) -> str:
         return (f"OutMessage({self.topic!r}, {len(self.payload)} bytes, qos={self.qos}, "
@@ -187,6 +208,29 @@ class Outbox:
         self.inflight_bytes -= message.size
         if message.stored and self.journal is not None:
             self.journal.message_removed(message)
+
+    def take_waiting(self, which: Callable[[OutMessage], bool]) -> list[OutMessage]:
+        """Remove the waiting messages ``which`` picks (to go elsewhere), in order."""
+        taken: list[OutMessage] = []
+        if not self.waiting:
+            return taken
+        kept: deque[OutMessage] = deque()
+        for message in self.waiting:
+            if which(message):
+                taken.append(message)
+                self.held_bytes -= message.size
+                if message.stored and self.journal is not None:
+                    self.journal.message_removed(message)
+            else:
+                kept.append(message)
+        self.waiting = kept or None
+        return taken
+
+    def drop(self, message: OutMessage) -> None:
+        """A message moved into flight that is not to be sent after all (expired, too
+        large for the client): gone, as if acknowledged."""
+        if self.inflight.get(message.packet_id) is message:
+            self._forget(message.packet_id, message)
 
     def discard(self, unreadable: Callable[[str], bool]) -> int:
         """Drop messages (in flight or waiting) whose topic the session may no longer read,

@@ -21,16 +21,16 @@ With a broker state kept (broker.state), every change is marked for the next flu
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Protocol
 
 from amqtt.contexts import Action
 
 from broker.core.periodic import spawn
 from broker.core.settings import Settings
-from broker.mqtt import codec
 from broker.mqtt.keeper import StateKeeper
 from broker.mqtt.link import LOW_WATER, Link
-from broker.mqtt.outbox import OutMessage
+from broker.mqtt.outbox import MessageProps, OutMessage
 from broker.mqtt.quotas import Limit, Quotas, Usage
 from broker.mqtt.session import KeySession
 from broker.topics import RetainedStore, device_of, device_topic
@@ -43,14 +43,17 @@ class Retained:
     buckets it is counted in: ("k:<key>", "a:<app mount>") for the shared quotas, or
     ("d:<device id>", "r:<app mount>") for a device's reserve."""
 
-    __slots__ = ("topic", "payload", "qos", "buckets", "size")
+    __slots__ = ("topic", "payload", "qos", "buckets", "size", "props")
 
-    def __init__(self, topic: str, payload: bytes, qos: int, buckets: tuple[str, str]) -> None:
+    def __init__(self, topic: str, payload: bytes, qos: int, buckets: tuple[str, str],
+                 props: MessageProps | None = None) -> None:
         self.topic = topic
         self.payload = payload
         self.qos = qos
         self.buckets = buckets
-        self.size = len(topic.encode("utf-8", "surrogatepass")) + len(payload)
+        self.props = props  # MQTT 5 properties, sent with it (its expiry ends it too)
+        self.size = len(topic.encode("utf-8", "surrogatepass")) + len(payload) + (
+            len(props.forward) if props is not None else 0)
 
     @property
     def bucket(self) -> str:
@@ -70,6 +73,11 @@ class Delivery(Protocol):
     def enqueue(self, session: KeySession, message: OutMessage) -> bool: ...
 
     def over_budget(self, session: KeySession, size: int, buffered: int) -> bool: ...
+
+    def publish_bytes(self, session: KeySession, topic: str, payload: bytes, qos: int,
+                      retain: bool, packet_id: int = 0, dup: bool = False,
+                      props: MessageProps | None = None, ids: tuple[int, ...] = (),
+                      check_expiry: bool = True) -> bytes | None: ...
 
 
 class RetainedMessages:
@@ -99,7 +107,8 @@ class RetainedMessages:
         return len(self.store)
 
     # ------------------------------------------------------------------ keeping
-    def retain(self, session: KeySession, topic: str, payload: bytes, qos: int) -> str | None:
+    def retain(self, session: KeySession, topic: str, payload: bytes, qos: int,
+               props: MessageProps | None = None) -> str | None:
         """Keep (or, for an empty payload, delete [MQTT-3.3.1-10]) the retained message on
         ``topic`` in the session's application; returns why it was not kept, or None. The
         message is delivered live either way."""
@@ -114,11 +123,11 @@ class RetainedMessages:
             return None
         if old is not None:
             self._charge(old, -1)
-        message = self._reserved(session, topic, payload, qos)
+        message = self._reserved(session, topic, payload, qos, props)
         refusal = None
         if message is None:
             key = session.grant.key.key if session.grant else ""
-            message = Retained(topic, payload, qos, (f"k:{key}", f"a:{mount}"))
+            message = Retained(topic, payload, qos, (f"k:{key}", f"a:{mount}"), props)
             refusal = self._shared_refusal(message)
         if refusal is not None:
             if old is not None:
@@ -130,13 +139,13 @@ class RetainedMessages:
         return None
 
     def _reserved(self, session: KeySession, topic: str, payload: bytes,
-                  qos: int) -> Retained | None:
+                  qos: int, props: MessageProps | None) -> Retained | None:
         """The message in its device's reserve, if it is on the session's own device
         topics and both the device's and the application's reserve have room."""
         if device_of(topic, self.settings.device_prefix) != session.client_id:
             return None
         message = Retained(topic, payload, qos,
-                           (f"d:{session.client_id}", f"r:{session.mount}"))
+                           (f"d:{session.client_id}", f"r:{session.mount}"), props)
         return message if self._reserve_refusal(message) is None else None
 
     def _reserve_refusal(self, message: Retained) -> str | None:
@@ -164,6 +173,13 @@ class RetainedMessages:
     def _saved(self, mount: str, topic: str, message: Retained | None) -> None:
         if self.state is not None:
             self.state.retained_changed(mount, topic, message)
+
+    def expire(self, mounted: str, message: Retained) -> None:
+        """A retained message whose Message Expiry Interval passed: no longer kept."""
+        if self.store.get(mounted) is message:
+            self._charge(message, -1)
+            self.store.delete(mounted)
+            self._saved(mounted[:len(mounted) - len(message.topic)], message.topic, None)
 
     # ------------------------------------------------------------------ removal
     def _drop(self, topic_filter: str) -> int:
@@ -223,6 +239,10 @@ class RetainedMessages:
                         return
                     if not session.decide(message.topic, Action.RECEIVE).allowed:
                         continue
+                    if message.props is not None and message.props.expires is not None \
+                            and message.props.expires <= time.time():
+                        self.expire(session.mount + message.topic, message)
+                        continue
                     await self.send_one(session, link, message, min(qos, message.qos))
                     sent += 1
                     if sent % RETAINED_BATCH == 0:
@@ -234,8 +254,10 @@ class RetainedMessages:
                        qos: int) -> None:
         delivery, settings = self.delivery, self.settings
         if qos == 0:
-            packet = codec.publish_packet(message.topic.encode("utf-8", "surrogatepass"),
-                                          message.payload, 0, True)
+            packet = delivery.publish_bytes(session, message.topic, message.payload, 0, True,
+                                            props=message.props)
+            if packet is None:  # expired, or too large for the client
+                return
             # Wait until the packet fits the session's budget beside what is still
             # buffered (a large message waits for an empty link): a reader that keeps up
             # is never taken for a slow consumer by its own retained messages.
@@ -251,4 +273,5 @@ class RetainedMessages:
                 or delivery.over_budget(session, message.size + 64, link.buffered())):
             await asyncio.sleep(0.005)
         if not link.is_closing():
-            delivery.enqueue(session, OutMessage(message.topic, message.payload, qos, True))
+            delivery.enqueue(session, OutMessage(message.topic, message.payload, qos, True,
+                                                 message.props))

@@ -26,7 +26,9 @@ through the ``restore_*`` methods, within the same bounds.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import math
+import time
+from collections.abc import Callable, Sequence
 
 from amqtt.contexts import Action
 
@@ -34,14 +36,17 @@ from broker.core.audit import AuditLog
 from broker.core.counters import Traffic
 from broker.core.settings import Settings
 from broker.mqtt import codec
+from broker.mqtt import props as properties
 from broker.mqtt.flow import FlowControl, Publisher
 from broker.mqtt.keeper import StateKeeper
 from broker.mqtt.link import Link
-from broker.mqtt.outbox import OutMessage
+from broker.mqtt.outbox import MessageProps, OutMessage
 from broker.mqtt.quotas import Limit, Quotas
 from broker.mqtt.retained import RetainedMessages
 from broker.mqtt.session import KeySession
+from broker.mqtt.shared import SHARE_MARK, SharedSubscriptions, group_key, parse_shared
 from broker.topics import SubscriptionTree
+from broker.topics.trie import RETAIN_AS_PUBLISHED, options
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +79,7 @@ class Router:
         # Subscribers are client ids: a session keeps its subscriptions across connections.
         self.subtree: SubscriptionTree[str] = SubscriptionTree()
         self.retained = RetainedMessages(settings, self, state)
+        self.shared = SharedSubscriptions(self, lambda s: s.congestion is not None)
         # Subscription bytes (``subscription_cost``) by session, key and application.
         self.subscription_quotas = Quotas()
         self.subscription_limits = (
@@ -85,29 +91,83 @@ class Router:
 
     # ------------------------------------------------------------------ delivery
     def route(self, mount: str, topic: str, payload: bytes, qos: int,
-              source: Publisher | None = None) -> None:
+              source: Publisher | None = None, *, retain: bool = False,
+              props: MessageProps | None = None, origin: str | None = None) -> None:
         """Deliver to every session of the application (``mount``: its topics' prefix in
         the trie) whose filters match and whose policy may read topic. ``source`` is the
-        publishing connection, paused while a session it fed is past its bounds."""
-        packet: bytes | None = None
+        publishing connection, paused while a session it fed is past its bounds;
+        ``origin`` its client id (No Local); ``retain`` the PUBLISH's flag (kept for
+        subscriptions with Retain As Published); ``props`` its MQTT 5 properties."""
+        plain: bytes | None = None  # the QoS 0 packet of MQTT 3.1.1, built once
         sessions = self.sessions
-        for client_id, sub_qos in self.subtree.match(mount + topic).items():
+        matched, more = self.subtree.match(mount + topic, origin)
+        for client_id, packed in matched.items():
+            if client_id[0] == SHARE_MARK:  # a shared subscription: one member gets it
+                self.shared.route(client_id, topic, payload, qos, packed, source, retain,
+                                  props)
+                continue
             session = sessions.get(client_id)
             if session is None:
                 continue
             if not session.decide(topic, Action.RECEIVE).allowed:
                 self.traffic.denied["delivery"] += 1
                 continue
-            if qos and sub_qos:
-                self.enqueue(session, OutMessage(topic, payload, min(qos, sub_qos)), source)
+            keep = retain and bool(packed & RETAIN_AS_PUBLISHED)
+            ids: tuple[int, ...] = ()
+            if packed >> 6:
+                ids = (packed >> 6, *more[client_id]) if more and client_id in more else (
+                    packed >> 6,)
+            if qos and packed & 3:
+                self.enqueue(session, OutMessage(topic, payload, min(qos, packed & 3), keep,
+                                                 props, ids), source)
                 continue
             link = session.link
             if link is None or session.kicked:
                 continue
-            if packet is None:
-                packet = codec.publish_packet(topic.encode("utf-8", "surrogatepass"), payload,
-                                              0, False)
-            self.send_qos0(session, link, packet, source)
+            if session.version == 4 and not keep:
+                if plain is None:
+                    plain = codec.publish_packet(topic.encode("utf-8", "surrogatepass"),
+                                                 payload, 0, False)
+                packet: bytes | None = plain
+            else:
+                packet = self.publish_bytes(session, topic, payload, 0, keep, props=props,
+                                            ids=ids)
+                if packet is None:
+                    continue
+            self.send_qos0(session, link, packet, source)  # type: ignore[arg-type]
+
+    def publish_bytes(self, session: KeySession, topic: str, payload: bytes, qos: int,
+                      retain: bool, packet_id: int = 0, dup: bool = False,
+                      props: MessageProps | None = None, ids: tuple[int, ...] = (),
+                      check_expiry: bool = True) -> bytes | None:
+        """The PUBLISH a session gets, in its protocol version: with MQTT 5, the
+        properties it carries, its remaining lifetime and the subscription identifiers it
+        matched. None (counted) when it must not be sent: it has expired (MQTT-3.3.2-5),
+        or it is larger than the client takes (MQTT-3.1.2-25)."""
+        now = 0.0
+        if props is not None and props.expires is not None:
+            now = time.time()
+            if check_expiry and props.expires <= now:
+                self.traffic.dropped["expired"] += 1
+                return None
+        encoded = topic.encode("utf-8", "surrogatepass")
+        if session.version != 5:
+            return codec.publish_packet(encoded, payload, qos, retain, packet_id, dup)
+        body = b""
+        if props is not None:
+            body = props.forward
+            if props.expires is not None:
+                left = max(1, math.ceil(props.expires - now))
+                body = properties.encode_body([(properties.MESSAGE_EXPIRY, left)]) + body
+        if ids:
+            body += properties.encode_body([(properties.SUBSCRIPTION_ID, list(ids))])
+        packet = codec.publish5(encoded, payload, qos, retain, packet_id, dup,
+                                properties.framed(body) if body else properties.EMPTY)
+        limits = session.limits
+        if limits is not None and limits.max_packet and len(packet) > limits.max_packet:
+            self.traffic.dropped["too_large_for_client"] += 1
+            return None
+        return packet
 
     def send_qos0(self, session: KeySession, link: Link, packet: bytes,
                   source: Publisher | None = None) -> None:
@@ -181,11 +241,24 @@ class Router:
         write = link.write
         traffic = self.traffic
         settings = self.settings
-        for message in session.outbox.sendable(settings.max_inflight_messages,
-                                               settings.max_session_bytes):
-            packet = codec.publish_packet(message.topic.encode("utf-8", "surrogatepass"),
-                                          message.payload, message.qos, message.retain,
-                                          message.packet_id)
+        window = settings.max_inflight_messages
+        limits = session.limits
+        if limits is not None and limits.receive_max < window:
+            window = limits.receive_max  # the client's Receive Maximum (MQTT-4.9.0-2)
+        outbox = session.outbox
+        for message in outbox.sendable(window, settings.max_session_bytes):
+            if session.version == 4 and message.props is None:
+                packet: bytes | None = codec.publish_packet(
+                    message.topic.encode("utf-8", "surrogatepass"), message.payload,
+                    message.qos, message.retain, message.packet_id)
+            else:
+                packet = self.publish_bytes(session, message.topic, message.payload,
+                                            message.qos, message.retain, message.packet_id,
+                                            props=message.props, ids=message.sub_ids)
+                if packet is None:  # expired, or too large for the client: not sent
+                    outbox.drop(message)
+                    continue
+            assert packet is not None
             write(packet)
             traffic.msgs_out[message.qos] += 1
             traffic.bytes_out[message.qos] += len(packet)
@@ -200,20 +273,27 @@ class Router:
         self._end_drop_episode(session)
         self.regranted(session)
         write = link.write
-        for packet_id, message in session.outbox.inflight.items():
+        for packet_id, message in list(session.outbox.inflight.items()):
             if message.released:
                 write(codec.ack_packet(codec.PUBREL, packet_id))
+                continue
+            packet = self.publish_bytes(session, message.topic, message.payload, message.qos,
+                                        message.retain, packet_id, True, message.props,
+                                        message.sub_ids, check_expiry=False)
+            if packet is None:  # larger than what the client now takes
+                session.outbox.drop(message)
             else:
-                write(codec.publish_packet(message.topic.encode("utf-8", "surrogatepass"),
-                                           message.payload, message.qos, message.retain,
-                                           packet_id, dup=True))
+                write(packet)
         self.pump(session)
         self.flow.delivered(session, None)  # a long queue resumed: past its bounds?
 
     def went_offline(self, session: KeySession) -> None:
-        """A persistent session's connection ended: it queues within its bounds from now
-        on, and what a live session held past them (backpressure lets it) is trimmed,
-        newest first, counted as offline drops."""
+        """A persistent session's connection ended: what waits for it of shared
+        subscriptions goes to the other members of their groups; it queues within its
+        bounds from now on, and what a live session held past them (backpressure lets it)
+        is trimmed, newest first, counted as offline drops."""
+        waiting = session.outbox.take_waiting(lambda message: message.share is not None)
+        self.shared.hand_over(session, waiting)
         trimmed = session.outbox.trim(self.settings.max_queued_messages,
                                       self.settings.max_session_bytes)
         if trimmed:
@@ -243,6 +323,16 @@ class Router:
             if session.congestion is not None and session.outbox.held_bytes < held:
                 self.flow.acknowledged(session)
 
+    def pubrec_refused(self, session: KeySession, packet_id: int) -> None:
+        """An MQTT 5 PUBREC with an error code: the client will not take the message, and
+        the QoS 2 flow ends there (no PUBREL)."""
+        message = session.outbox.inflight.get(packet_id)
+        if message is not None and message.qos == 2 and not message.released:
+            session.outbox.drop(message)
+            self.pump(session)
+            if session.congestion is not None:
+                self.flow.acknowledged(session)
+
     def pubcomp(self, session: KeySession, packet_id: int) -> None:
         if session.outbox.completed(packet_id):
             self.pump(session)
@@ -251,21 +341,31 @@ class Router:
 
     # ------------------------------------------------------------------ subscriptions
     def forget(self, session: KeySession) -> None:
-        """A session is gone: its subscriptions and anything held for it."""
+        """A session is gone: its subscriptions and anything held for it (what it held
+        of shared subscriptions goes to the other members of their groups)."""
         self.flow.release(session)
         self._end_drop_episode(session)
         self.subtree.remove_subscriber(session.client_id)
-        self._release_subscriptions(session)
+        for key, topic_filter in self.shared.memberships(session.client_id).items():
+            self._leave_group(session, key, topic_filter)
+        held = list(session.outbox.inflight.values()) + list(session.outbox.waiting or ())
         session.outbox.clear()
+        self.shared.hand_over(session, [m for m in held if m.share and not m.released])
+        self._release_subscriptions(session)
         session.inflight_in = None
         session.retained_filters.clear()
         if session.journal is not None:
             session.journal.dropped()
 
-    def subscribe(self, session: KeySession, requests: list[tuple[str, int]],
-                  check: Callable[[KeySession, str], str | None]) -> list[int]:
-        """Decide each filter of one SUBSCRIBE (the return codes, one per request), add
-        the granted ones, and schedule their retained messages.
+    def subscribe(self, session: KeySession, requests: Sequence[codec.Subscription],
+                  check: Callable[[KeySession, str], str | None],
+                  sub_id: int = 0) -> tuple[list[int], str | None]:
+        """Decide each filter of one SUBSCRIBE: the codes, one per request, as MQTT 5
+        reason codes (the granted QoS, or why not: 0x87 not authorized, 0x8F invalid,
+        0x97 a limit, 0x9E shared subscriptions off, 0xA2 wildcards off; an MQTT 3.1.1
+        SUBACK says 0x80 for each of those), and the first refusal's reason. Adds the
+        granted ones (with their options, and ``sub_id``), and schedules their retained
+        messages (per Retain Handling; never for a shared subscription).
 
         A filter repeated in the packet, or already held, is one subscription: it is
         replaced (MQTT-3.8.4-3) and decided once. Past ``max_subscriptions``, or past
@@ -275,59 +375,158 @@ class Router:
         policy check costs. ``check`` returns the reason to refuse a filter (limits,
         policy), or None.
         """
-        client_id, mount = session.client_id, session.mount
-        limit = self.settings.max_subscriptions
-        tree = self.subtree
+        settings = self.settings
+        limit = settings.max_subscriptions
         decided: dict[str, int] = {}
-        granted: dict[str, int] = {}
+        granted: dict[str, int] = {}  # of those, the filters whose retained messages go
         over_limit = 0
         over_bytes: list[str] = []
-        for topic_filter, qos in requests:
+        first_refusal: str | None = None
+        for request in requests:
+            topic_filter, qos = request.topic_filter, request.qos
+            packed = options(qos, request.no_local, request.retain_as_published,
+                             request.retain_handling, sub_id)
             if topic_filter in decided:
-                if decided[topic_filter] != codec.SUBACK_FAILURE:
-                    decided[topic_filter] = granted[topic_filter] = qos
-                    tree.add(mount + topic_filter, client_id, qos)
+                if decided[topic_filter] < 0x80:
+                    decided[topic_filter] = qos
+                    self._add(session, topic_filter, packed)
+                    if topic_filter in granted:
+                        granted[topic_filter] = qos
                 continue
-            held = tree.has(mount + topic_filter, client_id)
-            if limit and not held and tree.count_of(client_id) >= limit:
-                decided[topic_filter] = codec.SUBACK_FAILURE
+            code, reason = self._subscribable(topic_filter, request)
+            if code:
+                decided[topic_filter] = code
+                first_refusal = first_refusal or reason
+                self.audit_denied("subscribe_denied", session, topic_filter, reason or "")
+                continue
+            held = self._holds(session, topic_filter)
+            if limit and not held and self._count(session) >= limit:
+                decided[topic_filter] = properties.QUOTA_EXCEEDED
                 over_limit += 1
                 continue
             cost = 0 if held else subscription_cost(topic_filter)
             refusal = self._subscription_bytes_refusal(session, cost) if cost else None
             if refusal is not None:
-                decided[topic_filter] = codec.SUBACK_FAILURE
+                decided[topic_filter] = properties.QUOTA_EXCEEDED
                 over_bytes.append(refusal)
                 continue
-            reason = check(session, topic_filter)
+            shared = parse_shared(topic_filter)
+            reason = check(session, shared[1] if shared else topic_filter)
             if reason is not None:
                 self.audit_denied("subscribe_denied", session, topic_filter, reason)
-                decided[topic_filter] = codec.SUBACK_FAILURE
+                decided[topic_filter] = (
+                    properties.QUOTA_EXCEEDED if reason.startswith("limit:") else
+                    properties.TOPIC_FILTER_INVALID if reason == "invalid_filter" else
+                    properties.NOT_AUTHORIZED)
+                first_refusal = first_refusal or reason
                 continue
-            tree.add(mount + topic_filter, client_id, qos)
+            self._add(session, topic_filter, packed)
             if cost:  # a filter already held is replaced, not counted again
                 self._charge_subscriptions(session, cost)
-            decided[topic_filter] = granted[topic_filter] = qos
+            decided[topic_filter] = qos
+            handling = request.retain_handling
+            if shared is None and (handling == 0 or (handling == 1 and not held)):
+                granted[topic_filter] = qos
         for count, reason in ((over_limit, f"max_subscriptions {limit}"),
                               (len(over_bytes), over_bytes[0] if over_bytes else "")):
             if count:
                 self.traffic.denied["subscribe"] += count
+                first_refusal = first_refusal or reason
                 self.audit.event("subscribe_denied", reason=f"{reason}: {count} filters "
                                  "refused", **session.audit_fields())
+        if session.journal is not None:
+            for topic_filter, code in decided.items():
+                if code < 0x80:
+                    session.journal.subscribed(topic_filter, self._options_of(session,
+                                                                              topic_filter))
         if granted:
-            if session.journal is not None:
-                for topic_filter, qos in granted.items():
-                    session.journal.subscribed(topic_filter, qos)
             self.retained.send_for(session, granted)
-        return [decided[topic_filter] for topic_filter, _ in requests]
+        return [decided[request.topic_filter] for request in requests], first_refusal
 
-    def unsubscribe(self, session: KeySession, filters: list[str]) -> None:
+    def _subscribable(self, topic_filter: str,
+                      request: codec.Subscription) -> tuple[int, str | None]:
+        """A reason code and its reason for a filter the broker takes from nobody (its
+        form, or what the settings turn off); (0, None) otherwise."""
+        try:
+            shared = parse_shared(topic_filter)
+        except ValueError:
+            return properties.TOPIC_FILTER_INVALID, "invalid_filter"
+        if shared is not None:
+            if not self.settings.shared_subscriptions:
+                return properties.SHARED_SUBS_NOT_SUPPORTED, "shared subscriptions are off"
+            if request.no_local:  # MQTT-3.8.3-4
+                raise codec.MalformedPacket("No Local on a shared subscription")
+        inner = shared[1] if shared else topic_filter
+        if not self.settings.wildcard_subscriptions and ("+" in inner or "#" in inner):
+            return properties.WILDCARD_SUBS_NOT_SUPPORTED, "wildcard subscriptions are off"
+        return 0, None
+
+    def _holds(self, session: KeySession, topic_filter: str) -> bool:
+        shared = parse_shared(topic_filter)
+        if shared is None:
+            return self.subtree.has(session.mount + topic_filter, session.client_id)
+        return group_key(session.mount, *shared) in self.shared.memberships(
+            session.client_id)
+
+    def _count(self, session: KeySession) -> int:
+        return self.subtree.count_of(session.client_id) + len(
+            self.shared.memberships(session.client_id))
+
+    def _add(self, session: KeySession, topic_filter: str, packed: int) -> None:
+        shared = parse_shared(topic_filter)
+        if shared is None:
+            self.subtree.add(session.mount + topic_filter, session.client_id, packed)
+            return
+        key = group_key(session.mount, *shared)
+        if self.shared.join(session, key, topic_filter, packed):
+            self.subtree.add(session.mount + shared[1], key, 2)  # members' QoS apply
+
+    def _leave_group(self, session: KeySession, key: str, topic_filter: str) -> bool:
+        left, empty = self.shared.leave(session.client_id, key)
+        if empty:
+            shared = parse_shared(topic_filter)
+            assert shared is not None
+            self.subtree.remove(session.mount + shared[1], key)
+        return left
+
+    def _options_of(self, session: KeySession, topic_filter: str) -> int:
+        shared = parse_shared(topic_filter)
+        if shared is None:
+            return self.subtree.filters_of(session.client_id).get(
+                session.mount + topic_filter, 0)
+        return self.shared.options_of(session.client_id, group_key(session.mount, *shared))
+
+    def unsubscribe(self, session: KeySession, filters: list[str]) -> list[int]:
+        """Remove the filters; for each, 0x00, or 0x11 when it was not subscribed."""
+        codes = []
         for topic_filter in filters:
-            if self.subtree.remove(session.mount + topic_filter, session.client_id):
+            try:
+                shared = parse_shared(topic_filter)
+            except ValueError:
+                shared = None
+            if shared is None:
+                removed = self.subtree.remove(session.mount + topic_filter, session.client_id)
+            else:
+                removed = self._leave_group(session, group_key(session.mount, *shared),
+                                            topic_filter)
+            if removed:
                 self._charge_subscriptions(session, -subscription_cost(topic_filter), -1)
+            codes.append(properties.SUCCESS if removed else properties.NO_SUBSCRIPTION_EXISTED)
             session.retained_filters.pop(topic_filter, None)
             if session.journal is not None:
                 session.journal.unsubscribed(topic_filter)
+        return codes
+
+    def deliver_qos0(self, session: KeySession, topic: str, payload: bytes, retain: bool,
+                     props: MessageProps | None, ids: tuple[int, ...],
+                     source: Publisher | None = None) -> None:
+        """One QoS 0 message to one live session (a shared subscription's member)."""
+        link = session.link
+        if link is None or session.kicked:
+            return
+        packet = self.publish_bytes(session, topic, payload, 0, retain, props=props, ids=ids)
+        if packet is not None:
+            self.send_qos0(session, link, packet, source)
 
     def _subscription_buckets(self, session: KeySession) -> tuple[str, str, str]:
         """Where a session's subscriptions are counted: itself, its access key (the one
@@ -364,9 +563,14 @@ class Router:
             self.subscription_quotas.charge(f"k:{new_key}", usage.size, usage.count)
 
     def filters_of(self, session: KeySession) -> dict[str, int]:
-        """The session's subscriptions as the client made them (unmounted)."""
+        """The session's subscriptions as the client made them (unmounted), with their
+        options (``options``), shared ones included."""
         cut = len(session.mount)
-        return {f[cut:]: qos for f, qos in self.subtree.filters_of(session.client_id).items()}
+        out = {f[cut:]: packed
+               for f, packed in self.subtree.filters_of(session.client_id).items()}
+        for key, topic_filter in self.shared.memberships(session.client_id).items():
+            out[topic_filter] = self.shared.options_of(session.client_id, key)
+        return out
 
     # ------------------------------------------------------------------ saved state
     def restore_subscriptions(self, session: KeySession, filters: dict[str, int]) -> int:
@@ -374,15 +578,15 @@ class Router:
         subscription bytes; returns how many did not fit."""
         limit = self.settings.max_subscriptions
         left_out = 0
-        for topic_filter, qos in filters.items():
+        for topic_filter, packed in filters.items():
             cost = subscription_cost(topic_filter)
-            if (limit and self.subtree.count_of(session.client_id) >= limit) or \
+            if (limit and self._count(session) >= limit) or \
                     self._subscription_bytes_refusal(session, cost) is not None:
                 left_out += 1
                 if session.journal is not None:
                     session.journal.unsubscribed(topic_filter)
                 continue
-            self.subtree.add(session.mount + topic_filter, session.client_id, qos)
+            self._add(session, topic_filter, packed)
             self._charge_subscriptions(session, cost)
         return left_out
 

@@ -19,7 +19,7 @@ from amqtt.contexts import Action
 from broker import policy
 from broker.mqtt.flow import Congestion
 from broker.mqtt.link import Link
-from broker.mqtt.outbox import Outbox, OutboxJournal
+from broker.mqtt.outbox import MessageProps, Outbox, OutboxJournal
 from broker.policy import Decision, SessionPolicy
 from keystore.models import AccessKey
 
@@ -54,6 +54,22 @@ class Will:
     payload: bytes
     qos: int
     retain: bool
+    props: MessageProps | None = None  # MQTT 5 Will properties carried to subscribers
+    delay: int = 0  # MQTT 5 Will Delay Interval, seconds
+
+
+class ClientLimits:
+    """What an MQTT 5 client announced at CONNECT, and the topic aliases it set: limits on
+    what the broker sends it, and its own aliases (bounded by the broker's maximum)."""
+
+    __slots__ = ("receive_max", "max_packet", "aliases", "problem_info", "connack")
+
+    def __init__(self, receive_max: int, max_packet: int, problem_info: bool) -> None:
+        self.receive_max = receive_max  # QoS 1/2 it takes unacknowledged (Receive Maximum)
+        self.max_packet = max_packet  # bytes of the largest packet it takes (0: no limit)
+        self.aliases: dict[int, str] = {}  # its Topic Aliases (client to broker)
+        self.problem_info = problem_info  # reason strings on acknowledgements too
+        self.connack = b""  # the properties of the CONNACK that accepts it (until sent)
 
 
 class SessionJournal(OutboxJournal, Protocol):
@@ -81,6 +97,7 @@ class KeySession:
         "grant", "mount", "refusal", "auth_started", "link", "kicked", "suppress_will",
         "outbox", "inflight_in", "restored_in", "present", "bucket", "denials", "disconnected_at",
         "retained_filters", "retained_sending", "journal", "congestion", "dropped",
+        "version", "expiry", "limits", "clean_start",
     )
 
     def __init__(self, client_id: str, clean_session: bool, conn: ConnectionInfo,
@@ -119,6 +136,12 @@ class KeySession:
         # Past its bounds while online: who waits for it to drain (broker.mqtt.flow).
         self.congestion: Congestion | None = None
         self.dropped = 0  # messages dropped while offline and full, this episode (logged)
+        self.version = 4  # protocol level of its connection: 4 (MQTT 3.1.1) or 5
+        # Seconds it outlives its connection (MQTT 5 Session Expiry Interval, within the
+        # server's maximum); None: the server's session_expiry (MQTT 3.1.1, persistent).
+        self.expiry: float | None = None
+        self.limits: ClientLimits | None = None  # MQTT 5 only
+        self.clean_start = clean_session  # the CONNECT discards a stored session
 
     @property
     def online(self) -> bool:
@@ -152,3 +175,11 @@ class KeySession:
     def __repr__(self) -> str:
         state = "online" if self.link is not None else "offline"
         return f"KeySession({self.client_id!r}, {state})"
+
+
+def session_expiry(requested: int, maximum: int) -> float:
+    """An MQTT 5 Session Expiry Interval within the server's maximum (``session_expiry``;
+    0 there: none); 0xFFFFFFFF asks for never."""
+    if requested == 0xFFFFFFFF:
+        return float(maximum) if maximum else float("inf")
+    return float(min(requested, maximum) if maximum else requested)

@@ -17,16 +17,17 @@ import contextlib
 import heapq
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Protocol
 
 from broker.core.audit import AuditLog
 from broker.core.counters import KICK_CAUSES, Traffic, count_into
 from broker.core.settings import Settings
+from broker.mqtt import codec, props
 from broker.mqtt.flow import FlowControl
 from broker.mqtt.keeper import StateKeeper
 from broker.mqtt.routing import Router
-from broker.mqtt.session import Grant, KeySession
+from broker.mqtt.session import Grant, KeySession, Will
 from broker.topics.mounts import mount_of
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,11 @@ TAKE_OVER_WAIT = 2.0  # seconds an old connection gets to end before its task is
 # A device's entry in Rechecks (a key id never holds a NUL).
 DEVICE = "\x00device:"
 RECENT = 60.0  # seconds a change applied is remembered for CONNECTs in flight
+# The reason string of an MQTT 5 DISCONNECT that ends a session, by kick cause.
+KICK_TEXT = {"slow_consumer": "slow consumer", "operator_kick": "disconnected by an operator",
+             "key_deleted": "key deleted", "key_inactive": "key inactive",
+             "key_expired": "key expired", "ip_denied": "address no longer allowed",
+             "device_deleted": "device deleted", "app_deleted": "application deleted"}
 
 
 class SessionObserver(Protocol):
@@ -89,6 +95,10 @@ class SessionRegistry:
         self._expiries: list[tuple[float, int, str, Grant]] = []
         self._serial = 0
         self.compact_slack = 1000  # stale entries tolerated before compacting
+        # Wills waiting their delay: client id -> (timer, session, Will, how to publish)
+        self._wills: dict[str, tuple[asyncio.TimerHandle, KeySession, Will,
+                                     Callable[[KeySession, Will], None]]] = {}
+        self.reason_strings = settings.reason_strings
 
     def __len__(self) -> int:
         return len(self.sessions)
@@ -122,10 +132,14 @@ class SessionRegistry:
         existing = self.sessions.get(client_id)
         if existing is not None and existing.link is not None:
             logger.info("client %s connected again: taking over the old connection", client_id)
-            existing.link.abort()
+            if existing.version == 5:
+                existing.link.end(codec.disconnect5(props.SESSION_TAKEN_OVER))
+            else:
+                existing.link.abort()
             await self._wait_ended(client_id)
+        self._cancel_will(client_id)  # a Will waiting its delay is not sent (MQTT-3.1.3-9)
         existing = self.sessions.get(client_id)
-        if incoming.clean_session or existing is None or existing.clean_session:
+        if incoming.clean_start or existing is None or existing.clean_session:
             if existing is not None:
                 self.drop(existing)
             incoming.present = False
@@ -137,6 +151,8 @@ class SessionRegistry:
         session.mount = incoming.mount
         session.keep_alive = incoming.keep_alive
         session.auth_started = incoming.auth_started
+        session.version, session.limits = incoming.version, incoming.limits
+        session.expiry, session.clean_session = incoming.expiry, incoming.clean_session
         session.kicked = None
         session.suppress_will = False
         session.present = True
@@ -228,8 +244,11 @@ class SessionRegistry:
 
     # ------------------------------------------------------------------ removal
     def drop(self, session: KeySession) -> None:
-        """Forget a session and its subscriptions, unless a newer one owns the id."""
+        """Forget a session and its subscriptions, unless a newer one owns the id (a Will
+        still waiting its delay goes now: the session ends)."""
         client_id = session.client_id
+        if client_id in self._wills and self._wills[client_id][1] is session:
+            self._will_now(client_id)
         if self.sessions.get(client_id) is session:
             del self.sessions[client_id]
         self.router.forget(session)
@@ -259,15 +278,46 @@ class SessionRegistry:
                 self.kick(session.client_id, "app_deleted")
         self.router.retained.drop_app(mount)
 
-    def expire(self, max_age: float, now: float) -> int:
-        """Drop persistent sessions offline for longer than ``max_age`` seconds."""
-        cutoff = now - max_age
-        doomed = [session for session in self.sessions.values()
-                  if session.link is None and session.disconnected_at is not None
-                  and session.disconnected_at < cutoff]
+    def expire(self, default: float, now: float) -> int:
+        """Drop persistent sessions offline for longer than their expiry: an MQTT 5
+        session's own Session Expiry Interval, else ``default`` seconds (0: never)."""
+        doomed = []
+        for session in self.sessions.values():
+            since = session.disconnected_at
+            if session.link is not None or since is None:
+                continue
+            limit = session.expiry if session.expiry is not None else default
+            if limit and now - since > limit:
+                doomed.append(session)
         for session in doomed:
             self.drop(session)
         return len(doomed)
+
+    # ------------------------------------------------------------------ Will delay
+    def will_due(self, session: KeySession, will: Will,
+                 publish: Callable[[KeySession, Will], None]) -> None:
+        """A connection ended without DISCONNECT: its Will now, or after its Will Delay
+        Interval (MQTT 5) unless the session is resumed first; the Will goes at once if
+        the session ends sooner (MQTT-3.1.3-9)."""
+        delay: float = will.delay
+        if not delay or session.clean_session:
+            publish(session, will)
+            return
+        if session.expiry is not None:
+            delay = min(delay, session.expiry)
+        handle = asyncio.get_running_loop().call_later(delay, self._will_now, session.client_id)
+        self._wills[session.client_id] = (handle, session, will, publish)
+
+    def _will_now(self, client_id: str) -> None:
+        pending = self._wills.pop(client_id, None)
+        if pending is not None:
+            _, session, will, publish = pending
+            publish(session, will)
+
+    def _cancel_will(self, client_id: str) -> None:
+        pending = self._wills.pop(client_id, None)
+        if pending is not None:
+            pending[0].cancel()
 
     def kick(self, client_id: str, reason: str, *, publish_will: bool = False) -> bool:
         """Disconnect a live session now. A revoked session's Will is not published.
@@ -282,8 +332,18 @@ class SessionRegistry:
         session.suppress_will = not publish_will
         count_into(self.kicks, reason, KICK_CAUSES)
         self.audit.event("kick", reason=reason, **session.audit_fields())
-        session.link.abort()
+        if session.version == 5:  # told why; nothing it sends is read any more
+            code = props.QUOTA_EXCEEDED if reason == "slow_consumer" else \
+                props.ADMINISTRATIVE_ACTION
+            session.link.end(codec.disconnect5(code, self._reason(session, reason)))
+        else:
+            session.link.abort()
         return True
+
+    def _reason(self, session: KeySession, reason: str) -> bytes:
+        if not self.reason_strings:
+            return b""
+        return props.encode([(props.REASON_STRING, KICK_TEXT.get(reason, reason))])
 
     # ------------------------------------------------------------------ by key
     def sessions_of_key(self, key: str) -> list[str]:

@@ -329,9 +329,47 @@ class FilterSet:
 
 # ----------------------------------------------------------------- SubscriptionTree
 
+# A subscription's options packed in one int (the QoS alone for a plain one, so MQTT
+# 3.1.1 subscriptions cost what they did): bits 0-1 QoS, 2 No Local, 3 Retain As
+# Published, 4-5 Retain Handling, 6 and up the subscription identifier (MQTT 5, §3.8.3.1).
+NO_LOCAL = 0x04
+RETAIN_AS_PUBLISHED = 0x08
+
+
+def options(qos: int, no_local: bool = False, retain_as_published: bool = False,
+            retain_handling: int = 0, sub_id: int = 0) -> int:
+    return (qos | (NO_LOCAL if no_local else 0) | (RETAIN_AS_PUBLISHED if retain_as_published
+            else 0) | retain_handling << 4 | sub_id << 6)
+
+
+def qos_of(packed: int) -> int:
+    return packed & 3
+
+
+def retain_handling_of(packed: int) -> int:
+    return (packed >> 4) & 3
+
+
+def sub_id_of(packed: int) -> int:
+    return packed >> 6
+
+
+def merge_options(a: int, b: int) -> tuple[int, int]:
+    """Two subscriptions of one subscriber matching one message: one delivery, at the
+    higher QoS, Retain As Published if either asks, and both identifiers (the second
+    returned apart, 0 if there is none to add)."""
+    qos = max(a & 3, b & 3)
+    rap = (a | b) & RETAIN_AS_PUBLISHED
+    first, second = sub_id_of(a), sub_id_of(b)
+    if not first:
+        first, second = second, 0
+    return qos | rap | first << 6, second if second != first else 0
+
+
 
 class SubscriptionTree(Generic[S]):
-    """Topic filter -> subscribers (each with the QoS of that filter), for routing."""
+    """Topic filter -> subscribers (each with the options of that subscription, ``options``:
+    for MQTT 3.1.1 just its QoS), for routing."""
 
     __slots__ = ("_root", "_by_subscriber", "_entries")
 
@@ -350,7 +388,8 @@ class SubscriptionTree(Generic[S]):
         return self._root.count()
 
     def add(self, topic_filter: str, subscriber: S, qos: int) -> None:
-        """Subscribe; subscribing again to the same filter replaces the QoS."""
+        """Subscribe; subscribing again to the same filter replaces the options (``qos``:
+        the packed ``options``, the QoS alone for a plain subscription)."""
         node = self._root
         for level in parse_filter(topic_filter):
             node = node.child(level)
@@ -407,18 +446,36 @@ class SubscriptionTree(Generic[S]):
             out[topic_filter] = node.value[subscriber]
         return out
 
-    def match(self, topic: str) -> dict[S, int]:
-        """Subscribers whose filters match ``topic``, each once, at its highest QoS
-        (MQTT-3.3.5-1)."""
+    def match(self, topic: str, origin: S | None = None,
+              ) -> tuple[dict[S, int], dict[S, list[int]] | None]:
+        """Subscribers whose filters match ``topic``, each once (MQTT-3.3.5-1), with the
+        options of its subscription (``Options``); a subscriber matching several gets
+        the highest QoS and Retain As Published of any, and the subscription identifiers
+        of all: the first in its options, the others in the second dict (None when no
+        subscriber has more than one). ``origin`` (the publisher) does not get what it
+        subscribed to with No Local (MQTT-3.8.3-3)."""
         result: dict[S, int] = {}
+        more: dict[S, list[int]] | None = None
         for node in match_nodes(self._root, topic.split("/")):
             subscribers = node.value
             if subscribers is None:
                 continue
-            for subscriber, qos in subscribers.items():
-                if result.get(subscriber, -1) < qos:
-                    result[subscriber] = qos
-        return result
+            for subscriber, value in subscribers.items():
+                if value & NO_LOCAL and subscriber == origin:
+                    continue
+                old = result.get(subscriber)
+                if old is None:
+                    result[subscriber] = value
+                elif old <= 3 and value <= 3:  # plain QoS both: the highest
+                    if value > old:
+                        result[subscriber] = value
+                else:
+                    merged, extra = merge_options(old, value)
+                    result[subscriber] = merged
+                    if extra:
+                        more = more if more is not None else {}
+                        more.setdefault(subscriber, []).append(extra)
+        return result, more
 
 
 # -------------------------------------------------------------------- RetainedStore
