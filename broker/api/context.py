@@ -30,7 +30,8 @@ class Api:
     # Route one message as an MQTT PUBLISH of the application would be: (mount, topic,
     # payload, qos). Synchronous, like the broker's own routing.
     publish: Callable[[str, str, bytes, int], None]
-    online: Callable[[str], bool]  # is this device id connected over MQTT now?
+    # The MQTT protocol this device id is connected with now ("3.1.1", "5.0"), or None.
+    protocol: Callable[[str], str | None]
     # How many MQTT connections a key (its public key) holds now: what deactivating or
     # deleting it would end.
     live_connections: Callable[[str], int]
@@ -38,6 +39,10 @@ class Api:
     ready: Callable[[], Awaitable[dict[str, bool]]] | None = None
     # Metrics and the loop probe (broker.services.metrics).
     observability: Observability | None = None
+
+    def online(self, device_id: str) -> bool:
+        """Is this device connected over MQTT now?"""
+        return self.protocol(device_id) is not None
 
 
 @dataclass(slots=True)

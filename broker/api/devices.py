@@ -41,8 +41,11 @@ def device_json(call: Call, device: Device, connection_info: bool = True) -> dic
         "lastUpdated": iso(device.updated_at),
     }
     if connection_info:
-        out["connectionInfo"] = {"connected": int(call.api.online(device.id)),
+        protocol = call.api.protocol(device.id)
+        out["connectionInfo"] = {"connected": int(protocol is not None),
                                  "time": iso(device.last_seen)}
+        if protocol is not None:
+            out["connectionInfo"]["protocol"] = f"MQTT {protocol}"
     return out
 
 

@@ -271,7 +271,7 @@ async def devices(page: Page) -> web.StreamResponse:
     number = _page_number(page)
     found, total = await page.console.keystore.page_devices(
         sort="deviceId", offset=number * PER_PAGE, limit=PER_PAGE, app=page.app_id)
-    online = {d.id: page.console.api.online(d.id) for d in found}
+    online = {d.id: page.console.api.protocol(d.id) for d in found}
     return page.render("devices.html", devices=found, total=total, online=online,
                        number=number, more=(number + 1) * PER_PAGE < total)
 
@@ -296,7 +296,7 @@ async def _device_page(page: Page, status: int = 200, **extra: Any) -> web.Respo
     keys_for = await page.console.keystore.list_keys({"deviceIds": device.id},
                                                      app=device.app_id)
     return page.render("device.html", status, device=device,
-                       online=page.console.api.online(device.id), keys=keys_for,
+                       online=page.console.api.protocol(device.id), keys=keys_for,
                        tags=", ".join(f"{k}={v}" for k, v in device.tags), **extra)
 
 

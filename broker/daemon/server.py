@@ -142,16 +142,18 @@ class BrokerServer:
         assert self.keystore is not None and self.audit is not None and self.broker is not None
         broker, settings = self.broker, self.settings
 
-        def online(device_id: str) -> bool:
+        def protocol(device_id: str) -> str | None:
             session = broker.registry.get(device_id)
-            return session is not None and session.online
+            if session is None or not session.online:
+                return None
+            return "5.0" if session.version == 5 else "3.1.1"
 
         def live_connections(key: str) -> int:
             return len(broker.registry.sessions_of_key(key))
 
         callers = Callers(self.keystore, guard, self.audit, settings.device_prefix)
         api = Api(settings=settings, keystore=self.keystore, audit=self.audit,
-                  callers=callers, publish=broker.inbound.accepted, online=online,
+                  callers=callers, publish=broker.inbound.accepted, protocol=protocol,
                   live_connections=live_connections, ready=self.readiness,
                   observability=self.observability)
         mounts = []

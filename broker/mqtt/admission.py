@@ -54,6 +54,8 @@ class Admission:
         self.caps = SourceCaps(settings.max_connections_per_source,
                                settings.max_unauthenticated_per_source, self._evicted)
         self.invalid: dict[str, int] = {}  # connections without a valid CONNECT, by kind
+        # CONNACKs sent, by (protocol level, code): accepted (0) and refused (metrics)
+        self.connacks: dict[tuple[int, int], int] = {}
         self._logged = PerSourceLimit(self._log_suppressed)  # log lines about CONNECTs
 
     def admit(self, info: ConnectionInfo) -> str | None:
@@ -108,6 +110,10 @@ class Admission:
         denials (``event: client ...: reason``), within the per-source limit."""
         self._log("connect_refused: client %s key %s from %s on %s: CONNACK %d %s", info,
                   _shown(client_id), _shown(key), info.client_ip, info.listener, code, reason)
+
+    def connack_sent(self, level: int, code: int) -> None:
+        key = (level, code)
+        self.connacks[key] = self.connacks.get(key, 0) + 1
 
     def flush_log(self) -> None:
         """Log the counts of lines held back in windows that are over (once a second)."""
@@ -180,6 +186,7 @@ class Admission:
             connection.link.write(
                 codec.connack5(False, code, self._reason(why)) if connect.level == 5
                 else codec.connack_packet(False, code))
+            self.connack_sent(connect.level if connect.level in (4, 5) else 0, code)
             return None
         return self._session(connect, info)
 

@@ -63,7 +63,6 @@ class KeyBroker(Broker):
         self._gate = ProxyGate(self._trusted, settings, audit)
         self.traffic = Traffic()  # broker.services.metrics: counted where the events happen
         self.connects_accepted = 0
-        self.connects_by_version: dict[int, int] = {}  # accepted, by protocol level
         self.connects_refused: dict[tuple[int, str], int] = {}  # (CONNACK code, reason)
         self.connack_latency = Buckets()
         self.flow_counters = FlowCounters()
@@ -248,6 +247,7 @@ class KeyBroker(Broker):
             self.connack_latency.observe(loop.time() - incoming.auth_started)
             counted = (code, reason)
             self.connects_refused[counted] = self.connects_refused.get(counted, 0) + 1
+            self.admission.connack_sent(incoming.version, code)
             self.admission.refused(connection.info, incoming.client_id,
                                    refusal.key if refusal else None, *counted)
             return
@@ -264,8 +264,7 @@ class KeyBroker(Broker):
                 link.write(codec.connack_packet(session.present, CONNECTION_ACCEPTED))
             self.connack_latency.observe(loop.time() - incoming.auth_started)
             self.connects_accepted += 1
-            self.connects_by_version[session.version] = (
-                self.connects_by_version.get(session.version, 0) + 1)
+            self.admission.connack_sent(session.version, 0)
             reader.idle_limit = session.keep_alive
             reader.version = session.version
             self.router.resume(session)

@@ -39,6 +39,9 @@ if TYPE_CHECKING:
     from broker.services.live import ChangeWatcher, FeedReader
     from keystore import KeyStore
 
+PROTOCOLS = {4: "3.1.1", 5: "5.0"}  # MQTT protocol levels, as metrics name them
+
+
 class LoopProbe(Periodic):
     """Event-loop lag: how late a timer fires, measured every ``interval`` seconds."""
 
@@ -144,6 +147,13 @@ class BrokerCollector(Collector):
         for reason, count in sorted(broker.admission.invalid.items()):
             refused.add_metric(["none", reason], count)  # no valid CONNECT at all
         yield refused
+        connacks = CounterMetricFamily(
+            "keybroker_connacks", "CONNACKs sent, by protocol (3.1.1, 5.0, or other for "
+            "an unsupported level) and return or reason code (0: accepted)",
+            labels=["protocol", "code"])
+        for (level, code), count in sorted(broker.admission.connacks.items()):
+            connacks.add_metric([PROTOCOLS.get(level, "other"), str(code)], count)
+        yield connacks
         yield broker.connack_latency.family(
             "keybroker_connect_seconds", "CONNECT read to CONNACK written")
         auth = broker.auth_plugin
