@@ -269,7 +269,11 @@ def parse_publish5(first: int, body: bytes) -> tuple[Publish, dict[int, Any]]:
         if packet_id == 0:
             raise MalformedPacket("packet id 0")
         offset += 2
-    props, offset = properties.decode(body, offset, properties.PUBLISH_PROPS)
+    if offset < len(body) and body[offset] == 0:  # no properties: the common case
+        props: dict[int, Any] = properties.NONE
+        offset += 1
+    else:
+        props, offset = properties.decode(body, offset, properties.PUBLISH_PROPS)
     return Publish(topic, body[offset:], qos, bool(first & 0x01), dup, packet_id), props
 
 

@@ -400,9 +400,10 @@ class MqttConnection:
                 topic = known
         elif not topic:
             return self.end(properties.PROTOCOL_ERROR, "no topic and no topic alias")
-        message = message_props(props)
-        code = self.inbound.publish_packet(session, self.link, packet._replace(topic=topic),
-                                           self, message)
+        if topic is not packet.topic:
+            packet = packet._replace(topic=topic)
+        code = self.inbound.publish_packet(session, self.link, packet, self,
+                                           message_props(props) if props else None)
         return not code or self.end(code)
 
     def _disconnect5(self, session: KeySession, body: bytes) -> bool:

@@ -99,6 +99,7 @@ class Router:
         ``origin`` its client id (No Local); ``retain`` the PUBLISH's flag (kept for
         subscriptions with Retain As Published); ``props`` its MQTT 5 properties."""
         plain: bytes | None = None  # the QoS 0 packet of MQTT 3.1.1, built once
+        plain5: bytes | None = None  # and of MQTT 5, for a message without properties
         sessions = self.sessions
         matched, more = self.subtree.match(mount + topic, origin)
         for client_id, packed in matched.items():
@@ -129,6 +130,12 @@ class Router:
                     plain = codec.publish_packet(topic.encode("utf-8", "surrogatepass"),
                                                  payload, 0, False)
                 packet: bytes | None = plain
+            elif props is None and not ids and not keep and not (
+                    session.limits is not None and session.limits.max_packet):
+                if plain5 is None:
+                    plain5 = codec.publish5(topic.encode("utf-8", "surrogatepass"), payload,
+                                            0, False)
+                packet = plain5
             else:
                 packet = self.publish_bytes(session, topic, payload, 0, keep, props=props,
                                             ids=ids)
@@ -246,9 +253,12 @@ class Router:
         if limits is not None and limits.receive_max < window:
             window = limits.receive_max  # the client's Receive Maximum (MQTT-4.9.0-2)
         outbox = session.outbox
+        v5 = session.version == 5
+        message_fits = not (v5 and limits is not None and limits.max_packet)
         for message in outbox.sendable(window, settings.max_session_bytes):
-            if session.version == 4 and message.props is None:
-                packet: bytes | None = codec.publish_packet(
+            if message.props is None and not message.sub_ids and message_fits:
+                encode = codec.publish5 if v5 else codec.publish_packet
+                packet: bytes | None = encode(
                     message.topic.encode("utf-8", "surrogatepass"), message.payload,
                     message.qos, message.retain, message.packet_id)
             else:

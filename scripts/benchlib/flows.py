@@ -66,6 +66,7 @@ class FlowSpec:
     sub_processes: int = 1  # subscribers are split over this many processes
     sub_clean_session: bool = True  # False: subscribers hold persistent sessions
     sub_port: int | None = None  # subscribers (and observer, idle) connect here; None: port
+    protocol: int = 4  # 4: MQTT 3.1.1, 5: MQTT 5.0 (every connection of the flow)
 
 
 class _Shared:
@@ -95,7 +96,7 @@ async def _connect(spec: FlowSpec, cred: Cred, port: int | None = None,
                    clean_session: bool = True) -> Client:
     client = Client(spec.host, port or spec.port)
     await client.connect(cred.client_id, cred.username, cred.password,
-                         clean_session=clean_session)
+                         clean_session=clean_session, protocol=spec.protocol)
     return client
 
 
@@ -214,8 +215,8 @@ async def _publisher_main(spec: FlowSpec, shared: _Shared, conn: Any) -> None:
     readers = [asyncio.create_task(_drain_acks(p, acks, stop, info)) for p in pubs]
     await _until(shared.go, time.monotonic() + spec.setup_timeout)
     fanout = max(1, len(spec.subscribers))
-    qos0 = publish_packet(spec.topic, payload, 0)
-    makers = [QosPublisher(spec.topic, payload, spec.qos or 1) for _ in pubs]
+    qos0 = publish_packet(spec.topic, payload, 0, protocol=spec.protocol)
+    makers = [QosPublisher(spec.topic, payload, spec.qos or 1, spec.protocol) for _ in pubs]
     burst = max(1, min(16, spec.window // 2))
     sent = 0
     index = 0

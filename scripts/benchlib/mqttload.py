@@ -1,4 +1,4 @@
-"""A small, fast MQTT 3.1.1 client for load generation (raw asyncio streams).
+"""A small, fast MQTT 3.1.1 and 5.0 client for load generation (raw asyncio streams).
 
 Only what the bench needs: CONNECT/CONNACK, SUBSCRIBE/SUBACK, PUBLISH (QoS 0/1/2) with
 PUBACK or PUBREC/PUBREL/PUBCOMP both ways, PINGREQ, DISCONNECT. Packets are encoded once
@@ -59,7 +59,11 @@ def connect_packet(
     *,
     keepalive: int = 60,
     clean_session: bool = True,
+    protocol: int = 4,
+    session_expiry: int = 0,
 ) -> bytes:
+    """CONNECT of MQTT 3.1.1 (``protocol`` 4) or 5.0 (5: a Session Expiry Interval, or
+    no property)."""
     flags = 0x02 if clean_session else 0
     payload = _utf8(client_id)
     if username is not None:
@@ -68,33 +72,40 @@ def connect_packet(
         if password is not None:
             flags |= 0x40
             payload += _utf8(password)
-    header = _utf8("MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive)
+    header = _utf8("MQTT") + bytes([protocol, flags]) + struct.pack("!H", keepalive)
+    if protocol == 5:
+        header += (b"\x05\x11" + struct.pack("!I", session_expiry)) if session_expiry \
+            else b"\x00"
     return _packet(CONNECT << 4, header + payload)
 
 
-def subscribe_packet(packet_id: int, filters: Iterable[tuple[str, int]]) -> bytes:
-    body = struct.pack("!H", packet_id)
+def subscribe_packet(packet_id: int, filters: Iterable[tuple[str, int]],
+                     protocol: int = 4) -> bytes:
+    body = struct.pack("!H", packet_id) + (b"\x00" if protocol == 5 else b"")
     for topic_filter, qos in filters:
         body += _utf8(topic_filter) + bytes([qos])
     return _packet((SUBSCRIBE << 4) | 0x02, body)
 
 
 def publish_packet(topic: str, payload: bytes, qos: int = 0, packet_id: int = 0, *,
-                   retain: bool = False) -> bytes:
+                   retain: bool = False, protocol: int = 4) -> bytes:
     if qos not in (0, 1, 2):
         raise ValueError("QoS must be 0, 1 or 2")
-    body = _utf8(topic) + (struct.pack("!H", packet_id) if qos else b"") + payload
+    body = (_utf8(topic) + (struct.pack("!H", packet_id) if qos else b"")
+            + (b"\x00" if protocol == 5 else b"") + payload)
     return _packet((PUBLISH << 4) | (qos << 1) | int(retain), body)
 
 
 class QosPublisher:
-    """PUBLISH QoS 1 or 2 packets for one topic/payload, differing only in the packet id."""
+    """PUBLISH QoS 1 or 2 packets for one topic/payload, differing only in the packet id
+    (MQTT 5: an empty property list after it)."""
 
-    def __init__(self, topic: str, payload: bytes, qos: int = 1) -> None:
+    def __init__(self, topic: str, payload: bytes, qos: int = 1, protocol: int = 4) -> None:
         head = _utf8(topic)
-        size = len(head) + 2 + len(payload)
+        props = b"\x00" if protocol == 5 else b""
+        size = len(head) + 2 + len(props) + len(payload)
         self._prefix = bytes([(PUBLISH << 4) | (qos << 1)]) + remaining_length(size) + head
-        self._payload = payload
+        self._payload = props + payload
         self._next = 0
 
     def next(self) -> bytes:
@@ -187,6 +198,7 @@ class Client:
         self._pending: list[tuple[int, int, bytes]] = []
         self._packet_id = 0
         self.session_present = False
+        self.protocol = 4  # set by connect()
 
     async def connect(
         self,
@@ -198,6 +210,7 @@ class Client:
         timeout: float = 10.0,
         clean_session: bool = True,
         source: str | None = None,
+        protocol: int = 4,
     ) -> float:
         """CONNECT (from local address ``source`` when given, e.g. 127.0.0.7); returns
         the seconds from CONNECT written to CONNACK read. ``session_present`` is set."""
@@ -206,11 +219,13 @@ class Client:
                                     local_addr=(source, 0) if source else None), timeout
         )
         started = time.perf_counter()
-        self.writer.write(connect_packet(client_id, username, password, keepalive=keepalive,
-                                         clean_session=clean_session))
+        self.protocol = protocol
+        self.writer.write(connect_packet(
+            client_id, username, password, keepalive=keepalive, clean_session=clean_session,
+            protocol=protocol, session_expiry=0 if clean_session else 86_400))
         ptype, _, body = await self.expect(CONNACK, timeout)
         elapsed = time.perf_counter() - started
-        if len(body) != 2:
+        if len(body) < 2 or (protocol != 5 and len(body) != 2):
             raise MqttError(f"malformed CONNACK {body!r}")
         if body[1]:
             await self.close()
@@ -272,7 +287,8 @@ class Client:
         for start in range(0, len(filters), batch):
             chunk = filters[start:start + batch]
             packet_id = self.next_packet_id()
-            self.writer.write(subscribe_packet(packet_id, [(f, qos) for f in chunk]))
+            self.writer.write(subscribe_packet(packet_id, [(f, qos) for f in chunk],
+                                               self.protocol))
             sent.append((packet_id, len(chunk)))
             if len(sent) % 20 == 0:
                 await self.writer.drain()
@@ -281,7 +297,8 @@ class Client:
         deadline = time.monotonic() + timeout
         while len(granted) < len(sent):
             _, _, body = await self.expect(SUBACK, max(0.01, deadline - time.monotonic()))
-            granted[int.from_bytes(body[:2], "big")] = body[2:]
+            codes_at = 2 + (1 + body[2] if self.protocol == 5 else 0)  # MQTT 5: properties
+            granted[int.from_bytes(body[:2], "big")] = body[codes_at:]
         codes: list[int] = []
         for packet_id, count in sent:
             got = granted[packet_id]
