@@ -94,6 +94,7 @@ class MqttConnection:
         session = self.session
         if reason == "idle" and session is not None and session.version == 5:
             self.link.write(codec.disconnect5(properties.KEEP_ALIVE_TIMEOUT))
+            self.link.flush()
         self.link.abort()
 
     async def serve(self, session: KeySession) -> None:
@@ -279,9 +280,14 @@ class MqttConnection:
                 if self.link.is_closing():  # kicked or taken over meanwhile
                     return False
                 session = self.session
-                if session is not None and session.congestion is not None:
-                    # Others now wait for this client's acknowledgements: read on.
-                    return self._run_held(force=True) and not self.clean_exit
+                if session is not None and session.congestion is not None and \
+                        not self.clean_exit:
+                    # Others now wait for this client's acknowledgements: read on, up to
+                    # the larger hold (what it holds is forced through past that).
+                    limit = self.inbound.settings.max_session_bytes
+                    if self.held_bytes < self._hold_limit(limit):
+                        return True
+                    return self._run_held(force=True)
                 self.wake = loop.create_future()
                 # Woken by resume(); the timeout notices a connection ended meanwhile.
                 await asyncio.wait((self.wake,), timeout=CLOSED_POLL)
