@@ -1,11 +1,12 @@
-"""The keystore's backend seam: what a storage engine must do, one transaction per call.
+"""What KeyStore asks of its storage, one transaction per call.
 
-``KeyStore`` (keystore.store) validates every input and applies the rules; a backend
-stores and reads, atomically, and raises the keystore's errors (NotFoundError,
-ConflictError, LimitError, ValidationError for what only the database can know, such as
-an unknown device id in a key's restriction). The SQLite backend (keystore.sqlite) is
-the embedded default; the PostgreSQL backend (keystore.postgres) fulfils the same
-protocol for a shared server, and raises UnavailableError while it cannot reach it.
+``KeyStore`` (keystore.store) validates every input; the backend stores and reads,
+atomically, checks what only the database can know (a name taken, a limit reached, an
+unknown device id in a key's restriction) and raises the keystore's errors
+(NotFoundError, ConflictError, LimitError, ValidationError; UnavailableError while a
+database server cannot be reached). Its one implementation is keystore.sql.SqlBackend,
+written once over a dialect (keystore.sql.dialect): an SQLite file (keystore.sqlite, the
+embedded default) or a PostgreSQL database (keystore.postgres).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""What a write will change, worked out in Python before any backend runs SQL for it.
+"""What a write will change, worked out in Python before any SQL runs for it.
 
-Both backends call these with what they read inside their transaction, so the rules
-(what an upsert rewrites, which tags an untag removes, how a key row is stored) exist
-once; the backends only differ in how they send rows.
+keystore.sql calls these with what it read inside its transaction, so that the rules
+(what an upsert rewrites, which tags an untag removes, how a key row is stored, the
+limits) stand apart from the statements that carry them out.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""KeyStore: the keystore's API, by resource (applications, devices, keys, change feed), over one
-backend (keystore.backend): an SQLite file (keystore.sqlite, the default) or, named by a
-``postgresql://`` URL, a PostgreSQL database (keystore.postgres).
+"""KeyStore: the keystore's API, by resource (applications, devices, keys, change feed), over
+its one backend (keystore.sql) in the dialect of an SQLite file (keystore.sqlite, the
+default) or, named by a ``postgresql://`` URL, of a PostgreSQL database (keystore.postgres).
 
 Every public operation is one backend transaction and validates its whole input first,
 so a refused call writes nothing.
@@ -16,17 +16,18 @@ from collections.abc import Generator
 from types import TracebackType
 from typing import Any, Self
 
-from keystore.apps import DEFAULT_APP
+from keystore.apps import DEFAULT_APP, validate_max_keys
 from keystore.backend import Backend
 from keystore.connect import ConnectResolver, Lru
 from keystore.connections import SCOPE_CACHE, ConnectionOps
+from keystore.defaults import DEFAULT_DEVICE_PREFIX, DEFAULT_POOL_SIZE, DEFAULT_STATEMENT_TIMEOUT
 from keystore.devices import DeviceOps
-from keystore.errors import ValidationError
 from keystore.feed import FeedOps
 from keystore.keys import KeyOps
 from keystore.location import is_url
-from keystore.postgres import DEFAULT_POOL_SIZE, DEFAULT_STATEMENT_TIMEOUT
-from keystore.sqlite.backend import SqliteBackend
+from keystore.sql.backend import SqlBackend
+from keystore.sql.dialect import Dialect
+from keystore.sqlite.dialect import SqliteDialect
 from keystore.tokens import TokenOps
 from keystore.topics import validate_device_prefix
 
@@ -49,9 +50,9 @@ class KeyStore(DeviceOps, KeyOps, TokenOps, FeedOps, ConnectionOps):
 
     @classmethod
     def open(
-        cls, target: str | os.PathLike[str], *, device_prefix: str = "losant", max_keys: int = 0,
-        pool_size: int = DEFAULT_POOL_SIZE, statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT,
-        create: bool = True,
+        cls, target: str | os.PathLike[str], *, device_prefix: str = DEFAULT_DEVICE_PREFIX,
+        max_keys: int = 0, pool_size: int = DEFAULT_POOL_SIZE,
+        statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT, create: bool = True,
     ) -> Opener:
         """Open (creating and migrating if needed) the keystore at ``target``: an SQLite
         file path, or a ``postgresql://user@host:port/dbname`` URL (then ``pool_size``
@@ -82,20 +83,19 @@ class Opener:
         self._store: KeyStore | None = None
 
     async def _open(self) -> KeyStore:
-        target, device_prefix, max_keys, pool_size, statement_timeout, create = self._args
-        if not isinstance(max_keys, int) or max_keys < 0:
-            raise ValidationError(f"invalid max_keys {max_keys!r}: must be 0 (no limit) or more")
+        target, device_prefix, max_keys, pool_size, timeout, create = self._args
+        validate_max_keys(max_keys)
         validate_device_prefix(device_prefix)
-        backend: Backend
+        db: Dialect
         if is_url(target):
             # Imported here: asyncpg costs every SQLite user (each CLI call) its load time.
-            from keystore.postgres.backend import PostgresBackend
+            from keystore.postgres.dialect import PostgresDialect
 
-            backend = await PostgresBackend.open(target, pool_size=pool_size,
-                                                 statement_timeout=statement_timeout)
+            db = await PostgresDialect.open(target, pool_size=pool_size,
+                                            statement_timeout=timeout)
         else:
-            backend = await SqliteBackend.open(target, create=create)
-        return KeyStore(backend, device_prefix=device_prefix, max_keys=max_keys)
+            db = await SqliteDialect.open(target, create=create)
+        return KeyStore(SqlBackend(db), device_prefix=device_prefix, max_keys=max_keys)
 
     def __await__(self) -> Generator[Any, None, KeyStore]:
         return self._open().__await__()
