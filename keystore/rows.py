@@ -137,14 +137,15 @@ def row_to_key(row: Sequence[Any]) -> AccessKey:
     )
 
 
-APP_COLUMNS = "a.id, a.name, a.description, a.max_keys, a.created_at, a.updated_at"
+APP_COLUMNS = ("a.id, a.name, a.description, a.max_keys, a.created_at, a.updated_at, "
+               "a.max_devices")
 
 
 def row_to_app(row: Sequence[Any]) -> Application:
     created, updated = from_micros(row[4]), from_micros(row[5])
     assert created is not None and updated is not None
     return Application(id=row[0], name=row[1], description=row[2], max_keys=row[3],
-                       created_at=created, updated_at=updated)
+                       max_devices=row[6], created_at=created, updated_at=updated)
 
 
 def row_to_device(row: Sequence[Any]) -> Device:

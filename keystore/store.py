@@ -16,7 +16,7 @@ from collections.abc import Generator
 from types import TracebackType
 from typing import Any, Self
 
-from keystore.apps import DEFAULT_APP, validate_max_keys
+from keystore.apps import DEFAULT_APP, validate_limit
 from keystore.backend import Backend
 from keystore.connect import ConnectResolver, Lru
 from keystore.connections import SCOPE_CACHE, ConnectionOps
@@ -33,10 +33,13 @@ from keystore.topics import validate_device_prefix
 
 
 class KeyStore(DeviceOps, KeyOps, TokenOps, FeedOps, ConnectionOps):
-    def __init__(self, backend: Backend, *, device_prefix: str, max_keys: int) -> None:
+    def __init__(self, backend: Backend, *, device_prefix: str, max_keys: int,
+                 max_devices: int = 0) -> None:
         self.backend = backend
         self.device_prefix = device_prefix
-        self.max_keys = max_keys  # the key limit of applications that set none
+        # The limits of applications that set none (keystore.apps).
+        self.max_keys = max_keys
+        self.max_devices = max_devices
         self.default_app = DEFAULT_APP
         self._resolver = ConnectResolver(backend)
         self._scopes = Lru(SCOPE_CACHE)
@@ -51,17 +54,19 @@ class KeyStore(DeviceOps, KeyOps, TokenOps, FeedOps, ConnectionOps):
     @classmethod
     def open(
         cls, target: str | os.PathLike[str], *, device_prefix: str = DEFAULT_DEVICE_PREFIX,
-        max_keys: int = 0, pool_size: int = DEFAULT_POOL_SIZE,
+        max_keys: int = 0, max_devices: int = 0, pool_size: int = DEFAULT_POOL_SIZE,
         statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT, create: bool = True,
     ) -> Opener:
         """Open (creating and migrating if needed) the keystore at ``target``: an SQLite
         file path, or a ``postgresql://user@host:port/dbname`` URL (then ``pool_size``
         connections at most, each statement cancelled after ``statement_timeout`` s).
-        ``create=False``: a missing or empty SQLite file is a NotFoundError, not a new
-        keystore (a PostgreSQL database is made by its administrator; keybroker creates
-        its tables). A file that is not a keystore is refused either way, unchanged."""
-        return Opener(os.fspath(target), device_prefix, max_keys, pool_size, statement_timeout,
-                      create)
+        ``max_keys``, ``max_devices``: the limits of applications that set none (0: no
+        limit). ``create=False``: a missing or empty SQLite file is a NotFoundError, not a
+        new keystore (a PostgreSQL database is made by its administrator; keybroker
+        creates its tables). A file that is not a keystore is refused either way,
+        unchanged."""
+        return Opener(os.fspath(target), device_prefix, (max_keys, max_devices), pool_size,
+                      statement_timeout, create)
 
     async def close(self) -> None:
         await self.backend.close()
@@ -77,14 +82,15 @@ class Opener:
     """Result of KeyStore.open: use ``async with`` (closes on exit) or ``await`` it
     (then call ``await ks.close()``)."""
 
-    def __init__(self, target: str, device_prefix: str, max_keys: int, pool_size: int,
-                 statement_timeout: float, create: bool) -> None:
-        self._args = (target, device_prefix, max_keys, pool_size, statement_timeout, create)
+    def __init__(self, target: str, device_prefix: str, limits: tuple[int, int],
+                 pool_size: int, statement_timeout: float, create: bool) -> None:
+        self._args = (target, device_prefix, limits, pool_size, statement_timeout, create)
         self._store: KeyStore | None = None
 
     async def _open(self) -> KeyStore:
-        target, device_prefix, max_keys, pool_size, timeout, create = self._args
-        validate_max_keys(max_keys)
+        target, device_prefix, (max_keys, max_devices), pool_size, timeout, create = self._args
+        validate_limit(max_keys, "max_keys")
+        validate_limit(max_devices, "max_devices")
         validate_device_prefix(device_prefix)
         db: Dialect
         if is_url(target):
@@ -95,7 +101,8 @@ class Opener:
                                             statement_timeout=timeout)
         else:
             db = await SqliteDialect.open(target, create=create)
-        return KeyStore(SqlBackend(db), device_prefix=device_prefix, max_keys=max_keys)
+        return KeyStore(SqlBackend(db), device_prefix=device_prefix, max_keys=max_keys,
+                        max_devices=max_devices)
 
     def __await__(self) -> Generator[Any, None, KeyStore]:
         return self._open().__await__()

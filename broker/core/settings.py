@@ -70,6 +70,7 @@ class Settings:
     db_pool_size: int = DEFAULT_POOL_SIZE  # connections to PostgreSQL at most (per process)
     db_statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT  # seconds a statement may run
     max_keys: int = 0
+    max_devices: int = 0
     device_prefix: str = DEFAULT_DEVICE_PREFIX
     denied_publish: str = "drop"
     # MQTT 5 (docs/mqtt5.md): what the broker announces in CONNACK and holds clients to.
@@ -191,7 +192,8 @@ class Settings:
         """``KeyStore.open`` on this keystore with its settings (``async with`` it);
         ``create=False`` for a command that must not make a new one."""
         return KeyStore.open(self.keystore_target, device_prefix=self.device_prefix,
-                             max_keys=self.max_keys, pool_size=self.db_pool_size,
+                             max_keys=self.max_keys, max_devices=self.max_devices,
+                             pool_size=self.db_pool_size,
                              statement_timeout=self.db_statement_timeout, create=create)
 
 
@@ -203,6 +205,7 @@ PLACES: dict[str, tuple[str, str]] = {
     "db_pool_size": ("keystore", "pool_size"),
     "db_statement_timeout": ("keystore", "statement_timeout"),
     "max_keys": ("keystore", "max_keys"),
+    "max_devices": ("keystore", "max_devices"),
     "device_prefix": ("mqtt", "device_prefix"),
     "denied_publish": ("mqtt", "denied_publish"),
     "receive_maximum": ("mqtt", "receive_maximum"),

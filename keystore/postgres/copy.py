@@ -31,7 +31,8 @@ CHUNK = 10_000  # rows per COPY
 
 # In the order foreign keys need; columns as both backends name them.
 TABLES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("applications", ("id", "name", "description", "max_keys", "created_at", "updated_at")),
+    ("applications", ("id", "name", "description", "max_keys", "max_devices", "created_at",
+                      "updated_at")),
     ("devices", ("id", "name", "created_at", "updated_at", "connected", "last_seen", "app_id")),
     ("device_tags", ("device_id", "key", "value", "app_id")),
     ("access_keys", ("key", "salt", "secret_hash", "name", "description", "status",

@@ -16,17 +16,17 @@ from keystore.sql.base import SqlBase
 
 
 class SqlApps(SqlBase):
-    async def insert_app(self, name: str, description: str | None,
-                         max_keys: int | None) -> Application:
+    async def insert_app(self, name: str, description: str | None, max_keys: int | None,
+                         max_devices: int | None) -> Application:
         now = now_micros()
         async with self.db.transaction() as tx:
             if await tx.value("SELECT 1 FROM applications WHERE name = $1", name):
                 raise ConflictError(f"application name {name!r} is already used")
             app_id = credentials.new_object_id()
             await tx.execute(
-                "INSERT INTO applications (id, name, description, max_keys, created_at, "
-                "updated_at) VALUES ($1, $2, $3, $4, $5, $5)",
-                app_id, name, description, max_keys, now)
+                "INSERT INTO applications (id, name, description, max_keys, max_devices, "
+                "created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $6)",
+                app_id, name, description, max_keys, max_devices, now)
             return await self._load_app(tx, app_id)
 
     async def load_app(self, ref: str) -> Application:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
-from keystore import lookup
+from keystore import lookup, plans
 from keystore.errors import NotFoundError
 from keystore.models import AccessKey, Application, Device
 from keystore.rows import KeyParser, row_to_app, row_to_device, row_to_key
@@ -81,11 +81,13 @@ class SqlBase:
             f"WHERE {self.spelling.in_list('k.key', 1)}", self.spelling.list_param(list(keys)))
         return {(loaded := row_to_key(row)).key: loaded for row in rows}
 
-    async def _held(self, tx: Transaction, table: str, app_id: str) -> int:
-        """How many rows of ``table`` an application holds, for a limit a write checks.
-        Its row is locked first where writers run side by side (PostgreSQL), so that two
-        of them cannot both pass the limit."""
-        await tx.execute(
-            f"SELECT 1 FROM applications WHERE id = $1{self.spelling.row_lock('UPDATE')}",
+    async def _check_limit(self, tx: Transaction, noun: str, table: str, app_id: str,
+                           limit: int, adding: int) -> None:
+        """The application's limit of ``noun``s (rows of ``table``) holds with ``adding``
+        more (keystore.plans.check_limit). Its row is locked first where writers run
+        side by side (PostgreSQL), so that two of them cannot both pass the limit."""
+        name = await tx.value(
+            f"SELECT name FROM applications WHERE id = $1{self.spelling.row_lock('UPDATE')}",
             app_id)
-        return int(await tx.value(f"SELECT count(*) FROM {table} WHERE app_id = $1", app_id))
+        existing = await tx.value(f"SELECT count(*) FROM {table} WHERE app_id = $1", app_id)
+        plans.check_limit(noun, str(name), limit, int(existing), adding)

@@ -24,22 +24,30 @@ TAG_ROW = ("device_id", "key", "value", "app_id")
 
 class SqlDevices(SqlBase):
     async def insert_device(self, app_id: str, device_id: str, name: str | None,
-                            tags: tuple[Tag, ...]) -> Device:
+                            tags: tuple[Tag, ...], max_devices: int) -> Device:
         now = now_micros()
         async with self.db.transaction() as tx:
             plans.check_new_device(device_id, await self._device_app(tx, device_id), app_id)
+            if max_devices:
+                await self._check_limit(tx, "device", "devices", app_id, max_devices, 1)
             await tx.insert_rows("devices", DEVICE_ROW, [(device_id, name, now, now, app_id)])
             await self._add_tags(tx, app_id, [(device_id, k, v) for k, v in tags])
             return await self._load_device(tx, app_id, device_id)
 
     async def upsert_devices(self, app_id: str,
-                             wanted: Mapping[str, tuple[str | None, frozenset[Tag]]]) -> int:
+                             wanted: Mapping[str, tuple[str | None, frozenset[Tag]]],
+                             max_devices: int) -> int:
+        """Plan every batch first, so that the device limit sees all the new devices
+        before anything is written."""
         now = now_micros()
         ids = list(wanted)
         async with self.db.transaction() as tx:
             upserts = [await self._plan_upsert(tx, app_id, ids[start:start + UPSERT_BATCH],
                                                wanted, now)
                        for start in range(0, len(ids), UPSERT_BATCH)]
+            new = sum(len(plan.new_devices) for plan in upserts)
+            if max_devices and new:
+                await self._check_limit(tx, "device", "devices", app_id, max_devices, new)
             for plan in upserts:
                 await tx.insert_rows("devices", DEVICE_ROW,
                                      [(*row, app_id) for row in plan.new_devices])

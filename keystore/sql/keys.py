@@ -36,8 +36,7 @@ class SqlKeys(SqlBase):
         names = [s.name for s in specs if s.name is not None]
         async with self.db.transaction() as tx:
             if max_keys:
-                existing = await self._held(tx, "access_keys", app_id)
-                plans.check_key_limit(max_keys, existing, len(specs))
+                await self._check_limit(tx, "key", "access_keys", app_id, max_keys, len(specs))
             missing = await self._missing_devices(
                 tx, app_id, tuple(dict.fromkeys(d for s in specs for d in s.device_ids)))
             if missing:

@@ -318,7 +318,13 @@ _V9 = [
     "CREATE INDEX credential_checks_by_key ON credential_checks (key)",
 ]
 
-MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9]
+# An application's device limit, beside its key limit: NULL (every application made
+# before, and "default") follows the configured [keystore] max_devices.
+_V10 = [
+    "ALTER TABLE applications ADD COLUMN max_devices INTEGER",
+]
+
+MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9, _V10]
 SCHEMA_VERSION = len(MIGRATIONS)
 # Steps that rebuild a table others reference: foreign keys are off while they run (a
 # PRAGMA that only works outside a transaction), and checked before they commit.
