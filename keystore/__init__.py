@@ -5,6 +5,12 @@ async with KeyStore.open(path_or_postgresql_url) as ks:
     key, secret = await ks.create_key(device_tags=["floor=1"])
 """
 
+from keystore.defaults import (
+    DEFAULT_CHANGE_POLL_INTERVAL,
+    DEFAULT_DEVICE_PREFIX,
+    DEFAULT_POOL_SIZE,
+    DEFAULT_STATEMENT_TIMEOUT,
+)
 from keystore.errors import (
     ConfigError,
     ConflictError,
@@ -26,6 +32,10 @@ from keystore.validation import (
 )
 
 __all__ = [
+    "DEFAULT_CHANGE_POLL_INTERVAL",
+    "DEFAULT_DEVICE_PREFIX",
+    "DEFAULT_POOL_SIZE",
+    "DEFAULT_STATEMENT_TIMEOUT",
     "UNSET",
     "AccessKey",
     "AddressMode",

@@ -1,11 +1,14 @@
 """Applications (tenants): every device and key belongs to exactly one; an operation on
 devices or keys names its application (id or name; None = the one named "default").
 
-An application's key limit (``max_keys``, ``maxKeys`` in JSON) is one integer, 0 for no
-limit, as Losant's schemas type their numbers (never null): an application made without
-one gets the configured ``[keystore] max_keys``. Only the ``default`` application, made
-by the migrations, stores none (NULL) and follows the configured limit: every application
-this module returns carries the limit in force.
+An application has two limits of the same shape: how many keys (``max_keys``,
+``maxKeys`` in JSON) and how many devices (``max_devices``, ``maxDevices``) it may hold.
+Each is one integer, 0 for no limit, as Losant's schemas type their numbers (never
+null): an application made without one gets the configured ``[keystore] max_keys`` /
+``max_devices``. Only an application that never set one stores none (NULL: ``default``,
+made by the migrations, and, for devices, every application older than the device
+limit), and follows the configured limit: every application this module returns
+carries the limits in force.
 """
 
 from __future__ import annotations
@@ -33,16 +36,17 @@ def validate_app_name(name: object) -> str:
     return checked
 
 
-def validate_max_keys(value: object) -> int:
-    """0 (no limit) or a positive count."""
+def validate_limit(value: object, name: str) -> int:
+    """A limit (``name``: max_keys, max_devices): 0 (no limit) or a positive count."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValidationError(f"invalid max_keys {value!r}: must be 0 (no limit) or more")
+        raise ValidationError(f"invalid {name} {value!r}: must be 0 (no limit) or more")
     return value
 
 
 class AppOps:
     backend: Backend
-    max_keys: int
+    max_keys: int  # the limits of applications that set none
+    max_devices: int
     default_app: str  # the application of calls that name none (name or id)
 
     async def app(self, ref: str | None = None) -> Application:
@@ -53,11 +57,13 @@ class AppOps:
             await self.backend.load_app(self.default_app if ref is None else ref))
 
     async def create_app(self, name: str, *, description: str | None = None,
-                         max_keys: int | None | Any = ...) -> Application:
-        """A new application; ``max_keys`` defaults to the keystore's configured limit."""
-        limit = self.max_keys if max_keys is ... else validate_max_keys(max_keys)
+                         max_keys: int | Any = ..., max_devices: int | Any = ...) -> Application:
+        """A new application; a limit left out is the keystore's configured one."""
+        keys = self.max_keys if max_keys is ... else validate_limit(max_keys, "max_keys")
+        devices = (self.max_devices if max_devices is ...
+                   else validate_limit(max_devices, "max_devices"))
         app = await self.backend.insert_app(validate_app_name(name),
-                                            validate_description(description), limit)
+                                            validate_description(description), keys, devices)
         log.info("created application %s (%s)", app.name, app.id)
         return self._in_force(app)
 
@@ -65,7 +71,7 @@ class AppOps:
         return [self._in_force(app) for app in await self.backend.all_apps()]
 
     async def update_app(self, ref: str, *, name: Any = ..., description: Any = ...,
-                         max_keys: Any = ...) -> Application:
+                         max_keys: Any = ..., max_devices: Any = ...) -> Application:
         """Change the given fields (``...`` leaves one alone)."""
         changes: dict[str, Any] = {}
         if name is not ...:
@@ -73,7 +79,9 @@ class AppOps:
         if description is not ...:
             changes["description"] = validate_description(description)
         if max_keys is not ...:
-            changes["max_keys"] = validate_max_keys(max_keys)
+            changes["max_keys"] = validate_limit(max_keys, "max_keys")
+        if max_devices is not ...:
+            changes["max_devices"] = validate_limit(max_devices, "max_devices")
         return self._in_force(await self.backend.change_app(ref, changes))
 
     async def delete_apps(self, refs: Iterable[str]) -> list[Application]:
@@ -86,6 +94,11 @@ class AppOps:
     def key_limit(self, app: Application) -> int:
         return self.max_keys if app.max_keys is None else app.max_keys
 
+    def device_limit(self, app: Application) -> int:
+        return self.max_devices if app.max_devices is None else app.max_devices
+
     def _in_force(self, app: Application) -> Application:
-        """``app`` with the key limit that applies to it (see the module's docstring)."""
-        return app if app.max_keys is not None else replace(app, max_keys=self.key_limit(app))
+        """``app`` with the limits that apply to it (see the module's docstring)."""
+        if app.max_keys is not None and app.max_devices is not None:
+            return app
+        return replace(app, max_keys=self.key_limit(app), max_devices=self.device_limit(app))

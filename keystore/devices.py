@@ -29,12 +29,13 @@ class DeviceOps(AppOps):
         app: str | None = None,
     ) -> Device:
         """A new device; its id must not exist in any application (it is the MQTT
-        client id, unique across the broker)."""
+        client id, unique across the broker). The application's device limit applies."""
         device_id = validate_device_id(device_id)
         name = validate_key_name(name, "device name")
         pairs = validate_tags(tags)
-        return await self.backend.insert_device((await self.app(app)).id, device_id, name,
-                                                pairs)
+        owner = await self.app(app)
+        return await self.backend.insert_device(owner.id, device_id, name, pairs,
+                                                self.device_limit(owner))
 
     async def upsert_devices(
         self, items: Iterable[tuple[str, str | None, Iterable[Tag | str]]],
@@ -42,7 +43,8 @@ class DeviceOps(AppOps):
     ) -> int:
         """Insert new devices and bring existing ones to the given name and tag set.
         Idempotent: re-running the same seed changes nothing. Returns how many devices
-        were created or changed."""
+        were created or changed. The application's device limit applies to the new ones:
+        past it, nothing is written."""
         wanted: dict[str, tuple[str | None, frozenset[Tag]]] = {}
         for item in items:
             try:
@@ -58,7 +60,8 @@ class DeviceOps(AppOps):
                 validate_key_name(name, "device name"),
                 frozenset(validate_tags(tags)),
             )
-        touched = await self.backend.upsert_devices((await self.app(app)).id, wanted)
+        owner = await self.app(app)
+        touched = await self.backend.upsert_devices(owner.id, wanted, self.device_limit(owner))
         log.info("upserted %d devices (%d created or changed)", len(wanted), touched)
         return touched
 

@@ -7,13 +7,13 @@ its key of at least ``MIN_PREFIX_LEN`` hex characters. A whole id or key always 
 that thing, whatever else is named like it; otherwise the reference must name exactly
 one thing, and an ambiguous one is refused with the candidates listed on one line.
 
-``Lookup.sql`` is the one statement both backends run, written with numbered parameters
-(SQLite ``?N``, PostgreSQL ``$N``); ``Lookup.params`` are its values and ``Lookup.pick``
-applies the rule to the rows it returns.
+``Lookup.sql`` is the one statement both databases run (numbered parameters ``$N``, as every
+statement of keystore.sql); ``Lookup.params`` are its values and ``Lookup.pick`` applies
+the rule to the rows it returns.
 """
 
-# SQL text here is assembled only from the constants below and a parameter sign; every
-# value is a bound parameter.
+# SQL text here is assembled only from the constants below; every value is a bound
+# parameter.
 # ruff: noqa: S608
 
 from __future__ import annotations
@@ -40,24 +40,24 @@ class Lookup:
     prefix: str | None = None  # a lowercase-hex column a reference may be a prefix of
     scope: str | None = None  # the application column, when names are unique within one
 
-    def sql(self, mark: str, columns: str) -> str:
+    def sql(self, columns: str) -> str:
         """SELECT (whole id?), label, name, ``columns`` of the things a reference may
-        name; ``mark`` is the dialect's numbered-parameter sign. Parameters: 1 the
+        name. Parameters: 1 the
         reference, 2 it in lowercase, 3 the application (scoped lookups), then the
         prefix range [low, high) (prefix lookups). Each alternative is one index lookup
         (the scope is repeated in each so that the planner can see that)."""
-        whole = " OR ".join(f"{column} = {mark}2" for column in self.ids)
-        terms = [*(f"{column} = {mark}2" for column in self.ids), f"{self.name} = {mark}1"]
+        whole = " OR ".join(f"{column} = $2" for column in self.ids)
+        terms = [*(f"{column} = $2" for column in self.ids), f"{self.name} = $1"]
         after = 3
         if self.scope is not None:
-            terms = [f"{self.scope} = {mark}3 AND {term}" for term in terms]
+            terms = [f"{self.scope} = $3 AND {term}" for term in terms]
             after = 4
         if self.prefix is not None:
             # "|| ''" keeps the planner off the application's index for this term: a
             # range of the primary key reads a few rows, the application's index all of
             # its keys.
-            terms.append(f"{self.prefix} >= {mark}{after} AND {self.prefix} < {mark}{after + 1}"
-                         + (f" AND {self.scope} || '' = {mark}3" if self.scope else ""))
+            terms.append(f"{self.prefix} >= ${after} AND {self.prefix} < ${after + 1}"
+                         + (f" AND {self.scope} || '' = $3" if self.scope else ""))
         where = " OR ".join(f"({term})" for term in terms)
         return (f"SELECT ({whole}), {self.label}, {self.name}, {columns} FROM {self.table} "
                 f"WHERE {where} ORDER BY 1 DESC, 2 LIMIT {LISTED + 1}")

@@ -72,9 +72,11 @@ class Application:
     id: str  # 24 hex characters, like Losant's ids
     name: str
     description: str | None
-    # 0: no limit. None only as stored for an old keystore's "default": the configured
-    # limit, which KeyStore puts in its place (keystore.apps).
+    # 0: no limit. None only as stored for an application that set none (the "default"
+    # one, and those older than the device limit): the configured limit, which KeyStore
+    # puts in its place (keystore.apps).
     max_keys: int | None
+    max_devices: int | None  # the same, for devices
     created_at: datetime
     updated_at: datetime
 
@@ -85,6 +87,7 @@ class Application:
             "name": self.name,
             "description": self.description,
             "maxKeys": self.max_keys,
+            "maxDevices": self.max_devices,
             "creationDate": iso(self.created_at),
             "lastUpdated": iso(self.updated_at),
         }

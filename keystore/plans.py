@@ -1,8 +1,8 @@
-"""What a write will change, worked out in Python before any backend runs SQL for it.
+"""What a write will change, worked out in Python before any SQL runs for it.
 
-Both backends call these with what they read inside their transaction, so the rules
-(what an upsert rewrites, which tags an untag removes, how a key row is stored) exist
-once; the backends only differ in how they send rows.
+keystore.sql calls these with what it read inside its transaction, so that the rules
+(what an upsert rewrites, which tags an untag removes, how a key row is stored, the
+limits) stand apart from the statements that carry them out.
 """
 
 from __future__ import annotations
@@ -101,11 +101,12 @@ def device_edit(before: Device, name: Any, tags: tuple[Tag, ...] | None) -> Devi
                       [(before.id, k, v) for k, v in set(tags) - set(before.tags)])
 
 
-def check_key_limit(max_keys: int, existing: int, adding: int) -> None:
-    if max_keys and existing + adding > max_keys:
-        raise LimitError(
-            f"key limit of {max_keys} reached: {existing} keys exist in the "
-            f"application, cannot create {adding} more")
+def check_limit(noun: str, app_name: str, limit: int, existing: int, adding: int) -> None:
+    """An application's limit of ``noun``s (keys, devices; 0: none) holds after
+    ``adding`` more to the ``existing`` ones."""
+    if limit and existing + adding > limit:
+        raise LimitError(f"{noun} limit of {limit} reached in application {app_name!r}: "
+                         f"it holds {existing}, cannot add {adding} more")
 
 
 def doomed_tags(device: Device, specs: list[UntagSpec]) -> set[Tag]:

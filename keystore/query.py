@@ -37,13 +37,13 @@ value reaches the database only as a bound parameter. Pattern operators are
 case-sensitive like $eq, with the user's text escaped so that wildcards in a
 $startsWith/$endsWith/$contains value are literal characters.
 
-Dialects: the same query compiles for SQLite (``?`` parameters, GLOB, ``json_each``) and
+Dialects: the same query compiles for SQLite (``?N`` parameters, GLOB, ``json_each``) and
 PostgreSQL (``$n`` parameters, LIKE with backslash escapes, ``jsonb_array_elements_text``
 in the "C" collation, so text compares by code point as in SQLite).
 """
 
 # SQL text in this module is assembled only from constants, whitelisted names and
-# '?' placeholder counts; every value is a bound parameter.
+# numbered placeholders; every value is a bound parameter.
 # ruff: noqa: S608
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def _pg_pattern(op: str, text: str) -> str:
             "$contains": f"%{literal}%"}[op]
 
 
-SQLITE = Dialect("sqlite", lambda n: "?", "GLOB", _glob, like_to_glob,
+SQLITE = Dialect("sqlite", lambda n: f"?{n}", "GLOB", _glob, like_to_glob,
                  "SELECT value AS v FROM json_each({})")
 POSTGRES = Dialect("postgresql", lambda n: f"${n}", "LIKE", _pg_pattern, _pg_like,
                    'SELECT jsonb_array_elements_text({}) COLLATE "C" AS v')

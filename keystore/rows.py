@@ -1,6 +1,6 @@
-"""The stored forms every backend shares, and rows back to models.
+"""The stored forms both databases share, and rows back to models.
 
-Both backends store the same values the same way, so one mapping serves them and a
+SQLite and PostgreSQL store the same values the same way, so one mapping serves them and a
 keystore copies between them row for row (``keybroker migrate``):
 
 * timestamps are integer microseconds since the Unix epoch, UTC: they sort and compare
@@ -11,13 +11,16 @@ keystore copies between them row for row (``keybroker migrate``):
 * a key's device ids and tag pairs come back in its row as lists (SQLite: JSON text
   from ``json_group_array``; PostgreSQL: arrays), so reading a key is one statement.
 
-Column order is the contract: ``row_to_key`` reads the KEY_COLUMNS of either backend.
+Column order is the contract: ``row_to_key`` reads the key columns of either database
+(keystore.sql.statements).
 """
 
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -81,6 +84,33 @@ def as_list(value: Any) -> list[Any]:
     return [] if value == "[]" else list(json.loads(value))
 
 
+class KeyParser:
+    """``row_to_key`` that reuses the AccessKey of an identical row: CONNECT reads a key's
+    row fresh every time, and only parsing it is saved. last_used, which changes on every
+    connection, is left out of the identity and taken from the row. Rows whose lists come
+    as JSON text (SQLite) are cached; lists that come parsed (PostgreSQL arrays) cannot
+    be a dictionary key and cost no JSON parse anyway."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._parsed: OrderedDict[tuple[Any, ...], AccessKey] = OrderedDict()
+
+    def __call__(self, row: Sequence[Any]) -> AccessKey:
+        if not isinstance(row[14], str):
+            return row_to_key(row)
+        identity = (*row[:LAST_USED], *row[LAST_USED + 1 : KEY_COLUMN_COUNT])
+        cached = self._parsed.get(identity)
+        if cached is None:
+            cached = row_to_key(row)
+            self._parsed[identity] = cached
+            if len(self._parsed) > self.size:
+                self._parsed.popitem(last=False)
+        else:
+            self._parsed.move_to_end(identity)
+        last_used = from_micros(row[LAST_USED])
+        return cached if cached.last_used == last_used else replace(cached, last_used=last_used)
+
+
 def row_to_key(row: Sequence[Any]) -> AccessKey:
     created = from_micros(row[11])
     updated = from_micros(row[12])
@@ -107,14 +137,15 @@ def row_to_key(row: Sequence[Any]) -> AccessKey:
     )
 
 
-APP_COLUMNS = "a.id, a.name, a.description, a.max_keys, a.created_at, a.updated_at"
+APP_COLUMNS = ("a.id, a.name, a.description, a.max_keys, a.created_at, a.updated_at, "
+               "a.max_devices")
 
 
 def row_to_app(row: Sequence[Any]) -> Application:
     created, updated = from_micros(row[4]), from_micros(row[5])
     assert created is not None and updated is not None
     return Application(id=row[0], name=row[1], description=row[2], max_keys=row[3],
-                       created_at=created, updated_at=updated)
+                       max_devices=row[6], created_at=created, updated_at=updated)
 
 
 def row_to_device(row: Sequence[Any]) -> Device:

@@ -23,7 +23,7 @@ from keystore.store import KeyStore
 from keystore.validation import as_utc, parse_tag, parse_when
 
 BATCH = 5000
-APP_FIELDS = frozenset({"name", "description", "max_keys"})
+APP_FIELDS = frozenset({"name", "description", "max_keys", "max_devices"})
 DEVICE_FIELDS = frozenset({"id", "name", "tags", "application"})
 KEY_FIELDS = frozenset(
     {
@@ -187,8 +187,9 @@ def app_spec(where: str, item: dict[str, Any]) -> dict[str, Any]:
         raise ValidationError(f"{where}: name is required")
     spec: dict[str, Any] = {"name": name,
                             "description": optional_str(where, item, "description")}
-    if "max_keys" in item:
-        spec["max_keys"] = item["max_keys"]
+    for limit in ("max_keys", "max_devices"):
+        if limit in item:
+            spec[limit] = item[limit]
     return spec
 
 

@@ -47,7 +47,7 @@ async def create_application(call: Call) -> dict[str, Any]:
     body = call.body  # tokens for one application are refused (callers.admin_refusal)
     app = await call.api.keystore.create_app(
         body["name"], description=body.get("description"),
-        max_keys=body["maxKeys"] if "maxKeys" in body else ...)
+        max_keys=body.get("maxKeys", ...), max_devices=body.get("maxDevices", ...))
     call.targets["app"] = app.id
     return app.to_json()
 
@@ -61,9 +61,11 @@ async def patch_application(call: Call) -> dict[str, Any]:
     body = call.body
     if "maxKeys" in body:
         call.require_all_apps("change the key limit of its application")
+    if "maxDevices" in body:
+        call.require_all_apps("change the device limit of its application")
     changed = await call.api.keystore.update_app(
         app.id, name=body.get("name", ...), description=body.get("description", ...),
-        max_keys=body.get("maxKeys", ...))
+        max_keys=body.get("maxKeys", ...), max_devices=body.get("maxDevices", ...))
     return changed.to_json()
 
 

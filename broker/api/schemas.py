@@ -82,11 +82,15 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "applicationPost": _object(
         {"name": _NAME, "description": _KEY_FIELDS["description"],
          "maxKeys": {"type": "integer", "minimum": 0,
-                     "description": "0: no limit; left out: the daemon's [keystore] max_keys"}},
+                     "description": "0: no limit; left out: the daemon's [keystore] max_keys"},
+         "maxDevices": {"type": "integer", "minimum": 0,
+                        "description": "0: no limit; left out: the daemon's [keystore] "
+                                       "max_devices"}},
         ("name",)),
     "applicationPatch": _object(
         {"name": _NAME, "description": _KEY_FIELDS["description"],
-         "maxKeys": {"type": "integer", "minimum": 0}}),
+         "maxKeys": {"type": "integer", "minimum": 0},
+         "maxDevices": {"type": "integer", "minimum": 0}}),
     "applicationKeyPost": _object(
         {**_KEY_FIELDS, "deviceIds": _STRINGS, "deviceTags": _TAGS},
         description="No deviceIds and no deviceTags: the key is for every device of the "
@@ -116,7 +120,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "application": _open({
         "id": _ID, "applicationId": _ID, "name": {"type": "string"},
         "description": {"type": ["string", "null"]}, "maxKeys": {"type": "integer"},
-        "creationDate": _DATE_OUT, "lastUpdated": _DATE_OUT,
+        "maxDevices": {"type": "integer"}, "creationDate": _DATE_OUT, "lastUpdated": _DATE_OUT,
     }, ("id", "applicationId", "name")),
     "applications": _collection("application"),
     "applicationKey": _open({

@@ -34,7 +34,7 @@ from broker.authsvc.engines import EngineApi, EngineError, Kicked
 from broker.core.audit import AuditLog
 from broker.policy import check_key_address
 from broker.services.live import FeedReader
-from keystore import KeyStore
+from keystore import DEFAULT_CHANGE_POLL_INTERVAL, KeyStore
 from keystore.models import KeyStatus
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class Revoker(FeedReader):
     name = "keybroker-authsvc-revoker"
 
     def __init__(self, keystore: KeyStore, engines: Mapping[str, EngineApi], audit: AuditLog,
-                 interval: float = 0.25) -> None:
+                 interval: float = DEFAULT_CHANGE_POLL_INTERVAL) -> None:
         super().__init__(keystore, interval)
         self.engines = dict(engines)
         self.audit = audit

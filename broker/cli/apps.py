@@ -25,8 +25,8 @@ async def _with_counts(ks: KeyStore, app: Application) -> dict[str, Any]:
     return doc
 
 
-def _limit(doc: dict[str, Any]) -> str:
-    return str(doc["maxKeys"]) if doc["maxKeys"] else "none"
+def _limit(value: int) -> str:
+    return str(value) if value else "none"
 
 
 @apps.command("create")
@@ -34,12 +34,18 @@ def _limit(doc: dict[str, Any]) -> str:
 @click.option("--description", help="Free text.")
 @click.option("--max-keys", type=click.IntRange(min=0),
               help="Keys the application may hold (0 = no limit; default: [keystore] max_keys).")
+@click.option("--max-devices", type=click.IntRange(min=0),
+              help="Devices the application may hold (0 = no limit; default: [keystore] "
+                   "max_devices).")
 @click.option("--json", "as_json", is_flag=True, help="Print the application as JSON.")
-def create(name: str, description: str | None, max_keys: int | None, as_json: bool) -> None:
+def create(name: str, description: str | None, max_keys: int | None, max_devices: int | None,
+           as_json: bool) -> None:
     """Create application NAME."""
     options: dict[str, Any] = {"description": description}
     if max_keys is not None:
         options["max_keys"] = max_keys
+    if max_devices is not None:
+        options["max_devices"] = max_devices
     app = run_store(lambda ks: ks.create_app(name, **options), create=True)
     if as_json:
         echo_json(app.to_json())
@@ -60,8 +66,9 @@ def list_(as_json: bool) -> None:
         echo_json(docs)
         return
     click.echo(f"keystore: {keystore_shown()}")
-    click.echo(table(("ID", "NAME", "DEVICES", "KEYS", "MAX KEYS"), [
-        (d["id"], d["name"], str(d["devices"]), str(d["keys"]), _limit(d)) for d in docs]))
+    click.echo(table(("ID", "NAME", "DEVICES", "KEYS", "MAX DEVICES", "MAX KEYS"), [
+        (d["id"], d["name"], str(d["devices"]), str(d["keys"]), _limit(d["maxDevices"]),
+         _limit(d["maxKeys"])) for d in docs]))
 
 
 @apps.command("show")
@@ -78,7 +85,8 @@ def show(app_ref: str, as_json: bool) -> None:
         echo_json(doc)
         return
     fields = [("id", doc["id"]), ("name", doc["name"]), ("description", doc["description"]),
-              ("devices", doc["devices"]), ("keys", doc["keys"]), ("max keys", _limit(doc)),
+              ("devices", doc["devices"]), ("keys", doc["keys"]),
+              ("max devices", _limit(doc["maxDevices"])), ("max keys", _limit(doc["maxKeys"])),
               ("created", doc["creationDate"]), ("updated", doc["lastUpdated"])]
     click.echo("\n".join(f"{name + ':':<13}{value if value is not None else '-'}"
                          for name, value in fields))
@@ -89,10 +97,12 @@ def show(app_ref: str, as_json: bool) -> None:
 @click.option("--name", help="New name.")
 @click.option("--description", help="New description ('' clears it).")
 @click.option("--max-keys", type=click.IntRange(min=0), help="New key limit (0 = no limit).")
+@click.option("--max-devices", type=click.IntRange(min=0),
+              help="New device limit (0 = no limit).")
 @click.option("--json", "as_json", is_flag=True, help="Print the application as JSON.")
 def update(app_ref: str, name: str | None, description: str | None, max_keys: int | None,
-           as_json: bool) -> None:
-    """Change application APP's name, description or key limit."""
+           max_devices: int | None, as_json: bool) -> None:
+    """Change application APP's name, description, key limit or device limit."""
     changes: dict[str, Any] = {}
     if name is not None:
         changes["name"] = name
@@ -100,8 +110,11 @@ def update(app_ref: str, name: str | None, description: str | None, max_keys: in
         changes["description"] = description or None
     if max_keys is not None:
         changes["max_keys"] = max_keys
+    if max_devices is not None:
+        changes["max_devices"] = max_devices
     if not changes:
-        raise click.UsageError("nothing to change: give --name, --description or --max-keys")
+        raise click.UsageError(
+            "nothing to change: give --name, --description, --max-keys or --max-devices")
     app = run_store(lambda ks: ks.update_app(app_ref, **changes))
     if as_json:
         echo_json(app.to_json())

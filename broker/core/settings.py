@@ -22,7 +22,13 @@ from typing import Any
 
 from broker.core.environment import ENV_CONFIG
 from broker.policy.guard import GuardSettings
-from keystore import KeyStore
+from keystore import (
+    DEFAULT_CHANGE_POLL_INTERVAL,
+    DEFAULT_DEVICE_PREFIX,
+    DEFAULT_POOL_SIZE,
+    DEFAULT_STATEMENT_TIMEOUT,
+    KeyStore,
+)
 from keystore.errors import ConfigError, ValidationError
 from keystore.location import check_postgres_url, is_url, redact
 from keystore.store import Opener
@@ -61,10 +67,11 @@ class Settings:
     db_path: Path = Path("data/keybroker.db")
     # A postgresql:// URL: the keystore is that PostgreSQL database instead of db_path.
     db_url: str | None = None
-    db_pool_size: int = 10  # connections to PostgreSQL at most (per process)
-    db_statement_timeout: float = 5.0  # seconds before PostgreSQL cancels a statement
+    db_pool_size: int = DEFAULT_POOL_SIZE  # connections to PostgreSQL at most (per process)
+    db_statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT  # seconds a statement may run
     max_keys: int = 0
-    device_prefix: str = "losant"
+    max_devices: int = 0
+    device_prefix: str = DEFAULT_DEVICE_PREFIX
     denied_publish: str = "drop"
     # MQTT 5 (docs/mqtt5.md): what the broker announces in CONNACK and holds clients to.
     receive_maximum: int = 100  # QoS 1/2 PUBLISHes a client may leave unacknowledged
@@ -111,7 +118,7 @@ class Settings:
     max_topic_levels: int = 32
     audit_path: Path | None = None
     guard: GuardSettings = GuardSettings()
-    change_poll_interval: float = 0.25
+    change_poll_interval: float = DEFAULT_CHANGE_POLL_INTERVAL
     change_retention: float = 86_400.0  # seconds consumed change-feed rows are kept
     # Broker state (retained messages, persistent sessions) kept across restarts.
     persistence: bool = True
@@ -185,7 +192,8 @@ class Settings:
         """``KeyStore.open`` on this keystore with its settings (``async with`` it);
         ``create=False`` for a command that must not make a new one."""
         return KeyStore.open(self.keystore_target, device_prefix=self.device_prefix,
-                             max_keys=self.max_keys, pool_size=self.db_pool_size,
+                             max_keys=self.max_keys, max_devices=self.max_devices,
+                             pool_size=self.db_pool_size,
                              statement_timeout=self.db_statement_timeout, create=create)
 
 
@@ -197,6 +205,7 @@ PLACES: dict[str, tuple[str, str]] = {
     "db_pool_size": ("keystore", "pool_size"),
     "db_statement_timeout": ("keystore", "statement_timeout"),
     "max_keys": ("keystore", "max_keys"),
+    "max_devices": ("keystore", "max_devices"),
     "device_prefix": ("mqtt", "device_prefix"),
     "denied_publish": ("mqtt", "denied_publish"),
     "receive_maximum": ("mqtt", "receive_maximum"),

@@ -27,6 +27,7 @@ from broker.mqtt.session import ConnectionInfo, Grant, KeySession, Refusal
 from broker.policy import PolicyCache, SessionPolicy
 from broker.policy.guard import BruteForceGuard
 from broker.topics.mounts import mount_of
+from keystore import DEFAULT_DEVICE_PREFIX
 from keystore.errors import UnavailableError
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ class AccessKeyAuthPlugin(BaseAuthPlugin):
     @dataclass
     class Config:
         keystore: Any = None  # keystore.KeyStore, opened by broker.daemon.server
-        device_prefix: str = "losant"
+        device_prefix: str = DEFAULT_DEVICE_PREFIX
         audit: Any = None  # broker.core.audit.AuditLog
         guard: Any = None  # broker.policy.guard.BruteForceGuard (None = off)
 

@@ -32,7 +32,7 @@ from broker.core.periodic import Periodic
 from broker.mqtt.session import Grant
 from broker.mqtt.sessions import SessionRegistry
 from broker.policy import SessionPolicy
-from keystore import KeyStore
+from keystore import DEFAULT_CHANGE_POLL_INTERVAL, KeyStore
 from keystore.errors import UnavailableError
 from keystore.models import AccessKey, Change
 
@@ -90,7 +90,7 @@ class ChangeWatcher(FeedReader):
     name = "keybroker-change-watcher"
 
     def __init__(self, sessions: SessionRegistry, keystore: KeyStore,
-                 interval: float = 0.25) -> None:
+                 interval: float = DEFAULT_CHANGE_POLL_INTERVAL) -> None:
         super().__init__(keystore, interval)
         self.sessions = sessions
 

@@ -1,7 +1,3 @@
-"""The PostgreSQL keystore backend (asyncpg): keystore.postgres.backend.
-
-This package's own module imports nothing, so settings and the SQLite path can name these
-defaults without loading asyncpg."""
-
-DEFAULT_POOL_SIZE = 10
-DEFAULT_STATEMENT_TIMEOUT = 5.0  # seconds
+"""The PostgreSQL keystore (asyncpg): its dialect (dialect.py), the pool and outage state
+(db.py), migrations, LISTEN/NOTIFY (listen.py) and the copy from SQLite (copy.py). Only a
+``postgresql://`` keystore loads it."""

@@ -24,14 +24,15 @@ import sqlite3
 from dataclasses import dataclass
 
 from keystore.errors import KeybrokerError, NotFoundError
-from keystore.postgres.backend import PostgresBackend
-from keystore.sqlite.backend import SqliteBackend
+from keystore.postgres.dialect import PostgresDialect
+from keystore.sqlite.dialect import SqliteDialect
 
 CHUNK = 10_000  # rows per COPY
 
 # In the order foreign keys need; columns as both backends name them.
 TABLES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("applications", ("id", "name", "description", "max_keys", "created_at", "updated_at")),
+    ("applications", ("id", "name", "description", "max_keys", "max_devices", "created_at",
+                      "updated_at")),
     ("devices", ("id", "name", "created_at", "updated_at", "connected", "last_seen", "app_id")),
     ("device_tags", ("device_id", "key", "value", "app_id")),
     ("access_keys", ("key", "salt", "secret_hash", "name", "description", "status",
@@ -59,8 +60,8 @@ async def copy_keystore(sqlite_path: str | os.PathLike[str], url: str) -> CopyRe
     if not os.path.isfile(source):
         raise NotFoundError(f"no keystore at {source!r}: nothing to migrate")
     # Bring the source to the current schema (what any keybroker command would do).
-    await (await SqliteBackend.open(source)).close()
-    target = await PostgresBackend.open(url)
+    await (await SqliteDialect.open(source)).close()
+    target = await PostgresDialect.open(url)
     try:
         with contextlib.closing(sqlite3.connect(source, isolation_level=None,
                                                 check_same_thread=False)) as reader:
@@ -74,11 +75,11 @@ async def copy_keystore(sqlite_path: str | os.PathLike[str], url: str) -> CopyRe
     return CopyReport(source, target.location, counts)
 
 
-async def _copy(reader: sqlite3.Connection, target: PostgresBackend) -> dict[str, int]:
-    async with target.transaction(feed=True) as conn:
-        found = {table: int(await conn.fetchval(f"SELECT count(*) FROM {table}"))
+async def _copy(reader: sqlite3.Connection, target: PostgresDialect) -> dict[str, int]:
+    async with target.transaction(feed=True) as tx:
+        found = {table: int(await tx.value(f"SELECT count(*) FROM {table}"))
                  for table, _ in TABLES}
-        apps = await conn.fetch("SELECT name FROM applications")
+        apps = await tx.fetch("SELECT name FROM applications")
         untouched = [r[0] for r in apps] in ([], ["default"]) and not any(
             n for table, n in found.items() if table != "applications")
         if not untouched:
@@ -86,15 +87,15 @@ async def _copy(reader: sqlite3.Connection, target: PostgresBackend) -> dict[str
             raise KeybrokerError(
                 f"keystore {target.location} is not empty ({held}): migrate copies into a "
                 "new keystore; give it an empty database")
-        await conn.execute("DELETE FROM applications")  # the fresh keystore's own default
+        await tx.execute("DELETE FROM applications")  # the fresh keystore's own default
         expected: dict[str, int] = {}
         for table, columns in TABLES:
             names = ", ".join(columns)
             expected[table] = reader.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
             cursor = reader.execute(f"SELECT {names} FROM {table}")
             while rows := await asyncio.to_thread(cursor.fetchmany, CHUNK):
-                await conn.copy_records_to_table(table, records=rows, columns=columns)
-        copied = {table: int(await conn.fetchval(f"SELECT count(*) FROM {table}"))
+                await tx.insert_rows(table, columns, rows)
+        copied = {table: int(await tx.value(f"SELECT count(*) FROM {table}"))
                   for table, _ in TABLES}
         if copied != expected:
             wrong = next(t for t in expected if copied[t] != expected[t])

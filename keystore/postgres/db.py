@@ -1,7 +1,5 @@
-"""The PostgreSQL side of the keystore: the connection pool, what counts as an outage, the
-link state (up, or down and retrying with backoff), and the key and device columns
-(row mapping and stored forms: keystore.rows).
-"""
+"""The PostgreSQL connection pool, what counts as an outage, and the link state (up, or
+down and retrying with backoff)."""
 
 from __future__ import annotations
 
@@ -31,23 +29,6 @@ LOST = (
     asyncpg.exceptions.CannotConnectNowError,  # starting up or shutting down
     asyncpg.exceptions.TooManyConnectionsError,
 )
-
-# Restriction lists come back in the same row as arrays so that fetching a key is one
-# statement. Same order as the SQLite columns (keystore.rows.row_to_key reads both).
-KEY_COLUMNS = """
-    k.key, k.name, k.description, k.status, k.expires_at, k.all_devices,
-    k.address_mode, k.addresses, k.topic_mode, k.pub_topics, k.sub_topics,
-    k.created_at, k.updated_at, k.last_used,
-    ARRAY(SELECT device_id FROM key_devices WHERE key = k.key),
-    ARRAY(SELECT ARRAY[tkey, tvalue] FROM key_tags WHERE key = k.key),
-    k.app_id, k.id
-"""
-
-DEVICE_COLUMNS = """
-    d.id, d.name, d.created_at, d.updated_at, d.connected, d.last_seen,
-    ARRAY(SELECT ARRAY[key, value] FROM device_tags WHERE device_id = d.id),
-    d.app_id
-"""
 
 
 def affected(status: str) -> int:

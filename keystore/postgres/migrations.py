@@ -293,7 +293,12 @@ _V9 = [
     "CREATE INDEX credential_checks_by_key ON credential_checks (key)",
 ]
 
-MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9]
+# An application's device limit (see the SQLite step).
+_V10 = [
+    "ALTER TABLE applications ADD COLUMN max_devices INTEGER",
+]
+
+MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9, _V10]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

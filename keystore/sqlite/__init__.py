@@ -1,2 +1,2 @@
-"""The SQLite backend of the keystore (the embedded default): file handling, numbered
-migrations, the SQL of every operation, online backup."""
+"""The SQLite keystore (the embedded default): file handling (db.py), its dialect
+(dialect.py), numbered migrations, online backup."""

@@ -1,5 +1,4 @@
-"""The SQLite side of the keystore: opening the file safely, the key and device columns
-(row mapping and stored forms: keystore.rows).
+"""Opening an SQLite keystore file safely (the dialect over it: keystore.sqlite.dialect).
 
 One aiosqlite connection in autocommit mode; transactions are explicit
 (``BEGIN IMMEDIATE`` for writes) so each operation is exactly one transaction.
@@ -9,8 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable
 
 import aiosqlite
 
@@ -23,8 +21,6 @@ log = logging.getLogger(__name__)
 # instead of failing with "database is locked".
 BUSY_TIMEOUT_MS = 5000
 CACHE_KIB = 32 * 1024
-# Parameters per IN (...) list; well under SQLite's variable limit.
-IN_CHUNK = 500
 
 
 def _tighten_sidecars(path: str) -> None:
@@ -111,32 +107,3 @@ async def connect(path: str, *, create: bool = True) -> aiosqlite.Connection:
         await conn.close()
         raise
     return conn
-
-
-def chunks(items: Sequence[Any], size: int = IN_CHUNK) -> list[Sequence[Any]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
-
-
-def placeholders(count: int) -> str:
-    return ",".join("?" * count)
-
-
-# --- access keys and devices ------------------------------------------------------------
-
-# Restriction lists come back in the same row as JSON arrays so that fetching a key is one
-# statement (one thread hop in aiosqlite), which keeps CONNECT latency low.
-KEY_COLUMNS = """
-    k.key, k.name, k.description, k.status, k.expires_at, k.all_devices,
-    k.address_mode, k.addresses, k.topic_mode, k.pub_topics, k.sub_topics,
-    k.created_at, k.updated_at, k.last_used,
-    (SELECT json_group_array(device_id) FROM key_devices WHERE key = k.key),
-    (SELECT json_group_array(json_array(tkey, tvalue)) FROM key_tags WHERE key = k.key),
-    k.app_id, k.id
-"""
-
-
-DEVICE_COLUMNS = """
-    d.id, d.name, d.created_at, d.updated_at, d.connected, d.last_seen,
-    (SELECT json_group_array(json_array(key, value)) FROM device_tags WHERE device_id = d.id),
-    d.app_id
-"""

@@ -88,7 +88,7 @@ _V1 = [
 # writer — the daemon, the CLI in another process, a future API — feeds it without
 # knowing. AUTOINCREMENT keeps ids increasing after the daemon deletes applied rows
 # (broker.services.prune): a reader's position stays valid.
-_NOW_MICROS = "CAST((julianday('now') - 2440587.5) * 86400000000 AS INTEGER)"
+NOW_MICROS = "CAST((julianday('now') - 2440587.5) * 86400000000 AS INTEGER)"
 _V2 = [
     """
     CREATE TABLE changes (
@@ -102,7 +102,7 @@ _V2 = [
         # Only our own constants are interpolated here (no user input reaches DDL).
         f"CREATE TRIGGER {name} AFTER {event} ON {table} {when} "  # noqa: S608
         f"BEGIN INSERT INTO changes (kind, subject, at) VALUES ('{kind}', {subject}, "
-        f"{_NOW_MICROS}); END"
+        f"{NOW_MICROS}); END"
         for name, event, table, when, kind, subject in (
             ("key_status_changed", "UPDATE OF status", "access_keys",
              "WHEN NEW.status IS NOT OLD.status", "key_status", "NEW.key"),
@@ -140,7 +140,7 @@ _V4 = [
     + ", ".join(_RESTRICTIONS) + " ON access_keys WHEN "
     + " OR ".join(f"NEW.{c} IS NOT OLD.{c}" for c in _RESTRICTIONS)
     + " BEGIN INSERT INTO changes (kind, subject, at) VALUES ('key_updated', NEW.key, "
-    + f"{_NOW_MICROS}); END",
+    + f"{NOW_MICROS}); END",
 ]
 
 # Applications (tenants): every device and key belongs to one. An existing keystore moves
@@ -159,7 +159,7 @@ def _change_trigger(name: str, event: str, table: str, when: str, kind: str,
     # Only our own constants are interpolated here (no user input reaches DDL).
     return (f"CREATE TRIGGER {name} AFTER {event} ON {table} {when} "  # noqa: S608
             f"BEGIN INSERT INTO changes (kind, subject, at) VALUES ('{kind}', {subject}, "
-            f"{_NOW_MICROS}); END")
+            f"{NOW_MICROS}); END")
 
 
 _V5 = [
@@ -176,8 +176,8 @@ _V5 = [
     # max_keys NULL: the keystore's configured limit applies (what the old file had).
     "INSERT INTO applications (id, name, description, max_keys, created_at, updated_at) "  # noqa: S608
     "VALUES (lower(hex(randomblob(12))), 'default', "
-    f"'every device and key of the keystore before applications', NULL, {_NOW_MICROS}, "
-    f"{_NOW_MICROS})",
+    f"'every device and key of the keystore before applications', NULL, {NOW_MICROS}, "
+    f"{NOW_MICROS})",
     "ALTER TABLE devices ADD COLUMN app_id TEXT NOT NULL DEFAULT '' "
     "REFERENCES applications(id)",
     f"UPDATE devices SET app_id = {_DEFAULT_APP}",  # noqa: S608
@@ -318,7 +318,13 @@ _V9 = [
     "CREATE INDEX credential_checks_by_key ON credential_checks (key)",
 ]
 
-MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9]
+# An application's device limit, beside its key limit: NULL (every application made
+# before, and "default") follows the configured [keystore] max_devices.
+_V10 = [
+    "ALTER TABLE applications ADD COLUMN max_devices INTEGER",
+]
+
+MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9, _V10]
 SCHEMA_VERSION = len(MIGRATIONS)
 # Steps that rebuild a table others reference: foreign keys are off while they run (a
 # PRAGMA that only works outside a transaction), and checked before they commit.

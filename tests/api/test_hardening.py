@@ -319,13 +319,19 @@ def test_a_new_connection_is_refused_when_every_other_one_is_busy(tmp_path: Path
         daemon.stop()
 
 
-def test_a_token_of_one_application_cannot_widen_its_limits(api: ApiEnv) -> None:
-    other = api.daemon.ks("create_app", "other", max_keys=1)
+@pytest.mark.parametrize(("field", "limit", "message"), [
+    ("maxKeys", "max_keys", "key limit"), ("maxDevices", "max_devices", "device limit")])
+def test_a_token_of_one_application_cannot_widen_its_limits(
+    api: ApiEnv, field: str, limit: str, message: str,
+) -> None:
+    other = api.daemon.ks("create_app", "other", **{limit: 1})
     bound = api.token_for("bound", app="other")
     patched = api.http("PATCH", f"/applications/{other.id}", token=bound,
-                       json={"maxKeys": 0})
-    _error(patched, 403, "key limit")
-    assert api.daemon.ks("app", "other").max_keys == 1
+                       json={field: 0})
+    _error(patched, 403, message)
+    assert getattr(api.daemon.ks("app", "other"), limit) == 1
     renamed = api.http("PATCH", f"/applications/{other.id}", token=bound,
                        json={"description": "fine"})
     assert renamed.status_code == 200
+    widened = api.http("PATCH", f"/applications/{other.id}", json={field: 0})
+    assert widened.status_code == 200 and widened.json()[field] == 0  # a token for all may

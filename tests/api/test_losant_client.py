@@ -50,6 +50,31 @@ def test_every_application_has_an_integer_key_limit(api: ApiEnv) -> None:
                                         application={"maxKeys": None}), 400, "maxKeys")
 
 
+def test_every_application_has_an_integer_device_limit(api: ApiEnv) -> None:
+    """maxDevices has the shape of maxKeys: the limit in force, 0 for none; POST device
+    past it is refused (400 LimitExceeded) naming the application and the limit."""
+    c = api.client()
+    made = c.applications.post(application={"name": "plant-4", "maxDevices": 1})
+    assert made["maxDevices"] == 1
+    limits = {a["name"]: a["maxDevices"] for a in c.applications.get()["items"]}
+    assert limits == {"default": 0, "plant-4": 1}
+    c.devices.post(applicationId=made["id"], device={"name": "first"})
+    body = refused(lambda: c.devices.post(applicationId=made["id"], device={"name": "second"}),
+                   400, "device limit of 1 reached in application 'plant-4'")
+    assert body["type"] == "LimitExceeded"
+    assert len(c.devices.get(applicationId=made["id"])["items"]) == 1
+    for wrong in (None, -1, "2", 1.5):
+        refused(lambda w=wrong: c.applications.post(application={"name": "x", "maxDevices": w}),
+                400, "maxDevices")
+        refused(lambda w=wrong: c.application.patch(applicationId=made["id"],
+                                                    application={"maxDevices": w}), 400,
+                "maxDevices")
+    patched = c.application.patch(applicationId=made["id"], application={"maxDevices": 2})
+    assert patched["maxDevices"] == 2
+    assert c.application.get(applicationId=made["id"])["maxDevices"] == 2
+    c.devices.post(applicationId=made["id"], device={"name": "second"})
+
+
 def test_application_errors(api: ApiEnv) -> None:
     c = api.client()
     refused(lambda: c.applications.post(application={"description": "no name"}), 400,

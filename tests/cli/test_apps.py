@@ -90,18 +90,23 @@ def test_seed_places_devices_and_keys_in_applications(cli: Invoke, tmp_path: Pat
     assert "keys created: 0" in ok(cli("seed", str(seed))).stderr  # re-running is safe
 
 
+def cli_with_config(cli_db: str, config: Path, text: str) -> Invoke:
+    """`keybroker --db DB --config CONFIG ARGS...`, the config file holding ``text``."""
+    config.write_text(text)
+
+    def invoke(*args: str) -> Result:
+        return CliRunner().invoke(main, ["--db", cli_db, "--config", str(config), *args],
+                                  catch_exceptions=False)
+
+    return invoke
+
+
 def test_every_application_shows_its_key_limit_as_one_integer(
     cli_db: str, tmp_path: Path
 ) -> None:
     """`default` (stored without a limit: it follows the config) and an application made
     here show the limit in force the same way: an integer, 0 for no limit."""
-    config = tmp_path / "kb.toml"
-    config.write_text("[keystore]\nmax_keys = 5\n")
-
-    def with_config(*args: str) -> Result:
-        return CliRunner().invoke(main, ["--db", cli_db, "--config", str(config), *args],
-                                  catch_exceptions=False)
-
+    with_config = cli_with_config(cli_db, tmp_path / "kb.toml", "[keystore]\nmax_keys = 5\n")
     ok(with_config("apps", "create", "plant"))
     ok(with_config("apps", "create", "open", "--max-keys", "0"))
     limits = {a["name"]: a["maxKeys"] for a in as_json(with_config("apps", "list", "--json"))}
@@ -111,4 +116,53 @@ def test_every_application_shows_its_key_limit_as_one_integer(
     assert limits == {"default": 0, "plant": 5, "open": 0}
     assert as_json(plain("apps", "show", "default", "--json"))["maxKeys"] == 0
     listing = ok(plain("apps", "list")).stdout
-    assert "from config" not in listing and listing.count(" none") == 2
+    assert "from config" not in listing
+    max_keys = {row.split()[1]: row.split()[-1] for row in listing.splitlines()[2:]}
+    assert max_keys == {"default": "none", "plant": "5", "open": "none"}
+
+
+def test_device_limit_of_an_application(cli: Invoke, tmp_path: Path) -> None:
+    """--max-devices on create and update, shown by show and list; a device past it is
+    refused in one line, whichever command adds it."""
+    created = as_json(cli("apps", "create", "small", "--max-devices", "1", "--json"))
+    assert isinstance(created, dict) and created["maxDevices"] == 1
+    ok(cli("devices", "add", "s1", "--app", "small"))
+    fails(cli("devices", "add", "s2", "--app", "small"),
+          "device limit of 1 reached in application 'small'")
+    seed = tmp_path / "s.toml"
+    seed.write_text('[[devices]]\napplication = "small"\nid = "s2"\n\n'
+                    '[[devices]]\napplication = "small"\nid = "s3"\n')
+    fails(cli("seed", str(seed)), "device limit of 1 reached in application 'small'")
+    refused = cli("apps", "create", "neg", "--max-devices", "-1")  # click's usage error
+    assert refused.exit_code == 2 and "-1 is not in the range x>=0" in refused.stderr
+    ok(cli("apps", "update", "small", "--max-devices", "3"))
+    shown = as_json(cli("apps", "show", "small", "--json"))
+    assert isinstance(shown, dict) and (shown["maxDevices"], shown["devices"]) == (3, 1)
+    ok(cli("seed", str(seed)))
+    text = ok(cli("apps", "show", "small")).stdout
+    assert "max devices: 3" in text and "devices:     3" in text
+    ok(cli("apps", "update", "small", "--max-devices", "0"))
+    listing = ok(cli("apps", "list")).stdout.splitlines()
+    assert listing[1].split()[-4:] == ["MAX", "DEVICES", "MAX", "KEYS"]
+    rows = {line.split()[1]: line.split()[-2:] for line in listing[2:]}
+    assert rows == {"default": ["none", "none"], "small": ["none", "none"]}
+    assert "--max-keys or --max-devices" in cli("apps", "update", "small").stderr
+
+
+def test_the_configured_device_limit_is_the_default_of_new_applications(
+    cli_db: str, tmp_path: Path
+) -> None:
+    with_config = cli_with_config(cli_db, tmp_path / "kb.toml",
+                                  "[keystore]\nmax_devices = 2\n")
+    ok(with_config("apps", "create", "plant"))
+    ok(with_config("apps", "create", "open", "--max-devices", "0"))
+    limits = {a["name"]: a["maxDevices"] for a in as_json(with_config("apps", "list", "--json"))}
+    assert limits == {"default": 2, "plant": 2, "open": 0}
+    ok(with_config("devices", "add", "d1"))
+    ok(with_config("devices", "add", "d2"))
+    fails(with_config("devices", "add", "d3"), "device limit of 2 reached in application "
+          "'default': it holds 2, cannot add 1 more")
+    plain = cli_on(cli_db)  # no config: [keystore] max_devices = 0, no limit
+    limits = {a["name"]: a["maxDevices"] for a in as_json(plain("apps", "list", "--json"))}
+    assert limits == {"default": 0, "plant": 2, "open": 0}
+    ok(plain("devices", "add", "d3"))

@@ -182,6 +182,18 @@ def test_device_tags_kick_and_remove(console: Console) -> None:
     assert console.daemon.ks("count_devices") == 0
 
 
+def test_a_device_past_the_application_limit_is_refused(console: Console) -> None:
+    console.daemon.ks("update_app", "default", max_devices=1)
+    console.daemon.ks("add_device", "d1")
+    console.sign_in()
+    console.go(f"/console/apps/{console.app_id}/devices")
+    console.fill({"#device-id": "d2", "#device-tags": "a=1"})
+    console.submit("form[action$='/devices'] button")
+    assert console.find(".error").text == (
+        "device limit of 1 reached in application 'default': it holds 1, cannot add 1 more")
+    assert [d.id for d in console.daemon.ks("list_devices")] == ["d1"]
+
+
 def test_applications_create_switch_and_delete_by_typed_name(console: Console) -> None:
     console.sign_in()
     console.fill({"#app-name": "plant-2", "#app-description": "north"})

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from keystore import KeyStore, credentials
-from keystore.sqlite.backend import SqliteBackend
+from keystore.sqlite.dialect import SqliteDialect
 
 
 async def generation(ks: KeyStore) -> int:
@@ -101,7 +101,8 @@ async def test_lookup_uses_the_read_only_connection_and_sees_fresh_commits(tmp_p
         await ks.add_device("a")
         key, secret = await ks.create_key(device_ids=["a"])
         assert (await ks.connect_lookup(key.key, secret, "a")).key is not None
-        assert isinstance(ks.backend, SqliteBackend) and ks.backend._ro is not None  # fast path
+        db = ks.backend.db  # type: ignore[attr-defined]
+        assert isinstance(db, SqliteDialect) and db._ro is not None  # fast path
         await ks.set_status([key.key], "inactive")  # committed on the shared connection
         found = await ks.connect_lookup(key.key, secret, "a")
         assert found.key is not None and found.key.status.value == "inactive"

@@ -104,6 +104,6 @@ async def test_a_keystore_of_the_authsvc_preview_schema_7_is_migrated(old_file: 
         row = await ks.connection("s-1")
         assert row is not None and await ks.connection_scope(row.snapshot) == {"gw-1", "s-1"}
     with sqlite3.connect(old_file) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 9
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 10
         assert conn.execute("SELECT count(*) FROM device_tags WHERE app_id = ''").fetchone() \
             == (0,)

@@ -17,9 +17,10 @@ import pytest
 from keystore import KeybrokerError, KeyStore, LimitError
 from keystore.errors import UnavailableError
 from keystore.postgres import migrations
+from keystore.postgres.dialect import POSTGRES
 from keystore.postgres.listen import LISTENER_NAME
 from keystore.postgres.migrations import SCHEMA_VERSION
-from keystore.postgres.statements import CONNECT_SQL, SCOPE_SQL
+from keystore.sql.statements import render
 from tests.support.postgres import PostgresServer
 
 
@@ -63,8 +64,8 @@ async def test_connect_and_scope_lookups_are_index_only(pg_url: str,
                               for i in range(2000)])
         key, _ = await ks.create_key(device_ids=["d1", "d2"], device_tags=["floor=7"])
         await admin.execute("VACUUM ANALYZE")
-        connect = await scans(admin, CONNECT_SQL, key.key)
-        scope = await scans(admin, SCOPE_SQL, key.key, key.app_id)
+        connect = await scans(admin, render(POSTGRES).connect, key.key)
+        scope = await scans(admin, render(POSTGRES).scope, key.key, key.app_id)
         device = await scans(admin, "SELECT app_id FROM devices WHERE id = $1", "d3")
         assert len(await ks.resolve_scope(key) or ()) == 100 + 2
     # Never a scan of a table (the one-row meta table aside); the key's own row is read

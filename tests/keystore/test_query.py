@@ -18,9 +18,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from keystore import KeyStore, ValidationError, compile_query
-from keystore.postgres.db import KEY_COLUMNS as PG_KEY_COLUMNS
+from keystore.postgres.dialect import POSTGRES as POSTGRES_SPELLING
 from keystore.query import ALL_OPERATORS, FIELDS, POSTGRES
-from keystore.sqlite.db import KEY_COLUMNS
+from keystore.sql.statements import render
+from keystore.sqlite.dialect import SQLITE
 from keystore.sqlite.migrations import MIGRATIONS
 from tests.support.postgres import PostgresServer
 
@@ -292,7 +293,8 @@ def test_any_query_compiles_to_valid_sql_or_is_refused(
     except ValidationError as exc:
         assert "\n" not in str(exc)
         return
-    schema_conn.execute(f"SELECT {KEY_COLUMNS} FROM access_keys k WHERE {where}", params).fetchall()
+    schema_conn.execute(f"SELECT {render(SQLITE).key_columns} FROM access_keys k WHERE {where}",
+                        params).fetchall()
 
 
 @settings(max_examples=300, deadline=None)
@@ -304,7 +306,8 @@ def test_any_query_compiles_to_valid_postgresql_or_is_refused(
         where, params = compile_query(query, POSTGRES)
     except ValidationError:
         return
-    pg_schema.run(f"SELECT {PG_KEY_COLUMNS} FROM access_keys k WHERE {where}", params)
+    pg_schema.run(f"SELECT {render(POSTGRES_SPELLING).key_columns} FROM access_keys k "
+                  f"WHERE {where}", params)
 
 
 class PgSchema:

@@ -435,7 +435,7 @@ async def test_a_writer_cancelled_while_its_transaction_begins_leaves_none_open(
     """A service stopping cancels its tick mid-write: the BEGIN it was waiting for still
     runs on aiosqlite's thread, and must not leave the next writer inside it."""
     async with KeyStore.open(tmp_path / "k.db") as ks:
-        conn = ks.backend._conn  # type: ignore[attr-defined]
+        conn = ks.backend.db._conn  # type: ignore[attr-defined]
         real = conn.execute
 
         async def slow_begin(sql: str, *args: Any) -> Any:

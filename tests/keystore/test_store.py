@@ -26,9 +26,9 @@ from keystore import (
     NotFoundError,
     ValidationError,
 )
-from keystore.sqlite.backend import CONNECT_SQL
+from keystore.sql.statements import render
+from keystore.sqlite.dialect import SQLITE, qmarks
 from keystore.sqlite.migrations import SCHEMA_VERSION
-from keystore.sqlite.statements import SCOPE_SQL
 from tests.support.dbdump import dump
 
 
@@ -317,9 +317,10 @@ async def test_scope_lookups_use_indexes(db_path: Path) -> None:
         await store.upsert_devices([("d1", None, ["floor=1"]), ("d2", None, ["floor=1"])])
         key, _ = await store.create_key(device_ids=["d1"], device_tags=["floor=1"])
     with contextlib.closing(sqlite3.connect(db_path)) as conn:
-        plan = conn.execute(f"EXPLAIN QUERY PLAN {SCOPE_SQL}",
-                            (key.key, key.app_id, key.key, key.app_id)).fetchall()
-        plan += conn.execute(f"EXPLAIN QUERY PLAN {CONNECT_SQL}", (key.key,)).fetchall()
+        plan = conn.execute(f"EXPLAIN QUERY PLAN {qmarks(render(SQLITE).scope)}",
+                            (key.key, key.app_id)).fetchall()
+        plan += conn.execute(f"EXPLAIN QUERY PLAN {qmarks(render(SQLITE).connect)}",
+                             (key.key,)).fetchall()
     details = [row[3] for row in plan]
     # The CONNECT read is a LEFT JOIN on a one-row constant: "SCAN (subquery-N)" is that.
     scans = [d for d in details if d.startswith("SCAN") and d != "SCAN CONSTANT ROW"
