@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from pathlib import Path
 
 import click
 
 from broker.cli.common import CREATE_HINT, current_state
+from broker.core import loop
 from broker.core.settings import load_settings
 from keystore.errors import NotFoundError
 
@@ -42,4 +42,4 @@ def authsvc(config: Path | None, host: str | None, port: int | None, db: str | N
         raise NotFoundError(f"no keystore at {str(path)!r} ({CREATE_HINT})")
     from broker.authsvc.server import AuthServer  # aiohttp loads here, not with the CLI
 
-    asyncio.run(AuthServer(settings).serve())
+    loop.run(AuthServer(settings).serve)

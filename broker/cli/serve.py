@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from broker.cli.common import current_state
+from broker.core import loop
 from broker.core.settings import ANY_HOST, Listener, Settings, check_listeners, load_settings
 from broker.state.sqlite import reset_state_file
 from broker.state.store import IN_MEMORY, state_file
@@ -276,7 +277,7 @@ def serve(config: Path | None, host: str | None, port: int | None, ws_port: int 
     try:
         if demo_if_empty:
             created = asyncio.run(create_demo_if_empty(settings))
-        asyncio.run(BrokerServer(settings).serve(on_started=started))
+        loop.run(lambda: BrokerServer(settings).serve(on_started=started))
     except BaseException:
         if fresh is not None and not up:
             fresh.remove()

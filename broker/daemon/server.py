@@ -20,6 +20,7 @@ from broker.api.context import Api
 from broker.api.server import ApiServer
 from broker.console.routes import add_console
 from broker.console.web import Console
+from broker.core import loop
 from broker.core.audit import AuditLog
 from broker.core.lifecycle import serve_until_signalled
 from broker.core.settings import Settings
@@ -131,8 +132,8 @@ class BrokerServer:
         if self.api is not None:
             addresses += f" api={self.api.url}"
         state = f", state {self.state.store.location}" if self.state is not None else ""
-        logger.info("keybroker listening: %s (keystore %s%s)", addresses,
-                    settings.keystore_shown, state)
+        logger.info("keybroker listening: %s (keystore %s%s, event loop %s)", addresses,
+                    settings.keystore_shown, state, loop.running())
 
     def _watched_change_id(self) -> int:
         return self.watcher.applied_change_id if self.watcher is not None else 0

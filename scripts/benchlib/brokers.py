@@ -39,9 +39,14 @@ BROKERS = ("amqtt", "keybroker", "mosquitto")
 ROOT = Path(__file__).resolve().parents[2]
 
 
+# keybroker of this tree on one event loop, whatever is installed (KEYBROKER_EVENT_LOOP)
+LOOP_VARIANTS = {"keybroker-asyncio": "asyncio", "keybroker-uvloop": "uvloop"}
+
+
 def is_keybroker(kind: str) -> bool:
-    """keybroker, this tree's or an earlier commit's (``keybroker@REV``)."""
-    return kind == "keybroker" or kind.startswith("keybroker@")
+    """keybroker: this tree's, on one event loop (``keybroker-asyncio``,
+    ``keybroker-uvloop``), or an earlier commit's (``keybroker@REV``)."""
+    return kind == "keybroker" or kind.startswith("keybroker@") or kind in LOOP_VARIANTS
 
 
 def checkout(rev: str, workdir: Path) -> Path:
@@ -235,7 +240,7 @@ def running(kind: str, workdir: Path, *, keystore: Path | None = None, config: s
                      "max_subscriptions = 0 (the fleet workload holds up to 100,000 filters) "
                      "and no per-source connection caps (every load connection comes from "
                      "127.0.0.1)")
-        if kind == "keybroker":
+        if not kind.startswith("keybroker@"):
             prefix, note = keybroker_command()
             if note:
                 notes.append(note)
@@ -251,9 +256,12 @@ def running(kind: str, workdir: Path, *, keystore: Path | None = None, config: s
     pin = None if split is None else split[0]
     preexec = None if pin is None else (lambda: os.sched_setaffinity(0, pin))
     with open(log_path, "wb") as log:
+        env = dict(os.environ)
+        if kind in LOOP_VARIANTS:
+            env["KEYBROKER_EVENT_LOOP"] = LOOP_VARIANTS[kind]
         proc = subprocess.Popen(  # noqa: S603 - argv built above from fixed parts
             argv, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True,
-            preexec_fn=preexec)
+            preexec_fn=preexec, env=env)
     broker = RunningBroker(kind, proc, port, log_path, notes, api_port)
     try:
         _wait_listening(broker, START_TIMEOUT)

@@ -18,7 +18,8 @@ class DaemonProcess:
     """One config file in ``workdir``; ``start()`` runs the daemon on a free port (port 0)
     and returns the port; its log lines are collected in ``lines``."""
 
-    def __init__(self, workdir: Path, config: str = "") -> None:
+    def __init__(self, workdir: Path, config: str = "",
+                 env: dict[str, str] | None = None) -> None:
         self.workdir = workdir
         self.config = workdir / "keybroker.toml"
         self.config.write_text(
@@ -27,6 +28,7 @@ class DaemonProcess:
         self.proc: subprocess.Popen[str] | None = None
         self.lines: list[str] = []
         self._reader: threading.Thread | None = None
+        self.env = env or {}  # environment variables of the daemon beyond the test's own
 
     @property
     def db(self) -> Path:
@@ -42,7 +44,7 @@ class DaemonProcess:
         self.proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
             [sys.executable, "-m", "broker.cli", "serve", "--config", str(self.config),
              "--log-level", "INFO", *args],
-            cwd=self.workdir, env={**env, "PYTHONUNBUFFERED": "1"}, text=True,
+            cwd=self.workdir, env={**env, "PYTHONUNBUFFERED": "1", **self.env}, text=True,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self._reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)
         self._reader.start()
