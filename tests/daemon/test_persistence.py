@@ -22,13 +22,15 @@ from tests.support.process import DaemonProcess
 
 PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP, SUBACK = 3, 4, 5, 6, 7, 9
 FLUSH = 0.2  # [persistence] flush_interval of these daemons
+# Any free port for the HTTP API too: the default 8080 may be taken on a shared machine.
+CONFIG = f"[persistence]\nflush_interval = {FLUSH}\n[api]\nport = 0\n"
 SESSION_PRESENT = bytes([1, 0])
 DISCONNECT = b"\xe0\x00"
 
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
-    process = DaemonProcess(tmp_path, f"[persistence]\nflush_interval = {FLUSH}\n")
+    process = DaemonProcess(tmp_path, CONFIG)
     try:
         yield process
     finally:
@@ -208,7 +210,8 @@ def test_a_restored_qos2_id_reused_without_dup_is_a_new_message(daemon: DaemonPr
 def test_with_sync_an_acknowledged_message_survives_a_crash(tmp_path: Path) -> None:
     """sync = true: PUBACK only once saved, so a crash right after it loses nothing, even
     with a flush interval far longer than the test."""
-    daemon = DaemonProcess(tmp_path, "[persistence]\nflush_interval = 60.0\nsync = true\n")
+    daemon = DaemonProcess(tmp_path, "[persistence]\nflush_interval = 60.0\nsync = true\n"
+                                     "[api]\nport = 0\n")
     try:
         creds = seed_devices(daemon.db, "a", "b", "watcher")
         port = daemon.start()
@@ -255,7 +258,8 @@ def test_a_second_daemon_on_the_same_state_file_refuses_to_start(
     creds = seed_devices(daemon.db, "a")
     port = daemon.start()
     (tmp_path / "other").mkdir()
-    other = DaemonProcess(tmp_path / "other", f'[persistence]\npath = "{daemon.state}"\n')
+    other = DaemonProcess(tmp_path / "other",
+                          f'[persistence]\npath = "{daemon.state}"\n[api]\nport = 0\n')
     try:
         other.spawn()
         assert other.wait() == 1
@@ -276,7 +280,8 @@ def test_reset_state_refuses_while_a_daemon_uses_the_file(daemon: DaemonProcess,
     daemon.start()
     before = daemon.state.read_bytes()
     (tmp_path / "other").mkdir()
-    other = DaemonProcess(tmp_path / "other", f'[persistence]\npath = "{daemon.state}"\n')
+    other = DaemonProcess(tmp_path / "other",
+                          f'[persistence]\npath = "{daemon.state}"\n[api]\nport = 0\n')
     try:
         other.spawn("--reset-state")
         assert other.wait() == 1
