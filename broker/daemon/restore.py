@@ -2,13 +2,17 @@
 
 * Retained messages return within the quotas in force; those of an application deleted
   meanwhile do not.
-* Persistent sessions return offline, with their subscriptions and their messages in
-  order (in flight first, with their packet ids), within the bounds in force, each under
-  a grant rebuilt from its key as the keystore has it now, so deliveries while it is
-  offline are checked as before the restart; the next CONNECT re-checks it as always.
-  A session is dropped instead when its key is gone, inactive or expired, its
-  application is gone, its key no longer covers its device, or it has been offline
-  longer than ``session_expiry``.
+* Persistent sessions return offline, with their subscriptions (options and shared
+  groups included) and their messages in order (in flight first, with their packet ids),
+  within the bounds in force, each under a grant rebuilt from its key as the keystore
+  has it now, so deliveries while it is offline are checked as before the restart; the
+  next CONNECT re-checks it as always. A session is dropped instead when its key is
+  gone, inactive or expired, its application is gone, its key no longer covers its
+  device, or it has been offline longer than its expiry (an MQTT 5 session's own
+  interval, within the server's ``session_expiry`` in force now; else that).
+* MQTT 5 messages keep their properties and subscription identifiers; one whose Message
+  Expiry passed while the daemon was down is not restored (retained, or waiting to be
+  sent; one in flight had its delivery started, and is re-sent as on any resume).
 * Devices and applications removed while the daemon was down are in the keystore's
   change feed after the position the state was saved at: the change watcher applies
   them (``ChangeWatcher.catch_up``) before the listeners open, with the same rules as
@@ -22,18 +26,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 
 from broker.core.settings import Settings
-from broker.mqtt.outbox import OutMessage
+from broker.mqtt.outbox import MessageProps, OutMessage
 from broker.mqtt.routing import Router
-from broker.mqtt.session import ConnectionInfo, Grant, KeySession
+from broker.mqtt.session import ConnectionInfo, Grant, KeySession, session_expiry
 from broker.mqtt.sessions import SessionRegistry
 from broker.policy import SessionPolicy
-from broker.state.model import Snapshot, StoredSession
+from broker.state.model import Snapshot, StoredSession, ids_of
 from broker.state.recorder import StateRecorder
 from broker.state.sqlite import SqliteStateStore
 from broker.state.store import StateStore, state_file
@@ -45,6 +50,7 @@ from keystore.models import AccessKey
 logger = logging.getLogger(__name__)
 
 PREFETCH = 256  # scope lookups in flight at once while restoring
+NEVER = 0xFFFFFFFF  # the Session Expiry Interval that asks for never (MQTT 5 §3.1.2.11.2)
 
 
 async def open_store(settings: Settings) -> StateStore:
@@ -78,22 +84,39 @@ class _Restore:
         self.settings = settings
         self.dropped: Counter[str] = Counter()
         self._policies: dict[str, tuple[frozenset[str] | None, SessionPolicy]] = {}
+        # One MessageProps per published message, as the engine shares it between copies.
+        self._props: dict[tuple[bytes, float | None], MessageProps] = {}
 
-    def retained(self, snapshot: Snapshot, apps: set[str]) -> None:
+    def retained(self, snapshot: Snapshot, apps: set[str], now: float) -> None:
         for row in snapshot.retained:
+            props = self._message_props(row.props, row.expires)
             if row.mount not in apps:
                 self.dropped["retained: app_deleted"] += 1
-            elif self.router.retained.restore(*row):
+            elif _expired(props, now):
+                self.dropped["retained: expired"] += 1
+            elif self.router.retained.restore(row.mount, row.topic, row.payload, row.qos,
+                                              row.bucket, props):
                 continue
             else:
                 self.dropped["retained: over quota"] += 1
             self.recorder.retained_changed(row.mount, row.topic, None)
+
+    def _message_props(self, forward: bytes | None, expires: float | None
+                       ) -> MessageProps | None:
+        if forward is None:
+            return None
+        props = self._props.get((forward, expires))
+        if props is None:
+            props = self._props[(forward, expires)] = MessageProps(forward, expires)
+        return props
 
     async def session(self, stored: StoredSession, key: AccessKey | None, apps: set[str],
                       now: float) -> KeySession | None:
         """The saved session back, offline, under its key as it is now; None: dropped."""
         row = stored.row
         reason = self._refusal(row.mount, key, apps, now)
+        if reason is None and row.expiry == 0:  # it ended with the connection a crash cut
+            reason = "session_expired"
         if key is not None and reason is None:
             scope, policy = await self._policy(key)
             if scope is None or row.client_id in scope:
@@ -110,24 +133,40 @@ class _Restore:
                              ConnectionInfo(row.listener, row.peer_ip, row.client_ip), journal)
         session.grant = grant
         session.mount = row.mount
-        pending = {int(t) for t in row.inflight_in.split() if t.isdigit()}
+        pending = set(ids_of(row.inflight_in))
         session.inflight_in = pending or None
         session.restored_in = frozenset(pending)
         session.disconnected_at = row.disconnected_at
+        session.expiry = self._expiry(row.expiry)
         if session.disconnected_at is None:  # online when the daemon died: offline since now
             session.disconnected_at = now
+            journal.saved(session)
+        elif session.expiry != row.expiry:  # shortened by the maximum in force
             journal.saved(session)
         self.registry.restored(session)
         if self.router.restore_subscriptions(session, stored.subscriptions):
             self.dropped["subscriptions: over max_subscriptions"] += 1
         for saved in stored.messages:
-            message = OutMessage(saved.topic, saved.payload, saved.qos, saved.retain)
+            message = OutMessage(saved.topic, saved.payload, saved.qos, saved.retain,
+                                 self._message_props(saved.props, saved.expires),
+                                 ids_of(saved.sub_ids) if saved.sub_ids else (), saved.share)
             message.packet_id, message.released = saved.packet_id, saved.released
             message.seq, message.stored = saved.seq, True
-            if not self.router.restore_message(session, message):
+            if not message.packet_id and _expired(message.props, now):
+                self.dropped["messages: expired"] += 1
+                journal.message_removed(message)
+            elif not self.router.restore_message(session, message):
                 self.dropped["messages: over max_queued_messages or max_session_bytes"] += 1
                 journal.message_removed(message)
         return session
+
+    def _expiry(self, saved: float | None) -> float | None:
+        """A saved MQTT 5 Session Expiry Interval within the server's maximum in force
+        now (None: an MQTT 3.1.1 session, under ``session_expiry`` itself)."""
+        if saved is None:
+            return None
+        requested = NEVER if math.isinf(saved) else int(saved)
+        return session_expiry(requested, self.settings.session_expiry)
 
     @staticmethod
     def _refusal(mount: str, key: AccessKey | None, apps: set[str], now: float) -> str | None:
@@ -188,6 +227,11 @@ class _Restore:
         return len(gone)
 
 
+def _expired(props: MessageProps | None, now: float) -> bool:
+    """Has a message's Message Expiry passed (as the engine tells when it sends one)?"""
+    return props is not None and props.expires is not None and props.expires <= now
+
+
 async def _pruned_after(keystore: KeyStore, position: int, latest: int) -> bool:
     """Are changes after ``position`` missing from the feed? (Another process pruned it
     while this daemon was down; on PostgreSQL a rolled-back change also leaves a gap in
@@ -209,15 +253,14 @@ async def restore(snapshot: Snapshot, keystore: KeyStore, router: Router,
     if snapshot.empty:
         return latest
     apps = {mount_of(app.id) for app in await keystore.list_apps()}
-    work.retained(snapshot, apps)
+    work.retained(snapshot, apps, now)
     keys = await keystore.keys_by_id({stored.row.key for stored in snapshot.sessions})
     await work.prefetch(key for key in keys.values()
                         if work.admits(key, apps, now))
     for stored in snapshot.sessions:
         await work.session(stored, keys.get(stored.row.key), apps, now)
-    if settings.session_expiry:  # offline for too long, also while the daemon was down
-        work.dropped["sessions: session_expired"] += registry.expire(settings.session_expiry,
-                                                                     now)
+    # Offline for longer than its expiry, also while the daemon was down.
+    work.dropped["sessions: session_expired"] += registry.expire(settings.session_expiry, now)
     position = snapshot.position
     if position > latest:
         logger.warning("broker state: saved at change %d of a keystore whose change feed "

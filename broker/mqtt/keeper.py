@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
+from broker.mqtt.outbox import MessageProps
 from broker.mqtt.session import SessionJournal
 
 
@@ -17,6 +18,7 @@ class RetainedMessage(Protocol):
     topic: str
     payload: bytes
     qos: int
+    props: MessageProps | None
 
     @property
     def bucket(self) -> str: ...

@@ -201,14 +201,15 @@ class RetainedMessages:
         """Delete every retained message of a deleted application."""
         return self._drop(mount + "#")
 
-    def restore(self, mount: str, topic: str, payload: bytes, qos: int, bucket: str) -> bool:
+    def restore(self, mount: str, topic: str, payload: bytes, qos: int, bucket: str,
+                props: MessageProps | None = None) -> bool:
         """A saved retained message, counted in its quota buckets; False (not kept) when
         the quotas in force no longer leave room for it."""
         if bucket.startswith("d:"):
-            message = Retained(topic, payload, qos, (bucket, f"r:{mount}"))
+            message = Retained(topic, payload, qos, (bucket, f"r:{mount}"), props)
             fits = self._reserve_refusal(message) is None
         else:
-            message = Retained(topic, payload, qos, (bucket, f"a:{mount}"))
+            message = Retained(topic, payload, qos, (bucket, f"a:{mount}"), props)
             fits = self._shared_refusal(message) is None
         if fits:  # one message per topic in a saved state: nothing to replace
             self._charge(message)

@@ -1,10 +1,15 @@
 """What a broker-state store holds, as plain rows (tuples, so a store can write them as
 they are). Topics are as clients see them; ``mount`` is the application's prefix inside
 the broker (broker.mqtt.plugins.mount_of). Nothing here is a secret: a session names
-the public id of the key that last authenticated it, never its secret."""
+the public id of the key that last authenticated it, never its secret.
+
+What MQTT 5 added comes last in each row, with the value an MQTT 3.1.1 row has as its
+default: no properties (None), no subscription identifiers (""), no shared subscription
+(None), the server's session expiry (None). Times are wall clock (``time.time()``)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -15,6 +20,8 @@ class RetainedRow(NamedTuple):
     payload: bytes
     qos: int
     bucket: str  # the quota bucket it is counted in: "k:<key id>" or "d:<device id>"
+    props: bytes | None = None  # MQTT 5 properties carried to subscribers (MessageProps)
+    expires: float | None = None  # Message Expiry; None: never
 
 
 class SessionRow(NamedTuple):
@@ -24,14 +31,18 @@ class SessionRow(NamedTuple):
     listener: str
     client_ip: str
     peer_ip: str
-    disconnected_at: float | None  # wall clock; None: online when last saved
-    inflight_in: str  # incoming QoS 2 packet ids awaiting PUBREL, space-separated
+    disconnected_at: float | None  # None: online when last saved
+    inflight_in: str  # incoming QoS 2 packet ids awaiting PUBREL (``ids_text``)
+    # Seconds it outlives its connection (MQTT 5 Session Expiry Interval, inf: never);
+    # None: the server's session_expiry (MQTT 3.1.1)
+    expiry: float | None = None
 
 
 class SubscriptionRow(NamedTuple):
     client_id: str
-    filter: str
-    qos: int
+    filter: str  # as the client gave it: ``$share/GROUP/FILTER`` for a shared one
+    options: int  # QoS, No Local, Retain As Published, Retain Handling and subscription
+    # identifier, packed as broker.topics.trie.options (MQTT 3.1.1: the QoS alone)
 
 
 class MessageRow(NamedTuple):
@@ -45,12 +56,16 @@ class MessageRow(NamedTuple):
     retain: bool
     packet_id: int  # 0 while waiting; the id it was sent with once in flight
     released: bool
+    props: bytes | None = None  # MQTT 5 properties carried (None once released, too)
+    expires: float | None = None  # Message Expiry; None: never
+    sub_ids: str = ""  # MQTT 5 subscription identifiers it matched (``ids_text``)
+    share: str | None = None  # the shared subscription's group key it came through
 
 
 @dataclass(slots=True)
 class StoredSession:
     row: SessionRow
-    subscriptions: dict[str, int] = field(default_factory=dict)
+    subscriptions: dict[str, int] = field(default_factory=dict)  # filter -> options
     messages: list[MessageRow] = field(default_factory=list)  # by seq
 
 
@@ -85,3 +100,13 @@ class Batch:
         return (len(self.dropped) + len(self.sessions) + len(self.subscriptions)
                 + len(self.unsubscribed) + len(self.messages) + len(self.removed_messages)
                 + len(self.retained) + len(self.removed_retained))
+
+
+def ids_text(ids: Iterable[int]) -> str:
+    """Numbers (packet ids, subscription identifiers) as a row holds them."""
+    return " ".join(str(number) for number in ids)
+
+
+def ids_of(text: str) -> tuple[int, ...]:
+    """The numbers of ``ids_text``, in order (anything else in the text is skipped)."""
+    return tuple(int(word) for word in text.split() if word.isdecimal())

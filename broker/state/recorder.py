@@ -26,7 +26,14 @@ from collections.abc import Callable
 from broker.mqtt.keeper import RetainedMessage
 from broker.mqtt.outbox import Outbox, OutMessage
 from broker.mqtt.session import KeySession
-from broker.state.model import Batch, MessageRow, RetainedRow, SessionRow, SubscriptionRow
+from broker.state.model import (
+    Batch,
+    MessageRow,
+    RetainedRow,
+    SessionRow,
+    SubscriptionRow,
+    ids_text,
+)
 from broker.state.store import StateStore
 
 logger = logging.getLogger(__name__)
@@ -41,7 +48,8 @@ class Marks:
         self.retained: dict[tuple[str, str], RetainedMessage | None] = {}  # (mount, topic)
         self.dropped: set[str] = set()  # client ids whose whole saved session goes first
         self.sessions: dict[str, KeySession] = {}
-        self.subs: dict[str, dict[str, int | None]] = {}  # client id -> filter -> qos/None
+        # client id -> filter -> its options (broker.topics.trie.options), None: removed
+        self.subs: dict[str, dict[str, int | None]] = {}
         # client id -> seq -> a saved message that changed, or None (removed)
         self.messages: dict[str, dict[int, OutMessage | None]] = {}
         self.outboxes: dict[str, Outbox] = {}  # client id -> outbox with new messages
@@ -71,8 +79,8 @@ class Marks:
         for client_id, subs in older.subs.items():
             if client_id not in gone:
                 newer_subs = self.subs.setdefault(client_id, {})
-                for topic_filter, qos in subs.items():
-                    newer_subs.setdefault(topic_filter, qos)
+                for topic_filter, packed in subs.items():
+                    newer_subs.setdefault(topic_filter, packed)
         for client_id, messages in older.messages.items():
             if client_id not in gone:
                 newer_messages = self.messages.setdefault(client_id, {})
@@ -93,22 +101,27 @@ class Marks:
                     removed_messages.append((client_id, seq))
                     continue
                 message.stored = True  # from now on its changes must be written too
-                message_rows.append(MessageRow(
-                    client_id, seq, message.topic, message.payload, message.qos,
-                    message.retain, message.packet_id, message.released))
-        subs = [(client_id, topic_filter, qos) for client_id, changed in self.subs.items()
-                for topic_filter, qos in changed.items()]
+                if message.props is None and not message.sub_ids:  # MQTT 3.1.1 (or alike)
+                    message_rows.append(MessageRow(
+                        client_id, seq, message.topic, message.payload, message.qos,
+                        message.retain, message.packet_id, message.released, None, None, "",
+                        message.share))
+                else:
+                    message_rows.append(_message5_row(client_id, seq, message))
+        subs = [(client_id, topic_filter, packed) for client_id, changed in self.subs.items()
+                for topic_filter, packed in changed.items()]
         retained = self.retained.items()
         return Batch(
             dropped=tuple(self.dropped),
             sessions=tuple(_session_row(session) for session in self.sessions.values()),
-            subscriptions=tuple(SubscriptionRow(client_id, topic_filter, qos)
-                                for client_id, topic_filter, qos in subs if qos is not None),
+            subscriptions=tuple(SubscriptionRow(client_id, topic_filter, packed)
+                                for client_id, topic_filter, packed in subs
+                                if packed is not None),
             unsubscribed=tuple((client_id, topic_filter)
-                               for client_id, topic_filter, qos in subs if qos is None),
+                               for client_id, topic_filter, packed in subs if packed is None),
             messages=tuple(message_rows),
             removed_messages=tuple(removed_messages),
-            retained=tuple(RetainedRow(mount, topic, m.payload, m.qos, m.bucket)
+            retained=tuple(_retained_row(mount, topic, m)
                            for (mount, topic), m in retained if m is not None),
             removed_retained=tuple(key for key, m in retained if m is None),
             position=position,
@@ -222,6 +235,7 @@ class Journal:
         self._recorder.marks.sessions[self.client_id] = session
 
     def subscribed(self, topic_filter: str, qos: int) -> None:
+        """``qos``: the subscription's options, packed (broker.topics.trie.options)."""
         self._recorder.marks.subs.setdefault(self.client_id, {})[topic_filter] = qos
 
     def unsubscribed(self, topic_filter: str) -> None:
@@ -237,4 +251,22 @@ def _session_row(session: KeySession) -> SessionRow:
         session.client_id, session.mount, grant.key.key if grant is not None else "",
         conn.listener, conn.client_ip, conn.peer_ip,
         None if session.link is not None else session.disconnected_at,
-        " ".join(str(packet_id) for packet_id in sorted(session.inflight_in or ())))
+        ids_text(sorted(session.inflight_in or ())), session.expiry)
+
+
+def _message5_row(client_id: str, seq: int, message: OutMessage) -> MessageRow:
+    """The row of a message with MQTT 5 properties or subscription identifiers."""
+    props = None if message.released else message.props  # a PUBREL carries none
+    return MessageRow(client_id, seq, message.topic, message.payload, message.qos,
+                      message.retain, message.packet_id, message.released,
+                      None if props is None else props.forward,
+                      None if props is None else props.expires, ids_text(message.sub_ids),
+                      message.share)
+
+
+def _retained_row(mount: str, topic: str, message: RetainedMessage) -> RetainedRow:
+    props = message.props
+    if props is None:
+        return RetainedRow(mount, topic, message.payload, message.qos, message.bucket)
+    return RetainedRow(mount, topic, message.payload, message.qos, message.bucket,
+                       props.forward, props.expires)

@@ -6,6 +6,7 @@ keystore changed in between as another process would."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import sqlite3
@@ -17,10 +18,13 @@ from typing import Any
 import pytest
 
 from broker.core.settings import Settings
+from broker.topics.mounts import mount_of
 from keystore import KeyStore
 from keystore.sqlite.backup import backup as keystore_backup
+from tests.daemon.test_persistence import seed_devices
 from tests.support import mqtt_raw as raw
 from tests.support.harness import Client, RunningBroker, broker_settings, seed
+from tests.unit.test_state_sqlite import SCHEMA_1
 
 SESSION_PRESENT, NO_SESSION = bytes([1, 0]), bytes([0, 0])
 
@@ -146,14 +150,7 @@ def test_a_device_removed_while_down_takes_its_session_and_retained_messages(
 
 def test_a_restored_state_keeps_the_limits_in_force(tmp_path: Path) -> None:
     settings = broker_settings(tmp_path)
-
-    async def setup(ks: KeyStore) -> tuple[str, str]:
-        for device in ("p", "c", "watcher"):
-            await ks.add_device(device)
-        key, secret = await ks.create_key(device_ids=["p", "c", "watcher"], topic_mode="all")
-        return key.key, secret
-
-    creds = seed(settings.db_path, setup)
+    creds = seed_devices(settings.db_path, "p", "c", "watcher", topic_mode="all")
     broker = run(settings)
     try:
         hold_session(broker, "c", creds, "losant/c/cmd")
@@ -284,3 +281,124 @@ def test_a_device_removed_while_down_is_found_when_the_feed_was_pruned_meanwhile
         broker.stop()
     restored = [r.getMessage() for r in caplog.records if "not restored" in r.getMessage()]
     assert "devices removed 1" in restored[-1] and "pruned" in caplog.text
+
+
+def test_a_state_file_of_schema_1_is_migrated_and_its_rows_load(tmp_path: Path) -> None:
+    """Its rows come back as the MQTT 3.1.1 ones they are: the session (offline, with its
+    subscription and its queued message), the retained message."""
+    settings = broker_settings(tmp_path)
+
+    async def setup(ks: KeyStore) -> tuple[str, str, str, int]:
+        for device in ("a", "b"):
+            await ks.add_device(device)
+        key, secret = await ks.create_key(device_ids=["a", "b"])
+        return key.key, secret, mount_of(key.app_id), await ks.latest_change_id()
+
+    key, secret, mount, position = seed(settings.db_path, setup)
+    creds = (key, secret)
+    state = settings.db_path.with_name("keybroker.state.db")
+    state.touch(0o600)
+    with contextlib.closing(sqlite3.connect(state)) as db, db:
+        db.executescript(SCHEMA_1)
+        db.execute("UPDATE meta SET value = ? WHERE name = 'position'", (position,))
+        db.execute("INSERT INTO retained VALUES (?, 'losant/a/state', x'6f6c64', 1, 'd:a')",
+                   (mount,))
+        db.execute("INSERT INTO sessions VALUES ('a', ?, ?, 'tcp', '127.0.0.1', '127.0.0.1', "
+                   "?, '')", (mount, key, time.time() - 10))
+        db.execute("INSERT INTO subscriptions VALUES ('a', 'losant/a/cmd', 1)")
+        db.execute("INSERT INTO messages VALUES ('a', 1, 'losant/a/cmd', x'717565756564', "
+                   "1, 0, 0, 0)")
+
+    broker = run(settings)
+    try:
+        sock, packet = raw.session(broker.port(), "a", *creds, clean=False)
+        with sock:
+            assert packet.body == SESSION_PRESENT
+            queued = raw.read_packet(sock)
+            assert queued is not None
+            assert (queued.topic, queued.payload, queued.qos) == ("losant/a/cmd", b"queued", 1)
+            sock.sendall(raw.ack(4, queued.packet_id))
+            with Client(broker.port(), "b", *creds) as other:
+                assert other.connect() == 0
+                other.publish("losant/a/cmd", b"live", qos=1)  # the subscription is back
+                live = raw.read_packet(sock)
+                assert live is not None and (live.topic, live.payload) == ("losant/a/cmd",
+                                                                           b"live")
+                sock.sendall(raw.ack(4, live.packet_id))
+                assert other.subscribe("losant/a/state", 1) == 1
+                message = other.get()
+                assert message is not None and (message.payload, message.retain) == (b"old",
+                                                                                     True)
+    finally:
+        broker.stop()
+    with contextlib.closing(sqlite3.connect(state)) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (2,)
+        assert db.execute("SELECT client_id, expiry FROM sessions").fetchall() == [("a", None)]
+        assert db.execute("SELECT * FROM subscriptions").fetchall() == [("a", "losant/a/cmd", 1)]
+        assert db.execute("SELECT topic, props, expires FROM retained").fetchall() == [
+            ("losant/a/state", None, None)]
+
+
+def test_shared_subscriptions_and_their_messages_come_back_in_their_groups(
+        tmp_path: Path) -> None:
+    """A persistent session's $share/ subscription joins its group again at a restart, and
+    a message queued for a member through the group stays the group's: when that member's
+    session ends, it goes to another member."""
+    settings = broker_settings(tmp_path)
+    creds = seed_devices(settings.db_path, "a", "b", "p", topic_mode="all")
+    broker = run(settings)
+    try:
+        hold_session(broker, "b", creds, "$share/g/jobs/#")
+        with Client(broker.port(), "p", *creds) as publisher:  # b is the only member
+            assert publisher.connect() == 0
+            publisher.publish("jobs/1", b"job 1", qos=1)
+        hold_session(broker, "a", creds, "$share/g/jobs/#")
+    finally:
+        broker.stop()
+    assert [row[0] for row in state_rows(settings, "messages")] == ["b"]
+
+    broker = run(settings)
+    try:
+        with Client(broker.port(), "a", *creds, clean_session=False) as member:
+            assert member.connect() == 0
+            assert member.get(0.5) is None  # nothing was queued for a
+            with Client(broker.port(), "b", *creds) as leaving:  # ends b's stored session
+                assert leaving.connect() == 0
+            handed = member.get()
+            assert handed is not None and (handed.topic, handed.payload) == ("jobs/1",
+                                                                             b"job 1")
+            with Client(broker.port(), "p", *creds) as publisher:
+                assert publisher.connect() == 0
+                publisher.publish("jobs/2", b"job 2", qos=1)
+            live = member.get()
+            assert live is not None and live.payload == b"job 2"
+    finally:
+        broker.stop()
+
+
+def test_a_session_saved_online_with_a_session_expiry_of_0_is_not_restored(
+        tmp_path: Path) -> None:
+    """An MQTT 5 client may resume its session asking for an expiry of 0: the session then
+    ends with that connection. A crash while it was connected leaves it saved online with
+    that expiry: it ended with the connection the crash cut."""
+    settings = broker_settings(tmp_path)
+    creds = seed_devices(settings.db_path, "a", "b")
+    broker = run(settings)
+    try:
+        hold_session(broker, "a", creds, "losant/a/cmd")
+        hold_session(broker, "b", creds, "losant/b/cmd")
+    finally:
+        broker.stop()
+    state = settings.db_path.with_name("keybroker.state.db")
+    with contextlib.closing(sqlite3.connect(state)) as db, db:  # as the crash left them
+        db.execute("UPDATE sessions SET disconnected_at = NULL, expiry = 0 "
+                   "WHERE client_id = 'a'")
+        db.execute("UPDATE sessions SET disconnected_at = NULL, expiry = 60 "
+                   "WHERE client_id = 'b'")
+
+    broker = run(settings)
+    try:
+        assert connack(broker, "a", creds) == NO_SESSION
+        assert connack(broker, "b", creds) == SESSION_PRESENT
+    finally:
+        broker.stop()

@@ -4,9 +4,10 @@ until their flush commits (sync). No disk and no sockets: the store is a list.""
 
 from __future__ import annotations
 
-from broker.mqtt.outbox import OutMessage
+from broker.mqtt.outbox import MessageProps, OutMessage
+from broker.mqtt.retained import Retained
 from broker.mqtt.session import ConnectionInfo, KeySession
-from broker.state.model import Batch, Snapshot
+from broker.state.model import Batch, MessageRow, RetainedRow, Snapshot
 from broker.state.recorder import StateRecorder
 
 
@@ -92,3 +93,40 @@ async def test_with_sync_acknowledgements_wait_for_their_flush_in_order() -> Non
     assert await state.flush()
     assert sent[1:] == [b"first", b"second"]
 
+
+
+async def test_what_mqtt5_adds_is_in_the_rows_a_flush_writes() -> None:
+    """A session's Session Expiry Interval, a message's properties, expiry, subscription
+    identifiers and shared group, a retained message's properties; a released QoS 2
+    message keeps neither payload nor properties (only its PUBREL is owed)."""
+    store = MemoryStore()
+    state = recorder(store)
+    dev = session(state)
+    dev.expiry = 3600.0
+    dev.journal.saved(dev)
+    props = MessageProps(b"\x26\x00\x01k\x00\x01v", 1700000300.5)
+    shared = OutMessage("jobs/1", b"job", 2, False, props, (9,), "\x00app/g\x00jobs/#")
+    both = OutMessage("a/b", b"x", 1, True, None, (7, 268435455))
+    plain = OutMessage("a/c", b"y", 1)
+    for message in (shared, both, plain):
+        dev.outbox.put(message)
+    for _ in dev.outbox.sendable(1):
+        pass
+    state.retained_changed("app/", "cfg", Retained("cfg", b"z", 1, ("k:key", "a:app/"),
+                                                   props))
+    assert await state.flush()
+    (batch,) = store.batches
+    assert [row.expiry for row in batch.sessions] == [3600.0]
+    assert batch.messages == (
+        MessageRow("dev", 1, "jobs/1", b"job", 2, False, shared.packet_id, False,
+                   props.forward, props.expires, "9", shared.share),
+        MessageRow("dev", 2, "a/b", b"x", 1, True, 0, False, None, None, "7 268435455"),
+        MessageRow("dev", 3, "a/c", b"y", 1, False, 0, False))
+    assert batch.retained == (RetainedRow("app/", "cfg", b"z", 1, "k:key", props.forward,
+                                          props.expires),)
+
+    assert dev.outbox.received(shared.packet_id)  # PUBREC: released
+    assert await state.flush()
+    assert store.batches[1].messages == (
+        MessageRow("dev", 1, "jobs/1", b"", 2, False, shared.packet_id, True, None, None,
+                   "9", shared.share),)
