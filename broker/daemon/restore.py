@@ -92,7 +92,7 @@ class _Restore:
             props = self._message_props(row.props, row.expires)
             if row.mount not in apps:
                 self.dropped["retained: app_deleted"] += 1
-            elif _expired(props, now):
+            elif props is not None and props.expired(now):
                 self.dropped["retained: expired"] += 1
             elif self.router.retained.restore(row.mount, row.topic, row.payload, row.qos,
                                               row.bucket, props):
@@ -152,7 +152,7 @@ class _Restore:
                                  ids_of(saved.sub_ids) if saved.sub_ids else (), saved.share)
             message.packet_id, message.released = saved.packet_id, saved.released
             message.seq, message.stored = saved.seq, True
-            if not message.packet_id and _expired(message.props, now):
+            if not message.packet_id and message.props is not None and message.props.expired(now):
                 self.dropped["messages: expired"] += 1
                 journal.message_removed(message)
             elif not self.router.restore_message(session, message):
@@ -225,11 +225,6 @@ class _Restore:
         for device in gone:
             self.registry.device_removed(device)
         return len(gone)
-
-
-def _expired(props: MessageProps | None, now: float) -> bool:
-    """Has a message's Message Expiry passed (as the engine tells when it sends one)?"""
-    return props is not None and props.expires is not None and props.expires <= now
 
 
 async def _pruned_after(keystore: KeyStore, position: int, latest: int) -> bool:

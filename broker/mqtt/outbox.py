@@ -51,6 +51,11 @@ class MessageProps:
         self.forward = forward
         self.expires = expires
 
+    def expired(self, now: float) -> bool:
+        """Has its Message Expiry passed at ``now`` (wall clock)? Then it is not sent
+        (MQTT-3.3.2-5)."""
+        return self.expires is not None and self.expires <= now
+
     def __repr__(self) -> str:
         return f"MessageProps({len(self.forward)} bytes, expires={self.expires})"
 

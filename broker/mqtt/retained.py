@@ -240,8 +240,7 @@ class RetainedMessages:
                         return
                     if not session.decide(message.topic, Action.RECEIVE).allowed:
                         continue
-                    if message.props is not None and message.props.expires is not None \
-                            and message.props.expires <= time.time():
+                    if message.props is not None and message.props.expired(time.time()):
                         self.expire(session.mount + message.topic, message)
                         continue
                     await self.send_one(session, link, message, min(qos, message.qos))

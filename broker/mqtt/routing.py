@@ -154,7 +154,7 @@ class Router:
         now = 0.0
         if props is not None and props.expires is not None:
             now = time.time()
-            if check_expiry and props.expires <= now:
+            if check_expiry and props.expired(now):
                 self.traffic.dropped["expired"] += 1
                 return None
         encoded = topic.encode("utf-8", "surrogatepass")
