@@ -79,6 +79,12 @@ DENY_IP_NOT_LISTED = Decision(False, "ip_not_in_list")
 DENY_IP_EXCEPTED = Decision(False, "ip_in_except_list")
 DENY_IP_INVALID = Decision(False, "ip_invalid")
 
+# Decisions a policy keeps per direction (SessionPolicy._publish, _receive), for topics
+# of at most DECIDED_TOPIC_CHARS: a device uses a few topics; a key's worst case is a
+# few KiB.
+DECISIONS_KEPT = 32
+DECIDED_TOPIC_CHARS = 128
+
 # CONNACK return codes (MQTT 3.1.1 §3.2.2.3) by refusal reason: 3 = server unavailable,
 # 4 = bad user name or password, 5 = not authorized. Steps 0–2 of docs/access.md#connect
 # are decided by the caller.
@@ -113,12 +119,18 @@ class SessionPolicy:
     pub: FilterSet
     sub: FilterSet
     _prefix_levels: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    # Decisions already taken, by topic (a device publishes to the same few topics over
+    # and over): the policy never changes, so neither do they. Bounded: emptied when full.
+    _publish: dict[str, Decision] = field(init=False, repr=False, compare=False)
+    _receive: dict[str, Decision] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         validate_device_prefix(self.device_prefix)
         # Coerce so the hot path can compare modes by identity.
         object.__setattr__(self, "topic_mode", TopicMode(self.topic_mode))
         object.__setattr__(self, "_prefix_levels", (self.device_prefix,))
+        object.__setattr__(self, "_publish", {})
+        object.__setattr__(self, "_receive", {})
 
     @classmethod
     def build(
@@ -196,18 +208,32 @@ def _custom_topic(policy: SessionPolicy, filters: FilterSet, topic: str) -> Deci
 
 def check_publish(policy: SessionPolicy, topic: str) -> Decision:
     """May this session PUBLISH to ``topic``? (Also used for the Will topic.)"""
-    decision = _classify_topic(policy, topic)
-    if decision is not None:
-        return decision
-    return _custom_topic(policy, policy.pub, topic)
+    decision = policy._publish.get(topic)
+    if decision is None:
+        decision = _classify_topic(policy, topic)
+        if decision is None:
+            decision = _custom_topic(policy, policy.pub, topic)
+        _remember(policy._publish, topic, decision)
+    return decision
 
 
 def check_receive(policy: SessionPolicy, topic: str) -> Decision:
     """May a message on ``topic`` (retained included) be delivered to this session?"""
-    decision = _classify_topic(policy, topic)
-    if decision is not None:
-        return decision
-    return _custom_topic(policy, policy.sub, topic)
+    decision = policy._receive.get(topic)
+    if decision is None:
+        decision = _classify_topic(policy, topic)
+        if decision is None:
+            decision = _custom_topic(policy, policy.sub, topic)
+        _remember(policy._receive, topic, decision)
+    return decision
+
+
+def _remember(decisions: dict[str, Decision], topic: str, decision: Decision) -> None:
+    if len(topic) > DECIDED_TOPIC_CHARS:
+        return
+    if len(decisions) >= DECISIONS_KEPT:
+        decisions.clear()
+    decisions[topic] = decision
 
 
 # ---------------------------------------------------------------------- subscribe

@@ -24,6 +24,7 @@ from broker.policy import (
     check_subscribe,
     compile_addresses,
 )
+from broker.policy.decisions import DECIDED_TOPIC_CHARS, DECISIONS_KEPT
 from broker.topics import FilterSet, topic_matches
 from keystore.errors import ValidationError
 from keystore.models import AccessKey, AddressMode, KeyStatus, TopicMode
@@ -98,6 +99,29 @@ def test_publish_receive_matrix(
     session = policy(ALL_MODES[mode_index])
     assert check_publish(session, topic).allowed is publish[mode_index]
     assert check_receive(session, topic).allowed is receive[mode_index]
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_remembered_decisions_are_the_decisions(mode: TopicMode) -> None:
+    """A policy remembers its decisions per topic (a device repeats its topics): the
+    second, third ... answer is the first, denials included, and what it keeps is bounded
+    (a client publishing to ever new topics, or to very long ones, cannot grow it)."""
+    session = policy(mode)
+    index = ALL_MODES.index(mode)
+    for _ in range(3):
+        for topic, publish, receive in MATRIX:
+            assert check_publish(session, topic).allowed is publish[index], topic
+            assert check_receive(session, topic).allowed is receive[index], topic
+    assert "$SYS/broker/uptime" in session._publish  # denials are remembered too
+    for n in range(3 * DECISIONS_KEPT):
+        assert not check_publish(session, f"losant/other{n}/state")
+        assert check_receive(session, "losant/d1/" + "x" * (DECIDED_TOPIC_CHARS + n))
+    assert len(session._publish) <= DECISIONS_KEPT
+    assert len(session._receive) <= DECISIONS_KEPT
+    assert all(len(topic) <= DECIDED_TOPIC_CHARS for topic in session._receive)
+    for topic, publish, receive in MATRIX:
+        assert check_publish(session, topic).allowed is publish[index], topic
+        assert check_receive(session, topic).allowed is receive[index], topic
 
 
 @pytest.mark.parametrize(
