@@ -199,6 +199,7 @@ class Client:
         self._packet_id = 0
         self.session_present = False
         self.protocol = 4  # set by connect()
+        self.client_id = ""  # set by connect()
 
     async def connect(
         self,
@@ -219,7 +220,7 @@ class Client:
                                     local_addr=(source, 0) if source else None), timeout
         )
         started = time.perf_counter()
-        self.protocol = protocol
+        self.protocol, self.client_id = protocol, client_id
         self.writer.write(connect_packet(
             client_id, username, password, keepalive=keepalive, clean_session=clean_session,
             protocol=protocol, session_expiry=0 if clean_session else 86_400))

@@ -259,7 +259,7 @@ def test_a_new_keystore_is_announced_and_the_start_up_line_has_absolute_paths(
     assert f"created a new empty keystore at {tmp_path / 'typo' / 'k.db'}:" in warnings[0]
     assert (tmp_path / "typo" / "k.db").exists()  # a start that worked keeps it
     # The start-up line names both files by their absolute paths, though --db was relative.
-    assert (f"(keystore {tmp_path / 'typo' / 'k.db'}, state {tmp_path / 'typo' / 'k.state.db'})"
+    assert (f"(keystore {tmp_path / 'typo' / 'k.db'}, state {tmp_path / 'typo' / 'k.state.db'},"
             in lines[-1]), lines[-1]
 
 
