@@ -33,6 +33,11 @@ SUBACK_FAILURE = 0x80
 _U16 = struct.Struct("!H")
 
 
+class ProtocolViolation(Exception):
+    """A well-formed packet the protocol says ends the connection (MQTT 5: DISCONNECT
+    0x82 Protocol Error; a malformed one is MalformedPacket, 0x81)."""
+
+
 class Publish(NamedTuple):
     topic: str
     payload: bytes

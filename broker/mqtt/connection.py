@@ -54,10 +54,6 @@ HOLD_WHILE_WAITED_ON = 16
 HELD_IN_ALL = 256 * 1024 * 1024
 
 
-class ProtocolViolation(Exception):
-    """A packet that MQTT 3.1.1 says ends the connection."""
-
-
 class MqttConnection:
     __slots__ = ("inbound", "router", "link", "reader", "info", "session", "clean_exit",
                  "ended_by", "waits", "held", "held_bytes", "paused_at", "wake",
@@ -93,7 +89,8 @@ class MqttConnection:
         self.ended_by = reason
         session = self.session
         if reason == "idle" and session is not None and session.version == 5:
-            self.link.write(codec.disconnect5(properties.KEEP_ALIVE_TIMEOUT))
+            self.link.write(codec.disconnect5(properties.KEEP_ALIVE_TIMEOUT,
+                                              self.inbound.reason_props(session, "keep_alive")))
             self.link.flush()
         self.link.abort()
 
@@ -111,8 +108,10 @@ class MqttConnection:
                 try:
                     packet = await reader.packet()
                 except PacketError as exc:  # audited by the reader's on_violation
-                    self.end(properties.PACKET_TOO_LARGE if exc.reason == "packet_too_large"
-                             else properties.MALFORMED_PACKET)
+                    if exc.reason == "packet_too_large":
+                        self.end(properties.PACKET_TOO_LARGE, "packet_too_large")
+                    else:
+                        self.end(properties.MALFORMED_PACKET, "malformed_packet")
                     return
                 except (ConnectionError, OSError):
                     return
@@ -177,11 +176,11 @@ class MqttConnection:
         connection is to end."""
         try:
             return self.handler(session, first, body)
-        except (codec.MalformedPacket, ProtocolViolation) as exc:
+        except (codec.MalformedPacket, codec.ProtocolViolation) as exc:
             self.inbound.audit.event("bad_packet", reason=str(exc), **session.audit_fields())
-            malformed = isinstance(exc, codec.MalformedPacket)
-            return self.end(properties.MALFORMED_PACKET if malformed
-                            else properties.PROTOCOL_ERROR)
+            if isinstance(exc, codec.MalformedPacket):
+                return self.end(properties.MALFORMED_PACKET, "malformed_packet")
+            return self.end(properties.PROTOCOL_ERROR, "protocol_error")
 
     # ------------------------------------------------------------------ backpressure
     def pause(self) -> None:
@@ -311,8 +310,8 @@ class MqttConnection:
         kind = first >> 4
         router = self.router
         if kind == codec.PUBLISH:
-            return not self.inbound.publish_packet(session, self.link,
-                                                   codec.parse_publish(first, body), self)
+            return self.inbound.publish_packet(session, self.link,
+                                               codec.parse_publish(first, body), self) is None
         if kind == codec.PUBACK:
             router.puback(session, codec.packet_id_of(body))
         elif kind == codec.PUBREC:
@@ -339,9 +338,9 @@ class MqttConnection:
             self.clean_exit = True
             return False
         elif kind == codec.CONNECT:
-            raise ProtocolViolation("second CONNECT")  # MQTT-3.1.0-2
+            raise codec.ProtocolViolation("second CONNECT")  # MQTT-3.1.0-2
         else:
-            raise ProtocolViolation(f"packet type {kind} is not sent by clients")
+            raise codec.ProtocolViolation(f"packet type {kind} is not sent by clients")
         return True
 
     def handle5(self, session: KeySession, first: int, body: bytes) -> bool:
@@ -381,11 +380,11 @@ class MqttConnection:
         elif kind == codec.DISCONNECT:
             return self._disconnect5(session, body)
         elif kind == codec.CONNECT:
-            raise ProtocolViolation("second CONNECT")  # MQTT-3.1.0-2
+            raise codec.ProtocolViolation("second CONNECT")  # MQTT-3.1.0-2
         elif kind == codec.AUTH:
-            raise ProtocolViolation("AUTH without an authentication method")  # MQTT-4.12.0-1
+            raise codec.ProtocolViolation("AUTH without an authentication method")  # MQTT-4.12.0-1
         else:
-            raise ProtocolViolation(f"packet type {kind} is not sent by clients")
+            raise codec.ProtocolViolation(f"packet type {kind} is not sent by clients")
         return True
 
     def _publish5(self, session: KeySession, first: int, body: bytes) -> bool:
@@ -408,9 +407,9 @@ class MqttConnection:
             return self.end(properties.PROTOCOL_ERROR, "no topic and no topic alias")
         if topic is not packet.topic:
             packet = packet._replace(topic=topic)
-        code = self.inbound.publish_packet(session, self.link, packet, self,
-                                           message_props(props) if props else None)
-        return not code or self.end(code)
+        ended = self.inbound.publish_packet(session, self.link, packet, self,
+                                            message_props(props) if props else None)
+        return ended is None or self.end(ended.code, ended.reason)
 
     def _disconnect5(self, session: KeySession, body: bytes) -> bool:
         """The client's DISCONNECT: 0x04 keeps its Will; a Session Expiry Interval may

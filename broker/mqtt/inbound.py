@@ -62,9 +62,10 @@ class Inbound:
 
     def publish_packet(self, session: KeySession, link: Link, packet: codec.Publish,
                        source: Publisher | None = None,
-                       props: MessageProps | None = None) -> int:
-        """An incoming PUBLISH and its acknowledgement: 0, or a reason code when the
-        connection is to end (MQTT 5 says it in a DISCONNECT; 3.1.1 just closes).
+                       props: MessageProps | None = None) -> Outcome | None:
+        """An incoming PUBLISH and its acknowledgement: None, or the outcome that ends the
+        connection, with its reason code and rule class (MQTT 5 says them in a
+        DISCONNECT; 3.1.1 just closes).
         ``source``, the connection it came in on, waits while a session it fed is past
         its bounds (broker.mqtt.flow)."""
         qos, packet_id = packet.qos, packet.packet_id
@@ -72,7 +73,7 @@ class Inbound:
         if qos == 2 and pending and packet_id in pending:  # seen: not passed on twice
             if packet.dup or packet_id not in session.restored_in:
                 self.acknowledge(link, self._ack(session, codec.PUBREC, packet_id, ACCEPTED))
-                return 0
+                return None
             # A restored id the client reuses without DUP: it had its PUBCOMP before the
             # daemon died and the release was not saved; this is a new message.
             released(session, packet_id)
@@ -80,11 +81,13 @@ class Inbound:
             # amqtt kept every unreleased QoS 2 message without limit.
             self.audit.event("bad_packet", reason="too many unacknowledged QoS 2 messages "
                              "(no PUBREL)", **session.audit_fields())
-            return properties.RECEIVE_MAXIMUM_EXCEEDED
+            return Outcome(Verdict.CLOSE, properties.RECEIVE_MAXIMUM_EXCEEDED,
+                           "receive maximum")
         outcome = self.publish(session, packet.topic, packet.payload, qos, packet.retain,
                                source, props)
         if outcome.verdict is Verdict.CLOSE:
-            return outcome.code or properties.UNSPECIFIED_ERROR
+            return outcome if outcome.code else outcome._replace(
+                code=properties.UNSPECIFIED_ERROR)
         if qos == 1:
             self.acknowledge(link, self._ack(session, codec.PUBACK, packet_id, outcome))
         elif qos == 2:
@@ -96,7 +99,7 @@ class Inbound:
                     session.journal.saved(session)
             # MQTT 5: a refused QoS 2 flow ends with the PUBREC (no PUBREL follows).
             self.acknowledge(link, self._ack(session, codec.PUBREC, packet_id, outcome))
-        return 0
+        return None
 
     def _ack(self, session: KeySession, kind: int, packet_id: int, outcome: Outcome) -> bytes:
         """PUBACK or PUBREC: MQTT 3.1.1 acknowledges a denied message all the same; MQTT 5
@@ -248,6 +251,10 @@ REASON_TEXT = {
     "bad_credentials": "bad user name or password",
     "banned": "address banned after failed attempts",
     "rate_limited": "publish rate limit",
+    "malformed_packet": "malformed packet",
+    "protocol_error": "protocol error",
+    "packet_too_large": "packet too large",
+    "keep_alive": "keep alive timeout",
 }
 
 

@@ -465,7 +465,7 @@ class Router:
             if not self.settings.shared_subscriptions:
                 return properties.SHARED_SUBS_NOT_SUPPORTED, "shared subscriptions are off"
             if request.no_local:  # MQTT-3.8.3-4
-                raise codec.MalformedPacket("No Local on a shared subscription")
+                raise codec.ProtocolViolation("No Local on a shared subscription")
         inner = shared[1] if shared else topic_filter
         if not self.settings.wildcard_subscriptions and ("+" in inner or "#" in inner):
             return properties.WILDCARD_SUBS_NOT_SUPPORTED, "wildcard subscriptions are off"

@@ -38,11 +38,13 @@ TAKE_OVER_WAIT = 2.0  # seconds an old connection gets to end before its task is
 # A device's entry in Rechecks (a key id never holds a NUL).
 DEVICE = "\x00device:"
 RECENT = 60.0  # seconds a change applied is remembered for CONNECTs in flight
-# The reason string of an MQTT 5 DISCONNECT that ends a session, by kick cause.
+# The reason string of an MQTT 5 DISCONNECT that ends a session, by kick cause (or
+# take-over).
 KICK_TEXT = {"slow_consumer": "slow consumer", "operator_kick": "disconnected by an operator",
              "key_deleted": "key deleted", "key_inactive": "key inactive",
              "key_expired": "key expired", "ip_denied": "address no longer allowed",
-             "device_deleted": "device deleted", "app_deleted": "application deleted"}
+             "device_deleted": "device deleted", "app_deleted": "application deleted",
+             "taken_over": "session taken over"}
 
 
 class SessionObserver(Protocol):
@@ -133,7 +135,8 @@ class SessionRegistry:
         if existing is not None and existing.link is not None:
             logger.info("client %s connected again: taking over the old connection", client_id)
             if existing.version == 5:
-                existing.link.end(codec.disconnect5(props.SESSION_TAKEN_OVER))
+                existing.link.end(codec.disconnect5(props.SESSION_TAKEN_OVER,
+                                                    self._reason(existing, "taken_over")))
             else:
                 existing.link.abort()
             await self._wait_ended(client_id)

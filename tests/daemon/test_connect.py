@@ -20,6 +20,8 @@ def broker(broker_on_each_backend: RunningBroker) -> RunningBroker:
     return broker_on_each_backend
 
 ACCEPTED, BAD_CREDENTIALS, NOT_AUTHORIZED = 0, 4, 5
+# The CONNECT matrix holds for MQTT 5 clients too (0x86 where 3.1.1 says 4, 0x87 for 5).
+ALSO_MQTT5 = pytest.mark.usefixtures("each_protocol")
 
 
 def make_key(broker: RunningBroker, **options: object) -> tuple[str, str]:
@@ -40,25 +42,30 @@ def connect(broker: RunningBroker, client_id: str, key: str | None, secret: str 
         return client.connect(**kwargs)  # type: ignore[arg-type]
 
 
+@ALSO_MQTT5
 def test_valid_key_for_registered_device_is_accepted(fleet: RunningBroker) -> None:
     key, secret = make_key(fleet, device_ids=["dev-a"])
     assert connect(fleet, "dev-a", key, secret) == ACCEPTED
 
 
+@ALSO_MQTT5
 def test_missing_credentials_are_refused_with_4(fleet: RunningBroker) -> None:
     assert connect(fleet, "dev-a", None, None) == BAD_CREDENTIALS
 
 
+@ALSO_MQTT5
 def test_unknown_key_is_refused_with_4(fleet: RunningBroker) -> None:
     _, secret = make_key(fleet)
     assert connect(fleet, "dev-a", "0" * 32, secret) == BAD_CREDENTIALS
 
 
+@ALSO_MQTT5
 def test_wrong_secret_is_refused_with_4(fleet: RunningBroker) -> None:
     key, secret = make_key(fleet)
     assert connect(fleet, "dev-a", key, secret[:-1] + ("A" if secret[-1] != "A" else "B")) == 4
 
 
+@ALSO_MQTT5
 def test_inactive_key_is_refused_with_5_and_reactivation_restores_it(fleet: RunningBroker) -> None:
     key, secret = make_key(fleet)
     fleet.ks("set_status", [key], "inactive")
@@ -67,6 +74,7 @@ def test_inactive_key_is_refused_with_5_and_reactivation_restores_it(fleet: Runn
     assert connect(fleet, "dev-a", key, secret) == ACCEPTED
 
 
+@ALSO_MQTT5
 def test_expired_key_is_refused_and_moving_expiry_forward_restores_it(fleet: RunningBroker) -> None:
     key, secret = make_key(fleet, expires_at=datetime.now(UTC) + timedelta(days=1))
     assert connect(fleet, "dev-a", key, secret) == ACCEPTED
@@ -76,11 +84,13 @@ def test_expired_key_is_refused_and_moving_expiry_forward_restores_it(fleet: Run
     assert connect(fleet, "dev-a", key, secret) == ACCEPTED
 
 
+@ALSO_MQTT5
 def test_unregistered_client_id_is_refused_with_5(fleet: RunningBroker) -> None:
     key, secret = make_key(fleet)
     assert connect(fleet, "not-a-device", key, secret) == NOT_AUTHORIZED
 
 
+@ALSO_MQTT5
 def test_device_outside_the_key_restriction_is_refused_with_5(fleet: RunningBroker) -> None:
     by_id, by_id_secret = make_key(fleet, device_ids=["dev-a"])
     by_tag, by_tag_secret = make_key(fleet, device_tags=[("site", "north")])
@@ -89,6 +99,7 @@ def test_device_outside_the_key_restriction_is_refused_with_5(fleet: RunningBrok
     assert connect(fleet, "dev-a", by_tag, by_tag_secret) == ACCEPTED
 
 
+@ALSO_MQTT5
 def test_tag_change_applies_at_next_connect_not_to_live_session(fleet: RunningBroker) -> None:
     key, secret = make_key(fleet, device_tags=[("site", "north")])
     with Client(fleet.port(), "dev-a", key, secret) as live:
@@ -104,6 +115,7 @@ def test_tag_change_applies_at_next_connect_not_to_live_session(fleet: RunningBr
     assert connect(fleet, "dev-a", key, secret) == NOT_AUTHORIZED
 
 
+@ALSO_MQTT5
 @pytest.mark.parametrize(
     ("mode", "addresses", "expected"),
     [
@@ -120,6 +132,7 @@ def test_connection_restriction(fleet: RunningBroker, mode: str, addresses: list
     assert connect(fleet, "dev-a", key, secret) == expected
 
 
+@ALSO_MQTT5
 def test_will_topic_outside_policy_is_refused_and_own_topic_accepted(fleet: RunningBroker) -> None:
     key, secret = make_key(fleet, device_ids=["dev-a"])
     with Client(fleet.port(), "dev-a", key, secret).will("losant/dev-b/state", b"x") as client:
@@ -130,6 +143,7 @@ def test_will_topic_outside_policy_is_refused_and_own_topic_accepted(fleet: Runn
         assert client.connect() == ACCEPTED
 
 
+@ALSO_MQTT5
 def test_refusals_are_audited_with_reason_and_never_the_secret(fleet: RunningBroker) -> None:
     key, secret = make_key(fleet, device_ids=["dev-a"])
     wrong = secret[::-1]
@@ -154,6 +168,7 @@ def test_refusals_are_audited_with_reason_and_never_the_secret(fleet: RunningBro
     assert secret not in text and wrong not in text
 
 
+@ALSO_MQTT5
 def test_refused_connect_leaves_no_session_behind(fleet: RunningBroker) -> None:
     key, secret = make_key(fleet, device_ids=["dev-a"])
     for _ in range(5):
@@ -164,6 +179,7 @@ def test_refused_connect_leaves_no_session_behind(fleet: RunningBroker) -> None:
     assert "dev-a" not in fleet.broker.sessions
 
 
+@ALSO_MQTT5
 @pytest.mark.parametrize("clean_session", [True, False])
 def test_takeover_with_wrong_secret_leaves_the_victim_untouched(
     fleet: RunningBroker, clean_session: bool
@@ -183,6 +199,7 @@ def test_takeover_with_wrong_secret_leaves_the_victim_untouched(
         assert msg is not None and msg.payload == b"after-attack"
 
 
+@ALSO_MQTT5
 def test_authenticated_takeover_replaces_the_old_connection(fleet: RunningBroker) -> None:
     key, secret = make_key(fleet, device_ids=["dev-a"])
     with Client(fleet.port(), "dev-a", key, secret) as first:

@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from broker.core.settings import Listener, Settings, load_settings
 from broker.daemon.server import BrokerServer
@@ -23,7 +25,8 @@ from keystore import KeyStore
 T = TypeVar("T")
 TIMEOUT = 5.0
 
-# paho's v2 callbacks report MQTT 3.1.1 CONNACK codes as MQTT 5 reason codes.
+# paho's v2 callbacks report MQTT 3.1.1 CONNACK codes as MQTT 5 reason codes; an MQTT 5
+# refusal of a rule (0x87) or of credentials (0x86) is said the same way.
 _V5_TO_V311 = {0: 0, 132: 1, 133: 2, 136: 3, 134: 4, 135: 5}
 
 
@@ -119,7 +122,13 @@ def seed(path: Path, coro_fn: Callable[[KeyStore], Awaitable[T]]) -> T:
 
 
 class Client:
-    """A real paho-mqtt 3.1.1 client with blocking helpers."""
+    """A real paho-mqtt client with blocking helpers: MQTT 3.1.1, or MQTT 5 when
+    ``protocol`` (else the class's ``protocol``) is 5. Its answers are said the same way
+    in both (CONNACK and SUBACK codes in their 3.1.1 form), so one test runs under either
+    (``each_protocol`` in tests/daemon/conftest.py); tests/support/mqtt5.py keeps what MQTT 5
+    says beyond that."""
+
+    protocol = 4  # of the clients that do not name theirs (each_protocol switches it)
 
     def __init__(
         self,
@@ -131,14 +140,23 @@ class Client:
         clean_session: bool = True,
         transport: str = "tcp",
         headers: dict[str, str] | None = None,
+        protocol: int | None = None,
     ) -> None:
         self.port = port
+        self.version = protocol or self.protocol
+        v5 = self.version == 5
+        # MQTT 5 has no clean session flag: Clean Start at CONNECT, and a persistent
+        # session is one with a Session Expiry Interval (the broker's maximum, like 3.1.1).
+        self.clean_session = clean_session
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
-            protocol=mqtt.MQTTv311,
-            clean_session=clean_session,
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            clean_session=None if v5 else clean_session,
             transport=transport,  # type: ignore[arg-type]
+            # Never reconnects inside a test; and its thread ends with the connection
+            # (a refused CONNECT is not followed by a second of paho's reconnect wait).
+            reconnect_on_failure=False,
         )
         if transport == "websockets":
             self.client.ws_set_options(path="/", headers=headers)
@@ -163,14 +181,22 @@ class Client:
         self.client.will_set(topic, payload, qos, retain)
         return self
 
-    def connect(self, keepalive: int = 30, bind_address: str = "") -> int:
+    def connect(self, keepalive: int = 30, bind_address: str = "",
+                properties: Properties | None = None) -> int:
         """Connect and return the CONNACK code (0 accepted, 4 bad credentials, 5 refused);
-        ``bind_address``: the local address to connect from (e.g. another 127.x)."""
-        self.client.reconnect_delay_set(60, 120)  # never auto-reconnect inside a test
+        ``bind_address``: the local address to connect from (e.g. another 127.x);
+        ``properties``: MQTT 5 CONNECT properties."""
+        if self.version == 5 and not self.clean_session:
+            properties = properties or Properties(PacketTypes.CONNECT)
+            if not hasattr(properties, "SessionExpiryInterval"):
+                properties.SessionExpiryInterval = 0xFFFFFFFF  # the broker's maximum
         # connect_async + loop_start: paho's connect() makes a wake-up socketpair that
         # loop_start() then replaces without closing (a ResourceWarning at GC time).
         self.client.connect_async("127.0.0.1", self.port, keepalive=keepalive,
-                                  bind_address=bind_address)
+                                  bind_address=bind_address,
+                                  clean_start=self.clean_session if self.version == 5
+                                  else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+                                  properties=properties)
         self.client.loop_start()
         try:
             return self._connack.get(timeout=TIMEOUT)
