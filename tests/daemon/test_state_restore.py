@@ -24,6 +24,7 @@ from keystore.sqlite.backup import backup as keystore_backup
 from tests.daemon.test_persistence import seed_devices
 from tests.support import mqtt_raw as raw
 from tests.support.harness import Client, RunningBroker, broker_settings, seed
+from tests.support.waiting import wait_until
 from tests.unit.test_state_sqlite import SCHEMA_1
 
 SESSION_PRESENT, NO_SESSION = bytes([1, 0]), bytes([0, 0])
@@ -178,8 +179,11 @@ def test_a_restored_state_keeps_the_limits_in_force(tmp_path: Path) -> None:
         broker.stop()
     assert len(state_rows(settings, "retained")) == 2  # the rest is gone from the file too
 
-    time.sleep(1.2)
-    broker = run(replace(settings, session_expiry=1))  # offline for longer than that
+    # Offline for longer than an expiry of 1 s: as if it had gone 2 s before it did.
+    with sqlite3.connect(settings.db_path.with_name("keybroker.state.db")) as db:
+        assert db.execute("UPDATE sessions SET disconnected_at = disconnected_at - 2 "
+                          "WHERE client_id = 'c'").rowcount == 1
+    broker = run(replace(settings, session_expiry=1))
     try:
         assert connack(broker, "c", creds) == NO_SESSION
     finally:
@@ -203,7 +207,8 @@ def test_the_state_file_holds_no_secret(tmp_path: Path) -> None:
         with Client(broker.port(), "b", *creds[1], clean_session=False) as device:
             assert device.connect() == 0
             assert device.subscribe("losant/b/#", 2) == 2
-            time.sleep(0.3)
+            # Saved while it is connected (the next write-behind flush).
+            wait_until(lambda: ("b", "losant/b/#", 2) in state_rows(settings, "subscriptions"))
             state = settings.db_path.with_name("keybroker.state.db")
             files = [state, *(Path(f"{state}{s}") for s in ("-wal", "-shm"))]
             assert all(f.stat().st_mode & 0o777 == 0o600 for f in files if f.exists())
