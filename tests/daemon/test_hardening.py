@@ -118,7 +118,7 @@ def test_slowloris_connect_is_closed(daemon: RunningBroker, good: Client) -> Non
         sock.sendall(data[:5])  # first bytes, then a byte every 0.4 s: never completes in time
         closed = False
         for byte in data[5:15]:
-            time.sleep(0.4)  # the writer's pace is the attack: slower than packet_timeout
+            time.sleep(0.4)  # time under test: the attack is the pace, past packet_timeout
             try:
                 sock.sendall(bytes([byte]))
             except OSError:
@@ -308,7 +308,7 @@ def test_denied_publish_flood_is_audited_within_a_budget(daemon: RunningBroker) 
     with authed_socket(daemon) as sock:
         sock.sendall(raw.publish("losant/good/state") * 500)  # another device's topic
         daemon.wait_audited("publish_denied")
-        time.sleep(1.2)  # past the throttle's 1 s window, which is what is under test
+        time.sleep(1.2)  # time under test: past the throttle's 1 s window
         sock.sendall(raw.publish("losant/good/state"))  # rolls the window over
         daemon.wait_audited("audit_suppressed", "denials not logged")
     events = daemon.audit_events()

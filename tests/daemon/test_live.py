@@ -205,7 +205,7 @@ def test_publish_rate_limit_disconnects_a_flooding_client(daemon_with: StartDaem
     with calm, flood:
         for _ in range(10):  # within the rate: fine
             calm.publish("losant/dev-b/state", b"ok")
-            time.sleep(0.06)  # the rate is under test: under 20 a second
+            time.sleep(0.06)  # time under test: a rate under the limit of 20 a second
         for _ in range(200):  # far above 20/s
             flood.publish("losant/dev-a/state", b"x")
         assert flood.disconnected.wait(3)

@@ -9,6 +9,7 @@ import socket
 import struct
 import time
 
+from broker.mqtt.session import KeySession
 from tests.support import mqtt_raw as raw
 from tests.support.harness import RunningBroker, StartDaemon, revocation_bound
 from tests.support.waiting import wait_until
@@ -173,15 +174,20 @@ def test_revocation_landing_during_a_connect_still_disconnects(broker: RunningBr
         keystore.connect_lookup = real
 
 
-def test_disconnected_persistent_sessions_expire(daemon_with: StartDaemon) -> None:
-    daemon = daemon_with(session_expiry=1)
-    daemon.ks("add_device", "dev-a")
-    key, secret = daemon.ks("create_key", device_ids=["dev-a"])
-    with connect_raw(daemon, "dev-a", key.key, secret, clean=False) as sock:
+def left_offline(broker: RunningBroker) -> KeySession:
+    """dev-a's persistent session, subscribed, kept after its connection ended."""
+    broker.ks("add_device", "dev-a")
+    key, secret = broker.ks("create_key", device_ids=["dev-a"])
+    with connect_raw(broker, "dev-a", key.key, secret, clean=False) as sock:
         assert sock.recv(4) == ACCEPTED
         sock.sendall(raw.subscribe("losant/dev-a/command", qos=1))
         assert sock.recv(5)[0] == 0x90
-    session = wait_until(lambda: daemon.offline("dev-a") and daemon.broker.sessions["dev-a"])
+    return wait_until(lambda: broker.offline("dev-a") and broker.broker.sessions["dev-a"])
+
+
+def test_disconnected_persistent_sessions_expire(daemon_with: StartDaemon) -> None:
+    daemon = daemon_with(session_expiry=1)
+    session = left_offline(daemon)
     expiry = daemon.settings.session_expiry
     wait_until(lambda: "dev-a" not in daemon.broker.sessions, 5 * (expiry + 1))
     # Kept while within its expiry: it went no earlier than that after it went offline.
@@ -191,12 +197,6 @@ def test_disconnected_persistent_sessions_expire(daemon_with: StartDaemon) -> No
 
 
 def test_deleting_a_device_drops_its_offline_session(broker: RunningBroker) -> None:
-    broker.ks("add_device", "dev-a")
-    key, secret = broker.ks("create_key", device_ids=["dev-a"])
-    with connect_raw(broker, "dev-a", key.key, secret, clean=False) as sock:
-        assert sock.recv(4) == ACCEPTED
-        sock.sendall(raw.subscribe("losant/dev-a/command", qos=1))
-        assert sock.recv(5)[0] == 0x90
-    wait_until(lambda: broker.offline("dev-a"))  # kept while offline
+    left_offline(broker)
     broker.ks("remove_devices", ["dev-a"])
     wait_until(lambda: "dev-a" not in broker.broker.sessions, revocation_bound(broker.settings))
