@@ -5,6 +5,7 @@ controls (tests/support/links.py)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 from broker.core.audit import AuditLog
 from broker.core.counters import FlowCounters
 from broker.core.settings import Settings
+from broker.mqtt import codec
 from broker.mqtt.flow import FlowControl
 from broker.mqtt.routing import Router
 from broker.mqtt.session import ConnectionInfo, Grant, KeySession
@@ -73,6 +75,17 @@ class Engine:
             session.link = FakeLink(0)
         self.registry.sessions[client_id] = session
         return session
+
+    def subscribe(self, session: KeySession, *requests: tuple[str, int] | codec.Subscription,
+                  check: Callable[[KeySession, str], str | None] | None = None) -> list[int]:
+        """The codes of one SUBSCRIBE (MQTT 5 reason codes: the QoS granted, or why not;
+        a 3.1.1 SUBACK says 0x80 for each refusal). A request is (filter, QoS), or a
+        Subscription with its MQTT 5 options. ``check``: the policy (default: allow)."""
+        subscriptions = [r if isinstance(r, codec.Subscription) else
+                         codec.Subscription(r[0], r[1], False, False, 0) for r in requests]
+        codes, _ = self.router.subscribe(session, subscriptions,
+                                         check or (lambda _session, _filter: None))
+        return codes
 
     def audit_events(self, event: str | None = None) -> list[dict[str, Any]]:
         if not self.audit_path.exists():

@@ -6,25 +6,33 @@ a saved state restored within the same bounds, and the audit throttle."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import pytest
 
-from broker.mqtt import codec, routing
-from broker.mqtt.outbox import OutMessage
-from broker.mqtt.routing import DENIALS_AUDITED_PER_SECOND, subscription_cost
-from broker.mqtt.session import KeySession
+from broker.core import audit
+from broker.core.audit import DENIALS_PER_SECOND
+from broker.mqtt import codec, props
+from broker.mqtt.outbox import MessageProps, OutMessage
+from broker.mqtt.routing import subscription_cost
+from broker.mqtt.session import ClientLimits, KeySession
 from broker.topics.mounts import mount_of
 from tests.support.engine import APP, Engine, Journal, access_key, grant, link_of
 from tests.support.links import FakeLink
 
 KEY = access_key(devices=("d1", "d2"))
 MOUNT = mount_of(APP)
-ALLOW: Callable[[KeySession, str], str | None] = lambda _session, _filter: None  # noqa: E731
+QUOTA, DENIED = props.QUOTA_EXCEEDED, props.NOT_AUTHORIZED
 
 
 def subscribe(engine: Engine, session: KeySession, *requests: tuple[str, int]) -> list[int]:
-    return engine.router.subscribe(session, list(requests), ALLOW)
+    return engine.subscribe(session, *requests)
+
+
+def qos_of(filters: dict[str, int]) -> dict[str, int]:
+    """filters_of's options, QoS only."""
+    return {topic_filter: packed & 3 for topic_filter, packed in filters.items()}
 
 
 def publish(topic: str, payload: bytes, qos: int, packet_id: int = 0, *, dup: bool = False,
@@ -207,9 +215,9 @@ async def test_past_max_subscriptions_new_filters_are_refused_in_one_audit_line(
     engine = engine_with(max_subscriptions=2)
     session = engine.session("d1", KEY)
     codes = subscribe(engine, session, ("a/1", 0), ("a/2", 1), ("a/3", 0), ("a/4", 2))
-    assert codes == [0, 1, 0x80, 0x80]
+    assert codes == [0, 1, QUOTA, QUOTA]
     assert subscribe(engine, session, ("a/1", 2)) == [2]  # held: replaced, not counted
-    assert engine.router.filters_of(session) == {"a/1": 2, "a/2": 1}
+    assert qos_of(engine.router.filters_of(session)) == {"a/1": 2, "a/2": 1}
     usage = engine.router.subscription_quotas.get("s:d1")
     assert usage is not None and usage.count == 2
     assert usage.size == subscription_cost("a/1") + subscription_cost("a/2")
@@ -223,18 +231,18 @@ async def test_a_filter_repeated_in_one_subscribe_is_one_subscription_with_the_l
     engine = engine_with(max_subscriptions=1)
     session = engine.session("d1", KEY)
     assert subscribe(engine, session, ("a/#", 0), ("a/#", 2)) == [2, 2]  # MQTT-3.8.4-3
-    assert engine.router.filters_of(session) == {"a/#": 2}
+    assert qos_of(engine.router.filters_of(session)) == {"a/#": 2}
     usage = engine.router.subscription_quotas.get("s:d1")
     assert usage is not None and (usage.count, usage.size) == (1, subscription_cost("a/#"))
 
 
 async def test_a_filter_the_check_refuses_is_audited_and_not_added(engine: Engine) -> None:
     session = engine.session("d1", KEY)
-    codes = engine.router.subscribe(
-        session, [("ok/#", 1), ("no/#", 1)],
-        lambda _s, topic_filter: "not_allowed" if topic_filter.startswith("no") else None)
-    assert codes == [1, 0x80]
-    assert engine.router.filters_of(session) == {"ok/#": 1}
+    codes = engine.subscribe(
+        session, ("ok/#", 1), ("no/#", 1),
+        check=lambda _s, topic_filter: "not_allowed" if topic_filter.startswith("no") else None)
+    assert codes == [1, DENIED]
+    assert qos_of(engine.router.filters_of(session)) == {"ok/#": 1}
     (line,) = engine.audit_events("subscribe_denied")
     assert (line["topic"], line["reason"]) == ("no/#", "not_allowed")
 
@@ -248,9 +256,9 @@ async def test_subscription_bytes_are_bounded_per_session_key_and_application(
     first, second = engine.session("d1", KEY), engine.session("d2", KEY)
     other = access_key("o" * 32, devices=("d3",))
     third = engine.session("d3", other)
-    assert subscribe(engine, first, ("a/0", 0), ("a/1", 0), ("a/2", 0)) == [0, 0, 0x80]
-    assert subscribe(engine, second, ("a/3", 0), ("a/4", 0)) == [0, 0x80]  # the key's 3
-    assert subscribe(engine, third, ("a/5", 0), ("a/6", 0)) == [0, 0x80]  # the app's 4
+    assert subscribe(engine, first, ("a/0", 0), ("a/1", 0), ("a/2", 0)) == [0, 0, QUOTA]
+    assert subscribe(engine, second, ("a/3", 0), ("a/4", 0)) == [0, QUOTA]  # the key's 3
+    assert subscribe(engine, third, ("a/5", 0), ("a/6", 0)) == [0, QUOTA]  # the app's 4
     reasons = [e["reason"] for e in engine.audit_events("subscribe_denied")]
     assert reasons == [
         f"session subscription quota reached (max_subscription_bytes {2 * cost}): "
@@ -267,7 +275,7 @@ async def test_unsubscribing_or_leaving_gives_the_subscription_bytes_back(
     engine = engine_with(max_subscription_bytes_per_key=2 * cost)
     first, second = engine.session("d1", KEY), engine.session("d2", KEY)
     assert subscribe(engine, first, ("a/0", 0), ("a/1", 0)) == [0, 0]
-    assert subscribe(engine, second, ("a/2", 0)) == [0x80]
+    assert subscribe(engine, second, ("a/2", 0)) == [QUOTA]
     engine.router.unsubscribe(first, ["a/0", "never/held"])
     assert subscribe(engine, second, ("a/2", 0)) == [0]
     engine.router.forget(first)
@@ -306,7 +314,7 @@ async def test_restored_subscriptions_stay_within_the_limits_in_force(
     journal = session.journal = Journal()
     left_out = engine.router.restore_subscriptions(session, {"a/0": 0, "a/1": 1, "a/2": 2})
     assert left_out == 1
-    assert engine.router.filters_of(session) == {"a/0": 0, "a/1": 1}
+    assert qos_of(engine.router.filters_of(session)) == {"a/0": 0, "a/1": 1}
     assert journal.changes == [("unsubscribed", "a/2")]  # the saved state forgets it too
     usage = engine.router.subscription_quotas.get(f"k:{KEY.key}")
     assert usage is not None and usage.count == 2
@@ -332,19 +340,78 @@ async def test_restored_messages_stay_within_the_session_bounds(
 async def test_denials_are_audited_at_most_twenty_a_second_per_session_the_rest_counted(
         engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     now = [100.0]
-    monkeypatch.setattr(routing.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(audit.time, "monotonic", lambda: now[0])
     session = engine.session("d1", KEY)
-    for _ in range(DENIALS_AUDITED_PER_SECOND + 5):
+    for _ in range(DENIALS_PER_SECOND + 5):
         engine.router.audit_denied("publish_denied", session, "x/y", "not_allowed")
-    assert len(engine.audit_events("publish_denied")) == DENIALS_AUDITED_PER_SECOND
+    assert len(engine.audit_events("publish_denied")) == DENIALS_PER_SECOND
     assert engine.audit_events("audit_suppressed") == []  # told when the second is over
     now[0] += 0.99
     engine.router.audit_denied("publish_denied", session, "x/y", "not_allowed")
-    assert len(engine.audit_events("publish_denied")) == DENIALS_AUDITED_PER_SECOND
+    assert len(engine.audit_events("publish_denied")) == DENIALS_PER_SECOND
     now[0] += 0.01
     engine.router.audit_denied("publish_denied", session, "x/y", "not_allowed")
     (suppressed,) = engine.audit_events("audit_suppressed")
     assert suppressed["reason"] == "6 denials not logged in 1 s"
-    assert len(engine.audit_events("publish_denied")) == DENIALS_AUDITED_PER_SECOND + 1
+    assert len(engine.audit_events("publish_denied")) == DENIALS_PER_SECOND + 1
     assert engine.audit.suppressed == 6
-    assert engine.router.traffic.denied["publish"] == DENIALS_AUDITED_PER_SECOND + 7
+    assert engine.router.traffic.denied["publish"] == DENIALS_PER_SECOND + 7
+
+
+# ------------------------------------------------------------------ MQTT 5 sessions
+
+def mqtt5(session: KeySession, receive_max: int = 65535, max_packet: int = 0) -> KeySession:
+    session.version = 5
+    session.limits = ClientLimits(receive_max, max_packet, True)
+    return session
+
+
+async def test_no_local_keeps_a_publishers_own_messages_from_it(engine: Engine) -> None:
+    me, other = engine.session("d1", KEY), engine.session("d2", KEY)
+    engine.subscribe(me, codec.Subscription("losant/+/state", 0, True, False, 0))
+    engine.subscribe(other, codec.Subscription("losant/+/state", 0, True, False, 0))
+    engine.router.route(MOUNT, "losant/d1/state", b"x", 0, origin="d1")
+    assert link_of(me).written == [] and len(link_of(other).written) == 1
+
+
+async def test_the_window_is_the_clients_receive_maximum_when_smaller(engine: Engine) -> None:
+    session = mqtt5(engine.session("d1", KEY), receive_max=1)
+    for n in range(2):
+        engine.router.enqueue(session, OutMessage("losant/d1/c", bytes([n]), 1))
+    assert list(session.outbox.inflight) == [1]  # MQTT-4.9.0-2
+    engine.router.puback(session, 1)
+    assert list(session.outbox.inflight) == [2]
+
+
+async def test_an_expired_message_or_one_too_large_for_the_client_is_not_sent(
+        engine: Engine) -> None:
+    session = mqtt5(engine.session("d1", KEY), max_packet=100)
+    gone = MessageProps(b"", expires=time.time() - 1)
+    engine.router.enqueue(session, OutMessage("losant/d1/c", b"old", 1, props=gone))
+    engine.router.enqueue(session, OutMessage("losant/d1/c", b"x" * 200, 1))
+    engine.router.enqueue(session, OutMessage("losant/d1/c", b"fits", 1))
+    (packet,) = link_of(session).written
+    assert packet.endswith(b"fits") and packet[0] == 0x32
+    assert engine.router.traffic.dropped["expired"] == 1  # MQTT-3.3.2-5
+    assert engine.router.traffic.dropped["too_large_for_client"] == 1  # MQTT-3.1.2-25
+    assert len(session.outbox) == 1  # the dropped ones are not held
+
+
+async def test_a_refused_pubrec_ends_the_qos2_flow_and_the_next_goes(
+        engine_with: Callable[..., Engine]) -> None:
+    engine = engine_with(max_inflight_messages=1)
+    session = mqtt5(engine.session("d1", KEY))
+    for payload in (b"refused", b"next"):
+        engine.router.enqueue(session, OutMessage("losant/d1/c", payload, 2))
+    engine.router.pubrec_refused(session, 1)
+    assert list(session.outbox.inflight) == [2]
+    assert link_of(session).written[-1].endswith(b"next")
+    assert codec.ack_packet(codec.PUBREL, 1) not in link_of(session).written
+
+
+async def test_unsubscribe_says_which_filters_were_held(engine: Engine) -> None:
+    session = engine.session("d1", KEY)
+    engine.subscribe(session, ("a/#", 1))
+    assert engine.router.unsubscribe(session, ["a/#", "b/#"]) == [
+        props.SUCCESS, props.NO_SUBSCRIPTION_EXISTED]
+    assert engine.router.filters_of(session) == {}

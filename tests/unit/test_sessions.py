@@ -10,10 +10,11 @@ from datetime import timedelta
 
 import pytest
 
+from broker.mqtt import codec, props
 from broker.mqtt import sessions as sessions_module
 from broker.mqtt.outbox import OutMessage
-from broker.mqtt.session import Grant, KeySession
-from broker.mqtt.sessions import RECENT, Rechecks
+from broker.mqtt.session import Grant, KeySession, Will
+from broker.mqtt.sessions import KICK_TEXT, RECENT, Rechecks
 from tests.support.engine import INFO, NOW, Engine, Journal, access_key, grant, link_of
 from tests.support.links import FakeLink
 from tests.support.waiting import async_wait_until
@@ -65,7 +66,7 @@ async def test_a_new_connection_ends_the_old_one_before_it_is_registered(
     old = incoming("d1")
     old_link = link_of(old)
     old_task = await connected(engine, old)
-    engine.router.subscribe(old, [("a/#", 0)], lambda _s, _f: None)
+    engine.subscribe(old, ("a/#", 0))
     new = incoming("d1")
     chosen = await engine.registry.take_over(new)
     assert old_task.done()  # it can no longer mark anything offline
@@ -78,7 +79,7 @@ async def test_a_persistent_session_is_resumed_under_the_new_connections_grant(
         engine: Engine) -> None:
     old = incoming("d1", clean=False)
     old_task = await connected(engine, old)
-    engine.router.subscribe(old, [("a/#", 1)], lambda _s, _f: None)
+    engine.subscribe(old, ("a/#", 1))
     old.kicked = "operator_kick"
     new = incoming("d1", OTHER_KEY, clean=False)
     new.will = None
@@ -94,7 +95,7 @@ async def test_a_persistent_session_is_resumed_under_the_new_connections_grant(
 
 async def test_a_clean_connect_drops_the_stored_persistent_session(engine: Engine) -> None:
     stored = engine.session("d1", KEY, clean=False, online=False)
-    engine.router.subscribe(stored, [("a/#", 1)], lambda _s, _f: None)
+    engine.subscribe(stored, ("a/#", 1))
     engine.router.enqueue(stored, OutMessage("losant/d1/c", b"queued", 1))
     new = incoming("d1")
     assert await engine.registry.take_over(new) is new
@@ -164,7 +165,7 @@ async def test_a_persistent_session_stays_offline_with_its_subscriptions(
     session = incoming("d1", clean=False)
     session.journal = journal = Journal()
     task = await connected(engine, session)
-    engine.router.subscribe(session, [("a/#", 1)], lambda _s, _f: None)
+    engine.subscribe(session, ("a/#", 1))
     link_of(session).abort()
     await task
     assert engine.registry.get("d1") is session and not session.online
@@ -304,3 +305,45 @@ async def test_a_removed_application_loses_its_sessions_and_retained_messages_on
     assert elsewhere.kicked is None and engine.registry.get("e1") is elsewhere
     assert [m.topic for _, m in engine.router.retained.store.matching("#")] == [
         "losant/e1/state"]
+
+
+# ------------------------------------------------------------------ MQTT 5 sessions
+
+async def test_an_mqtt5_session_is_told_why_it_is_disconnected(engine: Engine) -> None:
+    kicked, slow = engine.session("d1", KEY), engine.session("d2", KEY)
+    kicked.version = slow.version = 5
+    engine.registry.kick("d1", "key_inactive")
+    engine.registry.kick("d2", "slow_consumer")
+    reason = props.encode([(props.REASON_STRING, KICK_TEXT["key_inactive"])])
+    assert link_of(kicked).written == [codec.disconnect5(props.ADMINISTRATIVE_ACTION, reason)]
+    assert link_of(slow).written[0][2] == props.QUOTA_EXCEEDED
+    await async_wait_until(lambda: link_of(kicked).closing)
+
+
+async def test_an_mqtt5_session_expires_by_its_own_interval(engine: Engine) -> None:
+    own = engine.session("d1", KEY, clean=False, online=False)
+    own.version, own.expiry, own.disconnected_at = 5, 10.0, 1000.0
+    default = engine.session("d2", KEY, clean=False, online=False)
+    default.disconnected_at = 1000.0
+    assert engine.registry.expire(60, now=1011.0) == 1  # its 10 s, not the default 60
+    assert engine.registry.get("d1") is None and engine.registry.get("d2") is default
+    assert engine.registry.expire(0, now=10**9) == 0  # default 0: kept for ever
+
+
+async def test_a_delayed_will_waits_is_cancelled_by_a_resume_and_sent_when_dropped(
+        engine: Engine) -> None:
+    published: list[str] = []
+    session = engine.session("d1", KEY, clean=False, online=False)
+    will = Will("losant/d1/state", b"gone", 0, False, delay=3600)
+    engine.registry.will_due(session, will, lambda s, w: published.append(w.topic))
+    assert published == []  # waits its delay
+    handle = engine.registry._wills["d1"][0]
+    await engine.registry.take_over(incoming("d1", clean=False))
+    assert handle.cancelled() and published == []  # resumed in time: never sent
+    engine.registry.will_due(session, will, lambda s, w: published.append(w.topic))
+    engine.registry.drop(session)  # the session ends first: the Will goes now
+    assert published == ["losant/d1/state"]
+    clean = engine.session("d2", KEY)
+    engine.registry.will_due(clean, Will("losant/d2/state", b"x", 0, False, delay=3600),
+                             lambda s, w: published.append(w.topic))
+    assert published[-1] == "losant/d2/state"  # a clean session's Will does not wait
