@@ -4,26 +4,41 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from broker.core.settings import Settings
 from keystore import KeyStore
 from tests.support.authsvc import create_keystore
-from tests.support.harness import RunningBroker, broker_settings
+from tests.support.harness import RunningBroker, StartDaemon, broker_settings, running_daemon
 from tests.support.postgres import PostgresServer
 
 BACKENDS = ["sqlite", "postgresql"]
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[RunningBroker]:
-    """A real keybroker daemon on 127.0.0.1 (TCP and WebSocket, port 0) on a fresh SQLite file."""
-    running = RunningBroker(broker_settings(tmp_path)).start()
-    try:
-        yield running
-    finally:
-        running.stop()
+def daemon_with(tmp_path: Path) -> Iterator[StartDaemon]:
+    """``daemon_with(**overrides)``: start a real keybroker daemon on 127.0.0.1 (TCP and
+    WebSocket, port 0) on a fresh SQLite file in tmp_path, with ``overrides`` of any
+    Settings field, and return it; ``daemon_with(settings, **overrides)`` starts one on
+    prepared settings instead. Every daemon started is stopped at teardown (a test may stop
+    one itself first, e.g. to start another on the same files)."""
+    with contextlib.ExitStack() as running:
+
+        def start(settings: Settings | None = None, **overrides: Any) -> RunningBroker:
+            base = broker_settings(tmp_path) if settings is None else settings
+            return running.enter_context(running_daemon(replace(base, **overrides)))
+
+        yield start
+
+
+@pytest.fixture
+def broker(daemon_with: StartDaemon) -> RunningBroker:
+    """A real keybroker daemon with the default settings (see ``daemon_with``)."""
+    return daemon_with()
 
 
 async def _migrate(url: str) -> None:
@@ -53,16 +68,13 @@ def pg_url(postgres: PostgresServer) -> Iterator[str]:
 
 
 @pytest.fixture(params=BACKENDS)
-def broker_on_each_backend(request: pytest.FixtureRequest,
-                           tmp_path: Path) -> Iterator[RunningBroker]:
+def broker_on_each_backend(request: pytest.FixtureRequest) -> RunningBroker:
     """Like ``broker``, once on an SQLite file and once on a PostgreSQL database (modules
     whose tests should run on both name it ``broker`` with ``broker = ...``)."""
+    # The database first, so that it is dropped after the daemon using it has stopped.
     url = request.getfixturevalue("pg_url") if request.param == "postgresql" else None
-    running = RunningBroker(broker_settings(tmp_path, db_url=url)).start()
-    try:
-        yield running
-    finally:
-        running.stop()
+    start: StartDaemon = request.getfixturevalue("daemon_with")
+    return start(db_url=url)
 
 
 @pytest.fixture(params=BACKENDS)

@@ -3,9 +3,7 @@ applications, and Losant's own REST client (losant-rest) pointed at it."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,7 +11,7 @@ import requests
 from losant_rest import Client as LosantClient
 from losant_rest.losant_error import LosantError
 
-from tests.support.harness import RunningBroker, broker_settings
+from tests.support.harness import RunningBroker
 
 
 @dataclass
@@ -42,16 +40,11 @@ class ApiEnv:
 
 
 @pytest.fixture
-def api(tmp_path: Path) -> Iterator[ApiEnv]:
-    daemon = RunningBroker(broker_settings(tmp_path)).start()
-    try:
-        api_server = daemon.server.api
-        assert api_server is not None
-        _row, token = daemon.ks("create_token", "admin")
-        app = daemon.ks("app")
-        yield ApiEnv(daemon, api_server.url + "/", token, app.id)
-    finally:
-        daemon.stop()
+def api(broker: RunningBroker) -> ApiEnv:
+    api_server = broker.server.api
+    assert api_server is not None
+    _row, token = broker.ks("create_token", "admin")
+    return ApiEnv(broker, api_server.url + "/", token, broker.ks("app").id)
 
 
 def refused(call: Any, status: int, *needles: str) -> dict[str, Any]:

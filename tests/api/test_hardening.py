@@ -6,8 +6,6 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,7 +13,7 @@ import requests
 
 from tests.api.conftest import ApiEnv
 from tests.support import mqtt_raw as raw
-from tests.support.harness import Client, RunningBroker, broker_settings
+from tests.support.harness import Client, RunningBroker, StartDaemon
 from tests.support.tls import server_certificate
 from tests.support.waiting import wait_until
 
@@ -126,14 +124,8 @@ def test_every_response_carries_the_security_headers(api: ApiEnv) -> None:
 
 
 @pytest.fixture
-def cors_daemon(tmp_path: Path) -> Iterator[RunningBroker]:
-    settings = replace(broker_settings(tmp_path),
-                       api_cors_origins=("https://console.example",))
-    daemon = RunningBroker(settings).start()
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
+def cors_daemon(daemon_with: StartDaemon) -> RunningBroker:
+    return daemon_with(api_cors_origins=("https://console.example",))
 
 
 def test_cors_answers_only_configured_origins(cors_daemon: RunningBroker) -> None:
@@ -177,26 +169,22 @@ def test_failed_tokens_and_logins_are_banned_per_source_with_429(api: ApiEnv) ->
 
 @pytest.mark.parametrize("trusted", [(), ("127.0.0.0/8",)])
 def test_x_forwarded_headers_only_from_the_apis_trusted_proxies(
-        tmp_path: Path, trusted: tuple[str, ...]) -> None:
+        daemon_with: StartDaemon, trusted: tuple[str, ...]) -> None:
     # [network] trusted_proxies (loopback by default) is for MQTT; the API has its own.
-    daemon = RunningBroker(replace(broker_settings(tmp_path), api_trusted_proxies=trusted,
-                                   trusted_proxies=("127.0.0.0/8",))).start()
-    try:
-        daemon.ks("add_device", "d")
-        key, secret = daemon.ks("create_key", device_ids=["d"], address_mode="only",
-                                addresses=["10.1.0.0/16"])
-        response = requests.post(daemon.server.api.url + "/auth/device", timeout=5,
-                                 json={"deviceId": "d", "key": key.key, "secret": secret},
-                                 headers={"X-Forwarded-For": "10.1.2.3"})
-        if trusted:
-            assert response.status_code == 200, response.text
-        else:
-            _error(response, 401, "ip_denied")
-        signin = requests.get(daemon.server.api.url + "/console/signin", timeout=5,
-                              headers={"X-Forwarded-Proto": "https"})
-        assert ("Secure" in signin.headers["Set-Cookie"]) == bool(trusted)
-    finally:
-        daemon.stop()
+    daemon = daemon_with(api_trusted_proxies=trusted, trusted_proxies=("127.0.0.0/8",))
+    daemon.ks("add_device", "d")
+    key, secret = daemon.ks("create_key", device_ids=["d"], address_mode="only",
+                            addresses=["10.1.0.0/16"])
+    response = requests.post(daemon.server.api.url + "/auth/device", timeout=5,
+                             json={"deviceId": "d", "key": key.key, "secret": secret},
+                             headers={"X-Forwarded-For": "10.1.2.3"})
+    if trusted:
+        assert response.status_code == 200, response.text
+    else:
+        _error(response, 401, "ip_denied")
+    signin = requests.get(daemon.server.api.url + "/console/signin", timeout=5,
+                          headers={"X-Forwarded-Proto": "https"})
+    assert ("Secure" in signin.headers["Set-Cookie"]) == bool(trusted)
 
 
 def test_the_audit_log_names_actions_never_secrets_or_tokens(api: ApiEnv) -> None:
@@ -221,49 +209,40 @@ def test_the_audit_log_names_actions_never_secrets_or_tokens(api: ApiEnv) -> Non
     assert deleted["client_ip"] == "127.0.0.1"
 
 
-def test_https_with_certfile_and_keyfile(tmp_path: Path) -> None:
+def test_https_with_certfile_and_keyfile(tmp_path: Path, daemon_with: StartDaemon) -> None:
     ca, cert, key = server_certificate(tmp_path)
-    daemon = RunningBroker(replace(broker_settings(tmp_path), api_certfile=cert,
-                                   api_keyfile=key)).start()
-    try:
-        url = daemon.server.api.url
-        assert url.startswith("https://127.0.0.1:")
-        answer = requests.get(url + "/openapi.json", timeout=5, verify=str(ca))
-        assert answer.status_code == 200
-        assert answer.headers["Strict-Transport-Security"].startswith("max-age=")
-        with pytest.raises(requests.exceptions.ConnectionError):
-            requests.get(url.replace("https", "http") + "/openapi.json", timeout=5)
-    finally:
-        daemon.stop()
+    daemon = daemon_with(api_certfile=cert, api_keyfile=key)
+    url = daemon.server.api.url
+    assert url.startswith("https://127.0.0.1:")
+    answer = requests.get(url + "/openapi.json", timeout=5, verify=str(ca))
+    assert answer.status_code == 200
+    assert answer.headers["Strict-Transport-Security"].startswith("max-age=")
+    with pytest.raises(requests.exceptions.ConnectionError):
+        requests.get(url.replace("https", "http") + "/openapi.json", timeout=5)
 
 
-def test_the_api_bounds_its_connections(tmp_path: Path) -> None:
+def test_the_api_bounds_its_connections(daemon_with: StartDaemon) -> None:
     """No client can hold every descriptor through the API: per-source and total caps,
     and connections without a request are closed (MQTT keeps working meanwhile)."""
-    settings = replace(broker_settings(tmp_path), api_max_connections_per_source=3,
-                       api_request_timeout=0.5)
-    daemon = RunningBroker(settings).start()
-    try:
-        port = daemon.server.api.port
-        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
-        extra = socket.create_connection(("127.0.0.1", port))
-        # Over the per-source cap: the one idle longest makes room.
-        wait_until(lambda: raw.is_closed(held[0]))
-        assert not raw.is_closed(extra)
-        for sock in [*held[1:], extra]:  # sent nothing: closed after request_timeout
-            wait_until(lambda sock=sock: raw.is_closed(sock))
-        for sock in [*held, extra]:
-            sock.close()
-        daemon.ks("add_device", "d")
-        key, secret = daemon.ks("create_key", device_ids=["d"])
-        with Client(daemon.port(), "d", key.key, secret) as device:
-            assert device.connect() == 0
-        ok = requests.get(daemon.server.api.url + "/healthz", timeout=5)
-        assert ok.status_code == 200  # the caps freed up again
-        guard = daemon.server.api.guard
-        assert guard.evicted == 1 and guard.refused == 0 and guard.timed_out >= 3
-    finally:
-        daemon.stop()
+    daemon = daemon_with(api_max_connections_per_source=3, api_request_timeout=0.5)
+    port = daemon.server.api.port
+    held = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+    extra = socket.create_connection(("127.0.0.1", port))
+    # Over the per-source cap: the one idle longest makes room.
+    wait_until(lambda: raw.is_closed(held[0]))
+    assert not raw.is_closed(extra)
+    for sock in [*held[1:], extra]:  # sent nothing: closed after request_timeout
+        wait_until(lambda sock=sock: raw.is_closed(sock))
+    for sock in [*held, extra]:
+        sock.close()
+    daemon.ks("add_device", "d")
+    key, secret = daemon.ks("create_key", device_ids=["d"])
+    with Client(daemon.port(), "d", key.key, secret) as device:
+        assert device.connect() == 0
+    ok = requests.get(daemon.server.api.url + "/healthz", timeout=5)
+    assert ok.status_code == 200  # the caps freed up again
+    guard = daemon.server.api.guard
+    assert guard.evicted == 1 and guard.refused == 0 and guard.timed_out >= 3
 
 
 def _idle_keep_alive(port: int) -> http.client.HTTPConnection:
@@ -295,28 +274,25 @@ def test_idle_keep_alive_connections_never_lock_their_address_out(
             connection.close()
 
 
-def test_a_new_connection_is_refused_when_every_other_one_is_busy(tmp_path: Path) -> None:
-    settings = replace(broker_settings(tmp_path), api_max_connections_per_source=3)
-    daemon = RunningBroker(settings).start()
-    try:
-        port = daemon.server.api.port
-        guard = daemon.server.api.guard
-        busy = []
-        for _ in range(3):  # each has a request in progress: its body is still coming
-            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-            sock.sendall(b"POST /auth/device HTTP/1.1\r\nHost: x\r\n"
-                         b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
-            busy.append(sock)
-        wait_until(lambda: sum(state.busy for state in guard.open.values()) == 3)
-        refused = socket.create_connection(("127.0.0.1", port), timeout=5)
-        assert raw.closed_by_peer(refused, within=3)
-        refused.close()
-        assert guard.refused == 1 and guard.evicted == 0
-        assert not any(raw.is_closed(sock) for sock in busy)
-        for sock in busy:
-            sock.close()
-    finally:
-        daemon.stop()
+def test_a_new_connection_is_refused_when_every_other_one_is_busy(
+        daemon_with: StartDaemon) -> None:
+    daemon = daemon_with(api_max_connections_per_source=3)
+    port = daemon.server.api.port
+    guard = daemon.server.api.guard
+    busy = []
+    for _ in range(3):  # each has a request in progress: its body is still coming
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        sock.sendall(b"POST /auth/device HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+        busy.append(sock)
+    wait_until(lambda: sum(state.busy for state in guard.open.values()) == 3)
+    refused = socket.create_connection(("127.0.0.1", port), timeout=5)
+    assert raw.closed_by_peer(refused, within=3)
+    refused.close()
+    assert guard.refused == 1 and guard.evicted == 0
+    assert not any(raw.is_closed(sock) for sock in busy)
+    for sock in busy:
+        sock.close()
 
 
 @pytest.mark.parametrize(("field", "limit", "message"), [

@@ -5,18 +5,13 @@ are published like an MQTT PUBLISH (same policy, same routing)."""
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 
 from tests.api.conftest import ApiEnv, refused
-from tests.support.harness import Client, RunningBroker, broker_settings
-
-KICK_WITHIN = 2.0  # seconds: what the issue promises for API changes
+from tests.support.harness import Client, StartDaemon, revocation_bound
 
 
 def _connected(api: ApiEnv, device: str, key: dict[str, Any]) -> Client:
@@ -25,12 +20,10 @@ def _connected(api: ApiEnv, device: str, key: dict[str, Any]) -> Client:
     return client
 
 
-def _kicked_within(client: Client, seconds: float) -> float:
-    started = time.monotonic()
-    assert client.disconnected.wait(seconds + 1), "session still connected"
-    took = time.monotonic() - started
-    assert took <= seconds, f"disconnected after {took:.2f}s"
-    return took
+def _kicked(api: ApiEnv, client: Client) -> None:
+    """Disconnected within the bound docs/live-changes.md promises."""
+    assert client.disconnected.wait(revocation_bound(api.daemon.settings)), \
+        "session still connected"
 
 
 def test_a_key_created_over_http_authenticates_an_mqtt_device(api: ApiEnv) -> None:
@@ -58,11 +51,11 @@ def test_deactivating_or_deleting_over_http_disconnects_within_2s(api: ApiEnv) -
     try:
         c.application_key.patch(applicationId=api.app_id, applicationKeyId=first["id"],
                                 applicationKey={"status": "inactive"})
-        _kicked_within(s1, KICK_WITHIN)
+        _kicked(api, s1)
         c.application_key.delete(applicationId=api.app_id, applicationKeyId=second["id"])
-        _kicked_within(s2, KICK_WITHIN)
+        _kicked(api, s2)
         c.device.delete(applicationId=api.app_id, deviceId="d3")
-        _kicked_within(s3, KICK_WITHIN)
+        _kicked(api, s3)
         with Client(api.daemon.port(), "d1", first["key"], first["secret"]) as again:
             assert again.connect() == 5  # inactive
     finally:
@@ -213,20 +206,17 @@ def test_device_tokens_stop_working_when_their_key_or_device_does(api: ApiEnv) -
     refused(lambda: send("a"), 401, "expired")
 
 
-def test_state_over_http_is_counted_and_rate_limited_like_mqtt(tmp_path: Path) -> None:
-    daemon = RunningBroker(replace(broker_settings(tmp_path), max_publish_rate=2.0)).start()
-    try:
-        daemon.ks("add_device", "d")
-        key, secret = daemon.ks("create_key", device_ids=["d"])
-        url = daemon.server.api.url
-        token = requests.post(url + "/auth/device", timeout=5, json={
-            "deviceId": "d", "key": key.key, "secret": secret}).json()["token"]
-        app = daemon.ks("app").id
-        statuses = [requests.post(f"{url}/applications/{app}/devices/d/state", timeout=5,
-                                  json={"data": {"n": i}},
-                                  headers={"Authorization": f"Bearer {token}"}).status_code
-                    for i in range(4)]
-        assert statuses[:2] == [200, 200] and 429 in statuses[2:]  # bursts of 1 s's worth
-        assert daemon.broker.traffic.msgs_in[1] == statuses.count(200)
-    finally:
-        daemon.stop()
+def test_state_over_http_is_counted_and_rate_limited_like_mqtt(daemon_with: StartDaemon) -> None:
+    daemon = daemon_with(max_publish_rate=2.0)
+    daemon.ks("add_device", "d")
+    key, secret = daemon.ks("create_key", device_ids=["d"])
+    url = daemon.server.api.url
+    token = requests.post(url + "/auth/device", timeout=5, json={
+        "deviceId": "d", "key": key.key, "secret": secret}).json()["token"]
+    app = daemon.ks("app").id
+    statuses = [requests.post(f"{url}/applications/{app}/devices/d/state", timeout=5,
+                              json={"data": {"n": i}},
+                              headers={"Authorization": f"Bearer {token}"}).status_code
+                for i in range(4)]
+    assert statuses[:2] == [200, 200] and 429 in statuses[2:]  # bursts of 1 s's worth
+    assert daemon.broker.traffic.msgs_in[1] == statuses.count(200)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-import time
 import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -23,7 +22,8 @@ from aiohttp import BasicAuth, web
 from keystore import KeyStore
 from keystore.models import AccessKey, TopicMode
 from tests.support.authsvc import Replica, ask, authsvc_config, create_keystore, on_keystore
-from tests.support.metrics import parse_samples
+from tests.support.metrics import Samples, parse_samples
+from tests.support.waiting import wait_until
 
 API_KEY, API_SECRET = "kb-kicker", "emqx-api-secret-for-tests"
 ALLOW = (200, {"result": "allow"})
@@ -188,15 +188,6 @@ def test_authorization_by_containment(emqx: tuple[Replica, EmqxApiStandIn, Path]
     assert authz(replica, key.key, "ez-2", "publish", "losant/ez-1/state") == DENY  # not it
 
 
-def wait_for(condition: object, timeout: float = 5.0) -> float:
-    started = time.monotonic()
-    while not condition():  # type: ignore[operator]
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"not within {timeout} s")
-        time.sleep(0.05)
-    return time.monotonic() - started
-
-
 def test_revocation_kicks_through_the_emqx_api(emqx: tuple[Replica, EmqxApiStandIn, Path]) -> None:
     replica, stand_in, db = emqx
     key, secret = keyed(db, ["ek-1", "ek-2", "ek-3"])
@@ -207,13 +198,13 @@ def test_revocation_kicks_through_the_emqx_api(emqx: tuple[Replica, EmqxApiStand
     assert authn(replica, other.key, other_secret, "ek-9")[1]["result"] == "allow"
     stand_in.clients["ek-9"] = other.key
     store(db, lambda ks: ks.set_status([key.key], "inactive"))
-    wait_for(lambda: {"ek-1", "ek-2"} <= set(stand_in.deleted))
+    wait_until(lambda: {"ek-1", "ek-2"} <= set(stand_in.deleted))
     assert "ek-9" not in stand_in.deleted and "ek-9" in stand_in.clients
     assert authz(replica, key.key, "ek-1", "publish", "losant/ek-1/state") == DENY
     assert authn(replica, key.key, secret, "ek-3")[1]["result"] == "deny"
     # A removed device: its client is kicked (and its session discarded) by client id.
     store(db, lambda ks: ks.remove_devices(["ek-9"]))
-    wait_for(lambda: "ek-9" in stand_in.deleted)
+    wait_until(lambda: "ek-9" in stand_in.deleted)
     audit = [json.loads(line) for line in (db.parent / "audit.jsonl").read_text().splitlines()]
     kicks = {(e["client_id"], e["reason"]) for e in audit if e["event"] == "kick"}
     assert {("ek-1", "key_inactive"), ("ek-2", "key_inactive"),
@@ -268,18 +259,18 @@ def test_every_revoking_change_kicks(emqx: tuple[Replica, EmqxApiStandIn, Path])
         assert authn(replica, key.key, secret, client_id, ip)[1]["result"] == "allow"
         stand_in.clients[client_id] = key.key
     stand_in.clients["rk-app"] = doomed.key  # (another EMQX serves that application)
-    wait_for(lambda: "rk-exp" in stand_in.deleted, timeout=6)
+    wait_until(lambda: "rk-exp" in stand_in.deleted, timeout=6)
     store(db, lambda ks: ks.update_key(addressed.key, address_mode="only",
                                        addresses=["198.51.100.1/32"]))
-    wait_for(lambda: "rk-ip2" in stand_in.deleted)
+    wait_until(lambda: "rk-ip2" in stand_in.deleted)
     assert "rk-ip1" not in stand_in.deleted
     store(db, lambda ks: ks.update_key(listed.key, pub_topics=["only/this"],
                                        topic_mode="only"))
-    wait_for(lambda: "rk-top" in stand_in.deleted)
+    wait_until(lambda: "rk-top" in stand_in.deleted)
     store(db, lambda ks: ks.delete_apps(["doomed"]))
-    wait_for(lambda: "rk-app" in stand_in.deleted)
+    wait_until(lambda: "rk-app" in stand_in.deleted)
     store(db, lambda ks: ks.request_kick("rk-op"))
-    wait_for(lambda: "rk-op" in stand_in.deleted)
+    wait_until(lambda: "rk-op" in stand_in.deleted)
     reasons = {e["client_id"]: e["reason"] for e in map(json.loads, (
         db.parent / "audit.jsonl").read_text().splitlines()) if e["event"] == "kick"}
     assert {reasons[c] for c in ("rk-exp", "rk-ip2", "rk-top", "rk-app", "rk-op")} == {
@@ -296,14 +287,19 @@ def test_metrics_count_the_kicks_and_decisions(emqx: tuple[Replica, EmqxApiStand
     assert authn(replica, key.key, "wrong", "mk-1")[1]["result"] == "deny"
     stand_in.clients["mk-1"] = key.key
     store(db, lambda ks: ks.set_status([key.key], "inactive"))
-    wait_for(lambda: "mk-1" in stand_in.deleted)
-    time.sleep(0.3)  # the revoker counts after the DELETE's answer
-    with urllib.request.urlopen(replica.url + "/metrics", timeout=10) as response:  # noqa: S310
-        text = response.read().decode()
-    found = parse_samples(text)
-    closed = found[("keybroker_authsvc_kicks_total", (("engine", "emqx"), ("result", "closed")))]
-    audit = [json.loads(line) for line in (db.parent / "audit.jsonl").read_text().splitlines()]
-    assert closed == sum(1 for e in audit if e["event"] == "kick") > 0  # one line per close
+    wait_until(lambda: "mk-1" in stand_in.deleted)
+
+    def counted() -> Samples | None:
+        """The metrics, once the revoker has counted what it closed (after the DELETE's
+        answer): one audit line per connection closed."""
+        with urllib.request.urlopen(replica.url + "/metrics", timeout=10) as response:  # noqa: S310
+            found = parse_samples(response.read().decode())
+        closed = found.get(("keybroker_authsvc_kicks_total",
+                            (("engine", "emqx"), ("result", "closed"))), 0)
+        audit = [json.loads(line) for line in (db.parent / "audit.jsonl").read_text().splitlines()]
+        return found if closed == sum(1 for e in audit if e["event"] == "kick") > 0 else None
+
+    found = wait_until(counted, what="one kick line per connection closed")
     for result in ("allow", "deny"):
         labels = (("engine", "emqx"), ("result", result), ("route", "authn"))
         assert found[("keybroker_authsvc_decisions_total", labels)] > 0

@@ -4,7 +4,6 @@ as printed, and a port already in use is one line naming the listener."""
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -17,6 +16,8 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from broker.cli.serve import DEMO_PAYLOAD
+from tests.support.services import require_binary
+from tests.support.waiting import wait_until
 
 TIMEOUT = 30.0
 
@@ -84,13 +85,17 @@ def round_trip(subscriber: str, publisher: str, cwd: Path) -> str:
     with out.open("w") as sink:
         sub = subprocess.Popen(subscriber, shell=True, cwd=cwd, stdout=sink,  # noqa: S602 - the printed command, run as a user would
                                stderr=subprocess.STDOUT, env=clean_env(), start_new_session=True)
+
+        def published_and_printed() -> bool:
+            """Run the publisher once; the subscriber may not have subscribed yet."""
+            pub = subprocess.run(publisher, shell=True, cwd=cwd, capture_output=True,  # noqa: S602 - as above
+                                 text=True, env=clean_env(), timeout=TIMEOUT, check=False)
+            assert pub.returncode == 0, pub.stderr
+            return DEMO_PAYLOAD in out.read_text()
+
         try:
-            deadline = time.monotonic() + TIMEOUT
-            while time.monotonic() < deadline and DEMO_PAYLOAD not in out.read_text():
-                pub = subprocess.run(publisher, shell=True, cwd=cwd, capture_output=True,  # noqa: S602 - as above
-                                     text=True, env=clean_env(), timeout=TIMEOUT, check=False)
-                assert pub.returncode == 0, pub.stderr
-                time.sleep(0.5)
+            wait_until(published_and_printed, TIMEOUT, "the subscriber printed the message",
+                       poll=0.25)
         finally:
             os.killpg(sub.pid, 15)  # the shell and the client it started
             sub.wait(15)
@@ -108,8 +113,8 @@ def test_demo_round_trip_with_amqtt_clients_as_printed(demo: dict[str, str],
 
 def test_demo_round_trip_with_mosquitto_clients_as_printed(demo: dict[str, str],
                                                            tmp_path: Path) -> None:
-    if not (shutil.which("mosquitto_sub") and shutil.which("mosquitto_pub")):
-        pytest.skip("mosquitto_sub/mosquitto_pub not installed (apt install mosquitto-clients)")
+    for client in ("mosquitto_sub", "mosquitto_pub"):
+        require_binary(client, "the demo's mosquitto commands (apt-get install mosquitto-clients)")
     received = round_trip(demo["mosquitto_sub"], demo["mosquitto_pub"], tmp_path)
     assert f"losant/demo-device/state {DEMO_PAYLOAD}" in received
 

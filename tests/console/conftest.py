@@ -5,7 +5,6 @@ downloaded. Without Chromium the tests are skipped with a plain message (failed 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +18,9 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
 
-from tests.support.harness import RunningBroker, broker_settings
+from tests.support.harness import RunningBroker
 from tests.support.services import require_binary
+from tests.support.waiting import wait_until
 
 INSTALL = "apt-get install chromium chromium-driver"
 
@@ -107,13 +107,7 @@ class Console:
         self.submit("form button[type=submit]")
 
     def wait(self, condition: Callable[[], Any], timeout: float = 5.0) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            result = condition()
-            if result:
-                return result
-            time.sleep(0.05)
-        raise AssertionError("condition not met in time")
+        return wait_until(condition, timeout, poll=0.05)
 
     def downloaded(self) -> dict[str, Any]:
         """The downloaded JSON file, once Chromium has written all of it (it may create
@@ -144,16 +138,12 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[WebDrive
 
 
 @pytest.fixture
-def console(tmp_path: Path, browser: tuple[WebDriver, Path]) -> Iterator[Console]:
+def console(browser: tuple[WebDriver, Path], broker: RunningBroker) -> Console:
     driver, downloads = browser
     driver.execute_cdp_cmd("Network.clearBrowserCookies", {})
     for leftover in downloads.iterdir():
         leftover.unlink()
-    daemon = RunningBroker(broker_settings(tmp_path)).start()
-    try:
-        _row, token = daemon.ks("create_token", "operator")
-        api = daemon.server.api
-        assert api is not None
-        yield Console(daemon, api.url, token, driver, downloads)
-    finally:
-        daemon.stop()
+    _row, token = broker.ks("create_token", "operator")
+    api = broker.server.api
+    assert api is not None
+    return Console(broker, api.url, token, driver, downloads)

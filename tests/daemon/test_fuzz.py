@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from broker.policy.guard import GuardSettings
 from tests.support import mqtt_raw as raw
-from tests.support.harness import Client, RunningBroker, broker_settings
+from tests.support.harness import Client, RunningBroker, broker_settings, running_daemon
 
 EXAMPLES = int(os.environ.get("KEYBROKER_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=not os.environ.get(
@@ -28,15 +28,12 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningBroker]:
     tmp: Path = tmp_path_factory.mktemp("fuzz")
     # The brute-force guard is off: garbage before CONNECT counts as a failure, and the
     # fuzzer would otherwise be banned after 20 cases instead of reaching the parser.
-    running = RunningBroker(broker_settings(
-        tmp, connect_timeout=0.5, packet_timeout=0.5, max_packet_size=8192,
-        guard=GuardSettings(max_failures=0))).start()
-    running.ks("add_device", "fuzz")
-    running.ks("add_device", "good")
-    try:
+    with running_daemon(broker_settings(
+            tmp, connect_timeout=0.5, packet_timeout=0.5, max_packet_size=8192,
+            guard=GuardSettings(max_failures=0))) as running:
+        running.ks("add_device", "fuzz")
+        running.ks("add_device", "good")
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture(scope="module")

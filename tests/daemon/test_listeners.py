@@ -18,7 +18,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from broker.core.settings import Listener
-from tests.support.harness import Client, RunningBroker, broker_settings
+from tests.support.harness import Client, RunningBroker, StartDaemon
 from tests.support.tls import server_certificate
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,20 +59,17 @@ def test_forwarded_for_from_trusted_proxy_is_the_client_ip(broker: RunningBroker
     assert ok[0]["listener"] == "ws"
 
 
-def test_forwarded_for_from_untrusted_peer_is_ignored(tmp_path: Path) -> None:
-    daemon = RunningBroker(broker_settings(tmp_path, trusted_proxies=("10.0.0.0/8",))).start()
-    try:
-        daemon.ks("add_device", "dev-a")
-        spoofable, secret = daemon.ks("create_key", device_ids=["dev-a"], address_mode="only",
-                                      addresses=["203.0.113.0/24"])
-        with ws_client(daemon, "dev-a", spoofable.key, secret, "203.0.113.9") as client:
-            assert client.connect() == 5  # the header cannot buy an allowed address
-        denied, secret2 = daemon.ks("create_key", device_ids=["dev-a"], address_mode="except",
-                                    addresses=["127.0.0.0/8"])
-        with ws_client(daemon, "dev-a", denied.key, secret2, "203.0.113.9") as client:
-            assert client.connect() == 5  # ... nor hide a denied one
-    finally:
-        daemon.stop()
+def test_forwarded_for_from_untrusted_peer_is_ignored(daemon_with: StartDaemon) -> None:
+    daemon = daemon_with(trusted_proxies=("10.0.0.0/8",))
+    daemon.ks("add_device", "dev-a")
+    spoofable, secret = daemon.ks("create_key", device_ids=["dev-a"], address_mode="only",
+                                  addresses=["203.0.113.0/24"])
+    with ws_client(daemon, "dev-a", spoofable.key, secret, "203.0.113.9") as client:
+        assert client.connect() == 5  # the header cannot buy an allowed address
+    denied, secret2 = daemon.ks("create_key", device_ids=["dev-a"], address_mode="except",
+                                addresses=["127.0.0.0/8"])
+    with ws_client(daemon, "dev-a", denied.key, secret2, "203.0.113.9") as client:
+        assert client.connect() == 5  # ... nor hide a denied one
 
 
 @pytest.fixture(scope="module")
@@ -82,25 +79,22 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, str
 
 
 @pytest.mark.parametrize(("kind", "transport"), [("tcp", "tcp"), ("ws", "websockets")])
-def test_tls_listeners(tmp_path: Path, certificate: tuple[str, str, str], kind: str,
+def test_tls_listeners(daemon_with: StartDaemon, certificate: tuple[str, str, str], kind: str,
                        transport: str) -> None:
     ca, cert, keyfile = certificate
     listener = Listener(name="secure", type=kind, host="127.0.0.1", port=0, certfile=cert,
                         keyfile=keyfile)
-    daemon = RunningBroker(broker_settings(tmp_path, listeners=(listener,))).start()
-    try:
-        daemon.ks("add_device", "dev-a")
-        key, secret = daemon.ks("create_key", device_ids=["dev-a"])
-        client = Client(daemon.port("secure"), "dev-a", key.key, secret, transport=transport)
-        client.client.tls_set(ca_certs=ca, cert_reqs=ssl.CERT_REQUIRED)
-        with client:
-            assert client.connect() == 0
-            assert client.subscribe("losant/dev-a/command") == 0
-            client.publish("losant/dev-a/command", b"tls")
-            msg = client.get()
-            assert msg is not None and msg.payload == b"tls"
-    finally:
-        daemon.stop()
+    daemon = daemon_with(listeners=(listener,))
+    daemon.ks("add_device", "dev-a")
+    key, secret = daemon.ks("create_key", device_ids=["dev-a"])
+    client = Client(daemon.port("secure"), "dev-a", key.key, secret, transport=transport)
+    client.client.tls_set(ca_certs=ca, cert_reqs=ssl.CERT_REQUIRED)
+    with client:
+        assert client.connect() == 0
+        assert client.subscribe("losant/dev-a/command") == 0
+        client.publish("losant/dev-a/command", b"tls")
+        msg = client.get()
+        assert msg is not None and msg.payload == b"tls"
 
 
 def test_losant_style_device_flow(broker: RunningBroker) -> None:

@@ -9,13 +9,12 @@ import subprocess
 import sys
 import time
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
 from broker.policy.guard import GuardSettings
 from keystore.errors import UnavailableError
-from tests.support.harness import Client, RunningBroker, broker_settings
+from tests.support.harness import Client, RunningBroker, StartDaemon, revocation_bound
 from tests.support.waiting import wait_until
 
 
@@ -23,8 +22,6 @@ from tests.support.waiting import wait_until
 def broker(broker_on_each_backend: RunningBroker) -> RunningBroker:
     """The daemon on an SQLite file, then on a PostgreSQL database."""
     return broker_on_each_backend
-
-REVOKE_BOUND = 2.0  # docs/live-changes.md: sessions are disconnected within 2 s
 
 
 def connected_client(broker: RunningBroker, device: str, **options: object) -> tuple[Client, str]:
@@ -41,9 +38,10 @@ def cli(broker: RunningBroker, *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=60, check=False)
 
 
-def assert_kicked(client: Client, started: float) -> None:
-    assert client.disconnected.wait(REVOKE_BOUND + 1), "session was not disconnected"
-    assert time.monotonic() - started <= REVOKE_BOUND + 0.5
+def assert_kicked(broker: RunningBroker, client: Client) -> None:
+    """The change just made disconnects ``client`` within the promised bound."""
+    assert client.disconnected.wait(revocation_bound(broker.settings)), \
+        "session was not disconnected"
 
 
 def test_deactivating_a_key_disconnects_its_sessions_and_refuses_reconnect(
@@ -53,9 +51,8 @@ def test_deactivating_a_key_disconnects_its_sessions_and_refuses_reconnect(
     client, secret = connected_client(broker, "dev-a")
     key = client.client.username
     with client:
-        started = time.monotonic()
         broker.ks("set_status", [key], "inactive")
-        assert_kicked(client, started)
+        assert_kicked(broker, client)
     with Client(broker.port(), "dev-a", key, secret) as again:
         assert again.connect() == 5
     kicks = [e for e in broker.audit_events() if e["event"] == "kick"]
@@ -70,7 +67,7 @@ def test_cli_in_another_process_revokes_a_live_session(broker: RunningBroker) ->
     with victim, bystander:
         result = cli(broker, "keys", "delete", victim.client.username, "--yes")
         assert result.returncode == 0, result.stderr
-        assert_kicked(victim, time.monotonic())
+        assert_kicked(broker, victim)
         assert not bystander.disconnected.is_set()  # other keys' sessions untouched
 
 
@@ -80,7 +77,7 @@ def test_cli_deactivate_in_another_process(broker: RunningBroker) -> None:
     with client:
         result = cli(broker, "keys", "deactivate", client.client.username)
         assert result.returncode == 0, result.stderr
-        assert_kicked(client, time.monotonic())
+        assert_kicked(broker, client)
 
 
 def test_key_expiring_while_connected_is_disconnected(broker: RunningBroker) -> None:
@@ -88,8 +85,8 @@ def test_key_expiring_while_connected_is_disconnected(broker: RunningBroker) -> 
     expires = datetime.now(UTC) + timedelta(seconds=1.5)
     client, secret = connected_client(broker, "dev-a", expires_at=expires)
     with client:
-        assert not client.disconnected.wait(1.0)
-        assert client.disconnected.wait(REVOKE_BOUND + 1)
+        assert not client.disconnected.wait(1.0)  # time under test: not before it expires
+        assert_kicked(broker, client)
         assert datetime.now(UTC) >= expires
     with Client(broker.port(), "dev-a", client.client.username, secret) as again:
         assert again.connect() == 5
@@ -105,7 +102,7 @@ def test_moving_expiry_earlier_disconnects_and_later_keeps(broker: RunningBroker
         broker.ks("update_key", kept.client.username, expires_at=far)
         broker.ks("update_key", short.client.username,
                   expires_at=datetime.now(UTC) - timedelta(seconds=1))
-        assert short.disconnected.wait(REVOKE_BOUND + 1)
+        assert_kicked(broker, short)
         assert not kept.disconnected.wait(1.5)  # its old 1 s expiry no longer applies
 
 
@@ -113,9 +110,8 @@ def test_removing_a_device_disconnects_it(broker: RunningBroker) -> None:
     broker.ks("add_device", "dev-a")
     client, _ = connected_client(broker, "dev-a")
     with client:
-        started = time.monotonic()
         broker.ks("remove_devices", ["dev-a"])
-        assert_kicked(client, started)
+        assert_kicked(broker, client)
 
 
 def test_tag_change_does_not_disconnect(broker: RunningBroker) -> None:
@@ -140,40 +136,33 @@ def test_operator_kick_from_the_cli_suppresses_the_will(broker: RunningBroker) -
             assert device.connect() == 0
             result = cli(broker, "devices", "kick", "dev-a")
             assert result.returncode == 0, result.stderr
-            assert device.disconnected.wait(REVOKE_BOUND + 1)
+            assert_kicked(broker, device)
         assert watcher.get(0.7) is None
     assert cli(broker, "devices", "kick", "no-such-device").returncode != 0
 
 
-def test_brute_force_guard_bans_then_lifts(tmp_path: Path) -> None:
+def test_brute_force_guard_bans_then_lifts(daemon_with: StartDaemon) -> None:
     guard = GuardSettings(max_failures=3, window=30, ban=1.5, max_ban=10)
-    daemon = RunningBroker(broker_settings(tmp_path, guard=guard)).start()
-    try:
-        daemon.ks("add_device", "dev-a")
-        key, secret = daemon.ks("create_key", device_ids=["dev-a"])
-        for _ in range(3):
-            with Client(daemon.port(), "dev-a", key.key, "wrong") as client:
-                assert client.connect() == 4
-        # Banned: even the right secret is refused, with 5, before any secret check.
-        with Client(daemon.port(), "dev-a", key.key, secret) as client:
-            assert client.connect() == 5
-        events = daemon.audit_events()
-        assert any(e["event"] == "ban" and e["client_ip"] == "127.0.0.1" for e in events)
-        time.sleep(1.7)
-        with Client(daemon.port(), "dev-a", key.key, secret) as client:
-            assert client.connect() == 0
-        # Refusals during a ban are one line when it ends (within a second), with their count.
-        deadline = time.monotonic() + 3
-        while time.monotonic() < deadline and not any(
-                e["event"] == "ban_ended" for e in daemon.audit_events()):
-            time.sleep(0.1)
-        events = daemon.audit_events()
-        assert not any(e["event"] == "connect_refused" and e["reason"] == "banned"
-                       for e in events)
-        assert [e["reason"] for e in events if e["event"] == "ban_ended"] == [
-            "1 CONNECTs refused during the ban"]
-    finally:
-        daemon.stop()
+    daemon = daemon_with(guard=guard)
+    daemon.ks("add_device", "dev-a")
+    key, secret = daemon.ks("create_key", device_ids=["dev-a"])
+    for _ in range(3):
+        with Client(daemon.port(), "dev-a", key.key, "wrong") as client:
+            assert client.connect() == 4
+    # Banned: even the right secret is refused, with 5, before any secret check.
+    with Client(daemon.port(), "dev-a", key.key, secret) as client:
+        assert client.connect() == 5
+    assert any(e["client_ip"] == "127.0.0.1" for e in daemon.audited("ban"))
+    # Refusals during a ban are one line when it ends (the once-a-second housekeeping),
+    # with their count; then the right secret gets in again.
+    daemon.wait_audited("ban_ended", timeout=guard.ban + 5)
+    with Client(daemon.port(), "dev-a", key.key, secret) as client:
+        assert client.connect() == 0
+    events = daemon.audit_events()
+    assert not any(e["event"] == "connect_refused" and e["reason"] == "banned"
+                   for e in events)
+    assert [e["reason"] for e in events if e["event"] == "ban_ended"] == [
+        "1 CONNECTs refused during the ban"]
 
 
 def test_status_fields_follow_the_connection(broker: RunningBroker) -> None:
@@ -183,14 +172,13 @@ def test_status_fields_follow_the_connection(broker: RunningBroker) -> None:
     client, _ = connected_client(broker, "dev-a")
     key = client.client.username
     with client:
-        time.sleep(1.5)  # one status flush
-        device = broker.ks("get_device", "dev-a")
-        assert device.connected is True and device.last_seen is not None
+        device = wait_until(lambda: (d := broker.ks("get_device", "dev-a")).connected and d,
+                            what="the status recorder's flush")
+        assert device.last_seen is not None
         assert broker.ks("get_key", key).last_used is not None
         used = broker.ks("list_keys", {"lastUsed": {"$gte": "2000-01-01T00:00:00Z"}})
         assert [k.key for k in used] == [key]
-    time.sleep(1.5)
-    assert broker.ks("get_device", "dev-a").connected is False
+    wait_until(lambda: broker.ks("get_device", "dev-a").connected is False)
     shown = cli(broker, "devices", "show", "dev-a", "--json")
     assert '"connected": false' in shown.stdout and '"lastSeen": "20' in shown.stdout
 
@@ -202,31 +190,28 @@ def test_audit_never_contains_a_secret_even_for_wrong_attempts(broker: RunningBr
         with Client(broker.port(), "dev-a", client.client.username, secret + "x") as bad:
             assert bad.connect() == 4
         broker.ks("set_status", [client.client.username], "inactive")
-        assert client.disconnected.wait(REVOKE_BOUND + 1)
+        assert_kicked(broker, client)
     text = broker.settings.audit_path.read_text()  # type: ignore[union-attr]
     assert secret not in text
     assert '"event":"kick"' in text and '"event":"connect_refused"' in text
 
 
-def test_publish_rate_limit_disconnects_a_flooding_client(tmp_path: Path) -> None:
-    daemon = RunningBroker(broker_settings(tmp_path, max_publish_rate=20.0)).start()
-    try:
-        daemon.ks("add_device", "dev-a")
-        daemon.ks("add_device", "dev-b")
-        calm, _ = connected_client(daemon, "dev-b")
-        flood, _ = connected_client(daemon, "dev-a")
-        with calm, flood:
-            for _ in range(10):  # within the rate: fine
-                calm.publish("losant/dev-b/state", b"ok")
-                time.sleep(0.06)
-            for _ in range(200):  # far above 20/s
-                flood.publish("losant/dev-a/state", b"x")
-            assert flood.disconnected.wait(3)
-            assert not calm.disconnected.is_set()
-        assert any(e["event"] == "publish_denied" and e["reason"] == "rate_limited"
-                   and e["client_id"] == "dev-a" for e in daemon.audit_events())
-    finally:
-        daemon.stop()
+def test_publish_rate_limit_disconnects_a_flooding_client(daemon_with: StartDaemon) -> None:
+    daemon = daemon_with(max_publish_rate=20.0)
+    daemon.ks("add_device", "dev-a")
+    daemon.ks("add_device", "dev-b")
+    calm, _ = connected_client(daemon, "dev-b")
+    flood, _ = connected_client(daemon, "dev-a")
+    with calm, flood:
+        for _ in range(10):  # within the rate: fine
+            calm.publish("losant/dev-b/state", b"ok")
+            time.sleep(0.06)  # time under test: a rate under the limit of 20 a second
+        for _ in range(200):  # far above 20/s
+            flood.publish("losant/dev-a/state", b"x")
+        assert flood.disconnected.wait(3)
+        assert not calm.disconnected.is_set()
+    assert any(e["reason"] == "rate_limited" and e["client_id"] == "dev-a"
+               for e in daemon.audited("publish_denied"))
 
 
 def test_audit_log_is_reopened_after_rotation(broker: RunningBroker) -> None:
@@ -240,7 +225,7 @@ def test_audit_log_is_reopened_after_rotation(broker: RunningBroker) -> None:
     path.rename(rotated)  # what logrotate does (without copytruncate)
     with Client(broker.port(), "dev-a", key.key, secret) as client:
         assert client.connect() == 0
-    time.sleep(0.2)
+    wait_until(lambda: path.exists() and '"connect_ok"' in path.read_text())
     assert '"connect_refused"' in rotated.read_text()
     fresh = path.read_text()
     assert '"connect_ok"' in fresh and '"connect_refused"' not in fresh
@@ -283,7 +268,6 @@ def test_a_revocation_read_while_the_keystore_fails_is_applied_when_it_answers(
 
     monkeypatch.setattr(watcher.keystore, "keys_by_id", away_once)
     with client:
-        started = time.monotonic()
         broker.ks("set_status", [key], "inactive")
-        assert_kicked(client, started)
+        assert_kicked(broker, client)
     assert failed

@@ -190,7 +190,9 @@ def test_retained_messages_survive_sigterm_and_sigkill(daemon: DaemonProcess) ->
         assert device.connect() == 0
         device.publish("cfg/y", b"two", qos=0, retain=True)
         device.publish("cfg/old", b"", qos=1, retain=True)  # deletes it
-    time.sleep(5 * FLUSH)  # a crash loses at most the last flush interval
+    # A crash loses at most the last flush interval: once flushed, the changes survive it.
+    wait_until(lambda: sorted(saved(daemon, "SELECT topic, payload FROM retained")) == [
+        ("cfg/x", b"one"), ("cfg/y", b"two")])
     assert daemon.stop(signal.SIGKILL) == -signal.SIGKILL
 
     port = daemon.start()
@@ -206,7 +208,8 @@ def test_a_persistent_session_resumes_after_a_restart(daemon: DaemonProcess) -> 
         subscribe(sock, "losant/a/cmd/#", 1, 1)
         subscribe(sock, "losant/a/cfg", 0, 2)
         sock.sendall(DISCONNECT)
-    time.sleep(0.3)
+    wait_until(lambda: saved(daemon, "SELECT client_id FROM sessions "
+                                     "WHERE disconnected_at IS NOT NULL") == [("a",)])
     with Client(port, "b", *creds) as sender:
         assert sender.connect() == 0
         for n in (1, 2, 3):
@@ -250,7 +253,12 @@ def test_unacknowledged_deliveries_are_resent_after_a_crash(daemon: DaemonProces
         sock.sendall(raw.publish_qos("losant/a/up", b"once", 2, 7))  # incoming, no PUBREL
         pubrec = raw.read_packet(sock)
         assert pubrec is not None and (pubrec.kind, pubrec.packet_id) == (PUBREC, 7)
-        time.sleep(5 * FLUSH)
+        # Flushed: the three in flight ("three" released) and the incoming id 7.
+        wait_until(lambda: saved(daemon, "SELECT payload, released FROM messages "
+                                         "WHERE client_id = 'a' AND packet_id != 0 ORDER BY seq")
+                   == [(b"one", 0), (b"two", 0), (b"", 1)]
+                   and saved(daemon, "SELECT inflight_in FROM sessions WHERE client_id = 'a'")
+                   == [("7",)])
         assert daemon.stop(signal.SIGKILL) == -signal.SIGKILL
 
     port = daemon.start()

@@ -15,6 +15,7 @@ import pytest
 
 from tests.support import mqtt_raw as raw
 from tests.support.harness import Client, RunningBroker
+from tests.support.waiting import wait_until
 
 PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP, SUBACK = 3, 4, 5, 6, 7, 9
 
@@ -68,7 +69,7 @@ def test_unacknowledged_qos1_and_qos2_are_resent_on_resume(
     assert [(p.topic, p.qos, p.dup) for p in first] == [
         ("losant/a/rd/one", 1, False), ("losant/a/rd/two", 2, False)]
     sock.close()  # no PUBACK, no PUBREC
-    time.sleep(0.3)
+    wait_until(lambda: broker.offline("a"))
     sock, connack = raw.session(broker.port(), "a", *devices, clean=False)
     with sock:
         assert connack.body == bytes([1, 0])  # session present
@@ -82,7 +83,7 @@ def test_unacknowledged_qos1_and_qos2_are_resent_on_resume(
             PUBREL, again[1].packet_id)
         sock.sendall(raw.ack(PUBCOMP, again[1].packet_id))
         assert nothing_more(sock)
-    time.sleep(0.3)
+    wait_until(lambda: broker.offline("a"))  # every acknowledgement was handled before
     assert len(broker.broker.sessions["a"].outbox) == 0
 
 
@@ -97,7 +98,7 @@ def test_pubrel_is_resent_when_pubcomp_is_missing(
     pubrel = raw.read_packet(sock)
     assert pubrel is not None and pubrel.kind == PUBREL
     sock.close()  # no PUBCOMP
-    time.sleep(0.3)
+    wait_until(lambda: broker.offline("a"))
     sock, connack = raw.session(broker.port(), "a", *devices, clean=False)
     with sock:
         assert connack.body == bytes([1, 0])
@@ -121,7 +122,7 @@ def test_incoming_qos2_is_delivered_once_across_a_reconnect(
         pubrec = raw.read_packet(sock)
         assert pubrec is not None and (pubrec.kind, pubrec.packet_id) == (PUBREC, 7)
         sock.close()  # the PUBREL never left
-        time.sleep(0.3)
+        wait_until(lambda: broker.offline("b"))
         sock, connack = raw.session(broker.port(), "b", *devices, clean=False)
         with sock:
             assert connack.body == bytes([1, 0])
@@ -146,7 +147,7 @@ def test_resumed_inflight_messages_are_checked_against_the_new_grant(
             ("losant/a/command", b"still-readable", 1))
     assert len(publishes(sock, 2)) == 2
     sock.close()  # both unacknowledged
-    time.sleep(0.3)
+    wait_until(lambda: broker.offline("a"))
     sock, connack = raw.session(broker.port(), "a", narrow.key, narrow_secret, clean=False)
     with sock:
         assert connack.body == bytes([1, 0])
@@ -161,9 +162,9 @@ def test_a_withheld_puback_does_not_lose_the_message(
     assert subscribe(sock, "losant/a/command", 1) == 1
     publish(broker, devices, ("losant/a/command", b"slow-ack", 1))
     (message,) = publishes(sock, 1)
-    time.sleep(6)  # longer than amqtt's 5 s
+    time.sleep(6)  # time under test: longer than amqtt's 5 s give-up timer
     sock.close()
-    time.sleep(0.3)
+    wait_until(lambda: broker.offline("a"))
     sock, _ = raw.session(broker.port(), "a", *devices, clean=False)
     with sock:
         (again,) = publishes(sock, 1)
@@ -194,33 +195,44 @@ def test_queued_messages_arrive_before_newer_live_ones(
     sock, _ = raw.session(broker.port(), "a", *devices, clean=False)
     assert subscribe(sock, "losant/a/seq", 1) == 1
     sock.close()
-    time.sleep(0.3)
+    wait_until(lambda: broker.offline("a"))
     with Client(broker.port(), "b", *devices) as sender:
         assert sender.connect() == 0
         for i in range(200):
             sender.publish("losant/a/seq", f"queued-{i:03}", qos=1)
+        resumed_event = threading.Event()
+        live: list[str] = []
 
         def flood() -> None:
-            for i in range(300):
-                sender.client.publish("losant/a/seq", f"live-{i:03}", qos=1)
-                if i % 10 == 9:
-                    time.sleep(0.001)
+            """Publish, each after the last one's PUBACK, from before the device comes
+            back until 100 after its CONNACK (at most 600 in all, so that with the 200
+            queued they fit its offline queue however long its CONNECT takes)."""
+            after = 0
+            while after < 100 and len(live) < 600:
+                live.append(f"live-{len(live):03}")
+                sender.publish("losant/a/seq", live[-1], qos=1)
+                after += resumed_event.is_set()
 
         flooding = threading.Thread(target=flood)
         flooding.start()
-        time.sleep(0.01)  # the flood is under way when the device comes back
+        wait_until(lambda: len(live) >= 10)  # the flood is under way when the device comes back
         resumed = raw.open_socket(broker.port())
         resumed.sendall(raw.connect_packet("a", *devices, clean=False))
         received = []
         with resumed:
-            connack = raw.read_packet(resumed)
-            assert connack is not None and connack.body == bytes([1, 0])
-            while len(received) < 500:
-                packet = raw.read_packet(resumed, 3.0)
-                assert packet is not None, f"only {len(received)} messages arrived"
-                if packet.kind == PUBLISH:
-                    received.append(packet.payload.decode())
-                    resumed.sendall(raw.ack(PUBACK, packet.packet_id))
+            try:
+                connack = raw.read_packet(resumed)
+                assert connack is not None and connack.body == bytes([1, 0])
+            finally:
+                resumed_event.set()
+
+            def all_arrived() -> bool:
+                while (packet := raw.read_packet(resumed, 0.05)) is not None:
+                    if packet.kind == PUBLISH:
+                        received.append(packet.payload.decode())
+                        resumed.sendall(raw.ack(PUBACK, packet.packet_id))
+                return not flooding.is_alive() and len(received) >= 200 + len(live)
+
+            wait_until(all_arrived, 30, "every message, queued and live")
         flooding.join()
-    assert received == [f"queued-{i:03}" for i in range(200)] + [
-        f"live-{i:03}" for i in range(300)]
+    assert received == [f"queued-{i:03}" for i in range(200)] + live

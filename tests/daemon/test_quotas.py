@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import socket
 import struct
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from broker.mqtt.routing import subscription_cost
 from tests.support import mqtt_raw as raw
-from tests.support.harness import Client, RunningBroker, broker_settings
+from tests.support.harness import Client, RunningBroker, StartDaemon
 from tests.support.waiting import wait_until
 
 # 31 levels, about 1 KiB: what an attacker would pick to make each filter expensive.
@@ -40,13 +38,10 @@ LIMITS = {"max_subscription_bytes": 20 * COST, "max_subscription_bytes_per_key":
 
 
 @pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[RunningBroker]:
-    running = RunningBroker(broker_settings(tmp_path, **LIMITS)).start()
+def daemon(daemon_with: StartDaemon) -> RunningBroker:
+    running = daemon_with(**LIMITS)
     running.ks("upsert_devices", [(f"dev-{i}", None, []) for i in range(6)])
-    try:
-        yield running
-    finally:
-        running.stop()
+    return running
 
 
 def test_one_session_holds_at_most_its_subscription_bytes(daemon: RunningBroker) -> None:
@@ -140,27 +135,23 @@ def test_a_session_resumed_under_another_key_is_counted_against_that_key(
     assert granted == [20, 10]
 
 
-def test_the_devices_reserves_of_an_application_are_bounded_together(tmp_path: Path) -> None:
+def test_the_devices_reserves_of_an_application_are_bounded_together(
+        daemon_with: StartDaemon) -> None:
     """Each device may keep its own state retained outside the key's quota, but the
     reserves of one application together stay within their bound; past it a device's
     message counts against the key's quota like any other."""
     message = b"s" * 1000
-    settings = broker_settings(tmp_path, max_retained_per_key=1,
-                               max_retained_reserve_bytes_per_app=3 * 1030)
-    daemon = RunningBroker(settings).start()
-    try:
-        daemon.ks("upsert_devices", [(f"dev-{i}", None, []) for i in range(5)])
-        key, secret = daemon.ks("create_key")
-        for i in range(5):
-            with Client(daemon.port(), f"dev-{i}", key.key, secret) as device:
-                assert device.connect() == 0
-                device.publish(f"losant/dev-{i}/state", message, qos=1, retain=True)
-        kept = sorted(m.topic for _, m in daemon.broker.router.retained.store.matching(
-            "+/losant/+/state"))
-        # Three in the application's reserve, one in the key's quota of 1, one refused.
-        assert kept == [f"losant/dev-{i}/state" for i in range(4)]
-        refused = [e for e in daemon.audit_events() if e["event"] == "retain_refused"]
-        assert [e["client_id"] for e in refused] == ["dev-4"]
-        assert "key quota" in refused[0]["reason"]
-    finally:
-        daemon.stop()
+    daemon = daemon_with(max_retained_per_key=1, max_retained_reserve_bytes_per_app=3 * 1030)
+    daemon.ks("upsert_devices", [(f"dev-{i}", None, []) for i in range(5)])
+    key, secret = daemon.ks("create_key")
+    for i in range(5):
+        with Client(daemon.port(), f"dev-{i}", key.key, secret) as device:
+            assert device.connect() == 0
+            device.publish(f"losant/dev-{i}/state", message, qos=1, retain=True)
+    kept = sorted(m.topic for _, m in daemon.broker.router.retained.store.matching(
+        "+/losant/+/state"))
+    # Three in the application's reserve, one in the key's quota of 1, one refused.
+    assert kept == [f"losant/dev-{i}/state" for i in range(4)]
+    refused = [e for e in daemon.audit_events() if e["event"] == "retain_refused"]
+    assert [e["client_id"] for e in refused] == ["dev-4"]
+    assert "key quota" in refused[0]["reason"]

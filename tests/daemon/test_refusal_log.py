@@ -8,14 +8,12 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from broker.policy.guard import GuardSettings
 from tests.support import mqtt_raw
-from tests.support.harness import Client, RunningBroker, broker_settings
+from tests.support.harness import Client, RunningBroker, StartDaemon
 from tests.support.waiting import wait_until
 
 ADMISSION = "broker.mqtt.admission"
@@ -75,15 +73,9 @@ def test_connacks_of_the_protocol_checks_are_logged_too(
 
 
 @pytest.fixture
-def no_guard(tmp_path: Path) -> Iterator[RunningBroker]:
+def no_guard(daemon_with: StartDaemon) -> RunningBroker:
     """A daemon that never bans, and lets any number of connections wait for CONNECT."""
-    settings = broker_settings(tmp_path, guard=GuardSettings(max_failures=0),
-                               max_unauthenticated_per_source=0)
-    running = RunningBroker(settings).start()
-    try:
-        yield running
-    finally:
-        running.stop()
+    return daemon_with(guard=GuardSettings(max_failures=0), max_unauthenticated_per_source=0)
 
 
 def test_one_source_cannot_flood_the_log(no_guard: RunningBroker,

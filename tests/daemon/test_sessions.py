@@ -3,9 +3,8 @@ what was queued for them (checked against the grant they resume with), the Will.
 
 from __future__ import annotations
 
-import time
-
 from tests.support.harness import Client, RunningBroker
+from tests.support.waiting import wait_until
 
 
 def _device_client(broker: RunningBroker, device: str, **options: object) -> Client:
@@ -22,12 +21,10 @@ def test_unsubscribe_and_disconnect_leave_no_stale_trie_entries(broker: RunningB
         assert client.subscribe("losant/dev-a/#") == 0
         assert len(tree) == 2
         client.client.unsubscribe("losant/dev-a/command")
-        time.sleep(0.3)
-        assert len(tree) == 1
+        wait_until(lambda: len(tree) == 1)
         assert list(broker.broker.subscriptions) == ["losant/dev-a/#"]
-    time.sleep(0.5)
+    wait_until(lambda: "dev-a" not in broker.broker.sessions)  # its connection has ended
     assert len(tree) == 0
-    assert "dev-a" not in broker.broker.sessions
 
 
 def queue_while_offline(broker: RunningBroker, credentials: tuple[str, str], topic: str,
@@ -37,11 +34,11 @@ def queue_while_offline(broker: RunningBroker, credentials: tuple[str, str], top
     with Client(broker.port(), "dev-a", *credentials, clean_session=False) as device:
         assert device.connect() == 0
         assert device.subscribe(topic, 1) == 1
-    time.sleep(0.3)
+    wait_until(lambda: broker.offline("dev-a"))
     with Client(broker.port(), "dev-b", *credentials) as sender:
         assert sender.connect() == 0
-        sender.publish(topic, payload, qos=1)
-    time.sleep(0.3)
+        sender.publish(topic, payload, qos=1)  # routed before its PUBACK: queued now
+    assert len(broker.broker.sessions["dev-a"].outbox) == 1
 
 
 def test_persistent_session_gets_offline_qos1_messages_on_resume(broker: RunningBroker) -> None:

@@ -23,14 +23,11 @@ from keystore import KeyStore
 from keystore.sqlite.backup import backup as keystore_backup
 from tests.daemon.test_persistence import seed_devices
 from tests.support import mqtt_raw as raw
-from tests.support.harness import Client, RunningBroker, broker_settings, seed
+from tests.support.harness import Client, RunningBroker, StartDaemon, broker_settings, seed
+from tests.support.waiting import wait_until
 from tests.unit.test_state_sqlite import SCHEMA_1
 
 SESSION_PRESENT, NO_SESSION = bytes([1, 0]), bytes([0, 0])
-
-
-def run(settings: Settings) -> RunningBroker:
-    return RunningBroker(settings).start()
 
 
 def hold_session(broker: RunningBroker, device: str, creds: tuple[str, str],
@@ -55,7 +52,7 @@ def state_rows(settings: Settings, table: str) -> list[tuple[Any, ...]]:
         return db.execute(f"SELECT * FROM {table}").fetchall()  # noqa: S608 - test tables
 
 
-def sessions_of_a_and_w(settings: Settings) -> tuple[str, str]:
+def sessions_of_a_and_w(daemon_with: StartDaemon, settings: Settings) -> tuple[str, str]:
     """Devices "a" and "w", one unrestricted key (it covers any device of its application,
     so only the change feed or a look-up tells a restart that a device was removed), and a
     persistent session of each with a retained message on its state topic, left offline."""
@@ -67,12 +64,10 @@ def sessions_of_a_and_w(settings: Settings) -> tuple[str, str]:
         return key.key, secret
 
     creds = seed(settings.db_path, setup)
-    broker = run(settings)
-    try:
-        hold_session(broker, "a", creds, "losant/a/cmd", topic="losant/a/state", payload=b"a")
-        hold_session(broker, "w", creds, "losant/w/cmd", topic="losant/w/state", payload=b"w")
-    finally:
-        broker.stop()
+    broker = daemon_with(settings)
+    hold_session(broker, "a", creds, "losant/a/cmd", topic="losant/a/state", payload=b"a")
+    hold_session(broker, "w", creds, "losant/w/cmd", topic="losant/w/state", payload=b"w")
+    broker.stop()
     return creds
 
 
@@ -86,7 +81,7 @@ def assert_only_w_came_back(broker: RunningBroker, creds: tuple[str, str]) -> No
 
 
 def test_keys_revoked_and_applications_deleted_while_down_drop_stored_sessions(
-        tmp_path: Path) -> None:
+        tmp_path: Path, daemon_with: StartDaemon) -> None:
     settings = broker_settings(tmp_path)
 
     async def setup(ks: KeyStore) -> dict[str, tuple[str, str]]:
@@ -101,14 +96,12 @@ def test_keys_revoked_and_applications_deleted_while_down_drop_stored_sessions(
         return {name: (key.key, secret) for name, (key, secret) in keys.items()}
 
     creds = seed(settings.db_path, setup)
-    broker = run(settings)
-    try:
-        hold_session(broker, "a", creds["a"], "losant/a/cmd")
-        hold_session(broker, "b", creds["b"], "losant/b/cmd")
-        hold_session(broker, "d", creds["d"], "losant/d/cmd",
-                     topic="losant/d/state", payload=b"of a deleted application")
-    finally:
-        broker.stop()
+    broker = daemon_with(settings)
+    hold_session(broker, "a", creds["a"], "losant/a/cmd")
+    hold_session(broker, "b", creds["b"], "losant/b/cmd")
+    hold_session(broker, "d", creds["d"], "losant/d/cmd",
+                 topic="losant/d/state", payload=b"of a deleted application")
+    broker.stop()
     assert {row[0] for row in state_rows(settings, "sessions")} == {"a", "b", "d"}
 
     async def while_down(ks: KeyStore) -> None:
@@ -116,77 +109,71 @@ def test_keys_revoked_and_applications_deleted_while_down_drop_stored_sessions(
         await ks.delete_apps(["other"])
 
     seed(settings.db_path, while_down)
-    broker = run(settings)
-    try:
-        assert connack(broker, "b", creds["b"]) == SESSION_PRESENT  # untouched
-        with Client(broker.port(), "a", *creds["a"], clean_session=False) as client:
-            assert client.connect() == 5  # the revoked key itself is refused, as always
-        assert connack(broker, "a", creds["any"]) == NO_SESSION  # nothing left to resume
-    finally:
-        broker.stop()
+    broker = daemon_with(settings)
+    assert connack(broker, "b", creds["b"]) == SESSION_PRESENT  # untouched
+    with Client(broker.port(), "a", *creds["a"], clean_session=False) as client:
+        assert client.connect() == 5  # the revoked key itself is refused, as always
+    assert connack(broker, "a", creds["any"]) == NO_SESSION  # nothing left to resume
+    broker.stop()
     assert {row[0] for row in state_rows(settings, "sessions")} == {"a", "b"}
     assert state_rows(settings, "retained") == []
 
 
 def test_a_device_removed_while_down_takes_its_session_and_retained_messages(
-        tmp_path: Path) -> None:
+        tmp_path: Path, daemon_with: StartDaemon) -> None:
     """An unrestricted key covers any device of its application, so only the change feed
     can tell the restart that device "a" was removed (and then added again)."""
     settings = broker_settings(tmp_path)
-    creds = sessions_of_a_and_w(settings)
+    creds = sessions_of_a_and_w(daemon_with, settings)
 
     async def while_down(ks: KeyStore) -> None:
         await ks.remove_devices(["a"])
         await ks.add_device("a")  # a new device with the old id inherits nothing
 
     seed(settings.db_path, while_down)
-    broker = run(settings)
-    try:
-        assert connack(broker, "a", creds) == NO_SESSION
-        assert_only_w_came_back(broker, creds)
-    finally:
-        broker.stop()
+    broker = daemon_with(settings)
+    assert connack(broker, "a", creds) == NO_SESSION
+    assert_only_w_came_back(broker, creds)
+    broker.stop()
 
 
-def test_a_restored_state_keeps_the_limits_in_force(tmp_path: Path) -> None:
+def test_a_restored_state_keeps_the_limits_in_force(
+        tmp_path: Path, daemon_with: StartDaemon) -> None:
     settings = broker_settings(tmp_path)
     creds = seed_devices(settings.db_path, "p", "c", "watcher", topic_mode="all")
-    broker = run(settings)
-    try:
-        hold_session(broker, "c", creds, "losant/c/cmd")
-        with Client(broker.port(), "p", *creds) as publisher:
-            assert publisher.connect() == 0
-            for n in range(1, 5):
-                publisher.publish(f"cfg/{n}", b"x", qos=1, retain=True)
-            for n in range(1, 6):
-                publisher.publish("losant/c/cmd", f"m{n}".encode(), qos=1)
-    finally:
-        broker.stop()
+    broker = daemon_with(settings)
+    hold_session(broker, "c", creds, "losant/c/cmd")
+    with Client(broker.port(), "p", *creds) as publisher:
+        assert publisher.connect() == 0
+        for n in range(1, 5):
+            publisher.publish(f"cfg/{n}", b"x", qos=1, retain=True)
+        for n in range(1, 6):
+            publisher.publish("losant/c/cmd", f"m{n}".encode(), qos=1)
+    broker.stop()
 
     fewer = replace(settings, max_retained_per_key=2, max_queued_messages=3)
-    broker = run(fewer)
-    try:
-        with Client(broker.port(), "watcher", *creds) as watcher:
-            assert watcher.connect() == 0
-            assert watcher.subscribe("cfg/#", 1) == 1
-            assert sorted(watcher.topics_received()) == ["cfg/1", "cfg/2"]  # the oldest
-        with Client(broker.port(), "c", *creds, clean_session=False) as device:
-            assert device.connect() == 0
-            got = [m.payload for m in iter(lambda: device.get(0.5), None)]
-            assert got == [b"m1", b"m2", b"m3"]
-    finally:
-        broker.stop()
+    broker = daemon_with(fewer)
+    with Client(broker.port(), "watcher", *creds) as watcher:
+        assert watcher.connect() == 0
+        assert watcher.subscribe("cfg/#", 1) == 1
+        assert sorted(watcher.topics_received()) == ["cfg/1", "cfg/2"]  # the oldest
+    with Client(broker.port(), "c", *creds, clean_session=False) as device:
+        assert device.connect() == 0
+        got = [m.payload for m in iter(lambda: device.get(0.5), None)]
+        assert got == [b"m1", b"m2", b"m3"]
+    broker.stop()
     assert len(state_rows(settings, "retained")) == 2  # the rest is gone from the file too
 
-    time.sleep(1.2)
-    broker = run(replace(settings, session_expiry=1))  # offline for longer than that
-    try:
-        assert connack(broker, "c", creds) == NO_SESSION
-    finally:
-        broker.stop()
+    # Offline for longer than an expiry of 1 s: as if it had gone 2 s before it did.
+    with sqlite3.connect(settings.db_path.with_name("keybroker.state.db")) as db:
+        assert db.execute("UPDATE sessions SET disconnected_at = disconnected_at - 2 "
+                          "WHERE client_id = 'c'").rowcount == 1
+    broker = daemon_with(replace(settings, session_expiry=1))
+    assert connack(broker, "c", creds) == NO_SESSION
+    broker.stop()
 
 
-def test_the_state_file_holds_no_secret(tmp_path: Path) -> None:
+def test_the_state_file_holds_no_secret(tmp_path: Path, daemon_with: StartDaemon) -> None:
     settings = broker_settings(tmp_path)
 
     async def setup(ks: KeyStore) -> list[tuple[str, str]]:
@@ -196,19 +183,18 @@ def test_the_state_file_holds_no_secret(tmp_path: Path) -> None:
         return [(key.key, secret) for key, secret in made]
 
     creds = seed(settings.db_path, setup)
-    broker = run(settings)
-    try:
-        hold_session(broker, "a", creds[0], "losant/a/cmd", topic="losant/a/state",
-                     payload=b"state of a")
-        with Client(broker.port(), "b", *creds[1], clean_session=False) as device:
-            assert device.connect() == 0
-            assert device.subscribe("losant/b/#", 2) == 2
-            time.sleep(0.3)
-            state = settings.db_path.with_name("keybroker.state.db")
-            files = [state, *(Path(f"{state}{s}") for s in ("-wal", "-shm"))]
-            assert all(f.stat().st_mode & 0o777 == 0o600 for f in files if f.exists())
-    finally:
-        broker.stop()
+    broker = daemon_with(settings)
+    hold_session(broker, "a", creds[0], "losant/a/cmd", topic="losant/a/state",
+                 payload=b"state of a")
+    with Client(broker.port(), "b", *creds[1], clean_session=False) as device:
+        assert device.connect() == 0
+        assert device.subscribe("losant/b/#", 2) == 2
+        # Saved while it is connected (the next write-behind flush).
+        wait_until(lambda: ("b", "losant/b/#", 2) in state_rows(settings, "subscriptions"))
+        state = settings.db_path.with_name("keybroker.state.db")
+        files = [state, *(Path(f"{state}{s}") for s in ("-wal", "-shm"))]
+        assert all(f.stat().st_mode & 0o777 == 0o600 for f in files if f.exists())
+    broker.stop()
     data = b"".join(f.read_bytes() for f in files if f.exists())
     assert b"state of a" in data and creds[0][0].encode() in data  # what it holds
     for _, secret in creds:
@@ -217,7 +203,7 @@ def test_the_state_file_holds_no_secret(tmp_path: Path) -> None:
 
 
 def test_with_an_older_keystore_every_device_the_state_names_is_looked_up(
-        tmp_path: Path) -> None:
+        tmp_path: Path, daemon_with: StartDaemon) -> None:
     """A keystore restored from a backup has a change feed behind the saved state's
     position, so the feed cannot tell what was removed: the start looks devices up."""
     settings = broker_settings(tmp_path)
@@ -233,37 +219,33 @@ def test_with_an_older_keystore_every_device_the_state_names_is_looked_up(
         return key.key, secret
 
     creds = seed(settings.db_path, setup)
-    broker = run(settings)
-    try:
-        for device in ("late", "w"):
-            hold_session(broker, device, creds, f"losant/{device}/cmd",
-                         topic=f"losant/{device}/state", payload=device.encode())
-    finally:
-        broker.stop()
+    broker = daemon_with(settings)
+    for device in ("late", "w"):
+        hold_session(broker, device, creds, f"losant/{device}/cmd",
+                     topic=f"losant/{device}/state", payload=device.encode())
+    broker.stop()
     for suffix in ("-wal", "-shm"):
         Path(f"{settings.db_path}{suffix}").unlink(missing_ok=True)
     shutil.copy(backup, settings.db_path)
 
-    broker = run(settings)
-    try:
-        assert connack(broker, "w", creds) == SESSION_PRESENT
-        with Client(broker.port(), "x", *creds) as watcher:
-            assert watcher.connect() == 0
-            assert watcher.subscribe("losant/+/state", 1) == 1
-            assert watcher.topics_received() == ["losant/w/state"]
-    finally:
-        broker.stop()
+    broker = daemon_with(settings)
+    assert connack(broker, "w", creds) == SESSION_PRESENT
+    with Client(broker.port(), "x", *creds) as watcher:
+        assert watcher.connect() == 0
+        assert watcher.subscribe("losant/+/state", 1) == 1
+        assert watcher.topics_received() == ["losant/w/state"]
+    broker.stop()
     assert {row[0] for row in state_rows(settings, "sessions")} == {"w"}
 
 
 def test_a_device_removed_while_down_is_found_when_the_feed_was_pruned_meanwhile(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, daemon_with: StartDaemon) -> None:
     """Another process (authsvc, a second daemon) may prune the change feed while this
     daemon is down: the removal is then not in the feed, and every device the state names
     is looked up instead."""
     caplog.set_level(logging.INFO, logger="broker.daemon.restore")
     settings = broker_settings(tmp_path)
-    creds = sessions_of_a_and_w(settings)
+    creds = sessions_of_a_and_w(daemon_with, settings)
 
     async def while_down(ks: KeyStore) -> None:
         await ks.remove_devices(["a"])
@@ -273,17 +255,16 @@ def test_a_device_removed_while_down_is_found_when_the_feed_was_pruned_meanwhile
     with sqlite3.connect(settings.db_path) as db:  # pruned up to (not including) the last
         assert db.execute("DELETE FROM changes WHERE id < (SELECT max(id) FROM changes)"
                           ).rowcount >= 1
-    broker = run(settings)
-    try:
-        assert connack(broker, "a", creds) == bytes([0, 5])  # no such device now
-        assert_only_w_came_back(broker, creds)
-    finally:
-        broker.stop()
+    broker = daemon_with(settings)
+    assert connack(broker, "a", creds) == bytes([0, 5])  # no such device now
+    assert_only_w_came_back(broker, creds)
+    broker.stop()
     restored = [r.getMessage() for r in caplog.records if "not restored" in r.getMessage()]
     assert "devices removed 1" in restored[-1] and "pruned" in caplog.text
 
 
-def test_a_state_file_of_schema_1_is_migrated_and_its_rows_load(tmp_path: Path) -> None:
+def test_a_state_file_of_schema_1_is_migrated_and_its_rows_load(
+        tmp_path: Path, daemon_with: StartDaemon) -> None:
     """Its rows come back as the MQTT 3.1.1 ones they are: the session (offline, with its
     subscription and its queued message), the retained message."""
     settings = broker_settings(tmp_path)
@@ -309,28 +290,26 @@ def test_a_state_file_of_schema_1_is_migrated_and_its_rows_load(tmp_path: Path) 
         db.execute("INSERT INTO messages VALUES ('a', 1, 'losant/a/cmd', x'717565756564', "
                    "1, 0, 0, 0)")
 
-    broker = run(settings)
-    try:
-        sock, packet = raw.session(broker.port(), "a", *creds, clean=False)
-        with sock:
-            assert packet.body == SESSION_PRESENT
-            queued = raw.read_packet(sock)
-            assert queued is not None
-            assert (queued.topic, queued.payload, queued.qos) == ("losant/a/cmd", b"queued", 1)
-            sock.sendall(raw.ack(4, queued.packet_id))
-            with Client(broker.port(), "b", *creds) as other:
-                assert other.connect() == 0
-                other.publish("losant/a/cmd", b"live", qos=1)  # the subscription is back
-                live = raw.read_packet(sock)
-                assert live is not None and (live.topic, live.payload) == ("losant/a/cmd",
-                                                                           b"live")
-                sock.sendall(raw.ack(4, live.packet_id))
-                assert other.subscribe("losant/a/state", 1) == 1
-                message = other.get()
-                assert message is not None and (message.payload, message.retain) == (b"old",
-                                                                                     True)
-    finally:
-        broker.stop()
+    broker = daemon_with(settings)
+    sock, packet = raw.session(broker.port(), "a", *creds, clean=False)
+    with sock:
+        assert packet.body == SESSION_PRESENT
+        queued = raw.read_packet(sock)
+        assert queued is not None
+        assert (queued.topic, queued.payload, queued.qos) == ("losant/a/cmd", b"queued", 1)
+        sock.sendall(raw.ack(4, queued.packet_id))
+        with Client(broker.port(), "b", *creds) as other:
+            assert other.connect() == 0
+            other.publish("losant/a/cmd", b"live", qos=1)  # the subscription is back
+            live = raw.read_packet(sock)
+            assert live is not None and (live.topic, live.payload) == ("losant/a/cmd",
+                                                                       b"live")
+            sock.sendall(raw.ack(4, live.packet_id))
+            assert other.subscribe("losant/a/state", 1) == 1
+            message = other.get()
+            assert message is not None and (message.payload, message.retain) == (b"old",
+                                                                                 True)
+    broker.stop()
     with contextlib.closing(sqlite3.connect(state)) as db:
         assert db.execute("PRAGMA user_version").fetchone() == (2,)
         assert db.execute("SELECT client_id, expiry FROM sessions").fetchall() == [("a", None)]
@@ -340,55 +319,49 @@ def test_a_state_file_of_schema_1_is_migrated_and_its_rows_load(tmp_path: Path) 
 
 
 def test_shared_subscriptions_and_their_messages_come_back_in_their_groups(
-        tmp_path: Path) -> None:
+        tmp_path: Path, daemon_with: StartDaemon) -> None:
     """A persistent session's $share/ subscription joins its group again at a restart, and
     a message queued for a member through the group stays the group's: when that member's
     session ends, it goes to another member."""
     settings = broker_settings(tmp_path)
     creds = seed_devices(settings.db_path, "a", "b", "p", topic_mode="all")
-    broker = run(settings)
-    try:
-        hold_session(broker, "b", creds, "$share/g/jobs/#")
-        with Client(broker.port(), "p", *creds) as publisher:  # b is the only member
-            assert publisher.connect() == 0
-            publisher.publish("jobs/1", b"job 1", qos=1)
-        hold_session(broker, "a", creds, "$share/g/jobs/#")
-    finally:
-        broker.stop()
+    broker = daemon_with(settings)
+    hold_session(broker, "b", creds, "$share/g/jobs/#")
+    with Client(broker.port(), "p", *creds) as publisher:  # b is the only member
+        assert publisher.connect() == 0
+        publisher.publish("jobs/1", b"job 1", qos=1)
+    hold_session(broker, "a", creds, "$share/g/jobs/#")
+    broker.stop()
     assert [row[0] for row in state_rows(settings, "messages")] == ["b"]
 
-    broker = run(settings)
-    try:
-        with Client(broker.port(), "a", *creds, clean_session=False) as member:
-            assert member.connect() == 0
-            assert member.get(0.5) is None  # nothing was queued for a
-            with Client(broker.port(), "b", *creds) as leaving:  # ends b's stored session
-                assert leaving.connect() == 0
-            handed = member.get()
-            assert handed is not None and (handed.topic, handed.payload) == ("jobs/1",
-                                                                             b"job 1")
-            with Client(broker.port(), "p", *creds) as publisher:
-                assert publisher.connect() == 0
-                publisher.publish("jobs/2", b"job 2", qos=1)
-            live = member.get()
-            assert live is not None and live.payload == b"job 2"
-    finally:
-        broker.stop()
+    broker = daemon_with(settings)
+    with Client(broker.port(), "a", *creds, clean_session=False) as member:
+        assert member.connect() == 0
+        assert member.get(0.5) is None  # nothing was queued for a
+        with Client(broker.port(), "b", *creds) as leaving:  # ends b's stored session
+            assert leaving.connect() == 0
+        handed = member.get()
+        assert handed is not None and (handed.topic, handed.payload) == ("jobs/1",
+                                                                         b"job 1")
+        with Client(broker.port(), "p", *creds) as publisher:
+            assert publisher.connect() == 0
+            publisher.publish("jobs/2", b"job 2", qos=1)
+        live = member.get()
+        assert live is not None and live.payload == b"job 2"
+    broker.stop()
 
 
 def test_a_session_saved_online_with_a_session_expiry_of_0_is_not_restored(
-        tmp_path: Path) -> None:
+        tmp_path: Path, daemon_with: StartDaemon) -> None:
     """An MQTT 5 client may resume its session asking for an expiry of 0: the session then
     ends with that connection. A crash while it was connected leaves it saved online with
     that expiry: it ended with the connection the crash cut."""
     settings = broker_settings(tmp_path)
     creds = seed_devices(settings.db_path, "a", "b")
-    broker = run(settings)
-    try:
-        hold_session(broker, "a", creds, "losant/a/cmd")
-        hold_session(broker, "b", creds, "losant/b/cmd")
-    finally:
-        broker.stop()
+    broker = daemon_with(settings)
+    hold_session(broker, "a", creds, "losant/a/cmd")
+    hold_session(broker, "b", creds, "losant/b/cmd")
+    broker.stop()
     state = settings.db_path.with_name("keybroker.state.db")
     with contextlib.closing(sqlite3.connect(state)) as db, db:  # as the crash left them
         db.execute("UPDATE sessions SET disconnected_at = NULL, expiry = 0 "
@@ -396,9 +369,7 @@ def test_a_session_saved_online_with_a_session_expiry_of_0_is_not_restored(
         db.execute("UPDATE sessions SET disconnected_at = NULL, expiry = 60 "
                    "WHERE client_id = 'b'")
 
-    broker = run(settings)
-    try:
-        assert connack(broker, "a", creds) == NO_SESSION
-        assert connack(broker, "b", creds) == SESSION_PRESENT
-    finally:
-        broker.stop()
+    broker = daemon_with(settings)
+    assert connack(broker, "a", creds) == NO_SESSION
+    assert connack(broker, "b", creds) == SESSION_PRESENT
+    broker.stop()

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from broker.core.settings import Listener, Settings
 from broker.core.tls import check_tls_files
 from keystore.errors import KeybrokerError
-from tests.support.harness import RunningBroker, broker_settings
+from tests.support.harness import RunningBroker, StartDaemon, broker_settings
 from tests.support.tls import server_certificate
 
 
@@ -164,9 +164,6 @@ def test_serve_says_it_in_one_line(tmp_path: Path, pem: Pem) -> None:
     assert not (tmp_path / "k.db").exists()
 
 
-def test_good_files_still_serve_tls(tmp_path: Path, pem: Pem) -> None:
-    daemon = RunningBroker(with_tls_listener(tmp_path, pem.cert, pem.key)).start()
-    try:
-        assert daemon.port("tls") > 0
-    finally:
-        daemon.stop()
+def test_good_files_still_serve_tls(tmp_path: Path, pem: Pem, daemon_with: StartDaemon) -> None:
+    daemon = daemon_with(with_tls_listener(tmp_path, pem.cert, pem.key))
+    assert daemon.port("tls") > 0

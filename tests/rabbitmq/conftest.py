@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -72,15 +71,6 @@ def refused(client: Client, topic_filter: str) -> bool:
     sends no SUBACK 0x80)."""
     client.client.subscribe(topic_filter, 0)
     return client.disconnected.wait(5)
-
-
-def wait_for(condition: Any, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 @pytest.fixture(scope="session", params=BACKENDS)

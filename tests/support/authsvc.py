@@ -11,7 +11,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from keystore import KeyStore
+from tests.support.waiting import wait_until
 
 T = TypeVar("T")
 
@@ -86,12 +86,19 @@ class Replica:
                 [sys.executable, "-m", "broker.cli", "--config", str(self.config), "authsvc",
                  *self.args],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-        deadline = time.monotonic() + START_TIMEOUT
-        while not (found := LISTENING.search(self.log.read_text(errors="replace"))):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"authsvc {self.name} did not start:\n" + self.log_text())
-            time.sleep(0.05)
+        process = self.process
+
+        def listening_or_gone() -> re.Match[str] | bool | None:
+            return LISTENING.search(self.log.read_text(errors="replace")) or \
+                process.poll() is not None
+
+        try:
+            found = wait_until(listening_or_gone, START_TIMEOUT, poll=0.05)
+        except AssertionError:
+            found = None
+        if not isinstance(found, re.Match):
+            self.stop()
+            raise RuntimeError(f"authsvc {self.name} did not start:\n" + self.log_text())
         self.url = found.group(1)
         return self
 

@@ -5,10 +5,11 @@ to it from the test. ``Client`` wraps paho with the few waits the tests need."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import queue
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,6 +22,7 @@ from paho.mqtt.properties import Properties
 from broker.core.settings import Listener, Settings, load_settings
 from broker.daemon.server import BrokerServer
 from keystore import KeyStore
+from tests.support.waiting import wait_until
 
 T = TypeVar("T")
 TIMEOUT = 5.0
@@ -66,6 +68,9 @@ class RunningBroker:
         return api.url
 
     def stop(self) -> None:
+        """Stop the daemon (once: a test may stop it itself before teardown does)."""
+        if self.loop.is_closed():
+            return
         try:
             self.call(self.server.stop, timeout=30)
             self.call(_cancel_leftover_tasks)
@@ -80,6 +85,23 @@ class RunningBroker:
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
+    def audited(self, event: str, reason: str = "") -> list[dict[str, Any]]:
+        """The audit lines of ``event`` whose reason contains ``reason``."""
+        return [e for e in self.audit_events()
+                if e["event"] == event and reason in (e.get("reason") or "")]
+
+    def wait_audited(self, event: str, reason: str = "",
+                     timeout: float = TIMEOUT) -> list[dict[str, Any]]:
+        """``audited``, once there is at least one such line (the audit is written on the
+        daemon's loop, after the packet or the tick that caused it)."""
+        return wait_until(lambda: self.audited(event, reason), timeout,
+                          f"audit {event!r} with reason containing {reason!r}")
+
+    def offline(self, client_id: str) -> bool:
+        """The broker keeps a session for ``client_id`` and its connection has ended."""
+        session = self.broker.sessions.get(client_id)
+        return session is not None and not session.online
+
 
 async def _cancel_leftover_tasks() -> None:
     """amqtt leaves some per-connection waiters behind at shutdown; end them on the loop."""
@@ -92,6 +114,27 @@ async def _cancel_leftover_tasks() -> None:
 
 async def _await(fn: Callable[[], Awaitable[T]]) -> T:
     return await fn()
+
+
+# The ``daemon_with`` fixture of tests/conftest.py: (settings=None, **overrides) -> daemon.
+StartDaemon = Callable[..., RunningBroker]
+
+
+@contextlib.contextmanager
+def running_daemon(settings: Settings) -> Iterator[RunningBroker]:
+    """A started daemon on ``settings``, stopped on the way out (for fixtures wider than
+    one test; a test uses the ``daemon_with`` fixture of tests/conftest.py)."""
+    running = RunningBroker(settings).start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def revocation_bound(settings: Settings) -> float:
+    """How long a change (a key revoked, a device or application removed) may take to end
+    a live session: docs/live-changes.md promises 2 s, eight polls of the change feed."""
+    return 8 * settings.change_poll_interval
 
 
 def broker_settings(tmp_path: Path, **overrides: Any) -> Settings:

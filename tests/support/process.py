@@ -8,8 +8,9 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
+
+from tests.support.waiting import wait_until
 
 START_TIMEOUT = 30.0
 
@@ -57,14 +58,17 @@ class DaemonProcess:
 
     def start(self, *args: str) -> int:
         proc = self.spawn(*args)
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            for line in list(self.lines):
-                if "keybroker listening:" in line:
-                    return int(line.split("tcp=mqtt://127.0.0.1:")[1].split()[0])
-            if proc.poll() is not None:
-                break
-            time.sleep(0.02)
+
+        def listening_or_gone() -> str | bool:
+            listening = [line for line in list(self.lines) if "keybroker listening:" in line]
+            return listening[0] if listening else proc.poll() is not None
+
+        try:
+            found = wait_until(listening_or_gone, START_TIMEOUT)
+        except AssertionError:
+            found = False
+        if isinstance(found, str):
+            return int(found.split("tcp=mqtt://127.0.0.1:")[1].split()[0])
         self.kill()
         raise AssertionError("daemon did not start:\n" + self.log())
 

@@ -34,6 +34,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.support.waiting import wait_until
+
 BIN = Path("/usr/lib/rabbitmq/bin")
 PLUGINS = ("rabbitmq_mqtt", "rabbitmq_auth_backend_http", "rabbitmq_management")
 ADMIN = "keybroker-admin"
@@ -185,9 +187,9 @@ log.file.level = info
         (node.base / "advanced.config").write_text("[].\n")
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
         names = {node.name for node in self.nodes}
-        while True:
+
+        def ready() -> bool:
             for node in self.nodes:
                 assert node.process is not None
                 if node.process.poll() is not None:
@@ -196,14 +198,16 @@ log.file.level = info
             try:
                 running = {item["name"] for item in self.api("GET", "/api/nodes")
                            if item.get("running")}
-                if running >= names and all(_listening(node.mqtt_port) for node in self.nodes):
-                    return
             except (OSError, urllib.error.URLError, ValueError):
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("RabbitMQ cluster not ready within "
-                                   f"{START_TIMEOUT:.0f} s:\n" + self.log_tail(self.nodes[-1]))
-            time.sleep(0.5)
+                return False
+            return running >= names and all(_listening(node.mqtt_port) for node in self.nodes)
+
+        try:
+            wait_until(ready, START_TIMEOUT, poll=0.5)
+        except AssertionError:
+            tail = self.log_tail(self.nodes[-1])
+            raise RuntimeError(f"RabbitMQ cluster not ready within {START_TIMEOUT:.0f} s:\n"
+                               + tail) from None
 
     def log_tail(self, node: Node, size: int = 3000) -> str:
         text = ""

@@ -14,9 +14,10 @@ POLL = 0.02
 
 
 def wait_until(condition: Callable[[], T], timeout: float = 5.0,
-               what: str | None = None) -> T:
-    """Poll ``condition`` until it returns something true and return that; fail with an
-    AssertionError naming ``what`` (or the condition) when ``timeout`` seconds pass."""
+               what: str | None = None, poll: float = POLL) -> T:
+    """Poll ``condition`` (every ``poll`` seconds) until it returns something true and
+    return that; fail with an AssertionError naming ``what`` (or the condition) when
+    ``timeout`` seconds pass."""
     deadline = time.monotonic() + timeout
     while True:
         result = condition()
@@ -25,11 +26,11 @@ def wait_until(condition: Callable[[], T], timeout: float = 5.0,
         if time.monotonic() >= deadline:
             raise AssertionError(f"not true within {timeout:g}s: "
                                  f"{what or getattr(condition, '__name__', condition)}")
-        time.sleep(POLL)
+        time.sleep(poll)
 
 
 async def async_wait_until(condition: Callable[[], T | Awaitable[T]], timeout: float = 5.0,
-                           what: str | None = None) -> T:
+                           what: str | None = None, poll: float = POLL) -> T:
     """``wait_until`` inside an event loop: ``condition`` may be a plain or an async
     callable; the loop keeps running between polls."""
     deadline = time.monotonic() + timeout
@@ -42,4 +43,4 @@ async def async_wait_until(condition: Callable[[], T | Awaitable[T]], timeout: f
         if time.monotonic() >= deadline:
             raise AssertionError(f"not true within {timeout:g}s: "
                                  f"{what or getattr(condition, '__name__', condition)}")
-        await asyncio.sleep(POLL)
+        await asyncio.sleep(poll)

@@ -17,6 +17,7 @@ from broker.mqtt.outbox import OutMessage
 from broker.mqtt.routing import Router
 from broker.mqtt.session import ConnectionInfo, KeySession
 from tests.support.links import FakeLink
+from tests.support.waiting import async_wait_until
 
 SETTINGS = replace(Settings(), max_queued_messages=10, max_inflight_messages=4,
                    max_session_bytes=10_000, slow_consumer_timeout=5.0)
@@ -101,12 +102,13 @@ async def test_bytes_waiting_in_the_socket_pause_publishers_until_the_client_rea
     source = Source()
     setup.router.send_qos0(session, link, b"q" * 100, source)
     assert source.waits == 1 and len(link.written) == 1  # written, and the publisher waits
+    checks = link.checks
     link.held = 6_000  # the client takes some: still above half the bound
-    await asyncio.sleep(0.05)
+    await async_wait_until(lambda: link.checks > checks)  # the watcher saw it
     assert source.waits == 1
     link.held = 4_000
-    await asyncio.sleep(0.05)
-    assert source.waits == 0 and session.congestion is None
+    await async_wait_until(lambda: source.waits == 0)
+    assert session.congestion is None
 
 
 async def test_qos0_past_twice_the_byte_bound_is_dropped_counted_and_logged_once(
