@@ -11,7 +11,7 @@ from collections.abc import Callable
 import pytest
 
 from broker.mqtt import codec, inbound, props
-from broker.mqtt.inbound import Inbound, Verdict, released
+from broker.mqtt.inbound import Inbound, Outcome, Verdict, released
 from broker.mqtt.session import KeySession, Will
 from broker.topics.mounts import mount_of
 from keystore.models import TopicMode
@@ -32,8 +32,8 @@ class Setup:
         engine.subscribe(self.subscriber, ("#", 2))
 
     def send(self, topic: str, payload: bytes = b"x", qos: int = 0, packet_id: int = 0, *,
-             dup: bool = False, retain: bool = False) -> int:
-        """0 when the connection goes on, else the reason code it ends with."""
+             dup: bool = False, retain: bool = False) -> Outcome | None:
+        """None when the connection goes on, else why it ends."""
         packet = codec.Publish(topic, payload, qos, retain, dup, packet_id)
         return self.inbound.publish_packet(self.publisher, link_of(self.publisher), packet)
 
@@ -58,28 +58,28 @@ async def setup(engine: Engine) -> Setup:
 # ------------------------------------------------------------------ acknowledgements
 
 async def test_qos0_is_routed_and_counted_without_an_acknowledgement(setup: Setup) -> None:
-    assert setup.send("losant/d1/state", b"zero") == 0
+    assert setup.send("losant/d1/state", b"zero") is None
     assert setup.delivered() == [b"zero"] and setup.acks() == []
     traffic = setup.engine.router.traffic
     assert (traffic.msgs_in[0], traffic.bytes_in[0]) == (1, 4)
 
 
 async def test_qos1_is_acknowledged_after_it_is_routed(setup: Setup) -> None:
-    assert setup.send("losant/d1/state", b"one", 1, 5) == 0
+    assert setup.send("losant/d1/state", b"one", 1, 5) is None
     assert setup.delivered() == [b"one"] and setup.acks() == [ack(codec.PUBACK, 5)]
 
 
 async def test_qos2_is_passed_on_once_and_its_id_kept_until_released(setup: Setup) -> None:
     """Method B (MQTT 3.1.1 §4.3.3): passed on when it arrives; a re-send of the same id
     before PUBREL is answered, not delivered again."""
-    assert setup.send("losant/d1/state", b"two", 2, 7) == 0
-    assert setup.send("losant/d1/state", b"two", 2, 7, dup=True) == 0
+    assert setup.send("losant/d1/state", b"two", 2, 7) is None
+    assert setup.send("losant/d1/state", b"two", 2, 7, dup=True) is None
     assert setup.delivered() == [b"two"]
     assert setup.acks() == [ack(codec.PUBREC, 7)] * 2
     assert setup.publisher.inflight_in == {7}
     released(setup.publisher, 7)  # PUBREL
     assert setup.publisher.inflight_in is None
-    assert setup.send("losant/d1/state", b"again", 2, 7) == 0  # the id is free: a new one
+    assert setup.send("losant/d1/state", b"again", 2, 7) is None  # the id is free: a new one
     assert setup.delivered() == [b"two", b"again"]
 
 
@@ -88,12 +88,12 @@ async def test_a_restored_id_reused_without_dup_is_a_new_message(setup: Setup) -
     client may reuse it (DUP 0) for a new message; a DUP re-send is the old one."""
     session = setup.publisher
     session.inflight_in, session.restored_in = {8}, frozenset({8})
-    assert setup.send("losant/d1/state", b"old", 2, 8, dup=True) == 0
+    assert setup.send("losant/d1/state", b"old", 2, 8, dup=True) is None
     assert setup.delivered() == []
-    assert setup.send("losant/d1/state", b"new", 2, 8) == 0
+    assert setup.send("losant/d1/state", b"new", 2, 8) is None
     assert setup.delivered() == [b"new"]
     assert session.restored_in == frozenset() and session.inflight_in == {8}
-    assert setup.send("losant/d1/state", b"new", 2, 8) == 0  # now a plain duplicate
+    assert setup.send("losant/d1/state", b"new", 2, 8) is None  # now a plain duplicate
     assert setup.delivered() == [b"new"]
     assert setup.acks() == [ack(codec.PUBREC, 8)] * 3
 
@@ -101,9 +101,10 @@ async def test_a_restored_id_reused_without_dup_is_a_new_message(setup: Setup) -
 async def test_unreleased_qos2_ids_are_bounded(engine_with: Callable[..., Engine]) -> None:
     setup = Setup(engine_with(max_queued_messages=3))
     for packet_id in (1, 2, 3):
-        assert setup.send("losant/d1/state", b"q", 2, packet_id) == 0
+        assert setup.send("losant/d1/state", b"q", 2, packet_id) is None
     # The connection ends: the client sent more than the broker's Receive Maximum.
-    assert setup.send("losant/d1/state", b"one-too-many", 2, 4) == props.RECEIVE_MAXIMUM_EXCEEDED
+    ended = setup.send("losant/d1/state", b"one-too-many", 2, 4)
+    assert ended is not None and ended.code == props.RECEIVE_MAXIMUM_EXCEEDED
     assert b"one-too-many" not in setup.delivered()
     (line,) = setup.engine.audit_events("bad_packet")
     assert "too many unacknowledged QoS 2 messages" in line["reason"]
@@ -129,8 +130,8 @@ class SyncState:
 async def test_with_sync_acknowledgements_wait_for_the_commit_in_order(engine: Engine) -> None:
     state = SyncState()
     setup = Setup(engine, state=state)
-    assert setup.send("losant/d1/state", b"one", 1, 1) == 0
-    assert setup.send("losant/d1/state", b"two", 2, 2) == 0
+    assert setup.send("losant/d1/state", b"one", 1, 1) is None
+    assert setup.send("losant/d1/state", b"two", 2, 2) is None
     assert setup.delivered() == [b"one", b"two"]  # passed on at once
     assert setup.acks() == []  # acknowledged only once saved
     state.commit()
@@ -140,7 +141,7 @@ async def test_with_sync_acknowledgements_wait_for_the_commit_in_order(engine: E
 # ------------------------------------------------------------------ refusals
 
 async def test_a_denied_publish_is_dropped_yet_acknowledged_by_default(setup: Setup) -> None:
-    assert setup.send("losant/d9/state", b"not-yours", 1, 3) == 0  # the connection goes on
+    assert setup.send("losant/d9/state", b"not-yours", 1, 3) is None  # the connection goes on
     assert setup.delivered() == []
     assert setup.acks() == [ack(codec.PUBACK, 3)]
     (line,) = setup.engine.audit_events("publish_denied")
@@ -151,7 +152,8 @@ async def test_a_denied_publish_is_dropped_yet_acknowledged_by_default(setup: Se
 async def test_a_denied_publish_disconnects_unacknowledged_when_configured(
         engine_with: Callable[..., Engine]) -> None:
     setup = Setup(engine_with(denied_publish="disconnect"))
-    assert setup.send("losant/d9/state", b"not-yours", 1, 3) == props.NOT_AUTHORIZED
+    ended = setup.send("losant/d9/state", b"not-yours", 1, 3)
+    assert ended is not None and ended.code == props.NOT_AUTHORIZED
     assert setup.acks() == [] and setup.delivered() == []
     assert len(setup.engine.audit_events("publish_denied")) == 1
 
@@ -174,7 +176,7 @@ async def test_a_topic_past_the_limits_or_malformed_closes_the_connection(
 
 async def test_nothing_more_is_taken_from_a_session_being_kicked(setup: Setup) -> None:
     setup.publisher.kicked = "key_inactive"
-    assert setup.send("losant/d1/state", b"late", 1, 1) != 0
+    assert setup.send("losant/d1/state", b"late", 1, 1) is not None
     assert setup.delivered() == [] and setup.acks() == []
     assert setup.engine.audit_events() == []
 
@@ -208,8 +210,8 @@ async def test_a_retained_publish_is_kept_and_a_refused_one_audited(
         engine_with: Callable[..., Engine]) -> None:
     engine = engine_with(max_retained_messages=1)
     setup = Setup(engine, access_key(devices=("d1", "d2"), topic_mode=TopicMode.ALL))
-    assert setup.send("custom/a", b"kept", 1, 1, retain=True) == 0
-    assert setup.send("custom/b", b"refused", 1, 2, retain=True) == 0
+    assert setup.send("custom/a", b"kept", 1, 1, retain=True) is None
+    assert setup.send("custom/b", b"refused", 1, 2, retain=True) is None
     assert setup.delivered() == [b"kept", b"refused"]  # delivered live either way
     assert [m.payload for _, m in engine.router.retained.store.matching(MOUNT + "#")] == [
         b"kept"]
@@ -254,8 +256,8 @@ async def test_a_filter_is_refused_for_its_limits_first_then_the_policy(
 async def test_mqtt5_says_why_a_publish_was_refused_and_ends_a_refused_qos2_flow(
         setup: Setup) -> None:
     setup.publisher.version = 5
-    assert setup.send("losant/d9/state", b"not-yours", 1, 3) == 0
-    assert setup.send("losant/d9/state", b"not-yours", 2, 4) == 0
+    assert setup.send("losant/d9/state", b"not-yours", 1, 3) is None
+    assert setup.send("losant/d9/state", b"not-yours", 2, 4) is None
     puback, pubrec = setup.acks()
     assert (puback[0], puback[2:5]) == (0x40, b"\x00\x03" + bytes([props.NOT_AUTHORIZED]))
     assert props.decode(puback, 5, props.ACK_PROPS)[0][props.REASON_STRING]  # and why
@@ -268,5 +270,5 @@ async def test_mqtt5_reason_strings_may_be_turned_off(
         engine_with: Callable[..., Engine]) -> None:
     setup = Setup(engine_with(reason_strings=False))
     setup.publisher.version = 5
-    assert setup.send("losant/d9/state", b"not-yours", 1, 3) == 0
+    assert setup.send("losant/d9/state", b"not-yours", 1, 3) is None
     assert setup.acks() == [codec.ack5(codec.PUBACK, 3, props.NOT_AUTHORIZED)]
