@@ -23,9 +23,12 @@ class DaemonProcess:
                  env: dict[str, str] | None = None) -> None:
         self.workdir = workdir
         self.config = workdir / "keybroker.toml"
+        # The API on a free port too, unless the test configures it (8080, its default,
+        # may be taken on a developer's machine).
+        api = "" if "[api]" in config else "[api]\nport = 0\n"
         self.config.write_text(
             '[keystore]\npath = "keybroker.db"\n'
-            '[listeners.tcp]\ntype = "tcp"\nhost = "127.0.0.1"\nport = 0\n' + config)
+            '[listeners.tcp]\ntype = "tcp"\nhost = "127.0.0.1"\nport = 0\n' + api + config)
         self.proc: subprocess.Popen[str] | None = None
         self.lines: list[str] = []
         self._reader: threading.Thread | None = None
