@@ -257,6 +257,12 @@ def running(kind: str, workdir: Path, *, keystore: Path | None = None, config: s
     preexec = None if pin is None else (lambda: os.sched_setaffinity(0, pin))
     with open(log_path, "wb") as log:
         env = dict(os.environ)
+        if kind.startswith("keybroker") and "@" not in kind:
+            # this tree's code, whichever checkout the venv was installed from (the
+            # daemon runs in a scratch directory, where `-m broker.cli` would find the
+            # editable install's)
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT),
+                                                              env.get("PYTHONPATH")]))
         if kind in LOOP_VARIANTS:
             env["KEYBROKER_EVENT_LOOP"] = LOOP_VARIANTS[kind]
         proc = subprocess.Popen(  # noqa: S603 - argv built above from fixed parts
