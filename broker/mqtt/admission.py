@@ -2,7 +2,7 @@
 
 Connection caps are checked before anything is read (per source: ``SourceCaps``, which
 closes a source's idle pending connections rather than refuse its new ones); the CONNECT
-packet is read whole (``FramedReader``), parsed by amqtt's ConnectPacket and checked in
+packet is read whole (``Framer``), parsed by ``codec.parse_connect`` and checked in
 amqtt's order (protocol level -> CONNACK 1, credential flags -> 4, a persistent session
 without client id -> 2). A connection that sends bytes that are no valid CONNECT (garbage,
 a CONNECT never completed) counts as a failure in the brute-force guard; one that sends
@@ -30,7 +30,6 @@ from broker.mqtt import codec
 from broker.mqtt import props as properties
 from broker.mqtt.caps import SourceCaps
 from broker.mqtt.connection import MqttConnection, message_props
-from broker.mqtt.framing import PacketError
 from broker.mqtt.keeper import StateKeeper
 from broker.mqtt.session import ClientLimits, ConnectionInfo, KeySession, Will, session_expiry
 from broker.policy.addresses import source_of
@@ -97,7 +96,7 @@ class Admission:
                                peer_ip=info.peer_ip, listener=info.listener, reason=reason)
 
     def packet_violation(self, connection: MqttConnection, error: Exception) -> None:
-        """A packet that ended the connection (reported by its FramedReader)."""
+        """A packet that ended the connection (reported by its Framer)."""
         session, info = connection.session, connection.info
         if session is not None:
             self.audit.event("bad_packet", reason=str(error), **session.audit_fields())
@@ -149,24 +148,22 @@ class Admission:
             self.audit.event("ban", client_ip=info.client_ip, peer_ip=info.peer_ip,
                              listener=info.listener, reason=f"banned for {until - now:.0f}s")
 
-    async def read_connect(self, connection: MqttConnection) -> KeySession | None:
-        """Read and check the CONNECT packet; None when the connection is to end (refused
-        with a CONNACK, or invalid: audited)."""
-        info, reader = connection.info, connection.reader
-        assert reader is not None
-        try:
-            packet = await reader.packet()
-        except PacketError:
-            return None  # audited by the reader
-        if packet is None:
-            if connection.ended_by == "idle":
-                self._invalid(info, CONNECT_TIMEOUT)
-            elif connection.ended_by != EVICTED:  # audited when evicted
-                # closed before sending anything: not counted (port checks, probes)
-                logger.debug("connection from %s closed before CONNECT", info.peer_ip)
-            return None
+    def no_connect(self, connection: MqttConnection) -> None:
+        """A connection ended before its first packet was read whole."""
+        info = connection.info
+        if connection.ended_by == "idle":
+            self._invalid(info, CONNECT_TIMEOUT)
+        elif connection.ended_by is None:
+            # closed before sending anything: not counted (port checks, probes)
+            logger.debug("connection from %s closed before CONNECT", info.peer_ip)
+        # else audited already: evicted, or a packet the framer refused
+
+    def connect_packet(self, connection: MqttConnection, first: int,
+                       body: bytes) -> KeySession | None:
+        """Check the first packet, which must be a CONNECT; None when the connection is to
+        end (refused with a CONNACK, or invalid: audited)."""
+        info = connection.info
         self.caps.connect_read(source_of(info.client_ip), connection)
-        first, body = packet
         if first >> 4 != codec.CONNECT:  # MQTT-3.1.0-1
             self._invalid(info, f"packet type {first >> 4} before CONNECT", "bad_packet")
             return None

@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
-from amqtt.adapters import ReaderAdapter, WebSocketsReader, WriterAdapter
+import websockets
+from amqtt.adapters import ReaderAdapter, WriterAdapter
 from amqtt.broker import Broker, Server
 from amqtt.contexts import ListenerConfig
 from amqtt.mqtt.connack import CONNECTION_ACCEPTED, NOT_AUTHORIZED
@@ -30,15 +31,15 @@ from broker.core.counters import Buckets, FlowCounters, Traffic
 from broker.core.settings import Settings
 from broker.mqtt import codec, props
 from broker.mqtt.admission import Admission
-from broker.mqtt.connection import MqttConnection
+from broker.mqtt.connection import NO_INFO, MqttConnection
 from broker.mqtt.flow import FlowControl, SlowConsumerSweep
-from broker.mqtt.framing import FramedReader, PacketWatchdog
+from broker.mqtt.framing import Framer, PacketWatchdog
 from broker.mqtt.inbound import Inbound
 from broker.mqtt.keeper import StateKeeper
-from broker.mqtt.link import Link, StreamLink, WebSocketLink
+from broker.mqtt.link import WebSocketLink
 from broker.mqtt.listeners import ProxyGate, connection_info, start_listener
 from broker.mqtt.plugins import AccessKeyAuthPlugin
-from broker.mqtt.session import ConnectionInfo, KeySession
+from broker.mqtt.session import KeySession
 from broker.mqtt.sessions import SessionObserver, SessionRegistry
 from broker.policy.addresses import TrustedProxies
 from broker.policy.guard import BruteForceGuard
@@ -76,7 +77,7 @@ class KeyBroker(Broker):
         self._watchdog = PacketWatchdog()
         self._slow_sweep = SlowConsumerSweep(self.flow)
         self._bound: dict[str, Server] = {}
-        self._tasks: dict[MqttConnection, asyncio.Task[Any]] = {}
+        self._starting: set[asyncio.Task[None]] = set()  # CONNECTs being authenticated
         auth_plugins = [plugin for plugin in self.plugins_manager.plugins
                         if isinstance(plugin, BaseAuthPlugin)]
         only_ours = len(auth_plugins) == 1 and isinstance(auth_plugins[0], AccessKeyAuthPlugin)
@@ -92,8 +93,8 @@ class KeyBroker(Broker):
         try:
             for listener in self.settings.listeners:
                 bound[listener.name] = await start_listener(
-                    listener, self.settings, self._accept_stream, self._accept_websocket,
-                    self._gate)
+                    listener, self.settings, self._stream_connection,
+                    self._accept_websocket, self._gate)
         except BaseException:
             for server in bound.values():
                 await server.close_instance()
@@ -117,15 +118,23 @@ class KeyBroker(Broker):
         self.admission.stop()
         for server in self._servers.values():
             server.instance.close()  # no new connections while the others end
-        for connection in list(self.admission.connections):
+        connections = list(self.admission.connections)
+        for connection in connections:
             connection.link.abort()
-        tasks = [task for task in self._tasks.values() if task is not asyncio.current_task()]
-        if tasks:
-            _, late = await asyncio.wait(tasks, timeout=SHUTDOWN_WAIT)
+        if self._starting:  # CONNECTs being authenticated: their connections end after
+            _, late = await asyncio.wait(self._starting, timeout=SHUTDOWN_WAIT)
             for task in late:
                 task.cancel()
             if late:
                 await asyncio.wait(late, timeout=SHUTDOWN_WAIT)
+        # An aborted transport ends its connection in the loop's next pass; what is left
+        # after that (a WebSocket's task, say) is ended here.
+        deadline = asyncio.get_running_loop().time() + SHUTDOWN_WAIT
+        while any(not c.over for c in connections) and \
+                asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        for connection in connections:
+            connection.end_now()
         await super().shutdown()
 
     async def _cleanup_session(self, client_id: str) -> None:
@@ -179,55 +188,92 @@ class KeyBroker(Broker):
         with contextlib.suppress(Exception):
             await writer.close()
 
-    async def _accept_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                             listener_name: str, prefix: bytes = b"",
-                             proxied: str | None = None) -> None:
-        link = StreamLink(writer)
-        info = connection_info(listener_name, link.peer(), self._trusted, proxied=proxied)
-        await self._serve_client(reader, link, info, prefix)
+    def _stream_connection(self, listener_name: str, proxied: str | None) -> MqttConnection:
+        """The protocol of a new TCP or TLS connection (``proxied``: the client IP a
+        trusted proxy's PROXY header gave)."""
+        return MqttConnection(self, listener_name, proxied)
 
     async def _accept_websocket(self, websocket: ServerConnection, listener_name: str) -> None:
+        """One WebSocket connection: its messages are fed to the connection as a TCP
+        transport feeds it (MQTT over WebSocket may split or join packets across them)."""
         request = websocket.request
         forwarded = request.headers.get_all("X-Forwarded-For") if request is not None else []
-        link = WebSocketLink(websocket)
+        connection = MqttConnection(self, listener_name)
+        connection.link = link = WebSocketLink(websocket)
+        connection.reading = reading = WebSocketReading()
         info = connection_info(listener_name, link.peer(), self._trusted, forwarded=forwarded)
-        await self._serve_client(WebSocketsReader(websocket), link, info)
-
-    async def _serve_client(self, reader: ReaderAdapter | asyncio.StreamReader, link: Link,
-                            info: ConnectionInfo | None, prefix: bytes = b"") -> None:
-        if info is None or self.admission.admit(info) is not None:
+        if info is None:
             link.abort()
             return
-        connection = MqttConnection(self.inbound, self.router, link, info)
-        connection.reader = FramedReader(
-            reader, max_packet_size=self.settings.max_packet_size,
-            packet_timeout=self.settings.packet_timeout,
-            idle_limit=self.settings.connect_timeout, prefix=prefix,
+        connection.info = info
+        if not self.opened(connection):
+            link.abort()
+            return
+        try:
+            async for message in websocket:
+                if isinstance(message, str):  # MQTT travels in binary messages only
+                    break
+                connection.data_received(message)
+                if connection.over:
+                    break
+                if reading.paused:
+                    await reading.resumed(connection)
+        except (websockets.exceptions.ConnectionClosed, ConnectionError, OSError):
+            pass
+        finally:
+            connection.connection_lost(None)  # no half-closed WebSocket: this is its end
+            if connection.starting:  # the CONNECT's task ends it when done
+                await connection.closed()
+            await link.close()
+
+    def opened(self, connection: MqttConnection) -> bool:
+        """A new connection: admitted (counted, its framer watched), or False."""
+        info = connection.info
+        if info is NO_INFO:
+            found = connection_info(connection.listener, connection.link.peer(),
+                                    self._trusted, proxied=connection.proxied)
+            if found is None:
+                return False
+            connection.info = info = found
+        if self.admission.admit(info) is not None:
+            return False
+        settings = self.settings
+        connection.framer = Framer(
+            max_packet_size=settings.max_packet_size, packet_timeout=settings.packet_timeout,
+            idle_limit=settings.connect_timeout,
             on_violation=partial(self.admission.packet_violation, connection),
             on_expire=connection.expired)
         self.admission.opened(connection)
-        self._watchdog.readers.add(connection.reader)
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks[connection] = task
+        self._watchdog.framers.add(connection.framer)
+        return True
+
+    def connect_packet(self, connection: MqttConnection, first: int,
+                       body: bytes) -> KeySession | None:
+        return self.admission.connect_packet(connection, first, body)
+
+    def authenticate(self, connection: MqttConnection, incoming: KeySession) -> None:
+        task = asyncio.ensure_future(self._start_session(connection, incoming))
+        self._starting.add(task)
+        task.add_done_callback(self._starting.discard)
+
+    async def _start_session(self, connection: MqttConnection, incoming: KeySession) -> None:
+        session = None
         try:
-            session = await self.admission.read_connect(connection)
-            if session is not None:
-                await self._run_session(connection, session)
+            session = await self._take_session(connection, incoming)
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 - one client's bytes never kill the daemon
-            logger.exception("connection on %s ended with an internal error", info.listener)
+            logger.exception("connection on %s ended with an internal error",
+                             connection.listener)
+            connection.link.abort()
         finally:
-            self.admission.closed(connection)
-            self._watchdog.readers.discard(connection.reader)
-            self._tasks.pop(connection, None)
-            await link.close()
+            connection.started(session)
 
-    async def _run_session(self, connection: MqttConnection, incoming: KeySession) -> None:
-        """Authenticate first, then take over: a refused CONNECT never touches a session."""
-        link, reader = connection.link, connection.reader
-        assert reader is not None
+    async def _take_session(self, connection: MqttConnection,
+                            incoming: KeySession) -> KeySession | None:
+        """Authenticate first, then take over: a refused CONNECT never touches a session.
+        The session the connection serves, CONNACK written; None when refused (told so)."""
+        link = connection.link
         incoming.auth_started = asyncio.get_running_loop().time()
         accepted = await self._authenticate(incoming, ListenerConfig(bind=None))
         incoming.username = incoming.password = None  # the secret is not kept
@@ -250,11 +296,11 @@ class KeyBroker(Broker):
             self.admission.connack_sent(incoming.version, code)
             self.admission.refused(connection.info, incoming.client_id,
                                    refusal.key if refusal else None, *counted)
-            return
+            return None
         async with self.registry.connect_lock(incoming.client_id):
             session = await self.registry.take_over(incoming)
             session.link = link
-            self.registry.went_online(session)
+            self.registry.went_online(session, connection)
             if v5:
                 limits = session.limits
                 assert limits is not None
@@ -265,17 +311,25 @@ class KeyBroker(Broker):
             self.connack_latency.observe(loop.time() - incoming.auth_started)
             self.connects_accepted += 1
             self.admission.connack_sent(session.version, 0)
-            reader.idle_limit = session.keep_alive
-            reader.version = session.version
             self.router.resume(session)
+        return session
+
+    def ended(self, connection: MqttConnection) -> None:
+        """The connection is over: its session goes offline (its Will due, unless the
+        client said goodbye), and it is counted no more."""
+        session = connection.session
         try:
-            await connection.serve(session)
-        finally:
-            if session.link is link:  # not taken over meanwhile
+            if session is not None and session.link is connection.link:  # not taken over
                 will = session.will
                 if not connection.clean_exit and will is not None and not session.suppress_will:
                     self.registry.will_due(session, will, self.inbound.publish_will)
-                self.registry.went_offline(session)
+                self.registry.went_offline(session, connection)
+            elif not connection.connect_read:
+                self.admission.no_connect(connection)
+        finally:
+            self.admission.closed(connection)
+            if connection.framer is not None:
+                self._watchdog.framers.discard(connection.framer)
 
     async def _authenticate(self, session: Session, _: ListenerConfig) -> bool:
         """Our plugin is called directly when it is the only one (amqtt: a task per plugin
@@ -350,3 +404,30 @@ def connack5_code(reason: str, v3_code: int) -> int:
     if v3_code == 4:
         return props.BAD_USERNAME_OR_PASSWORD
     return props.NOT_AUTHORIZED
+
+
+class WebSocketReading:
+    """How a WebSocket connection stops reading: its task waits before the next message."""
+
+    __slots__ = ("paused", "_resumed")
+
+    def __init__(self) -> None:
+        self.paused = False
+        self._resumed: asyncio.Future[None] | None = None
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+        waiter, self._resumed = self._resumed, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def resumed(self, connection: MqttConnection) -> None:
+        """Until reading resumes or the connection is over."""
+        while self.paused and not connection.over:
+            if self._resumed is None:
+                self._resumed = asyncio.get_running_loop().create_future()
+            # looked at again now and then: the connection may end while paused
+            await asyncio.wait((self._resumed,), timeout=1.0)

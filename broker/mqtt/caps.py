@@ -39,9 +39,9 @@ EVICTED_PER_SOURCE = "evicted_per_source"  # to admit a connection at max_connec
 
 def idle_since(connection: MqttConnection) -> float:
     """Loop time of the last byte seen from a connection whose CONNECT is not read yet."""
-    reader = connection.reader
-    assert reader is not None
-    return reader.packet_started if reader.packet_started is not None else reader.last_packet
+    framer = connection.framer
+    assert framer is not None
+    return framer.packet_started if framer.packet_started is not None else framer.last_packet
 
 
 class SourceCaps:

@@ -1,28 +1,27 @@
 """Byte-level defences in front of packet parsing (docs: limits).
 
-``FramedReader`` reads one whole MQTT packet (fixed header + remaining length) before
-anything parses it, so that:
-  * a packet larger than ``max_packet_size`` closes the connection before its body is
-    buffered (amqtt would read any announced length up to 256 MiB);
+``Framer`` cuts whole MQTT packets (fixed header + remaining length) out of what a
+connection reads before anything parses them, so that:
+  * a packet larger than ``max_packet_size`` closes the connection as soon as its
+    length is read, before its body is kept (amqtt would read any announced length up
+    to 256 MiB);
   * a packet, once started, must complete within ``packet_timeout`` seconds, so a
     slowloris writer cannot hold a connection half-way through a packet forever (the
     wait *between* packets is bounded by the keep-alive, below). Rather than a timer
-    per packet, the reader records when its current packet started and
-    ``PacketWatchdog`` sweeps all open readers once a second;
+    per packet, the framer records when its current packet started and
+    ``PacketWatchdog`` sweeps all open framers once a second;
   * a remaining length longer than 4 bytes is rejected at once;
   * a connection silent for longer than its limit (the CONNECT timeout, then 1.5 x
     the keep-alive) is ended by the same sweep.
 
 ``read_proxy_header`` reads an optional PROXY protocol v1/v2 header at the start of a
-TCP connection (haproxy's proxy-protocol.txt) and returns what follows it.
+TCP connection (haproxy's proxy-protocol.txt), and nothing that follows it.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-
-from amqtt.adapters import ReaderAdapter
 
 from broker.core.clientip import (
     PROXY_V1_MAX,
@@ -46,58 +45,131 @@ class PacketError(Exception):
         self.reason = reason
 
 
-class FramedReader:
-    """Whole packets from a connection's byte stream, as (first byte, body)."""
+class Framer:
+    """Whole packets out of a connection's bytes as they arrive, as (first byte, body).
 
-    __slots__ = ("_read", "_prefix", "_max", "_timeout", "_on_violation", "_on_expire",
-                 "idle_limit", "last_packet", "packet_started", "held_back", "version")
+    ``feed`` takes what the transport read; ``next`` returns the next whole packet (its
+    size, strings and flags checked) or None until more bytes come. Nothing is copied
+    for packets that arrive whole: the chunk read is kept as it is and each body is one
+    slice of it. Only the bytes of an incomplete packet stay between reads."""
+
+    __slots__ = ("_data", "_pos", "_more", "_more_bytes", "_need", "_max", "_timeout",
+                 "_on_violation", "_on_expire", "idle_limit", "last_packet",
+                 "packet_started", "held_back", "version")
 
     def __init__(
         self,
-        inner: ReaderAdapter | asyncio.StreamReader,
         *,
         max_packet_size: int,
         packet_timeout: float,
         idle_limit: float = 0.0,
-        prefix: bytes = b"",
         on_violation: Callable[[PacketError], None] | None = None,
         on_expire: Callable[[str], None] | None = None,
     ) -> None:
-        # Read exactly n bytes (fewer at the end of the stream). A TCP stream is read
-        # directly: no adapter object, and no extra coroutine frame held while idle.
-        self._read: Callable[[int], Awaitable[bytes]] = (
-            inner.readexactly if isinstance(inner, asyncio.StreamReader) else inner.read)
-        self._prefix = prefix
+        self._data = b""  # read and not consumed from _pos on
+        self._pos = 0
+        # Chunks of a large packet still incomplete, joined once it is whole (None: none).
+        self._more: list[bytes] | None = None
+        self._more_bytes = 0
+        self._need = 0  # bytes from _pos the packet in progress needs (0: not known yet)
         self._max = max_packet_size
         self._timeout = packet_timeout
         self._on_violation = on_violation
         self._on_expire = on_expire
-        # Seconds without a packet after which the watchdog ends the connection (the
+        # Seconds without a byte after which the watchdog ends the connection (the
         # CONNECT timeout at first, then the keep-alive; 0 = no limit).
         self.idle_limit = idle_limit
         self.last_packet = asyncio.get_running_loop().time()
-        self.packet_started: float | None = None  # loop time of the current packet's 1st byte
+        self.packet_started: float | None = None  # loop time an incomplete packet was seen
         self.held_back = False  # not read by the broker's choice (backpressure): not idle
         self.version = 4  # the connection's protocol level, once its CONNECT is accepted
 
-    async def packet(self) -> tuple[int, bytes] | None:
-        """The next whole packet, or None at the end of the stream. Raises PacketError
+    def feed(self, data: bytes) -> None:
+        """Bytes read from the connection, in order."""
+        self.last_packet = asyncio.get_running_loop().time()
+        if self._pos >= len(self._data):  # nothing pending: keep the chunk as it is
+            self._data, self._pos = data, 0
+            return
+        if self._need:
+            have = len(self._data) - self._pos + self._more_bytes + len(data)
+            if have < self._need:  # still incomplete: joined once, when whole
+                if self._more is None:
+                    self._more = []
+                self._more.append(data)
+                self._more_bytes += len(data)
+                return
+        more = b"".join(self._more) if self._more else b""
+        self._data = self._data[self._pos:] + more + data
+        self._pos, self._more, self._more_bytes = 0, None, 0
+
+    @property
+    def pending(self) -> int:
+        """Bytes read that no packet returned yet holds."""
+        return len(self._data) - self._pos + self._more_bytes
+
+    def next(self) -> tuple[int, bytes] | None:
+        """The next whole packet, or None until more bytes are fed. Raises PacketError
         (after reporting it to ``on_violation``) for a packet that closes the connection."""
-        first = await self._raw(1)  # idle wait: bounded by the keep-alive (watchdog)
-        if not first:
+        data, pos = self._data, self._pos
+        size = len(data)
+        if self._more is not None or pos + 2 > size:
+            self._incomplete(data, pos, size)
             return None
-        loop_time = asyncio.get_running_loop().time
-        self.packet_started = loop_time()
-        try:
-            packet = await self._rest_of_packet(first[0])
-        finally:
-            self.packet_started = None
-        self.last_packet = loop_time()
-        return packet
+        length = data[pos + 1]
+        start = pos + 2
+        if length >= 0x80:
+            length &= 0x7F
+            shift = 7
+            while True:
+                if start >= size:
+                    self._incomplete(data, pos, size)
+                    return None
+                byte = data[start]
+                start += 1
+                length |= (byte & 0x7F) << shift
+                if byte < 0x80:
+                    break
+                shift += 7
+                if shift == 28:
+                    self._violation(PacketError("malformed_length",
+                                                "remaining length over 4 bytes"))
+        total = start - pos + length
+        if total > self._max:
+            self._violation(PacketError("packet_too_large", f"{total} bytes, limit {self._max}"))
+        end = start + length
+        if end > size:
+            self._need = total
+            self._incomplete(data, pos, size)
+            return None
+        first = data[pos]
+        body = data[start:end]
+        if end == size:
+            self._data, self._pos = b"", 0  # the chunk is not kept past its packets
+        else:
+            self._pos = end
+        self._need = 0
+        self.packet_started = None
+        problem = packet_problem(first, body, self.version)
+        if problem is not None:
+            self._violation(PacketError("malformed_packet", problem))
+        return first, body
+
+    def _incomplete(self, data: bytes, pos: int, size: int) -> None:
+        """No whole packet left: keep only the bytes of the one in progress."""
+        if pos >= size:
+            self._data, self._pos = b"", 0
+            return
+        if pos:
+            self._data, self._pos = data[pos:], 0
+        if self.packet_started is None:
+            self.packet_started = asyncio.get_running_loop().time()
 
     def expire(self, now: float) -> str | None:
         """Called by the watchdog: the reason to end this connection now, if any (reported
-        to ``on_expire``, which closes the connection)."""
+        to ``on_expire``, which closes the connection). Neither limit runs while the
+        broker itself does not read the connection (``held_back``)."""
+        if self.held_back:
+            return None
         started = self.packet_started
         if started is not None:
             if now - started <= self._timeout:
@@ -105,7 +177,7 @@ class FramedReader:
             self.packet_started = None
             reason = "slow_packet"
             self._report(PacketError(reason, f"not completed in {self._timeout:g}s"))
-        elif self.idle_limit and not self.held_back and now - self.last_packet > self.idle_limit:
+        elif self.idle_limit and now - self.last_packet > self.idle_limit:
             reason = "idle"
         else:
             return None
@@ -113,43 +185,14 @@ class FramedReader:
             self._on_expire(reason)
         return reason
 
-    async def _raw(self, n: int) -> bytes:
-        head = b""
-        if self._prefix:
-            head, self._prefix = self._prefix[:n], self._prefix[n:]
-            if len(head) == n:
-                return head
-            n -= len(head)
-        try:
-            data = await self._read(n)
-        except asyncio.IncompleteReadError as exc:
-            data = exc.partial
-        except (ConnectionError, OSError):
-            data = b""
-        return head + data if head else data
-
-    async def _rest_of_packet(self, first: int) -> tuple[int, bytes] | None:
-        length = 0
-        for shift in (0, 7, 14, 21):
-            byte = await self._raw(1)
-            if not byte:
-                return None
-            length |= (byte[0] & 0x7F) << shift
-            if byte[0] < 0x80:
-                break
-        else:
-            self._violation(PacketError("malformed_length", "remaining length over 4 bytes"))
-        total = 1 + (shift // 7 + 1) + length
-        if total > self._max:
-            self._violation(PacketError("packet_too_large",
-                                        f"{total} bytes, limit {self._max}"))
-        body = await self._raw(length) if length else b""
-        if len(body) < length:
-            return None
-        problem = packet_problem(first, body, self.version)
-        if problem is not None:
-            self._violation(PacketError("malformed_packet", problem))
-        return first, body
+    def reading_again(self) -> None:
+        """The broker reads the connection again after holding it back: the limits start
+        over (the client was not the one waiting)."""
+        now = asyncio.get_running_loop().time()
+        self.held_back = False
+        self.last_packet = now
+        if self.packet_started is not None:
+            self.packet_started = now
 
     def _report(self, error: PacketError) -> None:
         if self._on_violation is not None:
@@ -216,33 +259,35 @@ def packet_problem(first: int, body: bytes, version: int = 4) -> str | None:
 
 
 class PacketWatchdog(Periodic):
-    """One sweep a second over the open FramedReaders (instead of a timer per packet and
-    per connection): ends packets that take too long and connections silent too long."""
+    """One sweep a second over the open connections' Framers (instead of a timer per
+    packet and per connection): ends packets that take too long and connections silent
+    too long."""
 
     name = "keybroker-packet-watchdog"
 
     def __init__(self, interval: float = 1.0) -> None:
         super().__init__(interval)
-        self.readers: set[FramedReader] = set()
+        self.framers: set[Framer] = set()
 
     async def tick(self) -> None:
         now = asyncio.get_running_loop().time()
-        for reader in list(self.readers):
-            reader.expire(now)
+        for framer in list(self.framers):
+            framer.expire(now)
 
 
 async def read_proxy_header(
+    peek: Callable[[], Awaitable[bytes]],
     read: Callable[[int], Awaitable[bytes]],
-) -> tuple[ProxyInfo | None, bool, bytes]:
-    """Read a PROXY header if the stream starts with one.
+) -> tuple[ProxyInfo | None, bool]:
+    """Read a PROXY header if the stream starts with one, and not one byte more.
 
-    Returns (info, had_header, leftover): ``info`` is None for LOCAL/UNKNOWN headers or
-    when there is no header; ``leftover`` holds bytes read that belong to MQTT.
-    ``read(n)`` must return exactly n bytes or fewer at EOF.
+    Returns (info, had_header): ``info`` is None for LOCAL/UNKNOWN headers or when there
+    is no header. ``peek()`` returns the stream's first byte without consuming it (b"" at
+    its end); ``read(n)`` consumes exactly n bytes, or fewer at its end.
     """
-    first: bytes = await read(1)
+    first = await peek()
     if first == b"P":
-        line = bytearray(first)
+        line = bytearray()
         while not line.endswith(b"\r\n"):
             if len(line) >= PROXY_V1_MAX:
                 raise ValidationError("invalid PROXY v1 header: no CRLF within 107 bytes")
@@ -250,12 +295,12 @@ async def read_proxy_header(
             if not byte:
                 raise ValidationError("invalid PROXY v1 header: truncated")
             line += byte
-        return parse_proxy_v1(bytes(line)), True, b""
+        return parse_proxy_v1(bytes(line)), True
     if first == PROXY_V2_SIGNATURE[:1]:
-        head = first + await read(15)
+        head = await read(16)
         if not head.startswith(PROXY_V2_SIGNATURE):
             raise ValidationError("invalid PROXY v2 header: bad signature")
         total = proxy_v2_length(head)
         rest: bytes = await read(total - len(head))
-        return parse_proxy_v2(head + rest), True, b""
-    return None, False, first
+        return parse_proxy_v2(head + rest), True
+    return None, False

@@ -5,7 +5,8 @@ subscribers' packets being handed to their connections), so every link offers a
 synchronous ``write`` and reports how many bytes it holds that the peer has not taken
 yet (``buffered``): that is what the per-session byte budget bounds, on every transport.
 
-* ``StreamLink``: an asyncio transport (TCP, TLS): ``write`` is ``transport.write``.
+* ``TransportLink``: an asyncio transport (TCP, TLS): ``write`` collects, and one
+  ``transport.write`` per pass of the event loop sends.
 * ``WebSocketLink``: packets are collected and sent by one short-lived task per burst
   (started on demand, so an idle connection has none), coalesced into one binary frame
   (MQTT over WebSocket may split or join packets across frames). Bytes waiting there
@@ -58,12 +59,22 @@ class Link:
         """Close after sending what is buffered (aborting if the peer takes nothing)."""
         raise NotImplementedError
 
+    def shut(self) -> None:
+        """``close`` without waiting for it."""
+        spawn(self.close())
+
     def end(self, packet: bytes) -> None:
         """Write a last packet (an MQTT 5 DISCONNECT saying why) and close: nothing more
         is read, what is buffered goes out, and a peer that takes nothing is aborted
         after CLOSE_GRACE."""
         self.write(packet)
-        spawn(self.close())
+        self.shut()
+
+    def writing_paused(self) -> None:
+        """The transport holds more than its high-water mark (Protocol.pause_writing)."""
+
+    def writing_resumed(self) -> None:
+        """It has drained below its low-water mark (or is gone)."""
 
     async def writable(self, limit: int = LOW_WATER) -> None:
         """Return once at most ``limit`` bytes are waiting (or the link is closing)."""
@@ -73,18 +84,21 @@ class Link:
         raise NotImplementedError
 
 
-class StreamLink(Link):
-    """Packets written in one pass of the event loop leave together: ``write`` collects
-    them and one ``transport.write`` (one send) at the end of the pass takes them all,
-    instead of a system call per packet (a busy subscriber gets hundreds a pass)."""
+class TransportLink(Link):
+    """An asyncio transport's sending side. Packets written in one pass of the event loop
+    leave together: ``write`` collects them and one ``transport.write`` (one send) at the
+    end of the pass takes them all, instead of a system call per packet (a busy
+    subscriber gets hundreds a pass). The connection (the transport's protocol) reports
+    when the transport's buffer passes its high-water mark and drains again."""
 
-    __slots__ = ("writer", "transport", "_batch", "_batch_bytes")
+    __slots__ = ("transport", "_batch", "_batch_bytes", "_write_paused", "_drained")
 
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self.writer = writer
-        self.transport: Any = writer.transport
+    def __init__(self, transport: asyncio.WriteTransport) -> None:
+        self.transport: Any = transport
         self._batch: list[bytes] | None = None  # written in this pass, not yet sent
         self._batch_bytes = 0
+        self._write_paused = False  # over the transport's high-water mark
+        self._drained: asyncio.Future[None] | None = None  # someone waits for it to drain
 
     def write(self, data: bytes) -> None:
         batch = self._batch
@@ -118,8 +132,12 @@ class StreamLink(Link):
     def abort(self) -> None:
         self._batch, self._batch_bytes = None, 0
         self.transport.abort()
+        self.writing_resumed()
 
     async def close(self) -> None:
+        self.shut()
+
+    def shut(self) -> None:
         transport = self.transport
         if transport.is_closing():
             return
@@ -129,14 +147,24 @@ class StreamLink(Link):
             # ... unless the peer is not reading: then it gets nothing more.
             asyncio.get_running_loop().call_later(CLOSE_GRACE, transport.abort)
 
+    def writing_paused(self) -> None:
+        self._write_paused = True
+
+    def writing_resumed(self) -> None:
+        self._write_paused = False
+        waiter, self._drained = self._drained, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
     async def writable(self, limit: int = LOW_WATER) -> None:
         while not self.transport.is_closing() and self.buffered() > limit:
-            before = self.buffered()
-            try:
-                await self.writer.drain()  # returns below the transport's own low-water mark
-            except (ConnectionError, OSError):
-                return
-            if self.buffered() >= before:
+            if self._write_paused:
+                if self._drained is None:
+                    self._drained = asyncio.get_running_loop().create_future()
+                # below the transport's own low-water mark (shielded: one waiter cancelled
+                # does not cancel the others' wait)
+                await asyncio.shield(self._drained)
+            else:
                 await asyncio.sleep(0.005)  # under that mark but above ours: poll
 
     def peer(self) -> tuple[str, int] | None:
@@ -147,7 +175,8 @@ class StreamLink(Link):
 
 
 class WebSocketLink(Link):
-    __slots__ = ("websocket", "_chunks", "_pending", "_sending", "_closed", "_closing")
+    __slots__ = ("websocket", "_chunks", "_pending", "_sending", "_closed", "_closing",
+                 "_closer")
 
     def __init__(self, websocket: ServerConnection) -> None:
         self.websocket = websocket
@@ -156,6 +185,7 @@ class WebSocketLink(Link):
         self._sending = False
         self._closed = False  # nothing more is sent
         self._closing = False  # nothing more is accepted; what was written is still sent
+        self._closer: asyncio.Task[None] | None = None  # closes it (see close)
 
     def write(self, data: bytes) -> None:
         if self._closing or self._closed:
@@ -197,9 +227,18 @@ class WebSocketLink(Link):
         if transport is not None:
             transport.abort()
 
+    def shut(self) -> None:
+        if self._closer is None:
+            self._closer = asyncio.ensure_future(self._close())
+
     async def close(self) -> None:
         # The WebSocket server closes the connection when its handler returns, so this is
         # awaited by the handler: what was written goes out first.
+        self.shut()
+        assert self._closer is not None
+        await asyncio.shield(self._closer)
+
+    async def _close(self) -> None:
         if self._closing:
             return
         self._closing = True

@@ -10,6 +10,7 @@ TCP peer, except from a trusted proxy: then the PROXY header (TCP/TLS listeners 
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -29,40 +30,37 @@ from broker.mqtt.session import ConnectionInfo
 from broker.policy.addresses import TrustedProxies, normalize_ip
 from keystore.errors import ValidationError
 
-StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, str, bytes,
-                          str | None], Awaitable[None]]
+logger = logging.getLogger(__name__)
+
+ProtocolFactory = Callable[[str, "str | None"], asyncio.Protocol]
 WebSocketHandler = Callable[..., Awaitable[None]]
 
 
-async def start_listener(listener: Listener, settings: Settings, on_stream: StreamHandler,
+async def start_listener(listener: Listener, settings: Settings, factory: ProtocolFactory,
                          on_websocket: WebSocketHandler, gate: ProxyGate) -> Server:
     """Bind and serve one listener. A port in use (1883 often is, by a local mosquitto),
-    an unknown host or a bad certificate is a KeybrokerError naming the listener."""
+    an unknown host or a bad certificate is a KeybrokerError naming the listener.
+    ``factory(listener name, client IP from a PROXY header or None)`` makes the protocol
+    of each TCP or TLS connection."""
     try:
-        return await _start(listener, settings, on_stream, on_websocket, gate)
+        return await _start(listener, settings, factory, on_websocket, gate)
     except OSError as exc:
         raise bind_error(f"listener {listener.name!r}", listener.host, listener.port,
                          exc) from None
 
 
-async def _start(listener: Listener, settings: Settings, on_stream: StreamHandler,
+async def _start(listener: Listener, settings: Settings, factory: ProtocolFactory,
                  on_websocket: WebSocketHandler, gate: ProxyGate) -> Server:
     context = ssl_context(listener.certfile, listener.keyfile) if listener.tls else None
+    loop = asyncio.get_running_loop()
     if listener.type == "tcp":
         if listener.proxy_protocol:
-            # The PROXY header precedes the TLS handshake: TLS starts after reading it.
-            async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-                accepted = await gate.accept(reader, writer, listener.name, context)
-                if accepted is not None:
-                    prefix, client_ip = accepted
-                    await on_stream(reader, writer, listener.name, prefix, client_ip)
-
-            handler: Any = accept
+            # The PROXY header precedes the TLS handshake: read from the socket first.
+            instance: Any = await ProxyListener.start(listener, factory, context, gate)
         else:
-            handler = partial(_plain, on_stream, listener.name)
-        instance: Any = await asyncio.start_server(
-            handler, ssl=None if listener.proxy_protocol else context,
-            **_where(listener.host, listener.port))
+            instance = await loop.create_server(partial(factory, listener.name, None),
+                                                ssl=context,
+                                                **_where(listener.host, listener.port))
     else:
         instance = await websockets.serve(
             partial(on_websocket, listener_name=listener.name),
@@ -88,9 +86,92 @@ def _where(host: str, port: int) -> dict[str, Any]:
     return {"sock": sock}
 
 
-async def _plain(on_stream: StreamHandler, listener_name: str, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter) -> None:
-    await on_stream(reader, writer, listener_name, b"", None)
+class ProxyListener:
+    """A TCP listener whose connections start with a PROXY protocol header: each accepted
+    socket's header is read from the socket itself, exactly (so that not one byte of the
+    TLS handshake or MQTT that follows is taken), then the socket is handed to asyncio
+    (``connect_accepted_socket``, with TLS when the listener has it)."""
+
+    def __init__(self, sockets: list[socket.socket], factory: ProtocolFactory,
+                 listener_name: str, context: ssl.SSLContext | None, gate: ProxyGate) -> None:
+        self.sockets = sockets
+        self._factory = factory
+        self._name = listener_name
+        self._context = context
+        self._gate = gate
+        self._accepting: list[asyncio.Task[None]] = []
+        self._handshakes: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    async def start(cls, listener: Listener, factory: ProtocolFactory,
+                    context: ssl.SSLContext | None, gate: ProxyGate) -> ProxyListener:
+        where = _where(listener.host, listener.port)
+        if "sock" in where:
+            sockets = [where["sock"]]
+        else:
+            loop = asyncio.get_running_loop()
+            infos = await loop.getaddrinfo(listener.host, listener.port,
+                                           type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            sockets = []
+            try:
+                for family, kind, proto, _, address in dict.fromkeys(
+                        (i[0], i[1], i[2], None, i[4]) for i in infos):
+                    sock = socket.socket(family, kind, proto)
+                    sockets.append(sock)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    if family == socket.AF_INET6:
+                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    sock.bind(address)
+            except OSError:
+                for sock in sockets:
+                    sock.close()
+                raise
+        server = cls(sockets, factory, listener.name, context, gate)
+        for sock in sockets:
+            sock.listen(1024)
+            sock.setblocking(False)
+            server._accepting.append(asyncio.ensure_future(server._accept(sock)))
+        return server
+
+    async def _accept(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except OSError as exc:  # EMFILE and the like: the listener carries on
+                logger.warning("listener %r: accept failed: %s", self._name, exc)
+                await asyncio.sleep(0.1)
+                continue
+            task = asyncio.ensure_future(self._handshake(conn))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    async def _handshake(self, conn: socket.socket) -> None:
+        conn.setblocking(False)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        accepted, client_ip = await self._gate.accept(conn, self._name)
+        if not accepted:
+            conn.close()
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(partial(self._factory, self._name, client_ip),
+                                               conn, ssl=self._context)
+        except (ssl.SSLError, ConnectionError, OSError, TimeoutError):
+            conn.close()
+
+    def close(self) -> None:
+        for task in self._accepting:
+            task.cancel()
+        for task in list(self._handshakes):
+            task.cancel()
+        for sock in self.sockets:
+            sock.close()
+
+    async def wait_closed(self) -> None:
+        tasks = [*self._accepting, *self._handshakes]
+        if tasks:
+            await asyncio.wait(tasks)
 
 
 class ProxyGate:
@@ -101,28 +182,42 @@ class ProxyGate:
         self.settings = settings
         self.audit = audit
 
-    async def accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     listener_name: str, context: ssl.SSLContext | None,
-                     ) -> tuple[bytes, str | None] | None:
-        """(bytes read past the header, client IP from it) or None = connection refused.
+    async def accept(self, conn: socket.socket, listener_name: str,
+                     ) -> tuple[bool, str | None]:
+        """(accepted, the client IP the header gives: None when it sent none, or a LOCAL
+        or UNKNOWN one); a connection not accepted is audited and closed.
 
         Only trusted proxies may send one (else it could spoof the client IP), and a
         trusted proxy must send one (else every client would look like the proxy)."""
-        peer = writer.get_extra_info("peername")
+        try:
+            peer = conn.getpeername()
+        except OSError:
+            return False, None
         peer_ip = normalize_ip(str(peer[0])) if peer else None
         trusted = peer_ip is not None and self.trusted.contains(peer_ip)
+        loop = asyncio.get_running_loop()
+
+        async def peek() -> bytes:
+            while True:
+                try:
+                    return conn.recv(1, socket.MSG_PEEK)
+                except (BlockingIOError, InterruptedError):
+                    await _readable(loop, conn)
 
         async def read(n: int) -> bytes:
-            try:
-                return await reader.readexactly(n)
-            except asyncio.IncompleteReadError as exc:
-                return exc.partial
+            data = b""
+            while len(data) < n:
+                chunk = await loop.sock_recv(conn, n - len(data))
+                if not chunk:
+                    break
+                data += chunk
+            return data
 
         reason = None
         try:
             async with asyncio.timeout(self.settings.connect_timeout):
-                info, had_header, leftover = await read_proxy_header(read)
-        except (ValidationError, TimeoutError, ConnectionError) as exc:
+                info, had_header = await read_proxy_header(peek, read)
+        except (ValidationError, TimeoutError, ConnectionError, OSError) as exc:
             reason = f"bad_proxy_header: {exc}" if not isinstance(exc, TimeoutError) else (
                 "proxy_header_timeout")
         else:
@@ -133,16 +228,23 @@ class ProxyGate:
         if reason is not None:
             self.audit.from_source("connect_invalid", peer_ip=peer_ip, client_ip=peer_ip,
                                    listener=listener_name, reason=reason)
-            writer.transport.abort()
-            return None
-        client_ip = normalize_ip(info.src_ip) if info is not None else None
-        if context is not None:
-            try:
-                await writer.start_tls(context)
-            except (ssl.SSLError, ConnectionError, OSError):
-                writer.transport.abort()
-                return None
-        return leftover, client_ip
+            return False, None
+        return True, normalize_ip(info.src_ip) if info is not None else None
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
+    """Until ``conn`` has something to read (or is at its end)."""
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(conn.fileno(), wake)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(conn.fileno())
 
 
 def connection_info(listener_name: str, peer: tuple[str, int] | None,

@@ -32,7 +32,7 @@ from broker.topics.mounts import mount_of
 
 logger = logging.getLogger(__name__)
 
-TAKE_OVER_WAIT = 2.0  # seconds an old connection gets to end before its task is cancelled
+TAKE_OVER_WAIT = 2.0  # seconds an old connection gets to end before it is ended by force
 
 
 # A device's entry in Rechecks (a key id never holds a NUL).
@@ -45,6 +45,16 @@ KICK_TEXT = {"slow_consumer": "slow consumer", "operator_kick": "disconnected by
              "key_expired": "key expired", "ip_denied": "address no longer allowed",
              "device_deleted": "device deleted", "app_deleted": "application deleted",
              "taken_over": "session taken over"}
+
+
+class LiveConnection(Protocol):
+    """A session's connection as the registry sees it (broker.mqtt.connection)."""
+
+    def closed(self) -> asyncio.Future[None]:
+        """Done once the connection is over."""
+
+    def end_now(self) -> None:
+        """Drop it and end it at once."""
 
 
 class SessionObserver(Protocol):
@@ -89,7 +99,7 @@ class SessionRegistry:
         self.observers = tuple(observers)
         self.rechecks = Rechecks()
         self.by_key: dict[str, set[str]] = {}  # key -> client ids it authenticated
-        self.tasks: dict[str, asyncio.Task[object]] = {}  # client id -> its connection task
+        self.live: dict[str, LiveConnection] = {}  # client id -> its connection
         self._connect_locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self.kicks: dict[str, int] = {}  # by cause (broker.services.metrics.KICK_CAUSES)
         # (expires at, serial, client id, grant) of live sessions whose key expires;
@@ -128,7 +138,7 @@ class SessionRegistry:
     async def take_over(self, incoming: KeySession) -> KeySession:
         """End a live connection with the same client id, then pick the session to use:
         the stored persistent session (resumed under the new connection's credentials and
-        grant) or ``incoming``. The old connection's task has ended (or was cancelled)
+        grant) or ``incoming``. The old connection has ended (or was ended by force)
         before this returns, so it can never mark the returned session offline later."""
         client_id = incoming.client_id
         existing = self.sessions.get(client_id)
@@ -162,22 +172,20 @@ class SessionRegistry:
         return session
 
     async def _wait_ended(self, client_id: str) -> None:
-        task = self.tasks.get(client_id)
-        if task is None or task is asyncio.current_task():
+        connection = self.live.get(client_id)
+        if connection is None:
             return
-        done, _ = await asyncio.wait({task}, timeout=TAKE_OVER_WAIT)
-        if not done:  # stuck somewhere: end it
-            task.cancel()
-            await asyncio.wait({task}, timeout=TAKE_OVER_WAIT)
+        try:
+            await asyncio.wait_for(asyncio.shield(connection.closed()), TAKE_OVER_WAIT)
+        except TimeoutError:  # its peer takes nothing (not even the close): end it now
+            connection.end_now()
 
-    def went_online(self, session: KeySession) -> None:
+    def went_online(self, session: KeySession, connection: LiveConnection) -> None:
         client_id = session.client_id
         self.sessions[client_id] = session
         if session.journal is not None:
             session.journal.saved(session)
-        task = asyncio.current_task()
-        if task is not None:
-            self.tasks[client_id] = task
+        self.live[client_id] = connection
         grant = session.grant
         if grant is not None:
             self.by_key.setdefault(grant.key.key, set()).add(client_id)
@@ -186,12 +194,12 @@ class SessionRegistry:
             for observer in self.observers:
                 observer.session_started(client_id, grant)
 
-    def went_offline(self, session: KeySession) -> None:
+    def went_offline(self, session: KeySession, connection: LiveConnection) -> None:
         """The session's connection ended: a clean session is forgotten, a persistent one
         is kept (until it expires) with its subscriptions and queued messages."""
         client_id = session.client_id
-        if self.tasks.get(client_id) is asyncio.current_task():
-            del self.tasks[client_id]
+        if self.live.get(client_id) is connection:
+            del self.live[client_id]
         session.link = None
         self.router.flow.release(session)  # offline sessions make nobody wait
         session.disconnected_at = time.time()

@@ -86,26 +86,6 @@ def test_amqtt_server_wrapper_keeps_the_instance() -> None:
     assert "self.instance = server_instance" in inspect.getsource(Server.__init__)
 
 
-def test_amqtt_websockets_reader_reads_exactly_across_messages() -> None:
-    """FramedReader reads a WebSocket through amqtt's WebSocketsReader: read(n) returns n
-    bytes however the client split them into messages, fewer at the end of the stream.
-    (A TCP stream is read with asyncio's StreamReader.readexactly, directly.)"""
-    from amqtt.adapters import WebSocketsReader
-
-    class Messages:
-        def __init__(self, *messages: bytes) -> None:
-            self.messages = list(messages)
-
-        async def recv(self) -> bytes | None:
-            return self.messages.pop(0) if self.messages else None
-
-    async def go() -> tuple[bytes, bytes, bytes]:
-        reader = WebSocketsReader(Messages(b"a", b"bc", b"d"))  # type: ignore[arg-type]
-        return await reader.read(2), await reader.read(1), await reader.read(5)
-
-    assert asyncio.run(go()) == (b"ab", b"c", b"d")
-
-
 def test_amqtt_external_listener_path_is_refused(broker: RunningBroker) -> None:
     from amqtt.adapters import BufferWriter
 

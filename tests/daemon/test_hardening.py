@@ -369,3 +369,40 @@ def test_listening_on_double_colon_accepts_ipv4_and_ipv6(daemon_with: StartDaemo
             sock.connect((host, port))
             sock.sendall(raw.connect("dev-a", key.key, secret))
             assert sock.recv(4) == bytes([0x20, 2, 0, 0]), host
+
+
+# --- the end of a client's stream ---------------------------------------------------------
+
+def test_a_client_that_half_closes_after_a_burst_has_every_message_delivered(
+        daemon: RunningBroker) -> None:
+    """200 QoS 1 PUBLISHes and the end of the client's stream in one write: the broker
+    holds most of them back (the subscriber's queue is bounded at 50), and still handles
+    every one, acknowledges each and only then closes."""
+    daemon.ks("add_device", "sink")
+    daemon.ks("add_device", "burst")
+    sink_key, sink_secret = daemon.ks("create_key", device_ids=["sink", "burst"])
+    key, secret = daemon.ks("create_key", device_ids=["burst"])
+    with Client(daemon.port(), "sink", sink_key.key, sink_secret) as sink:
+        assert sink.connect() == 0
+        assert sink.subscribe("losant/burst/state", 1) == 1
+        sock, _ = raw.session(daemon.port(), "burst", key.key, secret)
+        with sock:
+            burst = b"".join(raw.publish_qos("losant/burst/state", b"%03d" % i, 1, i + 1)
+                             for i in range(200))
+            sock.sendall(burst)
+            sock.shutdown(socket.SHUT_WR)
+            acked = []
+            while True:
+                try:
+                    packet = raw.read_packet(sock, timeout=10)
+                except ConnectionError:
+                    break  # closed by the broker, after the last PUBACK
+                assert packet is not None and packet.kind == 4, packet
+                acked.append(packet.packet_id)
+        assert acked == list(range(1, 201))
+        payloads = []
+        while (message := sink.get(timeout=5)) is not None:
+            payloads.append(message.payload)
+            if len(payloads) == 200:
+                break
+    assert payloads == [b"%03d" % i for i in range(200)]

@@ -18,6 +18,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from broker.core.settings import Listener
+from tests.support import mqtt_raw as raw
 from tests.support.harness import Client, RunningBroker, StartDaemon
 from tests.support.tls import server_certificate
 
@@ -95,6 +96,50 @@ def test_tls_listeners(daemon_with: StartDaemon, certificate: tuple[str, str, st
         client.publish("losant/dev-a/command", b"tls")
         msg = client.get()
         assert msg is not None and msg.payload == b"tls"
+
+
+def test_a_proxy_header_and_the_tls_client_hello_in_one_segment(
+        daemon_with: StartDaemon, certificate: tuple[str, str, str]) -> None:
+    """A load balancer's PROXY header and the client's TLS ClientHello arrive together: the
+    header is read to its last byte, and the TLS handshake starts with the next one."""
+    ca, cert, keyfile = certificate
+    listener = Listener(name="secure", type="tcp", host="127.0.0.1", port=0, certfile=cert,
+                        keyfile=keyfile, proxy_protocol=True)
+    daemon = daemon_with(listeners=(listener,), trusted_proxies=("127.0.0.0/8",))
+    daemon.ks("add_device", "dev-a")
+    key, secret = daemon.ks("create_key", device_ids=["dev-a"], address_mode="only",
+                            addresses=["203.0.113.0/24"])  # only through the header's address
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ssl.create_default_context(cafile=ca).wrap_bio(incoming, outgoing,
+                                                         server_hostname="127.0.0.1")
+    with raw.open_socket(daemon.port("secure")) as sock:
+        with pytest.raises(ssl.SSLWantReadError):
+            tls.do_handshake()
+        sock.sendall(b"PROXY TCP4 203.0.113.9 127.0.0.1 40000 8883\r\n" + outgoing.read())
+
+        def pump() -> None:
+            if pending := outgoing.read():
+                sock.sendall(pending)
+            data = sock.recv(65536)
+            assert data, "closed by the broker"
+            incoming.write(data)
+
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                pump()
+        tls.write(raw.connect("dev-a", key.key, secret))
+        sock.sendall(outgoing.read())
+        connack = b""
+        while len(connack) < 4:
+            try:
+                connack += tls.read(4 - len(connack))
+            except ssl.SSLWantReadError:
+                pump()
+    assert connack == bytes([0x20, 2, 0, 0])
+    assert daemon.audited("connect_ok")[0]["client_ip"] == "203.0.113.9"
 
 
 def test_losant_style_device_flow(broker: RunningBroker) -> None:

@@ -110,7 +110,7 @@ def test_the_pending_connection_idle_longest_is_the_one_closed(
     # The first socket opened sends the first byte of a CONNECT: it is no longer the
     # one idle longest; the second opened is.
     first.sendall(b"\x10")
-    wait_until(lambda: any(c.reader.packet_started is not None
+    wait_until(lambda: any(c.framer.packet_started is not None
                            for c in admission.connections))
     extra = raw.open_socket(daemon.port())  # one over the cap
     wait_until(lambda: raw.is_closed(others[0]), what="the second opened is closed")

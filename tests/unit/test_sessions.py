@@ -43,20 +43,42 @@ def incoming(client_id: str, key=KEY, *, clean: bool = True) -> KeySession:  # t
     return session
 
 
-async def connected(engine: Engine, session: KeySession) -> asyncio.Task[None]:
-    """The connection's task as the daemon runs it: registered online, then (once its
-    link is aborted) offline."""
+class Connection:
+    """A session's connection as the registry sees it: over once its link is aborted
+    (the daemon's MqttConnection marks its session offline, then is closed)."""
 
-    async def connection() -> None:
-        engine.registry.went_online(session)
-        link = session.link
-        assert link is not None
+    def __init__(self, engine: Engine, session: KeySession) -> None:
+        self.engine, self.session = engine, session
+        self.over = asyncio.get_running_loop().create_future()
+        self.ended_now = False
+
+    def closed(self) -> asyncio.Future[None]:
+        return self.over
+
+    def end_now(self) -> None:
+        self.ended_now = True
+        self.finish()
+
+    def finish(self) -> None:
+        if not self.over.done():
+            self.engine.registry.went_offline(self.session, self)
+            self.over.set_result(None)
+
+
+async def connected(engine: Engine, session: KeySession) -> asyncio.Future[None]:
+    """The session online on a connection that ends (offline) once its link is aborted;
+    the future is done then."""
+    connection = Connection(engine, session)
+    engine.registry.went_online(session, connection)
+    link = session.link
+    assert link is not None
+
+    async def watch() -> None:
         await link.writable(-1)  # returns once the link is closing
-        engine.registry.went_offline(session)
+        connection.finish()
 
-    task = asyncio.ensure_future(connection())
-    await async_wait_until(lambda: engine.registry.get(session.client_id) is session)
-    return task
+    asyncio.ensure_future(watch())
+    return connection.over
 
 
 # ------------------------------------------------------------------ take-over
@@ -103,19 +125,17 @@ async def test_a_clean_connect_drops_the_stored_persistent_session(engine: Engin
     assert len(stored.outbox) == 0
 
 
-async def test_an_old_connection_that_does_not_end_is_cancelled(
+async def test_an_old_connection_that_does_not_end_is_ended_at_once(
         engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sessions_module, "TAKE_OVER_WAIT", 0.05)
     old = incoming("d1")
-
-    async def stuck() -> None:
-        engine.registry.went_online(old)
-        await asyncio.Event().wait()  # ignores its link being aborted
-
-    task = asyncio.ensure_future(stuck())
-    await async_wait_until(lambda: engine.registry.get("d1") is old)
-    await engine.registry.take_over(incoming("d1"))
-    assert task.cancelled()
+    old_link = link_of(old)
+    stuck = Connection(engine, old)  # its link aborted, it does not notice
+    engine.registry.went_online(old, stuck)
+    chosen = await engine.registry.take_over(incoming("d1"))
+    assert stuck.ended_now and stuck.over.done()
+    assert old_link.closing and engine.registry.get("d1") is not old
+    assert chosen is not old
 
 
 async def test_connects_with_one_client_id_take_turns(engine: Engine) -> None:
