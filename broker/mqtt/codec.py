@@ -1,6 +1,6 @@
 """MQTT 3.1.1 and 5.0 packets the broker sends and receives, as bytes (pure, no I/O).
 
-The daemon reads whole packets (``broker.mqtt.framing.FramedReader`` has already checked size,
+The daemon reads whole packets (``broker.mqtt.framing.Framer`` has already checked size,
 UTF-8 strings and the remaining-length encoding), so decoding here is slicing a bytes
 object; encoding builds each packet with one ``bytes`` concatenation. amqtt's packet
 classes read field by field from a stream with an ``await`` per field and build objects
