@@ -4,7 +4,7 @@ The daemon reads whole packets (``broker.mqtt.framing.Framer`` has already check
 UTF-8 strings and the remaining-length encoding), so decoding here is slicing a bytes
 object; encoding builds each packet with one ``bytes`` concatenation. amqtt's packet
 classes read field by field from a stream with an ``await`` per field and build objects
-per header: fine for CONNECT (amqtt still parses it), too slow per message.
+per header, too slow per message; and amqtt parses no MQTT 5.
 """
 
 from __future__ import annotations
