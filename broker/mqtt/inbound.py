@@ -50,6 +50,11 @@ class Outcome(NamedTuple):
 
 ACCEPTED = Outcome(Verdict.ACCEPTED)
 
+# PUBLISH topics found valid and within the topic limits, remembered (the limits do not
+# change while the daemon runs; a device repeats its topics); past this many, all
+# forgotten at once.
+VALID_TOPICS_KEPT = 4096
+
 
 class Inbound:
     def __init__(self, settings: Settings, router: Router, audit: AuditLog,
@@ -59,6 +64,7 @@ class Inbound:
         self.audit = audit
         # Acknowledge once saved: with [persistence] sync only.
         self._saved_first = state if state is not None and state.sync else None
+        self._valid_topics: dict[str, None] = {}  # see VALID_TOPICS_KEPT
 
     def publish_packet(self, session: KeySession, link: Link, packet: codec.Publish,
                        source: Publisher | None = None,
@@ -149,17 +155,22 @@ class Inbound:
         """Check, route and retain one incoming PUBLISH."""
         if session.kicked:
             return Outcome(Verdict.CLOSE)  # revoked or being disconnected: nothing more
-        try:
-            validate_topic_name(topic)
-        except ValidationError as exc:
-            problem: str | None = str(exc)
-        else:
-            problem = self._topic_limit(topic)
-        if problem is not None:
-            # MQTT-3.3.2-2 / 4.7.3-1: a malformed PUBLISH topic is a protocol error.
-            self.router.audit_denied("publish_denied", session, topic,
-                                     f"invalid_topic: {problem}")
-            return Outcome(Verdict.CLOSE, properties.TOPIC_NAME_INVALID, "invalid_topic")
+        valid = self._valid_topics
+        if topic not in valid:
+            try:
+                validate_topic_name(topic)
+            except ValidationError as exc:
+                problem: str | None = str(exc)
+            else:
+                problem = self._topic_limit(topic)
+            if problem is not None:
+                # MQTT-3.3.2-2 / 4.7.3-1: a malformed PUBLISH topic is a protocol error.
+                self.router.audit_denied("publish_denied", session, topic,
+                                         f"invalid_topic: {problem}")
+                return Outcome(Verdict.CLOSE, properties.TOPIC_NAME_INVALID, "invalid_topic")
+            if len(valid) >= VALID_TOPICS_KEPT:
+                valid.clear()
+            valid[topic] = None
         decision = session.decide(topic, Action.PUBLISH)
         if not decision.allowed:
             self.router.audit_denied("publish_denied", session, topic, decision.reason)

@@ -25,6 +25,10 @@ from keystore.topics import HASH, PLUS, is_system, parse_filter
 V = TypeVar("V")
 S = TypeVar("S", bound=Hashable)
 
+# SubscriptionTree: topics whose subscribers are remembered until the next change of the
+# subscriptions (a device repeats its topics); past this many, forgotten all at once.
+MATCHES_KEPT = 1024
+
 
 class Node(Generic[V]):
     __slots__ = ("children", "plus", "hash", "parent", "key", "value")
@@ -371,7 +375,7 @@ class SubscriptionTree(Generic[S]):
     """Topic filter -> subscribers (each with the options of that subscription, ``options``:
     for MQTT 3.1.1 just its QoS), for routing."""
 
-    __slots__ = ("_root", "_by_subscriber", "_entries")
+    __slots__ = ("_root", "_by_subscriber", "_entries", "_matched")
 
     def __init__(self) -> None:
         self._root: Node[dict[S, int]] = Node()
@@ -379,6 +383,9 @@ class SubscriptionTree(Generic[S]):
         # subscriber costs O(its filters) and nothing is ever left behind.
         self._by_subscriber: dict[S, dict[str, Node[dict[S, int]]]] = {}
         self._entries = 0
+        # (topic, origin) -> what ``match`` answered, until the subscriptions change
+        self._matched: dict[tuple[str, S | None],
+                            tuple[dict[S, int], dict[S, list[int]] | None]] = {}
 
     def __len__(self) -> int:
         """Number of (subscriber, filter) entries."""
@@ -393,6 +400,7 @@ class SubscriptionTree(Generic[S]):
         node = self._root
         for level in parse_filter(topic_filter):
             node = node.child(level)
+        self._matched.clear()
         if node.value is None:
             node.value = {}
         if subscriber not in node.value:
@@ -406,6 +414,7 @@ class SubscriptionTree(Generic[S]):
         node = filters.pop(topic_filter, None) if filters is not None else None
         if node is None:
             return False
+        self._matched.clear()
         if not filters:
             del self._by_subscriber[subscriber]
         self._forget(node, subscriber)
@@ -417,6 +426,7 @@ class SubscriptionTree(Generic[S]):
         filters = self._by_subscriber.pop(subscriber, None)
         if not filters:
             return 0
+        self._matched.clear()
         for node in filters.values():
             self._forget(node, subscriber)
         self._entries -= len(filters)
@@ -453,7 +463,12 @@ class SubscriptionTree(Generic[S]):
         the highest QoS and Retain As Published of any, and the subscription identifiers
         of all: the first in its options, the others in the second dict (None when no
         subscriber has more than one). ``origin`` (the publisher) does not get what it
-        subscribed to with No Local (MQTT-3.8.3-3)."""
+        subscribed to with No Local (MQTT-3.8.3-3). The answer is remembered until the
+        subscriptions change: callers do not change it."""
+        matched = self._matched
+        found = matched.get((topic, origin))
+        if found is not None:
+            return found
         result: dict[S, int] = {}
         more: dict[S, list[int]] | None = None
         for node in match_nodes(self._root, topic.split("/")):
@@ -475,6 +490,9 @@ class SubscriptionTree(Generic[S]):
                     if extra:
                         more = more if more is not None else {}
                         more.setdefault(subscriber, []).append(extra)
+        if len(matched) >= MATCHES_KEPT:
+            matched.clear()
+        matched[(topic, origin)] = result, more
         return result, more
 
 

@@ -272,3 +272,15 @@ async def test_mqtt5_reason_strings_may_be_turned_off(
     setup.publisher.version = 5
     assert setup.send("losant/d9/state", b"not-yours", 1, 3) is None
     assert setup.acks() == [codec.ack5(codec.PUBACK, 3, props.NOT_AUTHORIZED)]
+
+
+async def test_valid_topics_are_remembered_and_invalid_ones_refused_every_time(
+        engine_with: Callable[..., Engine]) -> None:
+    setup = Setup(engine_with(max_topic_levels=3))
+    for _ in range(2):
+        assert setup.inbound.publish(setup.publisher, "losant/d1/state", b"ok", 0,
+                                     False).verdict is Verdict.ACCEPTED
+        refused = setup.inbound.publish(setup.publisher, "losant/d1/a/b", b"no", 0, False)
+        assert refused.verdict is Verdict.CLOSE
+    assert setup.delivered() == [b"ok", b"ok"]
+    assert len(setup.engine.audit_events("publish_denied")) == 2

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.topics import RetainedStore, SubscriptionTree, topic_matches
+from broker.topics import RetainedStore, SubscriptionTree, topic_matches, trie
 from keystore.errors import ValidationError
 
 LEVELS = ["a", "b", "", "$s"]
@@ -193,3 +193,27 @@ def test_retained_basics() -> None:
     assert store.get("nope") is None and not store.delete("nope")
     assert store.delete("losant/d1") and store.get("losant/d1/state") == b"2"
     assert sorted(store.items()) == [("$SYS/uptime", b"9"), ("losant/d1/state", b"2")]
+
+
+def test_a_remembered_match_follows_every_change_of_the_subscriptions() -> None:
+    """``match`` remembers its answers per topic: each change is seen at once."""
+    tree: SubscriptionTree[str] = SubscriptionTree()
+    tree.add("a/b", "s1", 0)
+    assert tree.match("a/b")[0] == {"s1": 0}
+    tree.add("a/b", "s1", 1)  # new options for the same filter
+    assert tree.match("a/b")[0] == {"s1": 1}
+    tree.add("a/#", "s2", 2)
+    assert tree.match("a/b")[0] == {"s1": 1, "s2": 2}
+    assert tree.remove("a/b", "s1")
+    assert tree.match("a/b")[0] == {"s2": 2}
+    assert tree.remove_subscriber("s2") == 1
+    assert tree.match("a/b")[0] == {}
+
+
+def test_matches_of_more_topics_than_it_remembers_stay_right() -> None:
+    tree: SubscriptionTree[str] = SubscriptionTree()
+    tree.add("d/+", "s", 1)
+    topics = [f"d/{i}" for i in range(trie.MATCHES_KEPT * 2 + 5)]
+    for _ in range(2):
+        assert all(tree.match(topic)[0] == {"s": 1} for topic in topics)
+    assert tree.match("e/1")[0] == {}
