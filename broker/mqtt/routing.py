@@ -182,13 +182,19 @@ class Router:
         (then dropped and counted); past the bound, ``source`` waits for it."""
         if link.is_closing():
             return
-        held = session.outbox.held_bytes + link.buffered()
-        dropped = held and held + len(packet) > 2 * self.settings.max_session_bytes
+        outbox = session.outbox
+        held = outbox.held_bytes + link.buffered()
+        size = len(packet)
+        dropped = held and held + size > 2 * self.settings.max_session_bytes
         if not dropped:
             link.write(packet)
             traffic = self.traffic
             traffic.msgs_out[0] += 1
-            traffic.bytes_out[0] += len(packet)
+            traffic.bytes_out[0] += size
+            flow = self.flow
+            if session.congestion is None and held + size < flow.max_bytes and \
+                    len(outbox) < flow.max_messages:
+                return  # within its bounds: flow.delivered would find nothing to do
         self.flow.delivered(session, source)
         if dropped:
             self.traffic.dropped["qos0_past_bounds"] += 1
@@ -243,7 +249,7 @@ class Router:
     def pump(self, session: KeySession) -> None:
         """Send waiting messages while the session's in-flight window has room."""
         link = session.link
-        if link is None or session.kicked:
+        if link is None or session.kicked or not session.outbox.waiting:
             return
         write = link.write
         traffic = self.traffic
