@@ -85,12 +85,16 @@ def test_fan_in_from_fifty_addresses_to_one_wildcard_subscriber_loses_nothing(
 
 
 async def feed(port: int, me: str, key: str, secret: str, own: str, other: str,
-               count: int, size: int, window: int = 1000) -> tuple[int, int]:
+               count: int, size: int, window: int = 1000,
+               subscribed: asyncio.Barrier | None = None) -> tuple[int, int]:
     """A client subscribed to ``own`` (QoS 1, acknowledging at once) that publishes
-    ``count`` messages to ``other`` with ``window`` in flight; (acknowledged, received)."""
+    ``count`` messages to ``other`` with ``window`` in flight, once every client of
+    ``subscribed`` has its subscription; (acknowledged, received)."""
     client = Client("127.0.0.1", port)
     await client.connect(me, key, secret)
     await client.subscribe([own], 1)
+    if subscribed is not None:
+        await subscribed.wait()  # else the first messages may precede the subscription
     ids = iter(range(1 << 30))
 
     def publish() -> bytes:
@@ -127,8 +131,10 @@ def test_two_clients_feeding_each_other_do_not_deadlock(daemon: RunningBroker,
     key, secret = daemon.ks("create_key", device_ids=["dev-0", "dev-1"])
 
     async def both() -> list[tuple[int, int]]:
+        subscribed = asyncio.Barrier(2)
         peers = (feed(daemon.port(), f"dev-{me}", key.key, secret, f"losant/dev-{me}/cmd",
-                      f"losant/dev-{1 - me}/cmd", 5_000, size) for me in (0, 1))
+                      f"losant/dev-{1 - me}/cmd", 5_000, size, subscribed=subscribed)
+                 for me in (0, 1))
         return list(await asyncio.wait_for(asyncio.gather(*peers), 60))
 
     assert asyncio.run(both()) == [(5_000, 5_000), (5_000, 5_000)]
