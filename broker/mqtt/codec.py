@@ -16,6 +16,7 @@ from broker.mqtt import props as properties
 from broker.mqtt.wire import MalformedPacket as MalformedPacket
 from broker.mqtt.wire import read_binary, read_string
 from broker.mqtt.wire import remaining_length as remaining_length
+from keystore.topics import is_topic_name
 
 # Packet types (first byte >> 4), MQTT 3.1.1 §2.2.1.
 CONNECT, CONNACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP = 1, 2, 3, 4, 5, 6, 7
@@ -90,13 +91,23 @@ def packet_id_of(body: bytes) -> int:
 
 
 def parse_publish(first: int, body: bytes) -> Publish:
+    """An MQTT 3.1.1 PUBLISH, its topic checked here (strict UTF-8 without NUL, no
+    wildcard, not empty: MQTT-1.5.3-1/2, MQTT-3.3.2-1/2), where it is decoded: the framer
+    leaves a connected client's PUBLISH to this (``Framer.publish_parsed``)."""
     qos = (first >> 1) & 3
     if qos == 3:
         raise MalformedPacket("PUBLISH with QoS 3")  # MQTT-3.3.1-4
     dup = bool(first & 0x08)
     if dup and qos == 0:
         raise MalformedPacket("DUP set on a QoS 0 PUBLISH")  # MQTT-3.3.1-2
-    topic, offset = _string(body, 0)
+    try:
+        topic, offset = _string(body, 0)
+    except UnicodeDecodeError as exc:
+        raise MalformedPacket(f"bad string: {exc}") from None
+    if not is_topic_name(topic):
+        if "\x00" in topic:
+            raise MalformedPacket("bad string: NUL in a string")  # MQTT-1.5.3-2
+        raise MalformedPacket(f"invalid_topic {topic!r} in PUBLISH")
     packet_id = 0
     if qos:
         if offset + 2 > len(body):

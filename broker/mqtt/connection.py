@@ -235,6 +235,7 @@ class MqttConnection(asyncio.Protocol):
         assert framer is not None
         framer.idle_limit = session.keep_alive
         framer.version = session.version
+        framer.publish_parsed = session.version == 4
         self._read_on(pump=True)
 
     def _packet(self, session: KeySession, first: int, body: bytes) -> bool:

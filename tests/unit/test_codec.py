@@ -349,3 +349,22 @@ def test_parse_disconnect5_reads_what_was_sent_of_reason_and_properties() -> Non
     assert codec.parse_disconnect5(b"\x00" + listed) == (0, {props.SESSION_EXPIRY: 0})
     with pytest.raises(MalformedPacket, match="bytes after the properties"):
         codec.parse_disconnect5(b"\x00" + listed + b"\x00")
+
+
+@pytest.mark.parametrize(("first", "body", "problem"), [
+    (0x30, string("a/+"), "invalid_topic"),
+    (0x30, string("#"), "invalid_topic"),
+    (0x30, string(""), "invalid_topic"),
+    (0x30, string("a\x00b"), "NUL"),
+    (0x30, string(b"a\xff"), "bad string"),
+    (0x30, string(b"\xed\xa0\x80"), "bad string"),
+    (0x30, u16(10) + b"abc", "string beyond the packet"),
+    (0x32, string("a/b"), "without packet id"),
+    (0x36, string("a") + u16(1), "QoS 3"),
+], ids=["plus", "hash", "empty", "nul", "bad-utf8", "surrogate", "short", "no-id", "qos3"])
+def test_a_publish_topic_is_checked_where_it_is_decoded(first: int, body: bytes,
+                                                        problem: str) -> None:
+    """A connected 3.1.1 client's PUBLISH reaches the parser unchecked by the framer
+    (Framer.publish_parsed): the parser refuses what the framer would have."""
+    with pytest.raises(MalformedPacket, match=problem):
+        codec.parse_publish(first, body)

@@ -348,3 +348,15 @@ async def test_a_v2_local_header_is_a_header_without_an_address() -> None:
 async def test_a_v2_header_with_a_bad_signature_is_refused() -> None:
     with pytest.raises(ValidationError, match="bad signature"):
         await Stream(b"\r\n\r\n\x00\r\nQUIZ\n" + b"\x21\x11\x00\x00" + CONNECT).header()
+
+
+async def test_a_connected_clients_publish_is_left_to_its_parser() -> None:
+    """Once publish_parsed is set (a connected 3.1.1 client), a PUBLISH is not checked
+    twice: codec.parse_publish checks its topic where it decodes it (test_codec); every
+    other packet type is still checked here."""
+    bad_publish = b"\x30\x05" + string("a/#")
+    framer = Seen().framer(bad_publish + b"\x82\x04" + u16(1) + u16(0))
+    framer.publish_parsed = True
+    assert framer.next() == (0x30, bad_publish[2:])
+    with pytest.raises(PacketError, match="invalid requested QoS in SUBSCRIBE"):
+        framer.next()
