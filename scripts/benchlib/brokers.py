@@ -228,16 +228,22 @@ def running(kind: str, workdir: Path, *, keystore: Path | None = None, config: s
         conf = workdir / f"keybroker-{port}.toml"
         api_port = free_port() if api_port is None else api_port
         # Default limits except: the fleet workload's idle client holds up to 100,000
-        # filters, and every load-generator connection comes from 127.0.0.1 (0 = no limit).
+        # filters (about 120 MiB as the subscription bytes count them), and every
+        # load-generator connection comes from 127.0.0.1 (0 = no limit). A tree older than
+        # the subscription-bytes limits refuses those settings: compare with such a tree
+        # by leaving them out.
         conf.write_text(
             f'[keystore]\npath = "{keystore}"\n\n'
             f'[listeners.tcp]\ntype = "tcp"\nhost = "{HOST}"\nport = {port}\n\n'
-            "[limits]\nmax_subscriptions = 0\nmax_connections_per_source = 0\n"
+            "[limits]\nmax_subscriptions = 0\nmax_subscription_bytes = 0\n"
+            "max_subscription_bytes_per_key = 0\nmax_subscription_bytes_per_app = 0\n"
+            "max_connections_per_source = 0\n"
             f"max_unauthenticated_per_source = 0\n{limits}\n"
             f'[api]\nhost = "{HOST}"\nport = {api_port}\n{api_settings}\n' + config
         )
         notes.append("keybroker runs with its default limits except [limits] "
-                     "max_subscriptions = 0 (the fleet workload holds up to 100,000 filters) "
+                     "max_subscriptions = 0 and no subscription-bytes limits (the fleet "
+                     "workload holds up to 100,000 filters) "
                      "and no per-source connection caps (every load connection comes from "
                      "127.0.0.1)")
         if not kind.startswith("keybroker@"):

@@ -249,3 +249,21 @@ def test_the_status_page_shows_connected_devices_and_refusals(console: Console) 
         console.go("/console/status")
         assert console.find("#connected").text == "1"
         assert console.find("#refused-1").text == "2"
+
+
+def test_the_device_pages_name_each_connected_devices_protocol(console: Console) -> None:
+    for device in ("old", "new", "away"):
+        console.daemon.ks("add_device", device)
+    key, secret = console.daemon.ks("create_key", device_ids=["old", "new", "away"])
+    port = console.daemon.port()
+    with Client(port, "old", key.key, secret, protocol=4) as old, \
+            Client(port, "new", key.key, secret, protocol=5) as new:
+        assert old.connect() == 0 and new.connect() == 0
+        console.sign_in()
+        console.go(f"/console/apps/{console.app_id}/devices")
+        connected = {row.find_element(By.CSS_SELECTOR, "td[data-label='Id']").text:
+                     row.find_element(By.CSS_SELECTOR, "td[data-label='Connected']").text
+                     for row in console.all("tbody tr")}
+        assert connected == {"old": "yes, MQTT 3.1.1", "new": "yes, MQTT 5.0", "away": "no"}
+        console.go(f"/console/apps/{console.app_id}/devices/new")
+        assert "yes, MQTT 5.0" in console.find(".fields").text

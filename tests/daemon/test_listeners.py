@@ -79,16 +79,18 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, str
     return server_certificate(tmp_path_factory.mktemp("tls"))
 
 
+@pytest.mark.parametrize("protocol", [4, 5], ids=["mqtt3.1.1", "mqtt5"])
 @pytest.mark.parametrize(("kind", "transport"), [("tcp", "tcp"), ("ws", "websockets")])
 def test_tls_listeners(daemon_with: StartDaemon, certificate: tuple[str, str, str], kind: str,
-                       transport: str) -> None:
+                       transport: str, protocol: int) -> None:
     ca, cert, keyfile = certificate
     listener = Listener(name="secure", type=kind, host="127.0.0.1", port=0, certfile=cert,
                         keyfile=keyfile)
     daemon = daemon_with(listeners=(listener,))
     daemon.ks("add_device", "dev-a")
     key, secret = daemon.ks("create_key", device_ids=["dev-a"])
-    client = Client(daemon.port("secure"), "dev-a", key.key, secret, transport=transport)
+    client = Client(daemon.port("secure"), "dev-a", key.key, secret, transport=transport,
+                    protocol=protocol)
     client.client.tls_set(ca_certs=ca, cert_reqs=ssl.CERT_REQUIRED)
     with client:
         assert client.connect() == 0

@@ -170,3 +170,24 @@ def test_shared_subscriptions_off_are_refused_to_both_versions(
         assert classic.subscribe(GROUP, 1) == 0x80
     with Device(daemon, "m2", topic_mode="all").connect() as modern:
         assert modern.subscribe(GROUP, 1) == 0x9E
+
+
+def test_a_slow_member_loses_the_group_nothing(daemon_with: StartDaemon) -> None:
+    """m1 takes its share and acknowledges none of it: past its bounds (4 messages) the
+    group's jobs go to m2, and once m1 is cut off as a slow consumer, what it held goes to
+    m2 as well. Every job reaches a member that acknowledges it."""
+    daemon = daemon_with(max_queued_messages=4, slow_consumer_timeout=1.0)
+    jobs = [f"jobs/{n}" for n in range(30)]
+    feeding = Device(daemon, "feeder", device_ids=[], all_devices=True, topic_mode="all")
+    with raw_member(Device(daemon, "m1", topic_mode="all")) as stalled, \
+            member(daemon, "m2", device_ids=["m2"]) as prompt, feeding.connect() as feeder:
+        for topic in jobs:
+            feeder.publish(topic, b"job", qos=1)
+        held = raw.publish_of(raw.expect(stalled, PUBLISH)).topic  # m1 took a share
+        kicks = daemon.broker.registry.kicks
+        wait_until(lambda: kicks.get("slow_consumer", 0) == 1, 10.0,
+                   "m1 cut off as a slow consumer")
+        feeder.publish("losant/m2/end", b"end", qos=1)
+        got = jobs_until_end(prompt)
+    assert held in got
+    assert sorted(set(got)) == sorted(jobs)
