@@ -609,7 +609,12 @@ class MqttConnection(asyncio.Protocol):
             if not 0 < alias <= self.inbound.settings.topic_alias_maximum:
                 return self.end(properties.TOPIC_ALIAS_INVALID, "topic alias out of range")
             if topic:
-                limits.aliases[alias] = topic  # bounded: topic_alias_maximum of them
+                cost = limits.alias_cost(alias, topic)
+                if cost > self.inbound.settings.max_session_bytes // 4:
+                    # the table counts in the session's bytes, within a quarter of them
+                    return self.end(properties.QUOTA_EXCEEDED, "topic_aliases")
+                limits.aliases[alias] = topic  # topic_alias_maximum of them at most
+                limits.alias_bytes = cost
             else:
                 known = limits.aliases.get(alias)
                 if known is None:

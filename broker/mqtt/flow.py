@@ -56,6 +56,13 @@ class Publisher(Protocol):
         """One fewer; the connection carries on once it waits for none."""
 
 
+class AliasTable(Protocol):
+    """An MQTT 5 client's topic aliases (broker.mqtt.session.ClientLimits)."""
+
+    @property
+    def alias_bytes(self) -> int: ...
+
+
 class KeySession(Protocol):
     """A session as flow control sees it (broker.mqtt.session.KeySession)."""
 
@@ -63,6 +70,9 @@ class KeySession(Protocol):
     outbox: Outbox
     link: Link | None
     congestion: Congestion | None
+
+    @property
+    def limits(self) -> AliasTable | None: ...
 
 
 class Congestion:
@@ -92,8 +102,12 @@ class FlowControl:
         self.congested: set[KeySession] = set()
 
     def held_bytes(self, session: KeySession) -> int:
+        """Its queued and in-flight messages, what waits in its connection, and its MQTT 5
+        topic aliases (at most a quarter of max_session_bytes: connection.py)."""
         link = session.link
-        return session.outbox.held_bytes + (link.buffered() if link is not None else 0)
+        limits = session.limits
+        return (session.outbox.held_bytes + (link.buffered() if link is not None else 0)
+                + (limits.alias_bytes if limits is not None else 0))
 
     def past_bounds(self, session: KeySession) -> bool:
         return (len(session.outbox) >= self.max_messages

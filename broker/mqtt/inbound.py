@@ -266,6 +266,7 @@ REASON_TEXT = {
     "protocol_error": "protocol error",
     "packet_too_large": "packet too large",
     "keep_alive": "keep alive timeout",
+    "topic_aliases": "topic aliases past the session's bytes",
 }
 
 

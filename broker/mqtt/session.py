@@ -58,18 +58,31 @@ class Will:
     delay: int = 0  # MQTT 5 Will Delay Interval, seconds
 
 
+# What one topic alias costs beside its topic's bytes (the table's entry).
+ALIAS_OVERHEAD = 100
+
+
 class ClientLimits:
     """What an MQTT 5 client announced at CONNECT, and the topic aliases it set: limits on
-    what the broker sends it, and its own aliases (bounded by the broker's maximum)."""
+    what the broker sends it, and its own aliases (bounded by the broker's maximum, and
+    counted in its session's bytes: ``alias_bytes``)."""
 
-    __slots__ = ("receive_max", "max_packet", "aliases", "problem_info", "connack")
+    __slots__ = ("receive_max", "max_packet", "aliases", "alias_bytes", "problem_info",
+                 "connack")
 
     def __init__(self, receive_max: int, max_packet: int, problem_info: bool) -> None:
         self.receive_max = receive_max  # QoS 1/2 it takes unacknowledged (Receive Maximum)
         self.max_packet = max_packet  # bytes of the largest packet it takes (0: no limit)
         self.aliases: dict[int, str] = {}  # its Topic Aliases (client to broker)
+        self.alias_bytes = 0  # what they hold: their topics' bytes + ALIAS_OVERHEAD each
         self.problem_info = problem_info  # reason strings on acknowledgements too
         self.connack = b""  # the properties of the CONNACK that accepts it (until sent)
+
+    def alias_cost(self, alias: int, topic: str) -> int:
+        """``alias_bytes`` once ``alias`` stands for ``topic``."""
+        old = self.aliases.get(alias)
+        before = len(old.encode()) + ALIAS_OVERHEAD if old is not None else 0
+        return self.alias_bytes - before + len(topic.encode()) + ALIAS_OVERHEAD
 
 
 class SessionJournal(OutboxJournal, Protocol):

@@ -27,7 +27,7 @@ from keystore.errors import KeybrokerError
 from keystore.seed import BATCH as SEED_BATCH  # one transaction per batch
 from keystore.sqlite.backup import backup
 from keystore.sqlite.migrations import SCHEMA_VERSION
-from tests.support.harness import Client, RunningBroker, broker_settings
+from tests.support.harness import Client, RunningBroker, StartDaemon, broker_settings
 
 REPO = Path(__file__).resolve().parents[2]
 ACCEPTED, BAD_CREDENTIALS, NOT_AUTHORIZED = 0, 4, 5
@@ -48,13 +48,9 @@ def cli(db: Path, *args: str, timeout: float = 20) -> subprocess.CompletedProces
 
 
 @pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[RunningBroker]:
+def daemon(daemon_with: StartDaemon) -> RunningBroker:
     """A real daemon on 127.0.0.1 port 0 over tmp_path/keybroker.db."""
-    server = RunningBroker(broker_settings(tmp_path)).start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    return daemon_with()
 
 
 def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
@@ -441,12 +437,12 @@ async def test_a_writer_cancelled_while_its_transaction_begins_leaves_none_open(
         async def slow_begin(sql: str, *args: Any) -> Any:
             result = await real(sql, *args)
             if sql.startswith("BEGIN"):  # the BEGIN ran; its caller is still waiting
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(0.2)  # (time under test: the window for the cancel)
             return result
 
         monkeypatch.setattr(conn, "execute", slow_begin)
         task = asyncio.create_task(ks.add_device("cancelled"))
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # inside that window: cancelled after BEGIN, before its end
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task

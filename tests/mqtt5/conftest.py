@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
+import itertools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,22 +16,17 @@ StartDaemon = Callable[..., RunningBroker]
 
 
 @pytest.fixture
-def daemon_with(tmp_path: Path) -> Iterator[StartDaemon]:
-    """``daemon_with(**overrides)``: a real daemon (127.0.0.1, port 0, a fresh SQLite file)
-    with ``overrides`` of Settings fields; every one started is stopped at teardown."""
-    with contextlib.ExitStack() as running:
-        count = 0
+def daemon_with(daemon_with: StartDaemon, tmp_path: Path) -> StartDaemon:
+    """The root ``daemon_with`` (tests/conftest.py), each daemon on files of its own
+    (tmp_path/daemon-N): an MQTT 5 test may run two side by side."""
+    numbers = itertools.count(1)
 
-        def start(**overrides: Any) -> RunningBroker:
-            nonlocal count
-            count += 1
-            work = tmp_path / f"daemon-{count}"
-            work.mkdir()
-            daemon = RunningBroker(broker_settings(work, **overrides)).start()
-            running.callback(daemon.stop)
-            return daemon
+    def start(**overrides: Any) -> RunningBroker:
+        work = tmp_path / f"daemon-{next(numbers)}"
+        work.mkdir()
+        return daemon_with(broker_settings(work), **overrides)
 
-        yield start
+    return start
 
 
 @pytest.fixture

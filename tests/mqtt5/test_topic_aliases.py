@@ -5,12 +5,13 @@ range or unknown end the connection: tests/mqtt5/test_disconnect.py.)"""
 
 from __future__ import annotations
 
+from tests.mqtt5.conftest import StartDaemon
 from tests.support import mqtt_raw as raw
 from tests.support.harness import RunningBroker
 from tests.support.mqtt5 import Client5, Device, received_before
 from tests.support.waiting import wait_until
 
-NOT_AUTHORIZED, PROTOCOL_ERROR = 0x87, 0x82
+NOT_AUTHORIZED, PROTOCOL_ERROR, QUOTA_EXCEEDED = 0x87, 0x82, 0x97
 STATE = "losant/dev-a/state"
 
 
@@ -85,3 +86,23 @@ def test_aliases_belong_to_one_connection(broker: RunningBroker) -> None:
         sock.sendall(raw.publish5("", b"x", properties=raw.props(3, TopicAlias=2)))
         reply = raw.server_disconnect(sock)
     assert reply is not None and reply.code == PROTOCOL_ERROR
+
+
+def test_the_alias_table_counts_in_the_sessions_bytes(daemon_with: StartDaemon) -> None:
+    """Aliases hold their topics for the connection's life: their bytes count in
+    max_session_bytes and may take a quarter of it (here 2 KiB of 8 KiB); past that the
+    connection ends with 0x97 Quota exceeded."""
+    daemon = daemon_with(max_session_bytes=8 * 1024)
+    device = Device(daemon, "dev-a", topic_mode="all")
+    sock, connack = raw.session5(daemon.port(), "dev-a", device.key, device.secret)
+    with sock:
+        assert connack.code == 0
+        long_topic = "custom/" + "a" * 1000
+        sock.sendall(raw.publish5(long_topic, b"1", properties=raw.props(3, TopicAlias=1)))
+        sock.sendall(raw.publish5(long_topic, b"2", properties=raw.props(3, TopicAlias=1)))
+        assert raw.read_packet(sock, 0.5) is None  # one alias, set twice: ~1 KiB, kept
+        sock.sendall(raw.publish5("custom/" + "b" * 1000, b"3",
+                                  properties=raw.props(3, TopicAlias=2)))
+        reply = raw.server_disconnect(sock)
+    assert reply is not None and reply.code == QUOTA_EXCEEDED
+    assert "topic aliases" in str(reply.reason)

@@ -15,7 +15,7 @@ from broker.core.settings import Settings
 from broker.mqtt.flow import FlowControl
 from broker.mqtt.outbox import OutMessage
 from broker.mqtt.routing import Router
-from broker.mqtt.session import ConnectionInfo, KeySession
+from broker.mqtt.session import ClientLimits, ConnectionInfo, KeySession
 from tests.support.links import FakeLink
 from tests.support.waiting import async_wait_until
 
@@ -195,3 +195,17 @@ async def test_a_repeated_pubrec_drains_nothing_and_is_not_progress() -> None:
         setup.router.pubrec(session, first)  # the same again: nothing drains
     assert congestion.last_progress == progressed
     assert setup.flow.sweep(progressed + 5.01) == [session]
+
+
+async def test_an_mqtt5_clients_topic_aliases_count_in_its_session_bytes() -> None:
+    setup = Setup()
+    session, _ = setup.session("sub")
+    session.limits = ClientLimits(100, 0, True)
+    source = Source()
+    setup.send(session, source, 2, size=1_000)
+    held = setup.flow.held_bytes(session)
+    assert source.waits == 0 and held < 10_000
+    session.limits.alias_bytes = 10_000 - held  # its aliases fill the rest of its bytes
+    assert setup.flow.held_bytes(session) == 10_000
+    setup.send(session, source, 1)  # one small message more: past the bound
+    assert source.waits == 1 and session.congestion is not None
