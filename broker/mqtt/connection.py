@@ -235,7 +235,7 @@ class MqttConnection(asyncio.Protocol):
         assert framer is not None
         framer.idle_limit = session.keep_alive
         framer.version = session.version
-        framer.publish_parsed = session.version == 4
+        framer.publish_parsed = True
         self._read_on(pump=True)
 
     def _packet(self, session: KeySession, first: int, body: bytes) -> bool:
@@ -562,7 +562,9 @@ class MqttConnection(asyncio.Protocol):
         router = self.router
         if kind == codec.PUBLISH:
             return self._publish5(session, first, body)
-        if kind in (codec.PUBACK, codec.PUBREC, codec.PUBCOMP):
+        if kind == codec.PUBACK and len(body) == 2:  # Success, no properties: the usual one
+            router.puback(session, codec.packet_id_of(body))
+        elif kind in (codec.PUBACK, codec.PUBREC, codec.PUBCOMP):
             packet_id, reason = codec.parse_ack5(body)
             if kind == codec.PUBACK:
                 router.puback(session, packet_id)

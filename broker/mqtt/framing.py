@@ -83,8 +83,8 @@ class Framer:
         self.packet_started: float | None = None  # loop time an incomplete packet was seen
         self.held_back = False  # not read by the broker's choice (backpressure): not idle
         self.version = 4  # the connection's protocol level, once its CONNECT is accepted
-        # A connected 3.1.1 client's PUBLISH is checked by its parser, which decodes its
-        # topic anyway (codec.parse_publish), not twice.
+        # A connected client's PUBLISH is checked by its parser, which decodes its topic
+        # anyway (codec.parse_publish, parse_publish5), not twice.
         self.publish_parsed = False
 
     def feed(self, data: bytes) -> None:

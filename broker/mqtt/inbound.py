@@ -111,8 +111,7 @@ class Inbound:
         """PUBACK or PUBREC: MQTT 3.1.1 acknowledges a denied message all the same; MQTT 5
         says 0x87 Not authorized, with its rule class as the reason string."""
         if session.version != 5 or outcome.verdict is Verdict.ACCEPTED:
-            return codec.ack_packet(kind, packet_id) if session.version != 5 else \
-                codec.ack5(kind, packet_id)
+            return codec.ack_packet(kind, packet_id)  # MQTT 5's short form is the same
         return codec.ack5(kind, packet_id, outcome.code, self.reason_props(session,
                                                                           outcome.reason))
 

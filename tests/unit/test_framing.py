@@ -351,7 +351,7 @@ async def test_a_v2_header_with_a_bad_signature_is_refused() -> None:
 
 
 async def test_a_connected_clients_publish_is_left_to_its_parser() -> None:
-    """Once publish_parsed is set (a connected 3.1.1 client), a PUBLISH is not checked
+    """Once publish_parsed is set (a connected client), a PUBLISH is not checked
     twice: codec.parse_publish checks its topic where it decodes it (test_codec); every
     other packet type is still checked here."""
     bad_publish = b"\x30\x05" + string("a/#")
