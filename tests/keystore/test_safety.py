@@ -1,4 +1,4 @@
-"""Keystore safety (issue "Edge and hardening", item 5): CLI processes writing while the
+"""Keystore safety: CLI processes writing while the
 daemon serves, restart on the same file, SIGKILL during a bulk seed, and `keybroker backup`
 (online copy, mode 0600, no secrets in it, never overwrites) plus the documented restore."""
 
