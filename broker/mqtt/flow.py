@@ -173,7 +173,8 @@ class FlowControl:
                 link = session.link
                 if link is None or link.is_closing():
                     return
-                target = self.max_bytes // 2 - session.outbox.held_bytes
+                # all it holds but its send buffer (queued messages, topic aliases)
+                target = self.max_bytes // 2 - (self.held_bytes(session) - link.buffered())
                 if target < 0 or link.buffered() <= target:
                     return  # acknowledgements, not the socket, are what it waits for
                 await link.writable(target)
