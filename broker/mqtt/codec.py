@@ -73,12 +73,19 @@ def connack_packet(session_present: bool, code: int) -> bytes:
 
 
 def _string(body: bytes, offset: int) -> tuple[str, int]:
+    """A 3.1.1 packet's UTF-8 string: strictly valid, no U+0000 (MQTT-1.5.3-1/2)."""
     if offset + 2 > len(body):
         raise MalformedPacket("string length beyond the packet")
     end = offset + 2 + _U16.unpack_from(body, offset)[0]
     if end > len(body):
         raise MalformedPacket("string beyond the packet")
-    return body[offset + 2 : end].decode("utf-8"), end
+    try:
+        text = body[offset + 2 : end].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MalformedPacket(f"bad string: {exc}") from None
+    if "\x00" in text:
+        raise MalformedPacket("bad string: NUL in a string")
+    return text, end
 
 
 def packet_id_of(body: bytes) -> int:
@@ -90,24 +97,16 @@ def packet_id_of(body: bytes) -> int:
     return packet_id
 
 
-def parse_publish(first: int, body: bytes) -> Publish:
-    """An MQTT 3.1.1 PUBLISH, its topic checked here (strict UTF-8 without NUL, no
-    wildcard, not empty: MQTT-1.5.3-1/2, MQTT-3.3.2-1/2), where it is decoded: the framer
-    leaves a connected client's PUBLISH to this (``Framer.publish_parsed``)."""
+def _publish_fields(first: int, body: bytes) -> tuple[int, bool, str, int, int]:
+    """QoS, DUP, topic (strictly decoded), packet id and the offset after them, of a PUBLISH
+    of either version."""
     qos = (first >> 1) & 3
     if qos == 3:
         raise MalformedPacket("PUBLISH with QoS 3")  # MQTT-3.3.1-4
     dup = bool(first & 0x08)
     if dup and qos == 0:
         raise MalformedPacket("DUP set on a QoS 0 PUBLISH")  # MQTT-3.3.1-2
-    try:
-        topic, offset = _string(body, 0)
-    except UnicodeDecodeError as exc:
-        raise MalformedPacket(f"bad string: {exc}") from None
-    if not is_topic_name(topic):
-        if "\x00" in topic:
-            raise MalformedPacket("bad string: NUL in a string")  # MQTT-1.5.3-2
-        raise MalformedPacket(f"invalid_topic {topic!r} in PUBLISH")
+    topic, offset = _string(body, 0)
     packet_id = 0
     if qos:
         if offset + 2 > len(body):
@@ -116,6 +115,16 @@ def parse_publish(first: int, body: bytes) -> Publish:
         if packet_id == 0:
             raise MalformedPacket("packet id 0")
         offset += 2
+    return qos, dup, topic, packet_id, offset
+
+
+def parse_publish(first: int, body: bytes) -> Publish:
+    """An MQTT 3.1.1 PUBLISH, its topic checked here (strict UTF-8 without NUL, no
+    wildcard, not empty: MQTT-1.5.3-1/2, MQTT-3.3.2-1/2), where it is decoded: the framer
+    leaves a connected client's PUBLISH to this (``Framer.publish_parsed``)."""
+    qos, dup, topic, packet_id, offset = _publish_fields(first, body)
+    if not is_topic_name(topic):
+        raise MalformedPacket(f"invalid_topic {topic!r} in PUBLISH")
     return Publish(topic, body[offset:], qos, bool(first & 0x01), dup, packet_id)
 
 
@@ -270,21 +279,7 @@ class Subscription(NamedTuple):
 
 def parse_publish5(first: int, body: bytes) -> tuple[Publish, dict[int, Any]]:
     """An MQTT 5 PUBLISH and its properties (the topic may be empty with a Topic Alias)."""
-    qos = (first >> 1) & 3
-    if qos == 3:
-        raise MalformedPacket("PUBLISH with QoS 3")
-    dup = bool(first & 0x08)
-    if dup and qos == 0:
-        raise MalformedPacket("DUP set on a QoS 0 PUBLISH")
-    topic, offset = read_string(body, 0)
-    packet_id = 0
-    if qos:
-        if offset + 2 > len(body):
-            raise MalformedPacket("PUBLISH without packet id")
-        packet_id = _U16.unpack_from(body, offset)[0]
-        if packet_id == 0:
-            raise MalformedPacket("packet id 0")
-        offset += 2
+    qos, dup, topic, packet_id, offset = _publish_fields(first, body)
     if offset < len(body) and body[offset] == 0:  # no properties: the common case
         props: dict[int, Any] = properties.NONE
         offset += 1
