@@ -209,22 +209,23 @@ def _custom_topic(policy: SessionPolicy, filters: FilterSet, topic: str) -> Deci
 def check_publish(policy: SessionPolicy, topic: str) -> Decision:
     """May this session PUBLISH to ``topic``? (Also used for the Will topic.)"""
     decision = policy._publish.get(topic)
-    if decision is None:
-        decision = _classify_topic(policy, topic)
-        if decision is None:
-            decision = _custom_topic(policy, policy.pub, topic)
-        _remember(policy._publish, topic, decision)
-    return decision
+    return _decide(policy, policy._publish, policy.pub, topic) if decision is None else decision
 
 
 def check_receive(policy: SessionPolicy, topic: str) -> Decision:
     """May a message on ``topic`` (retained included) be delivered to this session?"""
     decision = policy._receive.get(topic)
+    return _decide(policy, policy._receive, policy.sub, topic) if decision is None else decision
+
+
+def _decide(policy: SessionPolicy, decisions: dict[str, Decision], filters: FilterSet,
+            topic: str) -> Decision:
+    """A decision not remembered yet, for one direction (its remembered ``decisions`` and
+    custom topic ``filters``)."""
+    decision = _classify_topic(policy, topic)
     if decision is None:
-        decision = _classify_topic(policy, topic)
-        if decision is None:
-            decision = _custom_topic(policy, policy.sub, topic)
-        _remember(policy._receive, topic, decision)
+        decision = _custom_topic(policy, filters, topic)
+    _remember(decisions, topic, decision)
     return decision
 
 
