@@ -109,17 +109,19 @@ class FlowControl:
         return (session.outbox.held_bytes + (link.buffered() if link is not None else 0)
                 + (limits.alias_bytes if limits is not None else 0))
 
-    def past_bounds(self, session: KeySession) -> bool:
+    def past_bounds(self, session: KeySession, held: int | None = None) -> bool:
+        """``held``: what ``held_bytes`` says, when the caller has it already."""
         return (len(session.outbox) >= self.max_messages
-                or self.held_bytes(session) >= self.max_bytes)
+                or (self.held_bytes(session) if held is None else held) >= self.max_bytes)
 
-    def delivered(self, session: KeySession, source: Publisher | None) -> None:
+    def delivered(self, session: KeySession, source: Publisher | None,
+                  held: int | None = None) -> None:
         """A message was just handed to a live session by ``source`` (None: the HTTP API,
         a Will, retained sending): past its bounds, the session is congested and
-        ``source`` waits for it."""
+        ``source`` waits for it. ``held``: as for ``past_bounds``."""
         congestion = session.congestion
         if congestion is None:
-            if not self.past_bounds(session):
+            if not self.past_bounds(session, held):
                 return
             loop_time = asyncio.get_running_loop().time()
             link = session.link

@@ -182,8 +182,8 @@ class Router:
         (then dropped and counted); past the bound, ``source`` waits for it."""
         if link.is_closing():
             return
-        outbox = session.outbox
-        held = outbox.held_bytes + link.buffered()
+        flow = self.flow
+        held = flow.held_bytes(session)
         size = len(packet)
         dropped = held and held + size > 2 * self.settings.max_session_bytes
         if not dropped:
@@ -191,11 +191,7 @@ class Router:
             traffic = self.traffic
             traffic.msgs_out[0] += 1
             traffic.bytes_out[0] += size
-            flow = self.flow
-            if session.congestion is None and held + size < flow.max_bytes and \
-                    len(outbox) < flow.max_messages:
-                return  # within its bounds: flow.delivered would find nothing to do
-        self.flow.delivered(session, source)
+        flow.delivered(session, source, held if dropped else held + size)
         if dropped:
             self.traffic.dropped["qos0_past_bounds"] += 1
             self.flow.qos0_dropped(session)

@@ -209,3 +209,15 @@ async def test_an_mqtt5_clients_topic_aliases_count_in_its_session_bytes() -> No
     assert setup.flow.held_bytes(session) == 10_000
     setup.send(session, source, 1)  # one small message more: past the bound
     assert source.waits == 1 and session.congestion is not None
+
+
+async def test_topic_aliases_count_for_qos0_deliveries_too() -> None:
+    setup = Setup()
+    session, link = setup.session("sub")
+    session.limits = ClientLimits(100, 0, True)
+    source = Source()
+    setup.router.send_qos0(session, link, b"x" * 100, source)
+    assert source.waits == 0
+    session.limits.alias_bytes = 10_000 - setup.flow.held_bytes(session)  # full with them
+    setup.router.send_qos0(session, link, b"x" * 100, source)
+    assert source.waits == 1 and session.congestion is not None
