@@ -191,7 +191,9 @@ class Router:
             traffic = self.traffic
             traffic.msgs_out[0] += 1
             traffic.bytes_out[0] += size
-        flow.delivered(session, source, held if dropped else held + size)
+        held = held if dropped else held + size
+        if session.congestion is not None or flow.past_bounds(session, held):
+            flow.delivered(session, source, held)  # within its bounds it has nothing to do
         if dropped:
             self.traffic.dropped["qos0_past_bounds"] += 1
             self.flow.qos0_dropped(session)
